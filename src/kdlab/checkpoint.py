@@ -1,0 +1,92 @@
+"""Atomic checkpoint writing and careful loading."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` with torch.save to a temporary file, fsync it, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint written by kdlab; a missing or corrupt file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train it first, or fix the path)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torn zip, truncated pickle, wrong format
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); "
+            f"delete it and re-run to retrain"
+        ) from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise CheckpointError(f"checkpoint {path} has no 'model' entry; it was not written by kdlab")
+    return obj
+
+
+def file_hash(path: str | os.PathLike, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes: int,
+                     in_channels: int, dataset: str, **extra) -> dict:
+    """The dict kdlab saves for a trained model (``best.pt``): enough to rebuild it by name."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "dataset": dataset,
+        **extra,
+    }
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """Rebuild a model saved with :func:`model_checkpoint`; returns ``(model, checkpoint_dict)``."""
+    from kdlab.models import create_model
+
+    ck = load_checkpoint(path)
+    for key in ("model_name", "num_classes", "in_channels"):
+        if key not in ck:
+            raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
+    model = create_model(ck["model_name"], num_classes=ck["num_classes"],
+                         in_channels=ck["in_channels"], **ck.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit model {ck['model_name']}: {first}") from None
+    return model.to(device).eval(), ck

@@ -1,0 +1,106 @@
+"""Compression for deployment: pruning, quantization, ONNX export, and the deploy pipeline.
+
+Submodules: :mod:`~kdlab.compress.prune`, :mod:`~kdlab.compress.quantize`,
+:mod:`~kdlab.compress.export`, :mod:`~kdlab.compress.finetune`,
+:mod:`~kdlab.compress.pipeline` (the ``deploy`` command) and :mod:`~kdlab.compress.cli`.
+
+Compressed models are stored as ordinary kdlab model checkpoints
+(:func:`kdlab.checkpoint.model_checkpoint`: state dict + registry name) with extra keys:
+
+* ``pruned``: ``{"method", "sparsity" or "ratio", ..., "arch"}``; for structured pruning
+  ``arch`` holds the constructor sizes of every Conv/Linear/norm layer, so the smaller network is
+  rebuilt from the registry name and resized (no pickled code in the file);
+* ``quantized``: ``{"kind": "fake", "weight_bits", "act_bits", ...}`` for a fake-quantized /
+  quantization-aware trained model (the float weights plus the recorded activation ranges);
+* ``input_shape``: ``[C, H, W]`` the model was measured with.
+
+:func:`load_compressed` reads any of these (and ``.onnx`` files, returned as an ONNX Runtime
+callable); :func:`save_compressed` writes them atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Image size of kdlab's data sets (for models loaded without data).
+IMAGE_SIZES = {"digits": 8, "cifar10": 32, "cifar100": 32}
+
+
+def load_compressed(path: str | os.PathLike, device="cpu"):
+    """Load a plain, pruned or fake-quantized checkpoint, or an ONNX file.
+
+    Returns ``(model, checkpoint_dict)``; the model is in eval mode. For ``.onnx`` files the
+    model is a :class:`kdlab.compress.export.OnnxModel` and the dict has ``format: "onnx"``.
+    """
+    from kdlab.checkpoint import CheckpointError, load_checkpoint, load_model
+
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from kdlab.compress.export import OnnxModel
+
+        m = OnnxModel(path)
+        return m, {"format": "onnx", "path": str(path), "input_shape": m.input_shape[1:]}
+    ck = load_checkpoint(path)
+    pruned = ck.get("pruned") or {}
+    quant = ck.get("quantized") or {}
+    if not pruned.get("arch") and not quant:
+        return load_model(path, device)
+
+    from kdlab.models import create_model
+
+    for key in ("model_name", "num_classes", "in_channels"):
+        if key not in ck:
+            raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
+    model = create_model(ck["model_name"], num_classes=ck["num_classes"],
+                         in_channels=ck["in_channels"], **ck.get("model_kwargs", {}))
+    if pruned.get("arch"):
+        from kdlab.compress.prune import apply_layer_specs
+
+        apply_layer_specs(model, pruned["arch"])
+    if quant:
+        if quant.get("kind") != "fake":
+            raise CheckpointError(f"checkpoint {path} has unknown quantization {quant.get('kind')!r}")
+        from kdlab.compress.quantize import prepare_fake_quant, set_observing
+
+        model = prepare_fake_quant(
+            model, quant["weight_bits"], quant.get("act_bits"), per_channel=quant["per_channel"],
+            weight_symmetric=quant["weight_symmetric"], act_symmetric=quant["act_symmetric"],
+            inplace=True)
+        set_observing(model, False)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit model {ck['model_name']} "
+                              f"after rebuilding: {first}") from None
+    return model.to(device).eval(), ck
+
+
+def save_compressed(model, path: str | os.PathLike, base: dict, **extra) -> Path:
+    """Write ``model`` as a kdlab checkpoint with the identity (name, kwargs, classes, dataset)
+    of ``base`` (the checkpoint it was derived from); its ``pruned``/``quantized``/``input_shape``
+    keys are carried over unless given in ``extra``."""
+    from kdlab.checkpoint import atomic_save, model_checkpoint
+
+    carried = {k: base[k] for k in ("pruned", "quantized", "input_shape") if k in base}
+    carried.update(extra)
+    ck = model_checkpoint(model, model_name=base["model_name"],
+                          model_kwargs=base.get("model_kwargs", {}),
+                          num_classes=base["num_classes"], in_channels=base["in_channels"],
+                          dataset=base.get("dataset", ""), **carried)
+    return atomic_save(ck, path)
+
+
+def input_shape_of(ck: dict, image_size: int | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` for a checkpoint: ``image_size`` if given, else its ``input_shape`` key,
+    else its data set's image size (32 when unknown)."""
+    if image_size is None and ck.get("input_shape"):
+        return tuple(int(v) for v in ck["input_shape"])
+    c = int(ck.get("in_channels", 3))
+    if image_size is None:
+        image_size = IMAGE_SIZES.get(str(ck.get("dataset", "")).lower().replace("-", ""), 32)
+    return (c, int(image_size), int(image_size))
+
+
+__all__ = ["load_compressed", "save_compressed", "input_shape_of", "IMAGE_SIZES"]

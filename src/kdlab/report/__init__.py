@@ -1,0 +1,1 @@
+"""Reports: tables (CSV/Markdown/JSON) and figures (PNG)."""
