@@ -14,6 +14,7 @@ EXTENSIONS: list[str] = [
     "kdlab.commands:register",
     "kdlab.evaluate.explain_cli:register",
     "kdlab.compress.cli:register",
+    "kdlab.evaluate.robust_cli:register",
 ]
 
 

@@ -34,7 +34,7 @@ from kdlab.data.augment import AugmentSpec
 from kdlab.losses import BatchRecord, build_terms
 from kdlab.masks import causal_masks
 from kdlab.models import create_model
-from kdlab.seeding import derive_seed
+from kdlab.seeding import derive_seed, seed_everything
 from kdlab.taps import Taps
 
 
@@ -193,6 +193,7 @@ class Trainer:
                                              label_fraction=d.label_fraction, seed=self.seed)
         info = self.info = self.splits.info
         sc = recipe.student
+        seed_everything(derive_seed(self.seed, "init"))  # the same seed gives the same weights
         self.model = create_model(sc.model, num_classes=info.num_classes,
                                   in_channels=info.in_channels, **sc.kwargs).to(self.device)
         if self.cfg.channels_last:
