@@ -9,7 +9,6 @@ explicitly, so the convention is visible.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -156,6 +156,13 @@ def test_evaluate_with_published_files(tmp_path):
                                 cifar_c_dir=tmp_path)
     assert res.acc["p"]["snow"] == {1: 1.0, 2: 0.5}
     assert res.source == "CIFAR-10-C files"
+    # the first 6 test images use the first 6 corrupted images
+    first6 = TensorSet(tset.x[:6], tset.y[:6])
+    res = R.evaluate_robustness({"p": Probe()}, first6, info, ["snow"], [2], cifar_c_dir=tmp_path)
+    assert res.acc["p"]["snow"] == {2: 0.5} and res.n_images == 6
+    shuffled = TensorSet(tset.x, 1 - tset.y)
+    with pytest.raises(ValueError, match="labels"):
+        R.evaluate_robustness({"p": Probe()}, shuffled, info, ["snow"], [1], cifar_c_dir=tmp_path)
 
 
 def test_evaluate_errors():

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 
-def _common(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("recipe", help="recipe YAML path or shipped name (see `kdlab recipes`)")
+def _common(p: argparse.ArgumentParser, out_help: str, nargs=None) -> None:
+    p.add_argument("recipe", nargs=nargs, help="recipe YAML path or shipped name (see `kdlab recipes`)")
     p.add_argument("--out", help=out_help)
     p.add_argument("--data-dir", help="folder with the data set files (CIFAR pickles)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,6 +67,16 @@ def cmd_demo(args) -> int:
 
     run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
                  progress=not args.quiet)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from kdlab.sweep import run_sweep
+
+    run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds,
+              out_dir=args.out, data_dir=args.data_dir, overrides=args.overrides,
+              n_images=args.n_images, method=args.method, grid=args.grid, k=args.k,
+              steps=args.steps, progress=not args.quiet)
     return 0
 
 
@@ -137,6 +147,20 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sweep", help="explanation sweep: KD strength alpha x student size vs one teacher")
+    _common(p, "sweep folder (default runs/<recipe name>-sweep)", nargs="?")
+    p.set_defaults(recipe="digits/kd")
+    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5, 0.1],
+                   help="weights of the hard-label term (1.0 = no KD)")
+    p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n-images", type=int, default=256)
+    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig")
+    p.add_argument("--grid", type=int, nargs=2, default=[4, 4])
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--steps", type=int, default=32)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
     p.add_argument("checkpoint")

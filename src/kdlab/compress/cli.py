@@ -9,7 +9,6 @@ prints a Markdown table and writes CSV/JSON/Markdown under ``--out-dir`` (defaul
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def cmd_profile(args) -> int:
 
 # --------------------------------------------------------------------------- prune
 def cmd_prune(args) -> int:
-    from kdlab.compress import input_shape_of, save_compressed
+    from kdlab.compress import save_compressed
     from kdlab.compress.finetune import evaluate_accuracy, finetune
     from kdlab.compress.pipeline import measure, write_report
     from kdlab.compress.prune import layer_specs, prune_iterative, sparsity_report

@@ -169,7 +169,7 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
     ``latency_batch``: the larger batch timed besides batch 1 (default 256 for images of at
     most 16 pixels a side, else 32). ``max_steps`` caps fine-tuning steps per epoch (tests).
     """
-    from kdlab.compress import input_shape_of, load_compressed, save_compressed
+    from kdlab.compress import load_compressed, save_compressed
     from kdlab.compress.export import OnnxModel, check_onnx, export_onnx
     from kdlab.compress.finetune import evaluate_accuracy, finetune
     from kdlab.compress.prune import (layer_specs, prune_iterative, sparsity_report)

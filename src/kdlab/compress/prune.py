@@ -34,7 +34,6 @@ fine-tune function after each stage (optionally distilled from the unpruned mode
 from __future__ import annotations
 
 import copy
-import math
 from typing import Callable, Iterable, Sequence
 
 import torch

@@ -335,7 +335,8 @@ def evaluate_robustness(
     ``reference`` (default: the first model) is the model CE / mCE are relative to -- the
     baseline student in a study. With ``cifar_c_dir`` the corrupted images are read from the
     published CIFAR-10-C ``.npy`` files there instead (``testset`` then supplies the clean
-    accuracy and should be the CIFAR-10 test set).
+    accuracy and must be the CIFAR-10 test set in its order, or its first images: the same
+    number of corrupted images is used).
     """
     from tqdm.auto import tqdm
 
@@ -369,7 +370,7 @@ def evaluate_robustness(
                              else CorruptedSet(testset, c, s, seed))
 
     n_batches = math.ceil(n / batch_size)
-    total = n_batches * (1 + len(corrs) * len(sevs)) if cifar_c_dir is None else None
+    total = n_batches * (1 + len(corrs) * len(sevs))
     bar = tqdm(total=total, disable=not progress, desc="robustness", unit="batch",
                dynamic_ncols=True)
     clean_acc: dict[str, float] = {}
@@ -383,10 +384,14 @@ def evaluate_robustness(
                 count = n
             elif isinstance(src, CorruptedSet):
                 batches, count = src.batches(batch_size), len(src)
-            else:  # published arrays
-                batches = ((src.x[i:i + batch_size], src.y[i:i + batch_size])
-                           for i in range(0, len(src), batch_size))
-                count = len(src)
+            else:  # published arrays: the CIFAR-10 test images in order; use the first n
+                if len(src) < n or not torch.equal(src.y[:n], testset.y.cpu()):
+                    raise ValueError(
+                        f"the CIFAR-10-C labels in {cifar_c_dir} do not match the test set's "
+                        f"first {n} labels; evaluate the CIFAR-10 test set (in its order)")
+                batches = ((src.x[i:min(i + batch_size, n)], src.y[i:min(i + batch_size, n)])
+                           for i in range(0, n, batch_size))
+                count = n
             correct = dict.fromkeys(names, 0)
             for xb, yb in batches:
                 xb = _normalise(xb.to(device, torch.float32), info.mean, info.std)
