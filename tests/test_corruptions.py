@@ -177,7 +177,8 @@ def test_speckle_noise_is_multiplicative():
     x = torch.full((8, 3, 32, 32), 0.4)
     d = corrupt(x, "speckle_noise", 5) - x  # x + x * N(0, 0.2): std 0.4 * 0.2 = 0.08
     assert float(d.std()) == pytest.approx(0.08, rel=0.03)
-    assert torch.equal(corrupt(torch.zeros(2, 3, 8, 8), "speckle_noise", 5), torch.zeros(2, 3, 8, 8))
+    zeros = torch.zeros(2, 3, 8, 8)
+    assert torch.equal(corrupt(zeros, "speckle_noise", 5), zeros)
 
 
 # ------------------------------------------------------------------ blurs
@@ -309,13 +310,16 @@ def test_brightness_on_grey_by_hand():
 
 def test_brightness_and_saturate_on_a_colour_by_hand():
     # (0.5, 0.25, 0.25): V = 0.5, S = 0.5, H = 0 (red)
-    x = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64).reshape(1, 3, 1, 1)
+    def t(*v):
+        return torch.tensor(v, dtype=torch.float64)
+
+    x = t(0.5, 0.25, 0.25).reshape(1, 3, 1, 1)
     # brightness 5: V = 0.8 -> (V, V(1-S), V(1-S)) = (0.8, 0.4, 0.4)
-    assert torch.allclose(corrupt(x, "brightness", 5).flatten(), torch.tensor([0.8, 0.4, 0.4], dtype=torch.float64))
+    assert torch.allclose(corrupt(x, "brightness", 5).flatten(), t(0.8, 0.4, 0.4))
     # saturate 1: S = 0.5 * 0.3 = 0.15 -> (0.5, 0.425, 0.425)
-    assert torch.allclose(corrupt(x, "saturate", 1).flatten(), torch.tensor([0.5, 0.425, 0.425], dtype=torch.float64))
+    assert torch.allclose(corrupt(x, "saturate", 1).flatten(), t(0.5, 0.425, 0.425))
     # saturate 4: S = 0.5 * 2 + 0.1 -> clipped to 1 -> (0.5, 0, 0)
-    assert torch.allclose(corrupt(x, "saturate", 4).flatten(), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(corrupt(x, "saturate", 4).flatten(), t(0.5, 0.0, 0.0))
 
 
 def test_hsv_matches_matplotlib():
@@ -325,7 +329,8 @@ def test_hsv_matches_matplotlib():
     hsv = C.rgb_to_hsv(x)
     want = rgb_to_hsv(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     assert np.allclose(hsv, want)
-    assert np.allclose(C.hsv_to_rgb(hsv), hsv_to_rgb(want.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+    back = hsv_to_rgb(want.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert np.allclose(C.hsv_to_rgb(hsv), back)
     assert np.allclose(C.hsv_to_rgb(hsv), x)
 
 

@@ -63,6 +63,15 @@ def test_digits_study_end_to_end(tmp_path, capsys):
     assert rows["kd"]["params"] == 6274  # cnn_tiny on 1-channel digits
     for f in ("results.csv", "table.csv", "table.md"):
         assert (out / "report" / f).stat().st_size > 0
+    # robustness of every method and seed joins the study table
+    assert main(["robustness", "--study", str(out), "--corruptions", "gaussian_noise", "contrast",
+                 "--severities", "1", "5", "--limit", "40", "--no-progress"]) == 0
+    rob = {r["method"]: r for r in json.loads((out / "report" / "table.json").read_text())["methods"]}
+    assert rob["baseline"]["mCE"] == pytest.approx(1.0)  # the reference relative to itself
+    assert all(0.0 <= r["mCA"] <= 1.0 for r in rob.values())
+    assert (out / "report" / "robustness_heatmap.png").stat().st_size > 0
+    assert "mCA %" in (out / "report" / "table.md").read_text()
+    capsys.readouterr()
     # a second invocation skips every finished run
     assert main(["ablate", str(recipe), "--seeds", "0", "1", "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.count("done earlier") == 10

@@ -65,8 +65,13 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from kdlab.study import run_ablation
 
-    run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
-                 progress=not args.quiet)
+    from kdlab.study import study_robustness
+
+    report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
+                          progress=not args.quiet)
+    if not args.no_robustness:
+        print("\nrobustness of the five methods (19 corruptions x 5 severities, seed 0):")
+        study_robustness(Path(report["out_dir"]).parent, progress=not args.quiet)
     return 0
 
 
@@ -145,6 +150,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded digits data: teacher + five-method study")
     p.add_argument("--out", help="study folder (default runs/digits-full)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--no-robustness", action="store_true", help="skip the corruption evaluation")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -68,6 +68,10 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
+    # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
+    # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
+    teacher_mode: Literal["cache-fp16", "cache-fp32", "live", "consistent"] = "cache-fp16"
 
     @field_validator("device")
     @classmethod

@@ -93,22 +93,34 @@ class LiveTeacher:
     """Runs the teacher on every batch: logits and tapped features without gradients, and the
     causal masks (which need gradients w.r.t. the teacher's activations only)."""
 
-    def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg):
+    def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
+                 round_to: Optional[torch.dtype] = None):
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.layers = layers
         self.mask_layers = mask_layers
         self.mask_cfg = mask_cfg
+        self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        # outside inference mode: a normal fp32 tensor that autograd may save
+        return t.to(self.round_to).float() if self.round_to is not None else t.float().clone()
+
+    def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
+        with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
+            logits = self.teacher(x)
+            feats = {n: taps[n] for n in layers}
+        return self._out(logits), {n: self._out(f) for n, f in feats.items()}
+
+    def masks(self, x, y, layers) -> dict:
+        if not layers:
+            return {}
+        return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
 
     def __call__(self, x, y, idx=None, epoch=0, step=0):
-        with torch.no_grad(), Taps(self.teacher, self.layers, detach=True) as taps:
-            logits = self.teacher(x)
-            feats = {n: taps[n] for n in self.layers}
-        masks = {}
-        if self.mask_layers:
-            masks = causal_masks(self.teacher, x, y, self.mask_layers, self.mask_cfg)
-        return logits.float(), feats, masks
+        logits, feats = self.forward(x, self.layers)
+        return logits, feats, self.masks(x, y, self.mask_layers)
 
 
 def load_teacher(recipe: Recipe, info, device) -> nn.Module:
@@ -179,7 +191,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run_dir, *, teacher: Optional[nn.Module] = None,
                  splits=None, progress: bool = True, method: str = "", teacher_source=None,
-                 dist=None):
+                 dist=None, teacher_cache=None):
         self.recipe = recipe
         self.cfg = recipe.train
         self.seed = recipe.train.seed
@@ -187,6 +199,9 @@ class Trainer:
         self.progress = progress
         self.method = method or recipe.name
         self.device = resolve_device(self.cfg.device)
+        if dist is None:  # launched by torchrun: join the process group (kdlab.distributed)
+            from kdlab.distributed import from_env
+            dist = from_env()
         self.dist = dist  # (rank, world_size) when distributed, set up by kdlab.distributed
         d = recipe.data
         self.splits = splits or load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
@@ -213,18 +228,33 @@ class Trainer:
                 check_pair(_out_features(teacher, info, self.device), info.in_channels, info, "teacher")
                 teacher = teacher.to(self.device)
             self.teacher = teacher
-            self.teacher_source = LiveTeacher(teacher, t_layers, m_layers, recipe.mask)
+            round_to = {"cache-fp16": torch.float16, "cache-fp32": torch.float32}.get(self.cfg.teacher_mode)
+            self.teacher_source = LiveTeacher(teacher, t_layers, m_layers, recipe.mask, round_to=round_to)
         aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-        self.train_loader = BatchLoader(self.splits.train, self.cfg.batch_size, shuffle=True,
-                                        seed=derive_seed(self.seed, "data"), augment=aug,
+        data_seed = derive_seed(self.seed, "data")
+        if self.cfg.teacher_mode == "consistent":  # fresh augmentation per method (docs/speed.md)
+            data_seed = derive_seed(self.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
+        bs = self.cfg.batch_size
+        if dist is not None:  # the same total batch, split over the ranks
+            if bs % dist[1]:
+                raise ValueError(f"train.batch_size {bs} must be divisible by the {dist[1]} processes")
+            bs //= dist[1]
+        self.train_loader = BatchLoader(self.splits.train, bs, shuffle=True,
+                                        seed=data_seed, augment=aug,
                                         mean=info.mean, std=info.std, device=self.device)
         if dist is not None:
             self.train_loader = self.train_loader.shard(*dist)
+        if teacher_cache is not None:
+            from kdlab.cache import attach_cache
+            attach_cache(self, teacher_cache)
         eval_kw = dict(shuffle=False, mean=info.mean, std=info.std, device=self.device)
         self.val_loader = BatchLoader(self.splits.val, self.cfg.eval_batch_size, **eval_kw)
         self.test_loader = BatchLoader(self.splits.test, self.cfg.eval_batch_size, **eval_kw)
         self.forward_model = torch.compile(self.model) if self.cfg.compile else self.model
         self._setup_terms()
+        if dist is not None:
+            from kdlab.distributed import broadcast_modules
+            broadcast_modules(self.model, self.term_modules)
         params = list(self.model.parameters()) + list(self.term_modules.parameters())
         self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay, nesterov=self.cfg.nesterov)
@@ -323,7 +353,7 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             if self.dist is not None:
                 from kdlab.distributed import all_reduce_grads
-                all_reduce_grads(self.model, self.term_modules)
+                all_reduce_grads(self.model, self.term_modules, weight=y.shape[0])
             self.scaler.step(self.opt)
             self.scaler.update()
             b = y.shape[0]
@@ -331,6 +361,9 @@ class Trainer:
             correct += (rec.s_logits.detach().argmax(1) == y).sum()
             for k, v in (("loss", total), *parts.items()):
                 sums[k] = sums.get(k, 0.0) + v.detach() * b
+        if self.dist is not None:  # metrics over all ranks; BN statistics averaged
+            from kdlab.distributed import sync_epoch
+            n_seen, correct, sums = sync_epoch(self.model, n_seen, correct, sums)
         dt = time.perf_counter() - t0
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
         if not all(math.isfinite(v) for v in row.values()):
@@ -404,6 +437,9 @@ class Trainer:
 
     def finish(self, stopped_early: bool) -> dict:
         st = self.state
+        if self.dist is not None:  # rank 0 writes best.pt
+            from kdlab.distributed import barrier
+            barrier()
         best = load_checkpoint(self.run_dir / "best.pt")
         self.model.load_state_dict(best["model"])
         test = evaluate(self.model, self.test_loader, amp=self.cfg.amp)
@@ -432,7 +468,10 @@ def _out_features(model: nn.Module, info, device) -> int:
 
 
 def train(recipe: Recipe, run_dir, *, teacher=None, splits=None, progress: bool = True,
-          resume: bool = True, stop_after: Optional[int] = None, method: str = "") -> dict:
-    """Train ``recipe`` into ``run_dir`` and return its result dict (see docs/DESIGN.md)."""
-    trainer = Trainer(recipe, run_dir, teacher=teacher, splits=splits, progress=progress, method=method)
+          resume: bool = True, stop_after: Optional[int] = None, method: str = "",
+          teacher_cache=None) -> dict:
+    """Train ``recipe`` into ``run_dir`` and return its result dict (see docs/DESIGN.md).
+    ``teacher_cache``: a `kdlab.cache.TeacherStore` shared by the runs of a study."""
+    trainer = Trainer(recipe, run_dir, teacher=teacher, splits=splits, progress=progress, method=method,
+                      teacher_cache=teacher_cache)
     return trainer.fit(resume=resume, stop_after=stop_after)

@@ -15,7 +15,10 @@ def register(sub) -> None:
         description="Evaluate checkpoints on the test set corrupted on the fly (CIFAR-10-C "
                     "settings, seeded) or on the published CIFAR-10-C files; write "
                     "robustness.csv/.json/.md and robustness_heatmap.png to --out.")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="model checkpoints (best.pt)")
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="model checkpoints (best.pt)")
+    p.add_argument("--study", metavar="DIR",
+                   help="a finished `kdlab ablate` folder: evaluate every method and seed, add "
+                        "mCA / mCE columns to its table and write its corruption x method heat map")
     p.add_argument("--names", nargs="+", metavar="NAME",
                    help="one name per checkpoint (default: from the checkpoint paths)")
     p.add_argument("--reference", metavar="NAME",
@@ -66,7 +69,17 @@ def cmd_robustness(args) -> int:
     from kdlab.data.splits import TensorSet
     from kdlab.evaluate.robustness import evaluate_robustness
 
+    if args.study:
+        from kdlab.study import study_robustness
+
+        study_robustness(args.study, corruptions=parse_corruptions(args.corruptions),
+                         severities=args.severities, seed=args.seed, batch_size=args.batch_size,
+                         device=args.device, data_dir=args.data_dir, limit=args.limit,
+                         progress=not args.no_progress)
+        return 0
     paths = list(args.checkpoints)
+    if not paths:
+        raise ValueError("give checkpoints to evaluate, or --study DIR")
     names = list(args.names) if args.names else default_names(paths)
     if len(names) != len(paths):
         raise ValueError(f"give --names once per checkpoint ({len(paths)}), got {len(names)}")

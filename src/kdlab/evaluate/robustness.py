@@ -409,7 +409,8 @@ def evaluate_robustness(
         models=names, corruptions=corrs, severities=sevs, reference=reference,
         clean_acc=clean_acc, acc=acc, n_images=n, seed=int(seed),
         source="CIFAR-10-C files" if cifar_c_dir is not None else "on-the-fly",
-        settings={"batch_size": batch_size, "cifar_c_dir": str(cifar_c_dir) if cifar_c_dir else None,
+        settings={"batch_size": batch_size,
+                  "cifar_c_dir": str(cifar_c_dir) if cifar_c_dir else None,
                   "dataset": getattr(info, "name", None)},
     )
     if out_dir is not None:

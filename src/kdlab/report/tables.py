@@ -109,6 +109,37 @@ def _profile(recipe, cache: dict) -> dict:
     return cache[key]
 
 
+def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] = None) -> tuple[str, str]:
+    """The Markdown table of a study (robustness columns appear once they are computed)."""
+    robust = any("mCA" in r for r in stats)
+    headers = ["method", "seeds", "top-1 % (mean ± sd)", "95% CI", f"Δ vs {baseline} (pp, 95% CI)",
+               "best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s"]
+    if robust:
+        headers += ["mCA %", "mCE %", "rel. mCE %"]
+    rows = []
+    for r in stats:
+        row = [
+            r["method"], r["n_seeds"], fmt_pct(r["test_acc_mean"], r["test_acc_sd"]),
+            fmt_pct(r["test_acc_ci95"]),
+            "—" if r["method"] == baseline else fmt_pct(r[f"diff_vs_{baseline}"], r[f"diff_vs_{baseline}_ci95"]),
+            _num(r["best_epoch_mean"], ".1f"), _num(r.get("params"), ","), _num(r.get("size_mb"), ".3f"),
+            _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f"),
+            _num(r["train_images_per_s"], ".0f"),
+        ]
+        if robust:
+            row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE")), fmt_pct(r.get("rel_mCE"))]
+        rows.append(row)
+    md = markdown_table(headers, rows)
+    note = (f"\nTest top-1 over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
+            f"Δ is the paired difference to '{baseline}' (same seed, same data order).")
+    if robust:
+        note += (" mCA: mean accuracy over corruptions x severities; mCE / rel. mCE: corruption "
+                 f"error relative to '{baseline}' (100 = as robust as it), mean over seeds.")
+    if wall_time_s is not None:
+        note += f" Study wall time {wall_time_s:.1f}s."
+    return md, note
+
+
 def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "baseline",
                  wall_time_s: Optional[float] = None, profile: bool = True, log=print) -> dict:
     """Aggregate a study's runs, write results.csv/table.csv/table.json/table.md, print the table."""
@@ -122,23 +153,13 @@ def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "b
             p = _profile(recipes[row["method"]], cache)
             row.update({"params": p["params"]["total"], "size_mb": p["size_mb"],
                         "mflops": p["flops"] / 1e6, "latency_ms_b1": p["latency"][0]["median_ms"]})
-    headers = ["method", "seeds", "top-1 % (mean ± sd)", "95% CI", f"Δ vs {baseline} (pp, 95% CI)",
-               "best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s"]
-    rows = []
-    for r in stats:
-        rows.append([
-            r["method"], r["n_seeds"], fmt_pct(r["test_acc_mean"], r["test_acc_sd"]),
-            fmt_pct(r["test_acc_ci95"]),
-            "—" if r["method"] == baseline else fmt_pct(r[f"diff_vs_{baseline}"], r[f"diff_vs_{baseline}_ci95"]),
-            _num(r["best_epoch_mean"], ".1f"), _num(r.get("params"), ","), _num(r.get("size_mb"), ".3f"),
-            _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f"),
-            _num(r["train_images_per_s"], ".0f"),
-        ])
-    md = markdown_table(headers, rows)
-    note = (f"\nTest top-1 over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
-            f"Δ is the paired difference to '{baseline}' (same seed, same data order).")
-    if wall_time_s is not None:
-        note += f" Study wall time {wall_time_s:.1f}s."
+    return write_tables(out_dir, stats, baseline, wall_time_s, log)
+
+
+def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, log=print) -> dict:
+    """Write table.md / table.csv / table.json for per-method ``stats`` and print the table."""
+    out_dir = Path(out_dir)
+    md, note = render_table(stats, baseline, wall_time_s)
     (out_dir / "table.md").write_text(md + "\n" + note + "\n")
     write_csv(out_dir / "table.csv", [{k: v for k, v in r.items() if k != "seeds"} for r in stats])
     (out_dir / "table.json").write_text(json.dumps({"methods": stats, "baseline": baseline,
