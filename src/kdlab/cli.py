@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 EXTENSIONS: list[str] = [
@@ -15,6 +16,8 @@ EXTENSIONS: list[str] = [
     "kdlab.evaluate.explain_cli:register",
     "kdlab.compress.cli:register",
     "kdlab.evaluate.robust_cli:register",
+    "kdlab.methods_cli:register",
+    "kdlab.speed_cli:register",
 ]
 
 
@@ -34,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
+        if os.environ.get("KDLAB_DEBUG"):
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"kdlab: error: {msg}", file=sys.stderr)
         return 2

@@ -274,7 +274,7 @@ class Trainer:
             s_feats = {n: taps[n] for n in self.s_layers}
         return BatchRecord(x=x, y=y, s_logits=s_logits.float(), t_logits=t_logits,
                            s_feats=s_feats, t_feats=t_feats, masks=masks, index=idx,
-                           epoch=epoch, step=step)
+                           epoch=epoch, step=step, extra={"n_data": len(self.splits.train.y)})
 
     def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:
         parts = {}
@@ -382,6 +382,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         done = self.run_dir / "result.json"
         if resume and done.exists():
+            ran = self.run_dir / "run.json"
+            if ran.exists() and json.loads(ran.read_text()).get("recipe") != self.recipe.to_dict():
+                raise ValueError(f"{self.run_dir} holds a finished run of a different recipe; "
+                                 f"use another output folder or delete it to re-run")
             return json.loads(done.read_text())
         if resume:
             self.try_resume()

@@ -110,12 +110,18 @@ def ensure_teacher(recipe: Recipe, *, data_dir=None, progress=True, log=print) -
 
 def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir=None,
               progress: bool = True, log=print, baseline: str = "baseline",
-              profile: bool = True) -> dict:
-    """Train every (method, seed) into ``out_dir/<method>/seed<k>`` and write the report."""
+              profile: bool = True, teacher_cache: bool = True) -> dict:
+    """Train every (method, seed) into ``out_dir/<method>/seed<k>`` and write the report.
+
+    ``teacher_cache``: share the teacher's outputs between the study's runs (recipes with
+    ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md)."""
+    from kdlab.cache import TeacherStore
+    from kdlab.distributed import is_main
     from kdlab.engine import load_teacher, resolve_device, train
     from kdlab.report.tables import study_report
 
     out_dir = Path(out_dir)
+    store = TeacherStore(out_dir / ".teacher_cache") if teacher_cache else None
     recipes = {m: _with_data_dir(r, data_dir) for m, r in recipes.items()}
     teachers = {}
     rows = []
@@ -137,18 +143,25 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
             r.train.seed = seed
             run_dir = out_dir / method / f"seed{seed}"
             finished = (run_dir / "result.json").exists()
-            res = train(r, run_dir, teacher=teacher, progress=progress, method=method)
+            res = train(r, run_dir, teacher=teacher, progress=progress, method=method,
+                        teacher_cache=store)
             rows.append(res)
             state = "done earlier" if finished else f"{res['train_time_s']:.1f}s"
             log(f"  {method:<14} seed {seed}: test {res['test_acc']:.4f}  best epoch "
                 f"{res['best_epoch']:>3}  ({state})")
     wall = time.perf_counter() - t_start
+    if store is not None and store.hits + store.misses:
+        log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
+    log(f"study wall time {wall:.1f}s; students' own training time "
+        f"{sum(r.get('train_time_s', 0.0) for r in rows):.1f}s")
+    if not is_main():
+        return {}
     return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,
                         profile=profile, log=log)
 
 
 def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=None,
-                 overrides=None, progress=True, log=print) -> dict:
+                 overrides=None, progress=True, log=print, teacher_cache: bool = True) -> dict:
     """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds."""
     full = load_recipe(recipe_ref, overrides)
     seeds = list(seeds) if seeds else list(full.study.seeds)
@@ -158,7 +171,10 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     base = "baseline" if "baseline" in methods else "full"
     log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
-                       log=log, baseline=base)
+                       log=log, baseline=base, teacher_cache=teacher_cache)
+    from kdlab.distributed import is_main
+    if not is_main():  # a rank > 0 of a distributed study writes nothing
+        return report
     (out_dir / "report" / "study.json").write_text(json.dumps(
         {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
          "methods": list(methods)}, indent=2))

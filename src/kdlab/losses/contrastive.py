@@ -12,21 +12,25 @@ from torch import nn
 from kdlab.losses.base import BatchRecord, LossTerm, layer_pairs, register_loss
 
 
-def crd_critic(v: torch.Tensor, u: torch.Tensor, tau: float, n_neg: int, n_data: int) -> torch.Tensor:
-    """The NCE critic ``h(v, u) = exp(v·u/τ) / (exp(v·u/τ) + N/M)`` (row-wise dot products of
-    [..., d] tensors): the probability that (v, u) came from the joint, with N negatives drawn
-    uniformly from M data points (noise probability 1/M each)."""
-    e = torch.exp((v * u).sum(-1) / tau)
+def crd_critic(v: torch.Tensor, u: torch.Tensor, tau: float, n_neg: int, n_data: int,
+               Z: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The NCE critic ``h(v, u) = e / (e + N/M)`` with ``e = exp(v·u/τ) / Z`` (row-wise dot products
+    of [..., d] tensors): the probability that (v, u) came from the joint, with N negatives drawn
+    uniformly from M data points (noise probability 1/M each). Z = 1 is the paper's eq. (10); the
+    term uses the authors' code's constant ``Z = M · mean(exp(v·u/τ))`` estimated on the first
+    batch, which makes the unnormalised density average 1/M (without it the N/M term is negligible
+    and the loss is badly scaled)."""
+    e = torch.exp((v * u).sum(-1) / tau) / Z
     return e / (e + n_neg / n_data)
 
 
 def crd_nce_loss(anchor: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, tau: float,
-                 n_data: int) -> torch.Tensor:
+                 n_data: int, Z: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``−E[log h(anchor, pos)] − Σ_{k=1..N} E[log(1 − h(anchor, neg_k))]`` averaged over the batch.
     anchor, pos: [B, d]; neg: [B, N, d] (all L2-normalised)."""
     n = neg.shape[1]
-    h_pos = crd_critic(anchor, pos, tau, n, n_data)
-    h_neg = crd_critic(anchor.unsqueeze(1), neg, tau, n, n_data)
+    h_pos = crd_critic(anchor, pos, tau, n, n_data, Z)
+    h_neg = crd_critic(anchor.unsqueeze(1), neg, tau, n, n_data, Z)
     eps = 1e-7
     return -(torch.log(h_pos + eps) + torch.log(1 - h_neg + eps).sum(1)).mean()
 
@@ -102,6 +106,7 @@ class CRD(LossTerm):
         g = torch.Generator().manual_seed(0)
         self.register_buffer("memory_s", F.normalize((torch.rand(self.n_data, self.feat_dim, generator=g) * 2 - 1) * std, dim=1).to(dev))
         self.register_buffer("memory_t", F.normalize((torch.rand(self.n_data, self.feat_dim, generator=g) * 2 - 1) * std, dim=1).to(dev))
+        self.register_buffer("Z", torch.full((2,), -1.0, device=dev))  # (student side, teacher side); set on the first batch
 
     def negatives(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, N] indices drawn uniformly from {0..M−1} \\ {idx_b} (global torch RNG)."""
@@ -123,9 +128,14 @@ class CRD(LossTerm):
         v_t = F.normalize(self.embed_t(_flat(rec.t_feats[t]).float()), dim=1)
         neg = self.negatives(idx)
         mem_s, mem_t = self.memory_s.detach(), self.memory_t.detach()
+        if bool((self.Z < 0).any()):  # Z = M · mean exp(v·u/τ) over the first batch's pairs, then fixed
+            with torch.no_grad():
+                z_t = torch.exp((v_t.unsqueeze(1) * mem_s[neg]).sum(-1) / self.tau).mean() * self.n_data
+                z_s = torch.exp((v_s.unsqueeze(1) * mem_t[neg]).sum(-1) / self.tau).mean() * self.n_data
+                self.Z.copy_(torch.stack([z_s, z_t]))
         # teacher anchor against the student bank, student anchor against the teacher bank
-        loss = crd_nce_loss(v_t, mem_s[idx], mem_s[neg], self.tau, self.n_data) \
-            + crd_nce_loss(v_s, mem_t[idx], mem_t[neg], self.tau, self.n_data)
+        loss = crd_nce_loss(v_t, mem_s[idx], mem_s[neg], self.tau, self.n_data, self.Z[1]) \
+            + crd_nce_loss(v_s, mem_t[idx], mem_t[neg], self.tau, self.n_data, self.Z[0])
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 m = self.momentum

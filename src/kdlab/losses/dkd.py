@@ -103,10 +103,17 @@ def multi_teacher_kd_loss(s_logits: torch.Tensor, t_logits_list: list, T: float 
 class MultiTeacherKD(LossTerm):
     """The recipe's teacher (``rec.t_logits``, when ``include_main``) plus the extra teachers in
     ``checkpoints`` (kdlab model checkpoints, loaded frozen in ``setup``; they are not trained and
-    are not part of the term's parameters)."""
+    are not part of the term's parameters). ``recipes`` (optional, one per checkpoint) name the
+    teacher recipes that ``kdlab compare``/``kdlab paradigm`` train first when a checkpoint is missing."""
 
-    def __init__(self, checkpoints: list | None = None, T: float = 4.0, include_main: bool = True):
+    def __init__(self, checkpoints: list | None = None, T: float = 4.0, include_main: bool = True,
+                 recipes: list | None = None):
         super().__init__()
+        # recipes: the teacher recipes that train the checkpoints (used by `kdlab compare` /
+        # kdlab.paradigms.ensure_extra_teachers to train missing ones); the term itself ignores them
+        self.recipes = [str(r) for r in (recipes or [])]
+        if self.recipes and len(self.recipes) != len(checkpoints or []):
+            raise ValueError("mtkd: 'recipes' must list one teacher recipe per entry of 'checkpoints'")
         if T <= 0:
             raise ValueError("mtkd: temperature T must be > 0")
         self.checkpoints = [str(c) for c in (checkpoints or [])]

@@ -98,14 +98,17 @@ def at_distance(fs: torch.Tensor, ft: torch.Tensor, p: float = 2.0) -> torch.Ten
     return (a_s - a_t).norm(dim=1)
 
 
-def at_loss(pairs: list, beta: float = 1000.0, p: float = 2.0, per_position: bool = True) -> torch.Tensor:
+def at_loss(pairs: list, beta: float = 1000.0, p: float = 2.0, per_position: bool = True,
+            squared: bool = False) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis 2017):
     ``β/2 · Σ_j ‖Q_s^j/‖Q_s^j‖ − Q_t^j/‖Q_t^j‖‖₂`` averaged over the batch. With ``per_position``
     (the paper's practice: "β = 10³ divided by the number of elements in the attention map"), the
-    pair j's distance is divided by its map's H·W."""
+    pair j's distance is divided by its map's H·W. ``squared`` uses the squared distance, as the
+    authors' released code does (``β/2 · mean((Q_s − Q_t)²)`` over batch and positions)."""
     total = 0.0
     for fs, ft in pairs:
-        d = at_distance(fs, ft, p).mean()
+        d = at_distance(fs, ft, p)
+        d = (d.pow(2) if squared else d).mean()
         if per_position:
             h = min(fs.shape[-2], ft.shape[-2])
             w = min(fs.shape[-1], ft.shape[-1])
@@ -119,9 +122,11 @@ def at_loss(pairs: list, beta: float = 1000.0, p: float = 2.0, per_position: boo
 class AttentionTransfer(LossTerm):
     needs_teacher = True
 
-    def __init__(self, layers=None, beta: float = 1000.0, p: float = 2.0, per_position: bool = True):
+    def __init__(self, layers=None, beta: float = 1000.0, p: float = 2.0, per_position: bool = True,
+                 squared: bool = False):
         super().__init__()
         self.pairs = layer_pairs(layers, "at")
+        self.squared = bool(squared)
         if p <= 0 or beta < 0:
             raise ValueError("at: need p > 0 and beta >= 0")
         self.beta, self.p, self.per_position = float(beta), float(p), bool(per_position)
@@ -134,7 +139,7 @@ class AttentionTransfer(LossTerm):
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         return at_loss([(rec.s_feats[s], rec.t_feats[t]) for s, t in self.pairs],
-                       self.beta, self.p, self.per_position)
+                       self.beta, self.p, self.per_position, self.squared)
 
 
 # ----------------------------------------------------------------------------------------------- NST

@@ -113,7 +113,7 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
     """The Markdown table of a study (robustness columns appear once they are computed)."""
     robust = any("mCA" in r for r in stats)
     headers = ["method", "seeds", "top-1 % (mean ± sd)", "95% CI", f"Δ vs {baseline} (pp, 95% CI)",
-               "best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s"]
+               "best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s", "train s/run"]
     if robust:
         headers += ["mCA %", "mCE %", "rel. mCE %"]
     rows = []
@@ -124,7 +124,7 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
             "—" if r["method"] == baseline else fmt_pct(r[f"diff_vs_{baseline}"], r[f"diff_vs_{baseline}_ci95"]),
             _num(r["best_epoch_mean"], ".1f"), _num(r.get("params"), ","), _num(r.get("size_mb"), ".3f"),
             _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f"),
-            _num(r["train_images_per_s"], ".0f"),
+            _num(r["train_images_per_s"], ".0f"), _num(r["train_time_s_mean"], ".1f"),
         ]
         if robust:
             row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE")), fmt_pct(r.get("rel_mCE"))]
