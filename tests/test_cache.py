@@ -146,3 +146,16 @@ def test_regimes(tmp_path, splits, teacher):
     # a cache-* run without a store computes live, rounded as the cache would store
     alone = _trainer(tmp_path, "f", KD, splits, teacher, None)
     assert isinstance(alone.teacher_source, LiveTeacher) and alone.teacher_source.round_to == torch.float16
+
+
+def test_bench_runs_every_variant_side_by_side():
+    from kdlab.bench import bench_steps, format_table
+
+    rows = bench_steps(teacher="cnn_tiny", student="cnn_tiny", batch_size=8, steps=2, image_size=8,
+                       layers=("stage2", "stage2"), mask_steps=2, repeats=1, log=lambda *a: None)
+    assert [r["variant"] for r in rows] == ["baseline", "kd-live", "kd-cached", "full-live", "full-cached"]
+    assert rows[0]["cost_vs_baseline"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in rows)
+    # cached variants were served from the store: fill pass (2) + warm-up miss, then 1 round of 2 hits
+    assert [r.get("cache_hits") for r in rows if "cached" in r["variant"]] == [3, 3]
+    assert "| full-cached |" in format_table(rows)

@@ -11,14 +11,14 @@ the real `kdlab.engine.Trainer` epoch loop (`train_epoch`) over the same batches
 * ``full (live)`` / ``full (cached)``: CE + KD + masked alignment + masked attention transfer with
   Integrated-Gradients masks, live or cached.
 
-The cached variants are filled by one untimed pass over the same batches first; the live
-variants get one untimed warm-up step.
+The cached variants are filled by one untimed pass over the same batches first; every variant
+gets one untimed warm-up step. Then the variants take turns, one epoch of ``steps`` batches each,
+for ``repeats`` rounds; the median round is reported.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +72,7 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                 layers=("layer3", "layer3"), mask_steps: int = 16, amp: str = "none",
                 channels_last: bool = False, compile_: bool = False,
                 variants=("baseline", "kd-live", "kd-cached", "full-live", "full-cached"),
-                log=print) -> list[dict]:
+                repeats: int = 3, log=print) -> list[dict]:
     """Images per second of each variant's training steps (see the module doc)."""
     from kdlab.cache import TeacherStore
     from kdlab.engine import Trainer
@@ -81,7 +81,9 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
-    rows = []
+    trainers = {}
+    times: dict[str, list] = {v: [] for v in variants}
+    stores = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             kind, _, how = v.partition("-")
@@ -89,9 +91,9 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
             r = _recipe(kind, student=student, teacher=teacher, batch_size=batch_size, layer_pair=layers,
                         mask_steps=mask_steps, mode=mode, amp=amp, channels_last=channels_last,
                         compile_=compile_)
-            store = TeacherStore() if how == "cached" else None
-            tr = Trainer(r, Path(tmp) / v, teacher=t_model if kind != "baseline" else None,
-                         splits=splits, progress=False, method=v, teacher_cache=store)
+            store = stores[v] = TeacherStore() if how == "cached" else None
+            tr = trainers[v] = Trainer(r, Path(tmp) / v, teacher=t_model if kind != "baseline" else None,
+                                       splits=splits, progress=False, method=v, teacher_cache=store)
             if store is not None:  # fill the cache: one untimed pass over the same batches
                 src = tr.teacher_source
                 for step, (x, y, idx) in enumerate(tr.train_loader.epoch(0)):
@@ -101,17 +103,25 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
             rec = tr.record(x, y, idx, 1, 0)
             tr.losses(rec)[0].backward()
             tr.opt.zero_grad(set_to_none=True)
-            _sync(tr.device)
-            t0 = time.perf_counter()
-            row = tr.train_epoch(0)
-            _sync(tr.device)
-            dt = time.perf_counter() - t0
-            ips = batch_size * len(tr.train_loader) / dt
-            out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / len(tr.train_loader)}
-            if store is not None:
-                out["cache_hits"] = store.hits
-            rows.append(out)
-            log(f"  {v:<12} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step)")
+        # side by side: the variants take turns, `repeats` rounds; the median round counts
+        for _ in range(repeats):
+            for v in variants:
+                tr = trainers[v]
+                _sync(tr.device)
+                t0 = time.perf_counter()
+                tr.train_epoch(0)
+                _sync(tr.device)
+                times[v].append(time.perf_counter() - t0)
+    rows = []
+    for v in variants:
+        dt = sorted(times[v])[len(times[v]) // 2]
+        n = len(trainers[v].train_loader)
+        ips = batch_size * n / dt
+        out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / n}
+        if stores[v] is not None:
+            out["cache_hits"] = stores[v].hits
+        rows.append(out)
+        log(f"  {v:<12} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step)")
     base = next((r["images_per_s"] for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
         r["cost_vs_baseline"] = base / r["images_per_s"] if base else float("nan")

@@ -37,7 +37,6 @@ from typing import Optional
 
 import torch
 
-from kdlab.taps import Taps
 
 PRECISIONS = {"cache-fp16": torch.float16, "cache-fp32": torch.float32}
 

@@ -58,7 +58,8 @@ def cmd_ablate(args) -> int:
     from kdlab.study import run_ablation
 
     run_ablation(args.recipe, out_dir=args.out, seeds=args.seeds, mode=args.mode,
-                 data_dir=args.data_dir, overrides=args.overrides, progress=not args.quiet)
+                 data_dir=args.data_dir, overrides=args.overrides, progress=not args.quiet,
+                 teacher_cache=not args.no_teacher_cache)
     return 0
 
 
@@ -145,6 +146,8 @@ def register(sub) -> None:
     _common(p, "study folder (default runs/<recipe name>)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's study.seeds)")
     p.add_argument("--mode", choices=["ladder", "loo", "both"], help="which methods (default: recipe)")
+    p.add_argument("--no-teacher-cache", action="store_true",
+                   help="run the teacher live for every student (same results, slower; docs/speed.md)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data: teacher + five-method study")

@@ -28,7 +28,8 @@ def cmd_bench(args) -> int:
                        steps=args.steps, image_size=args.image_size, channels=args.channels,
                        num_classes=args.num_classes, layers=tuple(args.layers.split(",")),
                        mask_steps=args.mask_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile_=args.compile, variants=variants)
+                       compile_=args.compile, variants=variants,
+                       repeats=args.repeats)
     print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
                              f"threads {torch.get_num_threads()}"))
     if args.json:
@@ -44,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--teacher", default="resnet56")
     p.add_argument("--student", default="resnet20")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (variants take turns); median counts")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=10)
