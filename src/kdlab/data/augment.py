@@ -1,0 +1,123 @@
+"""Batched augmentation on ``[N, C, H, W]`` tensors, driven by a `torch.Generator`.
+
+Random crop with zero padding: the image is padded by ``p`` zeros on every side and an
+``H x W`` window is cut at offset ``(dy, dx)``, each drawn uniformly from ``0..2p`` per image, so
+
+    out[n, c, i, j] = x[n, c, i + dy[n] - p, j + dx[n] - p]   (0 where that is outside x).
+
+``dy = dx = p`` is the identity. Horizontal flip mirrors the width axis of each image with
+probability 0.5. Crop is applied before flip. Everything is vectorised (one pad and two gathers
+for the crop, one ``torch.where`` for the flip); no Python loop over images.
+
+Random draws, in this order and only for the enabled parts: ``dy`` (``randint``, N values),
+``dx`` (``randint``, N), flip (``rand(N) < 0.5``). They are made on the generator's device and
+then moved to ``x``'s device, so a CPU generator gives the same augmentation on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """``crop_pad``: zero padding of the random crop (0 = no crop); ``flip``: random h-flip."""
+
+    crop_pad: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.crop_pad) != self.crop_pad or self.crop_pad < 0:
+            raise ValueError(f"crop_pad must be an integer >= 0, got {self.crop_pad}")
+
+    @property
+    def pad(self) -> int:
+        """Alias of ``crop_pad``."""
+        return self.crop_pad
+
+    @property
+    def active(self) -> bool:
+        return self.crop_pad > 0 or self.flip
+
+
+@dataclass
+class AugmentParams:
+    """Per-image random draws: crop offsets ``dy``, ``dx`` (or None) and ``flip`` mask (or None)."""
+
+    dy: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+
+    def select(self, pos) -> "AugmentParams":
+        """The draws of the images at positions ``pos``."""
+        pick = lambda t: None if t is None else t[pos]  # noqa: E731
+        return AugmentParams(pick(self.dy), pick(self.dx), pick(self.flip))
+
+    def to(self, device) -> "AugmentParams":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return AugmentParams(mv(self.dy), mv(self.dx), mv(self.flip))
+
+
+def draw_params(n: int, spec: AugmentSpec, generator: torch.Generator) -> AugmentParams:
+    """Draw the random choices for ``n`` images (see the module docstring for the order)."""
+    dev = generator.device
+    p = AugmentParams()
+    if spec.crop_pad > 0:
+        hi = 2 * spec.crop_pad + 1
+        p.dy = torch.randint(0, hi, (n,), generator=generator, device=dev)
+        p.dx = torch.randint(0, hi, (n,), generator=generator, device=dev)
+    if spec.flip:
+        p.flip = torch.rand(n, generator=generator, device=dev) < 0.5
+    return p
+
+
+def crop_with_offsets(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``x`` by ``pad`` and cut each image's ``H x W`` window at ``(dy[n], dx[n])``."""
+    if pad == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))  # [N, C, H+2p, W+2p]
+    dy = dy.to(device=x.device, dtype=torch.int64)
+    dx = dx.to(device=x.device, dtype=torch.int64)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # [N, H]
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # [N, W]
+    out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
+    return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def flip_with_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the width axis of the images where ``mask`` is True."""
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+def apply_params(x: torch.Tensor, spec: AugmentSpec, params: AugmentParams) -> torch.Tensor:
+    """Apply drawn choices to a batch (crop, then flip). Returns a new tensor or ``x`` itself."""
+    if spec.crop_pad > 0:
+        x = crop_with_offsets(x, spec.crop_pad, params.dy, params.dx)
+    if spec.flip:
+        x = flip_with_mask(x, params.flip)
+    return x
+
+
+def augment_batch(x: torch.Tensor, spec: AugmentSpec | None, generator: torch.Generator) -> torch.Tensor:
+    """Randomly crop (zero padding ``spec.crop_pad``) and flip a batch ``[N, C, H, W]``.
+
+    ``x`` is not modified. With ``spec`` None or inactive, ``x`` is returned and nothing is drawn.
+    """
+    if spec is None or not spec.active:
+        return x
+    return apply_params(x, spec, draw_params(x.shape[0], spec, generator))
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(x - mean) / std`` per channel; ``mean`` / ``std`` are sequences of length C."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    if m.shape[1] != x.shape[1] or s.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"normalize: mean/std have {m.shape[1]}/{s.shape[1]} values but x has {x.shape[1]} channels"
+        )
+    return (x - m) / s
