@@ -141,3 +141,52 @@ def test_compare_two_methods_one_seed(tmp_path, teacher_ckpt, capsys):
     assert "| dkd" in table and "| kd" in table
     assert main(["compare", str(tmp_path / "dkd.yaml"), "--seeds", "0", "--out", str(tmp_path / "c2"),
                  "--quiet"]) == 2  # the baseline kd is missing
+
+
+def test_paradigm_recipe_loader_validates(tmp_path):
+    from kdlab.config import RecipeError
+    from kdlab.paradigms.spec import list_paradigm_recipes, load_paradigm
+
+    shipped = list_paradigm_recipes()
+    for ds in ("digits", "cifar10"):
+        assert {n.split("/")[-1] for n in shipped if n.startswith(f"paradigms/{ds}/")} == \
+            {p[0] for p in PARADIGMS}
+    for n in shipped:
+        spec = load_paradigm(n)
+        assert spec.name == n.split("/")[-1] and spec.recipe.mask is None
+    base = {"paradigm": {"name": "ban", "generations": 1}, "recipe": _recipe().to_dict()}
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(json.dumps(base))
+    spec = load_paradigm(ok, ["train.epochs=3", "paradigm.generations=3"])
+    assert spec.recipe.train.epochs == 3 and spec.params["generations"] == 3
+    with pytest.raises(RecipeError, match=r"paradigm\.generatons"):
+        load_paradigm(ok, ["paradigm.generatons=3"])
+    for bad, where in ((dict(base, paradigm={"name": "ban", "generatons": 2}), "paradigm.generatons"),
+                       (dict(base, extra=1), "extra: unknown key"),
+                       (dict(base, paradigm={"name": "ban", "generations": "two"}), "paradigm.generations"),
+                       (dict(base, paradigm={"name": "nope"}), "paradigm.name"),
+                       (dict(base, recipe=dict(base["recipe"], trian={})), "recipe: trian")):
+        p = tmp_path / "bad.yaml"
+        p.write_text(json.dumps(bad))
+        with pytest.raises(RecipeError, match=where.replace(".", r"\.")):
+            load_paradigm(p)
+
+
+def test_compare_includes_a_paradigm(tmp_path, teacher_ckpt, capsys):
+    kd = _recipe(teacher_ckpt, loss=[{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9}], name="kd")
+    (tmp_path / "kd.yaml").write_text(json.dumps(kd.to_dict()))
+    (tmp_path / "ban.yaml").write_text(json.dumps(
+        {"paradigm": {"name": "ban", "generations": 1}, "recipe": _recipe(name="ban").to_dict()}))
+    args = ["compare", str(tmp_path / "kd.yaml"), str(tmp_path / "ban.yaml"), "--seeds", "0",
+            "--out", str(tmp_path / "cmp"), "--quiet", "--no-profile"]
+    assert main(args) == 0
+    table = (tmp_path / "cmp" / "report" / "comparison.md").read_text()
+    for m in ("| kd ", "| ban ", "| ban-ensemble "):
+        assert m in table
+    res = json.loads((tmp_path / "cmp" / "ban" / "seed0" / "result.json").read_text())
+    assert res["method"] == "ban" and res["model"] == "cnn_tiny" and res["generations"] == 1
+    stats = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "report" / "table.json").read_text())["methods"]}
+    assert math.isfinite(stats["ban"]["diff_vs_kd"]) or stats["ban"]["n_paired"] == 1
+    capsys.readouterr()
+    assert main(args) == 0  # every run is skipped the second time
+    assert "done earlier" in capsys.readouterr().out

@@ -260,4 +260,6 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def list_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    """Shipped training recipes (``recipes/paradigms/`` holds paradigm files of another schema)."""
+    names = (str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("paradigms/"))

@@ -108,7 +108,8 @@ def run_dml(recipe: Recipe, out_dir, *, peers: Optional[list[str]] = None, n_pee
         test, val = evaluate(m, test_loader), evaluate(m, val_loader)
         res = {"method": f"dml-peer{k}", "model": peers[k], "seed": seed, "val_acc": val["acc"],
                "test_acc": test["acc"], "best_epoch": best_ep[k], "epochs_run": cfg.epochs,
-               "train_time_s": t_train, "dataset": info.name}
+               "train_time_s": t_train, "dataset": info.name,
+               "images_per_s": len(splits.train) * cfg.epochs / t_train if t_train else float("nan")}
         (dirs[k] / "result.json").write_text(json.dumps(res, indent=2))
         results.append(res)
         log(f"DML peer {k} ({peers[k]}): test {res['test_acc']:.4f} (best epoch {best_ep[k]})")
