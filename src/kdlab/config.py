@@ -237,10 +237,8 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
-    path = resolve_recipe_path(ref)
-    raw = _read_yaml(path)
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set ``dotted.key=value`` overrides (values parsed as YAML) in a raw recipe dict, in place."""
     for ov in overrides or []:
         if "=" not in ov:
             raise RecipeError(f"override '{ov}' must look like key.path=value (e.g. train.epochs=5)")
@@ -252,6 +250,14 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{ov}': '{p}' is not a section")
         node[parts[-1]] = yaml.safe_load(val)
+    return raw
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
+    path = resolve_recipe_path(ref)
+    raw = _read_yaml(path)
+    apply_overrides(raw, overrides)
     recipe = recipe_from_dict(raw, str(path))
     recipe.source = str(path)
     if recipe.teacher is not None and recipe.teacher.recipe:

@@ -18,7 +18,6 @@ by the study's KD-strength sweep).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from kdlab.report.tables import markdown_table, write_csv
 from torch import nn
 
 TABLE_METRICS = ("student_acc", "teacher_acc", "rank_alignment", "topk_focus", "topk_fraction",
@@ -212,8 +213,8 @@ def explain_report(teacher: nn.Module, students, x: torch.Tensor, y: torch.Tenso
         return rows
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "explain.csv", rows)
-    _write_csv(out / "per_image.csv", per_image)
+    write_csv(out / "explain.csv", rows)
+    write_csv(out / "per_image.csv", per_image)
     (out / "explain.md").write_text(markdown(rows, n_images=int(x.shape[0])) + "\n")
     (out / "explain.json").write_text(json.dumps(
         {"rows": _jsonable(rows), "settings": _jsonable(settings or {
@@ -284,18 +285,7 @@ def markdown(rows: list[dict], n_images: int | None = None) -> str:
                   + (f" (median {r[m + '_median']:.2e})" if m + "_median" in r else "")
                   for m in metrics]
         body.append(cells)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(line(b) for b in body)])
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    return markdown_table(head, body)
 
 
 def _jsonable(obj):

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
-from kdlab.config import (RECIPES_DIR, Recipe, RecipeError, _deep_merge, _read_yaml, recipe_from_dict,
-                          resolve_recipe_path)
+from kdlab.config import (RECIPES_DIR, Recipe, RecipeError, _deep_merge, _read_yaml,
+                          apply_overrides, recipe_from_dict, resolve_recipe_path)
 
 # settings of each paradigm: name -> {key: (types, default)}
 PARAMS: dict[str, dict[str, tuple]] = {
@@ -78,21 +78,6 @@ def check_params(name: str, params: dict, where: str = "paradigm") -> dict:
     return out
 
 
-def _apply_overrides(raw: dict, overrides) -> dict:
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise RecipeError(f"override '{ov}' must look like key.path=value (e.g. train.epochs=5)")
-        key, val = ov.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override '{ov}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(val)
-    return raw
-
-
 def _resolve_paradigm_path(ref) -> Path:
     p = Path(ref)
     name = str(ref)
@@ -144,7 +129,7 @@ def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
             rraw = _deep_merge(_read_yaml(resolve_recipe_path(ext, path.parent)), rraw)
     else:
         raise RecipeError(f"{where}: recipe: expected a recipe name/path or a mapping, got {rec!r}")
-    _apply_overrides(rraw, rec_ov)
+    apply_overrides(rraw, rec_ov)
     recipe = recipe_from_dict(rraw, f"{where}: recipe")
     recipe.source = str(path)
     if recipe.teacher is not None and recipe.teacher.recipe:
