@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from kdlab.cache import TeacherCache, TeacherStore
-from kdlab.config import recipe_from_dict
+from kdlab.distill.teachers import TeacherCache, TeacherStore
+from kdlab.core.config import recipe_from_dict
 from kdlab.data import load_dataset
-from kdlab.engine import LiveTeacher, Trainer, train
+from kdlab.train.trainer import LiveTeacher, Trainer, train
 from kdlab.models import create_model
 
 KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
@@ -149,7 +149,7 @@ def test_regimes(tmp_path, splits, teacher):
 
 
 def test_bench_runs_every_variant_side_by_side():
-    from kdlab.bench import bench_steps, format_table
+    from kdlab.experiments.bench import bench_steps, format_table
 
     rows = bench_steps(teacher="cnn_tiny", student="cnn_tiny", batch_size=8, steps=2, image_size=8,
                        layers=("stage2", "stage2"), mask_steps=2, repeats=1, log=lambda *a: None)

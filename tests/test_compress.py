@@ -228,7 +228,7 @@ def test_structured_pruning_removes_channels_and_flops(tmp_path):
         assert torch.allclose(back(x), pm.eval()(x), atol=1e-6)
     assert 0.0 <= evaluate_accuracy(back, loader) <= 1.0
     with pytest.raises(Exception):                               # plain loader cannot fit it
-        from kdlab.checkpoint import load_model
+        from kdlab.core.checkpoint import load_model
         load_model(path)
 
 
@@ -273,7 +273,7 @@ def test_onnx_export_agrees_with_pytorch_and_int8_is_smaller(tmp_path):
 # ------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from kdlab.checkpoint import atomic_save, model_checkpoint
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
 
     d = tmp_path_factory.mktemp("ck")
     for who, name in (("teacher", "cnn_small"), ("student", "cnn_tiny")):
@@ -284,7 +284,7 @@ def ckpts(tmp_path_factory):
 
 
 def test_cli_registered():
-    from kdlab.cli import build_parser
+    from kdlab.cli.main import build_parser
 
     p = build_parser()
     for cmd in ("profile", "prune", "quantize", "export", "deploy"):
@@ -295,7 +295,7 @@ def test_cli_registered():
 
 
 def test_cli_profile_model_name(tmp_path, capsys):
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     rc = main(["profile", "cnn_tiny", "--in-channels", "1", "--input-size", "8", "--per-layer",
                "--warmup", "1", "--repeats", "2", "--out-dir", str(tmp_path)])
@@ -309,7 +309,7 @@ def test_cli_profile_model_name(tmp_path, capsys):
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     assert main(["prune", str(tmp_path / "missing.pt"), "--sparsity", "0.5"]) == 2
     assert "kdlab: error:" in capsys.readouterr().err
@@ -317,7 +317,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from kdlab.cli import main
+    from kdlab.cli.main import main
 
     out = tmp_path / "deploy"
     rc = main(["deploy", "--student", str(ckpts / "student.pt"), "--teacher",

@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from kdlab import distributed as kd_dist
-from kdlab.config import recipe_from_dict
+from kdlab.train import runtime as kd_dist
+from kdlab.core.config import recipe_from_dict
 
 RECIPE = {
     "name": "ddp-test",
@@ -34,7 +34,7 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from kdlab.engine import Trainer
+    from kdlab.train.trainer import Trainer
 
     res = {}
     # 1) gradient all-reduce: uneven shards (5 and 3 samples) give the full batch's gradient
@@ -100,7 +100,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "last.pt", "metrics.csv", "result.json", "run.json"]
 
-    from kdlab.engine import Trainer
+    from kdlab.train.trainer import Trainer
 
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setattr(nn, "BatchNorm2d", lambda c: nn.Identity())
@@ -114,7 +114,7 @@ def test_two_gloo_processes_match_one(tmp_path):
 
     # one process, same recipe and data: the same accuracy within noise (BatchNorm sees 16 vs 32
     # samples per batch, so trajectories differ slightly)
-    from kdlab.engine import train
+    from kdlab.train.trainer import train
 
     one = train(recipe_from_dict(RECIPE), tmp_path / "one", progress=False, resume=False)
     print("1 process", one["test_acc"], one["val_acc"], "2 processes", r0["test_acc"], r0["val_acc"])

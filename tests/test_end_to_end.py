@@ -6,7 +6,7 @@ import math
 import pytest
 
 from cifar_fixtures import write_fake_cifar10
-from kdlab.cli import main
+from kdlab.cli.main import main
 
 TEACHER = """
 name: {name}-teacher

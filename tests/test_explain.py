@@ -323,8 +323,8 @@ def test_overlay_grid_writes_png(tmp_path):
 
 def test_cli_explain_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    from kdlab.checkpoint import atomic_save, model_checkpoint
-    from kdlab.cli import main
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
+    from kdlab.cli.main import main
     from kdlab.models import create_model
 
     torch.manual_seed(0)

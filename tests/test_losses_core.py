@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from kdlab.losses import BatchRecord, LOSSES
-from kdlab.losses.attention import (attention_pair, masked_alignment_infonce, masked_alignment_mse,
+from kdlab.distill.losses import BatchRecord, LOSSES
+from kdlab.distill.losses.attention import (attention_pair, masked_alignment_infonce, masked_alignment_mse,
                                     masked_attention_mse, resize_map, spatial_attention)
-from kdlab.losses.response import kd_loss
+from kdlab.distill.losses.response import kd_loss
 
 
 def _kl(p, q):

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.checkpoint import atomic_save, model_checkpoint
-from kdlab.losses import LOSSES, BatchRecord
-from kdlab.losses.contrastive import CRD, crd_critic, crd_nce_loss
-from kdlab.losses.dkd import dkd_loss, label_smoothing_loss, multi_teacher_kd_loss
-from kdlab.losses.feature import at_distance, at_loss, mmd2, channel_distributions, nst_loss
-from kdlab.losses.relation import fsp_loss, fsp_matrix, rkd_angle_loss, rkd_distance_loss
+from kdlab.core.checkpoint import atomic_save, model_checkpoint
+from kdlab.distill.losses import LOSSES, BatchRecord
+from kdlab.distill.losses.contrastive import CRD, crd_critic, crd_nce_loss
+from kdlab.distill.losses.dkd import dkd_loss, label_smoothing_loss, multi_teacher_kd_loss
+from kdlab.distill.losses.feature import at_distance, at_loss, mmd2, channel_distributions, nst_loss
+from kdlab.distill.losses.relation import fsp_loss, fsp_matrix, rkd_angle_loss, rkd_distance_loss
 from kdlab.models import create_model
-from kdlab.taps import Taps
+from kdlab.models.taps import Taps
 
 L = math.log
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
-from kdlab.config import RecipeError, load_recipe, recipe_from_dict
-from kdlab.masks import layer_attribution, to_mask
-from kdlab.taps import Taps
+from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
+from kdlab.core.config import RecipeError, load_recipe, recipe_from_dict
+from kdlab.distill.masks import layer_attribution, to_mask
+from kdlab.models.taps import Taps
 
 
 class Tiny(nn.Module):
@@ -98,7 +98,7 @@ def test_recipe_validation_errors_name_the_path(tmp_path):
 
 
 def test_shipped_recipes_all_load():
-    from kdlab.config import list_recipes
+    from kdlab.core.config import list_recipes
 
     names = list_recipes()
     assert {"digits/full", "digits/baseline", "digits/kd", "digits/kd_align", "digits/kd_attn",
@@ -115,7 +115,7 @@ def test_overrides_and_extends():
 
 
 def test_gradients_reach_student_never_teacher():
-    from kdlab.engine import Trainer
+    from kdlab.train.trainer import Trainer
     from kdlab.models import create_model
 
     teacher = create_model("cnn_small", num_classes=10, in_channels=1)
@@ -138,7 +138,7 @@ def test_gradients_reach_student_never_teacher():
 
 
 def test_resume_gives_the_same_result(tmp_path):
-    from kdlab.engine import train
+    from kdlab.train.trainer import train
 
     r = _digits_recipe()
     full = train(r, tmp_path / "a", progress=False)
@@ -159,7 +159,7 @@ def test_resume_gives_the_same_result(tmp_path):
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):
-    from kdlab.engine import train
+    from kdlab.train.trainer import train
 
     train(_digits_recipe(), tmp_path / "r", progress=False, stop_after=1)
     with pytest.raises(ValueError, match="different recipe"):
@@ -181,8 +181,8 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
 
 
 def test_teacher_with_other_class_count_is_refused(tmp_path):
-    from kdlab.checkpoint import model_checkpoint
-    from kdlab.engine import train
+    from kdlab.core.checkpoint import model_checkpoint
+    from kdlab.train.trainer import train
     from kdlab.models import create_model
 
     t = create_model("cnn_tiny", num_classes=5, in_channels=1)
@@ -195,7 +195,7 @@ def test_teacher_with_other_class_count_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
-    from kdlab.engine import TrainingError, train
+    from kdlab.train.trainer import TrainingError, train
 
     r = _digits_recipe(train={"epochs": 3, "lr": 1e30, "patience": None, "seed": 0})
     with pytest.raises(TrainingError, match="non-finite.*lower train.lr"):

@@ -97,7 +97,7 @@ def count(model):
 
 
 def stage_outputs(model, x):
-    """Outputs of model.stage_names via forward hooks (independent of kdlab.taps)."""
+    """Outputs of model.stage_names via forward hooks (independent of kdlab.models.taps)."""
     modules = dict(model.named_modules())
     out, handles = {}, []
     for name in model.stage_names:

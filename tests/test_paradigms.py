@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.cli import main
-from kdlab.config import list_recipes, load_recipe, recipe_from_dict
-from kdlab.paradigms import PARADIGMS, chains, deepinv, dml
+from kdlab.cli.main import main
+from kdlab.core.config import list_recipes, load_recipe, recipe_from_dict
+from kdlab.experiments.paradigms import PARADIGMS, chains, deepinv, dml
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "patience": None, "seed": 0, "device": "cpu"}
 
@@ -27,7 +27,7 @@ def _recipe(teacher_ckpt=None, loss=None, **over):
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    from kdlab.engine import train
+    from kdlab.train.trainer import train
 
     out = tmp_path_factory.mktemp("teacher")
     r = recipe_from_dict({"name": "t", "data": {"name": "digits"}, "student": {"model": "cnn_small"},
@@ -144,8 +144,8 @@ def test_compare_two_methods_one_seed(tmp_path, teacher_ckpt, capsys):
 
 
 def test_paradigm_recipe_loader_validates(tmp_path):
-    from kdlab.config import RecipeError
-    from kdlab.paradigms.spec import list_paradigm_recipes, load_paradigm
+    from kdlab.core.config import RecipeError
+    from kdlab.experiments.paradigms.spec import list_paradigm_recipes, load_paradigm
 
     shipped = list_paradigm_recipes()
     for ds in ("digits", "cifar10"):

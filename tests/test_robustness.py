@@ -184,7 +184,7 @@ def test_heatmap_for_a_study_report(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_default_names():
-    from kdlab.evaluate.robust_cli import default_names
+    from kdlab.cli.robustness import default_names
 
     # the folder of best.pt, with more of the path where folders repeat
     assert default_names(["runs/s/baseline/seed0/best.pt", "runs/s/kd/seed0/best.pt"]) == [
@@ -195,13 +195,13 @@ def test_default_names():
 
 
 def test_extension_registered():
-    from kdlab import cli
+    from kdlab.cli import main as cli
 
-    assert "kdlab.evaluate.robust_cli:register" in cli.EXTENSIONS
+    assert "kdlab.cli.robustness:register" in cli.EXTENSIONS
 
 
 def _parser():
-    from kdlab.evaluate.robust_cli import register
+    from kdlab.cli.robustness import register
 
     p = argparse.ArgumentParser(prog="kdlab")
     register(p.add_subparsers(dest="command"))
@@ -209,7 +209,7 @@ def _parser():
 
 
 def test_cli_end_to_end(tmp_path, capsys):
-    from kdlab.checkpoint import atomic_save, model_checkpoint
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
     from kdlab.models import create_model
 
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kdlab.config import load_recipe
-from kdlab.sweep import run_sweep, sweep_recipes
+from kdlab.core.config import load_recipe
+from kdlab.experiments.sweep import run_sweep, sweep_recipes
 
 
 def test_sweep_recipes_alpha_is_the_label_weight():

@@ -1,5 +1,5 @@
 import sys
 
-from kdlab.cli import main
+from kdlab.cli.main import main
 
 sys.exit(main())

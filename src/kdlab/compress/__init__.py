@@ -2,10 +2,10 @@
 
 Submodules: :mod:`~kdlab.compress.prune`, :mod:`~kdlab.compress.quantize`,
 :mod:`~kdlab.compress.export`, :mod:`~kdlab.compress.finetune`,
-:mod:`~kdlab.compress.pipeline` (the ``deploy`` command) and :mod:`~kdlab.compress.cli`.
+:mod:`~kdlab.compress.pipeline` (the ``deploy`` command) and :mod:`~kdlab.cli.compress`.
 
 Compressed models are stored as ordinary kdlab model checkpoints
-(:func:`kdlab.checkpoint.model_checkpoint`: state dict + registry name) with extra keys:
+(:func:`kdlab.core.checkpoint.model_checkpoint`: state dict + registry name) with extra keys:
 
 * ``pruned``: ``{"method", "sparsity" or "ratio", ..., "arch"}``; for structured pruning
   ``arch`` holds the constructor sizes of every Conv/Linear/norm layer, so the smaller network is
@@ -33,7 +33,7 @@ def load_compressed(path: str | os.PathLike, device="cpu"):
     Returns ``(model, checkpoint_dict)``; the model is in eval mode. For ``.onnx`` files the
     model is a :class:`kdlab.compress.export.OnnxModel` and the dict has ``format: "onnx"``.
     """
-    from kdlab.checkpoint import CheckpointError, load_checkpoint, load_model
+    from kdlab.core.checkpoint import CheckpointError, load_checkpoint, load_model
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -81,7 +81,7 @@ def save_compressed(model, path: str | os.PathLike, base: dict, **extra) -> Path
     """Write ``model`` as a kdlab checkpoint with the identity (name, kwargs, classes, dataset)
     of ``base`` (the checkpoint it was derived from); its ``pruned``/``quantized``/``input_shape``
     keys are carried over unless given in ``extra``."""
-    from kdlab.checkpoint import atomic_save, model_checkpoint
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
 
     carried = {k: base[k] for k in ("pruned", "quantized", "input_shape") if k in base}
     carried.update(extra)

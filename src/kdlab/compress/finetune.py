@@ -1,6 +1,6 @@
 """A small fine-tuning loop for pruned and quantization-aware models, and accuracy evaluation.
 
-``kdlab.engine.train`` trains a model built from a recipe; a pruned or fake-quantized model is
+``kdlab.train.trainer.train`` trains a model built from a recipe; a pruned or fake-quantized model is
 an already built module, so compression has this loop of its own: SGD with momentum and a cosine
 learning rate, cross-entropy on the labels, optionally distilled from a teacher (Hinton KD,
 ``(1 - alpha) * CE + alpha * kd_loss(s, t, T)``), pruning masks re-applied after every step.
@@ -21,7 +21,7 @@ from kdlab.compress.prune import apply_masks
 
 def _kd(s_logits, t_logits, T):
     try:
-        from kdlab.losses.response import kd_loss
+        from kdlab.distill.losses.response import kd_loss
     except ImportError:  # pragma: no cover - the losses package is always there in a release
         log_p_s = F.log_softmax(s_logits / T, dim=1)
         log_p_t = F.log_softmax(t_logits / T, dim=1)

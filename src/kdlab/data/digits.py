@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet, stratified_split, train_val_from_pool
-from kdlab.seeding import derive_seed
+from kdlab.core.seeding import derive_seed
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_TEST_SEED = derive_seed("digits", "test")  # fixed: the same test set for every run seed

@@ -13,7 +13,7 @@ import torch
 
 from kdlab.data.augment import AugmentParams, AugmentSpec, apply_params, draw_params
 from kdlab.data.splits import TensorSet
-from kdlab.seeding import derive_seed
+from kdlab.core.seeding import derive_seed
 
 
 class BatchLoader:

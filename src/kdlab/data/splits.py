@@ -2,7 +2,7 @@
 
 All split helpers work on integer label arrays and return sorted index arrays, so a split is
 fully described by its indices. Randomness comes from a `numpy.random.Generator` seeded with
-an explicit integer (use `kdlab.seeding.derive_seed` to make one per purpose).
+an explicit integer (use `kdlab.core.seeding.derive_seed` to make one per purpose).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def train_val_from_pool(
        (at least one per class, seeded by ``derive_seed(seed, "data", name, "labels")``) is kept,
        the unlabelled remainder being dropped.
     """
-    from kdlab.seeding import derive_seed
+    from kdlab.core.seeding import derive_seed
 
     val_fraction = check_fraction("val_fraction", val_fraction, low_open=False, high_open=True)
     label_fraction = check_fraction("label_fraction", label_fraction, low_open=True, high_open=False)

@@ -3,7 +3,7 @@
 Every model built here has ``stage_names`` (names in ``named_modules()`` of the submodules whose
 outputs are the stage feature maps, shallow to deep), ``feature_dim`` (classifier input size) and
 ``classifier_name``; its ``forward`` returns logits only (features are read with
-:class:`kdlab.taps.Taps`). Our own models also carry ``stage_channels``.
+:class:`kdlab.models.taps.Taps`). Our own models also carry ``stage_channels``.
 
 Families: CIFAR ResNet-18/34/50/101 with ``width``/``cbam`` (:mod:`.resnet`), the KD-benchmark
 CIFAR ResNets and wide ResNets (:mod:`.cifar_resnet`), small CNNs (:mod:`.small`). Names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kdlab.registry import Registry
+from kdlab.core.registry import Registry
 
 MODELS = Registry("model")
 

@@ -1,0 +1,67 @@
+"""`kdlab bench`: step throughput with and without the teacher cache, and study wall time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from kdlab.experiments.bench import bench_steps, bench_study, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.study:
+        res = bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds,
+                          overrides=args.overrides, mode=args.mode)
+        print(json.dumps({k: v for k, v in res.items() if k in ("speedup", "identical")}
+                         | {k: {kk: vv for kk, vv in res[k].items() if kk != "results"}
+                            for k in ("cached", "live")}))
+        return 0
+    variants = args.variants.split(",")
+    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
+          f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
+          f"torch threads {torch.get_num_threads()}")
+    rows = bench_steps(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
+                       steps=args.steps, image_size=args.image_size, channels=args.channels,
+                       num_classes=args.num_classes, layers=tuple(args.layers.split(",")),
+                       mask_steps=args.mask_steps, amp=args.amp, channels_last=args.channels_last,
+                       compile_=args.compile, variants=variants,
+                       repeats=args.repeats)
+    print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
+                             f"threads {torch.get_num_threads()}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="images/s of baseline, KD and full-method steps with and without "
+                                     "the teacher cache; or a study's wall time with and without it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--student", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (variants take turns); median counts")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--layers", default="layer3,layer3", help="student,teacher layer of the masked terms")
+    p.add_argument("--mask-steps", type=int, default=16, help="Integrated-Gradients steps")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--study", metavar="RECIPE",
+                   help="instead: run this study twice (teacher cache on / off) and compare wall times")
+    p.add_argument("--out", help="output folder of --study (default runs/bench-study)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--mode", choices=["ladder", "loo", "both"])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,21 @@
+"""Loss terms, one module per family, registered by name in LOSSES.
+
+Import order registers the families; a recipe names terms with ``term: <name>``.
+"""
+
+from kdlab.distill.losses.base import LOSSES, BatchRecord, LossTerm, layer_pairs, register_loss
+from kdlab.distill.losses import response, attention, dkd, feature, relation, contrastive  # noqa: F401  (registers the terms)
+from kdlab.distill.losses.response import kd_loss
+from kdlab.distill.losses.attention import attention_pair, spatial_attention
+
+__all__ = ["LOSSES", "BatchRecord", "LossTerm", "register_loss", "layer_pairs", "build_terms",
+           "kd_loss", "attention_pair", "spatial_attention"]
+
+
+def build_terms(term_cfgs) -> list[tuple[str, float, LossTerm]]:
+    """[(name, weight, module)] from a recipe's ``loss`` list."""
+    out = []
+    for cfg in term_cfgs:
+        cls = LOSSES.get(cfg.term)
+        out.append((cfg.term, float(cfg.weight), cls(**cfg.params)))
+    return out

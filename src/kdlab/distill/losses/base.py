@@ -1,0 +1,103 @@
+"""The batch record that loss terms read, the LossTerm base class and the term registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from kdlab.core.registry import Registry
+
+LOSSES = Registry("loss")
+
+
+def register_loss(name: str, description: str = "", reference: str = ""):
+    """Register a LossTerm subclass under ``name`` (the ``term:`` key of a recipe)."""
+
+    def deco(cls):
+        cls.name = name
+        return LOSSES.register(name, description=description, reference=reference)(cls)
+
+    return deco
+
+
+@dataclass
+class BatchRecord:
+    """Everything one training step knows about one batch.
+
+    x, y: the (augmented, normalised) inputs and labels.
+    s_logits / t_logits: student / teacher outputs (t_logits None without a teacher).
+    s_feats / t_feats: tapped layer outputs by layer name (teacher's detached).
+    masks: causal masks by teacher layer name, [B, H, W] in [0, 1].
+    index: dataset indices of the batch (for memory banks); epoch / step: progress counters.
+    extra: anything else a term or a paradigm wants to pass along.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    s_logits: torch.Tensor
+    t_logits: Optional[torch.Tensor] = None
+    s_feats: dict = field(default_factory=dict)
+    t_feats: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+    index: Optional[torch.Tensor] = None
+    epoch: int = 0
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def teacher_logits(self, who: str) -> torch.Tensor:
+        if self.t_logits is None:
+            raise ValueError(f"loss '{who}' needs teacher logits, but the run has no teacher")
+        return self.t_logits
+
+
+class LossTerm(nn.Module):
+    """Base class of every loss term. Subclasses set the class flags and implement forward()."""
+
+    name: str = "?"
+    needs_teacher: bool = False
+    needs_masks: bool = False
+
+    def student_layers(self) -> list[str]:
+        return []
+
+    def teacher_layers(self) -> list[str]:
+        return []
+
+    def mask_layers(self) -> list[str]:
+        """Teacher layers at which causal masks are needed."""
+        return []
+
+    def setup(self, probe: BatchRecord) -> None:
+        """Called once with a real batch before training (build heads from feature shapes)."""
+
+    def forward(self, rec: BatchRecord) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_")
+                         and k != "training" and isinstance(v, (int, float, str, bool, list, tuple)))
+
+
+def layer_pairs(layers: Any, who: str) -> list[tuple[str, str]]:
+    """Normalise a recipe's ``layers`` parameter to [(student_layer, teacher_layer), ...].
+
+    Accepts "layer3" (same name in both), ["s", "t"] pairs, or a list of either.
+    """
+    if layers is None:
+        raise ValueError(f"'{who}' needs 'layers': a layer name or [student_layer, teacher_layer] pairs")
+    if isinstance(layers, str):
+        return [(layers, layers)]
+    out = []
+    for item in layers:
+        if isinstance(item, str):
+            out.append((item, item))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(s, str) for s in item):
+            out.append((item[0], item[1]))
+        else:
+            raise ValueError(f"'{who}': bad layers entry {item!r}; use 'name' or [student, teacher]")
+    if not out:
+        raise ValueError(f"'{who}' needs at least one layer pair")
+    return out

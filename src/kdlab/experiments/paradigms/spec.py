@@ -1,0 +1,146 @@
+"""Paradigm recipes: a YAML file with a ``paradigm`` section (the schedule and its settings) and a
+``recipe`` (a normal kdlab recipe: a path / shipped name, or an inline mapping that may
+``extends:`` one). Shipped ones live in ``recipes/paradigms/<dataset>/<name>.yaml``::
+
+    description: "digits paradigms: Born-Again Networks, 2 generations"
+    paradigm: {name: ban, generations: 2}
+    recipe:
+      extends: ../../methods/digits/kd.yaml
+      name: digits-paradigm-ban
+
+Unknown keys fail with their path (``<file>: paradigm.generatons: unknown key ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, _deep_merge, _read_yaml,
+                          apply_overrides, recipe_from_dict, resolve_recipe_path)
+
+# settings of each paradigm: name -> {key: (types, default)}
+PARAMS: dict[str, dict[str, tuple]] = {
+    "dml": {"peers": ((list, type(None)), None), "n_peers": ((int,), 2), "T": ((int, float), 1.0)},
+    "ban": {"generations": ((int,), 2)},
+    "ta": {"assistant": ((str, type(None)), None)},
+    "self": {"checkpoint": ((str, type(None)), None)},
+    "deepinv": {"n_images": ((int,), 512), "iters": ((int,), 200), "lr": ((int, float), 0.1),
+                "a_bn": ((int, float), 1.0), "a_tv": ((int, float), 1e-2), "T": ((int, float), 4.0)},
+}
+TOP_KEYS = ("paradigm", "recipe", "description")
+PARADIGMS_DIR = RECIPES_DIR / "paradigms"
+
+
+@dataclass
+class ParadigmSpec:
+    name: str                       # dml | ban | ta | self | deepinv
+    params: dict[str, Any]          # every setting of the paradigm (defaults filled in)
+    recipe: Recipe
+    source: str = ""
+    description: str = ""
+
+
+def is_paradigm_file(ref) -> bool:
+    """True when ``ref`` names a YAML file whose top level has a ``paradigm`` section."""
+    try:
+        path = resolve_recipe_path(ref)
+        raw = yaml.safe_load(path.read_text())
+    except Exception:
+        return False
+    return isinstance(raw, dict) and "paradigm" in raw
+
+
+def paradigm_kind(ref) -> str:
+    """The ``paradigm.name`` of a paradigm recipe file (unvalidated)."""
+    raw = yaml.safe_load(_resolve_paradigm_path(ref).read_text())
+    return str((raw.get("paradigm") or {}).get("name"))
+
+
+def check_params(name: str, params: dict, where: str = "paradigm") -> dict:
+    """``params`` validated against the paradigm's settings, with the defaults filled in."""
+    if name not in PARAMS:
+        raise RecipeError(f"{where}.name: unknown paradigm '{name}' (one of: {', '.join(PARAMS)})")
+    spec = PARAMS[name]
+    out = {k: copy.deepcopy(d) for k, (_, d) in spec.items()}
+    for k, v in params.items():
+        if k not in spec:
+            raise RecipeError(f"{where}.{k}: unknown key '{k}' for paradigm '{name}' "
+                              f"(settings: {', '.join(spec)})")
+        types = spec[k][0]
+        if isinstance(v, bool) or not isinstance(v, types):
+            raise RecipeError(f"{where}.{k}: expected {' or '.join(t.__name__ for t in types)}, got {v!r}")
+        out[k] = float(v) if float in types and isinstance(v, int) else v
+    return out
+
+
+def _resolve_paradigm_path(ref) -> Path:
+    p = Path(ref)
+    name = str(ref)
+    for c in (p, RECIPES_DIR / (name if name.endswith(".yaml") else name + ".yaml")):
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"paradigm recipe '{ref}' not found; give a YAML path or a shipped name "
+                            f"(e.g. paradigms/digits/ban)")
+
+
+def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
+    """Load and validate a paradigm recipe; ``overrides`` (``key.path=value``) apply to its recipe,
+    except ``paradigm.<setting>=value``, which sets one of the paradigm's settings."""
+    path = _resolve_paradigm_path(ref)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: a paradigm recipe is a mapping with 'paradigm' and 'recipe'")
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise RecipeError(f"{where}: {k}: unknown key '{k}' (a paradigm recipe has: {', '.join(TOP_KEYS)})")
+    for k in ("paradigm", "recipe"):
+        if k not in raw:
+            raise RecipeError(f"{where}: {k}: required key is missing")
+    par = raw["paradigm"]
+    if not isinstance(par, dict) or "name" not in par:
+        raise RecipeError(f"{where}: paradigm.name: required key is missing (one of: {', '.join(PARAMS)})")
+    par = dict(par)
+    name = par.pop("name")
+    rec_ov = []
+    for ov in overrides or []:  # `paradigm.<setting>=value` sets the paradigm, the rest its recipe
+        if ov.startswith("paradigm.") and "=" in ov:
+            key, val = ov.split("=", 1)
+            par[key[len("paradigm."):]] = yaml.safe_load(val)
+        else:
+            rec_ov.append(ov)
+    params = check_params(name, par, f"{where}: paradigm")
+    rec = raw["recipe"]
+    if isinstance(rec, str):
+        rpath = resolve_recipe_path(rec, path.parent)
+        rraw, base = _read_yaml(rpath), rpath
+    elif isinstance(rec, dict):
+        rraw, base = copy.deepcopy(rec), path
+        ext = rraw.pop("extends", None)
+        if ext:
+            rraw = _deep_merge(_read_yaml(resolve_recipe_path(ext, path.parent)), rraw)
+    else:
+        raise RecipeError(f"{where}: recipe: expected a recipe name/path or a mapping, got {rec!r}")
+    apply_overrides(rraw, rec_ov)
+    recipe = recipe_from_dict(rraw, f"{where}: recipe")
+    recipe.source = str(path)
+    if recipe.teacher is not None and recipe.teacher.recipe:
+        recipe.teacher.recipe = str(resolve_recipe_path(recipe.teacher.recipe, base.parent))
+    return ParadigmSpec(name=name, params=params, recipe=recipe, source=str(path),
+                        description=str(raw.get("description") or ""))
+
+
+def list_paradigm_recipes(dataset: Optional[str] = None) -> list[str]:
+    """Shipped paradigm recipes (``paradigms/<dataset>/<name>``)."""
+    if not PARADIGMS_DIR.is_dir():
+        return []
+    names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in PARADIGMS_DIR.rglob("*.yaml"))
+    return [n for n in names if dataset is None or n.startswith(f"paradigms/{dataset}/")]

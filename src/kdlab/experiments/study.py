@@ -1,0 +1,246 @@
+"""Studies: many runs built from one recipe (ablation ladders, leave-one-out sets, method lists),
+each over several seeds, with finished runs skipped and one report at the end.
+
+From a *full* recipe whose loss is ``ce`` plus components (e.g. ``kd``, ``align``, ``attn``):
+
+* the step-wise **ladder**: ``baseline`` (CE only), the first component (``kd``), the first
+  component plus each other one alone (``kd+align``, ``kd+attn``), and ``full``;
+* the **leave-one-out** set: ``full-<c>`` for each component c.
+
+Every method keeps the full recipe's hyperparameters, data order and augmentation (a paired
+design: run k of every method uses seed k). A method without a ``kd`` term trains CE with
+weight 1; with ``kd`` it keeps the full recipe's CE weight (the ``1 − α`` of Hinton's KD).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from kdlab.core.config import Recipe, TermCfg, load_recipe, recipe_from_dict
+
+
+def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
+    ce = next((t for t in full.loss if t.term == "ce"), None)
+    comps = [t for t in full.loss if t.term != "ce"]
+    if not comps:
+        raise ValueError(f"recipe '{full.name}' has only a 'ce' term; an ablation needs a distillation term")
+    return ce, comps
+
+
+def _method(full: Recipe, comps: list[TermCfg], ce: Optional[TermCfg]) -> Recipe:
+    loss = []
+    has_kd = any(c.term == "kd" for c in comps)
+    if ce is not None or not comps:
+        ce_cfg = (ce or TermCfg(term="ce")).model_dump()
+        if not has_kd:
+            ce_cfg["weight"] = 1.0
+        loss.append(ce_cfg)
+    loss += [c.model_dump() for c in comps]
+    d = full.to_dict()
+    d["loss"] = loss
+    from kdlab.distill.losses import build_terms
+
+    terms = build_terms(TermCfg.model_validate(t) for t in loss)
+    if not any(t.needs_masks for _, _, t in terms):
+        d["mask"] = None
+    r = recipe_from_dict(d, full.source or full.name)
+    r.source = full.source
+    return r
+
+
+def ablation_methods(full: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
+    """Name -> recipe for the ladder, the leave-one-out set, or both."""
+    if mode not in ("ladder", "loo", "both"):
+        raise ValueError("ablation mode must be ladder, loo or both")
+    ce, comps = _components(full)
+    names = [c.term for c in comps]
+    out: dict[str, Recipe] = {}
+    if mode in ("ladder", "both"):
+        out["baseline"] = _method(full, [], ce)
+        out[names[0]] = _method(full, comps[:1], ce)
+        for c in comps[1:]:
+            out[f"{names[0]}+{c.term}"] = _method(full, [comps[0], c], ce)
+        if len(comps) > 2 or (len(comps) == 2 and "full" not in out):
+            out["full"] = full
+    if mode in ("loo", "both"):
+        out.setdefault("full", full)
+        if len(comps) > 1:
+            for i, c in enumerate(comps):
+                out[f"full-{c.term}"] = _method(full, comps[:i] + comps[i + 1:], ce)
+    if len(comps) == 2 and "full" in out and f"{names[0]}+{names[1]}" in out:
+        del out[f"{names[0]}+{names[1]}"]  # identical to full
+    return out
+
+
+def _with_data_dir(recipe: Recipe, data_dir: Optional[str]) -> Recipe:
+    if data_dir is None:
+        return recipe
+    d = recipe.to_dict()
+    d["data"]["data_dir"] = str(data_dir)
+    r = recipe_from_dict(d, recipe.source or recipe.name)
+    r.source = recipe.source
+    return r
+
+
+def ensure_teacher(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
+    """Train the recipe's teacher from ``teacher.recipe`` when its checkpoint is missing."""
+    from kdlab.train.trainer import train
+
+    tc = recipe.teacher
+    if tc is None or not recipe.needs_teacher() and not tc.recipe:
+        return None
+    if tc.checkpoint and Path(tc.checkpoint).is_file():
+        return tc.checkpoint
+    if not tc.recipe:
+        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
+                                f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
+    t_recipe = _with_data_dir(load_recipe(tc.recipe), data_dir)
+    ckpt = Path(tc.checkpoint or f"runs/{t_recipe.name}/best.pt")
+    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}")
+    res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
+    if ckpt.name != "best.pt":
+        shutil.copyfile(ckpt.parent / "best.pt", ckpt)
+    log(f"teacher: val {res['val_acc']:.4f}  test {res['test_acc']:.4f}  (best epoch {res['best_epoch']})")
+    return str(ckpt)
+
+
+def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir=None,
+              progress: bool = True, log=print, baseline: str = "baseline",
+              profile: bool = True, teacher_cache: bool = True) -> dict:
+    """Train every (method, seed) into ``out_dir/<method>/seed<k>`` and write the report.
+
+    ``teacher_cache``: share the teacher's outputs between the study's runs (recipes with
+    ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md)."""
+    from kdlab.distill.teachers import TeacherStore
+    from kdlab.train.runtime import is_main
+    from kdlab.train.trainer import load_teacher, resolve_device, train
+    from kdlab.report.tables import study_report
+
+    out_dir = Path(out_dir)
+    store = TeacherStore(out_dir / ".teacher_cache") if teacher_cache else None
+    recipes = {m: _with_data_dir(r, data_dir) for m, r in recipes.items()}
+    teachers = {}
+    rows = []
+    t_start = time.perf_counter()
+    for method, recipe in recipes.items():
+        teacher = None
+        if recipe.needs_teacher():
+            ensure_teacher(recipe, data_dir=data_dir, progress=progress, log=log)
+            key = recipe.teacher.checkpoint
+            if key not in teachers:
+                from kdlab.data import load_dataset
+
+                d = recipe.data
+                info = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction).info
+                teachers[key] = load_teacher(recipe, info, resolve_device(recipe.train.device))
+            teacher = teachers[key]
+        for seed in seeds:
+            r = recipe.model_copy(deep=True)
+            r.train.seed = seed
+            run_dir = out_dir / method / f"seed{seed}"
+            finished = (run_dir / "result.json").exists()
+            res = train(r, run_dir, teacher=teacher, progress=progress, method=method,
+                        teacher_cache=store)
+            rows.append(res)
+            state = "done earlier" if finished else f"{res['train_time_s']:.1f}s"
+            log(f"  {method:<14} seed {seed}: test {res['test_acc']:.4f}  best epoch "
+                f"{res['best_epoch']:>3}  ({state})")
+    wall = time.perf_counter() - t_start
+    if store is not None and store.hits + store.misses:
+        log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
+    log(f"study wall time {wall:.1f}s; students' own training time "
+        f"{sum(r.get('train_time_s', 0.0) for r in rows):.1f}s")
+    if not is_main():
+        return {}
+    return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,
+                        profile=profile, log=log)
+
+
+def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=None,
+                 overrides=None, progress=True, log=print, teacher_cache: bool = True) -> dict:
+    """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds."""
+    full = load_recipe(recipe_ref, overrides)
+    seeds = list(seeds) if seeds else list(full.study.seeds)
+    mode = mode or full.study.methods
+    methods = ablation_methods(full, mode)
+    out_dir = Path(out_dir or f"runs/{full.name}")
+    base = "baseline" if "baseline" in methods else "full"
+    log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
+    report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
+                       log=log, baseline=base, teacher_cache=teacher_cache)
+    from kdlab.train.runtime import is_main
+    if not is_main():  # a rank > 0 of a distributed study writes nothing
+        return report
+    (out_dir / "report" / "study.json").write_text(json.dumps(
+        {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
+         "methods": list(methods)}, indent=2))
+    return report
+
+
+def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5), seed: int = 0,
+                     batch_size: int = 256, device: str = "cpu", data_dir=None, limit=None,
+                     progress: bool = True, log=print) -> dict:
+    """Robustness of every (method, seed) student of a finished study.
+
+    For each study seed the methods' best checkpoints are evaluated on the same corrupted test
+    images (corruption draws seeded by ``seed``), with CE / mCE relative to the baseline of the
+    same study seed. The study table gains mCA (mean ± sd over seeds), mCE and relative mCE
+    columns, and ``report/robustness_heatmap.png`` shows corruption x method accuracy (mean over
+    severities and seeds).
+    """
+    import numpy as np
+
+    from kdlab.core.checkpoint import load_model
+    from kdlab.data import load_dataset
+    from kdlab.evaluate.robustness import evaluate_robustness, robustness_heatmap
+    from kdlab.report.tables import write_tables
+
+    study_dir = Path(study_dir)
+    table_path = study_dir / "report" / "table.json"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
+    table = json.loads(table_path.read_text())
+    stats, baseline = table["methods"], table["baseline"]
+    methods = [r["method"] for r in stats]
+    seeds = sorted({s for r in stats for s in r["seeds"]})
+    per = {m: {"mCA": [], "mCE": [], "rel_mCE": [], "by_c": [], "clean": []} for m in methods}
+    splits = None
+    for s in seeds:
+        models = {}
+        for m in methods:
+            path = study_dir / m / f"seed{s}" / "best.pt"
+            if path.is_file():
+                models[m], ck = load_model(path, device)
+        if not models:
+            continue
+        if splits is None:
+            d = ck["recipe"]["data"]
+            splits = load_dataset(d["name"], data_dir or d.get("data_dir"), val_fraction=d["val_fraction"])
+        test = splits.test if limit is None else type(splits.test)(splits.test.x[:limit], splits.test.y[:limit])
+        ref = baseline if baseline in models else next(iter(models))
+        log(f"robustness, study seed {s}: {len(models)} methods, reference '{ref}'")
+        res = evaluate_robustness(models, test, splits.info, corruptions, severities, seed=seed,
+                                  batch_size=batch_size, device=device, reference=ref,
+                                  out_dir=study_dir / "report" / "robustness" / f"seed{s}",
+                                  progress=progress)
+        met = res.metrics
+        for m in models:
+            for k in ("mCA", "mCE", "rel_mCE"):
+                per[m][k].append(met[m][k])
+            per[m]["by_c"].append(met[m]["acc_by_corruption"])
+            per[m]["clean"].append(met[m]["clean_acc"])
+    mean = lambda v: float(np.nanmean(v)) if v else float("nan")  # noqa: E731
+    for r in stats:
+        p = per[r["method"]]
+        r["mCA"], r["mCE"], r["rel_mCE"] = mean(p["mCA"]), mean(p["mCE"]), mean(p["rel_mCE"])
+        r["mCA_sd"] = float(np.std(p["mCA"], ddof=1)) if len(p["mCA"]) > 1 else float("nan")
+    heat = {m: {c: mean([bc[c] for bc in per[m]["by_c"]]) for c in per[m]["by_c"][0]}
+            for m in methods if per[m]["by_c"]}
+    robustness_heatmap(heat, study_dir / "report" / "robustness_heatmap.png",
+                       clean={m: mean(per[m]["clean"]) for m in heat},
+                       title=f"accuracy (%) under corruption, mean over severities and {len(seeds)} seeds")
+    return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log)

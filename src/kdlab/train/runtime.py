@@ -1,0 +1,150 @@
+"""Data-parallel training on PyTorch's own distributed engine (``torch.distributed``).
+
+``torchrun --nproc_per_node=N -m kdlab distill <recipe>`` (or ``ablate``, ``train-teacher``):
+every process builds the same `kdlab.train.trainer.Trainer`; :func:`from_env` (called by the Trainer)
+joins the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``) with the ``nccl`` backend on CUDA and ``gloo`` on CPU.
+
+* Data: the training loader is sharded (`BatchLoader.shard`) with ``train.batch_size / N``
+  samples per rank, so the *total* batch is the recipe's, and the ranks' batches together are
+  exactly the single-process batch (same permutation, same augmentation draws).
+* Gradients: :func:`all_reduce_grads` sums ``grad * local_batch`` over ranks and divides by the
+  total batch, i.e. the gradient of the loss averaged over the global batch (exact for losses
+  that are batch means, also when the last batch is split unevenly). Weights start identical
+  (the init seed, then :func:`broadcast_modules`) and so stay identical.
+* Metrics: :func:`sync_epoch` all-reduces the epoch's loss sums, sample and correct counts, and
+  averages BatchNorm running statistics, so every rank evaluates the same model and takes the
+  same early-stopping decisions; validation/test sets are evaluated whole on every rank.
+* Files: only rank 0 writes (checkpoints, metrics, run.json, result.json, study reports); the
+  others wait at a :func:`barrier` before reading ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def from_env(backend: Optional[str] = None) -> Optional[tuple[int, int]]:
+    """``(rank, world_size)`` when launched by torchrun with more than one process (joining the
+    process group on first call), else None."""
+    if is_initialized():
+        return (tdist.get_rank(), tdist.get_world_size()) if tdist.get_world_size() > 1 else None
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1 or "RANK" not in os.environ:
+        return None
+    return init(backend)
+
+
+def init(backend: Optional[str] = None, timeout_s: float = 1800) -> tuple[int, int]:
+    """Join the process group described by the environment (torchrun's variables)."""
+    if not is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)  # "cuda" then means this process's GPU
+        tdist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def cleanup() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def _params(*modules: nn.Module):
+    seen = set()
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def broadcast_modules(*modules: nn.Module, src: int = 0) -> None:
+    """Copy parameters and buffers of rank ``src`` to every rank."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                tdist.broadcast(t.data, src)
+
+
+def all_reduce_grads(*modules: nn.Module, weight: Optional[float] = None) -> None:
+    """Average the gradients of ``modules`` over ranks, in one flat all-reduce.
+
+    With ``weight`` (this rank's batch size) each rank's gradient is weighted by it and the sum is
+    divided by the total weight: the gradient of the mean loss over the global batch.
+    """
+    if not is_initialized() or tdist.get_world_size() == 1:
+        return
+    params = [p for p in _params(*modules) if p.requires_grad]
+    if not params:
+        return
+    ref = params[0]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    w = float(weight) if weight is not None else 1.0
+    flat = torch.cat([g.reshape(-1).float() for g in grads] +
+                     [torch.full((1,), w, device=ref.device)])
+    if weight is not None:
+        flat[:-1].mul_(w)
+    tdist.all_reduce(flat)
+    total = flat[-1]
+    flat = flat[:-1] / total.clamp_min(1e-12)
+    off = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        new = flat[off:off + n].view_as(g).to(g.dtype)
+        off += n
+        if p.grad is None:
+            p.grad = new.clone()
+        else:
+            p.grad.copy_(new)
+
+
+def sync_epoch(model: nn.Module, n_seen: int, correct: torch.Tensor, sums: dict):
+    """All-reduce an epoch's sample count, correct count and loss sums; average the model's
+    floating-point buffers (BatchNorm running statistics) over ranks."""
+    if not is_initialized():
+        return n_seen, correct, sums
+    keys = list(sums)
+    dev = correct.device
+    vec = torch.stack([torch.as_tensor(float(n_seen), device=dev), correct.float()] +
+                      [torch.as_tensor(sums[k], device=dev).float().reshape(()) for k in keys])
+    tdist.all_reduce(vec)
+    ws = tdist.get_world_size()
+    with torch.no_grad():
+        for b in model.buffers():
+            if b.is_floating_point():
+                tdist.all_reduce(b)
+                b.div_(ws)
+    n = int(round(vec[0].item()))
+    return n, vec[1], {k: vec[2 + i] for i, k in enumerate(keys)}
