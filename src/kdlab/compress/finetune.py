@@ -68,7 +68,9 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
     dev = torch.device(device)
     runtime = Runtime(str(dev), "none", dist=None)
     model.to(dev)
+    frozen = {}
     if teacher is not None:
+        frozen = {p: p.requires_grad for p in teacher.parameters()}  # restored after training
         terms = [("ce", 1.0 - alpha, LOSSES.get("ce")()), ("kd", alpha, LOSSES.get("kd")(T=T))]
         source = LiveTeacher(teacher.to(dev), [], [], None)
     else:
@@ -92,7 +94,11 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
         trainer = Trainer(objective, train_loader, val_loader, None, cfg, folder, runtime=runtime,
                           callbacks=callbacks, identity={"finetune": desc, "epochs": epochs, "lr": lr},
                           method=desc, progress=progress)
-        trainer.fit(resume=run_dir is not None)
+        try:
+            trainer.fit(resume=run_dir is not None)
+        finally:
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
         history = trainer.state.history or _read_history(folder)
     if masks:
         apply_masks(model, masks)

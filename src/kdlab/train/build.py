@@ -250,8 +250,8 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
                                 f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
-    why = "its run is unfinished" if ckpt.exists() or (ckpt.parent / "last.pt").exists() else "it is missing"
-    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}: "
+    why = "its run is unfinished" if ckpt.exists() or (ckpt.parent / "last.pt").exists() else "is missing"
+    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}, because "
         f"checkpoint {ckpt} {why}")
     res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
     if ckpt.name != "best.pt":
