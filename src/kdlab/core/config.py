@@ -41,8 +41,10 @@ class DataCfg(_Strict):
 
 
 class ModelCfg(_Strict):
+    # a registered name, timm:<name>, torchvision:<name>, hf:<local path>, or module:function
     model: str
     kwargs: dict[str, Any] = {}
+    weights: Optional[str] = None  # a local state dict / checkpoint loaded into the model
 
 
 class TeacherCfg(ModelCfg):
@@ -72,6 +74,8 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
+    log_to: list[Literal["csv", "tensorboard"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
