@@ -107,6 +107,11 @@ def test_every_corruption(name, shape):
         assert y.shape == x.shape and y.dtype == x.dtype
         assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
         dist[s] = mad(y, x)
+        if name == "zoom_blur" and shape == "8x8x1" and s == 1:
+            # as in make_cifar_c.py: scipy.ndimage.zoom rounds 8 * z (z <= 1.06) back to 8
+            # rows, so every zoom of severity 1 is the identity on 8 px (see test_zoom_blur_*)
+            assert dist[s] < 1e-6
+            continue
         assert dist[s] > 1e-3, f"{name} severity {s} does not change the image"
         # deterministic for a seed
         assert torch.equal(corrupt(x, name, s, seed=0), y)
