@@ -306,9 +306,10 @@ def metrics_footer(reference: str, n_standard: int, extra: Sequence[str],
              f"{'s' if n_standard != 1 else ''} evaluated (of the 15 of Hendrycks & Dietterich, "
              f"ICLR 2019); mCE and rel. mCE are in % of `{reference}`."]
     if extra:
-        parts.append(f"The {len(extra)} extra corruption{'s' if len(extra) != 1 else ''} "
-                     f"({', '.join(extra)}) are held out, as published, and averaged separately "
-                     f"(\"extra\" columns).")
+        many = len(extra) != 1
+        parts.append(f"The {len(extra)} extra corruption{'s' if many else ''} "
+                     f"({', '.join(extra)}) {'are' if many else 'is'} held out, as published, "
+                     f"and averaged separately (\"extra\" columns).")
     if min_degradation is not None:
         note = (f"rel. mCE leaves out corruptions where the reference's error rises by less than "
                 f"{100 * min_degradation:g} pp on average over severities")
