@@ -122,9 +122,11 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(1.0, 0.5, 0.1), students=("cnn_
     from kdlab.data import load_dataset
     from kdlab.train.trainer import load_teacher, resolve_device
     from kdlab.cli.explain import explain_report, markdown, pick_images
-    from kdlab.experiments.study import _with_data_dir, ensure_teacher, run_study
+    from kdlab.experiments.study import ensure_teacher, run_study
 
-    base = _with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
+    base = load_recipe(recipe_ref, overrides)
+    if data_dir is not None:
+        base = base.with_updates(data={**base.data.model_dump(), "data_dir": str(data_dir)})
     if base.teacher is None:
         raise ValueError(f"recipe '{recipe_ref}' has no teacher; the sweep distils from one")
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
