@@ -423,7 +423,10 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     ax.axhline(len(labels) - len(summary_rows) - 0.5, color="white", lw=1.5)
     fig.colorbar(im, ax=ax, label="accuracy (%)", fraction=0.05)
     if title:
-        ax.set_title(title, fontsize=9)
+        import textwrap
+
+        ax.set_title(textwrap.fill(title, width=max(28, int(12 * fig.get_size_inches()[0]))),
+                     fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -672,8 +675,8 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
               for m in heat}
     robustness_heatmap(heat, study_dir / "report" / "robustness_heatmap.png",
                        clean={m: mean(per[m]["clean"]) for m in heat}, spread=spread,
-                       title=f"accuracy (%) under corruption, mean (± sd) over severities and "
-                             f"{len(seeds)} seeds")
+                       title=f"accuracy (%) under corruption: mean over severities, then "
+                             f"mean ± sd over {len(seeds)} seeds")
     std, extra = split_standard(corrs)
     (study_dir / "report" / "robustness.md").write_text(
         study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
