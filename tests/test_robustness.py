@@ -332,10 +332,13 @@ def test_markdown_footer_names_the_split_and_the_guard(tmp_path):
                                 ["brightness", "saturate"], [5], seed=0)
     md = res.markdown()
     assert "| model | clean acc | mCA | mCE | rel. mCE | mCA extra | mCE extra |" in md
-    assert "average the 1 standard corruption evaluated" in md
+    assert "average the 1 of the 15 standard corruptions that were evaluated" in md
     assert "The 1 extra corruption (saturate) is held out" in md
     # the reference (Zero) never changes its error, so both corruptions are skipped
     assert "brightness (+0.00 pp)" in md and "saturate (+0.00 pp)" in md
+    full = R.metrics_footer("baseline", 15, [], {})
+    assert full.startswith("mCA, mCE and rel. mCE average the 15 standard corruptions (Hendrycks")
+    assert "(none here)" in full
 
 
 def _fake_study(root, seeds=(0, 1)):
@@ -382,6 +385,6 @@ def test_study_robustness_columns(tmp_path):
         assert rows[m]["n_robust_seeds"] == 2
     assert rows["baseline"]["mCE"] == pytest.approx(1.0)
     md = (tmp_path / "report" / "robustness.md").read_text()
-    assert "average the 2 standard corruptions" in md and "(saturate)" in md
+    assert "average the 2 of the 15 standard corruptions" in md and "(saturate)" in md
     assert "mCA %" in (tmp_path / "report" / "table.md").read_text()
     assert (tmp_path / "report" / "robustness_heatmap.png").stat().st_size > 0

@@ -302,9 +302,10 @@ def metrics_footer(reference: str, n_standard: int, extra: Sequence[str],
     """The note under a robustness table: what mCA / mCE / rel. mCE average, where the extra
     corruptions went, and which corruptions the relative-mCE guard skipped (``skipped``:
     corruption -> the reference's degradation, or a count of seeds)."""
-    parts = [f"mCA, mCE and rel. mCE average the {n_standard} standard corruption"
-             f"{'s' if n_standard != 1 else ''} evaluated (of the 15 of Hendrycks & Dietterich, "
-             f"ICLR 2019); mCE and rel. mCE are in % of `{reference}`."]
+    which = ("the 15 standard corruptions" if n_standard == len(STANDARD_CORRUPTIONS) else
+             f"the {n_standard} of the 15 standard corruptions that were evaluated")
+    parts = [f"mCA, mCE and rel. mCE average {which} (Hendrycks & Dietterich, ICLR 2019); "
+             f"mCE and rel. mCE are in % of `{reference}`."]
     if extra:
         many = len(extra) != 1
         parts.append(f"The {len(extra)} extra corruption{'s' if many else ''} "
