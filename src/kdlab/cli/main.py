@@ -22,7 +22,7 @@ EXTENSIONS: list[str] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdlab import __version__
+    from kdlab.version import __version__
 
     p = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit.")
     p.add_argument("--version", action="version", version=f"kdlab {__version__}")

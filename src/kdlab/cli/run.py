@@ -65,7 +65,7 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from kdlab.experiments.study import run_ablation
 
-    from kdlab.experiments.study import study_robustness
+    from kdlab.evaluate.robustness import study_robustness
 
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
                           progress=not args.quiet)
