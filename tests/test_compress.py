@@ -99,6 +99,36 @@ def test_fake_quantize_values_and_straight_through_gradient():
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
 
 
+def test_straight_through_gradient_at_the_clip_boundaries():
+    # 4 bits, s = 1/8, z = 0: q = clip(round(8x), -8, 7). Worked by hand:
+    #   x       8x     round  clipped?  x_hat    STE gradient
+    #  -1.125   -9     -9     yes       -1.0     0
+    #  -1.0625  -8.5   -8     no        -1.0     1   (half to even)
+    #  -1.0     -8     -8     no        -1.0     1   lower boundary: inside the closed range
+    #   0.875    7      7     no         0.875   1   upper boundary: inside the closed range
+    #   0.9375   7.5    8     yes        0.875   0   (half to even rounds up to 8)
+    #   1.0      8      8     yes        0.875   0
+    x = torch.tensor([-1.125, -1.0625, -1.0, 0.875, 0.9375, 1.0], requires_grad=True)
+    y = Q.fake_quantize(x, 4, scale=0.125, zero_point=0.0)
+    assert y.tolist() == [-1.0, -1.0, -1.0, 0.875, 0.875, 0.875]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # the same mask as torch's fused fake-quantization kernel (zero point sign: x/s + zp there)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(x2, 0.125, 0, -8, 7).sum().backward()
+    assert x2.grad.tolist() == x.grad.tolist()
+
+
+def test_straight_through_gradient_asymmetric_boundaries():
+    # 4 bits, s = 0.5, z = -3: q = clip(round(2x + 3), -8, 7); boundaries at x = -5.5 and 2.0
+    x = torch.tensor([-6.0, -5.5, 0.0, 2.0, 2.5], requires_grad=True)
+    y = Q.fake_quantize(x, 4, scale=0.5, zero_point=-3.0)
+    # x_hat = 0.5 * (q - 3): q = [-8 (clipped from -9), -8, 3, 7, 7 (clipped from 8)]
+    assert y.tolist() == [-5.5, -5.5, 0.0, 2.0, 2.0]
+    (y * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum().backward()
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+
+
 def test_fake_quant_model_calibrate_and_roundtrip(tmp_path):
     m = _tiny()
     fq = Q.prepare_fake_quant(m, 8, 8)
