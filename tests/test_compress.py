@@ -328,7 +328,7 @@ def test_cli_profile_model_name(tmp_path, capsys):
     from kdlab.cli.main import main
 
     rc = main(["profile", "cnn_tiny", "--in-channels", "1", "--input-size", "8", "--per-layer",
-               "--warmup", "1", "--repeats", "2", "--out-dir", str(tmp_path)])
+               "--warmup", "1", "--repeats", "2", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| params | 6,274 |" in out                            # documented cnn_tiny count
@@ -353,7 +353,7 @@ def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     rc = main(["deploy", "--student", str(ckpts / "student.pt"), "--teacher",
                str(ckpts / "teacher.pt"), "--sparsities", "0.25", "0.5", "--finetune-epochs", "1",
                "--max-steps", "2", "--warmup", "1", "--repeats", "3", "--calib-batches", "2",
-               "--quiet", "--out-dir", str(out)])
+               "--quiet", "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "deploy.json").read_text())["rows"]
     assert [r["model"].split(" (")[0] for r in rows] == [
@@ -368,3 +368,29 @@ def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     assert "| teacher (cnn_small)" in capsys.readouterr().out
     back, ck = load_compressed(out / "models" / "student_pruned50.pt")
     assert count_flops(back, (1, 1, 8, 8))["flops"] == p50["flops"]
+
+
+def test_cli_prune_quantize_export(ckpts, tmp_path, capsys):
+    from kdlab.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune", str(ckpts / "student.pt"), "--sparsity", "0.5", "--warmup", "1",
+               "--repeats", "2", "--quiet", "--device", "cpu", "--out", str(out),
+               "--model-out", str(tmp_path / "pruned.pt")])
+    assert rc == 0 and (out / "prune.json").exists()
+    pruned, ck = load_compressed(tmp_path / "pruned.pt")
+    assert ck["pruned"]["achieved"] == pytest.approx(0.5, abs=0.01)  # global unstructured: half the weights
+    rows = json.loads((out / "prune.json").read_text())["rows"]
+    assert rows[1]["weight_sparsity"] > 45 and rows[0]["params"] == rows[1]["params"] == 6274
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(ckpts / "student.pt"), "--bits", "8", "4", "--calib-batches", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "quantize.json").read_text())["rows"]
+    assert [r["weight_bits"] for r in rows] == [32, 8, 4]
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "e"
+    assert main(["export", str(ckpts / "student.pt"), "--out", str(out)]) == 0
+    assert (out / "model.onnx").exists() and "| True |" in capsys.readouterr().out.replace("true", "True")
