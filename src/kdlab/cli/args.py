@@ -104,8 +104,8 @@ def add_out(p: argparse.ArgumentParser, default_help: str) -> None:
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """``--quiet`` (and the hidden, deprecated ``--no-progress``)."""
-    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
-                   help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_set(p: argparse.ArgumentParser, what: str = "the recipe") -> None:

@@ -109,8 +109,9 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     The mask is taken on the rounded value, as in ``torch.fake_quantize_per_tensor_affine``; it
     is written out here so that the gradient at the clip boundaries does not depend on the
-    subgradient that ``torch.clamp``'s backward picks there (which differs between torch
-    releases: 2.14 gives 0 at the lower end, 2.13 gives 1).
+    subgradient that ``torch.clamp``'s backward picks there, which differs between torch
+    releases: at ``v = q_min`` and ``v = q_max`` exactly, torch 2.13 passes the gradient (1) and
+    torch 2.14 blocks it (0).
     """
 
     @staticmethod
