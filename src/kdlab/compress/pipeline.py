@@ -162,7 +162,7 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
            steps: int = 1, finetune_epochs: int = 5, lr: float = 0.05, distill: str = "student",
            alpha: float = 0.9, T: float = 4.0, calib_batches: int = 8, quant_format: str = "qdq",
            batch_size: int = 128, latency_batch: int | None = None, warmup: int = 10, repeats: int = 50,
-           device: str = "cpu", seed: int = 0, max_steps: int | None = None,
+           device: str = "auto", seed: int = 0, max_steps: int | None = None,
            progress: bool = True, log=print) -> dict:
     """Run the pipeline described in the module docstring; returns ``{"rows", "notes", ...}``.
 
