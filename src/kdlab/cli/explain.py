@@ -73,13 +73,3 @@ def cmd_explain(args) -> int:
     print(f"\nwrote {out / 'explain.csv'}, explain.json, explain.md, per_image.csv, "
           f"overlays.png{', sweep.png' if rows and all('alpha' in r for r in rows) else ''}")
     return 0
-
-
-def __getattr__(name):
-    # Deprecated: the report functions moved to kdlab.evaluate.explain_report; kept importable
-    # from here (lazily, so that building the parser imports no torch) until callers move.
-    if name in ("explain_report", "markdown", "pick_images", "size_name", "unique_labels"):
-        from kdlab.evaluate import explain_report as _lib
-
-        return getattr(_lib, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

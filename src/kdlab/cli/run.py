@@ -65,7 +65,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kdlab.evaluate.efficiency import resolve_device
+    from kdlab.train.runtime import resolve_device
     from kdlab.evaluate.robustness import study_robustness
     from kdlab.experiments.study import run_ablation
 
@@ -82,7 +82,7 @@ def cmd_sweep(args) -> int:
     from kdlab.experiments.sweep import run_sweep
 
     # run_sweep takes explicit seeds; 0 1 2 is the recipes' study.seeds default
-    run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds or [0, 1, 2],
+    run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds,
               out_dir=args.out, data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
               n_images=args.n_images, method=args.method, grid=args.grid, k=args.k,
               steps=args.steps, progress=A.progress(args))
@@ -93,13 +93,13 @@ def cmd_evaluate(args) -> int:
     from kdlab.core.checkpoint import load_model
     from kdlab.data import BatchLoader, load_dataset
     from kdlab.evaluate.accuracy import evaluate
-    from kdlab.evaluate.efficiency import resolve_device
-    from kdlab.train.build import check_pair
+    from kdlab.train.runtime import resolve_device
+    from kdlab.core.checkpoint import check_fits
 
     device = resolve_device(args.device)
     model, ck = load_model(args.checkpoint, device)
     splits = load_dataset(args.dataset or ck["dataset"], args.data_dir)
-    check_pair(ck["num_classes"], ck["in_channels"], splits.info, args.checkpoint)
+    check_fits(ck, splits.info, args.checkpoint)
     loader = BatchLoader(getattr(splits, args.split), 512, shuffle=False, mean=splits.info.mean,
                          std=splits.info.std, device=device)
     res = evaluate(model, loader)

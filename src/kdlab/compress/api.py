@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from kdlab.compress import input_shape_of, load_compressed, save_compressed
-from kdlab.compress.pipeline import check_fits, make_loaders, markdown_table, measure, write_report
+from kdlab.core.checkpoint import check_fits
+from kdlab.compress.pipeline import make_loaders, markdown_table, measure, write_report
 from kdlab.evaluate import efficiency as eff
 
 

@@ -13,6 +13,8 @@ against alpha per student. :func:`explain_checkpoints` does the same from checkp
 
 from __future__ import annotations
 
+from kdlab.core.checkpoint import check_fits
+
 import json
 import math
 from pathlib import Path
@@ -51,7 +53,7 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     a ``target`` given as a digit string is a class index. Returns the rows."""
     from kdlab.core.checkpoint import load_model
     from kdlab.data import load_dataset
-    from kdlab.evaluate.efficiency import resolve_device
+    from kdlab.train.runtime import resolve_device
 
     device = resolve_device(device)
     student_paths = list(student_paths)
@@ -89,16 +91,6 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     return explain_report(teacher, students, x, y, mean=info.mean, std=info.std,
                           out_dir=out_dir or "runs/explain", target=target, device=device,
                           settings=settings, **kwargs)
-
-
-def check_fits(ck: dict, info, path) -> None:
-    """The checkpoint's classes and channels match the data set, or a one-line ValueError."""
-    if ck.get("num_classes") != info.num_classes or ck.get("in_channels") != info.in_channels:
-        raise ValueError(
-            f"{path} is a {ck.get('num_classes')}-class, {ck.get('in_channels')}-channel model but "
-            f"{info.name} has {info.num_classes} classes, {info.in_channels} channel(s); "
-            f"pass the matching --dataset"
-        )
 
 
 def size_name(ck: dict) -> str:

@@ -4,6 +4,8 @@ and write the tables and the heat map."""
 
 from __future__ import annotations
 
+from kdlab.core.checkpoint import check_fits
+
 from pathlib import Path
 from typing import Sequence
 
@@ -48,7 +50,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     from kdlab.data import load_dataset
     from kdlab.data.corruptions import parse_corruptions
     from kdlab.data.splits import TensorSet
-    from kdlab.evaluate.efficiency import resolve_device
+    from kdlab.train.runtime import resolve_device
     from kdlab.evaluate.robustness import evaluate_robustness
 
     paths = list(paths)
@@ -72,11 +74,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     splits = load_dataset(dataset or cks[0].get("dataset") or "digits", data_dir)
     info = splits.info
     for path, ck in zip(paths, cks):
-        if ck.get("num_classes") != info.num_classes or ck.get("in_channels") != info.in_channels:
-            raise ValueError(
-                f"{path} is a {ck.get('num_classes')}-class, {ck.get('in_channels')}-channel "
-                f"model but {info.name} has {info.num_classes} classes, {info.in_channels} "
-                f"channel(s); pass the matching --dataset")
+        check_fits(ck, info, str(path))
     test = splits.test
     if limit is not None:
         test = TensorSet(test.x[:limit], test.y[:limit])
