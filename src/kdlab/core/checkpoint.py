@@ -15,24 +15,10 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` with torch.save to a temporary file, fsync it, then rename over ``path``.
+    """``torch.save(obj)`` to ``path`` atomically (:func:`kdlab.core.io.atomic_write`)."""
+    from kdlab.core.io import atomic_write
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
