@@ -46,6 +46,15 @@ class DataCfg(_Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     augment: AugmentCfg = AugmentCfg()
+    # a user's data: an image folder (name: imagefolder) or a factory returning Splits/datasets
+    root: Optional[str] = None
+    image_size: Optional[list[int]] = None  # [H, W] (imagefolder)
+    factory: Optional[str] = None  # "module:function" -> Splits or (train, val, test) datasets
+    num_workers: int = Field(0, ge=0)  # decoding processes for streamed data
+
+    def options(self) -> dict:
+        """The loader options this section sets beyond the common ones."""
+        return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
 
 
 class ModelCfg(_Strict):

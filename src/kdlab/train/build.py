@@ -24,8 +24,9 @@ from torch import nn
 from kdlab.core.checkpoint import check_fits, load_model
 from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
-from kdlab.data import BatchLoader, load_dataset
+from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
+from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.models.adapters import build_model
@@ -52,9 +53,14 @@ class Run:
 
 def load_splits(recipe: Recipe, seed: Optional[int] = None):
     """The recipe's data set as train / val / test splits (seeded by ``train.seed``)."""
+    from kdlab.data import from_factory
+
     d = recipe.data
-    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                        label_fraction=d.label_fraction, seed=recipe.train.seed if seed is None else seed)
+    seed = recipe.train.seed if seed is None else seed
+    if d.factory:
+        return from_factory(d.factory, val_fraction=d.val_fraction, label_fraction=d.label_fraction, seed=seed)
+    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction, label_fraction=d.label_fraction,
+                        seed=seed, **d.options())
 
 
 def load_checked(path, info, device, who: str) -> nn.Module:
@@ -97,14 +103,13 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
     """Train (augmented, sharded under torchrun), val and test loaders of a recipe."""
     d, cfg, info = recipe.data, recipe.train, splits.info
     aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-    train_loader = BatchLoader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True,
-                               seed=data_seed, augment=aug, mean=info.mean, std=info.std,
-                               device=runtime.device)
+    kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
+    train_loader = as_loader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True, seed=data_seed,
+                             augment=aug, **kw)
     if runtime.dist:
         train_loader = train_loader.shard(runtime.rank, runtime.world_size)
-    kw = dict(shuffle=False, mean=info.mean, std=info.std, device=runtime.device)
-    return (train_loader, BatchLoader(splits.val, cfg.eval_batch_size, **kw),
-            BatchLoader(splits.test, cfg.eval_batch_size, **kw))
+    return (train_loader, as_loader(splits.val, cfg.eval_batch_size, shuffle=False, seed=0, **kw),
+            as_loader(splits.test, cfg.eval_batch_size, shuffle=False, seed=0, **kw))
 
 
 def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
@@ -162,7 +167,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
                                            mode=cfg.teacher_mode, store=store, loader=train_loader,
                                            dataset=data_key, checkpoint=path, device=dev)
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
-                                 meta=meta, n_data=len(splits.train.y), channels_last=cfg.channels_last,
+                                 meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
                                  compile=cfg.compile)
     objective.setup(next(iter(train_loader.epoch(0))))
     runtime.broadcast(student, objective.term_modules)
