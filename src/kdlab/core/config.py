@@ -32,6 +32,26 @@ class AugmentCfg(_Strict):
     flip: bool = False
 
 
+class TransferSetCfg(BaseModel):
+    """One extra transfer set (unlabelled images that join training): ``kind`` is a registered
+    transfer-set builder (``folder``, ``factory``, ``munge``, ``deepinv``; see
+    :mod:`kdlab.data.transfer`), its other keys the builder's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from kdlab.data.transfer import check_transfer_kind
+
+        return check_transfer_kind(v)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class DataCfg(_Strict):
     name: str = "digits"  # a registered data set (kdlab.data.DATASETS), checked by _dataset
 
@@ -51,10 +71,28 @@ class DataCfg(_Strict):
     image_size: Optional[list[int]] = None  # [H, W] (imagefolder)
     factory: Optional[str] = None  # "module:function" -> Splits or (train, val, test) datasets
     num_workers: int = Field(0, ge=0)  # decoding processes for streamed data
+    # label_fraction < 1: the unlabelled training images are dropped, or join training as the
+    # transfer set (label-free terms see them, label terms do not); docs/transfer.md
+    unlabelled: Literal["drop", "transfer"] = "drop"
+    transfer: list[TransferSetCfg] = []  # extra transfer sets (folder, factory, munge, deepinv)
 
     def options(self) -> dict:
         """The loader options this section sets beyond the common ones."""
         return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
+
+
+class InputCfg(_Strict):
+    """The view of each sample a model sees (privileged information: the teacher sees the full
+    image, the student e.g. a lower resolution). ``resize: [H, W]``: bilinear, antialiased."""
+
+    resize: Optional[list[int]] = None
+
+    @field_validator("resize")
+    @classmethod
+    def _hw(cls, v):
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise ValueError("resize must be [H, W] with H, W >= 1 (e.g. resize: [14, 14])")
+        return v
 
 
 class ModelCfg(_Strict):
@@ -62,11 +100,29 @@ class ModelCfg(_Strict):
     model: str
     kwargs: dict[str, Any] = {}
     weights: Optional[str] = None  # a local state dict / checkpoint loaded into the model
+    input: Optional[InputCfg] = None  # the student's view of each sample (student.input.resize)
 
 
 class TeacherCfg(ModelCfg):
     checkpoint: Optional[str] = None
     recipe: Optional[str] = None
+    # an ensemble teacher: these checkpoints' outputs averaged (as logits, or as probabilities)
+    checkpoints: Optional[list[str]] = None
+    ensemble: Literal["logits", "probs"] = "logits"
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _members(cls, v):
+        if v is not None and len(v) < 1:
+            raise ValueError("checkpoints must list at least one teacher checkpoint")
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _full_view(cls, v):
+        if v is not None:
+            raise ValueError("the teacher sees the full image; give the student's view as student.input")
+        return v
 
 
 class TrainCfg(_Strict):

@@ -198,7 +198,44 @@ def train_val_from_pool(
     y_np = y.numpy()
     rest, held = stratified_split(y_np, val_fraction, derive_seed(seed, "data", name, "val"))
     if label_fraction < 1.0:
-        keep = stratified_subset(y_np[rest], label_fraction, derive_seed(seed, "data", name, "labels"))
-        rest = rest[keep]
+        rest = rest[labelled_subset(y_np[rest], label_fraction, seed, name)]
     to_t = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
     return TensorSet(x[to_t(rest)], y[to_t(rest)]), TensorSet(x[to_t(held)], y[to_t(held)])
+
+
+# ---------------------------------------------------------------------------------------------
+# unlabelled samples (transfer sets)
+
+UNLABELLED = -1  # the label of a sample without one (``y < 0`` marks it; ``rec.labelled`` = y >= 0)
+
+
+def labelled_subset(y, label_fraction: float, seed: int, name: str) -> np.ndarray:
+    """Which training samples keep their labels at ``label_fraction`` (sorted indices): the
+    stratified subset of `stratified_subset` seeded by ``derive_seed(seed, "data", name,
+    "labels")``, the one rule `train_val_from_pool` applies (so ``unlabelled: transfer`` labels
+    exactly the samples that ``unlabelled: drop`` keeps)."""
+    from kdlab.core.seeding import derive_seed
+
+    return stratified_subset(np.asarray(y, dtype=np.int64), label_fraction,
+                             derive_seed(seed, "data", name, "labels"))
+
+
+def mark_unlabelled(tset: TensorSet, keep) -> TensorSet:
+    """``tset`` with every label outside ``keep`` (indices) replaced by ``UNLABELLED`` (−1)."""
+    y = torch.full_like(tset.y, UNLABELLED)
+    keep = torch.as_tensor(np.asarray(keep), dtype=torch.int64)
+    y[keep] = tset.y[keep]
+    return TensorSet(tset.x, y)
+
+
+def unlabelled_set(x: torch.Tensor) -> TensorSet:
+    """Images ``x`` [N, C, H, W] in [0, 1] as a TensorSet whose labels are all ``UNLABELLED``."""
+    return TensorSet(x.float(), torch.full((x.shape[0],), UNLABELLED, dtype=torch.int64))
+
+
+def concat_sets(a: TensorSet, b: TensorSet) -> TensorSet:
+    """``a`` followed by ``b`` (same image shape)."""
+    if tuple(a.x.shape[1:]) != tuple(b.x.shape[1:]):
+        raise ValueError(f"transfer set images are {tuple(b.x.shape[1:])} but the training images are "
+                         f"{tuple(a.x.shape[1:])}; give images of the data set's shape")
+    return TensorSet(torch.cat([a.x, b.x.to(a.x.dtype)]), torch.cat([a.y, b.y]))

@@ -117,9 +117,14 @@ class LiveTeacher:
         return self._out(logits), {n: self._out(f) for n, f in feats.items()}
 
     def masks(self, x, y, layers) -> dict:
-        """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`)."""
+        """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`), explaining the label, or
+        for unlabelled samples (``y < 0``, transfer sets) the teacher's own top class."""
         if not layers:
             return {}
+        if bool((y < 0).any()):
+            with torch.inference_mode():
+                top = self.teacher(x).argmax(dim=1)
+            y = torch.where(y >= 0, y, top.clone())
         return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
 
     def __call__(self, x, y, idx=None, epoch=0, step=0) -> TeacherOutputs:

@@ -52,15 +52,42 @@ class Run:
 
 
 def load_splits(recipe: Recipe, seed: Optional[int] = None):
-    """The recipe's data set as train / val / test splits (seeded by ``train.seed``)."""
+    """The recipe's data set as train / val / test splits (seeded by ``train.seed``).
+
+    With ``data.unlabelled: transfer`` and ``label_fraction < 1`` the training set also holds the
+    unlabelled remainder, labelled ``−1`` (the labelled samples are exactly those that ``drop``
+    keeps). The extra sets of ``data.transfer`` are added by :func:`build_run` (some need the teacher).
+    """
     from kdlab.data import from_factory
 
     d = recipe.data
     seed = recipe.train.seed if seed is None else seed
+    transfer = d.unlabelled == "transfer" and d.label_fraction < 1.0
     if d.factory:
+        if transfer:
+            raise ValueError("data.unlabelled: transfer needs a registered data set (it splits off the labels); "
+                             "with a factory, return the unlabelled images as a data.transfer factory set")
         return from_factory(d.factory, val_fraction=d.val_fraction, label_fraction=d.label_fraction, seed=seed)
-    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction, label_fraction=d.label_fraction,
-                        seed=seed, **d.options())
+    splits = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
+                          label_fraction=1.0 if transfer else d.label_fraction, seed=seed, **d.options())
+    if transfer:
+        splits.train = unlabelled_remainder(splits.train, d.label_fraction, seed, d.name)
+    return splits
+
+
+def unlabelled_remainder(train, label_fraction: float, seed: int, name: str):
+    """The full training set with the labels outside ``labelled_subset`` replaced by −1."""
+    from kdlab.data.splits import TensorSet, labelled_subset, mark_unlabelled
+    from kdlab.data.transfer import RelabelledDataset
+
+    if isinstance(train, TensorSet):
+        return mark_unlabelled(train, labelled_subset(train.y.numpy(), label_fraction, seed, name))
+    labels = torch.as_tensor([int(train[i][1]) for i in range(len(train))] if not hasattr(train, "labels")
+                             else list(train.labels), dtype=torch.int64)
+    keep = torch.as_tensor(labelled_subset(labels.numpy(), label_fraction, seed, name), dtype=torch.int64)
+    y = torch.full_like(labels, -1)
+    y[keep] = labels[keep]
+    return RelabelledDataset(train, y)
 
 
 def load_checked(path, info, device, who: str) -> nn.Module:
@@ -71,8 +98,20 @@ def load_checked(path, info, device, who: str) -> nn.Module:
 
 
 def load_teacher(recipe: Recipe, info, device) -> nn.Module:
-    """The recipe's teacher, loaded from its checkpoint and checked against the data set."""
+    """The recipe's teacher, loaded from its checkpoint (or its ``checkpoints``, an ensemble,
+    :class:`kdlab.distill.ensemble.EnsembleTeacher`) and checked against the data set."""
     tc = recipe.teacher
+    if tc is not None and tc.checkpoints:
+        from kdlab.distill.ensemble import EnsembleTeacher
+
+        if tc.checkpoint:
+            raise ValueError("give the teacher as teacher.checkpoint or as teacher.checkpoints (an ensemble), not both")
+        for ck in tc.checkpoints:
+            if not Path(ck).is_file():
+                raise FileNotFoundError(f"ensemble teacher checkpoint {ck} not found; train it first "
+                                        f"(`kdlab train-teacher <recipe> --out {Path(ck).parent}`)")
+        members = [load_checked(ck, info, device, "ensemble teacher") for ck in tc.checkpoints]
+        return EnsembleTeacher(members, tc.ensemble).to(device)
     if tc is None or not tc.checkpoint:
         raise ValueError("this recipe needs a teacher: set teacher.checkpoint (train one with `kdlab train-teacher`)")
     if not Path(tc.checkpoint).is_file():
@@ -94,9 +133,13 @@ def out_features(model: nn.Module, info, device) -> int:
 
 
 def student_meta(recipe: Recipe, info) -> dict:
-    """Checkpoint metadata of the recipe's student (how to rebuild it)."""
-    return {"model_name": recipe.student.model, "model_kwargs": dict(recipe.student.kwargs),
+    """Checkpoint metadata of the recipe's student (how to rebuild it; ``input``: its view of the
+    data set's images, when it has one)."""
+    meta = {"model_name": recipe.student.model, "model_kwargs": dict(recipe.student.kwargs),
             "num_classes": info.num_classes, "in_channels": info.in_channels, "dataset": info.name}
+    if recipe.student.input is not None and recipe.student.input.resize is not None:
+        meta["input"] = {"resize": list(recipe.student.input.resize)}
+    return meta
 
 
 def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
@@ -124,6 +167,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     cfg = recipe.train
     runtime = runtime or Runtime.from_cfg(cfg)
     dev = runtime.device
+    own_splits = splits is None
     splits = splits or load_splits(recipe)
     info = splits.info
     seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
@@ -145,6 +189,8 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
         else:
             check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
             teacher = teacher.to(dev)
+    if own_splits and recipe.data.transfer:  # extra transfer sets join the training set
+        splits = with_extra_transfer(recipe, splits, teacher, dev)
     data_seed = derive_seed(cfg.seed, "data")
     if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)
         data_seed = derive_seed(cfg.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
@@ -154,7 +200,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     m_layers = uniq(l for _, _, t in terms for l in t.mask_layers())
     data_key = recipe.data.model_dump()
     source = None
-    if needs_teacher:
+    if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
         source = build_teacher_source(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
                                       mask_cfg=recipe.mask, store=store, loader=train_loader,
                                       dataset=data_key, checkpoint=recipe.teacher.checkpoint, device=dev)
@@ -166,12 +212,38 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
         extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher"),
                                            mode=cfg.teacher_mode, store=store, loader=train_loader,
                                            dataset=data_key, checkpoint=path, device=dev)
+    from kdlab.data.views import make_view
+
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
                                  meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
-                                 compile=cfg.compile)
+                                 compile=cfg.compile, partial_labels=has_unlabelled(recipe, splits.train),
+                                 view=make_view(recipe.student.input))
     objective.setup(next(iter(train_loader.epoch(0))))
     runtime.broadcast(student, objective.term_modules)
     return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)
+
+
+def has_unlabelled(recipe: Recipe, train) -> bool:
+    """Whether the training set may hold unlabelled samples (labels −1)."""
+    from kdlab.data.splits import TensorSet
+
+    if (recipe.data.unlabelled == "transfer" and recipe.data.label_fraction < 1.0) or recipe.data.transfer:
+        return True
+    return isinstance(train, TensorSet) and bool((train.y < 0).any())
+
+
+def with_extra_transfer(recipe: Recipe, splits, teacher: Optional[nn.Module], device):
+    """``splits`` whose training set is followed by the recipe's ``data.transfer`` sets."""
+    from kdlab.data.splits import Splits
+    from kdlab.data.transfer import TransferContext, with_transfer_sets
+
+    def get_teacher():
+        return teacher if teacher is not None else load_teacher(recipe, splits.info, device)
+
+    has_teacher = teacher is not None or recipe.teacher is not None
+    ctx = TransferContext(splits.train, splits.info, recipe.train.seed, get_teacher if has_teacher else None, device)
+    train = with_transfer_sets(splits.train, recipe.data.transfer, ctx)
+    return Splits(train=train, val=splits.val, test=splits.test, info=splits.info)
 
 
 def trainer_for(run: Run, run_dir, *, progress: bool = True, method: str = "", callbacks=()):
@@ -236,6 +308,12 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
     tc = recipe.teacher
     if tc is None or not recipe.needs_teacher():
         return None
+    if tc.checkpoints:  # an ensemble: its members are trained by their own recipes, first
+        missing = [ck for ck in tc.checkpoints if not teacher_finished(Path(ck))]
+        if missing:
+            raise FileNotFoundError(f"ensemble teacher checkpoint {missing[0]} not found or unfinished; train "
+                                    f"each member first (`kdlab train-teacher <recipe> --out <folder>`)")
+        return str(tc.checkpoints[0])
     ckpt = Path(tc.checkpoint) if tc.checkpoint else None
     if ckpt is not None and ckpt.is_dir():
         raise ValueError(f"teacher.checkpoint {ckpt} is a folder; give the checkpoint file (e.g. {ckpt}/best.pt)")

@@ -73,13 +73,19 @@ class DistillObjective:
     TeacherSource`s (``extra_teachers`` by checkpoint path, for ``mtkd``); ``meta`` is the
     checkpoint metadata of the student (``model_name``, ``model_kwargs``, ``num_classes``,
     ``in_channels``, ``dataset``, ...); ``n_data`` is the size of the training set (memory banks).
+
+    ``partial_labels``: the training set holds unlabelled samples (``y = −1``, a transfer set); the
+    record then carries ``labelled = y >= 0``, terms flagged ``needs_labels`` see only the labelled
+    samples (a batch without any gives them a zero), the others see all. ``view``: the student's
+    view of an input (``student.input``; the teacher always sees the full input), used in training
+    and in evaluation.
     """
 
     monitor = ("acc", "max")
 
     def __init__(self, student: nn.Module, terms, *, runtime, teacher=None, extra_teachers=None,
                  meta: Optional[dict] = None, n_data: int = 0, channels_last: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, partial_labels: bool = False, view=None):
         from kdlab.distill.losses import LossTerm
 
         self.student = student
@@ -92,6 +98,8 @@ class DistillObjective:
         self.extra_teachers = dict(extra_teachers or {})
         self.meta = dict(meta or {})
         self.n_data = int(n_data)
+        self.partial_labels = bool(partial_labels)
+        self.view = view
         self.channels_last = channels_last
         self.forward_model = torch.compile(student) if compile else student
         self.ddp = False
@@ -121,6 +129,10 @@ class DistillObjective:
         return dict(self.meta)
 
     def evaluate(self, name: str, loader) -> dict[str, float]:
+        if self.view is not None:
+            from kdlab.data.views import ViewLoader
+
+            loader = ViewLoader(loader, self.view)
         return split_metrics(self.models()[name], loader, self.runtime)
 
     def record(self, batch, epoch: int, step: int) -> BatchRecord:
@@ -132,24 +144,33 @@ class DistillObjective:
         if self.teacher is not None:
             t = self.teacher(x, y, idx, epoch, step)
         extra = {p: src(x, y, idx, epoch, step).logits for p, src in self.extra_teachers.items()}
+        xs = x if self.view is None else self.view(x)
         with self.runtime.autocast(), Taps(self.student, self.s_layers) as taps:
-            s_logits = self.forward_model(x)
+            s_logits = self.forward_model(xs)
             s_feats = {n: taps[n] for n in self.s_layers}
         return BatchRecord(x=x, y=y, s_logits=s_logits.float(),
                            t_logits=t.logits if t is not None else None,
                            s_feats=s_feats, t_feats=t.feats if t is not None else {},
                            masks=t.masks if t is not None else {}, index=idx, epoch=epoch, step=step,
-                           extra={"n_data": self.n_data}, extra_teachers=extra)
+                           extra={"n_data": self.n_data}, extra_teachers=extra,
+                           labelled=(y >= 0) if self.partial_labels else None)
 
     def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:
         """The weighted sum of the terms (zero-weight terms skipped) and each unweighted term."""
         parts = {}
         total = 0.0
+        lab_rec = None
         with self.runtime.autocast():
             for name, w, term in self.terms:
                 if w == 0:
                     continue
-                v = term(rec).float()
+                if term.needs_labels and rec.labelled is not None:
+                    if lab_rec is None:
+                        lab_rec = rec.only_labelled()
+                    # no labelled sample in this batch: a zero that keeps the graph (DDP, optimiser)
+                    v = term(lab_rec).float() if lab_rec.y.numel() else rec.s_logits.sum() * 0.0
+                else:
+                    v = term(rec).float()
                 parts[name] = v
                 total = total + w * v
         return total, parts
@@ -158,8 +179,13 @@ class DistillObjective:
         rec = self.record(batch, ctx.epoch, ctx.step)
         total, parts = self.losses(rec)
         y = rec.y
+        if rec.labelled is None:
+            acc = (rec.s_logits.detach().argmax(1) == y).float().mean()
+        else:  # accuracy on the labelled samples of the batch (0 when it has none)
+            hit = (rec.s_logits.detach().argmax(1) == y) & rec.labelled
+            acc = hit.float().sum() / rec.labelled.float().sum().clamp_min(1.0)
         logs = {"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
-                "train_acc": (rec.s_logits.detach().argmax(1) == y).float().mean(), "n": y.shape[0]}
+                "train_acc": acc, "n": y.shape[0]}
         return total, logs
 
     def setup(self, batch) -> None:

@@ -34,6 +34,9 @@ class BatchRecord:
     index: dataset indices of the batch (for memory banks); epoch / step: progress counters.
     extra: anything else a term or a paradigm wants to pass along.
     extra_teachers: logits of the extra teachers a term asked for (``mtkd``), by checkpoint path.
+    labelled: bool mask [B] of the samples that have a label (``y >= 0``; unlabelled ones carry
+        ``y = −1``), or None when every sample of the run is labelled. A term flagged
+        ``needs_labels`` is given :meth:`only_labelled` (never an unlabelled sample).
     """
 
     x: torch.Tensor
@@ -48,6 +51,22 @@ class BatchRecord:
     step: int = 0
     extra: dict = field(default_factory=dict)
     extra_teachers: dict = field(default_factory=dict)
+    labelled: Optional[torch.Tensor] = None
+
+    def only_labelled(self) -> "BatchRecord":
+        """The record restricted to its labelled samples (rows of every per-sample tensor);
+        ``self`` when every sample is labelled."""
+        if self.labelled is None:
+            return self
+        keep = self.labelled
+        rows = lambda t: t[keep] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return BatchRecord(
+            x=rows(self.x), y=rows(self.y), s_logits=rows(self.s_logits), t_logits=rows(self.t_logits),
+            s_feats={k: rows(v) for k, v in self.s_feats.items()},
+            t_feats={k: rows(v) for k, v in self.t_feats.items()},
+            masks={k: rows(v) for k, v in self.masks.items()}, index=rows(self.index),
+            epoch=self.epoch, step=self.step, extra=self.extra,
+            extra_teachers={k: rows(v) for k, v in self.extra_teachers.items()}, labelled=None)
 
     def teacher_logits(self, who: str) -> torch.Tensor:
         if self.t_logits is None:
@@ -61,6 +80,8 @@ class LossTerm(nn.Module):
     name: str = "?"
     needs_teacher: bool = False
     needs_masks: bool = False
+    # reads the labels: the objective gives it only the labelled samples of a batch (transfer sets)
+    needs_labels: bool = False
 
     def student_layers(self) -> list[str]:
         return []

@@ -3,6 +3,7 @@ multi-teacher KD (``mtkd``, averaged soft targets)."""
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ def _kl_rows(p_t: torch.Tensor, log_p_t: torch.Tensor, log_p_s: torch.Tensor) ->
 
 
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0,
-             beta: float = 8.0, T: float = 4.0) -> torch.Tensor:
+             beta: float = 8.0, T: float = 4.0, labelled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022), averaged over the batch.
 
     With ``p = softmax(z/T)`` and target class ``y``:
@@ -26,7 +27,15 @@ def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, al
       non-target distribution renormalised over the non-target classes; computed by masking the
       target logit with −1000 before the softmax);
     * loss = ``(α·TCKD + β·NCKD) · T²``.
+
+    Unlabelled samples (``labelled`` False, their ``y`` −1; transfer sets): the target part needs the label, so TCKD is
+    averaged over the labelled samples only (0 when there are none); NCKD splits off the teacher's
+    top class instead of the label. With every sample labelled this is exactly the formula above:
+    ``T² · (α · mean_{labelled} TCKD + β · mean_{all} NCKD)``.
     """
+    partial = labelled is not None
+    if partial:
+        y = torch.where(labelled, y, t_logits.argmax(dim=1))
     gt = F.one_hot(y, s_logits.shape[1]).bool()
     p_s = F.softmax(s_logits / T, dim=1)
     p_t = F.softmax(t_logits / T, dim=1)
@@ -38,6 +47,10 @@ def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, al
     log_q_s = F.log_softmax(s_logits / T - 1000.0 * gt, dim=1)
     log_q_t = F.log_softmax(t_logits / T - 1000.0 * gt, dim=1)
     nckd = _kl_rows(log_q_t.exp(), log_q_t, log_q_s)
+    if partial:
+        lab = labelled.to(tckd.dtype)
+        tckd_mean = (tckd * lab).sum() / lab.sum().clamp_min(1.0)
+        return (alpha * tckd_mean + beta * nckd.mean()) * (T * T)
     return (alpha * tckd + beta * nckd).mean() * (T * T)
 
 
@@ -59,7 +72,7 @@ class DKD(LossTerm):
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         ramp = min((rec.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
         return ramp * dkd_loss(rec.s_logits, rec.teacher_logits(self.name), rec.y,
-                               self.alpha, self.beta, self.T)
+                               self.alpha, self.beta, self.T, labelled=rec.labelled)
 
 
 def label_smoothing_loss(s_logits: torch.Tensor, y: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
@@ -77,6 +90,8 @@ def label_smoothing_loss(s_logits: torch.Tensor, y: torch.Tensor, epsilon: float
 @register_loss("ls", "label smoothing (uniform-target control for KD): CE to (1−ε)·onehot + ε/K",
                "Szegedy et al. 2016 (Inception-v3); Müller, Kornblith & Hinton, When Does Label Smoothing Help?, 2019")
 class LabelSmoothing(LossTerm):
+    needs_labels = True
+
     def __init__(self, epsilon: float = 0.1):
         super().__init__()
         if not 0.0 <= epsilon < 1.0:

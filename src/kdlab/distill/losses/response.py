@@ -26,6 +26,8 @@ def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 4.0) -> t
 
 @register_loss("ce", "cross-entropy on the labels", "")
 class CrossEntropy(LossTerm):
+    needs_labels = True
+
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -49,3 +51,18 @@ class KD(LossTerm):
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         return kd_loss(rec.s_logits, rec.teacher_logits(self.name), self.T)
+
+
+def logit_mse_loss(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """Ba & Caruana (2014), logit regression: ``(1/B) Σ_b ½ ‖z_s,b − z_t,b‖²₂`` (the paper's
+    ``1/(2T) Σ_t ‖g(x_t) − z_t‖²`` over a batch of B samples)."""
+    return 0.5 * (s_logits - t_logits).pow(2).sum(dim=-1).mean()
+
+
+@register_loss("logit_mse", "logit regression: ½‖z_s − z_t‖² per sample (teacher logits, no labels)",
+               "Ba & Caruana, Do Deep Nets Really Need to be Deep?, NeurIPS 2014")
+class LogitMSE(LossTerm):
+    needs_teacher = True
+
+    def forward(self, rec: BatchRecord) -> torch.Tensor:
+        return logit_mse_loss(rec.s_logits, rec.teacher_logits(self.name))
