@@ -83,7 +83,8 @@ class DataCfg(_Strict):
 
 class InputCfg(_Strict):
     """The view of each sample a model sees (privileged information: the teacher sees the full
-    image, the student e.g. a lower resolution). ``resize: [H, W]``: bilinear, antialiased."""
+    image, the student e.g. a lower resolution). ``resize: [H, W]``: area-averaged when shrinking,
+    bilinear when enlarging (:func:`kdlab.data.views.resize_view`)."""
 
     resize: Optional[list[int]] = None
 

@@ -1,8 +1,10 @@
 """Views of a sample: what a model sees of it (privileged information across resolutions).
 
 ``student.input: {resize: [H, W]}``: the teacher sees the full (augmented, normalised) image, the
-student :func:`resize_view` of it. Bilinear resizing with antialiasing is linear with weights that
-sum to one, so it commutes with the per-channel normalisation ``(x − mean) / std``.
+student :func:`resize_view` of it: area averaging when shrinking (each output pixel the mean of
+the input pixels it covers, as a coarser sensor would record; adaptive average pooling), bilinear
+interpolation when enlarging. Both are linear with weights that sum to one, so they commute with
+the per-channel normalisation ``(x − mean) / std``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import torch.nn.functional as F
 
 
 def resize_view(x: torch.Tensor, hw) -> torch.Tensor:
-    """``x`` [B, C, H, W] resized to ``hw = (H', W')`` (bilinear, antialiased, align_corners=False)."""
+    """``x`` [B, C, H, W] resized to ``hw = (H', W')``: area averaging when no side grows
+    (``adaptive_avg_pool2d``; 28→14 averages 2×2 blocks), else bilinear (align_corners=False)."""
     hw = (int(hw[0]), int(hw[1]))
     if tuple(x.shape[-2:]) == hw:
         return x
-    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
+    if hw[0] <= x.shape[-2] and hw[1] <= x.shape[-1]:
+        return F.adaptive_avg_pool2d(x, hw)
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
 
 
 def make_view(input_cfg) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
