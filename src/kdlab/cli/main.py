@@ -21,10 +21,17 @@ EXTENSIONS: list[str] = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (``kdlab: error: ...``), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"kdlab: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdlab import __version__
 
-    p = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit.")
+    p = OneLineParser(prog="kdlab", description="Knowledge distillation toolkit.")
     p.add_argument("--version", action="version", version=f"kdlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -36,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
@@ -47,9 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KDLAB_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"kdlab: error: {msg}", file=sys.stderr)
+        print(f"kdlab: error: {one_line(msg)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave that cannot be written or read
+        if os.environ.get("KDLAB_DEBUG"):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"kdlab: error: cannot use{where}: {e.strerror or e}; check the path and its permissions "
+              f"(--out, --data-dir, checkpoint paths)", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def one_line(msg: str) -> str:
+    """An error message on one line: a library's multi-line message keeps its first line."""
+    lines = [l for l in str(msg).splitlines() if l.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else str(msg)
+    return f"{lines[0]} (KDLAB_DEBUG=1 shows the rest)"
 
 
 if __name__ == "__main__":
