@@ -168,6 +168,14 @@ def _batch_weight(batch, logs: dict) -> float:
     return float(first.shape[0]) if hasattr(first, "shape") else 1.0
 
 
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _score(metrics: dict, monitor: tuple[str, str]) -> float:
     key, mode = monitor
     v = float(metrics[key])
@@ -392,7 +400,8 @@ class Trainer:
             raise RunFileError(f"{path} of the finished run is missing; {again}")
         rows = read_csv(path)
         ok = len(rows) == epochs_run and all(
-            r.get("epoch") == str(i + 1) and None not in r and None not in r.values() for i, r in enumerate(rows))
+            r.get("epoch") == str(i + 1) and "train_time_s" in r and None not in r
+            and all(_is_number(v) for v in r.values()) for i, r in enumerate(rows))
         if not ok:
             fix = ("delete it and re-run (it is rebuilt from last.pt)" if (self.run_dir / "last.pt").is_file()
                    else again)
