@@ -29,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdlab import __version__
+    from kdlab.version import __version__
 
     p = OneLineParser(prog="kdlab", description="Knowledge distillation toolkit.")
     p.add_argument("--version", action="version", version=f"kdlab {__version__}")

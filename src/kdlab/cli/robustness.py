@@ -70,7 +70,7 @@ def cmd_robustness(args) -> int:
     from kdlab.evaluate.robustness import evaluate_robustness
 
     if args.study:
-        from kdlab.experiments.study import study_robustness
+        from kdlab.evaluate.robustness import study_robustness
 
         study_robustness(args.study, corruptions=parse_corruptions(args.corruptions),
                          severities=args.severities, seed=args.seed, batch_size=args.batch_size,

@@ -65,7 +65,7 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from kdlab.experiments.study import run_ablation
 
-    from kdlab.experiments.study import study_robustness
+    from kdlab.evaluate.robustness import study_robustness
 
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
                           progress=not args.quiet)
@@ -160,8 +160,8 @@ def register(sub) -> None:
     p = sub.add_parser("sweep", help="explanation sweep: KD strength alpha x student size vs one teacher")
     _common(p, "sweep folder (default runs/<recipe name>-sweep)", nargs="?")
     p.set_defaults(recipe="digits/kd")
-    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5, 0.1],
-                   help="weights of the hard-label term (1.0 = no KD)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9],
+                   help="weights of the KD term: (1-alpha)*CE + alpha*KD (0 = no KD)")
     p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-images", type=int, default=256)

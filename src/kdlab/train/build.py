@@ -28,7 +28,7 @@ from kdlab.data import BatchLoader, load_dataset
 from kdlab.data.augment import AugmentSpec
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
-from kdlab.models import create_model
+from kdlab.models.adapters import build_model
 from kdlab.train.objective import DistillObjective
 from kdlab.train.runtime import Runtime
 
@@ -87,7 +87,8 @@ def load_teacher(recipe: Recipe, info, device) -> nn.Module:
 
 def out_features(model: nn.Module, info, device) -> int:
     """The number of outputs of ``model`` on one input of the data set's shape."""
-    x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+    hw = info.image_size if isinstance(info.image_size, (tuple, list)) else (info.image_size, info.image_size)
+    x = torch.zeros(1, info.in_channels, *hw, device=device)
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -132,8 +133,8 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     info = splits.info
     seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
     if student is None:
-        student = create_model(recipe.student.model, num_classes=info.num_classes,
-                               in_channels=info.in_channels, **recipe.student.kwargs)
+        sc = recipe.student
+        student = build_model(sc.model, info.num_classes, info.in_channels, sc.kwargs, sc.weights)
         meta = student_meta(recipe, info)
     student = student.to(dev)
     if cfg.channels_last:
