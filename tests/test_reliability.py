@@ -127,9 +127,10 @@ import time; time.sleep(600)
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    assert not is_locked(out)
+    assert not is_locked(out) and (out / ".kdlab.lock").exists()  # a stale file, not a stuck lock
     rc, o, err = run_cli(["distill", base / "student.yaml", "--out", out, "--quiet"], capsys)
     assert rc == 0, err
+    assert not (out / ".kdlab.lock").exists()  # a clean release removes it
 
 
 def test_two_runs_with_different_lr_never_share_a_folder(base, tmp_path, capsys):
@@ -164,8 +165,9 @@ def test_lock_is_reentrant_in_process_and_released(tmp_path):
     b.release()
     assert (tmp_path / "r" / ".kdlab.lock").read_text() == str(os.getpid())
     a.release()
+    assert not (tmp_path / "r" / ".kdlab.lock").exists()
     with RunLock(tmp_path / "r"):
-        pass
+        assert (tmp_path / "r" / ".kdlab.lock").exists()
 
 
 # ---------------------------------------------------------------- 3. corrupt files of a finished run

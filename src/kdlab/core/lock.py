@@ -4,6 +4,9 @@
 flock when the process that holds it ends for any reason (``kill -9`` included), so a crashed run
 never leaves a stuck lock: the lock *file* stays, but nobody holds it. A second process asking for
 the same folder is refused at once with one line naming the folder and the holder's pid.
+A clean release deletes the lock file (while still holding the lock; a process that locked the
+deleted file notices that the path now names another file and tries again), so a finished run
+folder holds only its run files.
 
 The same process may take the lock of a folder it already holds (re-entrant, counted), so nested
 code paths of one run need not coordinate. On systems without ``fcntl`` (Windows) the lock is a
@@ -59,8 +62,10 @@ class RunLock:
             self.held = True
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -68,6 +73,16 @@ class RunLock:
                 raise RunLockedError(
                     f"{self.what} {self.folder} is in use by another kdlab process{_holder(self.path)}; "
                     f"wait for it to finish or give another output folder") from None
+            try:  # the holder may have deleted the file between our open and flock
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:  # pragma: no cover - 20 lost races in a row
+            raise RunLockedError(f"{self.what} {self.folder} is being locked and unlocked by other "
+                                 f"processes; try again")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         _HELD[key] = [fd, 1]
@@ -85,6 +100,10 @@ class RunLock:
         ent[1] -= 1
         if ent[1] == 0:
             del _HELD[key]
+            try:
+                self.path.unlink()  # still locked: nobody else can hold this file now
+            except OSError:
+                pass
             if fcntl is not None:
                 fcntl.flock(ent[0], fcntl.LOCK_UN)
             os.close(ent[0])
