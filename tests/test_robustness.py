@@ -191,7 +191,7 @@ def test_heatmap_for_a_study_report(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_default_names():
-    from kdlab.cli.robustness import default_names
+    from kdlab.experiments.robustness import default_names
 
     # the folder of best.pt, with more of the path where folders repeat
     assert default_names(["runs/s/baseline/seed0/best.pt", "runs/s/kd/seed0/best.pt"]) == [
@@ -201,10 +201,11 @@ def test_default_names():
     assert default_names(["m1.pt", "m2.pt"]) == ["m1", "m2"]
 
 
-def test_extension_registered():
+def test_command_module_registered():
     from kdlab.cli import main as cli
+    from kdlab.cli import robustness
 
-    assert "kdlab.cli.robustness:register" in cli.EXTENSIONS
+    assert robustness in cli.COMMANDS
 
 
 def _parser():

@@ -422,6 +422,9 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     if clean is not None:
         ax.axhline(0.5, color="white", lw=1.5)
     ax.axhline(len(labels) - len(summary_rows) - 0.5, color="white", lw=1.5)
+    if std and extra and corrs[:len(std)] == std:  # standard rows first: mark where extras begin
+        ax.axhline((1 if clean is not None else 0) + len(std) - 0.5, color="white", lw=0.8,
+                   ls="--")
     fig.colorbar(im, ax=ax, label="accuracy (%)", fraction=0.05)
     if title:
         import textwrap

@@ -110,11 +110,11 @@ def sweep_recipes(base, alphas, students, T: float = 4.0) -> dict:
 
 
 def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_tiny", "cnn_small", "cnn_medium"),
-              seeds=(0,), out_dir=None, data_dir=None, overrides=None, n_images=256, method="ig",
+              seeds=None, out_dir=None, data_dir=None, overrides=None, n_images=256, method="ig",
               grid=(4, 4), k=5, steps=32, T: float = 4.0, image_seed: int = 0, progress=True, log=print):
     from kdlab.core.checkpoint import load_model
     from kdlab.data import load_dataset
-    from kdlab.cli.explain import explain_report, markdown, pick_images
+    from kdlab.evaluate.explain_report import explain_report, markdown, pick_images
     from kdlab.experiments.study import run_study
     from kdlab.train.build import ensure_teachers, load_teacher, with_data_dir
     from kdlab.train.runtime import resolve_device
@@ -122,6 +122,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     base = with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
     if base.teacher is None:
         raise ValueError(f"recipe '{recipe_ref}' has no teacher; the sweep distils from one")
+    seeds = list(seeds) if seeds else list(base.study.seeds)
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
     recipes = sweep_recipes(base, alphas, students, T)
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")

@@ -111,7 +111,9 @@ def bilinear(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str) -> np
 
 def zoom_matrix(n: int, z: float) -> np.ndarray:
     """``[n, n]`` matrix of a centre-anchored zoom by ``z`` (>= 1) with linear interpolation:
-    output pixel ``i`` samples the input at ``(i - (n-1)/2) / z + (n-1)/2``."""
+    output pixel ``i`` samples the input at ``(i - (n-1)/2) / z + (n-1)/2``. (zoom_blur and snow
+    used this before they switched to the reference's geometry, `clipped_zoom`; kept for
+    comparison.)"""
     m = np.zeros((n, n))
     c = (n - 1) / 2.0
     s = (np.arange(n) - c) / float(z) + c
