@@ -43,10 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error (already printed as one line)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args = parser.parse_args(argv)  # a usage error: one line (OneLineParser) and SystemExit(2)
     # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
