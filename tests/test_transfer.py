@@ -415,3 +415,15 @@ def test_gap_closed_by_hand():
     assert math.isnan(gap_closed(0.8, 0.9, 0.9)) and math.isnan(gap_closed(0.8, 0.6, None))
     got = gap_closed_by_seed({0: 0.7, 1: 0.8, 2: 0.9}, {0: 0.5, 1: 0.6}, 1.0)
     assert got == {0: pytest.approx(0.4), 1: pytest.approx(0.5)}
+
+
+def test_inversion_copy_matches_the_deepinv_paradigm():
+    """kdlab.distill.inversion.synthesize is the paradigm's synthesis (same images, same seed)."""
+    from kdlab.distill.inversion import synthesize
+    from kdlab.experiments.paradigms.deepinv import synthesize as paradigm_synthesize
+
+    torch.manual_seed(0)
+    t = create_model("cnn_tiny", num_classes=10, in_channels=1).eval()
+    a = synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
+    b = paradigm_synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

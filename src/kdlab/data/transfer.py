@@ -12,7 +12,7 @@ join the training set with the label ``UNLABELLED`` (−1):
 * ``munge`` (``k``, ``p``, ``s``): MUNGE synthetic data (:mod:`kdlab.data.munge`) from the
   training images;
 * ``deepinv`` (``n``, ``iters``, ``lr``, ``a_bn``, ``a_tv``, ``batch_size``): DeepInversion images
-  synthesised from the teacher (:func:`kdlab.experiments.paradigms.deepinv.synthesize`).
+  synthesised from the teacher (:func:`kdlab.distill.inversion.synthesize`).
 
 Each builder is seeded by ``derive_seed(train.seed, "transfer", i, kind)`` (entry ``i``) and draws
 from its own generator, never the global one.
@@ -135,7 +135,7 @@ def deepinv_set(ctx: TransferContext, n: int = 256, iters: int = 200, lr: float 
     """``n`` DeepInversion images (Yin et al. 2020) of the teacher, mapped back to [0, 1]. Kept in
     memory per (teacher weights, parameters, seed), so a study synthesises them once per seed."""
     from kdlab.distill.teachers import module_fingerprint
-    from kdlab.experiments.paradigms.deepinv import synthesize
+    from kdlab.distill.inversion import synthesize
 
     if ctx.teacher is None:
         raise ValueError("a deepinv transfer set needs the recipe's teacher (teacher.checkpoint)")
