@@ -427,3 +427,27 @@ def test_inversion_copy_matches_the_deepinv_paradigm():
     a = synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
     b = paradigm_synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_crd_label_positives_only_for_labelled_anchors():
+    crd = LOSSES.get("crd")(layers=[["a", "b"]], n_neg=2, positives="label")
+    # labels by training index: class 0 = {0, 2}, class 1 = {1, 4}, index 3 unlabelled
+    crd.set_labels(torch.tensor([0, 1, 0, -1, 1]))
+    torch.manual_seed(0)
+    draws = torch.stack([crd.label_positives(torch.tensor([3, 0, 1]), torch.tensor([-1, 0, 1])) for _ in range(400)])
+    assert draws[:, 0].eq(3).all()                       # unlabelled anchor: its own entry
+    assert set(draws[:, 1].tolist()) == {0, 2}           # class 0 members, both drawn
+    assert set(draws[:, 2].tolist()) == {1, 4}
+    assert abs(float(draws[:, 1].eq(0).double().mean()) - 0.5) < 0.1  # uniform within the class
+    with pytest.raises(RecipeError, match="positives"):
+        _recipe(loss=[{"term": "crd", "layers": [["stage3", "stage3"]], "positives": "class"}])
+
+
+def test_crd_label_positives_train_in_a_transfer_run(teacher, tmp_path):
+    from kdlab.train.build import train
+
+    r = _recipe(data={"unlabelled": "transfer"},
+                loss=[{"term": "ce"}, {"term": "crd", "weight": 0.5, "layers": [["stage3", "stage3"]],
+                                         "n_neg": 64, "positives": "label"}])
+    res = train(r, tmp_path / "crd", teacher=teacher, progress=False)
+    assert math.isfinite(res["val_acc"])

@@ -217,7 +217,8 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
                                  meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
                                  compile=cfg.compile, partial_labels=has_unlabelled(recipe, splits.train),
-                                 view=make_view(recipe.student.input))
+                                 view=make_view(recipe.student.input),
+                                 train_labels=getattr(splits.train, "y", None))
     objective.setup(next(iter(train_loader.epoch(0))))
     runtime.broadcast(student, objective.term_modules)
     return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)

@@ -85,7 +85,7 @@ class DistillObjective:
 
     def __init__(self, student: nn.Module, terms, *, runtime, teacher=None, extra_teachers=None,
                  meta: Optional[dict] = None, n_data: int = 0, channels_last: bool = False,
-                 compile: bool = False, partial_labels: bool = False, view=None):
+                 compile: bool = False, partial_labels: bool = False, view=None, train_labels=None):
         from kdlab.distill.losses import LossTerm
 
         self.student = student
@@ -99,6 +99,7 @@ class DistillObjective:
         self.meta = dict(meta or {})
         self.n_data = int(n_data)
         self.partial_labels = bool(partial_labels)
+        self.train_labels = train_labels  # labels of the training set by index (crd label positives)
         self.view = view
         self.channels_last = channels_last
         self.forward_model = torch.compile(student) if compile else student
@@ -152,7 +153,8 @@ class DistillObjective:
                            t_logits=t.logits if t is not None else None,
                            s_feats=s_feats, t_feats=t.feats if t is not None else {},
                            masks=t.masks if t is not None else {}, index=idx, epoch=epoch, step=step,
-                           extra={"n_data": self.n_data}, extra_teachers=extra,
+                           extra={"n_data": self.n_data, "train_labels": self.train_labels},
+                           extra_teachers=extra,
                            labelled=(y >= 0) if self.partial_labels else None)
 
     def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:

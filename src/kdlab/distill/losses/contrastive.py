@@ -50,13 +50,22 @@ class CRD(LossTerm):
     ``rec.extra['n_data']``) hold each sample's latest student / teacher embedding, updated with
     momentum 0.5. For every anchor, N = ``n_neg`` negatives are indices drawn uniformly from the
     other training samples. Loss = NCE(teacher anchor vs student bank) + NCE(student anchor vs
-    teacher bank), with the critic ``h = e^{v·u/τ} / (e^{v·u/τ} + N/M)``, τ = 0.07."""
+    teacher bank), with the critic ``h = e^{v·u/τ} / (e^{v·u/τ} + N/M)``, τ = 0.07.
+
+    ``positives``: ``instance`` (default; the anchor's own bank entry, no labels read) or ``label``
+    (the authors' "relax" mode: a training sample of the anchor's class, drawn uniformly, needs the
+    training labels ``rec.extra['train_labels']``). With a transfer set, label positives are drawn
+    for the labelled anchors only; unlabelled anchors keep their instance positive."""
 
     needs_teacher = True
 
     def __init__(self, layers=None, feat_dim: int = 128, n_neg: int = 16384, tau: float = 0.07,
-                 momentum: float = 0.5, n_data: Optional[int] = None):
+                 momentum: float = 0.5, n_data: Optional[int] = None, positives: str = "instance"):
         super().__init__()
+        if positives not in ("instance", "label"):
+            raise ValueError("crd: positives must be 'instance' or 'label'")
+        self.positives = positives
+        self.class_start: Optional[torch.Tensor] = None
         if layers is None:
             raise ValueError("crd needs the embedding layers: layers: [[student_layer, teacher_layer]] "
                              "(e.g. the last stages [[stage3, layer4]])")
@@ -107,6 +116,34 @@ class CRD(LossTerm):
         self.register_buffer("memory_s", F.normalize((torch.rand(self.n_data, self.feat_dim, generator=g) * 2 - 1) * std, dim=1).to(dev))
         self.register_buffer("memory_t", F.normalize((torch.rand(self.n_data, self.feat_dim, generator=g) * 2 - 1) * std, dim=1).to(dev))
         self.register_buffer("Z", torch.full((2,), -1.0, device=dev))  # (student side, teacher side); set on the first batch
+        if self.positives == "label":
+            labels = probe.extra.get("train_labels")
+            if labels is None:
+                raise ValueError("crd positives: label needs the training labels (an in-memory training set); "
+                                 "use positives: instance")
+            self.set_labels(torch.as_tensor(labels).to(dev))
+
+    def set_labels(self, labels: torch.Tensor) -> None:
+        """Index the training labels by class: ``class_order`` (indices sorted by label, unlabelled
+        ones excluded), ``class_start`` / ``class_count`` per class."""
+        lab = labels >= 0
+        if not bool(lab.any()):
+            raise ValueError("crd positives: label needs labelled training samples; use positives: instance")
+        order = torch.argsort(labels * lab + (~lab) * (int(labels.max()) + 1), stable=True)
+        k = int(labels.max()) + 1
+        counts = torch.bincount(labels[lab], minlength=k)
+        self.class_order = order[: int(lab.sum())]
+        self.class_count = counts
+        self.class_start = torch.cumsum(counts, 0) - counts
+
+    def label_positives(self, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """For labelled anchors (y >= 0): a uniformly drawn training index of class y (global torch
+        RNG); for unlabelled ones: their own index."""
+        lab = y >= 0
+        yc = y.clamp_min(0)
+        r = torch.rand(idx.shape[0], device=idx.device)
+        pick = self.class_start[yc] + (r * self.class_count[yc]).long().clamp_max(self.class_count[yc] - 1)
+        return torch.where(lab, self.class_order[pick], idx)
 
     def negatives(self, idx: torch.Tensor) -> torch.Tensor:
         """[B, N] indices drawn uniformly from {0..M−1} \\ {idx_b} (global torch RNG)."""
@@ -127,6 +164,7 @@ class CRD(LossTerm):
         v_s = F.normalize(self.embed_s(_flat(rec.s_feats[s]).float()), dim=1)
         v_t = F.normalize(self.embed_t(_flat(rec.t_feats[t]).float()), dim=1)
         neg = self.negatives(idx)
+        pos = idx if self.positives == "instance" else self.label_positives(idx, rec.y)
         mem_s, mem_t = self.memory_s.detach(), self.memory_t.detach()
         if bool((self.Z < 0).any()):  # Z = M · mean exp(v·u/τ) over the first batch's pairs, then fixed
             with torch.no_grad():
@@ -134,8 +172,8 @@ class CRD(LossTerm):
                 z_s = torch.exp((v_s.unsqueeze(1) * mem_t[neg]).sum(-1) / self.tau).mean() * self.n_data
                 self.Z.copy_(torch.stack([z_s, z_t]))
         # teacher anchor against the student bank, student anchor against the teacher bank
-        loss = crd_nce_loss(v_t, mem_s[idx], mem_s[neg], self.tau, self.n_data, self.Z[1]) \
-            + crd_nce_loss(v_s, mem_t[idx], mem_t[neg], self.tau, self.n_data, self.Z[0])
+        loss = crd_nce_loss(v_t, mem_s[pos], mem_s[neg], self.tau, self.n_data, self.Z[1]) \
+            + crd_nce_loss(v_s, mem_t[pos], mem_t[neg], self.tau, self.n_data, self.Z[0])
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 m = self.momentum
