@@ -106,7 +106,7 @@ class MaskCfg(_Strict):
 
     method: Literal["grad", "ig"] = "grad"
     steps: int = Field(16, ge=1)
-    rule: Literal["gausslegendre", "midpoint"] = "gausslegendre"
+    rule: Literal["midpoint", "gausslegendre"] = "midpoint"
     q: float = Field(0.3, gt=0.0, le=1.0)
     kind: Literal["binary", "soft"] = "binary"
     reduce: Literal["abs", "relu"] = "abs"

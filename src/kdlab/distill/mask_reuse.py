@@ -1,21 +1,24 @@
-"""Masks reused across augmentations: one mask per training image, mapped to each augmented view.
+"""Masks reused across augmentations: one importance map per training image, mapped to each view.
 
 A view of image x is (see :mod:`kdlab.data.augment`) a zero-padded crop at offset ``(dy, dx)``
 in ``0..2p`` followed by an optional horizontal flip:
 
     view[i, j] = x[i + dy − p, j + dx − p]     (0 outside x), then mirrored when flip.
 
-A mask M [h, w] of x at a teacher layer of resolution (h, w) for an input of size (H, W) is
-mapped to the view by the same crop at the layer's resolution — a shift by
-``t_y = (dy − p)·h/H`` rows and ``t_x = (dx − p)·w/W`` columns, zero outside — and the same flip:
+A map M [h, w] of x at a teacher layer of resolution (h, w) for an input of size (H, W) (stride
+s = H/h) is mapped to the view by the same crop at the layer's resolution — a shift by
+``t_y = (dy − p)/s`` rows and ``t_x = (dx − p)/s`` columns, zero outside — and the same flip:
 
     M_view[u, v] = M[u + t_y, v + t_x]        (then mirrored when flip),
 
 where a fractional shift interpolates linearly between the two nearest cells
-(``M[u + t] = (1 − a)·M[u + ⌊t⌋] + a·M[u + ⌊t⌋ + 1]``, ``a = t − ⌊t⌋``). When the offset is a
-multiple of the layer's stride H/h the shift is a whole number of cells and a binary mask stays
-binary; otherwise its cells at an edge of the mask get the fraction of the cell the shifted mask
-covers (e.g. 0.5 for half a cell). The masks are loss weights in [0, 1], so that is a valid mask.
+(``M[u + t] = (1 − a)·M[u + ⌊t⌋] + a·M[u + ⌊t⌋ + 1]``, ``a = t − ⌊t⌋``); when the offset is a
+multiple of the stride the map is exactly the cropped map. The flip of a layer whose cell u is
+centred on input column ``s·u + c`` also shifts by ``δ = (s − 1 − 2c)/s`` cells (:func:`map_masks`).
+
+:class:`PerImageMasks` maps each image's stored importance map (``|S|`` of
+:mod:`kdlab.distill.masks`, kept by :class:`kdlab.distill.mask_store.MaskStore`) to the view and
+only then makes the mask (top-q or normalisation, per view), so a binary mask keeps its fraction q.
 
 Which view each sample of a batch is: a :class:`kdlab.data.loader.BatchLoader` draws, per epoch,
 a permutation and the augmentation draws of every epoch *position* (``loader.epoch_plan(e)``);
@@ -30,6 +33,8 @@ import math
 import torch
 
 from kdlab.data.augment import AugmentParams, AugmentSpec
+from kdlab.distill.mask_store import image_keys
+from kdlab.distill.masks import to_mask
 
 
 def view_params(perm: torch.Tensor, params: AugmentParams | None, idx: torch.Tensor) -> AugmentParams | None:
@@ -95,11 +100,15 @@ def shift_axis(m: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def map_masks(mask: torch.Tensor, spec: AugmentSpec | None, params: AugmentParams | None,
-              image_size: tuple[int, int]) -> torch.Tensor:
-    """Masks [B, h, w] of un-augmented images -> masks of their augmented views (module doc).
+              image_size: tuple[int, int], center: float | None = None) -> torch.Tensor:
+    """Maps or masks [B, h, w] of un-augmented images -> those of their augmented views (module doc).
 
     ``spec`` / ``params``: the loader's augmentation and the batch's draws (None: no
-    augmentation, ``mask`` is returned). ``image_size``: the input's (H, W).
+    augmentation, ``mask`` is returned). ``image_size``: the input's (H, W). ``center``: the
+    input column of the centre of the layer's column 0 (cell u is centred on pixel s·u + c,
+    s = W/w); None: ``(s − 1)/2``, the grid symmetric under a flip. A flip then maps cell u to
+    ``w − 1 − u + δ`` with ``δ = (s − 1 − 2c)/s`` (0 for the symmetric grid, ½ for a stride-2
+    layer of 3x3 stride-2 convolutions, whose cells are centred on even pixels, c = 0).
     """
     if spec is None or not spec.active or params is None:
         return mask
@@ -112,8 +121,13 @@ def map_masks(mask: torch.Tensor, spec: AugmentSpec | None, params: AugmentParam
         tx = (params.dx.to(torch.float64) - p) * (w / W)
         out = shift_axis(shift_axis(out, ty, out.dim() - 2), tx, out.dim() - 1)
     if spec.flip:
-        fl = params.flip.to(out.device).view([-1] + [1] * (out.dim() - 1))
-        out = torch.where(fl, out.flip(-1), out)
+        fl = params.flip.to(out.device)
+        out = torch.where(fl.view([-1] + [1] * (out.dim() - 1)), out.flip(-1), out)
+        s = W / w
+        c = (s - 1) / 2 if center is None else float(center)
+        delta = (s - 1 - 2 * c) / s
+        if delta != 0:
+            out = shift_axis(out, torch.where(fl.cpu(), -delta, 0.0).to(torch.float64), out.dim() - 1)
     return out
 
 
@@ -147,25 +161,29 @@ class PerImageMasks:
     """``mask.reuse: per-image`` — a batch's masks from a :class:`kdlab.distill.mask_store.MaskStore`.
 
     ``masks(x, y, idx, epoch)`` -> ``{layer: [B, h, w]}`` for the batch that ``loader.epoch(epoch)``
-    yielded as ``(x, y, idx)``: the stored masks of the un-augmented images ``loader.x[idx]``
-    (normalised like the batch; computed by the store the first time an image is seen), mapped to
-    the batch's views by :func:`map_masks` with the draws :class:`EpochViews` recomputes.
+    yielded as ``(x, y, idx)``: the stored importance maps of the un-augmented images
+    ``loader.x[idx]`` (normalised like the batch; computed by the store the first time an image is
+    seen), mapped to the batch's views by :func:`map_masks` (draws from :class:`EpochViews`), then
+    made masks on the view by :func:`kdlab.distill.masks.to_mask` (top-q / normalisation per view,
+    so a binary mask keeps a fraction q of the view's cells).
 
     Args:
         teacher: the teacher (the store refuses any other).
         layers: teacher layers to mask.
         loader: the run's training `BatchLoader` (its ``x``, ``mean``/``std``, ``augment`` and
             ``epoch_plan``).
-        store: a `MaskStore` shared by the study's runs (its settings are used).
+        store: a `MaskStore` shared by the study's runs.
+        cfg: the recipe's ``mask`` section (``q``, ``kind``, ``reduce``).
+        center: see :func:`map_masks` (None: the flip-symmetric grid).
     """
 
-    def __init__(self, teacher, layers, loader, store):
-        from kdlab.distill.mask_store import image_keys
-
+    def __init__(self, teacher, layers, loader, store, cfg, center: float | None = None):
         self.teacher = teacher
         self.layers = list(layers)
         self.loader = loader
         self.store = store
+        self.cfg = cfg
+        self.center = center
         self.views = EpochViews(loader)
         self.keys = image_keys(loader.x)
         self.image_size = tuple(loader.x.shape[-2:])
@@ -181,7 +199,9 @@ class PerImageMasks:
         if not self.layers:
             return {}
         ii = idx.to("cpu").tolist()
-        base = self.store.masks(self.teacher, self.plain(idx), y, [self.keys[i] for i in ii], self.layers)
+        base = self.store.maps(self.teacher, self.plain(idx), y, [self.keys[i] for i in ii], self.layers)
         params = self.views(epoch, idx)
-        return {l: map_masks(m, self.loader.augment, params, self.image_size).to(x.device)
+        c = self.cfg
+        return {l: to_mask(map_masks(m, self.loader.augment, params, self.image_size, self.center),
+                           c.q, c.kind, c.reduce).to(x.device)
                 for l, m in base.items()}

@@ -1,18 +1,20 @@
-"""`MaskStore`: causal masks of un-augmented training images, computed once per teacher.
+"""`MaskStore`: the causal-mask importance maps of un-augmented training images, computed once
+per teacher.
 
 A store belongs to one teacher (the hash of its state dict: weights and buffers) and one set of
-mask settings (method, steps, rule, q, kind, reduce; not ``reuse``). It holds, per teacher layer,
-one mask [h, w] per image, keyed by the image's content (a BLAKE2b digest of its pixel bytes), so
-the same image gets the same stored mask in every epoch, seed (the seeds' splits pick different
-images from the same pool; a shared image is found by content) and method of a study. Asked for
-masks with another teacher it raises ``ValueError`` (one line); another set of settings is another
-store (its file name carries the key).
+attribution settings (``method``, ``steps``, ``rule``, ``reduce``). It holds, per teacher layer,
+one importance map [h, w] per image (:func:`kdlab.distill.masks.importance_maps`: ``|S|`` or
+``max(S, 0)`` before the top-q / normalisation step, so one store serves every ``q`` and
+``kind``), keyed by the image's content (a BLAKE2b digest of its pixel bytes): the same image gets
+the same stored map in every epoch, seed (the seeds' splits pick different images from the same
+pool; a shared image is found by content) and method of a study. Asked for maps with another
+teacher it raises ``ValueError`` (one line); other settings are another store (its file name
+carries the key).
 
-Masks are computed on demand (:meth:`MaskStore.masks`: what is missing is computed with
-:func:`kdlab.distill.masks.causal_masks` on the un-augmented images, one batched pass per batch)
-and kept on the CPU in ``dtype`` (float16 by default: binary masks are exact, soft ones change by
-at most one fp16 rounding). With a ``root`` folder, :meth:`MaskStore.save` writes
-``<root>/masks-<key>.pt`` atomically and a new store with the same key loads it.
+Maps are computed on demand (:meth:`MaskStore.maps`: what is missing is computed on the
+un-augmented images, one batched pass per batch) and kept on the CPU in ``dtype`` (float32 by
+default). With a ``root`` folder, :meth:`MaskStore.save` writes ``<root>/masks-<key>.pt``
+atomically and a new store with the same key loads it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdlab.distill.masks import DEFAULT_RULE, causal_masks
+from kdlab.distill.masks import DEFAULT_RULE, importance_maps
 
-SETTINGS = ("method", "steps", "rule", "q", "kind", "reduce")
+SETTINGS = ("method", "steps", "rule", "reduce")
 
 
 def weight_hash(model: nn.Module) -> str:
@@ -51,7 +53,7 @@ def image_keys(x: torch.Tensor) -> list[bytes]:
 
 
 def mask_settings(cfg) -> dict:
-    """The settings a mask depends on, from a recipe's ``mask`` section (or a dict)."""
+    """The settings an importance map depends on, from a recipe's ``mask`` section (or a dict)."""
     get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
     out = {k: get(k) for k in SETTINGS}
     if out["rule"] is None:
@@ -67,7 +69,7 @@ class _Cfg:
 
 
 class MaskStore:
-    """Masks of un-augmented images for one teacher and one set of mask settings (module doc).
+    """Importance maps of un-augmented images for one teacher and one set of settings (module doc).
 
     Args:
         teacher: the teacher (its weight hash is taken now; the store refuses any other teacher).
@@ -77,7 +79,7 @@ class MaskStore:
     """
 
     def __init__(self, teacher: nn.Module, cfg, root: Optional[str | os.PathLike] = None,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype = torch.float32):
         self.teacher_hash = weight_hash(teacher)
         self.settings = mask_settings(cfg)
         blob = json.dumps({"teacher": self.teacher_hash, "mask": self.settings}, sort_keys=True)
@@ -87,8 +89,8 @@ class MaskStore:
         self._checked = {id(teacher)}
         self.rows: dict[str, dict[bytes, int]] = {}
         self.data: dict[str, torch.Tensor] = {}
-        self.computed = 0  # masks computed (images x layers)
-        self.served = 0    # masks served from the store
+        self.computed = 0  # maps computed (images x layers)
+        self.served = 0    # maps served from the store
         self.dirty = False
         if self.path is not None and self.path.is_file():
             self._load(self.path)
@@ -104,7 +106,7 @@ class MaskStore:
             return
         h = weight_hash(teacher)
         if h != self.teacher_hash:
-            raise ValueError(f"this mask store holds masks of teacher {self.teacher_hash}, not of teacher {h}; "
+            raise ValueError(f"this mask store holds maps of teacher {self.teacher_hash}, not of teacher {h}; "
                              f"make a new MaskStore for this teacher")
         self._checked.add(id(teacher))
 
@@ -129,14 +131,15 @@ class MaskStore:
             rows[k] = start + i
         self.dirty = True
 
-    def masks(self, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[bytes],
-              layers) -> dict:
-        """Masks ``{layer: [B, h, w]}`` (float32, on ``x``'s device) of the un-augmented,
-        normalised images ``x`` with labels ``y`` and content keys ``keys`` (:func:`image_keys`);
-        those not stored yet are computed with ``teacher`` (in one batch) and stored."""
+    def maps(self, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: list[bytes],
+             layers) -> dict:
+        """Importance maps ``{layer: [B, h, w]}`` (float32, on ``x``'s device) of the
+        un-augmented, normalised images ``x`` with labels ``y`` and content keys ``keys``
+        (:func:`image_keys`); those not stored yet are computed with ``teacher`` (in one batch)
+        and stored."""
         self.check_teacher(teacher)
         if len(keys) != x.shape[0]:
-            raise ValueError(f"MaskStore.masks: {len(keys)} keys for {x.shape[0]} images")
+            raise ValueError(f"MaskStore.maps: {len(keys)} keys for {x.shape[0]} images")
         out = {}
         missing_by_layer = {}
         for layer in layers:
@@ -146,7 +149,7 @@ class MaskStore:
         if need:
             todo = [l for l in layers if missing_by_layer[l]]
             sel = torch.tensor(need, device=x.device)
-            new = causal_masks(teacher, x[sel], y[sel], todo, _Cfg(self.settings))
+            new = importance_maps(teacher, x[sel], y[sel], todo, _Cfg(self.settings))
             for layer, m in new.items():
                 have = self.rows.get(layer, {})
                 pick = [j for j, i in enumerate(need) if keys[i] not in have]
@@ -186,10 +189,10 @@ class MaskStore:
     def _load(self, path: Path) -> None:
         ent = torch.load(path, map_location="cpu", weights_only=True)
         if ent.get("teacher") != self.teacher_hash:
-            raise ValueError(f"mask store file {path} holds masks of teacher {ent.get('teacher')}, not of "
+            raise ValueError(f"mask store file {path} holds maps of teacher {ent.get('teacher')}, not of "
                              f"teacher {self.teacher_hash}; delete it or use another mask store folder")
         if ent.get("settings") != self.settings:
-            raise ValueError(f"mask store file {path} was made with mask settings {ent.get('settings')}, "
+            raise ValueError(f"mask store file {path} was made with settings {ent.get('settings')}, "
                              f"not {self.settings}; delete it or use another mask store folder")
         for layer, d in ent["layers"].items():
             keys = [bytes(r) for r in d["keys"].numpy()]
@@ -197,6 +200,6 @@ class MaskStore:
         self.dirty = False
 
     def stats(self) -> dict:
-        return {"key": self.key, "teacher": self.teacher_hash, "masks": len(self),
+        return {"key": self.key, "teacher": self.teacher_hash, "maps": len(self),
                 "computed": self.computed, "served": self.served,
                 "path": str(self.path) if self.path else None}

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 RULES = ("gausslegendre", "midpoint")
-DEFAULT_RULE = "gausslegendre"  # chosen by the completeness table in docs/masks.md
+DEFAULT_RULE = "midpoint"  # chosen by the completeness table in docs/masks.md (ReLU teachers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def completeness_table(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, lay
 
 def to_mask(s: torch.Tensor, q: float = 0.3, kind: str = "binary", reduce: str = "abs") -> torch.Tensor:
     """Turn a channel-reduced attribution [B, H, W] into a mask in [0, 1]."""
-    imp = s.abs() if reduce == "abs" else s.clamp_min(0)
+    imp = importance(s, reduce)
     if kind == "soft":
         return imp / imp.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
     if kind != "binary":
@@ -270,17 +270,31 @@ def to_mask(s: torch.Tensor, q: float = 0.3, kind: str = "binary", reduce: str =
     return mask.view_as(imp)
 
 
-def causal_masks(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, layers, cfg) -> dict:
-    """Masks for each teacher layer in ``layers``, configured by a recipe's ``mask`` section
-    (``method``, ``steps``, ``rule``, ``q``, ``kind``, ``reduce``)."""
+def importance(s: torch.Tensor, reduce: str = "abs") -> torch.Tensor:
+    """Importance of a channel-reduced attribution: ``|S|`` (``abs``) or ``max(S, 0)`` (``relu``)."""
+    if reduce == "abs":
+        return s.abs()
+    if reduce == "relu":
+        return s.clamp_min(0)
+    raise ValueError(f"mask reduce must be 'abs' or 'relu', got '{reduce}'")
+
+
+def importance_maps(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, layers, cfg) -> dict:
+    """``{layer: importance [B, H, W]}`` (before top-q / normalisation) for a recipe's ``mask``
+    section; ``to_mask(importance_maps(...)[l], q, kind, reduce)`` is ``causal_masks(...)[l]``."""
     rule = getattr(cfg, "rule", DEFAULT_RULE)
     was_training = teacher.training
     teacher.eval()
     try:
-        return {
-            name: to_mask(layer_attribution(teacher, x, y, name, cfg.method, cfg.steps, rule=rule),
-                          cfg.q, cfg.kind, cfg.reduce).detach()
-            for name in layers
-        }
+        return {name: importance(layer_attribution(teacher, x, y, name, cfg.method, cfg.steps, rule=rule),
+                                 cfg.reduce).detach()
+                for name in layers}
     finally:
         teacher.train(was_training)
+
+
+def causal_masks(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, layers, cfg) -> dict:
+    """Masks for each teacher layer in ``layers``, configured by a recipe's ``mask`` section
+    (``method``, ``steps``, ``rule``, ``q``, ``kind``, ``reduce``)."""
+    return {name: to_mask(imp, cfg.q, cfg.kind, cfg.reduce)
+            for name, imp in importance_maps(teacher, x, y, layers, cfg).items()}
