@@ -75,15 +75,22 @@ def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes:
 
 
 def load_model(path: str | os.PathLike, device="cpu"):
-    """Rebuild a model saved with :func:`model_checkpoint`; returns ``(model, checkpoint_dict)``."""
-    from kdlab.models import create_model
+    """Rebuild a model saved with :func:`model_checkpoint`; returns ``(model in eval mode,
+    checkpoint_dict)``. A model saved with a ``program`` (a user's module given as an object) is
+    rebuilt from its ``torch.export`` program; any other from its spec (``model_name``, a
+    registered name, ``timm:``/``torchvision:``/``hf:`` or ``module:function``) and kwargs."""
+    from kdlab.models.adapters import build_model, load_program
 
     ck = load_checkpoint(path)
     for key in ("model_name", "num_classes", "in_channels"):
         if key not in ck:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
-    model = create_model(ck["model_name"], num_classes=ck["num_classes"],
-                         in_channels=ck["in_channels"], **ck.get("model_kwargs", {}))
+    if ck.get("program") is not None:
+        return load_program(ck["program"]).to(device).eval(), ck
+    if not ck["model_name"]:
+        raise CheckpointError(f"checkpoint {path} records no model spec and no exported program; "
+                              f"load its state dict into your own module (torch.load(path)['model'])")
+    model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck.get("model_kwargs", {}))
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
