@@ -140,3 +140,36 @@ def test_per_image_binary_mask_of_a_cropped_view_keeps_q():
     views = EpochViews(loader)(0, idx)
     cropped = apply_params(imp[:, None], AugmentSpec(crop_pad=2), views)[:, 0]
     assert torch.equal(m, to_mask(cropped, 0.25))
+
+
+def test_per_image_source_in_a_built_run(monkeypatch, tmp_path):
+    """The proposed wiring (build_teacher_source_with_reuse in place of build_teacher_source):
+    a run with mask.reuse: per-image serves the mapped masks of the store, with the cache's logits."""
+    import kdlab.train.build as build
+    from kdlab.core.config import recipe_from_dict
+    from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
+    from kdlab.distill.teachers import TeacherStore
+    from kdlab.models import create_model
+
+    monkeypatch.setattr(build, "build_teacher_source", build_teacher_source_with_reuse)
+    teacher = create_model("cnn_small", num_classes=10, in_channels=1).eval()
+    mask = {"method": "ig", "steps": 2, "q": 0.5, "reuse": "per-image"}
+    r = recipe_from_dict({
+        "name": "t", "data": {"name": "digits", "label_fraction": 0.05, "augment": {"crop_pad": 1, "flip": True}},
+        "student": {"model": "cnn_tiny"}, "teacher": {"model": "cnn_small"},
+        "train": {"epochs": 1, "batch_size": 16, "seed": 0},
+        "loss": [{"term": "kd"}, {"term": "attn", "layers": "stage2"}], "mask": mask})
+    run = build.build_run(r, teacher=teacher, store=TeacherStore(tmp_path / "cache"))
+    src = run.objective.teacher
+    x, y, idx = next(iter(run.train_loader.epoch(0)))
+    out = src(x, y, idx, 0, 0)
+    with torch.no_grad():
+        assert torch.allclose(out.logits, teacher(x), atol=1e-2)  # fp16-rounded cache values
+    loader = run.train_loader
+    plain = (loader.x[idx] - loader.mean) / loader.std
+    imp = importance_maps(teacher, plain, y, ["stage2"], MaskCfg(**mask))["stage2"]
+    want = to_mask(map_masks(imp, loader.augment, EpochViews(loader)(0, idx), (8, 8)), 0.5)
+    assert torch.allclose(out.masks["stage2"], want, atol=1e-6)
+    store = src.per_image.store
+    assert store.computed >= len(idx) and store.path.parent == tmp_path / "cache"
+    assert store.save().is_file()

@@ -205,3 +205,54 @@ class PerImageMasks:
         return {l: to_mask(map_masks(m, self.loader.augment, params, self.image_size, self.center),
                            c.q, c.kind, c.reduce).to(x.device)
                 for l, m in base.items()}
+
+
+class PerImageSource:
+    """A teacher source (``(x, y, idx, epoch, step) -> outputs with .logits/.feats/.masks``) that
+    serves ``inner``'s logits and features and ``per_image``'s masks (``mask.reuse: per-image``).
+
+    ``inner`` is the run's live or cached source built *without* mask layers, so the per-view
+    masks are never computed; its outputs are a NamedTuple whose ``masks`` field is replaced.
+    """
+
+    def __init__(self, inner, per_image: PerImageMasks):
+        self.inner = inner
+        self.per_image = per_image
+
+    @property
+    def teacher(self):
+        return self.inner.teacher
+
+    def __call__(self, x, y, idx=None, epoch: int = 0, step: int = 0):
+        if idx is None:
+            raise ValueError("mask.reuse: per-image needs the batch indices (idx) of the training loader")
+        out = self.inner(x, y, idx, epoch, step)
+        return out._replace(masks=self.per_image(x, y, idx, epoch, step))
+
+
+def per_image_source(inner, teacher, mask_layers, loader, mask_cfg, root=None) -> PerImageSource:
+    """``mask.reuse: per-image`` on top of a teacher source built without mask layers: the masks
+    of ``mask_layers`` come from the process-wide :func:`kdlab.distill.mask_store.shared_store`
+    of (teacher, ``mask_cfg``) (saved under ``root`` when given), mapped to ``loader``'s views."""
+    from kdlab.distill.mask_store import shared_store
+
+    store = shared_store(teacher, mask_cfg, root)
+    return PerImageSource(inner, PerImageMasks(teacher, mask_layers, loader, store, mask_cfg))
+
+
+def build_teacher_source_with_reuse(teacher, *, mode, layers=(), mask_layers=(), mask_cfg=None, store=None,
+                                    loader=None, **kw):
+    """:func:`kdlab.distill.teachers.build_teacher_source` honouring ``mask.reuse``: with
+    ``per-image`` (and mask layers and a training loader) the source is built without mask
+    layers and wrapped by :func:`per_image_source` (maps saved beside the study's teacher cache,
+    ``<store.root>/masks-<key>.pt``); otherwise it is ``build_teacher_source`` unchanged. The
+    wiring docs/masks.md proposes for ``kdlab.train.build``."""
+    from kdlab.distill.teachers import build_teacher_source
+
+    reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
+    src = build_teacher_source(teacher, mode=mode, layers=layers, mask_layers=() if reuse else mask_layers,
+                               mask_cfg=mask_cfg, store=store, loader=loader, **kw)
+    if not reuse:
+        return src
+    root = getattr(store, "root", None)
+    return per_image_source(src, teacher, mask_layers, loader, mask_cfg, root)

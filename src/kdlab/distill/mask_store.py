@@ -19,6 +19,7 @@ atomically and a new store with the same key loads it.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -173,6 +174,8 @@ class MaskStore:
         """Write the store to ``<root>/masks-<key>.pt`` (atomic); returns the path (None: no root)."""
         if self.path is None:
             return None
+        if not self.dirty and self.path.is_file():
+            return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ent = {"teacher": self.teacher_hash, "settings": self.settings, "layers": {}}
         for layer, rows in self.rows.items():
@@ -203,3 +206,20 @@ class MaskStore:
         return {"key": self.key, "teacher": self.teacher_hash, "maps": len(self),
                 "computed": self.computed, "served": self.served,
                 "path": str(self.path) if self.path else None}
+
+
+_SHARED: dict[tuple, MaskStore] = {}
+
+
+def shared_store(teacher: nn.Module, cfg, root: Optional[str | os.PathLike] = None) -> MaskStore:
+    """The process's one `MaskStore` for (teacher weights, settings, root): every run of a study
+    in this process (its methods and seeds) gets the same store, so each image's map is computed
+    once per teacher. Hashes the teacher's weights (once per call)."""
+    key = (weight_hash(teacher), json.dumps(mask_settings(cfg), sort_keys=True), str(root))
+    if key not in _SHARED:
+        _SHARED[key] = MaskStore(teacher, cfg, root)
+        if root is not None:  # written once, when the process ends (lost maps are recomputed)
+            atexit.register(_SHARED[key].save)
+    store = _SHARED[key]
+    store.check_teacher(teacher)
+    return store
