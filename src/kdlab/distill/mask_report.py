@@ -33,7 +33,7 @@ def load_recipe_teacher(recipe_name: str, overrides=()):
     """(recipe, splits, teacher in eval mode) of a recipe whose teacher checkpoint exists."""
     from kdlab.core.config import load_recipe
     from kdlab.data import load_dataset
-    from kdlab.train.trainer import load_teacher
+    from kdlab.train.build import load_teacher
 
     r = load_recipe(recipe_name, list(overrides))
     d = r.data
@@ -95,81 +95,95 @@ def agreement_rows(teacher, loader, layer: str, cfg: dict, epochs=(0, 1), center
     return rows
 
 
+def _load_file_module(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kdlab_masks_compared", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def speed_rows(model_name="resnet56", layers=("layer2", "layer3"), batch=64, steps=16, repeats=3,
-               shape=(3, 32, 32), seed=0) -> list[dict]:
-    """Seconds per batch of step-by-step and batched IG, side by side in this process (best of
-    ``repeats``, after one warm-up each), random weights, and their ratio."""
+               shape=(3, 32, 32), seed=0, compare_file=None) -> list[dict]:
+    """Seconds per batch of gradient × activation, step-by-step IG and batched IG, side by side in
+    this process (best of ``repeats`` after one warm-up each), random weights, and their ratios.
+    ``compare_file``: another ``masks.py`` (e.g. an older version) whose
+    ``layer_attribution(model, x, y, layer, "ig", steps)`` is timed too (column ``other s``)."""
     from kdlab.models import create_model
 
     torch.manual_seed(seed)
     m = create_model(model_name, num_classes=10, in_channels=shape[0]).eval()
     x = torch.randn(batch, *shape)
     y = torch.randint(0, 10, (batch,))
+    other = _load_file_module(compare_file) if compare_file else None
     rows = []
     for layer in layers:
+        fns = {"grad": lambda: layer_attribution(m, x, y, layer, "grad"),
+               "step-by-step": lambda: layer_attribution(m, x, y, layer, "ig", steps, batched=False),
+               "batched": lambda: layer_attribution(m, x, y, layer, "ig", steps)}
+        if other is not None:
+            fns["other"] = lambda: other.layer_attribution(m, x, y, layer, "ig", steps)
         t = {}
-        for name, kw in (("grad", dict(method="grad")),
-                         ("step-by-step", dict(method="ig", batched=False)),
-                         ("batched", dict(method="ig", batched=True))):
-            layer_attribution(m, x, y, layer, steps=steps, **kw)  # warm-up
+        for name, f in fns.items():
+            f()  # warm-up
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                layer_attribution(m, x, y, layer, steps=steps, **kw)
+                f()
                 best = min(best, time.perf_counter() - t0)
             t[name] = best
-        rows.append({"model": model_name, "layer": layer, "batch": batch, "steps": steps,
-                     "grad s": t["grad"], "step-by-step s": t["step-by-step"], "batched s": t["batched"],
-                     "step/batched": t["step-by-step"] / t["batched"], "batched/grad": t["batched"] / t["grad"]})
+        row = {"model": model_name, "layer": layer, "batch": batch, "steps": steps,
+               "grad s": t["grad"], "step-by-step s": t["step-by-step"], "batched s": t["batched"],
+               "step/batched": t["step-by-step"] / t["batched"], "batched/grad": t["batched"] / t["grad"]}
+        if other is not None:
+            row["other s"] = t["other"]
+            row["other/batched"] = t["other"] / t["batched"]
+            row["max |diff|"] = float((fns["batched"]() - fns["other"]()).abs().max())
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
-class ReuseSource:
-    """A `Trainer` teacher source serving live logits / features and ``per-image`` masks.
+class reuse_wiring:
+    """Context: ``kdlab.train.build`` builds teacher sources with
+    :func:`kdlab.distill.mask_reuse.build_teacher_source_with_reuse` (the proposed wiring of
+    ``mask.reuse``), restored on exit."""
 
-    ``live``: the trainer's live teacher (``forward(x, layers)``, ``layers``, ``mask_layers``);
-    ``per_image``: a :class:`kdlab.distill.mask_reuse.PerImageMasks`.
-    """
+    def __enter__(self):
+        import kdlab.train.build as build
+        from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
 
-    def __init__(self, live, per_image):
-        self.live = live
-        self.per_image = per_image
+        self.build, self.original = build, build.build_teacher_source
+        build.build_teacher_source = build_teacher_source_with_reuse
+        return self
 
-    def __call__(self, x, y, idx=None, epoch=0, step=0):
-        logits, feats = self.live.forward(x, self.live.layers)
-        return logits, feats, self.per_image(x, y, idx, epoch, step)
+    def __exit__(self, *exc):
+        self.build.build_teacher_source = self.original
+        return False
 
 
 def paired_rows(recipe_name: str, seeds, out_dir, overrides=(), modes=("per-view", "per-image")) -> list[dict]:
     """Train ``recipe_name`` for every seed in both mask modes (same seed: same data, init and
-    augmentation draws) and return one row per (seed, mode) with test accuracy and train time.
-    ``per-image`` runs share one `MaskStore` (across seeds). Uses today's `Trainer` with its
-    ``teacher_source`` replaced for the ``per-image`` mode."""
+    augmentation draws; live teacher) and return one row per (seed, mode) with test accuracy
+    and training-loop time. The ``per-image`` runs share one `MaskStore` (across seeds)."""
     from pathlib import Path
 
     from kdlab.core.config import load_recipe
-    from kdlab.distill.mask_reuse import PerImageMasks
-    from kdlab.distill.mask_store import MaskStore
-    from kdlab.train.trainer import Trainer
+    from kdlab.train.build import train
 
-    rows, store = [], None
-    for seed in seeds:
-        for mode in modes:
-            r = load_recipe(recipe_name, [*overrides, f"train.seed={seed}", f"mask.reuse={mode}"])
-            run_dir = Path(out_dir) / mode / f"seed{seed}"
-            t0 = time.perf_counter()
-            tr = Trainer(r, run_dir, progress=False, method=f"{r.name}-{mode}")
-            if mode == "per-image":
-                live = tr.teacher_source
-                if store is None:
-                    store = MaskStore(live.teacher, r.mask)
-                per_image = PerImageMasks(live.teacher, live.mask_layers, tr.train_loader, store, r.mask)
-                tr.teacher_source = ReuseSource(live, per_image)
-            res = tr.fit(resume=False)
-            rows.append({"seed": seed, "mode": mode, "test_acc": res["test_acc"], "val_acc": res["val_acc"],
-                         "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
-                         "wall_s": time.perf_counter() - t0})
-            print(rows[-1], flush=True)
+    rows = []
+    with reuse_wiring():
+        for seed in seeds:
+            for mode in modes:
+                r = load_recipe(recipe_name, [*overrides, f"train.seed={seed}", f"mask.reuse={mode}"])
+                t0 = time.perf_counter()
+                res = train(r, Path(out_dir) / mode / f"seed{seed}", progress=False, resume=False,
+                            method=f"{r.name}-{mode}")
+                rows.append({"seed": seed, "mode": mode, "test_acc": res["test_acc"], "val_acc": res["val_acc"],
+                             "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
+                             "wall_s": time.perf_counter() - t0})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -191,6 +205,39 @@ def paired_summary(rows: list[dict]) -> dict:
             "per-image train s": mean("train_time_s", "per-image")}
 
 
+def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view", "per-image")) -> list[dict]:
+    """Run the recipe's ablation study (with the teacher cache) once per mask mode, with
+    ``build_teacher_source`` replaced by the proposed wiring
+    (:func:`kdlab.distill.mask_reuse.build_teacher_source_with_reuse`): per mode the study's wall
+    time, the sum of its runs' training-loop times, and each method's mean training-loop time."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    from kdlab.core.config import load_recipe
+    from kdlab.experiments.study import run_ablation
+    from kdlab.train.build import ensure_teachers
+
+    ensure_teachers(load_recipe(recipe_name, list(overrides)), progress=False, log=lambda *a: None)
+    rows = []
+    with reuse_wiring():
+        for mode in modes:
+            d = Path(out_dir) / mode
+            t0 = time.perf_counter()
+            run_ablation(recipe_name, out_dir=d, seeds=seeds, overrides=[*overrides, f"mask.reuse={mode}"],
+                         progress=False, log=lambda *a: None)
+            wall = time.perf_counter() - t0
+            runs = [json.loads(p.read_text()) for p in d.glob("*/seed*/result.json")]
+            row = {"mode": mode, "wall_s": wall, "sum_train_s": sum(r["train_time_s"] for r in runs),
+                   "runs": len(runs)}
+            for m in sorted({r["method"] for r in runs}):
+                row[m] = statistics.fmean(r["train_time_s"] for r in runs if r["method"] == m)
+                row[m + " acc"] = statistics.fmean(r["test_acc"] for r in runs if r["method"] == m)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kdlab.distill.mask_report")
     sub = ap.add_subparsers(dest="what", required=True)
@@ -209,12 +256,18 @@ def main(argv=None) -> None:
     pa.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     pa.add_argument("--out", default="runs/mask-paired")
     pa.add_argument("set", nargs="*", default=[], help="recipe overrides")
+    st = sub.add_parser("study")
+    st.add_argument("--recipe", default="digits/full")
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    st.add_argument("--out", default="runs/mask-study")
+    st.add_argument("set", nargs="*", default=[], help="recipe overrides, e.g. train.epochs=15")
     s = sub.add_parser("speed")
     s.add_argument("--model", default="resnet56")
     s.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--steps", type=int, default=16)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--compare-file", default=None, help="another masks.py to time side by side")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.what == "completeness":
@@ -238,16 +291,19 @@ def main(argv=None) -> None:
         rows = agreement_rows(teacher, loader, args.layer, cfg, epochs=range(args.epochs))
         print(f"recipe {args.recipe}, layer {args.layer}, augment {spec}, mask {cfg}")
         print(_md(rows, ["compare", "mask", "metric", "value", "samples"]))
+    elif args.what == "study":
+        rows = study_rows(args.recipe, args.out, args.seeds, args.set)
+        print(_md(rows, list(rows[0])))
     elif args.what == "paired":
         rows = paired_rows(args.recipe, args.seeds, args.out, args.set)
         print(_md(rows, ["seed", "mode", "test_acc", "val_acc", "best_epoch", "train_time_s", "wall_s"]))
         summ = paired_summary(rows)
         print(_md([summ], list(summ)))
     else:
-        rows = speed_rows(args.model, args.layers, args.batch, args.steps, args.repeats)
+        rows = speed_rows(args.model, args.layers, args.batch, args.steps, args.repeats,
+                          compare_file=args.compare_file)
         print(f"torch threads: {torch.get_num_threads()}")
-        print(_md(rows, ["model", "layer", "batch", "steps", "grad s", "step-by-step s", "batched s",
-                         "step/batched", "batched/grad"]))
+        print(_md(rows, list(rows[0])))
 
 
 if __name__ == "__main__":
