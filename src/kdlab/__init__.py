@@ -4,7 +4,7 @@
 ``kdlab.fit_recipe("digits/kd")`` runs a recipe. Both are imported lazily (``import kdlab`` is cheap).
 """
 
-__version__ = "0.2.0"
+from kdlab.version import __version__  # noqa: F401
 
 
 def fit(*args, **kwargs):

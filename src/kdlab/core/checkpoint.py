@@ -74,6 +74,17 @@ def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes:
     }
 
 
+def check_fits(ck: dict, info, who: str) -> None:
+    """A model (its checkpoint dict, or any dict with ``num_classes`` / ``in_channels``) fits the data
+    set ``info``: same class count and input channels, else one ValueError line naming the fix."""
+    if ck.get("num_classes") is not None and int(ck["num_classes"]) != info.num_classes:
+        raise ValueError(f"{who} predicts {ck['num_classes']} classes but data set '{info.name}' has "
+                         f"{info.num_classes}; use the data set it was trained on (--dataset)")
+    if ck.get("in_channels") is not None and int(ck["in_channels"]) != info.in_channels:
+        raise ValueError(f"{who} takes {ck['in_channels']} input channels but data set '{info.name}' has "
+                         f"{info.in_channels}; use the data set it was trained on (--dataset)")
+
+
 def load_model(path: str | os.PathLike, device="cpu"):
     """Rebuild a model saved with :func:`model_checkpoint`; returns ``(model in eval mode,
     checkpoint_dict)``. A model saved with a ``program`` (a user's module given as an object) is

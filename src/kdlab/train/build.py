@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kdlab.core.checkpoint import load_model
+from kdlab.core.checkpoint import check_fits, load_model
 from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data import BatchLoader, load_dataset
@@ -57,20 +57,10 @@ def load_splits(recipe: Recipe, seed: Optional[int] = None):
                         label_fraction=d.label_fraction, seed=recipe.train.seed if seed is None else seed)
 
 
-def check_pair(num_classes: int, in_channels: int, info, who: str) -> None:
-    """A model fits a data set: same class count and input channels (one line naming the fix)."""
-    if num_classes != info.num_classes:
-        raise ValueError(f"{who} predicts {num_classes} classes but data set '{info.name}' has "
-                         f"{info.num_classes}; use a model trained on the same data set")
-    if in_channels != info.in_channels:
-        raise ValueError(f"{who} takes {in_channels} input channels but '{info.name}' has "
-                         f"{info.in_channels}; use a model trained on the same data set")
-
-
 def load_checked(path, info, device, who: str) -> nn.Module:
     """A kdlab model checkpoint, loaded frozen and checked against the data set."""
     model, ck = load_model(path, device)
-    check_pair(ck["num_classes"], ck["in_channels"], info, f"{who} {path}")
+    check_fits(ck, info, f"{who} {path}")
     return model
 
 
@@ -148,7 +138,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
         if teacher is None:
             teacher = load_teacher(recipe, info, dev)
         else:
-            check_pair(out_features(teacher, info, dev), info.in_channels, info, "teacher")
+            check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
             teacher = teacher.to(dev)
     data_seed = derive_seed(cfg.seed, "data")
     if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)

@@ -160,10 +160,13 @@ def sync_epoch(models, n_seen, sums: dict, device) -> tuple[float, dict]:
     return vec[0].item(), {k: vec[1 + i] for i, k in enumerate(keys)}
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one is an error."""
-    if spec == "auto":
+def resolve_device(spec="auto") -> torch.device:
+    """``auto`` (or None) is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one
+    is an error. The one device resolver of kdlab (recipes and commands alike)."""
+    if spec is None or str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(spec, torch.device):
+        spec = str(spec)
     if str(spec).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
     return torch.device(spec)

@@ -378,7 +378,7 @@ def run_record(identity, seed, method, runtime) -> dict:
 
     import numpy
 
-    from kdlab import __version__
+    from kdlab.version import __version__
     from kdlab.core.checkpoint import file_hash
 
     teacher_hash = None
