@@ -57,12 +57,17 @@ def agreement_rows(teacher, loader, layer: str, cfg: dict, epochs=(0, 1), center
       masked (what ``mask.reuse: per-image`` serves);
     * ``per-image (unmapped)``: the un-augmented image's mask as is (a reference: no mapping);
     * ``grad vs ig``: gradient × activation on the view;
-    * ``ig 4x steps``: IG with four times the steps on the view (how settled the exact mask is).
+    * ``ig 4x steps``: IG with four times the steps on the view (how settled the exact mask is);
+    * ``one fixed mask``: the same mask for every view, made from the mean importance map of all
+      un-augmented training images (how much of the exact masks is tied to the image frame).
     """
     views = EpochViews(loader)
     size = tuple(loader.x.shape[-2:])
     c = _Cfg(**cfg)
     acc = {}
+    allx = loader.x if loader.mean is None else (loader.x - loader.mean) / loader.std
+    prior = torch.cat([importance_maps(teacher, allx[i:i + 256], loader.y[i:i + 256], [layer], c)[layer]
+                       for i in range(0, allx.shape[0], 256)]).mean(0, keepdim=True)
 
     def add(name, kind, a, b):
         r = mask_agreement(a, b)
@@ -85,6 +90,7 @@ def agreement_rows(teacher, loader, layer: str, cfg: dict, epochs=(0, 1), center
             for kind in ("binary", "soft"):
                 ex = to_mask(exact, c.q, kind, c.reduce)
                 for name, imp in (("per-image (mapped)", mapped), ("per-image (unmapped)", base),
+                                  ("one fixed mask", prior.expand_as(base)),
                                   ("grad vs ig", grad), (f"ig {4 * c.steps} vs {c.steps} steps", fine)):
                     add(name, kind, to_mask(imp, c.q, kind, c.reduce), ex)
     rows = []
