@@ -114,10 +114,11 @@ class MaskCfg(_Strict):
 
     ``method``: ``grad`` (gradient x activation) or ``ig`` (Integrated Gradients, ``steps``
     quadrature nodes of ``rule``). ``q``/``kind``/``reduce``: the mask made from the attribution.
-    ``reuse``: ``per-view`` computes the mask of every augmented view (exact); ``per-image``
-    computes each training image's mask once per teacher, on the un-augmented image, and maps it
-    to each view by the view's crop offset and flip at the layer's resolution
-    (kdlab.distill.mask_reuse).
+    ``rule``: ``midpoint`` (default, chosen by the completeness table in docs/masks.md) or
+    ``gausslegendre``. ``reuse``: ``per-view`` (default) computes the mask of every augmented
+    view (exact); ``per-image`` computes each training image's importance map once per teacher,
+    on the un-augmented image, maps it to each view by the view's crop offset and flip at the
+    layer's resolution and makes the mask there (kdlab.distill.mask_reuse).
     """
 
     method: Literal["grad", "ig"] = "grad"
