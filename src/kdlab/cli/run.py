@@ -90,20 +90,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from kdlab.core.checkpoint import load_model
-    from kdlab.data import BatchLoader, load_dataset
-    from kdlab.evaluate.accuracy import evaluate
-    from kdlab.train.runtime import resolve_device
-    from kdlab.core.checkpoint import check_fits
+    from kdlab.evaluate.accuracy import evaluate_checkpoint
 
-    device = resolve_device(args.device)
-    model, ck = load_model(args.checkpoint, device)
-    splits = load_dataset(args.dataset or ck["dataset"], args.data_dir)
-    check_fits(ck, splits.info, args.checkpoint)
-    loader = BatchLoader(getattr(splits, args.split), 512, shuffle=False, mean=splits.info.mean,
-                         std=splits.info.std, device=device)
-    res = evaluate(model, loader)
-    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **res}))
+    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                              image_size=args.image_size, device=args.device)
+    print(json.dumps(res))
     return 0
 
 
@@ -186,8 +177,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
     p.add_argument("checkpoint", help="model checkpoint (best.pt)")
-    p.add_argument("--dataset", help="data set name (default: the checkpoint's)")
+    p.add_argument("--dataset", help="data set name, imagefolder (with --data-dir DIR --image-size H W), "
+                   "or a module:function factory (default: the checkpoint's)")
     A.add_data_dir(p)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="imagefolder: image size")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="which split (default test)")
     A.add_device(p)

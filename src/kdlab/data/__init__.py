@@ -22,7 +22,28 @@ from kdlab.data.registry import (
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet
 
 # the built-in loaders register themselves on import (one file per data set)
-from kdlab.data import cifar, digits, mnist5k  # noqa: E402,F401  (registration)
+from kdlab.data import cifar, digits, imagefolder, mnist5k  # noqa: E402,F401  (registration)
+
+
+def from_factory(spec: str, *, val_fraction: float = 0.1, label_fraction: float = 1.0, seed: int = 0) -> Splits:
+    """Splits from a user's ``module:function``: the function returns ``Splits``, or
+    ``(train, val, test)`` datasets (map-style, items ``(image [C, H, W] in [0, 1], label)``)."""
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"data factory '{spec}' not found ({e}); give module:function on the Python path") from None
+    out = f()
+    if isinstance(out, Splits):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 3:
+        from kdlab.data.imagefolder import splits_from_datasets
+
+        return splits_from_datasets(*out, name=spec, seed=seed)
+    raise ValueError(f"data factory '{spec}' returned {type(out).__name__}; return kdlab.data.Splits or "
+                     f"(train, val, test) datasets")
 
 
 def load_dataset(
@@ -32,6 +53,7 @@ def load_dataset(
     val_fraction: float = 0.1,
     label_fraction: float = 1.0,
     seed: int = 0,
+    **options,
 ) -> Splits:
     """Load ``name`` as train / val / test `TensorSet`s plus its `DatasetInfo`.
 
@@ -45,7 +67,15 @@ def load_dataset(
     `kdlab.data.cifar`.
     """
     fn = DATASETS.get(dataset_name(name))
-    splits = fn(data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed)
+    if options:
+        import inspect
+
+        accepted = inspect.signature(fn).parameters
+        extra = [k for k in options if k not in accepted]
+        if extra:
+            raise ValueError(f"data.{extra[0]} does not apply to data set '{name}' (it is for imagefolder "
+                             f"and other loaders that take it); remove it")
+    splits = fn(data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed, **options)
     if not isinstance(splits, Splits):
         raise TypeError(f"dataset {name!r}: its loader {fn.__qualname__} returned "
                         f"{type(splits).__name__}, not kdlab.data.Splits")
