@@ -151,6 +151,53 @@ def speed_rows(model_name="resnet56", layers=("layer2", "layer3"), batch=64, ste
     return rows
 
 
+def step_cost_rows(teacher_name="resnet56", student_name="resnet20", layer="layer3", batch=64, steps=16,
+                   shape=(3, 32, 32), crop_pad=4, q=0.3, repeats=3, seed=0) -> list[dict]:
+    """Seconds per batch (best of ``repeats``) of one student training step and of each teacher
+    cost a masked method adds, side by side in this process (random weights), and each as a
+    multiple of the student step: the teacher forward, batched and step-by-step IG at ``layer``,
+    and the per-image mapping (crop + flip of a stored map, then top-q)."""
+    from kdlab.data.augment import AugmentSpec, draw_params
+    from kdlab.models import create_model
+
+    torch.manual_seed(seed)
+    t = create_model(teacher_name, num_classes=10, in_channels=shape[0]).eval()
+    s = create_model(student_name, num_classes=10, in_channels=shape[0])
+    opt = torch.optim.SGD(s.parameters(), lr=0.01)
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 10, (batch,))
+    spec = AugmentSpec(crop_pad=crop_pad, flip=True)
+    params = draw_params(batch, spec, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        h = layer_attribution(t, x[:1], y[:1], layer, "grad").shape[-2:]
+    imp = torch.rand(batch, *h)
+
+    def student_step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(s(x), y).backward()
+        opt.step()
+
+    def teacher_forward():
+        with torch.inference_mode():
+            t(x)
+
+    fns = {"student step": student_step, "teacher forward": teacher_forward,
+           f"IG {steps} steps, batched": lambda: layer_attribution(t, x, y, layer, "ig", steps),
+           f"IG {steps} steps, step-by-step": lambda: layer_attribution(t, x, y, layer, "ig", steps, batched=False),
+           "per-image map + top-q": lambda: to_mask(map_masks(imp, spec, params, shape[-2:]), q)}
+    out = {}
+    for name, f in fns.items():
+        f()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best
+    base = out["student step"]
+    return [{"cost": k, "ms": 1000 * v, "x student step": v / base} for k, v in out.items()]
+
+
 class reuse_wiring:
     """Context: ``kdlab.train.build`` builds teacher sources with
     :func:`kdlab.distill.mask_reuse.build_teacher_source_with_reuse` (the proposed wiring of
@@ -267,6 +314,8 @@ def main(argv=None) -> None:
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     st.add_argument("--out", default="runs/mask-study")
     st.add_argument("set", nargs="*", default=[], help="recipe overrides, e.g. train.epochs=15")
+    sc = sub.add_parser("step-costs")
+    sc.add_argument("--layer", default="layer3")
     s = sub.add_parser("speed")
     s.add_argument("--model", default="resnet56")
     s.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
@@ -297,6 +346,9 @@ def main(argv=None) -> None:
         rows = agreement_rows(teacher, loader, args.layer, cfg, epochs=range(args.epochs))
         print(f"recipe {args.recipe}, layer {args.layer}, augment {spec}, mask {cfg}")
         print(_md(rows, ["compare", "mask", "metric", "value", "samples"]))
+    elif args.what == "step-costs":
+        rows = step_cost_rows(layer=args.layer)
+        print(_md(rows, ["cost", "ms", "x student step"]))
     elif args.what == "study":
         rows = study_rows(args.recipe, args.out, args.seeds, args.set)
         print(_md(rows, list(rows[0])))
