@@ -173,3 +173,13 @@ def test_per_image_source_in_a_built_run(monkeypatch, tmp_path):
     store = src.per_image.store
     assert store.computed >= len(idx) and store.path.parent == tmp_path / "cache"
     assert store.save().is_file()
+
+
+def test_flip_of_a_grid_centred_on_even_pixels_by_hand():
+    # stride 2 (8 px -> 4 cells); with c = 0 cell 1 is centred on pixel 2, which a flip sends to
+    # pixel 7 - 2 = 5, i.e. cell 2.5: half in cell 2, half in cell 3
+    m = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
+    spec, p = AugmentSpec(flip=True), AugmentParams(flip=torch.tensor([True]))
+    assert map_masks(m, spec, p, (2, 8), center=0.0)[0, 0].tolist() == [0.0, 0.0, 0.5, 0.5]
+    # the flip-symmetric grid (default, c = 1/2): cell 1 <-> cell 2
+    assert map_masks(m, spec, p, (2, 8))[0, 0].tolist() == [0.0, 0.0, 1.0, 0.0]
