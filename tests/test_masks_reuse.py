@@ -90,14 +90,15 @@ def test_store_computes_once_and_refuses_another_teacher(tmp_path):
     store = MaskStore(t, cfg, root=tmp_path)
     m1 = store.maps(t, ts.x[:4], ts.y[:4], keys[:4], ["feat"])["feat"]
     ref = importance_maps(t, ts.x, ts.y, ["feat"], cfg)["feat"]
-    assert torch.equal(m1, ref[:4])
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # noqa: E731  (batch-size float sums)
+    assert close(m1, ref[:4])
     assert torch.equal(to_mask(m1, 0.5), causal_masks(t, ts.x[:4], ts.y[:4], ["feat"], cfg)["feat"])
     m2 = store.maps(t, ts.x[[5, 2, 0]], ts.y[[5, 2, 0]], [keys[i] for i in (5, 2, 0)], ["feat"])["feat"]
-    assert torch.equal(m2, ref[[5, 2, 0]])
+    assert close(m2, ref[[5, 2, 0]])
     assert store.computed == 5 and store.served == 2
     store.save()
     again = MaskStore(t, cfg, root=tmp_path)  # loads the file: nothing to compute
-    assert torch.equal(again.maps(t, ts.x[:3], ts.y[:3], keys[:3], ["feat"])["feat"], ref[:3])
+    assert close(again.maps(t, ts.x[:3], ts.y[:3], keys[:3], ["feat"])["feat"], ref[:3])
     assert again.computed == 0
     # q and kind are applied after the store: one store serves them all; other steps: another store
     assert MaskStore(t, MaskCfg(method="ig", steps=4, q=0.1, kind="soft")).key == store.key

@@ -28,6 +28,7 @@ from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
 from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
+from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.models.adapters import build_model
 from kdlab.train.objective import DistillObjective
@@ -155,7 +156,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     data_key = recipe.data.model_dump()
     source = None
     if needs_teacher:
-        source = build_teacher_source(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
+        source = build_teacher_source_with_reuse(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
                                       mask_cfg=recipe.mask, store=store, loader=train_loader,
                                       dataset=data_key, checkpoint=recipe.teacher.checkpoint, device=dev)
     extra = {}
