@@ -28,6 +28,7 @@ from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
 from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
+from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.models.adapters import build_model
 from kdlab.train.objective import DistillObjective
@@ -200,8 +201,12 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     m_layers = uniq(l for _, _, t in terms for l in t.mask_layers())
     data_key = recipe.data.model_dump()
     source = None
+    partial = has_unlabelled(recipe, splits.train)
+    if partial and m_layers and getattr(recipe.mask, "reuse", "per-view") == "per-image":
+        raise ValueError("mask.reuse: per-image does not take unlabelled samples yet; use mask.reuse: per-view "
+                         "with data.unlabelled: transfer or data.transfer")
     if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
-        source = build_teacher_source(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
+        source = build_teacher_source_with_reuse(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
                                       mask_cfg=recipe.mask, store=store, loader=train_loader,
                                       dataset=data_key, checkpoint=recipe.teacher.checkpoint, device=dev)
     extra = {}
@@ -216,7 +221,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
 
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
                                  meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
-                                 compile=cfg.compile, partial_labels=has_unlabelled(recipe, splits.train),
+                                 compile=cfg.compile, partial_labels=partial,
                                  view=make_view(recipe.student.input),
                                  train_labels=getattr(splits.train, "y", None))
     objective.setup(next(iter(train_loader.epoch(0))))
