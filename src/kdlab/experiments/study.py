@@ -111,8 +111,14 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
     wall = time.perf_counter() - t_start
     if store is not None and store.hits + store.misses:
         log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
-    log(f"study wall time {wall:.1f}s; students' own training time "
-        f"{sum(r.get('train_time_s', 0.0) for r in rows):.1f}s")
+    teacher_s = sum(r.get("teacher_time_s", 0.0) for r in rows)
+    log(f"study wall time {wall:.1f}s; teacher outputs and masks {teacher_s:.1f}s (computed once per "
+        f"batch and shared when cached); students' own training {sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
+    from kdlab.train.trainer import mixed_threads
+
+    warn = mixed_threads(rows)
+    if warn:
+        log(warn)
     if not is_main():
         return {}
     return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,

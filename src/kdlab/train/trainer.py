@@ -126,6 +126,7 @@ class RunState:
     images: float = 0.0
     best: dict = field(default_factory=dict)  # model name -> [score, epoch]
     step: int = 0  # optimiser steps taken
+    teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -291,6 +292,7 @@ class Trainer:
         n_seen = 0.0
         accum = max(1, cfg.grad_accum)
         t0 = time.perf_counter()
+        teacher0 = getattr(obj, "teacher_time_s", 0.0)
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
         for step, batch in enumerate(self.train_loader.epoch(epoch)):
@@ -323,8 +325,10 @@ class Trainer:
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
                 f"the term weights and re-run (the last good epoch's checkpoint is kept)")
         row["train_time_s"] = dt
+        row["teacher_time_s"] = getattr(obj, "teacher_time_s", 0.0) - teacher0
         row["images_per_s"] = n_seen / dt if dt > 0 else float("nan")
         self.state.images += n_seen
+        self.state.teacher_time_s += row["teacher_time_s"]
         return row
 
     def validate(self) -> dict[str, dict]:
@@ -539,6 +543,12 @@ class Trainer:
                   "epochs_run": st.epoch, "stopped_early": stopped_early,
                   "train_time_s": st.train_time_s,
                   "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
+                  # the teacher's share (outputs and causal masks computed live or into a study's
+                  # cache, whichever run fills it) and the student's own cost without it
+                  "teacher_time_s": st.teacher_time_s,
+                  "student_time_s": st.train_time_s - st.teacher_time_s,
+                  "student_images_per_s": (st.images / (st.train_time_s - st.teacher_time_s)
+                                           if st.train_time_s > st.teacher_time_s else float("nan")),
                   "threads": torch.get_num_threads(),
                   "deterministic": torch.are_deterministic_algorithms_enabled(), **self.info}
         if len(per_model) > 1:
