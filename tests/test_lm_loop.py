@@ -16,6 +16,8 @@ from kdlab.train.objective import StepContext
 def tiny_fit(objective, train, val, test, cfg, run_dir, *, method="", seed=0, accum=1, **_):
     """AdamW, constant lr, best epoch by ``objective.monitor`` on ``val``; writes best.pt."""
     run_dir = Path(run_dir)
+    if (run_dir / "result.json").is_file():  # a finished run is reused, as the Trainer does
+        return json.loads((run_dir / "result.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -128,11 +128,14 @@ class SparseTeacherCache:
         """Bytes on disk against dense fp16 logits for the same tokens."""
         files = sorted(self.dir.glob("e*.pt"))
         sparse = sum(f.stat().st_size for f in files)
-        tokens = 0
+        tokens = payload = 0
         for f in files:
             ent = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
             tokens += ent["log_tail"].numel()
+            payload += sum(t.numel() * t.element_size() for t in ent.values())
         dense = tokens * self.vocab_size * 2
         return {"tokens": tokens, "k": self.k, "vocab_size": self.vocab_size, "sparse_bytes": sparse,
-                "dense_fp16_bytes": dense, "ratio": sparse / dense if dense else float("nan"),
-                "bytes_per_token_sparse": sparse / max(tokens, 1), "bytes_per_token_dense": 2 * self.vocab_size}
+                "payload_bytes": payload, "dense_fp16_bytes": dense,
+                "ratio": sparse / dense if dense else float("nan"),
+                "bytes_per_token_sparse": sparse / max(tokens, 1),
+                "payload_bytes_per_token": payload / max(tokens, 1), "bytes_per_token_dense": 2 * self.vocab_size}

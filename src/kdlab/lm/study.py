@@ -488,6 +488,9 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     for seed in seeds:
         for m in recipe.arithmetic.students:
             pairs, vpairs, tr = student_data[m]
+            if not pairs:
+                log(f"{m}: no training examples (rejection sampling kept no teacher trace); skipped")
+                continue
             model, res = _arith_run(recipe.student, pairs, vpairs, recipe.train, out_dir / "runs" / m / f"seed{seed}",
                                     seed, m, tok, progress)
             r = {"method": m, "seed": seed, "params": count_params(model), "n_train_examples": len(pairs),
