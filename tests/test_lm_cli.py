@@ -4,7 +4,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from kdlab.cli import lm as lm_cli
 

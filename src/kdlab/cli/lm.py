@@ -33,7 +33,7 @@ def _seeds(text):
 
 
 def cmd_train_teacher(args) -> int:
-    from kdlab.lm.study import run_arithmetic, train_teacher
+    from kdlab.lm.study import train_teacher
 
     r = _recipe(args)
     if r.task == "arithmetic":

@@ -26,7 +26,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -66,6 +65,25 @@ def sparse_kl_error(p_logp: torch.Tensor, k: int) -> torch.Tensor:
     idx, top, lt = topk_entry(p_logp, k)
     q = reconstruct(idx, top, lt, p_logp.shape[-1])
     return (p_logp.exp() * (p_logp - q)).sum(-1)
+
+
+@torch.no_grad()
+def cache_error_report(teacher, loader, k: int) -> dict:
+    """Over every real target of ``loader`` (an evaluation loader): the teacher's mean tail mass
+    r outside its top k, and the mean KL(P‖P̂) (nats/token) lost by keeping only the top k."""
+    was = teacher.training
+    teacher.eval()
+    kl = tail = n = 0.0
+    dev = next(teacher.parameters()).device
+    for b in loader.epoch(0):
+        logp = torch.log_softmax(teacher(b["ids"][:, :-1].to(dev))[0].float(), -1)
+        m = b["mask"].to(dev).float()
+        _, _, lt = topk_entry(logp, k)
+        kl += float((sparse_kl_error(logp, k) * m).sum())
+        tail += float((lt.exp() * m).sum())
+        n += float(m.sum())
+    teacher.train(was)
+    return {"k": k, "mean_tail_mass": tail / max(n, 1.0), "kl_teacher_to_topk_nats": kl / max(n, 1.0)}
 
 
 class SparseTeacherCache:

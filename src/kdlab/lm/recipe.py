@@ -73,7 +73,7 @@ class LMTrainCfg(_Strict):
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     schedule: Literal["constant", "cosine", "step"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
     patience: Optional[int] = Field(None, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0.0)
     grad_accum: int = Field(1, ge=1)

@@ -24,13 +24,13 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from kdlab.core.checkpoint import load_checkpoint
 from kdlab.core.seeding import derive_seed
-from kdlab.lm.cache import SparseTeacherCache, state_fingerprint
+from kdlab.lm.cache import SparseTeacherCache, cache_error_report, state_fingerprint
 from kdlab.lm.corpora import EvalLoader, WindowLoader, corpus_streams, stream_fingerprint, token_bytes_tensor
 from kdlab.lm.generate import generate
 from kdlab.lm.models import count_params, create_lm
@@ -61,7 +61,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, method: str,
-        progress: bool = False) -> dict:
+        progress: bool = False, identity: Optional[dict] = None) -> dict:
     """One run of the core Trainer (resumes a finished or interrupted run in ``run_dir``)."""
     try:
         from kdlab.train.trainer import Trainer
@@ -71,7 +71,7 @@ def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, metho
         raise ValueError("kdlab lm runs with grad_accum: 1 for now (LMObjective supports a "
                          "token_denominator from the loop; see kdlab.lm.objective)")
     return Trainer(objective, train, val, test, train_cfg(t, seed), Path(run_dir), method=method,
-                   progress=progress).fit(resume=True)
+                   progress=progress, identity=identity).fit(resume=True)
 
 
 # -- models and checkpoints ------------------------------------------------------------------------
@@ -227,7 +227,9 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
                                    data.tokenizer, recipe.corpus.name))
     run = out_dir / "teacher"
     res = fit(obj, data.train_loader(t, t.seed), data.eval_loader("val", t), data.eval_loader("test", t),
-              t, run, seed=t.seed, method="teacher", progress=progress)
+              t, run, seed=t.seed, method="teacher", progress=progress,
+              identity={"kind": "lm-teacher", "corpus": recipe.corpus.model_dump(mode="json"),
+                        "teacher": recipe.teacher.model_dump(mode="json")})
     log(f"teacher: test bpb {res.get('test_bpb', float('nan')):.3f} -> {run / 'best.pt'}")
     return run / "best.pt"
 
@@ -268,7 +270,7 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
                       teacher_eval_store=teacher_eval_store)
     run = out_dir / "runs" / method / f"seed{seed}"
     res = fit(obj, loader, data.eval_loader("val", t), data.eval_loader("test", t), t, run,
-              seed=seed, method=method, progress=progress)
+              seed=seed, method=method, progress=progress, identity={"kind": "lm-student", **recipe.to_dict()})
     row = {"method": method, "seed": seed, "params": count_params(student), **res}
     if teacher is not None:
         best, _, _ = load_lm(run / "best.pt", dev)
@@ -323,6 +325,7 @@ def run_ablation(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = None
         cache_report = SparseTeacherCache(out_dir / "cache", state_fingerprint(teacher),
                                           data.train_loader(recipe.train, seeds[0]).fingerprint(),
                                           rm.distill.top_k, data.tokenizer.vocab_size).size_report()
+        cache_report.update(cache_error_report(teacher, data.eval_loader("test", recipe.train), rm.distill.top_k))
     return ablation_table(rows, out_dir, baseline=recipe.study.baseline, teacher=teacher_test,
                           teacher_params=count_params(teacher), wall_time_s=wall, cache_report=cache_report,
                           log=log)
@@ -396,7 +399,9 @@ def ablation_table(rows: list[dict], out_dir, *, baseline: str = "ce", teacher: 
     if cache_report:
         note += (f" Sparse teacher cache: top-{cache_report['k']} of {cache_report['vocab_size']} ids, "
                  f"{cache_report['bytes_per_token_sparse']:.1f} B/token vs {cache_report['bytes_per_token_dense']} "
-                 f"B/token dense fp16 ({100 * cache_report['ratio']:.2f}% of dense).")
+                 f"B/token dense fp16 ({100 * cache_report['ratio']:.2f}% of dense); on the test split the "
+                 f"teacher's mass outside its top {cache_report['k']} is {cache_report.get('mean_tail_mass', float('nan')):.4f} "
+                 f"and KL(P‖top-k P̂) = {cache_report.get('kl_teacher_to_topk_nats', float('nan')):.4f} nats/token.")
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.0f}s."
     (out_dir / "table.md").write_text(md + "\n\n" + note + "\n")
@@ -445,7 +450,9 @@ def _arith_run(model_cfg, pairs, val_pairs, t: LMTrainCfg, run_dir, seed: int, m
                       meta=lm_meta(model_cfg.model, model_cfg.kwargs, tokenizer.vocab_size, tokenizer, "arithmetic"))
     train = ProblemLoader(pairs, t.batch_size, tokenizer.pad_id, derive_seed(seed, "lm-data"), steps=t.steps_per_epoch)
     val = ProblemLoader(val_pairs, t.eval_batch_size, tokenizer.pad_id, shuffle=False)
-    res = fit(obj, train, val, val, t, run_dir, seed=seed, method=method, progress=progress)
+    res = fit(obj, train, val, val, t, run_dir, seed=seed, method=method, progress=progress,
+              identity={"kind": "lm-arithmetic", "method": method, "model": model_cfg.model_dump(mode="json"),
+                        "train": t.model_dump(mode="json"), "n_examples": len(pairs)})
     best, _, _ = load_lm(Path(run_dir) / "best.pt", dev)
     return best, res
 
