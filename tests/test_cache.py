@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from kdlab.distill.teachers import TeacherCache, TeacherStore
+from kdlab.distill.teachers import CachedTeacher, LiveTeacher, TeacherStore
 from kdlab.core.config import recipe_from_dict
 from kdlab.data import load_dataset
-from kdlab.train.trainer import LiveTeacher, Trainer, train
+from kdlab.train.build import make_trainer, train
 from kdlab.models import create_model
 
 KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
@@ -73,22 +73,22 @@ def test_cached_study_runs_match_live_runs_exactly(tmp_path, splits, teacher):
 
 
 def _trainer(tmp_path, name, loss, splits, teacher, store=None, mode="cache-fp16", seed=0, mask_kind="binary"):
-    return Trainer(_recipe(loss, mode, seed, mask_kind=mask_kind), tmp_path / name, teacher=teacher,
-                   splits=splits, progress=False, teacher_cache=store)
+    return make_trainer(_recipe(loss, mode, seed, mask_kind=mask_kind), tmp_path / name, teacher=teacher,
+                        splits=splits, progress=False, store=store)
 
 
 def test_cache_values_equal_rounded_live_and_bound_fp32(tmp_path, splits, teacher):
     store = TeacherStore()
     tr = _trainer(tmp_path, "a", MASKED, splits, teacher, store, mask_kind="soft")
-    assert isinstance(tr.teacher_source, TeacherCache)
+    assert isinstance(tr.objective.teacher, CachedTeacher)
     batches = list(tr.train_loader.epoch(3))
     for s, (x, y, idx) in enumerate(batches):  # fill
-        tr.teacher_source(x, y, idx, 3, s)
-    live16 = LiveTeacher(teacher, ["stage2"], ["stage2"], tr.recipe.mask, round_to=torch.float16)
-    live32 = LiveTeacher(teacher, ["stage2"], ["stage2"], tr.recipe.mask)
+        tr.objective.teacher(x, y, idx, 3, s)
+    live16 = LiveTeacher(teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask, round_to=torch.float16)
+    live32 = LiveTeacher(teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask)
     hits = store.hits
     for s, (x, y, idx) in enumerate(batches):
-        c = tr.teacher_source(x, y, idx, 3, s)
+        c = tr.objective.teacher(x, y, idx, 3, s)
         r = live16(x, y)
         f = live32(x, y)
         assert torch.equal(c[0], r[0])
@@ -107,7 +107,7 @@ def test_keys_never_serve_stale_entries(tmp_path, splits, teacher):
     tr = _trainer(tmp_path, "a", KD, splits, teacher, store)
     batches = list(tr.train_loader.epoch(0))
     for s, (x, y, idx) in enumerate(batches):
-        tr.teacher_source(x, y, idx, 0, s)
+        tr.objective.teacher(x, y, idx, 0, s)
     files = list(root.glob("logits-*/e00000.pt"))
     assert len(files) == 1
     assert json.loads((files[0].parent / "key.json").read_text())["loader_seed"] == tr.train_loader.seed
@@ -115,7 +115,7 @@ def test_keys_never_serve_stale_entries(tmp_path, splits, teacher):
     store2 = TeacherStore(root, memory_mb=0)
     tr2 = _trainer(tmp_path, "b", KD, splits, teacher, store2)
     for s, (x, y, idx) in enumerate(batches):
-        out = tr2.teacher_source(x, y, idx, 0, s)
+        out = tr2.objective.teacher(x, y, idx, 0, s)
     assert store2.hits == len(batches) + 1 and store2.misses == 0  # (+1: setup probe)
     # other teacher weights, another seed's data order, fp32 storage: new keys, no reuse
     other = create_model("cnn_tiny", num_classes=10, in_channels=1)
@@ -123,11 +123,11 @@ def test_keys_never_serve_stale_entries(tmp_path, splits, teacher):
         st = TeacherStore(root, memory_mb=0)
         tr3 = _trainer(tmp_path, "c", KD, splits, t, st, mode=mode, seed=seed)
         assert st.misses == 1 and st.hits == 0  # the setup probe had to be computed
-        assert set(tr3.teacher_source.keys.values()).isdisjoint(tr2.teacher_source.keys.values())
+        assert set(tr3.objective.teacher.keys.values()).isdisjoint(tr2.objective.teacher.keys.values())
     # an entry used for other samples is refused
     x, y, idx = batches[1]
     with pytest.raises(RuntimeError, match="other samples"):
-        tr2.teacher_source(x, y, idx.flip(0), 0, 1)
+        tr2.objective.teacher(x, y, idx.flip(0), 0, 1)
     assert out[0].dtype == torch.float32
 
 
@@ -139,13 +139,13 @@ def test_regimes(tmp_path, splits, teacher):
     c_kd = _trainer(tmp_path, "c", KD, splits, teacher, TeacherStore(), mode="consistent")
     c_m = _trainer(tmp_path, "d", MASKED, splits, teacher, TeacherStore(), mode="consistent")
     assert c_kd.train_loader.seed != c_m.train_loader.seed
-    assert isinstance(c_kd.teacher_source, LiveTeacher) and c_kd.teacher_source.round_to is None
+    assert isinstance(c_kd.objective.teacher, LiveTeacher) and c_kd.objective.teacher.round_to is None
     live = _trainer(tmp_path, "e", KD, splits, teacher, TeacherStore(), mode="live")
-    assert isinstance(live.teacher_source, LiveTeacher) and live.teacher_source.round_to is None
+    assert isinstance(live.objective.teacher, LiveTeacher) and live.objective.teacher.round_to is None
     assert live.train_loader.seed == p_kd.train_loader.seed
     # a cache-* run without a store computes live, rounded as the cache would store
     alone = _trainer(tmp_path, "f", KD, splits, teacher, None)
-    assert isinstance(alone.teacher_source, LiveTeacher) and alone.teacher_source.round_to == torch.float16
+    assert isinstance(alone.objective.teacher, LiveTeacher) and alone.objective.teacher.round_to == torch.float16
 
 
 def test_bench_runs_every_variant_side_by_side():

@@ -34,7 +34,7 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from kdlab.train.trainer import Trainer
+    from kdlab.train.build import make_trainer as Trainer
 
     res = {}
     # 1) gradient all-reduce: uneven shards (5 and 3 samples) give the full batch's gradient
@@ -49,7 +49,7 @@ def _worker(rank, world, port, out):
     res["grad"] = lin.weight.grad.tolist()
     # 2) a whole run through the Trainer, which joins the group from the environment
     tr = Trainer(recipe_from_dict(RECIPE), os.path.join(out, "run"), progress=False)
-    res["dist"] = list(tr.dist)
+    res["dist"] = list(tr.runtime.dist)
     res["batch"] = [tr.train_loader.batch_size, tr.train_loader.global_batch_size]
     r = tr.fit(resume=False)
     res.update(val_acc=r["val_acc"], test_acc=r["test_acc"], history=tr.state.history)
@@ -59,7 +59,7 @@ def _worker(rank, world, port, out):
     tr = Trainer(recipe_from_dict(NO_BN), os.path.join(out, "nobn"), progress=False)
     tr.fit(resume=False)
     res["nobn_history"] = tr.state.history
-    res["nobn_fc"] = tr.model.fc.weight.tolist()
+    res["nobn_fc"] = tr.objective.student.fc.weight.tolist()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     kd_dist.cleanup()
@@ -100,7 +100,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "last.pt", "metrics.csv", "result.json", "run.json"]
 
-    from kdlab.train.trainer import Trainer
+    from kdlab.train.build import make_trainer as Trainer
 
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setattr(nn, "BatchNorm2d", lambda c: nn.Identity())
@@ -110,11 +110,11 @@ def test_two_gloo_processes_match_one(tmp_path):
         print("no BN: 1 process", a["loss"], a["val_acc"], "2 processes", b["loss"], b["val_acc"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["train_acc"] == pytest.approx(b["train_acc"], abs=2 / 1213)
-    assert torch.allclose(tr.model.fc.weight, torch.tensor(r0["nobn_fc"]), atol=1e-4)
+    assert torch.allclose(tr.objective.student.fc.weight, torch.tensor(r0["nobn_fc"]), atol=1e-4)
 
     # one process, same recipe and data: the same accuracy within noise (BatchNorm sees 16 vs 32
     # samples per batch, so trajectories differ slightly)
-    from kdlab.train.trainer import train
+    from kdlab.train.build import train
 
     one = train(recipe_from_dict(RECIPE), tmp_path / "one", progress=False, resume=False)
     print("1 process", one["test_acc"], one["val_acc"], "2 processes", r0["test_acc"], r0["val_acc"])

@@ -100,15 +100,29 @@ def test_multi_teacher_average_by_hand(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     main_t = torch.randn(3, 10)
     s = torch.randn(3, 10, requires_grad=True)
-    rec = BatchRecord(x=x, y=torch.tensor([0, 1, 2]), s_logits=s, t_logits=main_t)
-    term = LOSSES.get("mtkd")(checkpoints=[str(path)], T=2.0)
-    term.setup(rec)
-    assert list(term.parameters()) == []  # extra teachers are frozen, not trained
     with torch.no_grad():
         t2_logits = extra(x)
+    rec = BatchRecord(x=x, y=torch.tensor([0, 1, 2]), s_logits=s, t_logits=main_t,
+                      extra_teachers={str(path): t2_logits})
+    term = LOSSES.get("mtkd")(checkpoints=[str(path)], T=2.0)
+    assert term.extra_teacher_checkpoints() == [str(path)]
+    assert list(term.parameters()) == []  # extra teachers are frozen, not trained
     assert term(rec).item() == pytest.approx(multi_teacher_kd_loss(s, [main_t, t2_logits], 2.0).item(), rel=1e-5)
-    with pytest.raises(FileNotFoundError):
-        LOSSES.get("mtkd")(checkpoints=[str(tmp_path / "missing.pt")]).setup(rec)
+    # the run builder loads the extra teacher and serves its logits like the main teacher's
+    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.build import build_run
+
+    d = {"name": "m", "data": {"name": "digits"}, "student": {"model": "cnn_tiny"},
+         "teacher": {"model": "cnn_tiny", "checkpoint": str(path)},
+         "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "teacher_mode": "live"},
+         "loss": [{"term": "ce", "weight": 0.1}, {"term": "mtkd", "weight": 0.9, "checkpoints": [str(path)]}]}
+    run = build_run(recipe_from_dict(d))
+    rec = run.objective.record(next(iter(run.train_loader.epoch(0))), 0, 0)
+    with torch.no_grad():
+        assert torch.allclose(rec.extra_teachers[str(path)], extra(rec.x), atol=1e-6)
+    d["loss"][1]["checkpoints"] = [str(tmp_path / "missing.pt")]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_run(recipe_from_dict(d))
     with pytest.raises(ValueError):
         LOSSES.get("mtkd")(checkpoints=[], include_main=False)
 

@@ -115,8 +115,8 @@ def test_overrides_and_extends():
 
 
 def test_gradients_reach_student_never_teacher():
-    from kdlab.train.trainer import Trainer
     from kdlab.models import create_model
+    from kdlab.train.build import make_trainer
 
     teacher = create_model("cnn_small", num_classes=10, in_channels=1)
     r = _digits_recipe(
@@ -125,20 +125,19 @@ def test_gradients_reach_student_never_teacher():
               {"term": "align", "layers": "stage2"}, {"term": "attn", "layers": "stage2"}],
         mask={"method": "ig", "steps": 4, "q": 0.5},
     )
-    tr = Trainer(r, "/tmp/unused", teacher=teacher, progress=False)
-    x, y, idx = next(iter(tr.train_loader.epoch(0)))
-    rec = tr.record(x, y, idx, 0, 0)
-    total, parts = tr.losses(rec)
+    tr = make_trainer(r, "/tmp/unused", teacher=teacher, progress=False)
+    rec = tr.objective.record(next(iter(tr.train_loader.epoch(0))), 0, 0)
+    total, parts = tr.objective.losses(rec)
     assert set(parts) == {"ce", "kd", "align", "attn"}
     assert not rec.t_logits.requires_grad and not rec.t_feats["stage2"].requires_grad
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
-    grads = [p.grad for p in tr.model.parameters()]
+    grads = [p.grad for p in tr.objective.student.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
 def test_resume_gives_the_same_result(tmp_path):
-    from kdlab.train.trainer import train
+    from kdlab.train.build import train
 
     r = _digits_recipe()
     full = train(r, tmp_path / "a", progress=False)
@@ -159,7 +158,7 @@ def test_resume_gives_the_same_result(tmp_path):
 
 
 def test_resume_refuses_a_different_recipe(tmp_path):
-    from kdlab.train.trainer import train
+    from kdlab.train.build import train
 
     train(_digits_recipe(), tmp_path / "r", progress=False, stop_after=1)
     with pytest.raises(ValueError, match="different recipe"):
@@ -182,7 +181,7 @@ def test_corrupt_and_missing_checkpoints(tmp_path):
 
 def test_teacher_with_other_class_count_is_refused(tmp_path):
     from kdlab.core.checkpoint import model_checkpoint
-    from kdlab.train.trainer import train
+    from kdlab.train.build import train
     from kdlab.models import create_model
 
     t = create_model("cnn_tiny", num_classes=5, in_channels=1)
@@ -195,7 +194,8 @@ def test_teacher_with_other_class_count_is_refused(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path):
-    from kdlab.train.trainer import TrainingError, train
+    from kdlab.train.build import train
+    from kdlab.train.trainer import TrainingError
 
     r = _digits_recipe(train={"epochs": 3, "lr": 1e30, "patience": None, "seed": 0})
     with pytest.raises(TrainingError, match="non-finite.*lower train.lr"):

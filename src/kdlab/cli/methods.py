@@ -22,14 +22,14 @@ def method_recipes(dataset: str) -> list[str]:
 
 def cmd_methods(args) -> int:
     from kdlab.distill.losses import LOSSES
-    from kdlab.experiments.paradigms import PARADIGMS
+    from kdlab.experiments.paradigms import list_paradigms
 
     print("loss terms (use in a recipe's loss: list; `kdlab compare --all digits` runs them all):")
     for e in LOSSES.entries():
         ref = f"  [{e.reference}]" if e.reference else ""
         print(f"  {e.name:<9} {e.description}{ref}")
     print("paradigms (`kdlab paradigm NAME RECIPE`):")
-    for name, desc, ref in PARADIGMS:
+    for name, desc, ref in list_paradigms():
         print(f"  {name:<9} {desc}  [{ref}]")
     return 0
 
@@ -56,10 +56,10 @@ def run_compare(refs: list[str], out_dir, *, seeds, baseline="kd", data_dir=None
     """Loss-term recipes run through ``run_study``; paradigm recipes (``recipes/paradigms/...``,
     files with a ``paradigm:`` section) through ``kdlab.experiments.paradigms.runs``; one table of both."""
     from kdlab.core.config import load_recipe
-    from kdlab.experiments.paradigms import ensure_extra_teachers
     from kdlab.experiments.paradigms.runs import run_paradigm_seeds, student_recipe
-    from kdlab.experiments.paradigms.spec import PARAMS, is_paradigm_file, load_paradigm, paradigm_kind as _kind
+    from kdlab.experiments.paradigms.spec import is_paradigm_file, load_paradigm
     from kdlab.experiments.study import run_study
+    from kdlab.train.build import ensure_teachers
 
     recipes, paradigms = {}, {}
     ov = list(overrides or []) + ([f"data.data_dir={data_dir}"] if data_dir else [])
@@ -68,8 +68,7 @@ def run_compare(refs: list[str], out_dir, *, seeds, baseline="kd", data_dir=None
         if name in recipes or name in paradigms:
             raise ValueError(f"two recipes are both named '{name}'; compare recipes with distinct file names")
         if is_paradigm_file(ref):
-            paradigms[name] = load_paradigm(ref, [o for o in ov if not o.startswith("paradigm.")
-                                                  or o.split("=", 1)[0].split(".")[1] in PARAMS.get(_kind(ref), ())])
+            paradigms[name] = load_paradigm(ref, ov)
         else:  # `--set paradigm.X=...` only concerns the paradigm recipes
             recipes[name] = load_recipe(ref, [o for o in ov if not o.startswith("paradigm.")])
     names = list(recipes) + [n for m, sp in paradigms.items()
@@ -78,7 +77,7 @@ def run_compare(refs: list[str], out_dir, *, seeds, baseline="kd", data_dir=None
         raise ValueError(f"baseline '{baseline}' is not among the compared methods ({', '.join(names)}); "
                          f"add its recipe or pass --baseline <method>")
     for r in recipes.values():
-        ensure_extra_teachers(r, data_dir=data_dir, progress=progress, log=log)
+        ensure_teachers(r, data_dir=data_dir, progress=progress, log=log)
     out_dir = Path(out_dir)
     log(f"comparing {len(recipes) + len(paradigms)} methods x {len(seeds)} seeds -> {out_dir}")
     if not paradigms:
@@ -104,7 +103,7 @@ def run_compare(refs: list[str], out_dir, *, seeds, baseline="kd", data_dir=None
                     rows.append(json.loads((out_dir / m / f"seed{s}" / "result.json").read_text()))
         all_recipes = dict(recipes)
         for m, sp in paradigms.items():
-            log(f"paradigm {m} ({sp.name}, {', '.join(f'{k}={v}' for k, v in sp.params.items())})")
+            log(f"paradigm {m} ({sp.name}, {', '.join(f'{k}={v}' for k, v in sp.params.model_dump().items())})")
             rows += run_paradigm_seeds(sp, m, out_dir, seeds=list(seeds), data_dir=data_dir,
                                        progress=progress, log=log)
             all_recipes[m] = all_recipes[f"{m}-ensemble"] = student_recipe(sp)
@@ -119,7 +118,7 @@ def run_compare(refs: list[str], out_dir, *, seeds, baseline="kd", data_dir=None
     (out_dir / "report" / "compare.json").write_text(json.dumps(
         {"recipes": {**{m: r.source for m, r in recipes.items()},
                      **{m: sp.source for m, sp in paradigms.items()}},
-         "paradigms": {m: {"name": sp.name, **sp.params} for m, sp in paradigms.items()},
+         "paradigms": {m: {"name": sp.name, **sp.params.model_dump()} for m, sp in paradigms.items()},
          "seeds": list(seeds), "baseline": baseline}, indent=2))
     log("")
     log(md)
@@ -145,16 +144,17 @@ def cmd_compare(args) -> int:
 
 def cmd_paradigm(args) -> int:
     """``kdlab paradigm NAME RECIPE`` (a normal recipe) or ``kdlab paradigm PARADIGM_RECIPE``
-    (e.g. paradigms/digits/ban); flags given on the command line override the file's settings."""
+    (e.g. paradigms/digits/ban); ``--set paradigm.<setting>=value`` sets the paradigm's settings."""
     from kdlab.core.config import load_recipe
+    from kdlab.experiments.paradigms import PARADIGMS
     from kdlab.experiments.paradigms.runs import run_paradigm
-    from kdlab.experiments.paradigms.spec import PARAMS, ParadigmSpec, check_params, is_paradigm_file, load_paradigm
+    from kdlab.experiments.paradigms.spec import ParadigmSpec, check_params, is_paradigm_file, load_paradigm
 
     ov = list(args.overrides) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     first, ref = args.paradigm, args.recipe
-    if first not in PARAMS:  # the first argument is a paradigm recipe
+    if first not in PARADIGMS:  # the first argument is a paradigm recipe
         if ref is not None:
-            raise ValueError(f"unknown paradigm '{first}' (one of: {', '.join(PARAMS)})")
+            raise ValueError(f"unknown paradigm '{first}' (one of: {', '.join(PARADIGMS.names())})")
         first, ref = None, first
     if ref is None:
         raise ValueError(f"name a recipe: kdlab paradigm {first} RECIPE (or a paradigm recipe, "
@@ -167,18 +167,14 @@ def cmd_paradigm(args) -> int:
         if first is None:
             raise ValueError(f"'{ref}' is not a paradigm recipe (no 'paradigm:' section); "
                              f"use kdlab paradigm NAME {ref}")
-        spec = ParadigmSpec(first, check_params(first, {}), load_recipe(ref, ov), str(ref))
-    cli = {"peers": args.peers, "n_peers": args.n_peers, "T": args.T, "generations": args.generations,
-           "assistant": args.assistant, "checkpoint": args.checkpoint, "n_images": args.n_images,
-           "iters": args.iters}
-    for k, v in cli.items():
-        if v is not None:
-            if k not in PARAMS[spec.name]:
-                raise ValueError(f"--{k.replace('_', '-')} does not apply to paradigm '{spec.name}'")
-            spec.params[k] = v
+        from kdlab.core.config import apply_overrides
+
+        par = apply_overrides({"paradigm": {}}, [o for o in ov if o.startswith("paradigm.")])["paradigm"]
+        spec = ParadigmSpec(first, check_params(first, par, "--set paradigm"),
+                            load_recipe(ref, [o for o in ov if not o.startswith("paradigm.")]), str(ref))
     recipe = spec.recipe
     if args.seed is not None:
-        recipe.train.seed = args.seed
+        recipe = spec.recipe = recipe.with_seed(args.seed)
     out = Path(args.out or f"runs/{recipe.name}-{spec.name}/seed{recipe.train.seed}")
     res = run_paradigm(spec, out, progress=not args.quiet, data_dir=args.data_dir)
     print(f"results: {out}")
@@ -211,14 +207,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (default runs/<recipe name>-<paradigm>/seed<k>)")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--peers", nargs="+", help="dml: peer model names (default: n-peers copies of the student)")
-    p.add_argument("--n-peers", type=int, help="dml: number of peers (default 2)")
-    p.add_argument("--T", type=float, help="dml: temperature of the mutual KL (default 1)")
-    p.add_argument("--generations", type=int, help="ban: generations after gen 0 (default 2)")
-    p.add_argument("--assistant", help="ta: assistant model name (default: sized between teacher and student)")
-    p.add_argument("--checkpoint", help="self: a trained checkpoint of the student's architecture")
-    p.add_argument("--n-images", type=int, help="deepinv: synthetic images (default 512)")
-    p.add_argument("--iters", type=int, help="deepinv: optimisation steps per batch (default 200)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, or a paradigm setting: --set paradigm.generations=3")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_paradigm)

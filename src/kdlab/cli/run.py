@@ -26,7 +26,7 @@ def _load(args):
 
 
 def cmd_train_teacher(args) -> int:
-    from kdlab.train.trainer import train
+    from kdlab.train.build import train
 
     recipe = _load(args)
     out = Path(args.out or f"runs/{recipe.name}")
@@ -38,13 +38,12 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from kdlab.train.trainer import train
-    from kdlab.experiments.study import ensure_teacher
+    from kdlab.train.build import ensure_teachers, train
 
     recipe = _load(args)
     if args.seed is not None:
         recipe.train.seed = args.seed
-    ensure_teacher(recipe, data_dir=args.data_dir, progress=not args.quiet)
+    ensure_teachers(recipe, data_dir=args.data_dir, progress=not args.quiet)
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
     print(f"distilling {recipe.name}: {recipe.student.model} <- "
           f"{recipe.teacher.model if recipe.teacher else 'no teacher'} -> {out}")
@@ -89,7 +88,8 @@ def cmd_sweep(args) -> int:
 def cmd_evaluate(args) -> int:
     from kdlab.core.checkpoint import load_model
     from kdlab.data import BatchLoader, load_dataset
-    from kdlab.train.trainer import check_pair, evaluate
+    from kdlab.evaluate.accuracy import evaluate
+    from kdlab.train.build import check_pair
 
     model, ck = load_model(args.checkpoint)
     splits = load_dataset(args.dataset or ck["dataset"], args.data_dir)

@@ -58,6 +58,10 @@ class TrainCfg(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     nesterov: bool = False
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: int = Field(0, ge=0)
+    grad_accum: int = Field(1, ge=1)
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0, le=1.0)
@@ -121,13 +125,25 @@ class Recipe(_Strict):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude={"source"})
 
-    def with_updates(self, **sections) -> "Recipe":
+    def derive(self, **sections) -> "Recipe":
+        """A validated copy with whole top-level sections replaced (``loss=[...]``,
+        ``teacher=None``, ``train={...}``; models or plain dicts), keeping ``source``."""
         d = self.to_dict()
         for k, v in sections.items():
+            if k not in type(self).model_fields or k == "source":
+                raise RecipeError(f"{self.source or self.name}: {k}: unknown recipe section")
+            if isinstance(v, BaseModel):
+                v = v.model_dump(mode="json")
+            elif isinstance(v, list):
+                v = [t.model_dump(mode="json") if isinstance(t, BaseModel) else t for t in v]
             d[k] = v
-        r = Recipe.model_validate(d)
+        r = recipe_from_dict(d, self.source or self.name)
         r.source = self.source
         return r
+
+    def with_seed(self, seed: int) -> "Recipe":
+        """The same recipe with ``train.seed = seed``."""
+        return self.derive(train={**self.train.model_dump(mode="json"), "seed": int(seed)})
 
     def needs_teacher(self) -> bool:
         from kdlab.distill.losses import build_terms
@@ -142,11 +158,12 @@ def _fmt_loc(loc) -> str:
     return out
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``: dicts key by key, anything else (lists too) replaced."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -169,7 +186,8 @@ def resolve_recipe_path(ref: str | Path, relative_to: Path | None = None) -> Pat
     )
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A recipe file as a raw dict, with its ``extends`` chain merged in."""
     if path.resolve() in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle")
     try:
@@ -182,7 +200,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if base_ref:
         base_path = resolve_recipe_path(base_ref, path.parent)
         # dicts are merged key by key; a list (such as `loss`) replaces the base's whole list
-        raw = _deep_merge(_read_yaml(base_path, seen + (path.resolve(),)), raw)
+        raw = deep_merge(read_recipe_yaml(base_path, seen + (path.resolve(),)), raw)
     return raw
 
 
@@ -244,19 +262,26 @@ def apply_overrides(raw: dict, overrides) -> dict:
             raise RecipeError(f"override '{ov}' must look like key.path=value (e.g. train.epochs=5)")
         key, val = ov.split("=", 1)
         node = raw
-        parts = key.split(".")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"override '{ov}': the key has an empty part; write it as "
+                              f"section.key=value (e.g. train.epochs=5)")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{ov}': '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(val)
+        try:
+            node[parts[-1]] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override '{ov}': the value is not valid YAML "
+                              f"({str(e).splitlines()[0]}); quote it or fix the brackets") from None
     return raw
 
 
 def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
     path = resolve_recipe_path(ref)
-    raw = _read_yaml(path)
+    raw = read_recipe_yaml(path)
     apply_overrides(raw, overrides)
     recipe = recipe_from_dict(raw, str(path))
     recipe.source = str(path)

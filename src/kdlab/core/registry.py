@@ -32,6 +32,10 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests that register a toy entry clean up with this)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> Any:
         return self.entry(name).obj
 

@@ -1,29 +1,37 @@
-"""Teacher cache: the teacher's outputs for every augmented training batch, computed once per study.
+"""Teacher sources: what a training step knows about the teacher(s), behind one protocol.
 
-A study is paired: every method of seed k sees the same data order and the same augmentation
-draws (the loader seed is ``derive_seed(k, "data")``), so the teacher's logits, tapped features
-and causal masks for batch (epoch e, step s) are the same for every method of that seed. A
-:class:`TeacherStore` (one per study) holds them; a :class:`TeacherCache` (one per run) is the
-run's ``teacher_source``: it serves what the store has and computes the rest with the live teacher.
+A :class:`TeacherSource` is called as ``source(x, y, idx, epoch, step) -> TeacherOutputs`` (logits,
+tapped features by layer, causal masks by layer). Two implementations:
 
-Entries are stored per *component* (``logits``, ``feat:<layer>``, ``mask:<layer>``), so KD fills
-the logits, KD+align adds the features and masks, and the full method reuses all of them. Each
-component's key hashes everything its values depend on: data set and split (a content fingerprint
-of the training tensors), loader seed, batch size, shuffle, augmentation spec, normalisation,
-shard (rank/world), teacher weights (state-dict hash, plus the checkpoint file hash when known),
-device type, storage precision, the layer, and for masks the mask config. A different key is a
-different entry, so a stale cache is never used; each stored epoch also keeps the batch indices,
-which are checked on use.
+* :class:`LiveTeacher` runs the teacher on every batch (features without gradients; masks need
+  gradients w.r.t. the teacher's activations only);
+* :class:`CachedTeacher` serves the outputs from a study-wide :class:`TeacherStore` and computes
+  only what is missing with its live teacher.
+
+:func:`teacher_plan` is the only interpreter of ``train.teacher_mode`` and
+:func:`build_teacher_source` the only place a source is made (``kdlab.train.build`` calls it, for
+the recipe's teacher and for the extra teachers of ``mtkd``).
+
+**The teacher cache.** A study is paired: every method of seed k sees the same data order and the
+same augmentation draws (the loader seed is ``derive_seed(k, "data")``), so the teacher's logits,
+tapped features and causal masks for batch (epoch e, step s) are the same for every method of that
+seed. A :class:`TeacherStore` (one per study) holds them. Entries are stored per *component*
+(``logits``, ``feat:<layer>``, ``mask:<layer>``), so KD fills the logits, KD+align adds the features
+and masks, and the full method reuses all of them. Each component's key hashes everything its values
+depend on (:func:`cache_key`): data set and split (a content fingerprint of the training tensors),
+loader seed, batch size, shuffle, augmentation spec, normalisation, shard (rank/world), teacher
+weights (state-dict hash, plus the checkpoint file hash when known), device type, storage precision,
+the layer, and for masks the mask config. A different key is a different entry, so a stale cache is
+never used; each stored epoch also keeps the batch indices, which are checked on use.
 
 Precision: values are stored in fp16 (``teacher_mode: cache-fp16``, the default) or fp32
 (``cache-fp32``). To make losses *exactly* equal with and without the cache, the live path of a
-``cache-*`` run rounds the teacher outputs through the same precision (:class:`kdlab.train.trainer.
-LiveTeacher` with ``round_to``). Binary masks are exact in fp16; logits and features change by
-at most one fp16 rounding (relative 2^-11).
+``cache-*`` run rounds the teacher outputs through the same precision (``LiveTeacher(round_to=)``).
+Binary masks are exact in fp16; logits and features change by at most one fp16 rounding (2^-11).
 
 Storage: completed epochs stay in memory while the store holds less than ``memory_mb``; beyond
 that (and only when the store has a ``root`` folder) they are written to
-``<root>/<key>/<component>/e<epoch>.pt`` and read back memory-mapped.
+``<root>/<component>-<key>/e<epoch>.pt`` and read back memory-mapped.
 """
 
 from __future__ import annotations
@@ -32,13 +40,92 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Protocol
 
 import torch
+from torch import nn
+
+from kdlab.distill.masks import causal_masks
+from kdlab.models.taps import Taps
 
 
-PRECISIONS = {"cache-fp16": torch.float16, "cache-fp32": torch.float32}
+class TeacherOutputs(NamedTuple):
+    """A teacher's outputs for one batch (fp32 tensors on the batch's device)."""
+
+    logits: Optional[torch.Tensor]
+    feats: dict
+    masks: dict
+
+
+class TeacherSource(Protocol):
+    """``(x, y, idx, epoch, step) -> TeacherOutputs``; ``teacher`` is the underlying frozen model."""
+
+    teacher: nn.Module
+
+    def __call__(self, x, y, idx=None, epoch: int = 0, step: int = 0) -> TeacherOutputs: ...
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What ``train.teacher_mode`` means: the storage precision of the outputs (None: fp32 live,
+    unrounded), whether a study's store may serve them, and whether each method draws its own
+    augmentation (``consistent``)."""
+
+    round_to: Optional[torch.dtype]
+    cached: bool
+    fresh_augmentation: bool
+
+
+def teacher_plan(mode: str) -> TeacherPlan:
+    """Interpret ``train.teacher_mode`` (``cache-fp16 | cache-fp32 | live | consistent``)."""
+    plans = {
+        "cache-fp16": TeacherPlan(torch.float16, True, False),
+        "cache-fp32": TeacherPlan(torch.float32, True, False),
+        "live": TeacherPlan(None, False, False),
+        "consistent": TeacherPlan(None, False, True),
+    }
+    if mode not in plans:
+        raise ValueError(f"train.teacher_mode '{mode}' is not one of {', '.join(plans)}")
+    return plans[mode]
+
+
+class LiveTeacher:
+    """Runs the teacher on every batch: logits and tapped features without gradients, and the
+    causal masks (which need gradients w.r.t. the teacher's activations only)."""
+
+    def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
+                 round_to: Optional[torch.dtype] = None):
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.layers = list(layers)
+        self.mask_layers = list(mask_layers)
+        self.mask_cfg = mask_cfg
+        self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        # outside inference mode: a normal fp32 tensor that autograd may save
+        return t.to(self.round_to).float() if self.round_to is not None else t.float().clone()
+
+    def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
+        """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
+        with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
+            logits = self.teacher(x)
+            feats = {n: taps[n] for n in layers}
+        return self._out(logits), {n: self._out(f) for n, f in feats.items()}
+
+    def masks(self, x, y, layers) -> dict:
+        """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`)."""
+        if not layers:
+            return {}
+        return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
+
+    def __call__(self, x, y, idx=None, epoch=0, step=0) -> TeacherOutputs:
+        logits, feats = self.forward(x, self.layers)
+        return TeacherOutputs(logits, feats, self.masks(x, y, self.mask_layers))
+
 
 
 def _hash(obj) -> str:
@@ -147,13 +234,13 @@ class TeacherStore:
                 "root": str(self.root) if self.root else None}
 
 
-class TeacherCache:
+class CachedTeacher:
     """A run's ``teacher_source``: ``(x, y, idx, epoch, step) -> (t_logits, t_feats, masks)``
     served from a :class:`TeacherStore`, misses computed with ``live`` (a ``LiveTeacher`` whose
     ``round_to`` is the storage dtype, so hits and misses return identical values).
 
     ``base_key`` is a dict of everything the outputs depend on besides the component (see
-    :func:`trainer_key`); ``steps`` is the number of batches per epoch.
+    :func:`cache_key`); ``steps`` is the number of batches per epoch.
     """
 
     def __init__(self, live, store: TeacherStore, base_key: dict, steps: int):
@@ -172,7 +259,7 @@ class TeacherCache:
 
     def __call__(self, x, y, idx=None, epoch=0, step=0):
         if idx is None:
-            raise ValueError("TeacherCache needs the batch indices (idx); use LiveTeacher otherwise")
+            raise ValueError("CachedTeacher needs the batch indices (idx); use LiveTeacher otherwise")
         check = x.device.type == "cpu" or step == 0  # no host-device sync per step on GPUs
         got = {}
         for name, _ in self.comps:
@@ -195,10 +282,12 @@ class TeacherCache:
             v = got[name]
             return v.to(dev, non_blocking=True).float() if v.device != dev or v.dtype != torch.float32 else v
 
-        logits = out("logits")
-        feats = {l: out(f"feat:{l}") for l in self.live.layers}
-        masks = {l: out(f"mask:{l}") for l in self.live.mask_layers}
-        return logits, feats, masks
+        return TeacherOutputs(out("logits"), {l: out(f"feat:{l}") for l in self.live.layers},
+                              {l: out(f"mask:{l}") for l in self.live.mask_layers})
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.live.teacher
 
     def _compute(self, x, y, names: list[str]) -> dict:
         """The live teacher's (rounded) values of the named components only."""
@@ -215,36 +304,39 @@ class TeacherCache:
         return out
 
 
-def trainer_key(trainer) -> dict:
-    """Everything a run's teacher outputs depend on, besides layer / mask config and precision."""
+def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional[str],
+              device: torch.device) -> dict:
+    """Everything a run's teacher outputs depend on, besides layer / mask config and precision:
+    ``loader`` (a sharded or whole :class:`kdlab.data.BatchLoader`), the teacher, the data section
+    (``name``, ``val_fraction``, ``label_fraction``), the teacher checkpoint file and the device."""
     from kdlab.core.checkpoint import file_hash
 
-    ld = trainer.train_loader
-    tc = trainer.recipe.teacher
-    ckpt = tc.checkpoint if tc is not None else None
-    d = trainer.recipe.data
+    ld = loader
     return {
         "version": 1,
-        "dataset": d.name, "val_fraction": d.val_fraction, "label_fraction": d.label_fraction,
+        "dataset": dataset.get("name"), "val_fraction": dataset.get("val_fraction"),
+        "label_fraction": dataset.get("label_fraction"),
         "train_data": tensor_fingerprint(ld.x, ld.y),
         "loader_seed": ld.seed, "batch_size": ld.batch_size, "shuffle": ld.shuffle,
         "drop_last": ld.drop_last, "augment": repr(ld.augment),
         "mean": None if ld.mean is None else ld.mean.flatten().tolist(),
         "std": None if ld.std is None else ld.std.flatten().tolist(),
         "rank": ld.rank, "world": ld.world_size,
-        "teacher_weights": module_fingerprint(trainer.teacher_source.teacher),
-        "teacher_checkpoint": file_hash(ckpt) if ckpt and Path(ckpt).is_file() else None,
-        "device": trainer.device.type,
+        "teacher_weights": module_fingerprint(teacher),
+        "teacher_checkpoint": file_hash(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        "device": device.type,
     }
 
 
-def attach_cache(trainer, store: TeacherStore) -> None:
-    """Wrap the trainer's live teacher source in a :class:`TeacherCache` (cache-* modes only)."""
-    from kdlab.train.trainer import LiveTeacher
-
-    if not isinstance(trainer.teacher_source, LiveTeacher):
-        return
-    if trainer.cfg.teacher_mode not in PRECISIONS:
-        return
-    trainer.teacher_source = TeacherCache(trainer.teacher_source, store, trainer_key(trainer),
-                                          len(trainer.train_loader))
+def build_teacher_source(teacher: nn.Module, *, mode: str, layers=(), mask_layers=(), mask_cfg=None,
+                         store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
+                         checkpoint: Optional[str] = None, device=None) -> TeacherSource:
+    """The teacher source of a run: live, or served from ``store`` when ``mode`` caches and a store
+    and the training ``loader`` (whose batches it keys) are given."""
+    plan = teacher_plan(mode)
+    live = LiveTeacher(teacher, list(layers), list(mask_layers), mask_cfg, round_to=plan.round_to)
+    if not (plan.cached and store is not None and loader is not None):
+        return live
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    key = cache_key(loader, teacher, dataset=dataset or {}, checkpoint=checkpoint, device=device)
+    return CachedTeacher(live, store, key, len(loader))

@@ -75,8 +75,10 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                 repeats: int = 3, log=print) -> list[dict]:
     """Images per second of each variant's training steps (see the module doc)."""
     from kdlab.distill.teachers import TeacherStore
-    from kdlab.train.trainer import Trainer
     from kdlab.models import create_model
+    from kdlab.train.build import build_run
+    from kdlab.train.objective import StepContext
+    from kdlab.train.trainer import Trainer
 
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
@@ -92,25 +94,25 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                         mask_steps=mask_steps, mode=mode, amp=amp, channels_last=channels_last,
                         compile_=compile_)
             store = stores[v] = TeacherStore() if how == "cached" else None
-            tr = trainers[v] = Trainer(r, Path(tmp) / v, teacher=t_model if kind != "baseline" else None,
-                                       splits=splits, progress=False, method=v, teacher_cache=store)
+            run = build_run(r, splits=splits, teacher=t_model if kind != "baseline" else None, store=store)
+            tr = trainers[v] = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / v,
+                                       runtime=run.runtime, progress=False, method=v)
             if store is not None:  # fill the cache: one untimed pass over the same batches
-                src = tr.teacher_source
+                src = run.objective.teacher
                 for step, (x, y, idx) in enumerate(tr.train_loader.epoch(0)):
                     src(x, y, idx, 0, step)
             # untimed warm-up step (allocator, compile)
-            x, y, idx = next(iter(tr.train_loader.epoch(1)))
-            rec = tr.record(x, y, idx, 1, 0)
-            tr.losses(rec)[0].backward()
+            batch = next(iter(tr.train_loader.epoch(1)))
+            run.objective.step(batch, StepContext(1, 0, run.runtime))[0].backward()
             tr.opt.zero_grad(set_to_none=True)
         # side by side: the variants take turns, `repeats` rounds; the median round counts
         for _ in range(repeats):
             for v in variants:
                 tr = trainers[v]
-                _sync(tr.device)
+                _sync(tr.runtime.device)
                 t0 = time.perf_counter()
                 tr.train_epoch(0)
-                _sync(tr.device)
+                _sync(tr.runtime.device)
                 times[v].append(time.perf_counter() - t0)
     rows = []
     for v in variants:
@@ -142,9 +144,10 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     """Run a study twice, with and without the teacher cache (same recipe, separate folders):
     wall times, the sum of the students' own training times, and whether results are identical."""
     from kdlab.core.config import load_recipe
-    from kdlab.experiments.study import ensure_teacher, run_ablation
+    from kdlab.experiments.study import run_ablation
+    from kdlab.train.build import ensure_teachers
 
-    ensure_teacher(load_recipe(recipe_ref, overrides), progress=False, log=log)  # not timed
+    ensure_teachers(load_recipe(recipe_ref, overrides), progress=False, log=log)  # not timed
     out_dir = Path(out_dir)
     res = {}
     for name, cache in (("cached", True), ("live", False)):

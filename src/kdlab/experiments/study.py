@@ -14,13 +14,12 @@ weight 1; with ``kd`` it keeps the full recipe's CE weight (the ``1 − α`` of 
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe, TermCfg, load_recipe, recipe_from_dict
+from kdlab.core.config import Recipe, TermCfg, load_recipe
+from kdlab.core.io import read_json, write_json
 
 
 def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
@@ -40,16 +39,12 @@ def _method(full: Recipe, comps: list[TermCfg], ce: Optional[TermCfg]) -> Recipe
             ce_cfg["weight"] = 1.0
         loss.append(ce_cfg)
     loss += [c.model_dump() for c in comps]
-    d = full.to_dict()
-    d["loss"] = loss
     from kdlab.distill.losses import build_terms
 
     terms = build_terms(TermCfg.model_validate(t) for t in loss)
     if not any(t.needs_masks for _, _, t in terms):
-        d["mask"] = None
-    r = recipe_from_dict(d, full.source or full.name)
-    r.source = full.source
-    return r
+        return full.derive(loss=loss, mask=None)
+    return full.derive(loss=loss)
 
 
 def ablation_methods(full: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
@@ -76,38 +71,6 @@ def ablation_methods(full: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
     return out
 
 
-def _with_data_dir(recipe: Recipe, data_dir: Optional[str]) -> Recipe:
-    if data_dir is None:
-        return recipe
-    d = recipe.to_dict()
-    d["data"]["data_dir"] = str(data_dir)
-    r = recipe_from_dict(d, recipe.source or recipe.name)
-    r.source = recipe.source
-    return r
-
-
-def ensure_teacher(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
-    """Train the recipe's teacher from ``teacher.recipe`` when its checkpoint is missing."""
-    from kdlab.train.trainer import train
-
-    tc = recipe.teacher
-    if tc is None or not recipe.needs_teacher() and not tc.recipe:
-        return None
-    if tc.checkpoint and Path(tc.checkpoint).is_file():
-        return tc.checkpoint
-    if not tc.recipe:
-        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
-                                f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
-    t_recipe = _with_data_dir(load_recipe(tc.recipe), data_dir)
-    ckpt = Path(tc.checkpoint or f"runs/{t_recipe.name}/best.pt")
-    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}")
-    res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
-    if ckpt.name != "best.pt":
-        shutil.copyfile(ckpt.parent / "best.pt", ckpt)
-    log(f"teacher: val {res['val_acc']:.4f}  test {res['test_acc']:.4f}  (best epoch {res['best_epoch']})")
-    return str(ckpt)
-
-
 def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir=None,
               progress: bool = True, log=print, baseline: str = "baseline",
               profile: bool = True, teacher_cache: bool = True) -> dict:
@@ -116,31 +79,27 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
     ``teacher_cache``: share the teacher's outputs between the study's runs (recipes with
     ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md)."""
     from kdlab.distill.teachers import TeacherStore
-    from kdlab.train.runtime import is_main
-    from kdlab.train.trainer import load_teacher, resolve_device, train
     from kdlab.report.tables import study_report
+    from kdlab.train.build import ensure_teachers, load_splits, load_teacher, train, with_data_dir
+    from kdlab.train.runtime import is_main, resolve_device
 
     out_dir = Path(out_dir)
     store = TeacherStore(out_dir / ".teacher_cache") if teacher_cache else None
-    recipes = {m: _with_data_dir(r, data_dir) for m, r in recipes.items()}
+    recipes = {m: with_data_dir(r, data_dir) for m, r in recipes.items()}
     teachers = {}
     rows = []
     t_start = time.perf_counter()
     for method, recipe in recipes.items():
         teacher = None
         if recipe.needs_teacher():
-            ensure_teacher(recipe, data_dir=data_dir, progress=progress, log=log)
+            ensure_teachers(recipe, data_dir=data_dir, progress=progress, log=log)
             key = recipe.teacher.checkpoint
             if key not in teachers:
-                from kdlab.data import load_dataset
-
-                d = recipe.data
-                info = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction).info
+                info = load_splits(recipe).info
                 teachers[key] = load_teacher(recipe, info, resolve_device(recipe.train.device))
             teacher = teachers[key]
         for seed in seeds:
-            r = recipe.model_copy(deep=True)
-            r.train.seed = seed
+            r = recipe.with_seed(seed)
             run_dir = out_dir / method / f"seed{seed}"
             finished = (run_dir / "result.json").exists()
             res = train(r, run_dir, teacher=teacher, progress=progress, method=method,
@@ -175,9 +134,9 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     from kdlab.train.runtime import is_main
     if not is_main():  # a rank > 0 of a distributed study writes nothing
         return report
-    (out_dir / "report" / "study.json").write_text(json.dumps(
-        {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
-         "methods": list(methods)}, indent=2))
+    write_json(out_dir / "report" / "study.json",
+               {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
+                "methods": list(methods)})
     return report
 
 
@@ -203,7 +162,7 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = json.loads(table_path.read_text())
+    table = read_json(table_path, "study table")
     stats, baseline = table["methods"], table["baseline"]
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})

@@ -46,17 +46,18 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(1.0, 0.5, 0.1), students=("cnn_
               grid=(4, 4), k=5, steps=32, T: float = 4.0, image_seed: int = 0, progress=True, log=print):
     from kdlab.core.checkpoint import load_model
     from kdlab.data import load_dataset
-    from kdlab.train.trainer import load_teacher, resolve_device
     from kdlab.cli.explain import explain_report, markdown, pick_images
-    from kdlab.experiments.study import _with_data_dir, ensure_teacher, run_study
+    from kdlab.experiments.study import run_study
+    from kdlab.train.build import ensure_teachers, load_teacher, with_data_dir
+    from kdlab.train.runtime import resolve_device
 
-    base = _with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
+    base = with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
     if base.teacher is None:
         raise ValueError(f"recipe '{recipe_ref}' has no teacher; the sweep distils from one")
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
     recipes = sweep_recipes(base, alphas, students, T)
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
-    ensure_teacher(base, data_dir=data_dir, progress=progress, log=log)
+    ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)
     first = next(iter(recipes))
     run_study(recipes, out_dir / "runs", seeds=list(seeds), progress=progress, log=log, baseline=first)
 

@@ -23,10 +23,14 @@ an objective for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kdlab.distill.losses import BatchRecord
+from kdlab.models.taps import Taps
 
 
 @dataclass
@@ -52,3 +56,174 @@ class Objective(Protocol):
     def evaluate(self, name: str, loader: Any) -> dict[str, float]: ...
 
     def checkpoint_meta(self, name: str) -> dict: ...
+
+
+def split_metrics(model: nn.Module, loader, runtime=None) -> dict[str, float]:
+    """Top-1 accuracy, mean cross-entropy and count of a classifier over ``loader.epoch(0)``."""
+    from kdlab.evaluate.accuracy import evaluate
+
+    return evaluate(model, loader, amp=runtime.amp if runtime is not None else "none")
+
+
+class DistillObjective:
+    """A student trained with weighted loss terms, reading one :class:`BatchRecord` per step.
+
+    This is every method of the library (CE alone is a teacher; KD, feature, relation and masked
+    terms are students). ``teacher`` and ``extra_teachers`` are :class:`kdlab.distill.teachers.
+    TeacherSource`s (``extra_teachers`` by checkpoint path, for ``mtkd``); ``meta`` is the
+    checkpoint metadata of the student (``model_name``, ``model_kwargs``, ``num_classes``,
+    ``in_channels``, ``dataset``, ...); ``n_data`` is the size of the training set (memory banks).
+    """
+
+    monitor = ("acc", "max")
+
+    def __init__(self, student: nn.Module, terms, *, runtime, teacher=None, extra_teachers=None,
+                 meta: Optional[dict] = None, n_data: int = 0, channels_last: bool = False,
+                 compile: bool = False):
+        from kdlab.distill.losses import LossTerm
+
+        self.student = student
+        self.terms = [(n, float(w), t) for n, w, t in terms]
+        if not all(isinstance(t, LossTerm) for _, _, t in self.terms):
+            raise ValueError("DistillObjective: every term must be a kdlab LossTerm")
+        self.term_modules = nn.ModuleList([t for _, _, t in self.terms]).to(runtime.device)
+        self.runtime = runtime
+        self.teacher = teacher
+        self.extra_teachers = dict(extra_teachers or {})
+        self.meta = dict(meta or {})
+        self.n_data = int(n_data)
+        self.channels_last = channels_last
+        self.forward_model = torch.compile(student) if compile else student
+        self.s_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.student_layers()))
+        needs = any(t.needs_teacher for _, _, t in self.terms)
+        if needs and teacher is None:
+            raise ValueError("these loss terms need a teacher; give the recipe a teacher section")
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def models(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.term_modules.parameters())
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.student, self.term_modules]
+
+    def checkpoint_meta(self, name: str) -> dict:
+        return dict(self.meta)
+
+    def evaluate(self, name: str, loader) -> dict[str, float]:
+        return split_metrics(self.models()[name], loader, self.runtime)
+
+    def record(self, batch, epoch: int, step: int) -> BatchRecord:
+        """The batch record of ``batch = (x, y, idx)``: student and teacher outputs."""
+        x, y, idx = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = None
+        if self.teacher is not None:
+            t = self.teacher(x, y, idx, epoch, step)
+        extra = {p: src(x, y, idx, epoch, step).logits for p, src in self.extra_teachers.items()}
+        with self.runtime.autocast(), Taps(self.student, self.s_layers) as taps:
+            s_logits = self.forward_model(x)
+            s_feats = {n: taps[n] for n in self.s_layers}
+        return BatchRecord(x=x, y=y, s_logits=s_logits.float(),
+                           t_logits=t.logits if t is not None else None,
+                           s_feats=s_feats, t_feats=t.feats if t is not None else {},
+                           masks=t.masks if t is not None else {}, index=idx, epoch=epoch, step=step,
+                           extra={"n_data": self.n_data}, extra_teachers=extra)
+
+    def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:
+        """The weighted sum of the terms (zero-weight terms skipped) and each unweighted term."""
+        parts = {}
+        total = 0.0
+        with self.runtime.autocast():
+            for name, w, term in self.terms:
+                if w == 0:
+                    continue
+                v = term(rec).float()
+                parts[name] = v
+                total = total + w * v
+        return total, parts
+
+    def step(self, batch, ctx: StepContext):
+        rec = self.record(batch, ctx.epoch, ctx.step)
+        total, parts = self.losses(rec)
+        y = rec.y
+        logs = {"loss": total.detach(), **{k: v.detach() for k, v in parts.items()},
+                "train_acc": (rec.s_logits.detach().argmax(1) == y).float().mean(), "n": y.shape[0]}
+        return total, logs
+
+    def setup(self, batch) -> None:
+        """Give every term a probe record of a real batch (student in eval mode, no gradients)."""
+        self.student.eval()
+        with torch.no_grad():
+            rec = self.record(batch, 0, 0)
+        self.student.train()
+        for _, _, term in self.terms:
+            term.setup(rec)
+        self.term_modules.to(self.runtime.device)
+
+    def state_dict(self) -> dict:
+        return {"terms": self.term_modules.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.term_modules.load_state_dict(state["terms"])
+
+
+def mutual_loss(logits: list[torch.Tensor], y: torch.Tensor, k: int, T: float = 1.0) -> torch.Tensor:
+    """Deep Mutual Learning, peer k: ``CE(z_k, y) + T²/(K−1) · Σ_{l≠k} KL(softmax(z_l/T) ‖ softmax(z_k/T))``
+    (the other peers' outputs detached: all peers are updated simultaneously on the same batch)."""
+    from kdlab.distill.losses import kd_loss
+
+    K = len(logits)
+    loss = F.cross_entropy(logits[k], y)
+    if K > 1:
+        kl = sum(kd_loss(logits[k], z.detach(), T) for l, z in enumerate(logits) if l != k)
+        loss = loss + kl / (K - 1)
+    return loss
+
+
+class PeerObjective:
+    """Deep Mutual Learning (Zhang et al., CVPR 2018): K peers trained together, peer k with
+    :func:`mutual_loss`. The step's loss is the sum over peers; since each peer's loss depends on
+    the others only through detached outputs, one optimiser over all peers is the same as one
+    optimiser per peer. Every peer is evaluated and checkpointed (``peer0`` is the primary model).
+    """
+
+    monitor = ("acc", "max")
+
+    def __init__(self, peers: dict[str, nn.Module], metas: dict[str, dict], *, runtime, T: float = 1.0):
+        if len(peers) < 2:
+            raise ValueError("DML needs at least two peers (e.g. paradigm.peers: [cnn_tiny, cnn_tiny])")
+        self.peers = dict(peers)
+        self.metas = dict(metas)
+        self.runtime = runtime
+        self.T = float(T)
+
+    def models(self) -> dict[str, nn.Module]:
+        return dict(self.peers)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.peers.values() for p in m.parameters()]
+
+    def trained_modules(self) -> list[nn.Module]:
+        return list(self.peers.values())
+
+    def checkpoint_meta(self, name: str) -> dict:
+        return dict(self.metas[name])
+
+    def evaluate(self, name: str, loader) -> dict[str, float]:
+        return split_metrics(self.peers[name], loader, self.runtime)
+
+    def step(self, batch, ctx: StepContext):
+        x, y, _ = batch
+        with self.runtime.autocast():
+            logits = [m(x).float() for m in self.peers.values()]
+        losses = [mutual_loss(logits, y, k, self.T) for k in range(len(logits))]
+        total = torch.stack(losses).sum()
+        logs = {"loss": total.detach(), "n": y.shape[0],
+                "train_acc": (logits[0].detach().argmax(1) == y).float().mean()}
+        for k, (name, l) in enumerate(zip(self.peers, losses)):
+            logs[f"{name}_loss"] = l.detach()
+        return total, logs

@@ -1,9 +1,14 @@
-"""Data-parallel training on PyTorch's own distributed engine (``torch.distributed``).
+"""The runtime: one object that knows the device, mixed precision and the process group.
 
-``torchrun --nproc_per_node=N -m kdlab distill <recipe>`` (or ``ablate``, ``train-teacher``):
-every process builds the same `kdlab.train.trainer.Trainer`; :func:`from_env` (called by the Trainer)
-joins the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT``) with the ``nccl`` backend on CUDA and ``gloo`` on CPU.
+:class:`Runtime` replaces every ``if dist`` of the training loop: ``autocast()``, ``backward(loss)``,
+``step(optimizer, params, grad_clip, weight)`` (gradient all-reduce, then clipping, then the
+optimiser step through the fp16 grad scaler), ``sync_epoch`` (metrics and BatchNorm statistics over
+ranks), ``broadcast`` (identical initial weights), ``barrier()`` and ``is_main``.
+
+Data-parallel training on PyTorch's own distributed engine (``torch.distributed``):
+``torchrun --nproc_per_node=N -m kdlab distill <recipe>`` (or ``ablate``, ``train-teacher``).
+:func:`from_env` joins the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) with ``nccl`` on CUDA and ``gloo`` on CPU.
 
 * Data: the training loader is sharded (`BatchLoader.shard`) with ``train.batch_size / N``
   samples per rank, so the *total* batch is the recipe's, and the ranks' batches together are
@@ -12,15 +17,16 @@ joins the process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, `
   total batch, i.e. the gradient of the loss averaged over the global batch (exact for losses
   that are batch means, also when the last batch is split unevenly). Weights start identical
   (the init seed, then :func:`broadcast_modules`) and so stay identical.
-* Metrics: :func:`sync_epoch` all-reduces the epoch's loss sums, sample and correct counts, and
-  averages BatchNorm running statistics, so every rank evaluates the same model and takes the
-  same early-stopping decisions; validation/test sets are evaluated whole on every rank.
+* Metrics: :func:`sync_epoch` all-reduces the epoch's loss sums and sample counts, and averages
+  BatchNorm running statistics, so every rank evaluates the same model and takes the same
+  early-stopping decisions; validation/test sets are evaluated whole on every rank.
 * Files: only rank 0 writes (checkpoints, metrics, run.json, result.json, study reports); the
   others wait at a :func:`barrier` before reading ``best.pt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Optional
@@ -104,9 +110,14 @@ def all_reduce_grads(*modules: nn.Module, weight: Optional[float] = None) -> Non
     With ``weight`` (this rank's batch size) each rank's gradient is weighted by it and the sum is
     divided by the total weight: the gradient of the mean loss over the global batch.
     """
+    all_reduce_params(list(_params(*modules)), weight=weight)
+
+
+def all_reduce_params(params, weight: Optional[float] = None) -> None:
+    """:func:`all_reduce_grads` over a list of parameters."""
     if not is_initialized() or tdist.get_world_size() == 1:
         return
-    params = [p for p in _params(*modules) if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     if not params:
         return
     ref = params[0]
@@ -130,21 +141,103 @@ def all_reduce_grads(*modules: nn.Module, weight: Optional[float] = None) -> Non
             p.grad.copy_(new)
 
 
-def sync_epoch(model: nn.Module, n_seen: int, correct: torch.Tensor, sums: dict):
-    """All-reduce an epoch's sample count, correct count and loss sums; average the model's
+def sync_epoch(models, n_seen, sums: dict, device) -> tuple[float, dict]:
+    """All-reduce an epoch's weight total ``n_seen`` and weighted sums; average the models'
     floating-point buffers (BatchNorm running statistics) over ranks."""
     if not is_initialized():
-        return n_seen, correct, sums
+        return n_seen, sums
     keys = list(sums)
-    dev = correct.device
-    vec = torch.stack([torch.as_tensor(float(n_seen), device=dev), correct.float()] +
-                      [torch.as_tensor(sums[k], device=dev).float().reshape(()) for k in keys])
+    vec = torch.stack([torch.as_tensor(float(n_seen), device=device)] +
+                      [torch.as_tensor(sums[k], device=device).float().reshape(()) for k in keys])
     tdist.all_reduce(vec)
     ws = tdist.get_world_size()
     with torch.no_grad():
-        for b in model.buffers():
-            if b.is_floating_point():
-                tdist.all_reduce(b)
-                b.div_(ws)
-    n = int(round(vec[0].item()))
-    return n, vec[1], {k: vec[2 + i] for i, k in enumerate(keys)}
+        for model in models:
+            for b in model.buffers():
+                if b.is_floating_point():
+                    tdist.all_reduce(b)
+                    b.div_(ws)
+    return vec[0].item(), {k: vec[1 + i] for i, k in enumerate(keys)}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(spec).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
+    return torch.device(spec)
+
+
+class Runtime:
+    """Device, mixed precision and (optional) process group of one run.
+
+    Args:
+        device: ``auto`` | ``cpu`` | ``cuda[:N]`` | ``mps``.
+        amp: ``none`` | ``bf16`` | ``fp16`` (fp16 uses a grad scaler on CUDA).
+        dist: ``"env"`` joins torchrun's process group when launched by it; ``None`` never does;
+            a ``(rank, world_size)`` tuple for a group that is already set up.
+    """
+
+    def __init__(self, device: str = "auto", amp: str = "none", dist="env"):
+        self.dist = from_env() if dist == "env" else dist
+        self.device = resolve_device(device)
+        self.amp = amp
+        self.scaler = torch.amp.GradScaler(enabled=amp == "fp16" and self.device.type == "cuda")
+
+    @classmethod
+    def from_cfg(cls, cfg, dist="env") -> "Runtime":
+        """The runtime of a recipe's ``train`` section."""
+        return cls(cfg.device, cfg.amp, dist)
+
+    @property
+    def rank(self) -> int:
+        return self.dist[0] if self.dist else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.dist[1] if self.dist else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """The autocast context of ``amp`` on this device (a no-op for ``none``)."""
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def local_batch(self, batch_size: int) -> int:
+        """This rank's share of a total batch."""
+        if batch_size % self.world_size:
+            raise ValueError(f"train.batch_size {batch_size} must be divisible by the "
+                             f"{self.world_size} processes")
+        return batch_size // self.world_size
+
+    def broadcast(self, *modules: nn.Module) -> None:
+        if self.dist:
+            broadcast_modules(*modules)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, opt, params, *, grad_clip: Optional[float] = None, weight: Optional[float] = None) -> None:
+        """All-reduce the gradients (weighted by this rank's ``weight``), clip their global norm to
+        ``grad_clip``, and step ``opt`` (through the grad scaler)."""
+        params = list(params)
+        if self.dist:
+            all_reduce_params(params, weight=weight)
+        if grad_clip:
+            self.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+
+    def sync_epoch(self, models, n_seen, sums: dict):
+        return sync_epoch(models, n_seen, sums, self.device) if self.dist else (n_seen, sums)
+
+    def barrier(self) -> None:
+        if self.dist:
+            barrier()

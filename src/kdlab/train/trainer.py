@@ -1,320 +1,166 @@
-"""The one training loop, for teachers and students alike.
+"""The one training loop: every weight kdlab trains (teachers, students, peers, fine-tuned
+pruned models, language models) goes through :class:`Trainer`.
 
-``train(recipe, run_dir)`` trains the recipe's ``student`` model with the recipe's weighted loss
-terms (a teacher is a recipe whose loss is plain ``ce``). It selects the best epoch on the
-validation split (early stopping with ``patience``), reports the test split once at the end,
-writes atomic checkpoints every epoch and resumes an interrupted run where it stopped.
+``Trainer(objective, train_loader, val_loader, test_loader, cfg, run_dir).fit()`` runs epochs of
+``objective.step`` with the optimiser and schedule of ``cfg`` (a :class:`kdlab.core.config.TrainCfg`),
+selects the best epoch of every model on the validation split (``objective.monitor``), stops early
+after ``cfg.patience`` epochs without improvement of the primary model, writes atomic checkpoints
+every epoch, resumes an interrupted run where it stopped, reports the test split once at the end,
+and calls its callbacks. It parses no recipe and knows nothing of teachers: that is
+:mod:`kdlab.train.build`'s job.
 
-A run is a pure function of (recipe, seed): the data order and augmentation draws come from the
-loader's seed, and every epoch starts from ``torch.manual_seed(derive_seed(seed, "epoch", e))``,
-so a resumed run finishes with exactly the weights of an uninterrupted one.
+A run is a pure function of (objective, data, seed): every epoch starts from
+``torch.manual_seed(derive_seed(seed, "epoch", e))`` and the loaders are pure functions of
+(seed, epoch), so a resumed run finishes with exactly the weights of an uninterrupted one.
+
+Run folder: ``best.pt`` (primary model; other models ``<name>/best.pt``), ``last.pt`` (everything
+needed to resume), ``metrics.csv`` (one row per epoch), ``run.json`` (identity, versions, threads),
+``result.json`` (written last: its presence means the run finished).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from kdlab.core.checkpoint import atomic_save, load_checkpoint, load_model, model_checkpoint
-from kdlab.core.config import Recipe
-from kdlab.data import BatchLoader, load_dataset
-from kdlab.data.augment import AugmentSpec
-from kdlab.distill.losses import BatchRecord, build_terms
-from kdlab.distill.masks import causal_masks
-from kdlab.models import create_model
-from kdlab.core.seeding import derive_seed, seed_everything
-from kdlab.models.taps import Taps
+from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
+from kdlab.core.io import read_json, write_csv, write_json
+from kdlab.core.seeding import derive_seed
+from kdlab.train.callbacks import Callback, StopTraining
+from kdlab.train.objective import StepContext
+from kdlab.train.runtime import Runtime
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
-    return torch.device(spec)
-
-
-def autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, device=None, amp: str = "none"):
-    """Logits and labels of a whole split, in loader order."""
-    was = model.training
-    model.eval()
-    outs, ys = [], []
-    dev = device or next(model.parameters()).device
-    for x, y, _ in loader.epoch(0):
-        with autocast(torch.device(dev), amp):
-            outs.append(model(x.to(dev)).float())
-        ys.append(y.to(dev))
-    model.train(was)
-    return torch.cat(outs), torch.cat(ys)
-
-
-def evaluate(model: nn.Module, loader: BatchLoader, device=None, amp: str = "none") -> dict:
-    logits, y = predict(model, loader, device, amp)
-    return {
-        "acc": (logits.argmax(1) == y).float().mean().item(),
-        "loss": F.cross_entropy(logits, y).item(),
-        "n": int(y.numel()),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# teacher outputs
-
-
-class LiveTeacher:
-    """Runs the teacher on every batch: logits and tapped features without gradients, and the
-    causal masks (which need gradients w.r.t. the teacher's activations only)."""
-
-    def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
-                 round_to: Optional[torch.dtype] = None):
-        self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.layers = layers
-        self.mask_layers = mask_layers
-        self.mask_cfg = mask_cfg
-        self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
-
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
-        # outside inference mode: a normal fp32 tensor that autograd may save
-        return t.to(self.round_to).float() if self.round_to is not None else t.float().clone()
-
-    def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
-        with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
-            logits = self.teacher(x)
-            feats = {n: taps[n] for n in layers}
-        return self._out(logits), {n: self._out(f) for n, f in feats.items()}
-
-    def masks(self, x, y, layers) -> dict:
-        if not layers:
-            return {}
-        return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
-
-    def __call__(self, x, y, idx=None, epoch=0, step=0):
-        logits, feats = self.forward(x, self.layers)
-        return logits, feats, self.masks(x, y, self.mask_layers)
-
-
-def load_teacher(recipe: Recipe, info, device) -> nn.Module:
-    """The recipe's teacher, loaded from its checkpoint and checked against the data set."""
-    tc = recipe.teacher
-    if tc is None or not tc.checkpoint:
-        raise ValueError("this recipe needs a teacher: set teacher.checkpoint (train one with `kdlab train-teacher`)")
-    if not Path(tc.checkpoint).is_file():
-        hint = f"`kdlab train-teacher {tc.recipe}`" if tc.recipe else "`kdlab train-teacher <teacher recipe>`"
-        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found; train it first with {hint}")
-    teacher, ck = load_model(tc.checkpoint, device)
-    check_pair(ck["num_classes"], ck["in_channels"], info, f"teacher {tc.checkpoint}")
-    return teacher
-
-
-def check_pair(num_classes: int, in_channels: int, info, who: str) -> None:
-    if num_classes != info.num_classes:
-        raise ValueError(f"{who} predicts {num_classes} classes but data set '{info.name}' has "
-                         f"{info.num_classes}; use a teacher trained on the same data set")
-    if in_channels != info.in_channels:
-        raise ValueError(f"{who} takes {in_channels} input channels but '{info.name}' has "
-                         f"{info.in_channels}; use a teacher trained on the same data set")
-
-
-# --------------------------------------------------------------------------------------------
-# the loop
-
-
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
-    best_acc: float = -1.0
+    best_score: float = -math.inf  # of the primary model, in "higher is better" form
     best_epoch: int = 0
     bad_epochs: int = 0
-    history: list = None
+    history: list = field(default_factory=list)
     train_time_s: float = 0.0
-    images: int = 0
+    images: float = 0.0
+    best: dict = field(default_factory=dict)  # model name -> [score, epoch]
+    step: int = 0  # optimiser steps taken
 
 
-def _scheduler(opt, cfg):
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """``train.optimizer``: SGD (momentum, optional Nesterov) or AdamW, with weight decay."""
+    params = list(params)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+def lr_factor(cfg, epoch: int) -> float:
+    """The learning-rate multiplier of ``epoch`` (0-based): a linear warm-up over
+    ``warmup_epochs`` (epoch e gets (e+1)/warmup), then ``constant``, ``step`` (×gamma every
+    ``step_size`` epochs) or ``cosine`` (½(1+cos(π·e/epochs)), as CosineAnnealingLR to 0)."""
+    w = cfg.warmup_epochs
+    if w and epoch < w:
+        return (epoch + 1) / w
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     if cfg.schedule == "step":
+        return cfg.gamma ** (epoch // cfg.step_size)
+    return 1.0
+
+
+def build_scheduler(opt, cfg):
+    """A per-epoch ``LambdaLR`` of :func:`lr_factor`."""
+    if cfg.schedule == "cosine" and not cfg.warmup_epochs:  # the exact schedule of earlier runs
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "step" and not cfg.warmup_epochs:
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+def _batch_weight(batch, logs: dict) -> float:
+    n = logs.pop("n", None)
+    if n is not None:
+        return float(n)
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return float(first.shape[0]) if hasattr(first, "shape") else 1.0
 
 
-def _write_metrics(path: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+def _score(metrics: dict, monitor: tuple[str, str]) -> float:
+    key, mode = monitor
+    v = float(metrics[key])
+    return v if mode == "max" else -v
 
 
 class Trainer:
-    """Holds everything one run needs; ``fit()`` runs it. Use :func:`train` for the common case."""
+    """Train ``objective`` into ``run_dir`` (see the module doc).
 
-    def __init__(self, recipe: Recipe, run_dir, *, teacher: Optional[nn.Module] = None,
-                 splits=None, progress: bool = True, method: str = "", teacher_source=None,
-                 dist=None, teacher_cache=None):
-        self.recipe = recipe
-        self.cfg = recipe.train
-        self.seed = recipe.train.seed
+    Args:
+        objective: a :class:`kdlab.train.objective.Objective`.
+        train_loader, val_loader, test_loader: objects with ``epoch(e)`` and ``len()``; val/test may
+            be None (no selection: the last epoch is kept; no test metrics).
+        cfg: the recipe's ``train`` section.
+        run_dir: the run folder.
+        runtime: device, AMP and process group (default: from ``cfg``).
+        callbacks: :class:`kdlab.train.callbacks.Callback` objects.
+        identity: what makes two runs the same (the recipe dict): a folder holding a run of another
+            identity is refused rather than resumed.
+        method: the name shown in logs and results.
+        info: extra keys of ``result.json`` (model name, data set, ...).
+    """
+
+    def __init__(self, objective, train_loader, val_loader, test_loader, cfg, run_dir, *,
+                 runtime: Optional[Runtime] = None, callbacks: Sequence[Callback] = (),
+                 identity: Optional[dict] = None, method: str = "", progress: bool = True,
+                 info: Optional[dict] = None):
+        self.objective = objective
+        self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
+        self.cfg = cfg
+        self.seed = cfg.seed
         self.run_dir = Path(run_dir)
+        self.runtime = runtime or Runtime.from_cfg(cfg)
+        self.callbacks = list(callbacks)
+        self.identity = identity
+        self.method = method
         self.progress = progress
-        self.method = method or recipe.name
-        self.device = resolve_device(self.cfg.device)
-        if dist is None:  # launched by torchrun: join the process group (kdlab.train.runtime)
-            from kdlab.train.runtime import from_env
-            dist = from_env()
-        self.dist = dist  # (rank, world_size) when distributed, set up by kdlab.train.runtime
-        d = recipe.data
-        self.splits = splits or load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                                             label_fraction=d.label_fraction, seed=self.seed)
-        info = self.info = self.splits.info
-        sc = recipe.student
-        seed_everything(derive_seed(self.seed, "init"))  # the same seed gives the same weights
-        self.model = create_model(sc.model, num_classes=info.num_classes,
-                                  in_channels=info.in_channels, **sc.kwargs).to(self.device)
-        if self.cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.terms = build_terms(recipe.loss)
-        self.term_modules = nn.ModuleList([t for _, _, t in self.terms]).to(self.device)
-        self.s_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.student_layers()))
-        t_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.teacher_layers()))
-        m_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.mask_layers()))
-        self.needs_teacher = any(t.needs_teacher for _, _, t in self.terms)
-        self.teacher = None
-        self.teacher_source = teacher_source
-        if self.needs_teacher and teacher_source is None:
-            if teacher is None:
-                teacher = load_teacher(recipe, info, self.device)
-            else:
-                check_pair(_out_features(teacher, info, self.device), info.in_channels, info, "teacher")
-                teacher = teacher.to(self.device)
-            self.teacher = teacher
-            round_to = {"cache-fp16": torch.float16, "cache-fp32": torch.float32}.get(self.cfg.teacher_mode)
-            self.teacher_source = LiveTeacher(teacher, t_layers, m_layers, recipe.mask, round_to=round_to)
-        aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-        data_seed = derive_seed(self.seed, "data")
-        if self.cfg.teacher_mode == "consistent":  # fresh augmentation per method (docs/speed.md)
-            data_seed = derive_seed(self.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
-        bs = self.cfg.batch_size
-        if dist is not None:  # the same total batch, split over the ranks
-            if bs % dist[1]:
-                raise ValueError(f"train.batch_size {bs} must be divisible by the {dist[1]} processes")
-            bs //= dist[1]
-        self.train_loader = BatchLoader(self.splits.train, bs, shuffle=True,
-                                        seed=data_seed, augment=aug,
-                                        mean=info.mean, std=info.std, device=self.device)
-        if dist is not None:
-            self.train_loader = self.train_loader.shard(*dist)
-        if teacher_cache is not None:
-            from kdlab.distill.teachers import attach_cache
-            attach_cache(self, teacher_cache)
-        eval_kw = dict(shuffle=False, mean=info.mean, std=info.std, device=self.device)
-        self.val_loader = BatchLoader(self.splits.val, self.cfg.eval_batch_size, **eval_kw)
-        self.test_loader = BatchLoader(self.splits.test, self.cfg.eval_batch_size, **eval_kw)
-        self.forward_model = torch.compile(self.model) if self.cfg.compile else self.model
-        self._setup_terms()
-        if dist is not None:
-            from kdlab.train.runtime import broadcast_modules
-            broadcast_modules(self.model, self.term_modules)
-        params = list(self.model.parameters()) + list(self.term_modules.parameters())
-        self.opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                   weight_decay=self.cfg.weight_decay, nesterov=self.cfg.nesterov)
-        self.sched = _scheduler(self.opt, self.cfg)
-        self.scaler = torch.amp.GradScaler(enabled=self.cfg.amp == "fp16" and self.device.type == "cuda")
-        self.state = RunState(history=[])
+        self.info = dict(info or {})
+        self.names = list(objective.models())
+        self.primary = self.names[0]
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.opt = build_optimizer(self.params, cfg)
+        self.sched = build_scheduler(self.opt, cfg)
+        self.state = RunState()
+        self.should_stop = False
 
-    # -- one batch -------------------------------------------------------------------------
-    def record(self, x, y, idx, epoch: int, step: int) -> BatchRecord:
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t_logits, t_feats, masks = (None, {}, {})
-        if self.teacher_source is not None:
-            t_logits, t_feats, masks = self.teacher_source(x, y, idx, epoch, step)
-        with autocast(self.device, self.cfg.amp), Taps(self.model, self.s_layers) as taps:
-            s_logits = self.forward_model(x)
-            s_feats = {n: taps[n] for n in self.s_layers}
-        return BatchRecord(x=x, y=y, s_logits=s_logits.float(), t_logits=t_logits,
-                           s_feats=s_feats, t_feats=t_feats, masks=masks, index=idx,
-                           epoch=epoch, step=step, extra={"n_data": len(self.splits.train.y)})
+    # -- checkpoints -------------------------------------------------------------------------------
+    def best_path(self, name: str) -> Path:
+        return self.run_dir / "best.pt" if name == self.primary else self.run_dir / name / "best.pt"
 
-    def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:
-        parts = {}
-        total = 0.0
-        with autocast(self.device, self.cfg.amp):
-            for name, w, term in self.terms:
-                if w == 0:
-                    continue
-                v = term(rec).float()
-                parts[name] = v
-                total = total + w * v
-        return total, parts
+    def _extra(self) -> dict:
+        return {"recipe": self.identity, "seed": self.seed, "method": self.method}
 
-    def _setup_terms(self):
-        x, y, idx = next(iter(self.train_loader.epoch(0)))
-        self.model.eval()
-        with torch.no_grad():
-            rec = self.record(x, y, idx, 0, 0)
-        self.model.train()
-        for _, _, term in self.terms:
-            term.setup(rec)
-        self.term_modules.to(self.device)
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def _ckpt_extra(self) -> dict:
-        return {"recipe": self.recipe.to_dict(), "seed": self.seed, "method": self.method}
-
-    def save_best(self, epoch: int, val: dict) -> None:
-        ck = model_checkpoint(self.model, model_name=self.recipe.student.model,
-                              model_kwargs=self.recipe.student.kwargs,
-                              num_classes=self.info.num_classes, in_channels=self.info.in_channels,
-                              dataset=self.info.name, epoch=epoch, val=val, **self._ckpt_extra())
-        atomic_save(ck, self.run_dir / "best.pt")
+    def save_best(self, name: str, epoch: int, val: dict) -> None:
+        model = self.objective.models()[name]
+        ck = model_checkpoint(model, **self.objective.checkpoint_meta(name), epoch=epoch, val=val,
+                              **self._extra())
+        atomic_save(ck, self.best_path(name))
 
     def save_last(self) -> None:
-        st = self.state
+        obj = self.objective
         atomic_save({
-            "model": self.model.state_dict(), "terms": self.term_modules.state_dict(),
+            "models": {n: m.state_dict() for n, m in obj.models().items()},
+            "objective": obj.state_dict() if hasattr(obj, "state_dict") else {},
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(), "state": vars(st).copy(), **self._ckpt_extra(),
+            "scaler": self.runtime.scaler.state_dict(), "state": vars(self.state).copy(),
+            "model": {}, **self._extra(),
         }, self.run_dir / "last.pt")
 
     def try_resume(self) -> bool:
@@ -322,160 +168,187 @@ class Trainer:
         if not path.exists():
             return False
         ck = load_checkpoint(path)
-        if ck.get("recipe") != self.recipe.to_dict():
+        if ck.get("recipe") != self.identity:
             raise ValueError(f"{self.run_dir} holds a run of a different recipe; "
                              f"use another output folder or delete it to start over")
-        self.model.load_state_dict(ck["model"])
-        self.term_modules.load_state_dict(ck["terms"])
+        if "models" not in ck:
+            raise ValueError(f"{path} was written by an older kdlab; delete it to start the run over")
+        for n, m in self.objective.models().items():
+            m.load_state_dict(ck["models"][n])
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(ck["objective"])
         self.opt.load_state_dict(ck["opt"])
         self.sched.load_state_dict(ck["sched"])
-        self.scaler.load_state_dict(ck["scaler"])
+        self.runtime.scaler.load_state_dict(ck["scaler"])
         self.state = RunState(**ck["state"])
         return True
 
-    # -- the loop ------------------------------------------------------------------------------
-    def is_main(self) -> bool:
-        return self.dist is None or self.dist[0] == 0
-
+    # -- one epoch ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch))
-        self.model.train()
-        sums = {}
-        n_seen, correct = 0, torch.zeros((), device=self.device)
+        obj, rt, cfg = self.objective, self.runtime, self.cfg
+        for m in obj.models().values():
+            m.train()
+        sums: dict = {}
+        n_seen = 0.0
+        accum = max(1, cfg.grad_accum)
         t0 = time.perf_counter()
-        for step, (x, y, idx) in enumerate(self.train_loader.epoch(epoch)):
-            rec = self.record(x, y, idx, epoch, step)
-            total, parts = self.losses(rec)
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            if self.cfg.grad_clip:
-                self.scaler.unscale_(self.opt)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            if self.dist is not None:
-                from kdlab.train.runtime import all_reduce_grads
-                all_reduce_grads(self.model, self.term_modules, weight=y.shape[0])
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            b = y.shape[0]
+        steps = len(self.train_loader)
+        self.opt.zero_grad(set_to_none=True)
+        for step, batch in enumerate(self.train_loader.epoch(epoch)):
+            ctx = StepContext(epoch=epoch, step=step, runtime=rt)
+            loss, logs = obj.step(batch, ctx)
+            b = _batch_weight(batch, logs)
+            rt.backward(loss / accum if accum > 1 else loss)
+            if (step + 1) % accum == 0 or step + 1 == steps:
+                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
+                self.opt.zero_grad(set_to_none=True)
+                self.state.step += 1
             n_seen += b
-            correct += (rec.s_logits.detach().argmax(1) == y).sum()
-            for k, v in (("loss", total), *parts.items()):
-                sums[k] = sums.get(k, 0.0) + v.detach() * b
-        if self.dist is not None:  # metrics over all ranks; BN statistics averaged
-            from kdlab.train.runtime import sync_epoch
-            n_seen, correct, sums = sync_epoch(self.model, n_seen, correct, sums)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * b
+            for cb in self.callbacks:
+                cb.on_step_end(self, ctx)
+        n_seen, sums = rt.sync_epoch(list(obj.models().values()), n_seen, sums)
         dt = time.perf_counter() - t0
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in row.values()):
-            bad = [k for k, v in row.items() if not math.isfinite(v)]
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        if bad:
             raise TrainingError(
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
                 f"the term weights and re-run (the last good epoch's checkpoint is kept)")
-        row["train_acc"] = (correct / max(n_seen, 1)).item()
         row["train_time_s"] = dt
         row["images_per_s"] = n_seen / dt if dt > 0 else float("nan")
         self.state.images += n_seen
         return row
 
-    def fit(self, *, resume: bool = True, stop_after: Optional[int] = None,
-            on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    def validate(self) -> dict[str, dict]:
+        if self.val_loader is None:
+            return {}
+        return {n: self.objective.evaluate(n, self.val_loader) for n in self.names}
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, *, resume: bool = True, stop_after: Optional[int] = None) -> dict:
+        """Train to the end (or early stop) and return the result dict (also ``result.json``).
+        ``stop_after``: stop after that many completed epochs, as if interrupted (tests)."""
+        rt, cfg, st = self.runtime, self.cfg, None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         done = self.run_dir / "result.json"
         if resume and done.exists():
             ran = self.run_dir / "run.json"
-            if ran.exists() and json.loads(ran.read_text()).get("recipe") != self.recipe.to_dict():
+            if ran.exists() and read_json(ran, "run record").get("recipe") != self.identity:
                 raise ValueError(f"{self.run_dir} holds a finished run of a different recipe; "
                                  f"use another output folder or delete it to re-run")
-            return json.loads(done.read_text())
+            return read_json(done, "run result")
         if resume:
             self.try_resume()
         elif (self.run_dir / "last.pt").exists():
             (self.run_dir / "last.pt").unlink()
-        if self.is_main():
-            _write_json(self.run_dir / "run.json", {
-                "recipe": self.recipe.to_dict(), "seed": self.seed, "method": self.method,
-                "command": " ".join(sys.argv), "torch": torch.__version__,
-                "device": str(self.device), "threads": torch.get_num_threads()})
-        st, cfg = self.state, self.cfg
+        if rt.is_main:
+            write_json(self.run_dir / "run.json", run_record(self.identity, self.seed, self.method, rt))
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        st = self.state
         bar = None
-        if self.progress and self.is_main():
+        if self.progress and rt.is_main:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.epochs, initial=st.epoch, desc=f"{self.method} s{self.seed}",
                        leave=False, dynamic_ncols=True)
         stopped_early = False
+        monitor = self.objective.monitor
         try:
-            while st.epoch < cfg.epochs:
+            while st.epoch < cfg.epochs and not self.should_stop:
                 if cfg.patience is not None and st.bad_epochs >= cfg.patience:
                     stopped_early = True
                     break
                 epoch = st.epoch
                 row = self.train_epoch(epoch)
-                val = evaluate(self.model, self.val_loader, amp=cfg.amp)
-                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], **row,
-                       "val_acc": val["acc"], "val_loss": val["loss"]}
+                vals = self.validate()
+                lr = self.opt.param_groups[0]["lr"]
+                row = {"epoch": epoch + 1, "lr": lr, **row}
+                for n, val in vals.items():
+                    bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
+                    if bad:
+                        raise TrainingError(
+                            f"validation {', '.join(bad)} became non-finite in epoch {epoch + 1}; lower "
+                            f"train.lr or the term weights and re-run (the last good checkpoint is kept)")
+                    pre = "val_" if n == self.primary else f"{n}_val_"
+                    row.update({pre + k: v for k, v in val.items() if k != "n"})
                 self.sched.step()
                 st.train_time_s += row["train_time_s"]
                 st.history.append(row)
                 st.epoch = epoch + 1
-                if val["acc"] > st.best_acc:
-                    st.best_acc, st.best_epoch, st.bad_epochs = val["acc"], epoch + 1, 0
-                    if self.is_main():
-                        self.save_best(epoch + 1, val)
+                improved_primary = False
+                for n in self.names:
+                    score = _score(vals[n], monitor) if vals else float(st.epoch)
+                    prev = st.best.get(n, [-math.inf, 0])[0]
+                    if score > prev:
+                        st.best[n] = [score, st.epoch]
+                        if rt.is_main:
+                            self.save_best(n, st.epoch, vals.get(n, {}))
+                        improved_primary |= n == self.primary
+                if improved_primary:
+                    st.best_score, st.best_epoch, st.bad_epochs = st.best[self.primary][0], st.epoch, 0
                 else:
                     st.bad_epochs += 1
-                if self.is_main():
+                if rt.is_main:
                     self.save_last()
-                    _write_metrics(self.run_dir / "metrics.csv", st.history)
+                    write_csv(self.run_dir / "metrics.csv", st.history)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", val=f"{val['acc']:.3f}",
-                                    best=f"{st.best_acc:.3f}")
-                if on_epoch:
-                    on_epoch(row)
+                    post = {"loss": f"{row['loss']:.3f}"} if "loss" in row else {}
+                    if vals:
+                        post[monitor[0]] = f"{vals[self.primary][monitor[0]]:.3f}"
+                    bar.set_postfix(**post)
+                try:
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self, row)
+                except StopTraining:
+                    self.should_stop = True
                 if stop_after is not None and st.epoch >= stop_after and st.epoch < cfg.epochs:
                     return {"interrupted": True, "epoch": st.epoch}
         finally:
             if bar is not None:
                 bar.close()
-        return self.finish(stopped_early)
+        result = self.finish(stopped_early)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, result)
+        return result
 
     def finish(self, stopped_early: bool) -> dict:
-        st = self.state
-        if self.dist is not None:  # rank 0 writes best.pt
-            from kdlab.train.runtime import barrier
-            barrier()
-        best = load_checkpoint(self.run_dir / "best.pt")
-        self.model.load_state_dict(best["model"])
-        test = evaluate(self.model, self.test_loader, amp=self.cfg.amp)
-        val = evaluate(self.model, self.val_loader, amp=self.cfg.amp)
-        result = {
-            "method": self.method, "seed": self.seed, "recipe": self.recipe.name,
-            "val_acc": val["acc"], "test_acc": test["acc"], "test_loss": test["loss"],
-            "n_test": test["n"], "best_epoch": st.best_epoch, "epochs_run": st.epoch,
-            "stopped_early": stopped_early, "train_time_s": st.train_time_s,
-            "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
-            "model": self.recipe.student.model, "dataset": self.info.name,
-        }
-        if self.is_main():
-            _write_json(self.run_dir / "result.json", result)
+        st, rt, obj = self.state, self.runtime, self.objective
+        rt.barrier()  # rank 0 wrote best.pt
+        per_model = {}
+        for n, model in obj.models().items():
+            best = load_checkpoint(self.best_path(n))
+            model.load_state_dict(best["model"])
+            test = obj.evaluate(n, self.test_loader) if self.test_loader is not None else {}
+            val = obj.evaluate(n, self.val_loader) if self.val_loader is not None else {}
+            per_model[n] = {**{f"val_{k}": v for k, v in val.items() if k != "n"},
+                            **{f"test_{k}": v for k, v in test.items() if k != "n"},
+                            "n_test": test.get("n"), "best_epoch": st.best.get(n, [0, 0])[1]}
+        main = per_model[self.primary]
+        result = {"method": self.method, "seed": self.seed, **main,
+                  "epochs_run": st.epoch, "stopped_early": stopped_early,
+                  "train_time_s": st.train_time_s,
+                  "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
+                  "threads": torch.get_num_threads(), **self.info}
+        if len(per_model) > 1:
+            result["models"] = per_model
+        if rt.is_main:
+            write_json(self.run_dir / "result.json", result)
         return result
 
 
-def _out_features(model: nn.Module, info, device) -> int:
-    x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        n = model.to(device)(x).shape[1]
-    model.train(was)
-    return n
+def run_record(identity, seed, method, runtime) -> dict:
+    """``run.json``: what ran, with what, where."""
+    import platform
 
+    import numpy
 
-def train(recipe: Recipe, run_dir, *, teacher=None, splits=None, progress: bool = True,
-          resume: bool = True, stop_after: Optional[int] = None, method: str = "",
-          teacher_cache=None) -> dict:
-    """Train ``recipe`` into ``run_dir`` and return its result dict (see docs/DESIGN.md).
-    ``teacher_cache``: a `kdlab.distill.teachers.TeacherStore` shared by the runs of a study."""
-    trainer = Trainer(recipe, run_dir, teacher=teacher, splits=splits, progress=progress, method=method,
-                      teacher_cache=teacher_cache)
-    return trainer.fit(resume=resume, stop_after=stop_after)
+    from kdlab import __version__
+
+    return {"recipe": identity, "seed": seed, "method": method, "command": " ".join(sys.argv),
+            "kdlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "device": str(runtime.device), "threads": torch.get_num_threads(),
+            "world_size": runtime.world_size}

@@ -33,6 +33,7 @@ class BatchRecord:
     masks: causal masks by teacher layer name, [B, H, W] in [0, 1].
     index: dataset indices of the batch (for memory banks); epoch / step: progress counters.
     extra: anything else a term or a paradigm wants to pass along.
+    extra_teachers: logits of the extra teachers a term asked for (``mtkd``), by checkpoint path.
     """
 
     x: torch.Tensor
@@ -46,6 +47,7 @@ class BatchRecord:
     epoch: int = 0
     step: int = 0
     extra: dict = field(default_factory=dict)
+    extra_teachers: dict = field(default_factory=dict)
 
     def teacher_logits(self, who: str) -> torch.Tensor:
         if self.t_logits is None:
@@ -68,6 +70,11 @@ class LossTerm(nn.Module):
 
     def mask_layers(self) -> list[str]:
         """Teacher layers at which causal masks are needed."""
+        return []
+
+    def extra_teacher_checkpoints(self) -> list[str]:
+        """Checkpoints of further frozen teachers whose logits the term reads from
+        ``rec.extra_teachers`` (served like the main teacher: live or cached)."""
         return []
 
     def setup(self, probe: BatchRecord) -> None:

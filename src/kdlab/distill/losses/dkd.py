@@ -3,7 +3,6 @@ multi-teacher KD (``mtkd``, averaged soft targets)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +101,8 @@ def multi_teacher_kd_loss(s_logits: torch.Tensor, t_logits_list: list, T: float 
                "Hinton et al. 2015 (ensemble soft targets); You et al., Learning from Multiple Teacher Networks, KDD 2017")
 class MultiTeacherKD(LossTerm):
     """The recipe's teacher (``rec.t_logits``, when ``include_main``) plus the extra teachers in
-    ``checkpoints`` (kdlab model checkpoints, loaded frozen in ``setup``; they are not trained and
-    are not part of the term's parameters). ``recipes`` (optional, one per checkpoint) name the
+    ``checkpoints`` (kdlab model checkpoints; the run's builder loads them frozen and serves their
+    logits in ``rec.extra_teachers`` like the main teacher's, cached or live). ``recipes`` (optional, one per checkpoint) name the
     teacher recipes that ``kdlab compare``/``kdlab paradigm`` train first when a checkpoint is missing."""
 
     def __init__(self, checkpoints: list | None = None, T: float = 4.0, include_main: bool = True,
@@ -121,29 +120,15 @@ class MultiTeacherKD(LossTerm):
         self.needs_teacher = self.include_main
         if not self.checkpoints and not self.include_main:
             raise ValueError("mtkd: no teachers; list teacher checkpoints in 'checkpoints: [a.pt, b.pt]'")
-        self._teachers: list = []
 
-    def setup(self, probe: BatchRecord) -> None:
-        from kdlab.core.checkpoint import load_model
-
-        dev = probe.s_logits.device
-        self._teachers = []
-        for path in self.checkpoints:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"mtkd: teacher checkpoint {path} not found; train it first "
-                                        f"(`kdlab train-teacher <recipe> --out {Path(path).parent}`)")
-            model, ck = load_model(path, dev)
-            if ck["num_classes"] != probe.s_logits.shape[1]:
-                raise ValueError(f"mtkd: {path} predicts {ck['num_classes']} classes, the student "
-                                 f"{probe.s_logits.shape[1]}; use teachers of the same data set")
-            for p in model.parameters():
-                p.requires_grad_(False)
-            self._teachers.append(model.eval())
+    def extra_teacher_checkpoints(self) -> list[str]:
+        return list(self.checkpoints)
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         ts = [rec.teacher_logits(self.name)] if self.include_main else []
-        if self.checkpoints and len(self._teachers) != len(self.checkpoints):
-            self.setup(rec)
-        with torch.no_grad():
-            ts += [m(rec.x).float() for m in self._teachers]
+        missing = [p for p in self.checkpoints if p not in rec.extra_teachers]
+        if missing:
+            raise ValueError(f"mtkd: no outputs of extra teacher {missing[0]}; build the run with "
+                             f"kdlab.train.build.build_run, which loads the extra teachers")
+        ts += [rec.extra_teachers[p] for p in self.checkpoints]
         return multi_teacher_kd_loss(rec.s_logits, ts, self.T)

@@ -5,26 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe, recipe_from_dict
+from kdlab.core.config import Recipe
 
 
 def derive(recipe: Recipe, *, student: Optional[dict] = None, teacher: Optional[dict] = "keep",
            loss: Optional[list] = None, name: Optional[str] = None, mask_off: bool = True) -> Recipe:
-    """A copy of ``recipe`` with the student / teacher / loss sections replaced."""
-    d = recipe.to_dict()
-    if student is not None:
-        d["student"] = student
+    """A copy of ``recipe`` with the student / teacher / loss sections replaced (masks off)."""
+    sections = {k: v for k, v in (("student", student), ("loss", loss), ("name", name)) if v}
     if teacher != "keep":
-        d["teacher"] = teacher
-    if loss is not None:
-        d["loss"] = loss
-    if name:
-        d["name"] = name
+        sections["teacher"] = teacher
     if mask_off:
-        d["mask"] = None
-    r = recipe_from_dict(d, recipe.source or recipe.name)
-    r.source = recipe.source
-    return r
+        sections["mask"] = None
+    return recipe.derive(**sections)
 
 
 def ce_only(recipe: Recipe) -> list:
@@ -52,3 +44,10 @@ def teacher_from(ckpt: Path) -> dict:
 
 def student_section(recipe: Recipe) -> dict:
     return {"model": recipe.student.model, "kwargs": dict(recipe.student.kwargs)}
+
+
+def train_link(recipe: Recipe, run_dir, progress: bool, method: str) -> dict:
+    """One run of a chain (a normal run folder: resumes, skips when finished)."""
+    from kdlab.train.build import train
+
+    return train(recipe, run_dir, progress=progress, method=method)

@@ -14,15 +14,18 @@ and reporting only; with ``train.patience: null`` no real data influences traini
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from kdlab.core.checkpoint import atomic_save
 from kdlab.core.config import Recipe
+from kdlab.core.io import read_json, write_json
 from kdlab.core.seeding import derive_seed
+from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
 
 
 def tv_prior(x: torch.Tensor) -> torch.Tensor:
@@ -92,41 +95,47 @@ def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, it
     return torch.cat(xs), torch.cat(ys)
 
 
-def run_deepinv(recipe: Recipe, out_dir, *, n_images: int = 512, iters: int = 200, lr: float = 0.1,
-                a_bn: float = 1.0, a_tv: float = 1e-2, T: float = 4.0, progress: bool = False,
-                log=print) -> dict:
-    """Synthesise ``n_images`` from the recipe's teacher, then distil the student on them (kd, T)."""
-    from kdlab.data import load_dataset
-    from kdlab.data.splits import Splits, TensorSet
-    from kdlab.train.trainer import load_teacher, resolve_device, train
-    from kdlab.experiments.paradigms.common import derive
-    from kdlab.experiments.study import ensure_teacher
+class DeepInvParams(ParadigmParams):
+    n_images: int = Field(512, ge=1)
+    iters: int = Field(200, ge=1)
+    lr: float = Field(0.1, gt=0)
+    a_bn: float = Field(1.0, ge=0)
+    a_tv: float = Field(1e-2, ge=0)
+    T: float = Field(4.0, gt=0)
 
+
+@register_paradigm("deepinv", "data-free KD: DeepInversion (BN-statistics matching + TV prior + class targets), then KD",
+                   "Yin et al., Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR 2020",
+                   params=DeepInvParams, needs_teacher=True)
+def run_deepinv(recipe: Recipe, params: DeepInvParams, out_dir, *, progress: bool = False, log=print) -> dict:
+    """Synthesise ``n_images`` from the recipe's teacher, then distil the student on them (kd, T)."""
+    import time
+
+    from kdlab.data.splits import Splits, TensorSet
+    from kdlab.experiments.paradigms.common import derive
+    from kdlab.train.build import load_splits, load_teacher, train
+    from kdlab.train.runtime import resolve_device
+
+    p = params
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.teacher is None:
         raise ValueError("DeepInversion needs a recipe with a teacher section (teacher.checkpoint)")
-    kd_recipe = derive(recipe, loss=[{"term": "kd", "weight": 1.0, "T": T}], name=f"{recipe.name}-deepinv")
-    ensure_teacher(kd_recipe, progress=progress, log=log)
-    d = recipe.data
-    splits = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                          label_fraction=d.label_fraction, seed=recipe.train.seed)
+    kd_recipe = derive(recipe, loss=[{"term": "kd", "weight": 1.0, "T": p.T}], name=f"{recipe.name}-deepinv")
+    splits = load_splits(recipe)
     info = splits.info
     dev = resolve_device(recipe.train.device)
     teacher = load_teacher(kd_recipe, info, dev)
-    syn_path = out_dir / "synthetic.pt"
-    syn_time = out_dir / "synthetic.json"
-    if syn_path.exists():
+    syn_path, syn_time = out_dir / "synthetic.pt", out_dir / "synthetic.json"
+    if syn_path.exists() and syn_time.exists():
         x_hat, y_hat = (t.to(dev) for t in torch.load(syn_path))
     else:
-        import time
-
         t0 = time.perf_counter()
         shape = (info.in_channels, info.image_size, info.image_size)
-        x_hat, y_hat = synthesize(teacher, n_images, shape, info.num_classes, iters=iters, lr=lr,
-                                  a_bn=a_bn, a_tv=a_tv, seed=recipe.train.seed, log=log if progress else None)
-        torch.save((x_hat.cpu(), y_hat.cpu()), syn_path)
-        syn_time.write_text(json.dumps({"synthesis_time_s": time.perf_counter() - t0}))
+        x_hat, y_hat = synthesize(teacher, p.n_images, shape, info.num_classes, iters=p.iters, lr=p.lr,
+                                  a_bn=p.a_bn, a_tv=p.a_tv, seed=recipe.train.seed, log=log if progress else None)
+        atomic_save((x_hat.cpu(), y_hat.cpu()), syn_path)
+        write_json(syn_time, {"synthesis_time_s": time.perf_counter() - t0})
     with torch.no_grad():
         agree = (teacher(x_hat).argmax(1) == y_hat).float().mean().item()
     mean = torch.tensor(info.mean, device=x_hat.device).view(1, -1, 1, 1)
@@ -135,11 +144,11 @@ def run_deepinv(recipe: Recipe, out_dir, *, n_images: int = 512, iters: int = 20
     syn = Splits(train=TensorSet(x01, y_hat.cpu()), val=splits.val, test=splits.test, info=info)
     res = train(kd_recipe, out_dir / "student", teacher=teacher, splits=syn, progress=progress,
                 method="deepinv")
-    log(f"DeepInversion: {n_images} synthetic images (teacher agrees with the targets on {agree:.2f}); "
+    log(f"DeepInversion: {p.n_images} synthetic images (teacher agrees with the targets on {agree:.2f}); "
         f"student test {res['test_acc']:.4f}")
-    t_syn = json.loads(syn_time.read_text())["synthesis_time_s"] if syn_time.exists() else 0.0
-    summary = {"paradigm": "deepinv", "n_images": n_images, "iters": iters, "teacher_agreement": agree,
-               "synthesis_time_s": t_syn,
-               "student_result": res}
-    (out_dir / "deepinv.json").write_text(json.dumps(summary, indent=2, default=str))
+    t_syn = read_json(syn_time)["synthesis_time_s"]
+    summary = {"paradigm": "deepinv", "n_images": p.n_images, "iters": p.iters, "teacher_agreement": agree,
+               "synthesis_time_s": t_syn, "student": res, "train_time_s": res["train_time_s"] + t_syn,
+               "extra": {"teacher_agreement": agree}}
+    write_json(out_dir / "deepinv.json", summary)
     return summary

@@ -1,118 +1,84 @@
-"""Deep Mutual Learning (Zhang et al., CVPR 2018): K peers trained together.
+"""Deep Mutual Learning (Zhang et al., CVPR 2018): K peers trained together in one run.
 
-Each step, peer k minimises ``CE(z_k, y) + (1/(K−1)) Σ_{l≠k} KL(p_l ‖ p_k)`` with ``p = softmax(z)``
-(the other peers' predictions detached, i.e. all peers updated simultaneously on the same batch).
-The loop reuses kdlab's loader, evaluation and checkpoint helpers; every peer gets its own run
-folder (best.pt chosen on validation accuracy, result.json with the test accuracy).
+The peers are the models of one :class:`kdlab.train.objective.PeerObjective` trained by the one
+:class:`kdlab.train.trainer.Trainer` (resume, patience, checkpoints and metrics like every run):
+``<out>/peers/best.pt`` is peer 0's, ``<out>/peers/peer<k>/best.pt`` the others'; each records its own model name and
+keyword arguments, so every peer checkpoint loads with :func:`kdlab.core.checkpoint.load_model`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field
 
-from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.config import Recipe
-from kdlab.data import BatchLoader, load_dataset
-from kdlab.data.augment import AugmentSpec
-from kdlab.train.trainer import _scheduler, evaluate, resolve_device
-from kdlab.models import create_model
-from kdlab.core.seeding import derive_seed, seed_everything
+from kdlab.core.io import write_json
+from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
+from kdlab.train.objective import mutual_loss  # noqa: F401  (the loss, documented there)
 
 
-def dml_peer_loss(logits: list, y: torch.Tensor, k: int, T: float = 1.0) -> torch.Tensor:
-    """Peer k's loss ``CE(z_k, y) + T²/(K−1) · Σ_{l≠k} KL(softmax(z_l/T) ‖ softmax(z_k/T))``."""
-    K = len(logits)
-    loss = F.cross_entropy(logits[k], y)
-    if K > 1:
-        log_pk = F.log_softmax(logits[k] / T, dim=1)
-        kl = 0.0
-        for l, z in enumerate(logits):
-            if l != k:
-                log_pl = F.log_softmax(z.detach() / T, dim=1)
-                kl = kl + (log_pl.exp() * (log_pl - log_pk)).sum(1).mean()
-        loss = loss + (T * T) * kl / (K - 1)
-    return loss
+class DmlParams(ParadigmParams):
+    # peers: model names or {model, kwargs} sections; default n_peers copies of the recipe's student
+    peers: Optional[list[Union[str, dict]]] = None
+    n_peers: int = Field(2, ge=2)
+    T: float = Field(1.0, gt=0)
 
 
-def run_dml(recipe: Recipe, out_dir, *, peers: Optional[list[str]] = None, n_peers: int = 2,
-            T: float = 1.0, progress: bool = False, log=print) -> dict:
-    """Train ``peers`` (model names; default ``n_peers`` copies of the recipe's student) jointly."""
+def peer_sections(recipe: Recipe, params: DmlParams) -> list[dict]:
+    """``{"model", "kwargs"}`` of every peer (a bare name that is the student's own model keeps the
+    student's kwargs)."""
+    student = {"model": recipe.student.model, "kwargs": dict(recipe.student.kwargs)}
+    if not params.peers:
+        return [dict(student) for _ in range(params.n_peers)]
+    out = []
+    for p in params.peers:
+        if isinstance(p, str):
+            out.append(dict(student) if p == student["model"] else {"model": p, "kwargs": {}})
+        else:
+            out.append({"model": p["model"], "kwargs": dict(p.get("kwargs") or {})})
+    if len(out) < 2:
+        raise ValueError("DML needs at least two peers (e.g. --set paradigm.peers=[cnn_tiny,cnn_tiny])")
+    return out
+
+
+@register_paradigm("dml", "Deep Mutual Learning: K peers trained jointly, each with CE + mean KL to the other peers",
+                   "Zhang, Xiang, Hospedales & Lu, Deep Mutual Learning, CVPR 2018", params=DmlParams)
+def run_dml(recipe: Recipe, params: DmlParams, out_dir, *, progress: bool = False, log=print) -> dict:
+    """Train the peers jointly into ``out_dir`` (one run folder)."""
+    from kdlab.core.seeding import derive_seed, seed_everything
+    from kdlab.models import create_model
+    from kdlab.train.build import load_splits, make_loaders
+    from kdlab.train.objective import PeerObjective
+    from kdlab.train.runtime import Runtime
+    from kdlab.train.trainer import Trainer
+
     out_dir = Path(out_dir)
-    peers = list(peers) if peers else [recipe.student.model] * n_peers
-    if len(peers) < 2:
-        raise ValueError("DML needs at least two peers (e.g. --peers cnn_tiny cnn_tiny)")
-    cfg, d, seed = recipe.train, recipe.data, recipe.train.seed
-    dev = resolve_device(cfg.device)
-    splits = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                          label_fraction=d.label_fraction, seed=seed)
+    peers = peer_sections(recipe, params)
+    cfg = recipe.train
+    runtime = Runtime.from_cfg(cfg)
+    splits = load_splits(recipe)
     info = splits.info
-    models, opts, scheds = [], [], []
-    for k, name in enumerate(peers):
-        seed_everything(derive_seed(seed, "init", "peer", k))
-        kw = dict(recipe.student.kwargs) if name == recipe.student.model else {}
-        m = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels, **kw).to(dev)
-        models.append(m)
-        o = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        opts.append(o)
-        scheds.append(_scheduler(o, cfg))
-    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-    train_loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=derive_seed(seed, "data"),
-                               augment=aug, mean=info.mean, std=info.std, device=dev)
-    kw = dict(shuffle=False, mean=info.mean, std=info.std, device=dev)
-    val_loader = BatchLoader(splits.val, cfg.eval_batch_size, **kw)
-    test_loader = BatchLoader(splits.test, cfg.eval_batch_size, **kw)
-    best = [-1.0] * len(models)
-    best_ep = [0] * len(models)
-    dirs = [out_dir / f"peer{k}_{name}" for k, name in enumerate(peers)]
-    for dd in dirs:
-        dd.mkdir(parents=True, exist_ok=True)
-    t_train = 0.0
-    history = []
-    for epoch in range(cfg.epochs):
-        torch.manual_seed(derive_seed(seed, "epoch", epoch))
-        for m in models:
-            m.train()
-        t0 = time.perf_counter()
-        for x, y, _ in train_loader.epoch(epoch):
-            logits = [m(x) for m in models]
-            for k, o in enumerate(opts):
-                loss = dml_peer_loss(logits, y, k, T)
-                o.zero_grad(set_to_none=True)
-                loss.backward()
-                o.step()
-        t_train += time.perf_counter() - t0
-        row = {"epoch": epoch + 1}
-        for k, m in enumerate(models):
-            scheds[k].step()
-            v = evaluate(m, val_loader)
-            row[f"peer{k}_val_acc"] = v["acc"]
-            if v["acc"] > best[k]:
-                best[k], best_ep[k] = v["acc"], epoch + 1
-                atomic_save(model_checkpoint(m, model_name=peers[k], model_kwargs={}, num_classes=info.num_classes,
-                                             in_channels=info.in_channels, dataset=info.name, epoch=epoch + 1,
-                                             recipe=recipe.to_dict(), seed=seed, method=f"dml-peer{k}"),
-                            dirs[k] / "best.pt")
-        history.append(row)
-        if progress:
-            log(json.dumps(row))
-    results = []
-    for k, m in enumerate(models):
-        m.load_state_dict(load_checkpoint(dirs[k] / "best.pt")["model"])
-        test, val = evaluate(m, test_loader), evaluate(m, val_loader)
-        res = {"method": f"dml-peer{k}", "model": peers[k], "seed": seed, "val_acc": val["acc"],
-               "test_acc": test["acc"], "best_epoch": best_ep[k], "epochs_run": cfg.epochs,
-               "train_time_s": t_train, "dataset": info.name,
-               "images_per_s": len(splits.train) * cfg.epochs / t_train if t_train else float("nan")}
-        (dirs[k] / "result.json").write_text(json.dumps(res, indent=2))
-        results.append(res)
-        log(f"DML peer {k} ({peers[k]}): test {res['test_acc']:.4f} (best epoch {best_ep[k]})")
-    summary = {"paradigm": "dml", "peers": results, "history": history, "train_time_s": t_train}
-    (out_dir / "dml.json").write_text(json.dumps(summary, indent=2))
+    models, metas = {}, {}
+    for k, sec in enumerate(peers):
+        seed_everything(derive_seed(cfg.seed, "init", "peer", k))
+        name = f"peer{k}"
+        models[name] = create_model(sec["model"], num_classes=info.num_classes, in_channels=info.in_channels,
+                                    **sec["kwargs"]).to(runtime.device)
+        metas[name] = {"model_name": sec["model"], "model_kwargs": sec["kwargs"],
+                       "num_classes": info.num_classes, "in_channels": info.in_channels, "dataset": info.name}
+    runtime.broadcast(*models.values())
+    objective = PeerObjective(models, metas, runtime=runtime, T=params.T)
+    loaders = make_loaders(recipe, splits, runtime, derive_seed(cfg.seed, "data"))
+    ident = {"recipe": recipe.to_dict(), "paradigm": params.model_dump()}
+    trainer = Trainer(objective, *loaders, cfg, out_dir / "peers", runtime=runtime, identity=ident, method="dml",
+                      progress=progress, info={"recipe": recipe.name, "model": peers[0]["model"],
+                                               "dataset": info.name})
+    res = trainer.fit()
+    for k, name in enumerate(models):
+        r = res.get("models", {}).get(name, res)
+        log(f"DML peer {k} ({peers[k]['model']}): test {r['test_acc']:.4f} (best epoch {r['best_epoch']})")
+    summary = {"paradigm": "dml", "peers": peers, "student": res, "train_time_s": res["train_time_s"]}
+    write_json(out_dir / "dml.json", summary)
     return summary

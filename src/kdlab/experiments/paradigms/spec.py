@@ -20,26 +20,19 @@ from typing import Any, Optional
 
 import yaml
 
-from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, _deep_merge, _read_yaml,
-                          apply_overrides, recipe_from_dict, resolve_recipe_path)
+from pydantic import ValidationError
 
-# settings of each paradigm: name -> {key: (types, default)}
-PARAMS: dict[str, dict[str, tuple]] = {
-    "dml": {"peers": ((list, type(None)), None), "n_peers": ((int,), 2), "T": ((int, float), 1.0)},
-    "ban": {"generations": ((int,), 2)},
-    "ta": {"assistant": ((str, type(None)), None)},
-    "self": {"checkpoint": ((str, type(None)), None)},
-    "deepinv": {"n_images": ((int,), 512), "iters": ((int,), 200), "lr": ((int, float), 0.1),
-                "a_bn": ((int, float), 1.0), "a_tv": ((int, float), 1e-2), "T": ((int, float), 4.0)},
-}
+from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, deep_merge,
+                               read_recipe_yaml, recipe_from_dict, resolve_recipe_path)
+from kdlab.experiments.paradigms.base import PARADIGMS, ParadigmParams
 TOP_KEYS = ("paradigm", "recipe", "description")
 PARADIGMS_DIR = RECIPES_DIR / "paradigms"
 
 
 @dataclass
 class ParadigmSpec:
-    name: str                       # dml | ban | ta | self | deepinv
-    params: dict[str, Any]          # every setting of the paradigm (defaults filled in)
+    name: str                       # a registered paradigm (dml | ban | ta | self | deepinv | ...)
+    params: Any                     # its validated settings (a ParadigmParams model)
     recipe: Recipe
     source: str = ""
     description: str = ""
@@ -61,21 +54,21 @@ def paradigm_kind(ref) -> str:
     return str((raw.get("paradigm") or {}).get("name"))
 
 
-def check_params(name: str, params: dict, where: str = "paradigm") -> dict:
-    """``params`` validated against the paradigm's settings, with the defaults filled in."""
-    if name not in PARAMS:
-        raise RecipeError(f"{where}.name: unknown paradigm '{name}' (one of: {', '.join(PARAMS)})")
-    spec = PARAMS[name]
-    out = {k: copy.deepcopy(d) for k, (_, d) in spec.items()}
-    for k, v in params.items():
-        if k not in spec:
-            raise RecipeError(f"{where}.{k}: unknown key '{k}' for paradigm '{name}' "
-                              f"(settings: {', '.join(spec)})")
-        types = spec[k][0]
-        if isinstance(v, bool) or not isinstance(v, types):
-            raise RecipeError(f"{where}.{k}: expected {' or '.join(t.__name__ for t in types)}, got {v!r}")
-        out[k] = float(v) if float in types and isinstance(v, int) else v
-    return out
+def check_params(name: str, params: dict, where: str = "paradigm") -> ParadigmParams:
+    """``params`` validated against the paradigm's settings model, with the defaults filled in."""
+    if name not in PARADIGMS:
+        raise RecipeError(f"{where}.name: unknown paradigm '{name}' (one of: {', '.join(PARADIGMS.names())})")
+    cls = PARADIGMS.entry(name).meta["params"]
+    try:
+        return cls.model_validate(params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{key}' for paradigm '{name}' (settings: {', '.join(cls.model_fields)})"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        raise RecipeError(f"{where}.{key}: {msg}") from None
 
 
 def _resolve_paradigm_path(ref) -> Path:
@@ -107,26 +100,26 @@ def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
             raise RecipeError(f"{where}: {k}: required key is missing")
     par = raw["paradigm"]
     if not isinstance(par, dict) or "name" not in par:
-        raise RecipeError(f"{where}: paradigm.name: required key is missing (one of: {', '.join(PARAMS)})")
+        raise RecipeError(f"{where}: paradigm.name: required key is missing (one of: {', '.join(PARADIGMS.names())})")
     par = dict(par)
     name = par.pop("name")
     rec_ov = []
     for ov in overrides or []:  # `paradigm.<setting>=value` sets the paradigm, the rest its recipe
         if ov.startswith("paradigm.") and "=" in ov:
-            key, val = ov.split("=", 1)
-            par[key[len("paradigm."):]] = yaml.safe_load(val)
+            holder = {"paradigm": par}
+            apply_overrides(holder, [ov])
         else:
             rec_ov.append(ov)
     params = check_params(name, par, f"{where}: paradigm")
     rec = raw["recipe"]
     if isinstance(rec, str):
         rpath = resolve_recipe_path(rec, path.parent)
-        rraw, base = _read_yaml(rpath), rpath
+        rraw, base = read_recipe_yaml(rpath), rpath
     elif isinstance(rec, dict):
         rraw, base = copy.deepcopy(rec), path
         ext = rraw.pop("extends", None)
         if ext:
-            rraw = _deep_merge(_read_yaml(resolve_recipe_path(ext, path.parent)), rraw)
+            rraw = deep_merge(read_recipe_yaml(resolve_recipe_path(ext, path.parent)), rraw)
     else:
         raise RecipeError(f"{where}: recipe: expected a recipe name/path or a mapping, got {rec!r}")
     apply_overrides(rraw, rec_ov)

@@ -1,0 +1,80 @@
+"""Run-folder files: atomic writes and reads that name the file and the fix.
+
+Every file kdlab writes into a run folder goes through :func:`write_json`, :func:`write_csv` or
+:func:`kdlab.core.checkpoint.atomic_save`: the content is written to a temporary file in the same
+folder and renamed over the target, so a crash leaves the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be read; the message names the file and what to do."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as indented JSON (non-JSON values through ``str``), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: str | os.PathLike, what: str = "run file") -> Any:
+    """The JSON content of ``path``; a missing or unreadable file raises one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); delete it and re-run the "
+                           f"command that wrote it") from None
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] | None = None) -> Path:
+    """Rows of dicts as CSV (columns: ``fields`` or every key in first-seen order), atomically."""
+    rows = list(rows)
+    if fields is None:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | os.PathLike, what: str = "metrics file") -> list[dict]:
+    """Rows of a CSV written by :func:`write_csv` (values as strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); delete it and re-run") from None

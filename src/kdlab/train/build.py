@@ -1,0 +1,260 @@
+"""Recipes become objects here, and only here.
+
+:func:`build_run` turns a validated :class:`kdlab.core.config.Recipe` into a :class:`Run`: the
+objective (student + loss terms + teacher sources), the train / val / test loaders and the runtime.
+:func:`train` builds a run and fits it with the :class:`kdlab.train.trainer.Trainer`.
+:func:`ensure_teachers` trains a recipe's missing (or unfinished) teachers first.
+
+The order of construction is fixed, so that the same seed gives the same weights: the data
+splits, then ``seed_everything(derive_seed(seed, "init"))``, the student, the loss terms, the
+teacher (when it is loaded here), the loaders, the objective's ``setup`` with a first batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from kdlab.core.checkpoint import load_model
+from kdlab.core.config import Recipe
+from kdlab.core.seeding import derive_seed, seed_everything
+from kdlab.data import BatchLoader, load_dataset
+from kdlab.data.augment import AugmentSpec
+from kdlab.distill.losses import build_terms
+from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
+from kdlab.models import create_model
+from kdlab.train.objective import DistillObjective
+from kdlab.train.runtime import Runtime
+
+
+@dataclass
+class Run:
+    """Everything :class:`kdlab.train.trainer.Trainer` needs for one recipe."""
+
+    objective: Any
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    runtime: Runtime
+    splits: Any
+    recipe: Recipe
+
+    @property
+    def info(self):
+        return self.splits.info
+
+
+def load_splits(recipe: Recipe, seed: Optional[int] = None):
+    """The recipe's data set as train / val / test splits (seeded by ``train.seed``)."""
+    d = recipe.data
+    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
+                        label_fraction=d.label_fraction, seed=recipe.train.seed if seed is None else seed)
+
+
+def check_pair(num_classes: int, in_channels: int, info, who: str) -> None:
+    """A model fits a data set: same class count and input channels (one line naming the fix)."""
+    if num_classes != info.num_classes:
+        raise ValueError(f"{who} predicts {num_classes} classes but data set '{info.name}' has "
+                         f"{info.num_classes}; use a model trained on the same data set")
+    if in_channels != info.in_channels:
+        raise ValueError(f"{who} takes {in_channels} input channels but '{info.name}' has "
+                         f"{info.in_channels}; use a model trained on the same data set")
+
+
+def load_checked(path, info, device, who: str) -> nn.Module:
+    """A kdlab model checkpoint, loaded frozen and checked against the data set."""
+    model, ck = load_model(path, device)
+    check_pair(ck["num_classes"], ck["in_channels"], info, f"{who} {path}")
+    return model
+
+
+def load_teacher(recipe: Recipe, info, device) -> nn.Module:
+    """The recipe's teacher, loaded from its checkpoint and checked against the data set."""
+    tc = recipe.teacher
+    if tc is None or not tc.checkpoint:
+        raise ValueError("this recipe needs a teacher: set teacher.checkpoint (train one with `kdlab train-teacher`)")
+    if not Path(tc.checkpoint).is_file():
+        hint = f"`kdlab train-teacher {tc.recipe}`" if tc.recipe else "`kdlab train-teacher <teacher recipe>`"
+        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found; train it first with {hint}")
+    return load_checked(tc.checkpoint, info, device, "teacher")
+
+
+def out_features(model: nn.Module, info, device) -> int:
+    """The number of outputs of ``model`` on one input of the data set's shape."""
+    x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        n = model.to(device)(x).shape[1]
+    model.train(was)
+    return n
+
+
+def student_meta(recipe: Recipe, info) -> dict:
+    """Checkpoint metadata of the recipe's student (how to rebuild it)."""
+    return {"model_name": recipe.student.model, "model_kwargs": dict(recipe.student.kwargs),
+            "num_classes": info.num_classes, "in_channels": info.in_channels, "dataset": info.name}
+
+
+def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
+    """Train (augmented, sharded under torchrun), val and test loaders of a recipe."""
+    d, cfg, info = recipe.data, recipe.train, splits.info
+    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
+    train_loader = BatchLoader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True,
+                               seed=data_seed, augment=aug, mean=info.mean, std=info.std,
+                               device=runtime.device)
+    if runtime.dist:
+        train_loader = train_loader.shard(runtime.rank, runtime.world_size)
+    kw = dict(shuffle=False, mean=info.mean, std=info.std, device=runtime.device)
+    return (train_loader, BatchLoader(splits.val, cfg.eval_batch_size, **kw),
+            BatchLoader(splits.test, cfg.eval_batch_size, **kw))
+
+
+def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
+              store: Optional[TeacherStore] = None, runtime: Optional[Runtime] = None,
+              student: Optional[nn.Module] = None, meta: Optional[dict] = None) -> Run:
+    """The objective and loaders of ``recipe`` (see the module doc for the construction order).
+
+    ``splits``: data to use instead of the recipe's data set; ``teacher``: an already loaded
+    teacher (a study shares one); ``store``: a study's teacher cache; ``student``/``meta``: an
+    already built student (fine-tuning a pruned model) and its checkpoint metadata.
+    """
+    cfg = recipe.train
+    runtime = runtime or Runtime.from_cfg(cfg)
+    dev = runtime.device
+    splits = splits or load_splits(recipe)
+    info = splits.info
+    seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
+    if student is None:
+        student = create_model(recipe.student.model, num_classes=info.num_classes,
+                               in_channels=info.in_channels, **recipe.student.kwargs)
+        meta = student_meta(recipe, info)
+    student = student.to(dev)
+    if cfg.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    terms = build_terms(recipe.loss)
+    for _, _, t in terms:
+        t.to(dev)
+    needs_teacher = any(t.needs_teacher for _, _, t in terms)
+    plan = teacher_plan(cfg.teacher_mode)
+    if needs_teacher:
+        if teacher is None:
+            teacher = load_teacher(recipe, info, dev)
+        else:
+            check_pair(out_features(teacher, info, dev), info.in_channels, info, "teacher")
+            teacher = teacher.to(dev)
+    data_seed = derive_seed(cfg.seed, "data")
+    if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)
+        data_seed = derive_seed(cfg.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
+    train_loader, val_loader, test_loader = make_loaders(recipe, splits, runtime, data_seed)
+    uniq = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
+    t_layers = uniq(l for _, _, t in terms for l in t.teacher_layers())
+    m_layers = uniq(l for _, _, t in terms for l in t.mask_layers())
+    data_key = recipe.data.model_dump()
+    source = None
+    if needs_teacher:
+        source = build_teacher_source(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
+                                      mask_cfg=recipe.mask, store=store, loader=train_loader,
+                                      dataset=data_key, checkpoint=recipe.teacher.checkpoint, device=dev)
+    extra = {}
+    for path in uniq(p for _, _, t in terms for p in t.extra_teacher_checkpoints()):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"extra teacher checkpoint {path} not found; train it first "
+                                    f"(`kdlab train-teacher <recipe> --out {Path(path).parent}`)")
+        extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher"),
+                                           mode=cfg.teacher_mode, store=store, loader=train_loader,
+                                           dataset=data_key, checkpoint=path, device=dev)
+    objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
+                                 meta=meta, n_data=len(splits.train.y), channels_last=cfg.channels_last,
+                                 compile=cfg.compile)
+    objective.setup(next(iter(train_loader.epoch(0))))
+    runtime.broadcast(student, objective.term_modules)
+    return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)
+
+
+def trainer_for(run: Run, run_dir, *, progress: bool = True, method: str = "", callbacks=()):
+    """The :class:`kdlab.train.trainer.Trainer` of a built run, writing into ``run_dir``."""
+    from kdlab.train.trainer import Trainer
+
+    r = run.recipe
+    info = {"recipe": r.name, "model": r.student.model, "dataset": run.info.name}
+    return Trainer(run.objective, run.train_loader, run.val_loader, run.test_loader, r.train, run_dir,
+                   runtime=run.runtime, callbacks=callbacks, identity=r.to_dict(),
+                   method=method or r.name, progress=progress, info=info)
+
+
+def make_trainer(recipe: Recipe, run_dir, *, teacher=None, splits=None, store=None, progress: bool = True,
+                 method: str = "", callbacks=()):
+    """``build_run`` + :func:`trainer_for`: a ready Trainer for ``recipe``."""
+    run = build_run(recipe, splits=splits, teacher=teacher, store=store)
+    return trainer_for(run, run_dir, progress=progress, method=method, callbacks=callbacks)
+
+
+def train(recipe: Recipe, run_dir, *, teacher=None, splits=None, progress: bool = True,
+          resume: bool = True, stop_after: Optional[int] = None, method: str = "",
+          teacher_cache: Optional[TeacherStore] = None, callbacks=()) -> dict:
+    """Train ``recipe`` into ``run_dir`` and return its result dict (``result.json``).
+    ``teacher_cache``: a :class:`kdlab.distill.teachers.TeacherStore` shared by a study's runs."""
+    trainer = make_trainer(recipe, run_dir, teacher=teacher, splits=splits, store=teacher_cache,
+                           progress=progress, method=method, callbacks=callbacks)
+    return trainer.fit(resume=resume, stop_after=stop_after)
+
+
+def with_data_dir(recipe: Recipe, data_dir: Optional[str]) -> Recipe:
+    """``recipe`` reading its data files from ``data_dir`` (None: unchanged)."""
+    if data_dir is None:
+        return recipe
+    return recipe.derive(data={**recipe.data.model_dump(), "data_dir": str(data_dir)})
+
+
+def teacher_finished(ckpt: Path) -> bool:
+    """A teacher checkpoint counts as done only when its run finished (``result.json`` beside it),
+    or when it is a lone file (not in a kdlab run folder)."""
+    if not ckpt.is_file():
+        return False
+    folder = ckpt.parent
+    in_run = (folder / "last.pt").exists() or (folder / "metrics.csv").exists()
+    return not in_run or (folder / "result.json").is_file()
+
+
+def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
+    """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
+    unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise. Returns the
+    teacher checkpoint, or None when the recipe's loss needs no teacher."""
+    from kdlab.core.config import load_recipe
+
+    for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
+        p = t.params
+        for ck, rref in zip(p.get("checkpoints") or [], p.get("recipes") or []):
+            if teacher_finished(Path(ck)):
+                continue
+            r = with_data_dir(load_recipe(rref), data_dir)
+            log(f"training extra teacher {r.name} -> {Path(ck).parent} (checkpoint {ck} missing or unfinished)")
+            train(r, Path(ck).parent, progress=progress, method="teacher")
+    tc = recipe.teacher
+    if tc is None or not recipe.needs_teacher():
+        return None
+    ckpt = Path(tc.checkpoint) if tc.checkpoint else None
+    if ckpt is not None and ckpt.is_dir():
+        raise ValueError(f"teacher.checkpoint {ckpt} is a folder; give the checkpoint file (e.g. {ckpt}/best.pt)")
+    if ckpt is not None and teacher_finished(ckpt):
+        return str(ckpt)
+    if not tc.recipe:
+        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
+                                f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
+    t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
+    ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
+    why = "its run is unfinished" if ckpt.exists() or (ckpt.parent / "last.pt").exists() else "is missing"
+    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}, because "
+        f"checkpoint {ckpt} {why}")
+    res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
+    if ckpt.name != "best.pt":
+        shutil.copyfile(ckpt.parent / "best.pt", ckpt)
+    log(f"teacher: val {res['val_acc']:.4f}  test {res['test_acc']:.4f}  (best epoch {res['best_epoch']})")
+    return str(ckpt)
