@@ -112,7 +112,10 @@ def test_bad_inputs_name_the_fix(tmp_path):
 def test_shipped_lm_recipes_load():
     from kdlab.lm.recipe import load_lm_recipe
 
-    for name in ("lm/docs", "lm/code", "lm/docs_bpe", "lm/arithmetic"):
+    from kdlab.lm.recipe import list_lm_recipes
+
+    assert list_lm_recipes() == ["lm/arithmetic", "lm/code", "lm/docs", "lm/docs_bpe"]
+    for name in list_lm_recipes():
         r = load_lm_recipe(name)
         assert r.name == name
     r = load_lm_recipe("lm/docs", ["train.epochs=1"])

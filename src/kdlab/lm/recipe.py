@@ -185,3 +185,10 @@ def load_lm_recipe(ref: str, overrides: Optional[list[str]] = None) -> LMRecipe:
     r = lm_recipe_from_dict(raw, str(path))
     r.source = str(path)
     return r
+
+
+def list_lm_recipes() -> list[str]:
+    """Shipped LM recipes (``lm/<name>``); the vision ``list_recipes`` must skip ``lm/``."""
+    from kdlab.core.config import RECIPES_DIR
+
+    return sorted(f"lm/{p.stem}" for p in (RECIPES_DIR / "lm").glob("*.yaml"))
