@@ -13,6 +13,9 @@ def test_traces_by_hand():
     assert render(99, "+", 1, True) == ("99+1=", "[9+1+0=10,9+0+1=10]100")
     assert render(123, "*", 4, True) == ("123*4=", "[3*4+0=12,2*4+1=9,1*4+0=4]492")
     assert render(7, "*", 0, False) == ("7*0=", "0")
+    # zero-padded operands: one step per padded digit, plain answer
+    assert render(7, "+", 45, True, width=3) == ("007+045=", "[7+5+0=12,0+4+1=5,0+0+0=0]52")
+    assert render(12, "*", 9, False, width=3) == ("012*9=", "108")
     with pytest.raises(ValueError, match="one-digit"):
         trace(12, "*", 34)
 

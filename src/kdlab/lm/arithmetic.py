@@ -27,12 +27,20 @@ import torch
 from kdlab.core.seeding import derive_seed
 
 
-def trace(a: int, op: str, b: int) -> str:
-    """The scratchpad of ``a op b`` (module doc), without the final answer."""
+def operands(a: int, op: str, b: int, width: int = 0) -> tuple[str, str]:
+    """The operands as written: zero-padded to ``width`` digits (the multiplier of ``*`` stays one
+    digit); ``width=0`` writes them plainly."""
+    return str(a).zfill(width), (str(b) if op == "*" else str(b).zfill(width))
+
+
+def trace(a: int, op: str, b: int, width: int = 0) -> str:
+    """The scratchpad of ``a op b`` (module doc), without the final answer; with ``width`` the
+    operands are zero-padded, so every problem of that width has the same number of steps."""
     steps, c = [], 0
-    da = [int(ch) for ch in reversed(str(a))]
+    sa, sb = operands(a, op, b, width)
+    da = [int(ch) for ch in reversed(sa)]
     if op == "+":
-        db = [int(ch) for ch in reversed(str(b))]
+        db = [int(ch) for ch in reversed(sb)]
         for i in range(max(len(da), len(db))):
             x = da[i] if i < len(da) else 0
             y = db[i] if i < len(db) else 0
@@ -55,10 +63,12 @@ def answer(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a * b
 
 
-def render(a: int, op: str, b: int, with_trace: bool) -> tuple[str, str]:
-    """(prompt, completion) texts; the completion excludes ``eos``."""
-    body = (trace(a, op, b) if with_trace else "") + str(answer(a, op, b))
-    return f"{a}{op}{b}=", body
+def render(a: int, op: str, b: int, with_trace: bool, width: int = 0) -> tuple[str, str]:
+    """(prompt, completion) texts; the completion excludes ``eos``. ``width``: zero-pad operands
+    (``007+045=``); the answer is written plainly."""
+    sa, sb = operands(a, op, b, width)
+    body = (trace(a, op, b, width) if with_trace else "") + str(answer(a, op, b))
+    return f"{sa}{op}{sb}=", body
 
 
 def parse_answer(completion: str) -> Optional[int]:
@@ -141,13 +151,13 @@ class ProblemLoader:
 
 
 def exact_match(model, problems, tokenizer, with_trace: bool, max_new: Optional[int] = None,
-                batch_size: int = 256) -> dict:
+                batch_size: int = 256, width: int = 0) -> dict:
     """Greedy exact-match accuracy on ``problems`` and the completions (for inspection)."""
     from kdlab.lm.generate import generate_ragged
 
-    prompts = [tokenizer.encode(render(a, op, b, with_trace)[0]) for a, op, b in problems]
+    prompts = [tokenizer.encode(render(a, op, b, with_trace, width)[0]) for a, op, b in problems]
     if max_new is None:
-        max_new = max(len(render(a, op, b, True)[1]) for a, op, b in problems) + 8
+        max_new = max(len(render(a, op, b, True, width)[1]) for a, op, b in problems) + 8
     outs = generate_ragged(model, prompts, max_new, greedy=True, eos_id=tokenizer.eos_id,
                            pad_id=tokenizer.pad_id, batch_size=batch_size)
     texts = [tokenizer.decode(o) for o in outs]
@@ -156,16 +166,16 @@ def exact_match(model, problems, tokenizer, with_trace: bool, max_new: Optional[
 
 
 def teacher_traces(teacher, problems, tokenizer, tries: int = 2, seed: int = 0,
-                   max_new: Optional[int] = None) -> tuple[list[tuple[str, str]], dict]:
+                   max_new: Optional[int] = None, width: int = 0) -> tuple[list[tuple[str, str]], dict]:
     """Rejection sampling: the teacher writes a trace for each training problem (greedy first,
     then ``tries − 1`` samples at temperature 1); keep the first whose answer is correct.
     Returns the kept (prompt, completion) texts and counts."""
     from kdlab.lm.generate import generate_ragged
 
     kept: dict[int, tuple[str, str]] = {}
-    prompts = [tokenizer.encode(render(a, op, b, True)[0]) for a, op, b in problems]
+    prompts = [tokenizer.encode(render(a, op, b, True, width)[0]) for a, op, b in problems]
     if max_new is None:
-        max_new = max(len(render(a, op, b, True)[1]) for a, op, b in problems) + 8
+        max_new = max(len(render(a, op, b, True, width)[1]) for a, op, b in problems) + 8
     dev = next(teacher.parameters()).device
     for t in range(tries):
         todo = [i for i in range(len(problems)) if i not in kept]
@@ -179,6 +189,6 @@ def teacher_traces(teacher, problems, tokenizer, tries: int = 2, seed: int = 0,
             text = tokenizer.decode(o)
             a, op, b = problems[i]
             if o and o[-1] == tokenizer.eos_id and parse_answer(text) == answer(a, op, b) and text.startswith("["):
-                kept[i] = (render(a, op, b, True)[0], text)
+                kept[i] = (render(a, op, b, True, width)[0], text)
     return [kept[i] for i in sorted(kept)], {"problems": len(problems), "kept": len(kept),
                                               "kept_fraction": len(kept) / max(len(problems), 1)}

@@ -116,6 +116,7 @@ class ArithmeticCfg(_Strict):
     ops: list[Literal["+", "*"]] = ["+", "*"]
     train_digits: list[int] = [1, 3]                 # operand digit range seen in training
     long_digits: int = Field(4, ge=1)                # held-out longer operands
+    pad_to: int = Field(0, ge=0)                     # zero-pad operands to this many digits (0: no)
     n_train: int = Field(4000, ge=10)
     n_val: int = Field(200, ge=10)
     n_test: int = Field(300, ge=10)

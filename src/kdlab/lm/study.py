@@ -433,10 +433,10 @@ def arithmetic_sets(recipe: LMRecipe) -> dict:
     return {"train": train, "val": val, "test": test, "long": long}
 
 
-def _arith_pairs(problems, tokenizer, with_trace: bool):
+def _arith_pairs(problems, tokenizer, with_trace: bool, width: int = 0):
     from kdlab.lm.arithmetic import encode_examples, render
 
-    return encode_examples([render(a, op, b, with_trace) for a, op, b in problems], tokenizer)
+    return encode_examples([render(a, op, b, with_trace, width) for a, op, b in problems], tokenizer)
 
 
 def _arith_run(model_cfg, pairs, val_pairs, t: LMTrainCfg, run_dir, seed: int, method: str, tokenizer,
@@ -475,22 +475,23 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     sets = arithmetic_sets(recipe)
     t0 = time.time()
     tt = recipe.teacher.train
-    teacher, tres = _arith_run(recipe.teacher, _arith_pairs(sets["train"], tok, True),
-                               _arith_pairs(sets["val"], tok, True), tt, out_dir / "teacher", tt.seed,
+    w = recipe.arithmetic.pad_to
+    teacher, tres = _arith_run(recipe.teacher, _arith_pairs(sets["train"], tok, True, w),
+                               _arith_pairs(sets["val"], tok, True, w), tt, out_dir / "teacher", tt.seed,
                                "teacher", tok, progress, name="teacher")
     rows = [{"method": "teacher (traces)", "seed": tt.seed, "params": count_params(teacher),
-             "em_test": exact_match(teacher, sets["test"], tok, True)["em"],
-             "em_long": exact_match(teacher, sets["long"], tok, True)["em"]}]
+             "em_test": exact_match(teacher, sets["test"], tok, True, width=w)["em"],
+             "em_long": exact_match(teacher, sets["long"], tok, True, width=w)["em"]}]
     log(f"arithmetic teacher: EM {rows[0]['em_test']:.3f} (train digits), {rows[0]['em_long']:.3f} (long)")
-    kept, rs = teacher_traces(teacher, sets["train"], tok, recipe.arithmetic.teacher_samples, seed=tt.seed)
+    kept, rs = teacher_traces(teacher, sets["train"], tok, recipe.arithmetic.teacher_samples, seed=tt.seed, width=w)
     log(f"rejection sampling: kept {rs['kept']}/{rs['problems']} teacher traces")
     (out_dir / "rejection_sampling.json").write_text(json.dumps(rs, indent=2))
     from kdlab.lm.arithmetic import encode_examples
 
     student_data = {
-        "answers": (_arith_pairs(sets["train"], tok, False), _arith_pairs(sets["val"], tok, False), False),
-        "traces": (_arith_pairs(sets["train"], tok, True), _arith_pairs(sets["val"], tok, True), True),
-        "teacher_traces": (encode_examples(kept, tok) if kept else [], _arith_pairs(sets["val"], tok, True), True),
+        "answers": (_arith_pairs(sets["train"], tok, False, w), _arith_pairs(sets["val"], tok, False, w), False),
+        "traces": (_arith_pairs(sets["train"], tok, True, w), _arith_pairs(sets["val"], tok, True, w), True),
+        "teacher_traces": (encode_examples(kept, tok) if kept else [], _arith_pairs(sets["val"], tok, True, w), True),
     }
     for seed in seeds:
         for m in recipe.arithmetic.students:
@@ -501,8 +502,8 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
             model, res = _arith_run(recipe.student, pairs, vpairs, recipe.train, out_dir / "runs" / m / f"seed{seed}",
                                     seed, m, tok, progress)
             r = {"method": m, "seed": seed, "params": count_params(model), "n_train_examples": len(pairs),
-                 "em_test": exact_match(model, sets["test"], tok, tr)["em"],
-                 "em_long": exact_match(model, sets["long"], tok, tr)["em"],
+                 "em_test": exact_match(model, sets["test"], tok, tr, width=w)["em"],
+                 "em_long": exact_match(model, sets["long"], tok, tr, width=w)["em"],
                  "train_time_s": res.get("train_time_s")}
             log(f"{m:<15} seed {seed}: EM {r['em_test']:.3f} / long {r['em_long']:.3f}")
             rows.append(r)
@@ -522,7 +523,8 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
                      _f(100 * el, ".1f", 100 * sdl if math.isfinite(sdl) else None)])
     md = markdown_table(headers, body)
     note = (f"Greedy exact match of the final answer on {a.n_test} held-out problems per column "
-            f"(ops {', '.join(a.ops)}; '*' has a one-digit multiplier); ± is the sd over seeds. "
+            f"(ops {', '.join(a.ops)}; '*' has a one-digit multiplier"
+            f"{f'; operands zero-padded to {a.pad_to} digits' if a.pad_to else ''}); ± is the sd over seeds. "
             f"Teacher traces: rejection sampling kept {rs['kept']}/{rs['problems']} "
             f"({100 * rs['kept_fraction']:.1f}%). Wall time {time.time() - t0:.0f}s.")
     (out_dir / "table.md").write_text(md + "\n\n" + note + "\n")
