@@ -69,3 +69,17 @@ def test_cached_training_step_runs_no_teacher(tmp_path):
         loss.backward()
     assert calls == [] and obj.counts["cache_hits"] == 2
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_sparse_vs_dense_paired_difference_by_hand():
+    from kdlab.lm.study import sparse_vs_dense
+
+    rows = [{"method": "fkl", "seed": 0, "test_bpb": 3.0, "test_kl": 1.0, "test_agree": 0.5},
+            {"method": "fkl", "seed": 1, "test_bpb": 3.2, "test_kl": 1.0, "test_agree": 0.5},
+            {"method": "fkl_dense", "seed": 0, "test_bpb": 2.9, "test_kl": 1.0, "test_agree": 0.5},
+            {"method": "fkl_dense", "seed": 1, "test_bpb": 3.0, "test_kl": 1.0, "test_agree": 0.5},
+            {"method": "ce", "seed": 0, "test_bpb": 4.0}]
+    (d,) = sparse_vs_dense(rows)
+    # differences .1 and .2: mean .15, sd .0707, half-width t(.975, 1)·sd/√2 = 12.706·.05
+    assert d["dense"] == "fkl_dense" and d["n_paired"] == 2
+    assert abs(d["bpb_diff"] - 0.15) < 1e-9 and abs(d["bpb_diff_ci95"] - 12.7062 * 0.05) < 1e-3

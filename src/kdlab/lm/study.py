@@ -359,6 +359,27 @@ def method_rows(rows: list[dict], baseline: str) -> list[dict]:
     return out
 
 
+def sparse_vs_dense(rows: list[dict]) -> list[dict]:
+    """For every method ``m`` run also as ``m_dense`` (live dense teacher): the paired difference
+    (same seeds) of test bpb and KL, sparse cache minus dense teacher, with 95% half-widths."""
+    from kdlab.report.tables import paired_diff
+
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    out = []
+    for m in by:
+        if m + "_dense" not in by:
+            continue
+        d = {"method": m, "dense": m + "_dense"}
+        for c in ("bpb", "kl", "agree"):
+            a = {s: r[f"test_{c}"] for s, r in by[m].items() if f"test_{c}" in r}
+            b = {s: r[f"test_{c}"] for s, r in by[m + "_dense"].items() if f"test_{c}" in r}
+            d[f"{c}_diff"], d[f"{c}_diff_ci95"], d["n_paired"] = paired_diff(a, b)
+        out.append(d)
+    return out
+
+
 def _f(v, fmt=".3f", sd=None) -> str:
     if v is None or not math.isfinite(v):
         return "—"
@@ -402,12 +423,18 @@ def ablation_table(rows: list[dict], out_dir, *, baseline: str = "ce", teacher: 
                  f"B/token dense fp16 ({100 * cache_report['ratio']:.2f}% of dense); on the test split the "
                  f"teacher's mass outside its top {cache_report['k']} is {cache_report.get('mean_tail_mass', float('nan')):.4f} "
                  f"and KL(P‖top-k P̂) = {cache_report.get('kl_teacher_to_topk_nats', float('nan')):.4f} nats/token.")
+    svd = sparse_vs_dense(rows)
+    for d in svd:
+        note += (f" Sparse cache vs dense teacher ({d['method']} − {d['dense']}, paired over {d['n_paired']} "
+                 f"seeds): Δ bpb {_f(d['bpb_diff'], '+.3f', None)} ± {_f(d['bpb_diff_ci95'])}, "
+                 f"Δ KL {_f(d['kl_diff'], '+.3f', None)} ± {_f(d['kl_diff_ci95'])}.")
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.0f}s."
     (out_dir / "table.md").write_text(md + "\n\n" + note + "\n")
     write_csv(out_dir / "table.csv", [{k: v for k, v in s.items() if k != "seeds"} for s in stats])
     (out_dir / "table.json").write_text(json.dumps({"methods": stats, "baseline": baseline, "teacher": teacher,
-                                                    "cache": cache_report, "wall_time_s": wall_time_s},
+                                                    "cache": cache_report, "sparse_vs_dense": svd,
+                                                    "wall_time_s": wall_time_s},
                                                    indent=2, default=str))
     log("")
     log(md)
