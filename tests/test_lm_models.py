@@ -125,3 +125,4 @@ def test_uniform_model_has_log2_vocab_bits_per_byte():
     obj = LMObjective(Uniform(), token_bytes=torch.ones(258), pad_id=tok.pad_id)
     r = obj.evaluate("student", EvalLoader(stream, 16, 4, tok.pad_id))
     assert abs(r["bpb"] - math.log2(258)) < 1e-6 and abs(r["ppl"] - 258) < 1e-3
+    assert r["n"] == stream.numel() - 1 == 20 * 13  # every next-token target once

@@ -29,7 +29,8 @@ that the accumulated gradient is exactly that of one batch holding all the windo
 
 Metrics (:meth:`evaluate`): ``bpb`` (bits per UTF-8 byte of the targets: Σ NLL / ln 2 / Σ bytes),
 ``nll`` (nats/token), ``ppl`` (exp nll, per token — meaningful for BPE), and with a teacher:
-``kl`` (KL(P_teacher‖Q_student), nats/token) and ``agree`` (top-1 agreement with the teacher).
+``kl`` (KL(P_teacher‖Q_student), nats/token) and ``agree`` (top-1 agreement with the teacher);
+``n`` is the number of target tokens evaluated.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ class LMObjective:
         finally:
             model.train(was)
         out = {"bpb": nll / math.log(2) / max(nbytes, 1.0), "nll": nll / max(ntok, 1.0),
-               "ppl": math.exp(min(nll / max(ntok, 1.0), 50.0))}
+               "ppl": math.exp(min(nll / max(ntok, 1.0), 50.0)), "n": int(ntok)}
         if self.teacher is not None:
             out["kl"] = kl / max(ntok, 1.0)
             out["agree"] = agree / max(ntok, 1.0)
