@@ -1,36 +1,36 @@
 """The `kdlab` command line: one argparse app.
 
-Core subcommands live here; feature packages add theirs through EXTENSIONS
-("module:function" strings, each function taking the argparse subparsers object).
+Each module in :data:`COMMANDS` has ``register(subparsers)`` adding its commands; a new command
+family is one module plus one line here. Command modules only parse arguments (with the shared
+groups of :mod:`kdlab.cli.args`) and call the library, which they import inside the command
+functions: building the parser and printing help import neither torch nor any library module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-EXTENSIONS: list[str] = [
-    "kdlab.cli.run:register",
-    "kdlab.cli.explain:register",
-    "kdlab.cli.compress:register",
-    "kdlab.cli.robustness:register",
-    "kdlab.cli.methods:register",
-    "kdlab.cli.bench:register",
-]
+from kdlab.cli import bench, compress, explain, methods, robustness, run
+
+#: The command modules, in the order their commands are listed by ``kdlab --help``.
+COMMANDS = [run, methods, explain, robustness, compress, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdlab import __version__
+    from kdlab.version import __version__
 
-    p = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit.")
-    p.add_argument("--version", action="version", version=f"kdlab {__version__}")
+    p = argparse.ArgumentParser(
+        prog="kdlab", description="Knowledge distillation toolkit.",
+        epilog="`kdlab COMMAND --help` for a command's options. Set KDLAB_DEBUG=1 to see the "
+               "full traceback of an error.")
+    p.add_argument("--version", action="version", version=f"kdlab {__version__}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for spec in EXTENSIONS:
-        mod, fn = spec.split(":")
-        getattr(importlib.import_module(mod), fn)(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return p
 
 

@@ -33,16 +33,35 @@ class AugmentCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    name: str = "digits"  # a registered data set (kdlab.data.DATASETS), checked by _dataset
+
+    @field_validator("name")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from kdlab.data.registry import check_dataset_name
+
+        return check_dataset_name(v)
+
     data_dir: Optional[str] = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     augment: AugmentCfg = AugmentCfg()
+    # a user's data: an image folder (name: imagefolder) or a factory returning Splits/datasets
+    root: Optional[str] = None
+    image_size: Optional[list[int]] = None  # [H, W] (imagefolder)
+    factory: Optional[str] = None  # "module:function" -> Splits or (train, val, test) datasets
+    num_workers: int = Field(0, ge=0)  # decoding processes for streamed data
+
+    def options(self) -> dict:
+        """The loader options this section sets beyond the common ones."""
+        return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
 
 
 class ModelCfg(_Strict):
+    # a registered name, timm:<name>, torchvision:<name>, hf:<local path>, or module:function
     model: str
     kwargs: dict[str, Any] = {}
+    weights: Optional[str] = None  # a local state dict / checkpoint loaded into the model
 
 
 class TeacherCfg(ModelCfg):
@@ -72,6 +91,8 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
+    log_to: list[Literal["csv", "tensorboard"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md

@@ -316,7 +316,7 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
         "version": 1,
         "dataset": dataset.get("name"), "val_fraction": dataset.get("val_fraction"),
         "label_fraction": dataset.get("label_fraction"),
-        "train_data": tensor_fingerprint(ld.x, ld.y),
+        "train_data": ld.fingerprint() if hasattr(ld, "fingerprint") else tensor_fingerprint(ld.x, ld.y),
         "loader_seed": ld.seed, "batch_size": ld.batch_size, "shuffle": ld.shuffle,
         "drop_last": ld.drop_last, "augment": repr(ld.augment),
         "mean": None if ld.mean is None else ld.mean.flatten().tolist(),
@@ -335,7 +335,7 @@ def build_teacher_source(teacher: nn.Module, *, mode: str, layers=(), mask_layer
     and the training ``loader`` (whose batches it keys) are given."""
     plan = teacher_plan(mode)
     live = LiveTeacher(teacher, list(layers), list(mask_layers), mask_cfg, round_to=plan.round_to)
-    if not (plan.cached and store is not None and loader is not None):
+    if not (plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True)):
         return live
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     key = cache_key(loader, teacher, dataset=dataset or {}, checkpoint=checkpoint, device=device)

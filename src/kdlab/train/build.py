@@ -21,14 +21,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kdlab.core.checkpoint import load_model
+from kdlab.core.checkpoint import check_fits, load_model
 from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
-from kdlab.data import BatchLoader, load_dataset
+from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
+from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
-from kdlab.models import create_model
+from kdlab.models.adapters import build_model
 from kdlab.train.objective import DistillObjective
 from kdlab.train.runtime import Runtime
 
@@ -52,25 +53,20 @@ class Run:
 
 def load_splits(recipe: Recipe, seed: Optional[int] = None):
     """The recipe's data set as train / val / test splits (seeded by ``train.seed``)."""
+    from kdlab.data import from_factory
+
     d = recipe.data
-    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                        label_fraction=d.label_fraction, seed=recipe.train.seed if seed is None else seed)
-
-
-def check_pair(num_classes: int, in_channels: int, info, who: str) -> None:
-    """A model fits a data set: same class count and input channels (one line naming the fix)."""
-    if num_classes != info.num_classes:
-        raise ValueError(f"{who} predicts {num_classes} classes but data set '{info.name}' has "
-                         f"{info.num_classes}; use a model trained on the same data set")
-    if in_channels != info.in_channels:
-        raise ValueError(f"{who} takes {in_channels} input channels but '{info.name}' has "
-                         f"{info.in_channels}; use a model trained on the same data set")
+    seed = recipe.train.seed if seed is None else seed
+    if d.factory:
+        return from_factory(d.factory, val_fraction=d.val_fraction, label_fraction=d.label_fraction, seed=seed)
+    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction, label_fraction=d.label_fraction,
+                        seed=seed, **d.options())
 
 
 def load_checked(path, info, device, who: str) -> nn.Module:
     """A kdlab model checkpoint, loaded frozen and checked against the data set."""
     model, ck = load_model(path, device)
-    check_pair(ck["num_classes"], ck["in_channels"], info, f"{who} {path}")
+    check_fits(ck, info, f"{who} {path}")
     return model
 
 
@@ -87,7 +83,8 @@ def load_teacher(recipe: Recipe, info, device) -> nn.Module:
 
 def out_features(model: nn.Module, info, device) -> int:
     """The number of outputs of ``model`` on one input of the data set's shape."""
-    x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+    hw = info.image_size if isinstance(info.image_size, (tuple, list)) else (info.image_size, info.image_size)
+    x = torch.zeros(1, info.in_channels, *hw, device=device)
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -106,14 +103,13 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
     """Train (augmented, sharded under torchrun), val and test loaders of a recipe."""
     d, cfg, info = recipe.data, recipe.train, splits.info
     aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-    train_loader = BatchLoader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True,
-                               seed=data_seed, augment=aug, mean=info.mean, std=info.std,
-                               device=runtime.device)
+    kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
+    train_loader = as_loader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True, seed=data_seed,
+                             augment=aug, **kw)
     if runtime.dist:
         train_loader = train_loader.shard(runtime.rank, runtime.world_size)
-    kw = dict(shuffle=False, mean=info.mean, std=info.std, device=runtime.device)
-    return (train_loader, BatchLoader(splits.val, cfg.eval_batch_size, **kw),
-            BatchLoader(splits.test, cfg.eval_batch_size, **kw))
+    return (train_loader, as_loader(splits.val, cfg.eval_batch_size, shuffle=False, seed=0, **kw),
+            as_loader(splits.test, cfg.eval_batch_size, shuffle=False, seed=0, **kw))
 
 
 def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
@@ -132,8 +128,8 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     info = splits.info
     seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
     if student is None:
-        student = create_model(recipe.student.model, num_classes=info.num_classes,
-                               in_channels=info.in_channels, **recipe.student.kwargs)
+        sc = recipe.student
+        student = build_model(sc.model, info.num_classes, info.in_channels, sc.kwargs, sc.weights)
         meta = student_meta(recipe, info)
     student = student.to(dev)
     if cfg.channels_last:
@@ -147,7 +143,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
         if teacher is None:
             teacher = load_teacher(recipe, info, dev)
         else:
-            check_pair(out_features(teacher, info, dev), info.in_channels, info, "teacher")
+            check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
             teacher = teacher.to(dev)
     data_seed = derive_seed(cfg.seed, "data")
     if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)
@@ -171,7 +167,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
                                            mode=cfg.teacher_mode, store=store, loader=train_loader,
                                            dataset=data_key, checkpoint=path, device=dev)
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
-                                 meta=meta, n_data=len(splits.train.y), channels_last=cfg.channels_last,
+                                 meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
                                  compile=cfg.compile)
     objective.setup(next(iter(train_loader.epoch(0))))
     runtime.broadcast(student, objective.term_modules)

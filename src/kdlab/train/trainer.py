@@ -32,7 +32,7 @@ import torch
 from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.io import read_json, write_csv, write_json
 from kdlab.core.seeding import derive_seed
-from kdlab.train.callbacks import Callback, StopTraining
+from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, StopTraining, TensorBoard
 from kdlab.train.objective import StepContext
 from kdlab.train.runtime import Runtime
 
@@ -94,6 +94,14 @@ def _batch_weight(batch, logs: dict) -> float:
     return float(first.shape[0]) if hasattr(first, "shape") else 1.0
 
 
+def _global_count(loader, step: int, b: float, world: int) -> float:
+    """Samples in global batch ``step`` of a sharded loader (every rank's share together)."""
+    n, g = getattr(loader, "dataset_size", None), getattr(loader, "global_batch_size", None)
+    if n is None or g is None:
+        return b * world
+    return float(min(g, n - step * g))
+
+
 def _score(metrics: dict, monitor: tuple[str, str]) -> float:
     key, mode = monitor
     v = float(metrics[key])
@@ -127,7 +135,12 @@ class Trainer:
         self.seed = cfg.seed
         self.run_dir = Path(run_dir)
         self.runtime = runtime or Runtime.from_cfg(cfg)
-        self.callbacks = list(callbacks)
+        self.callbacks = [LogFile()] + list(callbacks)
+        if "tensorboard" in getattr(cfg, "log_to", ()):
+            self.callbacks.append(TensorBoard())
+        self.tty = sys.stderr.isatty()
+        if progress and not self.tty:  # piped: one plain line per epoch instead of a bar
+            self.callbacks.append(ConsoleLines())
         self.identity = identity
         self.method = method
         self.progress = progress
@@ -199,9 +212,16 @@ class Trainer:
             ctx = StepContext(epoch=epoch, step=step, runtime=rt)
             loss, logs = obj.step(batch, ctx)
             b = _batch_weight(batch, logs)
+            weight = b
+            if getattr(obj, "ddp", False):
+                # DDP averages the ranks' gradients equally; scaling each rank's mean loss by its share
+                # of the global batch makes that the gradient of the mean over the global batch
+                loss = loss * (b * rt.world_size / _global_count(self.train_loader, step, b, rt.world_size))
+                weight = None  # the manually synced parameters saw the same scaling: plain average
             rt.backward(loss / accum if accum > 1 else loss)
             if (step + 1) % accum == 0 or step + 1 == steps:
-                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
+                sync = obj.manual_sync_parameters() if hasattr(obj, "manual_sync_parameters") else None
+                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=weight, sync=sync)
                 self.opt.zero_grad(set_to_none=True)
                 self.state.step += 1
             n_seen += b
@@ -250,7 +270,7 @@ class Trainer:
             cb.on_fit_start(self)
         st = self.state
         bar = None
-        if self.progress and rt.is_main:
+        if self.progress and rt.is_main and self.tty:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.epochs, initial=st.epoch, desc=f"{self.method} s{self.seed}",
                        leave=False, dynamic_ncols=True)
@@ -340,15 +360,34 @@ class Trainer:
         return result
 
 
+def git_commit() -> Optional[str]:
+    """The git commit of kdlab's source tree, when it is a checkout (else None)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def run_record(identity, seed, method, runtime) -> dict:
-    """``run.json``: what ran, with what, where."""
+    """``run.json``: what ran, with what, where (versions, threads, git commit, teacher hash)."""
     import platform
 
     import numpy
 
-    from kdlab import __version__
+    from kdlab.version import __version__
+    from kdlab.core.checkpoint import file_hash
 
+    teacher_hash = None
+    t = identity.get("teacher") if isinstance(identity, dict) else None
+    ck = t.get("checkpoint") if isinstance(t, dict) else None
+    if ck and Path(ck).is_file():
+        teacher_hash = file_hash(ck)
     return {"recipe": identity, "seed": seed, "method": method, "command": " ".join(sys.argv),
-            "kdlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "device": str(runtime.device), "threads": torch.get_num_threads(),
-            "world_size": runtime.world_size}
+            "kdlab": __version__, "git_commit": git_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "device": str(runtime.device),
+            "threads": torch.get_num_threads(), "world_size": runtime.world_size,
+            "teacher_checkpoint_sha256": teacher_hash}
