@@ -24,11 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from kdlab.core.checkpoint import atomic_save
+from kdlab.core.io import write_json
 from kdlab.lm.losses import LOG_FLOOR
 
 
@@ -109,7 +110,7 @@ class SparseTeacherCache:
     def build(self, teacher, loader, epochs: int, device="cpu", log=None) -> "SparseTeacherCache":
         """Run the teacher once over every training batch of ``epochs`` epochs (skips epochs on disk)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "key.json").write_text(json.dumps(self.meta, indent=2))
+        write_json(self.dir / "key.json", self.meta)
         was = teacher.training
         teacher.eval()
         itype = torch.int16 if self.vocab_size <= 32767 else torch.int32
@@ -124,9 +125,7 @@ class SparseTeacherCache:
                 lps.append(lp.to("cpu", torch.float16))
                 lts.append(lt.to("cpu", torch.float16))
             ent = {"idx": torch.stack(idxs), "logp": torch.stack(lps), "log_tail": torch.stack(lts)}
-            tmp = self.path(e).with_suffix(".tmp")
-            torch.save(ent, tmp)
-            os.replace(tmp, self.path(e))
+            atomic_save(ent, self.path(e))
             if log:
                 log(f"teacher cache: epoch {e} -> {self.path(e)}")
         teacher.train(was)

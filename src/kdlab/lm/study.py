@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from kdlab.core.checkpoint import load_checkpoint
+from kdlab.core.checkpoint import atomic_save, load_checkpoint
+from kdlab.core.io import atomic_write_text, write_csv, write_json
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.cache import SparseTeacherCache, cache_error_report, state_fingerprint
 from kdlab.lm.corpora import EvalLoader, WindowLoader, corpus_streams, stream_fingerprint, token_bytes_tensor
@@ -37,6 +38,7 @@ from kdlab.lm.models import count_params, create_lm
 from kdlab.lm.objective import LMObjective, parse_terms
 from kdlab.lm.recipe import LMRecipe, LMTrainCfg
 from kdlab.lm.tokenizers import load_tokenizer
+from kdlab.train.runtime import resolve_device
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -50,14 +52,6 @@ def train_cfg(t: LMTrainCfg, seed: Optional[int] = None):
     d.pop("steps_per_epoch", None)
     known = set(TrainCfg.model_fields)
     return TrainCfg(**{k: v for k, v in d.items() if k in known})
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
-    return torch.device(spec)
 
 
 def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, method: str,
@@ -172,8 +166,7 @@ def seqkd_pool(teacher, stream: torch.Tensor, d, tokenizer, root, device, log=pr
         ids_all.append(ids.cpu())
         mask_all.append(full)
     pool = {"ids": torch.cat(ids_all), "mask": torch.cat(mask_all)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(pool, path)
+    atomic_save(pool, path)
     log(f"seqkd: {d.seqkd_pool} teacher continuations -> {path}")
     return pool
 
@@ -291,8 +284,6 @@ ABLATION_COLUMNS = ("bpb", "kl", "agree", "exposure_nll")
 def run_ablation(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = None,
                  methods: Optional[list[str]] = None, progress: bool = False, log=print) -> dict:
     """Every study method x seed (paired), then the table (``table.md``) and the cache report."""
-    from kdlab.report.tables import write_csv
-
     if not recipe.study.methods:
         raise ValueError(f"recipe {recipe.name} has no study.methods; add e.g. ce: {{loss: [{{term: ce}}]}}")
     out_dir = Path(out_dir)
@@ -393,7 +384,7 @@ def ablation_table(rows: list[dict], out_dir, *, baseline: str = "ce", teacher: 
                    teacher_params: Optional[int] = None, wall_time_s: Optional[float] = None,
                    cache_report: Optional[dict] = None, log=print) -> dict:
     """Write table.md / table.csv / table.json for ablation ``rows`` and print the table."""
-    from kdlab.report.tables import markdown_table, write_csv
+    from kdlab.report.tables import markdown_table
 
     out_dir = Path(out_dir)
     stats = method_rows(rows, baseline)
@@ -430,12 +421,10 @@ def ablation_table(rows: list[dict], out_dir, *, baseline: str = "ce", teacher: 
                  f"Δ KL {_f(d['kl_diff'], '+.3f', None)} ± {_f(d['kl_diff_ci95'])}.")
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.0f}s."
-    (out_dir / "table.md").write_text(md + "\n\n" + note + "\n")
+    atomic_write_text(out_dir / "table.md", md + "\n\n" + note + "\n")
     write_csv(out_dir / "table.csv", [{k: v for k, v in s.items() if k != "seeds"} for s in stats])
-    (out_dir / "table.json").write_text(json.dumps({"methods": stats, "baseline": baseline, "teacher": teacher,
-                                                    "cache": cache_report, "sparse_vs_dense": svd,
-                                                    "wall_time_s": wall_time_s},
-                                                   indent=2, default=str))
+    write_json(out_dir / "table.json", {"methods": stats, "baseline": baseline, "teacher": teacher,
+                                        "cache": cache_report, "sparse_vs_dense": svd, "wall_time_s": wall_time_s})
     log("")
     log(md)
     log(note)
@@ -490,7 +479,7 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     teacher traces kept by rejection sampling; exact match in and beyond the training digits."""
     from kdlab.lm.arithmetic import exact_match, teacher_traces
     from kdlab.lm.tokenizers import ByteTokenizer
-    from kdlab.report.tables import markdown_table, mean_sd_ci, write_csv
+    from kdlab.report.tables import markdown_table, mean_sd_ci
 
     if recipe.teacher is None:
         raise ValueError(f"recipe {recipe.name} needs a teacher section for the arithmetic study")
@@ -512,7 +501,7 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     log(f"arithmetic teacher: EM {rows[0]['em_test']:.3f} (train digits), {rows[0]['em_long']:.3f} (long)")
     kept, rs = teacher_traces(teacher, sets["train"], tok, recipe.arithmetic.teacher_samples, seed=tt.seed, width=w)
     log(f"rejection sampling: kept {rs['kept']}/{rs['problems']} teacher traces")
-    (out_dir / "rejection_sampling.json").write_text(json.dumps(rs, indent=2))
+    write_json(out_dir / "rejection_sampling.json", rs)
     from kdlab.lm.arithmetic import encode_examples
 
     student_data = {
@@ -554,8 +543,8 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
             f"{f'; operands zero-padded to {a.pad_to} digits' if a.pad_to else ''}); ± is the sd over seeds. "
             f"Teacher traces: rejection sampling kept {rs['kept']}/{rs['problems']} "
             f"({100 * rs['kept_fraction']:.1f}%). Wall time {time.time() - t0:.0f}s.")
-    (out_dir / "table.md").write_text(md + "\n\n" + note + "\n")
-    (out_dir / "table.json").write_text(json.dumps({"methods": stats, "rejection_sampling": rs}, indent=2))
+    atomic_write_text(out_dir / "table.md", md + "\n\n" + note + "\n")
+    write_json(out_dir / "table.json", {"methods": stats, "rejection_sampling": rs})
     log("")
     log(md)
     log(note)

@@ -50,9 +50,9 @@ class ByteTokenizer:
         return {"kind": "byte"}
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        from kdlab.core.io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
 
 @lru_cache(maxsize=1)
@@ -133,9 +133,9 @@ class BPETokenizer:
         return {"kind": "bpe", "hf": self.hf.to_str()}
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        from kdlab.core.io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
 
 def tokenizer_from_dict(d: dict):
