@@ -12,24 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdlab.cli import args as cargs
+
 
 def _recipe(args):
     from kdlab.lm.recipe import load_lm_recipe
 
-    return load_lm_recipe(args.recipe, args.override)
+    ov = cargs.recipe_overrides(args, with_data_dir=False)
+    if getattr(args, "device_given", False):
+        ov.append(f"teacher.train.device={args.device}")
+    return load_lm_recipe(args.recipe, ov)
 
 
 def _out(args, recipe) -> Path:
     return Path(args.out) if args.out else Path("runs") / "lm" / recipe.name.replace("/", "_")
-
-
-def _seeds(text):
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers like 0,1,2 (got {text!r})") from None
 
 
 def cmd_train_teacher(args) -> int:
@@ -38,7 +34,7 @@ def cmd_train_teacher(args) -> int:
     r = _recipe(args)
     if r.task == "arithmetic":
         raise ValueError("the arithmetic teacher is trained by `kdlab lm ablate lm/arithmetic`")
-    path = train_teacher(r, _out(args, r), progress=not args.quiet)
+    path = train_teacher(r, _out(args, r), progress=cargs.progress(args))
     print(json.dumps({"teacher": str(path)}))
     return 0
 
@@ -51,7 +47,7 @@ def cmd_distill(args) -> int:
         raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
     method = args.method or "distill"
     rr = r.method(args.method) if args.method else r
-    row = distill_run(rr, _out(args, r), seed=args.seed, method=method, progress=not args.quiet)
+    row = distill_run(rr, _out(args, r), seed=args.seed, method=method, progress=cargs.progress(args))
     print(json.dumps({k: v for k, v in row.items() if k != "counts"}, default=str))
     return 0
 
@@ -62,10 +58,10 @@ def cmd_ablate(args) -> int:
     r = _recipe(args)
     out = _out(args, r)
     if r.task == "arithmetic":
-        run_arithmetic(r, out, seeds=_seeds(args.seeds), progress=not args.quiet)
+        run_arithmetic(r, out, seeds=args.seeds, progress=cargs.progress(args))
     else:
         methods = [m for m in args.methods.split(",") if m] if args.methods else None
-        run_ablation(r, out, seeds=_seeds(args.seeds), methods=methods, progress=not args.quiet)
+        run_ablation(r, out, seeds=args.seeds, methods=methods, progress=cargs.progress(args))
     return 0
 
 
@@ -101,10 +97,10 @@ def register(sub) -> None:
 
     def common(q):
         q.add_argument("recipe", help="LM recipe: a YAML path or a shipped name (lm/docs, lm/code, lm/arithmetic)")
-        q.add_argument("--out", help="study folder (default runs/lm/<recipe name>)")
-        q.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe key, e.g. -o train.epochs=2 (repeatable)")
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        cargs.add_out(q, "runs/lm/<recipe name>")
+        cargs.add_set(q, "the LM recipe")
+        cargs.add_device(q, recipe=True)
+        cargs.add_quiet(q)
 
     q = lsub.add_parser("train-teacher", help="train (or resume) the recipe's teacher")
     common(q)
@@ -118,7 +114,7 @@ def register(sub) -> None:
 
     q = lsub.add_parser("ablate", help="paired multi-seed study: CE vs divergences vs seq-level vs on-policy")
     common(q)
-    q.add_argument("--seeds", help="comma-separated seeds (default: the recipe's study.seeds)")
+    cargs.add_seeds(q)
     q.add_argument("--methods", help="comma-separated subset of the recipe's study.methods")
     q.set_defaults(func=cmd_ablate)
 
