@@ -21,17 +21,30 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by kdlab; a missing or corrupt file raises CheckpointError."""
+def is_onnx(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (named as) an ONNX model rather than a torch checkpoint."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, fix: str = "") -> dict:
+    """Load a checkpoint written by kdlab; a missing, corrupt or foreign file raises
+    CheckpointError with one line naming the file. ``fix``: what the user should do about a corrupt
+    file (default: re-create it with the command that wrote it)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file "
+                              f"(e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (train it first, or fix the path)")
+    if is_onnx(path):
+        raise CheckpointError(f"{path} is an ONNX model, not a kdlab checkpoint; give the .pt "
+                              f"checkpoint it was exported from (`kdlab profile` reads ONNX files)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torn zip, truncated pickle, wrong format
+        fix = fix or "re-create it with the command that wrote it (or restore a copy)"
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); "
-            f"delete it and re-run to retrain"
+            f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); {fix}"
         ) from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry; it was not written by kdlab")
@@ -82,6 +95,10 @@ def load_model(path: str | os.PathLike, device="cpu"):
     for key in ("model_name", "num_classes", "in_channels"):
         if key not in ck:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
+    if (ck.get("pruned") or {}).get("arch") or ck.get("quantized"):
+        kind = "structurally pruned" if (ck.get("pruned") or {}).get("arch") else "quantized"
+        raise CheckpointError(f"checkpoint {path} holds a {kind} {ck['model_name']}; read it with "
+                              f"kdlab.compress.load_compressed (this command reads plain checkpoints)")
     if ck.get("program") is not None:
         return load_program(ck["program"]).to(device).eval(), ck
     if not ck["model_name"]:

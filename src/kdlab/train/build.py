@@ -211,44 +211,67 @@ def with_data_dir(recipe: Recipe, data_dir: Optional[str]) -> Recipe:
 
 def teacher_finished(ckpt: Path) -> bool:
     """A teacher checkpoint counts as done only when its run finished (``result.json`` beside it),
-    or when it is a lone file (not in a kdlab run folder)."""
+    or when it is a lone file (not in a kdlab run folder). A folder with ``last.pt``,
+    ``metrics.csv`` or ``run.json`` but no ``result.json`` holds an interrupted run, which is
+    resumed rather than used."""
     if not ckpt.is_file():
         return False
     folder = ckpt.parent
-    in_run = (folder / "last.pt").exists() or (folder / "metrics.csv").exists()
+    in_run = any((folder / f).exists() for f in ("last.pt", "metrics.csv", "run.json"))
     return not in_run or (folder / "result.json").is_file()
+
+
+def _why_train(ckpt: Path) -> str:
+    """Why the teacher at ``ckpt`` is (re)trained, in words (paths absolute)."""
+    if ckpt.exists() or (ckpt.parent / "last.pt").exists():
+        return f"its run in {ckpt.parent.resolve()} is unfinished (resuming it)"
+    return (f"{ckpt.resolve()} does not exist (run paths are relative to the current folder "
+            f"{Path.cwd()})")
+
+
+def _checkpoint_path(value, key: str) -> Path:
+    """A teacher checkpoint path from the recipe: a file path, not a folder."""
+    ckpt = Path(value)
+    if ckpt.is_dir():
+        raise ValueError(f"{key} {ckpt} is a folder; give the checkpoint file (e.g. {ckpt / 'best.pt'})")
+    if ckpt.parent.exists() and not ckpt.parent.is_dir():
+        raise ValueError(f"{key} {ckpt} lies below the file {ckpt.parent}; give a checkpoint path in a folder")
+    return ckpt
 
 
 def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
     """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
-    unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise. Returns the
-    teacher checkpoint, or None when the recipe's loss needs no teacher."""
+    unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
+    which teacher is trained, where, and why. Returns the teacher checkpoint, or None when the
+    recipe's loss needs no teacher (a CE-only recipe trains none)."""
     from kdlab.core.config import load_recipe
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params
         for ck, rref in zip(p.get("checkpoints") or [], p.get("recipes") or []):
-            if teacher_finished(Path(ck)):
+            ck = _checkpoint_path(ck, "mtkd checkpoint")
+            if teacher_finished(ck):
                 continue
             r = with_data_dir(load_recipe(rref), data_dir)
-            log(f"training extra teacher {r.name} -> {Path(ck).parent} (checkpoint {ck} missing or unfinished)")
-            train(r, Path(ck).parent, progress=progress, method="teacher")
+            log(f"training extra teacher {r.name} into {ck.parent.resolve()}, because {_why_train(ck)}")
+            train(r, ck.parent, progress=progress, method="teacher")
     tc = recipe.teacher
     if tc is None or not recipe.needs_teacher():
         return None
-    ckpt = Path(tc.checkpoint) if tc.checkpoint else None
-    if ckpt is not None and ckpt.is_dir():
-        raise ValueError(f"teacher.checkpoint {ckpt} is a folder; give the checkpoint file (e.g. {ckpt}/best.pt)")
+    ckpt = _checkpoint_path(tc.checkpoint, "teacher.checkpoint") if tc.checkpoint else None
     if ckpt is not None and teacher_finished(ckpt):
         return str(ckpt)
     if not tc.recipe:
+        if ckpt is not None and ckpt.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {ckpt} belongs to an unfinished run and the recipe "
+                                    f"names no teacher.recipe to finish it; set teacher.recipe or finish it "
+                                    f"with `kdlab train-teacher <recipe> --out {ckpt.parent}`")
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
                                 f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
-    why = "its run is unfinished" if ckpt.exists() or (ckpt.parent / "last.pt").exists() else "is missing"
-    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}, because "
-        f"checkpoint {ckpt} {why}")
+    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) into {ckpt.parent.resolve()}, "
+        f"because {_why_train(ckpt)}")
     res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
     if ckpt.name != "best.pt":
         shutil.copyfile(ckpt.parent / "best.pt", ckpt)
