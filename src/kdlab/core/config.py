@@ -410,6 +410,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def list_recipes() -> list[str]:
-    """Shipped training recipes (``recipes/paradigms/`` holds paradigm files of another schema)."""
+    """Shipped training recipes (``recipes/paradigms/`` and ``recipes/lm/`` hold files of other
+    schemas: paradigm recipes and language-model recipes, `kdlab lm`)."""
     names = (str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("paradigms/"))
+    return sorted(n for n in names if not n.startswith(("paradigms/", "lm/")))

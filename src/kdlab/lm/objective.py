@@ -174,6 +174,10 @@ class LMObjective:
         return next(self.student.parameters()).device
 
     # -- training ----------------------------------------------------------------------------------
+    def batch_weight(self, batch: dict) -> float:
+        """The real target tokens of a data batch (the trainer sums them over an accumulation window)."""
+        return float(batch["mask"].sum())
+
     def _denom(self, ctx) -> tuple[Optional[float], float]:
         extra = getattr(ctx, "extra", None) or {}
         if "token_denominator" in extra:

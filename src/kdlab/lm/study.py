@@ -61,9 +61,9 @@ def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, metho
         from kdlab.train.trainer import Trainer
     except ImportError:
         raise RuntimeError("kdlab lm needs the core Trainer (kdlab.train.trainer.Trainer); update kdlab") from None
-    if t.grad_accum > 1:
-        raise ValueError("kdlab lm runs with grad_accum: 1 for now (LMObjective supports a "
-                         "token_denominator from the loop; see kdlab.lm.objective)")
+    if t.grad_accum > 1 and getattr(objective, "on_policy", 0) > 0:
+        raise ValueError("on-policy GKD samples its own tokens, so its windows cannot be normalised in "
+                         "advance: use train.grad_accum: 1 with on_policy > 0")
     return Trainer(objective, train, val, test, train_cfg(t, seed), Path(run_dir), method=method,
                    progress=progress, identity=identity).fit(resume=True)
 

@@ -177,6 +177,32 @@ def _is_number(v) -> bool:
     return True
 
 
+def accumulation_windows(batches, accum: int, objective):
+    """``(step, batch, denominator)``: with gradient accumulation over ``accum`` batches and an
+    objective that weighs batches (``batch_weight(batch)``, e.g. target tokens), the denominator is
+    the total weight of the batch's accumulation window, so per-token losses are normalised over the
+    whole window (exactly one big batch); else None."""
+    weigh = getattr(objective, "batch_weight", None) if accum > 1 else None
+    if weigh is None:
+        for step, batch in enumerate(batches):
+            yield step, batch, None
+        return
+    step, window = 0, []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == accum:
+            total = float(sum(weigh(b) for b in window))
+            for b in window:
+                yield step, b, total
+                step += 1
+            window = []
+    if window:
+        total = float(sum(weigh(b) for b in window))
+        for b in window:
+            yield step, b, total
+            step += 1
+
+
 def _global_count(loader, step: int, b: float, world: int) -> float:
     """Samples in global batch ``step`` of a sharded loader (every rank's share together)."""
     n, g = getattr(loader, "dataset_size", None), getattr(loader, "global_batch_size", None)
@@ -295,8 +321,9 @@ class Trainer:
         teacher0 = getattr(obj, "teacher_time_s", 0.0)
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
-        for step, batch in enumerate(self.train_loader.epoch(epoch)):
-            ctx = StepContext(epoch=epoch, step=step, runtime=rt)
+        for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
+            ctx = StepContext(epoch=epoch, step=step, runtime=rt,
+                              extra={} if denom is None else {"token_denominator": denom, "grad_accum": accum})
             loss, logs = obj.step(batch, ctx)
             b = _batch_weight(batch, logs)
             weight = b
