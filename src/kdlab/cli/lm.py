@@ -92,7 +92,7 @@ def register(sub) -> None:
     """Add the ``lm`` command (with its sub-commands) to the kdlab argparse subparsers."""
     p = sub.add_parser("lm", help="language-model distillation (token, sequence, on-policy, traces)",
                        description="Language-model distillation; see docs/lm.md.")
-    lsub = p.add_subparsers(dest="lm_command", metavar="LM_COMMAND")
+    lsub = p.add_subparsers(dest="lm_command", metavar="LM_COMMAND", help="train-teacher | distill | ablate | generate")
     lsub.required = True
 
     def common(q):
