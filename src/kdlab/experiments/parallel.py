@@ -71,7 +71,7 @@ def threads_per_job(n_jobs: int, cores: Optional[int] = None) -> int:
     return max(1, (cores or available_cores()) // n_jobs)
 
 
-def _set_threads(threads: Optional[int]) -> None:
+def set_threads(threads: Optional[int]) -> None:
     if threads:
         import torch
 
@@ -81,7 +81,7 @@ def _set_threads(threads: Optional[int]) -> None:
 _TEACHERS: dict = {}  # per worker process: teacher checkpoint -> loaded model
 
 
-def _teacher(recipe):
+def shared_teacher(recipe):
     """The recipe's teacher, loaded once per process (read-only)."""
     from kdlab.train.build import load_splits, load_teacher
     from kdlab.train.runtime import resolve_device
@@ -108,13 +108,13 @@ def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int
     from kdlab.distill.teachers import TeacherStore
     from kdlab.train.build import build_run
 
-    _set_threads(threads)
+    set_threads(threads)
     store = TeacherStore(cache_root, memory_mb=0)  # every finished epoch goes to disk
     for recipe in recipes:
         if not uses_cache(recipe):
             continue
         r = recipe.with_seed(seed)
-        run = build_run(r, teacher=_teacher(r), store=store)
+        run = build_run(r, teacher=shared_teacher(r), store=store)
         obj = run.objective
         sources = ([obj.teacher] if obj.teacher is not None else []) + list(obj.extra_teachers.values())
         for e in range(r.train.epochs):
@@ -137,10 +137,10 @@ def train_job(job: Job, threads: Optional[int] = None, cache_root: Optional[str]
     from kdlab.distill.teachers import TeacherStore
     from kdlab.train.build import train
 
-    _set_threads(threads)
+    set_threads(threads)
     store = TeacherStore(cache_root) if cache_root else None
     done_before = (Path(job.run_dir) / "result.json").exists()
-    teacher = _teacher(job.recipe) if job.recipe.needs_teacher() else None
+    teacher = shared_teacher(job.recipe) if job.recipe.needs_teacher() else None
     res = train(job.recipe, job.run_dir, teacher=teacher, progress=False, method=job.method,
                 teacher_cache=store)
     return {"result": res, "done_before": done_before,

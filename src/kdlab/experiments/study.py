@@ -162,9 +162,10 @@ def _run_study_parallel(recipes, out_dir, *, seeds, data_dir, progress, log, bas
 
 def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=None,
                  overrides=None, progress=True, log=print, teacher_cache: bool = True,
-                 jobs: int = 1, launcher: str = "local") -> dict:
+                 jobs: int = 1, launcher: str = "local", threads: Optional[int] = None,
+                 launcher_options: Optional[dict] = None) -> dict:
     """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds
-    (``jobs``/``launcher``: see :func:`run_study`)."""
+    (``jobs``, ``launcher``, ``threads``, ``launcher_options``: see :func:`run_study`)."""
     full = load_recipe(recipe_ref, overrides)
     seeds = list(seeds) if seeds else list(full.study.seeds)
     mode = mode or full.study.methods
@@ -173,7 +174,8 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     base = "baseline" if "baseline" in methods else "full"
     log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
-                       log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher)
+                       log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,
+                       threads=threads, launcher_options=launcher_options)
     from kdlab.train.runtime import is_main
     if not is_main():  # a rank > 0 of a distributed study writes nothing
         return report

@@ -795,7 +795,7 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
     summary = write_outputs(spec, study, out, log)
     if then_study:
         summary["study_report"] = compare_tuned(spec, study, out, seeds=list(range(then_study)),
-                                                progress=progress, log=log)
+                                                progress=progress, log=log, jobs=jobs)
     return summary
 
 
