@@ -10,12 +10,13 @@ another order with another thread count). :func:`run_jobs` therefore gives each 
 every ``result.json`` (``threads``).
 
 The teacher is trained before the fan-out (``run_study`` calls ``ensure_teachers``) and each worker
-loads the finished checkpoint read-only. The teacher *cache* is filled once before the fan-out too:
-for every seed, one prefill job walks the training loader's epochs of the study's recipes and
-stores every teacher output (logits, tapped features, causal masks) that the runs of that seed
+loads the finished checkpoint read-only. The teacher *cache* is filled once, before the runs that
+read it: for every seed, one prefill job walks the training loader's epochs of the study's recipes
+and stores every teacher output (logits, tapped features, causal masks) that the runs of that seed
 will ask for, as files under ``<study>/.teacher_cache`` (:class:`kdlab.distill.teachers.
-TeacherStore` with no memory budget). The prefill jobs run in parallel (their keys differ by seed);
-the training jobs then only read those files. Served values equal live ones exactly
+TeacherStore` with no memory budget). The prefill jobs of different seeds run in parallel (their
+keys differ), runs without a cached teacher start at once, and a seed's other runs start when its
+prefill is done (``local``; ``submitit`` runs all prefills, then all runs); they only read. Served values equal live ones exactly
 (``kdlab.distill.teachers``), so a run's numbers do not depend on which process computed them.
 
 Launchers:
@@ -217,8 +218,8 @@ def run_jobs(jobs: list[Job], *, n_jobs: int, launcher: str = "local", threads: 
     folder = folder or (Path(jobs[0].run_dir).parent.parent / ".submitit" if jobs else None)
     counts = {"hits": 0, "misses": 0}
     kw = dict(n_jobs=n_jobs, launcher=launcher, folder=folder, launcher_options=launcher_options)
+    todo: dict[int, list] = {}
     if cache_root is not None:
-        todo: dict[int, list] = {}
         for j in jobs:  # seeds with an unfinished run that reads the cache
             if uses_cache(j.recipe) and not (Path(j.run_dir) / "result.json").exists():
                 lst = todo.setdefault(j.seed, [])
@@ -226,9 +227,6 @@ def run_jobs(jobs: list[Job], *, n_jobs: int, launcher: str = "local", threads: 
                     lst.append(j.recipe)
         if todo:
             log(f"teacher cache: filling {len(todo)} seed(s) before the fan-out -> {cache_root}")
-            filled = parallel_map(_prefill_item, list(todo.items()), args=(str(cache_root), threads), **kw)
-            for r in filled:
-                counts["misses"] += r["misses"]
 
     def done(i, r):
         res, j = r["result"], jobs[i]
@@ -236,9 +234,47 @@ def run_jobs(jobs: list[Job], *, n_jobs: int, launcher: str = "local", threads: 
         log(f"  {j.method:<14} seed {j.seed}: test {res['test_acc']:.4f}  best epoch "
             f"{res['best_epoch']:>3}  ({state})")
 
-    out = parallel_map(train_job, jobs, args=(threads, str(cache_root) if cache_root else None),
-                       on_done=done, **kw)
+    cache = str(cache_root) if cache_root else None
+    if launcher == "local":
+        out, filled = _local_scheduled(jobs, todo, n_jobs, threads, cache, done)
+    else:  # two phases: the prefill tasks, then the training tasks
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher '{launcher}' is not one of {', '.join(LAUNCHERS)}")
+        filled = parallel_map(_prefill_item, list(todo.items()), args=(cache, threads), **kw)
+        out = parallel_map(train_job, jobs, args=(threads, cache), on_done=done, **kw)
+    for r in filled:
+        counts["misses"] += r["misses"]
     for r in out:
         counts["hits"] += r["hits"]
         counts["misses"] += r["misses"]
     return [r["result"] for r in out], counts
+
+
+def _local_scheduled(jobs: list[Job], todo: dict, n_jobs: int, threads: int, cache, on_done):
+    """One pool of ``n_jobs`` spawned processes: the prefill task of each seed in ``todo`` first,
+    every run that does not wait for a prefill at once, and a seed's cache-reading runs as soon as
+    its prefill is done. Returns the train results (in ``jobs`` order) and the prefill results."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    out: list = [None] * len(jobs)
+    filled = []
+    waits = {s: [i for i, j in enumerate(jobs) if j.seed == s and uses_cache(j.recipe)] for s in todo}
+    held = {i for lst in waits.values() for i in lst}
+    with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs) or 1), mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_prefill_item, (s, recipes), cache, threads): ("prefill", s)
+                for s, recipes in todo.items()}
+        futs.update({ex.submit(train_job, j, threads, cache): ("run", i)
+                     for i, j in enumerate(jobs) if i not in held})
+        while futs:
+            finished, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+            for f in finished:
+                kind, key = futs.pop(f)
+                r = f.result()
+                if kind == "prefill":
+                    filled.append(r)
+                    futs.update({ex.submit(train_job, jobs[i], threads, cache): ("run", i) for i in waits[key]})
+                else:
+                    out[key] = r
+                    on_done(key, r)
+    return out, filled
