@@ -360,6 +360,8 @@ def open_study(spec: TuneSpec, storage, name: str, seed: Optional[int], set_budg
 
 def study_budget(study) -> int:
     """The number of trials the study runs to (``kdlab_trials``, set by its main process)."""
+    if "kdlab_trials" not in study.user_attrs:
+        raise ValueError(f"study '{study.study_name}' has no trial budget; run `kdlab tune <recipe> --trials N` once")
     return int(study.user_attrs["kdlab_trials"])
 
 
