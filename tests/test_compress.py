@@ -99,6 +99,36 @@ def test_fake_quantize_values_and_straight_through_gradient():
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
 
 
+def test_straight_through_gradient_at_the_clip_boundaries():
+    # 4 bits, s = 1/8, z = 0: q = clip(round(8x), -8, 7). Worked by hand:
+    #   x       8x     round  clipped?  x_hat    STE gradient
+    #  -1.125   -9     -9     yes       -1.0     0
+    #  -1.0625  -8.5   -8     no        -1.0     1   (half to even)
+    #  -1.0     -8     -8     no        -1.0     1   lower boundary: inside the closed range
+    #   0.875    7      7     no         0.875   1   upper boundary: inside the closed range
+    #   0.9375   7.5    8     yes        0.875   0   (half to even rounds up to 8)
+    #   1.0      8      8     yes        0.875   0
+    x = torch.tensor([-1.125, -1.0625, -1.0, 0.875, 0.9375, 1.0], requires_grad=True)
+    y = Q.fake_quantize(x, 4, scale=0.125, zero_point=0.0)
+    assert y.tolist() == [-1.0, -1.0, -1.0, 0.875, 0.875, 0.875]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    # the same mask as torch's fused fake-quantization kernel (zero point sign: x/s + zp there)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.fake_quantize_per_tensor_affine(x2, 0.125, 0, -8, 7).sum().backward()
+    assert x2.grad.tolist() == x.grad.tolist()
+
+
+def test_straight_through_gradient_asymmetric_boundaries():
+    # 4 bits, s = 0.5, z = -3: q = clip(round(2x + 3), -8, 7); boundaries at x = -5.5 and 2.0
+    x = torch.tensor([-6.0, -5.5, 0.0, 2.0, 2.5], requires_grad=True)
+    y = Q.fake_quantize(x, 4, scale=0.5, zero_point=-3.0)
+    # x_hat = 0.5 * (q - 3): q = [-8 (clipped from -9), -8, 3, 7, 7 (clipped from 8)]
+    assert y.tolist() == [-5.5, -5.5, 0.0, 2.0, 2.0]
+    (y * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])).sum().backward()
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+
+
 def test_fake_quant_model_calibrate_and_roundtrip(tmp_path):
     m = _tiny()
     fq = Q.prepare_fake_quant(m, 8, 8)
@@ -298,7 +328,7 @@ def test_cli_profile_model_name(tmp_path, capsys):
     from kdlab.cli.main import main
 
     rc = main(["profile", "cnn_tiny", "--in-channels", "1", "--input-size", "8", "--per-layer",
-               "--warmup", "1", "--repeats", "2", "--out-dir", str(tmp_path)])
+               "--warmup", "1", "--repeats", "2", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "| params | 6,274 |" in out                            # documented cnn_tiny count
@@ -323,7 +353,7 @@ def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     rc = main(["deploy", "--student", str(ckpts / "student.pt"), "--teacher",
                str(ckpts / "teacher.pt"), "--sparsities", "0.25", "0.5", "--finetune-epochs", "1",
                "--max-steps", "2", "--warmup", "1", "--repeats", "3", "--calib-batches", "2",
-               "--quiet", "--out-dir", str(out)])
+               "--quiet", "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "deploy.json").read_text())["rows"]
     assert [r["model"].split(" (")[0] for r in rows] == [
@@ -338,3 +368,29 @@ def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     assert "| teacher (cnn_small)" in capsys.readouterr().out
     back, ck = load_compressed(out / "models" / "student_pruned50.pt")
     assert count_flops(back, (1, 1, 8, 8))["flops"] == p50["flops"]
+
+
+def test_cli_prune_quantize_export(ckpts, tmp_path, capsys):
+    from kdlab.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune", str(ckpts / "student.pt"), "--sparsity", "0.5", "--warmup", "1",
+               "--repeats", "2", "--quiet", "--device", "cpu", "--out", str(out),
+               "--model-out", str(tmp_path / "pruned.pt")])
+    assert rc == 0 and (out / "prune.json").exists()
+    pruned, ck = load_compressed(tmp_path / "pruned.pt")
+    assert ck["pruned"]["achieved"] == pytest.approx(0.5, abs=0.01)  # global unstructured: half the weights
+    rows = json.loads((out / "prune.json").read_text())["rows"]
+    assert rows[1]["weight_sparsity"] > 45 and rows[0]["params"] == rows[1]["params"] == 6274
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(ckpts / "student.pt"), "--bits", "8", "4", "--calib-batches", "1",
+                 "--quiet", "--out", str(out)]) == 0
+    rows = json.loads((out / "quantize.json").read_text())["rows"]
+    assert [r["weight_bits"] for r in rows] == [32, 8, 4]
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "e"
+    assert main(["export", str(ckpts / "student.pt"), "--out", str(out)]) == 0
+    assert (out / "model.onnx").exists() and "| True |" in capsys.readouterr().out.replace("true", "True")

@@ -98,7 +98,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     for a, b in zip(r0["history"], r1["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["val_acc"] == b["val_acc"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt", "last.pt", "metrics.csv", "result.json", "run.json"]
+        "best.pt", "last.pt", "metrics.csv", "result.json", "run.json", "train.log"]
 
     from kdlab.train.build import make_trainer as Trainer
 

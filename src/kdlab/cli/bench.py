@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from kdlab.cli import args as A
 
 
 def cmd_bench(args) -> int:
@@ -15,11 +16,14 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.study:
         res = bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds,
-                          overrides=args.overrides, mode=args.mode)
+                          overrides=A.recipe_overrides(args), mode=args.mode)
         print(json.dumps({k: v for k, v in res.items() if k in ("speedup", "identical")}
                          | {k: {kk: vv for kk, vv in res[k].items() if kk != "results"}
                             for k in ("cached", "live")}))
         return 0
+    if args.device_given or args.overrides or args.seeds or args.mode:
+        raise ValueError("--device, --set, --seeds and --mode apply to --study only; the step "
+                         "benchmark runs on CUDA when available, else on the CPU")
     variants = args.variants.split(",")
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
@@ -40,28 +44,30 @@ def cmd_bench(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="images/s of baseline, KD and full-method steps with and without "
-                                     "the teacher cache; or a study's wall time with and without it",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default="resnet56")
-    p.add_argument("--student", default="resnet20")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
-    p.add_argument("--repeats", type=int, default=3, help="rounds (variants take turns); median counts")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--layers", default="layer3,layer3", help="student,teacher layer of the masked terms")
-    p.add_argument("--mask-steps", type=int, default=16, help="Integrated-Gradients steps")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached")
+                                     "the teacher cache; or a study's wall time with and without it")
+    p.add_argument("--teacher", default="resnet56", help="teacher model name (default %(default)s)")
+    p.add_argument("--student", default="resnet20", help="student model name (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (variants take turns); median counts (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (default %(default)s)")
+    p.add_argument("--channels", type=int, default=3, help="channels of the synthetic images (default %(default)s)")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic labels (default %(default)s)")
+    p.add_argument("--layers", default="layer3,layer3", help="student,teacher layer of the masked terms (default %(default)s)")
+    p.add_argument("--mask-steps", type=int, default=16, help="Integrated-Gradients steps (default %(default)s)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (default %(default)s)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached",
+                   help="comma-separated steps to time (default %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     p.add_argument("--study", metavar="RECIPE",
                    help="instead: run this study twice (teacher cache on / off) and compare wall times")
-    p.add_argument("--out", help="output folder of --study (default runs/bench-study)")
-    p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--mode", choices=["ladder", "loo", "both"])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    A.add_out(p, "runs/bench-study; --study only")
+    A.add_seeds(p)
+    p.add_argument("--mode", choices=["ladder", "loo", "both"],
+                   help="--study: which methods (default: the recipe's study.methods)")
+    A.add_set(p, "the --study recipe")
+    A.add_device(p, recipe=True)
     p.set_defaults(func=cmd_bench)

@@ -4,34 +4,15 @@
                   [--alpha 1.0 --alpha 0.5 ...] --dataset digits --method ig --grid 4 4 --k 5
                   --n-images 256 --out runs/explain --seed 0
 
-For each student: accuracy (student and teacher), attention rank alignment, top-k focus, logit
-alignment, top-1 agreement and KL to the teacher, each as mean ± 95% CI over the images
-(see :mod:`kdlab.evaluate.alignment`). Prints a Markdown table and writes into ``--out``:
-``explain.md``, ``explain.csv`` (one row per student), ``explain.json`` (rows + settings),
-``per_image.csv`` and ``overlays.png`` (inputs with teacher and student attribution overlays).
-When every student has an ``--alpha`` (the KD sweep: alpha is the weight of the hard-label term,
-1.0 = no KD) it also writes ``sweep.png``: accuracy and alignment against alpha per student.
-
-The Python entry point :func:`explain_report` does the same for models already in memory (used
-by the study's KD-strength sweep).
+Parses the options and calls :func:`kdlab.evaluate.explain_report.explain_checkpoints`; the
+report (table, CSV/JSON, overlays, sweep plot) is described there.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-import torch
-
-from kdlab.report.tables import markdown_table, write_csv
-from torch import nn
-
-TABLE_METRICS = ("student_acc", "teacher_acc", "rank_alignment", "topk_focus", "topk_fraction",
-                 "logit_alignment", "top1_agreement", "kl_to_teacher",
-                 "ig_completeness_student", "ig_completeness_teacher")
+from kdlab.cli import args as A
 
 
 def register(sub) -> None:
@@ -45,10 +26,12 @@ def register(sub) -> None:
                         "given for every student, sweep.png is drawn")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="display name of each --student, in order (default: model name)")
-    p.add_argument("--dataset", help="default: the teacher checkpoint's data set")
-    p.add_argument("--data-dir", help="folder with the data set files (CIFAR pickles)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig")
+    p.add_argument("--dataset", help="data set name (default: the teacher checkpoint's)")
+    A.add_data_dir(p)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="split the images are drawn from (default test)")
+    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig",
+                   help="attribution method (default ig)")
     p.add_argument("--target", default="label",
                    help="class explained: label (true), teacher (teacher's prediction), "
                         "pred (each model its own), or a class index")
@@ -59,242 +42,34 @@ def register(sub) -> None:
                         "each image's mean colour")
     p.add_argument("--steps", type=int, default=32, help="IG integration steps")
     p.add_argument("--internal-batch-size", type=int, help="IG: evaluate the path in chunks")
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"))
+    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
+                   help="grid of image parts compared (default 4 4)")
     p.add_argument("--superpixels", type=int, metavar="S",
                    help="use ~S SLIC superpixels instead of the grid (needs scikit-image)")
     p.add_argument("--k", type=int, default=5, help="teacher's top-k parts for the focus metric")
     p.add_argument("--T", type=float, default=1.0, help="temperature of the KL metric")
     p.add_argument("--n-images", type=int, default=256, help="images drawn from the split (seeded)")
     p.add_argument("--n-overlay", type=int, default=8, help="images in overlays.png")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="runs/explain", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image draw and of the splits")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward/backward pass (default 64)")
+    A.add_out(p, "runs/explain")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image draw and of the splits (default 0)")
+    A.add_device(p)
     p.set_defaults(func=cmd_explain)
 
 
-def _target_arg(s: str):
-    return int(s) if str(s).lstrip("-").isdigit() else s
-
-
-def pick_images(n_total: int, n: int, seed: int) -> np.ndarray:
-    """``min(n, n_total)`` distinct indices drawn with ``seed``, sorted ascending."""
-    if n < 1:
-        raise ValueError(f"--n-images must be >= 1, got {n}")
-    if n >= n_total:
-        return np.arange(n_total)
-    from kdlab.core.seeding import derive_seed
-
-    rng = np.random.default_rng(derive_seed(seed, "explain", "images"))
-    return np.sort(rng.choice(n_total, size=n, replace=False))
-
-
 def cmd_explain(args) -> int:
-    from kdlab.core.checkpoint import load_model
-    from kdlab.data import load_dataset
+    from kdlab.evaluate.explain_report import explain_checkpoints, markdown
 
-    n_st = len(args.student)
-    for opt, vals in (("--alpha", args.alpha), ("--label", args.label)):
-        if vals is not None and len(vals) != n_st:
-            raise ValueError(f"give {opt} once per --student ({n_st}), got {len(vals)}")
-    teacher, t_ck = load_model(args.teacher, args.device)
-    splits = load_dataset(args.dataset or t_ck.get("dataset") or "digits", args.data_dir,
-                          seed=args.seed)
-    info = splits.info
-    _check_fits(t_ck, info, args.teacher)
-    loaded = []
-    for i, path in enumerate(args.student):
-        model, ck = load_model(path, args.device)
-        _check_fits(ck, info, path)
-        meta = {"checkpoint": str(path), "model": ck.get("model_name", "?"), "size": size_name(ck)}
-        if args.alpha is not None:
-            meta["alpha"] = args.alpha[i]
-        loaded.append((model, meta))
-    labels = list(args.label) if args.label else unique_labels(
-        [m["size"] + (f" a={m['alpha']:g}" if "alpha" in m else "") for _, m in loaded],
-        args.student)
-    students = [(lbl, model, meta) for lbl, (model, meta) in zip(labels, loaded)]
-    tset = getattr(splits, args.split)
-    idx = pick_images(len(tset), args.n_images, args.seed)
-    x, y = tset.x[torch.as_tensor(idx)], tset.y[torch.as_tensor(idx)]
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
-    settings["teacher_model"] = t_ck.get("model_name")
-    settings["image_indices"] = idx.tolist()
-    rows = explain_report(
-        teacher, students, x, y, mean=info.mean, std=info.std, out_dir=args.out,
-        method=args.method, target=_target_arg(args.target), grid=tuple(args.grid),
-        superpixel=args.superpixels, k=args.k, T=args.T, baseline=args.baseline,
-        steps=args.steps, internal_batch_size=args.internal_batch_size,
+    out = Path(args.out or "runs/explain")
+    rows = explain_checkpoints(
+        args.teacher, args.student, alphas=args.alpha, labels=args.label, dataset=args.dataset,
+        data_dir=args.data_dir, split=args.split, n_images=args.n_images, seed=args.seed,
+        out_dir=out, device=args.device, method=args.method, target=args.target,
+        grid=tuple(args.grid), superpixel=args.superpixels, k=args.k, T=args.T,
+        baseline=args.baseline, steps=args.steps, internal_batch_size=args.internal_batch_size,
         layer_teacher=args.layer_teacher, layer_student=args.layer_student,
-        batch_size=args.batch_size, n_overlay=args.n_overlay, device=args.device,
-        settings=settings,
-    )
-    print(markdown(rows, n_images=len(idx)))
-    print(f"\nwrote {Path(args.out) / 'explain.csv'}, explain.json, explain.md, per_image.csv, "
+        batch_size=args.batch_size, n_overlay=args.n_overlay)
+    print(markdown(rows, n_images=rows[0]["n_images"] if rows else None))
+    print(f"\nwrote {out / 'explain.csv'}, explain.json, explain.md, per_image.csv, "
           f"overlays.png{', sweep.png' if rows and all('alpha' in r for r in rows) else ''}")
     return 0
-
-
-def _check_fits(ck: dict, info, path) -> None:
-    if ck.get("num_classes") != info.num_classes or ck.get("in_channels") != info.in_channels:
-        raise ValueError(
-            f"{path} is a {ck.get('num_classes')}-class, {ck.get('in_channels')}-channel model but "
-            f"{info.name} has {info.num_classes} classes, {info.in_channels} channel(s); "
-            f"pass the matching --dataset"
-        )
-
-
-def size_name(ck: dict) -> str:
-    """A student's size label from its checkpoint: the model name, plus ``(w=...)`` for a
-    width other than 1."""
-    name = str(ck.get("model_name", "model"))
-    w = (ck.get("model_kwargs") or {}).get("width", 1.0)
-    return name if w in (1, 1.0) else f"{name}(w={w:g})"
-
-
-def unique_labels(labels: Sequence[str], paths: Sequence[str]) -> list[str]:
-    """Make duplicate labels distinct: append the checkpoint's folder, then ``#i`` if needed."""
-    out = list(labels)
-    for i, lbl in enumerate(labels):
-        if labels.count(lbl) > 1:
-            out[i] = f"{lbl} [{Path(paths[i]).parent.name or Path(paths[i]).stem}]"
-    for i, lbl in enumerate(list(out)):
-        if out.count(lbl) > 1:
-            out[i] = f"{lbl} #{i}"
-    return out
-
-
-def explain_report(teacher: nn.Module, students, x: torch.Tensor, y: torch.Tensor | None, *,
-                   mean=None, std=None, out_dir=None, method: str = "ig", target="label",
-                   grid=(4, 4), superpixel: int | None = None, k: int = 5, T: float = 1.0,
-                   baseline="zeros", steps: int = 32, internal_batch_size: int | None = None,
-                   layer_teacher: str | None = None, layer_student: str | None = None,
-                   batch_size: int = 64, n_overlay: int = 8, device="cpu",
-                   settings: dict | None = None) -> list[dict]:
-    """Compare each student with ``teacher`` on images ``x`` (``[N, C, H, W]`` in ``[0, 1]``,
-    normalised inside with ``mean``/``std``) and labels ``y``.
-
-    ``students``: list of ``(label, model, meta)``; ``meta`` (a dict, may be empty) is copied into
-    the row. With an ``"alpha"`` in every meta the sweep plot is drawn, one line per
-    ``meta["size"]`` (default: per label); rows sharing (size, alpha), e.g. seeds, are averaged. Returns one row per
-    student: ``{"student", **meta, "n_images", metric, metric + "_ci", metric + "_n", ...}``.
-    With ``out_dir`` it writes explain.md / .csv / .json, per_image.csv, overlays.png and, for
-    a sweep, sweep.png.
-    """
-    from kdlab.evaluate.alignment import compare_models
-    from kdlab.evaluate.explain import attribute
-
-    if not students:
-        raise ValueError("give at least one student")
-    labels = [s[0] for s in students]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"student labels must be distinct, got {labels}")
-    rows, per_image = [], []
-    for label, model, meta in students:
-        summary, arrays = compare_models(
-            model, teacher, (x, y), method, grid, k, target=target, layer_student=layer_student,
-            layer_teacher=layer_teacher, baseline=baseline, steps=steps,
-            internal_batch_size=internal_batch_size, T=T, batch_size=batch_size, mean=mean,
-            std=std, superpixel=superpixel, device=device, return_per_image=True,
-        )
-        row = {"student": label, **dict(meta or {}), "n_images": int(x.shape[0])}
-        for name, (m, ci, n) in summary.items():
-            row[name], row[name + "_ci"], row[name + "_n"] = m, ci, n
-            if name.startswith("ig_completeness"):
-                # the relative error is heavy-tailed (it explodes where F(x) ~ F(baseline)),
-                # so the median is reported beside the mean
-                finite = arrays[name][np.isfinite(arrays[name])]
-                row[name + "_median"] = float(np.median(finite)) if finite.size else float("nan")
-        rows.append(row)
-        for i in range(int(x.shape[0])):
-            per_image.append({"student": label, "image": i,
-                              **{name: float(a[i]) for name, a in arrays.items()}})
-    if out_dir is None:
-        return rows
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "explain.csv", rows)
-    write_csv(out / "per_image.csv", per_image)
-    (out / "explain.md").write_text(markdown(rows, n_images=int(x.shape[0])) + "\n")
-    (out / "explain.json").write_text(json.dumps(
-        {"rows": _jsonable(rows), "settings": _jsonable(settings or {
-            "method": method, "target": target, "grid": list(grid), "superpixel": superpixel,
-            "k": k, "T": T, "baseline": baseline if isinstance(baseline, str) else "tensor",
-            "steps": steps})}, indent=2) + "\n")
-    # overlays: the first n_overlay images, teacher then each student
-    m = min(int(n_overlay), int(x.shape[0]))
-    if m > 0:
-        dev = torch.device(device)
-        xs = x[:m].to(dev).float()
-        xn = xs
-        if mean is not None:
-            mt = torch.as_tensor(mean, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-            st = torch.as_tensor(std, dtype=torch.float32, device=dev).view(1, -1, 1, 1)
-            xn = (xs - mt) / st
-        ys = None if y is None else y[:m].to(dev)
-        with torch.no_grad():
-            t_pred = teacher.to(dev).eval()(xn).argmax(1)
-        models = [("teacher", teacher, layer_teacher)] + [(lbl, mdl, layer_student) for lbl, mdl, _ in students]
-        maps = {}
-        for name, model, layer in models:
-            with torch.no_grad():
-                pred = model.to(dev).eval()(xn).argmax(1)
-            tgt = {"label": ys, "teacher": t_pred, "pred": pred}.get(target, target) \
-                if isinstance(target, str) else target
-            if tgt is None:
-                raise ValueError("target='label' needs labels")
-            maps[name] = attribute(model, xn, tgt, method, layer=layer, baseline=baseline,
-                                   steps=steps, internal_batch_size=internal_batch_size).cpu()
-        titles = [(f"y={int(ys[i])} " if ys is not None else "") + f"t={int(t_pred[i])}"
-                  for i in range(m)]
-        from kdlab.report.overlays import overlay_grid
-
-        overlay_grid(xs.cpu(), maps, out / "overlays.png", n=m, titles=titles)
-    if all("alpha" in r for r in rows):
-        from kdlab.report.overlays import plot_sweep
-
-        sweep_rows = [{**r, "student": r.get("size", r["student"])} for r in rows]
-        plot_sweep(sweep_rows, out / "sweep.png")
-    return rows
-
-
-def _fmt(m, ci, n=None, n_all=None) -> str:
-    if m is None or not math.isfinite(m):
-        return "—"
-    f = ".2e" if 0 < abs(m) < 1e-3 else ".3f"
-    s = format(m, f)
-    if ci is not None and math.isfinite(ci):
-        s += " ± " + format(ci, ".2e" if 0 < abs(ci) < 1e-3 else ".3f")
-    if n is not None and n_all is not None and n < n_all:
-        s += f" (n={n})"
-    return s
-
-
-def markdown(rows: list[dict], n_images: int | None = None) -> str:
-    """Markdown table: one row per student, metrics as ``mean ± 95% CI`` (``(n=...)`` when some
-    images were excluded because the metric is undefined there)."""
-    metrics = [m for m in TABLE_METRICS if any(m in r for r in rows)]
-    has_alpha = any("alpha" in r for r in rows)
-    head = ["student"] + (["alpha"] if has_alpha else []) + metrics
-    body = []
-    for r in rows:
-        cells = [str(r["student"])]
-        if has_alpha:
-            cells.append(str(r.get("alpha", "—")))
-        cells += [_fmt(r.get(m), r.get(m + "_ci"), r.get(m + "_n"), n_images)
-                  + (f" (median {r[m + '_median']:.2e})" if m + "_median" in r else "")
-                  for m in metrics]
-        body.append(cells)
-    return markdown_table(head, body)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    return obj

@@ -1,28 +1,30 @@
-"""Core subcommands: train-teacher, distill, ablate, demo, evaluate, and the listings."""
+"""Core subcommands: train-teacher, distill, ablate, demo, sweep, evaluate, and the listings."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from kdlab.cli import args as A
 
-def _common(p: argparse.ArgumentParser, out_help: str, nargs=None) -> None:
+
+def _recipe_args(p, out_help: str, nargs=None) -> None:
     p.add_argument("recipe", nargs=nargs, help="recipe YAML path or shipped name (see `kdlab recipes`)")
-    p.add_argument("--out", help=out_help)
-    p.add_argument("--data-dir", help="folder with the data set files (CIFAR pickles)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    A.add_out(p, out_help)
+    A.add_data_dir(p)
+    A.add_set(p)
+    A.add_device(p, recipe=True)
+    A.add_quiet(p)
 
 
 def _load(args):
     from kdlab.core.config import load_recipe
 
-    overrides = list(args.overrides)
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir}")
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, A.recipe_overrides(args))
+
+
+def _summary(res: dict) -> str:
+    return json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")})
 
 
 def cmd_train_teacher(args) -> int:
@@ -31,8 +33,8 @@ def cmd_train_teacher(args) -> int:
     recipe = _load(args)
     out = Path(args.out or f"runs/{recipe.name}")
     print(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
-    res = train(recipe, out, progress=not args.quiet, resume=not args.restart, method="teacher")
-    print(json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")}))
+    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method="teacher")
+    print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
     return 0
 
@@ -43,12 +45,12 @@ def cmd_distill(args) -> int:
     recipe = _load(args)
     if args.seed is not None:
         recipe.train.seed = args.seed
-    ensure_teachers(recipe, data_dir=args.data_dir, progress=not args.quiet)
+    ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
     print(f"distilling {recipe.name}: {recipe.student.model} <- "
           f"{recipe.teacher.model if recipe.teacher else 'no teacher'} -> {out}")
-    res = train(recipe, out, progress=not args.quiet, resume=not args.restart, method=recipe.name)
-    print(json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")}))
+    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method=recipe.name)
+    print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
     return 0
 
@@ -57,47 +59,42 @@ def cmd_ablate(args) -> int:
     from kdlab.experiments.study import run_ablation
 
     run_ablation(args.recipe, out_dir=args.out, seeds=args.seeds, mode=args.mode,
-                 data_dir=args.data_dir, overrides=args.overrides, progress=not args.quiet,
-                 teacher_cache=not args.no_teacher_cache)
+                 data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
+                 progress=A.progress(args), teacher_cache=not args.no_teacher_cache)
     return 0
 
 
 def cmd_demo(args) -> int:
+    from kdlab.train.runtime import resolve_device
+    from kdlab.evaluate.robustness import study_robustness
     from kdlab.experiments.study import run_ablation
 
-    from kdlab.experiments.study import study_robustness
-
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
-                          progress=not args.quiet)
+                          overrides=A.recipe_overrides(args), progress=A.progress(args))
     if not args.no_robustness:
         print("\nrobustness of the five methods (19 corruptions x 5 severities, seed 0):")
-        study_robustness(Path(report["out_dir"]).parent, progress=not args.quiet)
+        study_robustness(Path(report["out_dir"]).parent, device=str(resolve_device(args.device)),
+                         progress=A.progress(args))
     return 0
 
 
 def cmd_sweep(args) -> int:
     from kdlab.experiments.sweep import run_sweep
 
+    # run_sweep takes explicit seeds; 0 1 2 is the recipes' study.seeds default
     run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds,
-              out_dir=args.out, data_dir=args.data_dir, overrides=args.overrides,
+              out_dir=args.out, data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
               n_images=args.n_images, method=args.method, grid=args.grid, k=args.k,
-              steps=args.steps, progress=not args.quiet)
+              steps=args.steps, progress=A.progress(args))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from kdlab.core.checkpoint import load_model
-    from kdlab.data import BatchLoader, load_dataset
-    from kdlab.evaluate.accuracy import evaluate
-    from kdlab.train.build import check_pair
+    from kdlab.evaluate.accuracy import evaluate_checkpoint
 
-    model, ck = load_model(args.checkpoint)
-    splits = load_dataset(args.dataset or ck["dataset"], args.data_dir)
-    check_pair(ck["num_classes"], ck["in_channels"], splits.info, args.checkpoint)
-    tset = getattr(splits, args.split)
-    loader = BatchLoader(tset, 512, shuffle=False, mean=splits.info.mean, std=splits.info.std)
-    res = evaluate(model, loader)
-    print(json.dumps({"checkpoint": args.checkpoint, "split": args.split, **res}))
+    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                              image_size=args.image_size, device=args.device)
+    print(json.dumps(res))
     return 0
 
 
@@ -132,50 +129,61 @@ def cmd_losses(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train-teacher", help="train a model with plain cross-entropy (a teacher)")
-    _common(p, "run folder (default runs/<recipe name>)")
+    _recipe_args(p, "runs/<recipe name>")
     p.add_argument("--restart", action="store_true", help="ignore an unfinished run and start over")
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("distill", help="train one student from a recipe (teacher trained first if missing)")
-    _common(p, "run folder (default runs/<recipe name>/seed<k>)")
-    p.add_argument("--seed", type=int, help="override train.seed")
+    _recipe_args(p, "runs/<recipe name>/seed<k>")
+    p.add_argument("--seed", type=int, help="override train.seed (default: the recipe's)")
     p.add_argument("--restart", action="store_true", help="ignore an unfinished run and start over")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("ablate", help="step-wise and leave-one-out ablation of a full recipe over seeds")
-    _common(p, "study folder (default runs/<recipe name>)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the recipe's study.seeds)")
-    p.add_argument("--mode", choices=["ladder", "loo", "both"], help="which methods (default: recipe)")
+    _recipe_args(p, "runs/<recipe name>")
+    A.add_seeds(p)
+    p.add_argument("--mode", choices=["ladder", "loo", "both"],
+                   help="ladder (add one component at a time), loo (leave one out) or both "
+                        "(default: the recipe's study.methods)")
     p.add_argument("--no-teacher-cache", action="store_true",
                    help="run the teacher live for every student (same results, slower; docs/speed.md)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="the main job on the embedded digits data: teacher + five-method study")
-    p.add_argument("--out", help="study folder (default runs/digits-full)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    A.add_out(p, "runs/digits-full")
+    A.add_seeds(p)
+    A.add_set(p, "the digits/full recipe")
+    A.add_device(p, recipe=True)
     p.add_argument("--no-robustness", action="store_true", help="skip the corruption evaluation")
-    p.add_argument("--quiet", action="store_true")
+    A.add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("sweep", help="explanation sweep: KD strength alpha x student size vs one teacher")
-    _common(p, "sweep folder (default runs/<recipe name>-sweep)", nargs="?")
+    _recipe_args(p, "runs/<recipe name>-sweep", nargs="?")
     p.set_defaults(recipe="digits/kd")
-    p.add_argument("--alphas", type=float, nargs="+", default=[1.0, 0.5, 0.1],
-                   help="weights of the hard-label term (1.0 = no KD)")
-    p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-images", type=int, default=256)
-    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig")
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4])
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--steps", type=int, default=32)
+    A.add_seeds(p)
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9], metavar="A",
+                   help="weights of the KD term: (1-alpha)*CE + alpha*KD (0 = no KD; default 0 0.5 0.9)")
+    p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"],
+                   metavar="MODEL", help="student model names (default cnn_tiny cnn_small cnn_medium)")
+    p.add_argument("--n-images", type=int, default=256, help="test images explained (default 256)")
+    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig",
+                   help="attribution method (default ig)")
+    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
+                   help="grid of image parts compared (default 4 4)")
+    p.add_argument("--k", type=int, default=5, help="teacher's top-k parts of the focus metric (default 5)")
+    p.add_argument("--steps", type=int, default=32, help="Integrated-Gradients steps (default 32)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
-    p.add_argument("checkpoint")
-    p.add_argument("--dataset", help="default: the checkpoint's data set")
-    p.add_argument("--data-dir")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("checkpoint", help="model checkpoint (best.pt)")
+    p.add_argument("--dataset", help="data set name, imagefolder (with --data-dir DIR --image-size H W), "
+                   "or a module:function factory (default: the checkpoint's)")
+    A.add_data_dir(p)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="imagefolder: image size")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test",
+                   help="which split (default test)")
+    A.add_device(p)
     p.set_defaults(func=cmd_evaluate)
 
     sub.add_parser("recipes", help="list shipped recipes").set_defaults(func=cmd_recipes)

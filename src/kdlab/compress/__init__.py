@@ -2,7 +2,8 @@
 
 Submodules: :mod:`~kdlab.compress.prune`, :mod:`~kdlab.compress.quantize`,
 :mod:`~kdlab.compress.export`, :mod:`~kdlab.compress.finetune`,
-:mod:`~kdlab.compress.pipeline` (the ``deploy`` command) and :mod:`~kdlab.cli.compress`.
+:mod:`~kdlab.compress.pipeline` (the ``deploy`` pipeline) and :mod:`~kdlab.compress.api`
+(one function per command: profile, prune, quantize, export, deploy).
 
 Compressed models are stored as ordinary kdlab model checkpoints
 (:func:`kdlab.core.checkpoint.model_checkpoint`: state dict + registry name) with extra keys:

@@ -19,6 +19,8 @@ executes the same multiply-adds in integer arithmetic, so its row repeats the st
 
 from __future__ import annotations
 
+from kdlab.core.checkpoint import check_fits
+
 import csv
 import json
 import os
@@ -43,16 +45,6 @@ def make_loaders(dataset: str, data_dir=None, *, batch_size: int = 128, seed: in
     mk = lambda ts, shuffle: BatchLoader(ts, batch_size, shuffle=shuffle, seed=seed, augment=None,
                                          mean=info.mean, std=info.std, device=device)
     return info, mk(splits.train, True), mk(splits.val, False), mk(splits.test, False)
-
-
-def check_fits(ck: dict, info, who: str) -> None:
-    """The checkpoint's classes and channels match the data set, or a one-line ValueError."""
-    if "num_classes" in ck and int(ck["num_classes"]) != info.num_classes:
-        raise ValueError(f"{who} has {ck['num_classes']} classes but {info.name} has "
-                         f"{info.num_classes}; pass the dataset it was trained on (--dataset)")
-    if "in_channels" in ck and int(ck["in_channels"]) != info.in_channels:
-        raise ValueError(f"{who} takes {ck['in_channels']} input channels but {info.name} has "
-                         f"{info.in_channels}; pass the dataset it was trained on (--dataset)")
 
 
 # --------------------------------------------------------------------------- tables
@@ -162,7 +154,7 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
            steps: int = 1, finetune_epochs: int = 5, lr: float = 0.05, distill: str = "student",
            alpha: float = 0.9, T: float = 4.0, calib_batches: int = 8, quant_format: str = "qdq",
            batch_size: int = 128, latency_batch: int | None = None, warmup: int = 10, repeats: int = 50,
-           device: str = "cpu", seed: int = 0, max_steps: int | None = None,
+           device: str = "auto", seed: int = 0, max_steps: int | None = None,
            progress: bool = True, log=print) -> dict:
     """Run the pipeline described in the module docstring; returns ``{"rows", "notes", ...}``.
 
@@ -305,4 +297,4 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
     return {"rows": rows, "notes": notes, "markdown": md, "out_dir": str(out), **meta}
 
 
-__all__ = ["make_loaders", "check_fits", "markdown_table", "write_report", "measure", "deploy"]
+__all__ = ["make_loaders", "markdown_table", "write_report", "measure", "deploy"]

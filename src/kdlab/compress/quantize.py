@@ -95,31 +95,52 @@ def dequantize(q: torch.Tensor, scale, zero_point) -> torch.Tensor:
     return scale * (q.float() + zero_point)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round() whose gradient is the identity (straight-through estimator)."""
+class _FakeQuantSTE(torch.autograd.Function):
+    """``clip(round(v), q_min, q_max)`` with the straight-through estimator as its gradient.
+
+    Forward: ``q = clip(round(v), q_min, q_max)`` (``round`` half to even).
+    Backward (the STE of Bengio et al. 2013, "Estimating or Propagating Gradients Through
+    Stochastic Neurons", arXiv:1308.3432, as used for quantization-aware training by Jacob et al.
+    2018, "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+    Inference", CVPR, Sec. 3)::
+
+        dq/dv = 1  if q_min <= round(v) <= q_max   (the closed range: both ends pass)
+                0  otherwise                        (the value was clipped)
+
+    The mask is taken on the rounded value, as in ``torch.fake_quantize_per_tensor_affine``; it
+    is written out here so that the gradient at the clip boundaries does not depend on the
+    subgradient that ``torch.clamp``'s backward picks there, which differs between torch
+    releases: at ``v = q_min`` and ``v = q_max`` exactly, torch 2.13 passes the gradient (1) and
+    torch 2.14 blocks it (0).
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
+    def forward(ctx, v, qmin: int, qmax: int):
+        r = torch.round(v)
+        ctx.save_for_backward((r >= qmin) & (r <= qmax))
+        return torch.clamp(r, qmin, qmax)
 
     @staticmethod
     def backward(ctx, g):
-        return g
+        (inside,) = ctx.saved_tensors
+        return g * inside.to(g.dtype), None, None
 
 
 def fake_quantize(x: torch.Tensor, bits: int = 8, *, symmetric: bool = True,
                   axis: int | None = None, scale=None, zero_point=None) -> torch.Tensor:
     """``dequantize(quantize(x))`` in float, differentiable with the straight-through estimator.
 
-    Gradients pass unchanged through ``round`` and are zero where the value was clipped
-    (the usual STE of QAT). ``scale``/``zero_point`` default to :func:`compute_qparams` of ``x``.
+    ``x_hat = s * (clip(round(x/s - z), q_min, q_max) + z)``. Gradient (see
+    :class:`_FakeQuantSTE`): ``d x_hat / dx = 1`` where ``round(x/s - z)`` lies in the closed
+    range ``[q_min, q_max]`` (the boundary values included), ``0`` where it was clipped.
+    ``scale``/``zero_point`` default to :func:`compute_qparams` of ``x``.
     """
     qmin, qmax = qrange(bits)
     if scale is None or zero_point is None:
         scale, zero_point = compute_qparams(x, bits, symmetric=symmetric, axis=axis)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     zero_point = torch.as_tensor(zero_point, dtype=x.dtype, device=x.device)
-    q = torch.clamp(_RoundSTE.apply(x / scale - zero_point), qmin, qmax)
+    q = _FakeQuantSTE.apply(x / scale - zero_point, qmin, qmax)
     return scale * (q + zero_point)
 
 

@@ -4,6 +4,16 @@ with the dotted path of the offending entry.
 A recipe may start with ``extends: other.yaml`` (a path relative to the recipe, or a shipped
 recipe name such as ``digits/full``); its own keys are then deep-merged over that base.
 Shipped recipes live in ``kdlab/recipes`` and are named by their path without ``.yaml``.
+
+Paths, one rule each:
+
+* references to *recipes* (``extends``, ``teacher.recipe``, the ``recipes`` of an ``mtkd`` term) are
+  relative to the recipe file that writes them (then the current folder, then the shipped
+  recipes); a ``--set`` value is relative to the current folder. They are resolved when the file is
+  read, so a recipe extending ``digits/kd`` still finds ``digits/teacher``; a shipped recipe is
+  then named by its shipped name, any other by its absolute path;
+* paths of *run outputs and data* (``teacher.checkpoint``, the ``checkpoints`` of ``mtkd``,
+  ``data.data_dir``, ``--out``) are relative to the current folder, like the default ``runs/``.
 """
 
 from __future__ import annotations
@@ -33,16 +43,35 @@ class AugmentCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    name: str = "digits"  # a registered data set (kdlab.data.DATASETS), checked by _dataset
+
+    @field_validator("name")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from kdlab.data.registry import check_dataset_name
+
+        return check_dataset_name(v)
+
     data_dir: Optional[str] = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
     augment: AugmentCfg = AugmentCfg()
+    # a user's data: an image folder (name: imagefolder) or a factory returning Splits/datasets
+    root: Optional[str] = None
+    image_size: Optional[list[int]] = None  # [H, W] (imagefolder)
+    factory: Optional[str] = None  # "module:function" -> Splits or (train, val, test) datasets
+    num_workers: int = Field(0, ge=0)  # decoding processes for streamed data
+
+    def options(self) -> dict:
+        """The loader options this section sets beyond the common ones."""
+        return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
 
 
 class ModelCfg(_Strict):
+    # a registered name, timm:<name>, torchvision:<name>, hf:<local path>, or module:function
     model: str
     kwargs: dict[str, Any] = {}
+    weights: Optional[str] = None  # a local state dict / checkpoint loaded into the model
 
 
 class TeacherCfg(ModelCfg):
@@ -72,10 +101,16 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
+    log_to: list[Literal["csv", "tensorboard"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
     teacher_mode: Literal["cache-fp16", "cache-fp32", "live", "consistent"] = "cache-fp16"
+    # same numbers on any machine's CPU thread count: torch.use_deterministic_algorithms and a fixed
+    # intra-op thread count (``threads``, 1 unless set); ``threads`` alone fixes only the count
+    deterministic: bool = False
+    threads: Optional[int] = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -106,7 +141,7 @@ class MaskCfg(_Strict):
 
 
 class StudyCfg(_Strict):
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
     methods: Literal["ladder", "loo", "both"] = "ladder"
 
 
@@ -170,7 +205,11 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def resolve_recipe_path(ref: str | Path, relative_to: Path | None = None) -> Path:
-    """A recipe path, or the name of a shipped recipe (``digits/full``)."""
+    """A recipe path, or the name of a shipped recipe (``digits/full``): tried relative to
+    ``relative_to`` (the folder of the recipe that names it), then the current folder, then the
+    shipped recipes."""
+    if not isinstance(ref, (str, Path)) or not str(ref).strip():
+        raise RecipeError(f"recipe reference {ref!r} must be a YAML path or a shipped recipe name")
     p = Path(ref)
     candidates = []
     if relative_to is not None and not p.is_absolute():
@@ -181,9 +220,47 @@ def resolve_recipe_path(ref: str | Path, relative_to: Path | None = None) -> Pat
     for c in candidates:
         if c.is_file():
             return c
+    if p.is_dir():
+        raise FileNotFoundError(f"recipe '{ref}' is a folder; give a YAML file in it or a shipped name "
+                                f"(see `kdlab recipes`)")
+    where = f" (looked in {relative_to}, the current folder and the shipped recipes)" if relative_to else ""
     raise FileNotFoundError(
-        f"recipe '{ref}' not found; give a YAML path or a shipped name (see `kdlab recipes`)"
+        f"recipe '{ref}' not found{where}; give a YAML path or a shipped name (see `kdlab recipes`)"
     )
+
+
+def recipe_ref(path: Path) -> str:
+    """The stable name of a resolved recipe file: its shipped name (``digits/teacher``) for a
+    shipped recipe, else its absolute path."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(RECIPES_DIR.resolve()).with_suffix("").as_posix())
+    except ValueError:
+        return str(path)
+
+
+def resolve_refs(raw: dict, relative_to: Path | None, where: str) -> dict:
+    """Resolve, in place, the recipe references of a raw recipe dict (``teacher.recipe`` and the
+    ``recipes`` of loss terms) against ``relative_to`` (see the module doc); unresolvable ones
+    raise one line naming ``where`` and the key."""
+
+    def one(ref, key):
+        if ref is None:
+            return None
+        try:
+            return recipe_ref(resolve_recipe_path(ref, relative_to))
+        except (FileNotFoundError, RecipeError) as e:
+            raise RecipeError(f"{where}: {key}: {e}") from None
+
+    t = raw.get("teacher")
+    if isinstance(t, dict) and t.get("recipe") is not None:
+        t["recipe"] = one(t["recipe"], "teacher.recipe")
+    loss = raw.get("loss")
+    if isinstance(loss, list):
+        for i, term in enumerate(loss):
+            if isinstance(term, dict) and isinstance(term.get("recipes"), list):
+                term["recipes"] = [one(r, f"loss[{i}].recipes") for r in term["recipes"]]
+    return raw
 
 
 def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -191,17 +268,42 @@ def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text (UTF-8) file; give a YAML recipe") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror}); give a readable YAML recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (name, student, ...)")
+    resolve_refs(raw, path.parent, str(path))
     base_ref = raw.pop("extends", None)
-    if base_ref:
-        base_path = resolve_recipe_path(base_ref, path.parent)
+    if base_ref is not None:
+        try:
+            base_path = resolve_recipe_path(base_ref, path.parent)
+        except (FileNotFoundError, RecipeError) as e:
+            raise RecipeError(f"{path}: extends: {e}") from None
         # dicts are merged key by key; a list (such as `loss`) replaces the base's whole list
         raw = deep_merge(read_recipe_yaml(base_path, seen + (path.resolve(),)), raw)
     return raw
+
+
+def param_type_error(default, value) -> str:
+    """What kind of value a term parameter with this ``default`` needs, when ``value`` is not of
+    that kind ('' when it fits or the default says nothing): numbers for numeric defaults (bools
+    excluded), true/false for boolean ones, text for string ones."""
+    if value is None or default is inspect.Parameter.empty or default is None:
+        return ""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return "" if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if isinstance(default, float):
+        return "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return "" if isinstance(value, str) else "a text value"
+    return ""
 
 
 def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
@@ -212,23 +314,28 @@ def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: loss: at least one term is needed (e.g. '- term: ce')")
     for i, t in enumerate(recipe.loss):
         if t.term not in LOSSES:
-            try:
-                LOSSES.entry(t.term)
-            except KeyError as e:
-                raise RecipeError(f"{where}: loss[{i}].term: {e.args[0]}") from None
+            import difflib
+
+            close = difflib.get_close_matches(t.term, LOSSES.names(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise RecipeError(f"{where}: loss[{i}].term: unknown loss '{t.term}'{hint} "
+                              f"(see `kdlab losses` for the list)")
         cls = LOSSES.get(t.term)
         sig = inspect.signature(cls.__init__)
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         allowed = [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
-        for k in t.params:
+        for k, v in t.params.items():
             if k not in allowed:
                 raise RecipeError(
                     f"{where}: loss[{i}].{k}: term '{t.term}' has no parameter '{k}' "
                     f"(parameters: {', '.join(allowed) or 'none'})"
                 )
+            bad = param_type_error(sig.parameters[k].default, v)
+            if bad:
+                raise RecipeError(f"{where}: loss[{i}].{k}: term '{t.term}' needs {bad}, got {v!r}")
         try:
             cls(**t.params)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise RecipeError(f"{where}: loss[{i}] ({t.term}): {e}") from None
     terms = [LOSSES.get(t.term)(**t.params) for t in recipe.loss]
     if any(t.needs_teacher for t in terms) and recipe.teacher is None:
@@ -283,10 +390,9 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = resolve_recipe_path(ref)
     raw = read_recipe_yaml(path)
     apply_overrides(raw, overrides)
+    resolve_refs(raw, None, "--set")  # overridden references: relative to the current folder
     recipe = recipe_from_dict(raw, str(path))
     recipe.source = str(path)
-    if recipe.teacher is not None and recipe.teacher.recipe:
-        recipe.teacher.recipe = str(resolve_recipe_path(recipe.teacher.recipe, path.parent))
     return recipe
 
 

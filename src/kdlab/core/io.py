@@ -19,14 +19,15 @@ class RunFileError(ValueError):
     """A run file that cannot be read; the message names the file and what to do."""
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``:
+    a crash at any point leaves the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -35,6 +36,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -66,6 +72,44 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] |
     w.writeheader()
     w.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
+
+
+def check_out_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` as a writable folder, or raise one line naming the problem and the fix
+    (a file in the way, a file above it, no permission) instead of an OSError traceback."""
+    path = Path(path)
+    for up in [path, *path.parents]:
+        if up.exists() and not up.is_dir():
+            where = "is a file" if up == path else f"lies below the file {up}"
+            raise ValueError(f"{what} {path} {where}; give a folder path (e.g. --out runs/NAME)")
+        if up.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {what} {path} ({e.strerror}); give a folder you can "
+                         f"write to (--out)") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} is not writable; give a folder you can write to (--out) "
+                         f"or fix its permissions")
+    return path
+
+
+#: Temporary files of :func:`atomic_write_text` / ``atomic_save`` (``<name>.<random>.tmp``).
+TMP_GLOB = "*.*.tmp"
+
+
+def clean_tmp(folder: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (and subfolders down to
+    ``depth``); returns them. Only call it while holding the folder's
+    :class:`kdlab.core.lock.RunLock`, so no live writer's file is touched."""
+    folder = Path(folder)
+    found = []
+    for d in range(depth):
+        found += [p for p in folder.glob("/".join(["*"] * d + [TMP_GLOB])) if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def read_csv(path: str | os.PathLike, what: str = "metrics file") -> list[dict]:

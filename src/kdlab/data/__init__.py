@@ -1,6 +1,9 @@
 """Datasets as in-memory tensors, deterministic batch loading and batched augmentation.
 
 - `load_dataset(name, data_dir=None, *, val_fraction=0.1, label_fraction=1.0, seed=0) -> Splits`
+- `register_dataset(name, description=...)`: decorator for a loader
+  ``fn(data_dir=None, *, val_fraction, label_fraction, seed) -> Splits``; `DATASETS` (the
+  `kdlab.core.registry.Registry`), `list_datasets()`; built in: digits, mnist5k, cifar10, cifar100
 - `Splits(train, val, test, info)`, `TensorSet(x, y)`, `DatasetInfo(...)`
 - `BatchLoader` (loader.py), `AugmentSpec` / `augment_batch` / `normalize` (augment.py)
 """
@@ -9,17 +12,38 @@ from __future__ import annotations
 
 from kdlab.data.augment import AugmentSpec, augment_batch, normalize
 from kdlab.data.loader import BatchLoader
+from kdlab.data.registry import (
+    DATASETS,
+    check_dataset_name,
+    dataset_name,
+    list_datasets,
+    register_dataset,
+)
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet
 
-DATASETS: dict[str, str] = {
-    "digits": "scikit-learn 8x8 digits, 10 classes, 1 channel (bundled, no download)",
-    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes (python pickles in data_dir)",
-    "cifar100": "CIFAR-100, 32x32 RGB, 100 fine classes (python pickles in data_dir)",
-}
+# the built-in loaders register themselves on import (one file per data set)
+from kdlab.data import cifar, digits, imagefolder, mnist5k  # noqa: E402,F401  (registration)
 
 
-def list_datasets() -> list[tuple[str, str]]:
-    return list(DATASETS.items())
+def from_factory(spec: str, *, val_fraction: float = 0.1, label_fraction: float = 1.0, seed: int = 0) -> Splits:
+    """Splits from a user's ``module:function``: the function returns ``Splits``, or
+    ``(train, val, test)`` datasets (map-style, items ``(image [C, H, W] in [0, 1], label)``)."""
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"data factory '{spec}' not found ({e}); give module:function on the Python path") from None
+    out = f()
+    if isinstance(out, Splits):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 3:
+        from kdlab.data.imagefolder import splits_from_datasets
+
+        return splits_from_datasets(*out, name=spec, seed=seed)
+    raise ValueError(f"data factory '{spec}' returned {type(out).__name__}; return kdlab.data.Splits or "
+                     f"(train, val, test) datasets")
 
 
 def load_dataset(
@@ -29,27 +53,33 @@ def load_dataset(
     val_fraction: float = 0.1,
     label_fraction: float = 1.0,
     seed: int = 0,
+    **options,
 ) -> Splits:
     """Load ``name`` as train / val / test `TensorSet`s plus its `DatasetInfo`.
 
+    ``name`` is looked up in the dataset registry (`kdlab.data.registry`; case, ``-`` and ``_``
+    are ignored, an unknown name raises ValueError with the closest registered names).
     ``val_fraction``: stratified part of the training pool held out for validation (seeded by
     ``seed``). ``label_fraction``: stratified part of the remaining training set kept (at least
     one per class, seeded); the rest is dropped. The test set does not depend on ``seed``
-    (digits: a fixed 25% split; CIFAR: the official test set). ``data_dir`` is used by CIFAR
-    only (default ``$KDLAB_DATA_DIR`` or ``./data``); see `kdlab.data.cifar`.
+    (digits: a fixed 25% split; mnist5k: a fixed 1,000 images; CIFAR: the official test set).
+    ``data_dir`` is used by CIFAR only (default ``$KDLAB_DATA_DIR`` or ``./data``); see
+    `kdlab.data.cifar`.
     """
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key == "digits":
-        from kdlab.data.digits import load_digits_splits
+    fn = DATASETS.get(dataset_name(name))
+    if options:
+        import inspect
 
-        return load_digits_splits(val_fraction=val_fraction, label_fraction=label_fraction, seed=seed)
-    if key in ("cifar10", "cifar100"):
-        from kdlab.data.cifar import load_cifar_splits
-
-        return load_cifar_splits(
-            key, data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed
-        )
-    raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        accepted = inspect.signature(fn).parameters
+        extra = [k for k in options if k not in accepted]
+        if extra:
+            raise ValueError(f"data.{extra[0]} does not apply to data set '{name}' (it is for imagefolder "
+                             f"and other loaders that take it); remove it")
+    splits = fn(data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed, **options)
+    if not isinstance(splits, Splits):
+        raise TypeError(f"dataset {name!r}: its loader {fn.__qualname__} returned "
+                        f"{type(splits).__name__}, not kdlab.data.Splits")
+    return splits
 
 
 __all__ = [
@@ -60,7 +90,10 @@ __all__ = [
     "Splits",
     "TensorSet",
     "augment_batch",
+    "check_dataset_name",
+    "dataset_name",
     "list_datasets",
     "load_dataset",
     "normalize",
+    "register_dataset",
 ]

@@ -60,22 +60,28 @@ class DatasetInfo:
     name: str
     num_classes: int
     in_channels: int
-    image_size: int
+    image_size: object  # int (square) or (H, W)
     mean: tuple
     std: tuple
     classes: tuple
 
     @property
+    def hw(self) -> tuple[int, int]:
+        """``(H, W)`` of one sample."""
+        s = self.image_size
+        return (int(s[0]), int(s[1])) if isinstance(s, (tuple, list)) else (int(s), int(s))
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one sample."""
-        return (self.in_channels, self.image_size, self.image_size)
+        return (self.in_channels, *self.hw)
 
 
 @dataclass
 class Splits:
     """Train / validation / test sets of one dataset plus its `DatasetInfo`."""
 
-    train: TensorSet
+    train: TensorSet  # or any map-style Dataset of (image [C, H, W] in [0, 1], label) (streamed)
     val: TensorSet
     test: TensorSet
     info: DatasetInfo

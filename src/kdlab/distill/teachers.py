@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Protocol
@@ -128,6 +129,20 @@ class LiveTeacher:
 
 
 
+def load_cache_file(path: Path, root) -> dict:
+    """One stored epoch of a teacher cache (memory-mapped); a truncated, empty or foreign file
+    raises one line naming it and the fix."""
+    try:
+        ent = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torn zip, zero bytes, garbage: torch's messages name no file
+        raise ValueError(f"teacher cache file {path} is corrupt ({type(e).__name__}); delete the cache "
+                         f"folder {root} and re-run (it is rebuilt)") from None
+    if not (isinstance(ent, dict) and {"data", "idx", "offsets"} <= set(ent)):
+        raise ValueError(f"teacher cache file {path} is not a kdlab cache entry; delete the cache folder "
+                         f"{root} and re-run (it is rebuilt)")
+    return ent
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -162,6 +177,7 @@ class TeacherStore:
         self.pending: dict[tuple, dict] = {}   # (key, epoch) -> {step: (idx_cpu, data_cpu)}
         self.hits = 0
         self.misses = 0
+        self.fill_time_s = 0.0  # seconds spent computing teacher outputs on misses (the cache's cost)
 
     # -- paths ---------------------------------------------------------------------------------
     def _path(self, key: str, name: str, epoch: int) -> Path:
@@ -174,7 +190,7 @@ class TeacherStore:
         if ent is None and self.root is not None:
             p = self._path(key, name, epoch)
             if p.is_file():
-                ent = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+                ent = load_cache_file(p, self.root)
                 self.done[(key, epoch)] = ent  # memory-mapped: costs no memory budget
         return ent
 
@@ -224,14 +240,14 @@ class TeacherStore:
         keyfile = p.parent / "key.json"
         if not keyfile.exists():
             keyfile.write_text(json.dumps(meta, indent=2, default=str))
-        tmp = p.with_suffix(".tmp")
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # one writer per file name
         torch.save(ent, tmp)
         os.replace(tmp, p)
-        self.done[(key, epoch)] = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+        self.done[(key, epoch)] = load_cache_file(p, self.root)
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "memory_mb": self.held_bytes / 2**20,
-                "root": str(self.root) if self.root else None}
+                "fill_time_s": self.fill_time_s, "root": str(self.root) if self.root else None}
 
 
 class CachedTeacher:
@@ -269,7 +285,11 @@ class CachedTeacher:
         missing = [name for name, _ in self.comps if name not in got]
         if missing:
             self.store.misses += 1
+            t0 = time.perf_counter()
             new = self._compute(x, y, missing)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            self.store.fill_time_s += time.perf_counter() - t0
             for name, v in new.items():
                 self.store.put(self.keys[name], name, self.meta[name], epoch, step, self.steps, idx,
                                v.to(self.dtype))
@@ -316,7 +336,7 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
         "version": 1,
         "dataset": dataset.get("name"), "val_fraction": dataset.get("val_fraction"),
         "label_fraction": dataset.get("label_fraction"),
-        "train_data": tensor_fingerprint(ld.x, ld.y),
+        "train_data": ld.fingerprint() if hasattr(ld, "fingerprint") else tensor_fingerprint(ld.x, ld.y),
         "loader_seed": ld.seed, "batch_size": ld.batch_size, "shuffle": ld.shuffle,
         "drop_last": ld.drop_last, "augment": repr(ld.augment),
         "mean": None if ld.mean is None else ld.mean.flatten().tolist(),
@@ -335,7 +355,7 @@ def build_teacher_source(teacher: nn.Module, *, mode: str, layers=(), mask_layer
     and the training ``loader`` (whose batches it keys) are given."""
     plan = teacher_plan(mode)
     live = LiveTeacher(teacher, list(layers), list(mask_layers), mask_cfg, round_to=plan.round_to)
-    if not (plan.cached and store is not None and loader is not None):
+    if not (plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True)):
         return live
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     key = cache_key(loader, teacher, dataset=dataset or {}, checkpoint=checkpoint, device=device)

@@ -71,3 +71,34 @@ def ensemble_accuracy(models, loader, device=None) -> float:
         p = torch.softmax(logits, 1)
         probs = p if probs is None else probs + p
     return (probs.argmax(1) == y).float().mean().item()
+
+
+def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test", image_size=None,
+                        device="auto", batch_size: int = 256) -> dict:
+    """Accuracy of a checkpoint on a split of ``dataset``: a registered name (default: the
+    checkpoint's), ``imagefolder`` (``data_dir`` the folder, ``image_size`` [H, W]) or a
+    ``module:function`` factory. The images are normalised as in training: the checkpoint's own
+    ``normalize`` when it has one (``kdlab.fit``), else the data set's mean and std."""
+    from kdlab.core.checkpoint import check_fits, load_model
+    from kdlab.data import from_factory, load_dataset
+    from kdlab.data.streaming import as_loader
+    from kdlab.train.runtime import resolve_device
+
+    dev = resolve_device(device)
+    model, ck = load_model(path, dev)
+    name = dataset or ck.get("dataset")
+    if not name:
+        raise ValueError(f"{path} names no data set; pass --dataset NAME (or module:function)")
+    if ":" in str(name):
+        splits = from_factory(str(name))
+    else:
+        opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
+        splits = load_dataset(name, None if opts else data_dir, **({k: v for k, v in opts.items() if v}))
+    check_fits(ck, splits.info, str(path))
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    mean, std = splits.info.mean, splits.info.std
+    if "normalize" in ck:
+        mean, std = ck["normalize"] if ck["normalize"] else (None, None)
+    loader = as_loader(getattr(splits, split), batch_size, shuffle=False, seed=0, mean=mean, std=std, device=dev)
+    return {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}

@@ -177,9 +177,9 @@ def kl_to_teacher(s_logits: Tensor, t_logits: Tensor, T: float = 1.0) -> Tensor:
         raise ValueError(f"logit shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
     if not T > 0:
         raise ValueError(f"temperature T must be > 0, got {T}")
-    log_ps = torch.log_softmax(s / T, dim=-1)
-    log_pt = torch.log_softmax(t / T, dim=-1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1).clamp_min(0.0)
+    from kdlab.distill.losses.response import kl_rows
+
+    return kl_rows(s, t, T).clamp_min(0.0)
 
 
 def mean_ci(values, conf: float = 0.95) -> tuple[float, float]:

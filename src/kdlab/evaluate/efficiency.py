@@ -21,6 +21,8 @@ Conventions (fixed, so numbers from different runs compare):
 
 from __future__ import annotations
 
+from kdlab.train.runtime import resolve_device  # noqa: F401  (re-exported for the efficiency API)
+
 import os
 import time
 from typing import Callable, Sequence
@@ -151,16 +153,6 @@ def count_flops(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32),
 
 
 # --------------------------------------------------------------------------- latency
-def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for but no GPU is visible; use --device cpu or auto")
-    return dev
-
-
 def time_callable(fn: Callable[[], object], *, warmup: int = 10, repeats: int = 50,
                   sync: Callable[[], None] | None = None) -> list[float]:
     """Call ``fn()`` ``warmup`` times untimed, then ``repeats`` times; return each time in ms.

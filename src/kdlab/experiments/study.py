@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdlab.core.config import Recipe, TermCfg, load_recipe
-from kdlab.core.io import read_json, write_json
+from kdlab.core.io import write_json
 
 
 def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
@@ -183,68 +183,3 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
                {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
                 "methods": list(methods)})
     return report
-
-
-def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5), seed: int = 0,
-                     batch_size: int = 256, device: str = "cpu", data_dir=None, limit=None,
-                     progress: bool = True, log=print) -> dict:
-    """Robustness of every (method, seed) student of a finished study.
-
-    For each study seed the methods' best checkpoints are evaluated on the same corrupted test
-    images (corruption draws seeded by ``seed``), with CE / mCE relative to the baseline of the
-    same study seed. The study table gains mCA (mean ± sd over seeds), mCE and relative mCE
-    columns, and ``report/robustness_heatmap.png`` shows corruption x method accuracy (mean over
-    severities and seeds).
-    """
-    import numpy as np
-
-    from kdlab.core.checkpoint import load_model
-    from kdlab.data import load_dataset
-    from kdlab.evaluate.robustness import evaluate_robustness, robustness_heatmap
-    from kdlab.report.tables import write_tables
-
-    study_dir = Path(study_dir)
-    table_path = study_dir / "report" / "table.json"
-    if not table_path.is_file():
-        raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = read_json(table_path, "study table")
-    stats, baseline = table["methods"], table["baseline"]
-    methods = [r["method"] for r in stats]
-    seeds = sorted({s for r in stats for s in r["seeds"]})
-    per = {m: {"mCA": [], "mCE": [], "rel_mCE": [], "by_c": [], "clean": []} for m in methods}
-    splits = None
-    for s in seeds:
-        models = {}
-        for m in methods:
-            path = study_dir / m / f"seed{s}" / "best.pt"
-            if path.is_file():
-                models[m], ck = load_model(path, device)
-        if not models:
-            continue
-        if splits is None:
-            d = ck["recipe"]["data"]
-            splits = load_dataset(d["name"], data_dir or d.get("data_dir"), val_fraction=d["val_fraction"])
-        test = splits.test if limit is None else type(splits.test)(splits.test.x[:limit], splits.test.y[:limit])
-        ref = baseline if baseline in models else next(iter(models))
-        log(f"robustness, study seed {s}: {len(models)} methods, reference '{ref}'")
-        res = evaluate_robustness(models, test, splits.info, corruptions, severities, seed=seed,
-                                  batch_size=batch_size, device=device, reference=ref,
-                                  out_dir=study_dir / "report" / "robustness" / f"seed{s}",
-                                  progress=progress)
-        met = res.metrics
-        for m in models:
-            for k in ("mCA", "mCE", "rel_mCE"):
-                per[m][k].append(met[m][k])
-            per[m]["by_c"].append(met[m]["acc_by_corruption"])
-            per[m]["clean"].append(met[m]["clean_acc"])
-    mean = lambda v: float(np.nanmean(v)) if v else float("nan")  # noqa: E731
-    for r in stats:
-        p = per[r["method"]]
-        r["mCA"], r["mCE"], r["rel_mCE"] = mean(p["mCA"]), mean(p["mCE"]), mean(p["rel_mCE"])
-        r["mCA_sd"] = float(np.std(p["mCA"], ddof=1)) if len(p["mCA"]) > 1 else float("nan")
-    heat = {m: {c: mean([bc[c] for bc in per[m]["by_c"]]) for c in per[m]["by_c"][0]}
-            for m in methods if per[m]["by_c"]}
-    robustness_heatmap(heat, study_dir / "report" / "robustness_heatmap.png",
-                       clean={m: mean(per[m]["clean"]) for m in heat},
-                       title=f"accuracy (%) under corruption, mean over severities and {len(seeds)} seeds")
-    return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log)

@@ -21,14 +21,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kdlab.core.checkpoint import load_model
+from kdlab.core.checkpoint import check_fits, load_model
 from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
-from kdlab.data import BatchLoader, load_dataset
+from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
+from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
-from kdlab.models import create_model
+from kdlab.models.adapters import build_model
 from kdlab.train.objective import DistillObjective
 from kdlab.train.runtime import Runtime
 
@@ -52,25 +53,20 @@ class Run:
 
 def load_splits(recipe: Recipe, seed: Optional[int] = None):
     """The recipe's data set as train / val / test splits (seeded by ``train.seed``)."""
+    from kdlab.data import from_factory
+
     d = recipe.data
-    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction,
-                        label_fraction=d.label_fraction, seed=recipe.train.seed if seed is None else seed)
-
-
-def check_pair(num_classes: int, in_channels: int, info, who: str) -> None:
-    """A model fits a data set: same class count and input channels (one line naming the fix)."""
-    if num_classes != info.num_classes:
-        raise ValueError(f"{who} predicts {num_classes} classes but data set '{info.name}' has "
-                         f"{info.num_classes}; use a model trained on the same data set")
-    if in_channels != info.in_channels:
-        raise ValueError(f"{who} takes {in_channels} input channels but '{info.name}' has "
-                         f"{info.in_channels}; use a model trained on the same data set")
+    seed = recipe.train.seed if seed is None else seed
+    if d.factory:
+        return from_factory(d.factory, val_fraction=d.val_fraction, label_fraction=d.label_fraction, seed=seed)
+    return load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction, label_fraction=d.label_fraction,
+                        seed=seed, **d.options())
 
 
 def load_checked(path, info, device, who: str) -> nn.Module:
     """A kdlab model checkpoint, loaded frozen and checked against the data set."""
     model, ck = load_model(path, device)
-    check_pair(ck["num_classes"], ck["in_channels"], info, f"{who} {path}")
+    check_fits(ck, info, f"{who} {path}")
     return model
 
 
@@ -87,7 +83,8 @@ def load_teacher(recipe: Recipe, info, device) -> nn.Module:
 
 def out_features(model: nn.Module, info, device) -> int:
     """The number of outputs of ``model`` on one input of the data set's shape."""
-    x = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+    hw = info.image_size if isinstance(info.image_size, (tuple, list)) else (info.image_size, info.image_size)
+    x = torch.zeros(1, info.in_channels, *hw, device=device)
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -106,14 +103,13 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
     """Train (augmented, sharded under torchrun), val and test loaders of a recipe."""
     d, cfg, info = recipe.data, recipe.train, splits.info
     aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
-    train_loader = BatchLoader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True,
-                               seed=data_seed, augment=aug, mean=info.mean, std=info.std,
-                               device=runtime.device)
+    kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
+    train_loader = as_loader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True, seed=data_seed,
+                             augment=aug, **kw)
     if runtime.dist:
         train_loader = train_loader.shard(runtime.rank, runtime.world_size)
-    kw = dict(shuffle=False, mean=info.mean, std=info.std, device=runtime.device)
-    return (train_loader, BatchLoader(splits.val, cfg.eval_batch_size, **kw),
-            BatchLoader(splits.test, cfg.eval_batch_size, **kw))
+    return (train_loader, as_loader(splits.val, cfg.eval_batch_size, shuffle=False, seed=0, **kw),
+            as_loader(splits.test, cfg.eval_batch_size, shuffle=False, seed=0, **kw))
 
 
 def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
@@ -132,8 +128,8 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     info = splits.info
     seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
     if student is None:
-        student = create_model(recipe.student.model, num_classes=info.num_classes,
-                               in_channels=info.in_channels, **recipe.student.kwargs)
+        sc = recipe.student
+        student = build_model(sc.model, info.num_classes, info.in_channels, sc.kwargs, sc.weights)
         meta = student_meta(recipe, info)
     student = student.to(dev)
     if cfg.channels_last:
@@ -147,7 +143,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
         if teacher is None:
             teacher = load_teacher(recipe, info, dev)
         else:
-            check_pair(out_features(teacher, info, dev), info.in_channels, info, "teacher")
+            check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
             teacher = teacher.to(dev)
     data_seed = derive_seed(cfg.seed, "data")
     if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)
@@ -171,7 +167,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
                                            mode=cfg.teacher_mode, store=store, loader=train_loader,
                                            dataset=data_key, checkpoint=path, device=dev)
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
-                                 meta=meta, n_data=len(splits.train.y), channels_last=cfg.channels_last,
+                                 meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
                                  compile=cfg.compile)
     objective.setup(next(iter(train_loader.epoch(0))))
     runtime.broadcast(student, objective.term_modules)
@@ -215,44 +211,67 @@ def with_data_dir(recipe: Recipe, data_dir: Optional[str]) -> Recipe:
 
 def teacher_finished(ckpt: Path) -> bool:
     """A teacher checkpoint counts as done only when its run finished (``result.json`` beside it),
-    or when it is a lone file (not in a kdlab run folder)."""
+    or when it is a lone file (not in a kdlab run folder). A folder with ``last.pt``,
+    ``metrics.csv`` or ``run.json`` but no ``result.json`` holds an interrupted run, which is
+    resumed rather than used."""
     if not ckpt.is_file():
         return False
     folder = ckpt.parent
-    in_run = (folder / "last.pt").exists() or (folder / "metrics.csv").exists()
+    in_run = any((folder / f).exists() for f in ("last.pt", "metrics.csv", "run.json"))
     return not in_run or (folder / "result.json").is_file()
+
+
+def _why_train(ckpt: Path) -> str:
+    """Why the teacher at ``ckpt`` is (re)trained, in words (paths absolute)."""
+    if ckpt.exists() or (ckpt.parent / "last.pt").exists():
+        return f"its run in {ckpt.parent.resolve()} is unfinished (resuming it)"
+    return (f"{ckpt.resolve()} does not exist (run paths are relative to the current folder "
+            f"{Path.cwd()})")
+
+
+def _checkpoint_path(value, key: str) -> Path:
+    """A teacher checkpoint path from the recipe: a file path, not a folder."""
+    ckpt = Path(value)
+    if ckpt.is_dir():
+        raise ValueError(f"{key} {ckpt} is a folder; give the checkpoint file (e.g. {ckpt / 'best.pt'})")
+    if ckpt.parent.exists() and not ckpt.parent.is_dir():
+        raise ValueError(f"{key} {ckpt} lies below the file {ckpt.parent}; give a checkpoint path in a folder")
+    return ckpt
 
 
 def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
     """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
-    unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise. Returns the
-    teacher checkpoint, or None when the recipe's loss needs no teacher."""
+    unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
+    which teacher is trained, where, and why. Returns the teacher checkpoint, or None when the
+    recipe's loss needs no teacher (a CE-only recipe trains none)."""
     from kdlab.core.config import load_recipe
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params
         for ck, rref in zip(p.get("checkpoints") or [], p.get("recipes") or []):
-            if teacher_finished(Path(ck)):
+            ck = _checkpoint_path(ck, "mtkd checkpoint")
+            if teacher_finished(ck):
                 continue
             r = with_data_dir(load_recipe(rref), data_dir)
-            log(f"training extra teacher {r.name} -> {Path(ck).parent} (checkpoint {ck} missing or unfinished)")
-            train(r, Path(ck).parent, progress=progress, method="teacher")
+            log(f"training extra teacher {r.name} into {ck.parent.resolve()}, because {_why_train(ck)}")
+            train(r, ck.parent, progress=progress, method="teacher")
     tc = recipe.teacher
     if tc is None or not recipe.needs_teacher():
         return None
-    ckpt = Path(tc.checkpoint) if tc.checkpoint else None
-    if ckpt is not None and ckpt.is_dir():
-        raise ValueError(f"teacher.checkpoint {ckpt} is a folder; give the checkpoint file (e.g. {ckpt}/best.pt)")
+    ckpt = _checkpoint_path(tc.checkpoint, "teacher.checkpoint") if tc.checkpoint else None
     if ckpt is not None and teacher_finished(ckpt):
         return str(ckpt)
     if not tc.recipe:
+        if ckpt is not None and ckpt.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {ckpt} belongs to an unfinished run and the recipe "
+                                    f"names no teacher.recipe to finish it; set teacher.recipe or finish it "
+                                    f"with `kdlab train-teacher <recipe> --out {ckpt.parent}`")
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
                                 f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
-    why = "its run is unfinished" if ckpt.exists() or (ckpt.parent / "last.pt").exists() else "is missing"
-    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) -> {ckpt.parent}, because "
-        f"checkpoint {ckpt} {why}")
+    log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) into {ckpt.parent.resolve()}, "
+        f"because {_why_train(ckpt)}")
     res = train(t_recipe, ckpt.parent, progress=progress, method="teacher")
     if ckpt.name != "best.pt":
         shutil.copyfile(ckpt.parent / "best.pt", ckpt)

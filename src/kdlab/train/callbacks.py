@@ -48,3 +48,85 @@ class ReapplyMasks(Callback):
 
     def on_step_end(self, trainer, ctx) -> None:
         self.apply(self.model, self.masks)
+
+
+def format_row(row: dict, epochs: int) -> str:
+    """One readable line for an epoch's metrics row."""
+    parts = [f"epoch {int(row['epoch'])}/{epochs}"]
+    skip = {"epoch", "train_time_s", "images_per_s", "lr"}
+    for k, v in row.items():
+        if k not in skip and isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.4g}")
+    parts.append(f"lr {row.get('lr', float('nan')):.3g}")
+    parts.append(f"{row.get('images_per_s', float('nan')):.0f} img/s")
+    parts.append(f"{row.get('train_time_s', float('nan')):.1f}s")
+    return "  ".join(parts)
+
+
+class LogFile(Callback):
+    """Appends a line per epoch (and the start and the result) to ``<run>/train.log``."""
+
+    def _write(self, trainer, line: str) -> None:
+        if trainer.runtime.is_main:
+            import time
+
+            with open(trainer.run_dir / "train.log", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    def on_fit_start(self, trainer) -> None:
+        self._write(trainer, f"start {trainer.method} seed {trainer.seed}: epoch {trainer.state.epoch} of "
+                             f"{trainer.cfg.epochs} done; device {trainer.runtime.device}")
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        self._write(trainer, format_row(row, trainer.cfg.epochs))
+
+    def on_fit_end(self, trainer, result: dict) -> None:
+        keys = [k for k in result if k.startswith(("val_", "test_"))] + ["best_epoch", "epochs_run"]
+        self._write(trainer, "finished: " + "  ".join(f"{k} {result[k]}" for k in keys if k in result))
+
+
+class ConsoleLines(Callback):
+    """Prints one line per epoch to stderr (the console output when it is not a terminal)."""
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        if trainer.runtime.is_main:
+            import sys
+
+            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs),
+                  file=sys.stderr, flush=True)
+
+
+class TensorBoard(Callback):
+    """Writes every metric of every epoch (loss terms, accuracies, lr, images/s) as TensorBoard
+    scalars under ``<run>/tb`` (needs the ``tensorboard`` package)."""
+
+    def __init__(self):
+        self.writer = None
+
+    def on_fit_start(self, trainer) -> None:
+        if not trainer.runtime.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("train.log_to includes tensorboard but the tensorboard package is missing: "
+                              "pip install tensorboard (or kdlab[tensorboard])") from None
+        self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                group = "val" if "val_" in k else ("speed" if k in ("images_per_s", "train_time_s") else "train")
+                self.writer.add_scalar(f"{group}/{k}", v, step)
+        self.writer.flush()
+
+    def on_fit_end(self, trainer, result: dict) -> None:
+        if self.writer is not None:
+            for k, v in result.items():
+                if k.startswith("test_") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"test/{k}", v, 0)
+            self.writer.close()
+            self.writer = None

@@ -94,6 +94,10 @@ class DistillObjective:
         self.n_data = int(n_data)
         self.channels_last = channels_last
         self.forward_model = torch.compile(student) if compile else student
+        self.ddp = False
+        if runtime.dist:  # DistributedDataParallel syncs the student's gradients in backward
+            self.forward_model = runtime.wrap_ddp(self.forward_model)
+            self.ddp = True
         self.s_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.student_layers()))
         needs = any(t.needs_teacher for _, _, t in self.terms)
         if needs and teacher is None:
@@ -108,6 +112,10 @@ class DistillObjective:
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.student, self.term_modules]
+
+    def manual_sync_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients the runtime all-reduces itself (DDP does the student's)."""
+        return list(self.term_modules.parameters()) if self.ddp else self.parameters()
 
     def checkpoint_meta(self, name: str) -> dict:
         return dict(self.meta)

@@ -160,10 +160,13 @@ def sync_epoch(models, n_seen, sums: dict, device) -> tuple[float, dict]:
     return vec[0].item(), {k: vec[1 + i] for i, k in enumerate(keys)}
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one is an error."""
-    if spec == "auto":
+def resolve_device(spec="auto") -> torch.device:
+    """``auto`` (or None) is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one
+    is an error. The one device resolver of kdlab (recipes and commands alike)."""
+    if spec is None or str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(spec, torch.device):
+        spec = str(spec)
     if str(spec).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
     return torch.device(spec)
@@ -220,15 +223,28 @@ class Runtime:
         if self.dist:
             broadcast_modules(*modules)
 
+    def wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """``module`` in ``torch.nn.parallel.DistributedDataParallel`` (gloo on CPU, nccl on GPU).
+        BatchNorm buffers are not broadcast each step: :meth:`sync_epoch` averages them per epoch."""
+        if not self.dist:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, opt, params, *, grad_clip: Optional[float] = None, weight: Optional[float] = None) -> None:
-        """All-reduce the gradients (weighted by this rank's ``weight``), clip their global norm to
-        ``grad_clip``, and step ``opt`` (through the grad scaler)."""
+    def step(self, opt, params, *, grad_clip: Optional[float] = None, weight: Optional[float] = None,
+             sync=None) -> None:
+        """All-reduce the gradients of ``sync`` (default ``params``; DDP-wrapped modules are synced
+        in backward already) weighted by this rank's ``weight``, clip the global norm of ``params``
+        to ``grad_clip`` (after the all-reduce), and step ``opt`` (through the grad scaler)."""
         params = list(params)
         if self.dist:
-            all_reduce_params(params, weight=weight)
+            all_reduce_params(list(params if sync is None else sync), weight=weight)
         if grad_clip:
             self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(params, grad_clip)

@@ -14,8 +14,24 @@ A run is a pure function of (objective, data, seed): every epoch starts from
 (seed, epoch), so a resumed run finishes with exactly the weights of an uninterrupted one.
 
 Run folder: ``best.pt`` (primary model; other models ``<name>/best.pt``), ``last.pt`` (everything
-needed to resume), ``metrics.csv`` (one row per epoch), ``run.json`` (identity, versions, threads),
-``result.json`` (written last: its presence means the run finished).
+needed to resume, including a copy of every model's best checkpoint), ``metrics.csv`` (one row per
+epoch), ``run.json`` (identity, versions, threads), ``result.json`` (written last: its presence
+means the run finished), ``.kdlab.lock`` (see :mod:`kdlab.core.lock`).
+
+Reliability rules (issue 11):
+
+* one process per run folder: :meth:`Trainer.fit` holds the folder's :class:`RunLock`, and a second
+  process is refused at once;
+* a killed writer's temporary files (``*.pt.<random>.tmp``) are removed when the next run starts;
+* a run counts as finished only when ``result.json``, ``run.json``, ``metrics.csv`` and every
+  ``best.pt`` are present and readable and agree (same recipe, as many metric rows as epochs run).
+  A *missing* ``best.pt`` or ``metrics.csv`` is rebuilt from ``last.pt`` (with a note); a
+  *corrupt* file is refused with one line naming it and the fix, which works as written;
+* a non-finite training or validation loss stops the run (the last good epoch is kept);
+* ``run.json`` / ``result.json`` record ``threads``; resuming (or reusing) a run trained with
+  another thread count prints a warning, since the same seed then gives slightly different
+  numbers; ``train.deterministic: true`` fixes the thread count (``train.threads``, default 1)
+  and turns on ``torch.use_deterministic_algorithms``.
 """
 
 from __future__ import annotations
@@ -29,16 +45,74 @@ from typing import Optional, Sequence
 
 import torch
 
-from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
-from kdlab.core.io import read_json, write_csv, write_json
+from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_checkpoint
+from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, read_csv, read_json, write_csv, write_json
+from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
-from kdlab.train.callbacks import Callback, StopTraining
+from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, StopTraining, TensorBoard
 from kdlab.train.objective import StepContext
 from kdlab.train.runtime import Runtime
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+def note(msg: str) -> None:
+    """A one-line notice on stderr (``kdlab: note: ...``)."""
+    print(f"kdlab: {msg}", file=sys.stderr)
+
+
+def thread_warning(run_dir, recorded, current: Optional[int] = None) -> Optional[str]:
+    """The warning for a run trained with ``recorded`` threads now used with ``current``
+    (default: ``torch.get_num_threads()``), or None when they agree or nothing was recorded."""
+    current = torch.get_num_threads() if current is None else current
+    if recorded is None or int(recorded) == int(current):
+        return None
+    return (f"warning: {run_dir} was trained with {recorded} thread(s), this process uses {current}; "
+            f"the same seed gives slightly different numbers at another thread count "
+            f"(set train.deterministic: true to fix it)")
+
+
+def mixed_threads(results: Sequence[dict]) -> Optional[str]:
+    """A warning when the compared ``results`` (result.json dicts) were trained with different
+    thread counts, or None. For study and comparison tables."""
+    counts = sorted({int(r["threads"]) for r in results if r.get("threads") is not None})
+    if len(counts) <= 1:
+        return None
+    return (f"warning: the compared runs used different thread counts ({', '.join(map(str, counts))}); "
+            f"their numbers differ slightly for that reason alone (train.deterministic: true fixes it)")
+
+
+class Determinism:
+    """``train.deterministic`` / ``train.threads`` for the duration of a run: fixes the intra-op
+    thread count (``threads``, default 1 when deterministic) and turns on
+    ``torch.use_deterministic_algorithms`` (and deterministic cuDNN); the previous settings are
+    restored on exit."""
+
+    def __init__(self, cfg):
+        self.on = bool(getattr(cfg, "deterministic", False))
+        threads = getattr(cfg, "threads", None)
+        self.threads = threads if threads is not None else (1 if self.on else None)
+
+    def __enter__(self):
+        self.prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+        if self.on:
+            import os
+
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        return self
+
+    def __exit__(self, *exc):
+        threads, algos, cudnn_det, bench = self.prev
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algos)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, bench
 
 
 @dataclass
@@ -94,6 +168,22 @@ def _batch_weight(batch, logs: dict) -> float:
     return float(first.shape[0]) if hasattr(first, "shape") else 1.0
 
 
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _global_count(loader, step: int, b: float, world: int) -> float:
+    """Samples in global batch ``step`` of a sharded loader (every rank's share together)."""
+    n, g = getattr(loader, "dataset_size", None), getattr(loader, "global_batch_size", None)
+    if n is None or g is None:
+        return b * world
+    return float(min(g, n - step * g))
+
+
 def _score(metrics: dict, monitor: tuple[str, str]) -> float:
     key, mode = monitor
     v = float(metrics[key])
@@ -127,7 +217,12 @@ class Trainer:
         self.seed = cfg.seed
         self.run_dir = Path(run_dir)
         self.runtime = runtime or Runtime.from_cfg(cfg)
-        self.callbacks = list(callbacks)
+        self.callbacks = [LogFile()] + list(callbacks)
+        if "tensorboard" in getattr(cfg, "log_to", ()):
+            self.callbacks.append(TensorBoard())
+        self.tty = sys.stderr.isatty()
+        if progress and not self.tty:  # piped: one plain line per epoch instead of a bar
+            self.callbacks.append(ConsoleLines())
         self.identity = identity
         self.method = method
         self.progress = progress
@@ -139,6 +234,7 @@ class Trainer:
         self.sched = build_scheduler(self.opt, cfg)
         self.state = RunState()
         self.should_stop = False
+        self.best_ck: dict = {}  # model name -> its best checkpoint dict (also kept in last.pt)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def best_path(self, name: str) -> Path:
@@ -151,6 +247,7 @@ class Trainer:
         model = self.objective.models()[name]
         ck = model_checkpoint(model, **self.objective.checkpoint_meta(name), epoch=epoch, val=val,
                               **self._extra())
+        self.best_ck[name] = ck
         atomic_save(ck, self.best_path(name))
 
     def save_last(self) -> None:
@@ -160,14 +257,14 @@ class Trainer:
             "objective": obj.state_dict() if hasattr(obj, "state_dict") else {},
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.runtime.scaler.state_dict(), "state": vars(self.state).copy(),
-            "model": {}, **self._extra(),
+            "best": self.best_ck, "model": {}, **self._extra(),
         }, self.run_dir / "last.pt")
 
     def try_resume(self) -> bool:
         path = self.run_dir / "last.pt"
         if not path.exists():
             return False
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, fix="delete it and re-run to train the run again from epoch 1")
         if ck.get("recipe") != self.identity:
             raise ValueError(f"{self.run_dir} holds a run of a different recipe; "
                              f"use another output folder or delete it to start over")
@@ -181,6 +278,7 @@ class Trainer:
         self.sched.load_state_dict(ck["sched"])
         self.runtime.scaler.load_state_dict(ck["scaler"])
         self.state = RunState(**ck["state"])
+        self.best_ck = dict(ck.get("best") or {})
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------
@@ -199,9 +297,16 @@ class Trainer:
             ctx = StepContext(epoch=epoch, step=step, runtime=rt)
             loss, logs = obj.step(batch, ctx)
             b = _batch_weight(batch, logs)
+            weight = b
+            if getattr(obj, "ddp", False):
+                # DDP averages the ranks' gradients equally; scaling each rank's mean loss by its share
+                # of the global batch makes that the gradient of the mean over the global batch
+                loss = loss * (b * rt.world_size / _global_count(self.train_loader, step, b, rt.world_size))
+                weight = None  # the manually synced parameters saw the same scaling: plain average
             rt.backward(loss / accum if accum > 1 else loss)
             if (step + 1) % accum == 0 or step + 1 == steps:
-                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
+                sync = obj.manual_sync_parameters() if hasattr(obj, "manual_sync_parameters") else None
+                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=weight, sync=sync)
                 self.opt.zero_grad(set_to_none=True)
                 self.state.step += 1
             n_seen += b
@@ -230,27 +335,123 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, *, resume: bool = True, stop_after: Optional[int] = None) -> dict:
         """Train to the end (or early stop) and return the result dict (also ``result.json``).
+        A finished run is verified and returned as is (``resume=False``: trained again).
         ``stop_after``: stop after that many completed epochs, as if interrupted (tests)."""
+        check_out_dir(self.run_dir, "run folder")
+        lock = RunLock(self.run_dir) if self.runtime.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with Determinism(self.cfg):
+                if lock is not None:
+                    clean_tmp(self.run_dir)
+                return self._fit(resume, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # -- a finished run ----------------------------------------------------------------------------
+    def _rebuild(self, name: str, what: str) -> bool:
+        """Write model ``name``'s ``best.pt`` from the copy in ``last.pt`` (False when none)."""
+        if name not in self.best_ck:
+            last = self.run_dir / "last.pt"
+            if not last.is_file():
+                return False
+            ck = load_checkpoint(last, fix="delete the run folder and re-run to train it again")
+            self.best_ck = dict(ck.get("best") or {})
+            if name not in self.best_ck:
+                return False
+        if self.runtime.is_main:
+            atomic_save(self.best_ck[name], self.best_path(name))
+            note(f"note: {self.best_path(name)} was {what}; rebuilt it from last.pt")
+        return True
+
+    def finished_result(self) -> dict:
+        """The result of the finished run in ``run_dir``, after checking that every file of it is
+        present, readable and consistent; one line naming the file and the fix otherwise."""
+        d = self.run_dir
+        again = f"delete the folder {d} and re-run to train it again (same seed, same numbers)"
+        result = read_json(d / "result.json", "run result")
+        if not isinstance(result, dict):
+            raise RunFileError(f"run result {d / 'result.json'} is not a result; delete it and re-run "
+                               f"(it is recomputed from last.pt)")
+        ran = d / "run.json"
+        recorded = None
+        if ran.exists():
+            rec = read_json(ran, "run record")
+            if not isinstance(rec, dict):
+                raise RunFileError(f"run record {ran} is corrupt; delete it and re-run")
+            if rec.get("recipe") != self.identity:
+                raise ValueError(f"{d} holds a finished run of a different recipe; "
+                                 f"use another output folder or delete it to re-run")
+            recorded = rec.get("threads")
+        for n in self.names:
+            path = self.best_path(n)
+            if not path.exists() and not self._rebuild(n, "missing"):
+                raise RunFileError(f"{path} of the finished run is missing and {d / 'last.pt'} holds no "
+                                   f"copy of it; {again}")
+            ck = load_checkpoint(path, fix=("delete it and re-run (it is rebuilt from last.pt)"
+                                            if (d / "last.pt").is_file() else again))
+            if ck.get("recipe", self.identity) != self.identity:
+                raise ValueError(f"{path} belongs to a run of a different recipe; use another output "
+                                 f"folder or delete it to re-run")
+        self._check_metrics(int(result.get("epochs_run", -1)), again)
+        if not ran.exists() and self.runtime.is_main:  # the run is otherwise complete
+            write_json(ran, {**run_record(self.identity, self.seed, self.method, self.runtime),
+                             "threads": result.get("threads"), "rebuilt": True})
+        warn = thread_warning(d, recorded if recorded is not None else result.get("threads"))
+        if warn and self.runtime.is_main:
+            note(warn)
+        return result
+
+    def _check_metrics(self, epochs_run: int, again: str) -> None:
+        """``metrics.csv`` has one row per epoch run (rebuilt from last.pt when missing)."""
+        path = self.run_dir / "metrics.csv"
+        if not path.exists():
+            last = self.run_dir / "last.pt"
+            if last.is_file():
+                ck = load_checkpoint(last, fix=f"delete it and re-run (the result is kept)")
+                hist = (ck.get("state") or {}).get("history")
+                if hist and len(hist) == epochs_run:
+                    if self.runtime.is_main:
+                        write_csv(path, hist)
+                        note(f"note: {path} was missing; rebuilt it from last.pt")
+                    return
+            raise RunFileError(f"{path} of the finished run is missing; {again}")
+        rows = read_csv(path)
+        ok = len(rows) == epochs_run and all(
+            r.get("epoch") == str(i + 1) and "train_time_s" in r and None not in r
+            and all(_is_number(v) for v in r.values()) for i, r in enumerate(rows))
+        if not ok:
+            fix = ("delete it and re-run (it is rebuilt from last.pt)" if (self.run_dir / "last.pt").is_file()
+                   else again)
+            raise RunFileError(f"metrics file {path} is corrupt (expected {epochs_run} epoch rows); {fix}")
+
+    def _fit(self, resume: bool, stop_after: Optional[int]) -> dict:
         rt, cfg, st = self.runtime, self.cfg, None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         done = self.run_dir / "result.json"
         if resume and done.exists():
-            ran = self.run_dir / "run.json"
-            if ran.exists() and read_json(ran, "run record").get("recipe") != self.identity:
-                raise ValueError(f"{self.run_dir} holds a finished run of a different recipe; "
-                                 f"use another output folder or delete it to re-run")
-            return read_json(done, "run result")
+            return self.finished_result()
+        recorded = None
         if resume:
-            self.try_resume()
-        elif (self.run_dir / "last.pt").exists():
-            (self.run_dir / "last.pt").unlink()
+            if self.try_resume() and (self.run_dir / "run.json").exists():
+                try:
+                    recorded = read_json(self.run_dir / "run.json", "run record").get("threads")
+                except (RunFileError, AttributeError):
+                    recorded = None  # rewritten below
+        elif rt.is_main:  # start over: the old result and resume state no longer apply
+            for f in ("result.json", "last.pt"):
+                (self.run_dir / f).unlink(missing_ok=True)
+        warn = thread_warning(self.run_dir, recorded)
+        if warn and rt.is_main:
+            note(warn)
         if rt.is_main:
             write_json(self.run_dir / "run.json", run_record(self.identity, self.seed, self.method, rt))
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state
         bar = None
-        if self.progress and rt.is_main:
+        if self.progress and rt.is_main and self.tty:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.epochs, initial=st.epoch, desc=f"{self.method} s{self.seed}",
                        leave=False, dynamic_ncols=True)
@@ -320,7 +521,13 @@ class Trainer:
         rt.barrier()  # rank 0 wrote best.pt
         per_model = {}
         for n, model in obj.models().items():
-            best = load_checkpoint(self.best_path(n))
+            path = self.best_path(n)
+            if not path.exists() and not self._rebuild(n, "missing"):
+                raise RunFileError(f"{path} is missing and last.pt holds no copy of it; delete the folder "
+                                   f"{self.run_dir} and re-run to train it again")
+            fix = ("delete it and re-run (it is rebuilt from last.pt)" if n in self.best_ck else
+                   f"delete the folder {self.run_dir} and re-run to train it again")
+            best = load_checkpoint(path, fix=fix)
             model.load_state_dict(best["model"])
             test = obj.evaluate(n, self.test_loader) if self.test_loader is not None else {}
             val = obj.evaluate(n, self.val_loader) if self.val_loader is not None else {}
@@ -332,7 +539,8 @@ class Trainer:
                   "epochs_run": st.epoch, "stopped_early": stopped_early,
                   "train_time_s": st.train_time_s,
                   "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
-                  "threads": torch.get_num_threads(), **self.info}
+                  "threads": torch.get_num_threads(),
+                  "deterministic": torch.are_deterministic_algorithms_enabled(), **self.info}
         if len(per_model) > 1:
             result["models"] = per_model
         if rt.is_main:
@@ -340,15 +548,34 @@ class Trainer:
         return result
 
 
+def git_commit() -> Optional[str]:
+    """The git commit of kdlab's source tree, when it is a checkout (else None)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def run_record(identity, seed, method, runtime) -> dict:
-    """``run.json``: what ran, with what, where."""
+    """``run.json``: what ran, with what, where (versions, threads, git commit, teacher hash)."""
     import platform
 
     import numpy
 
-    from kdlab import __version__
+    from kdlab.version import __version__
+    from kdlab.core.checkpoint import file_hash
 
+    teacher_hash = None
+    t = identity.get("teacher") if isinstance(identity, dict) else None
+    ck = t.get("checkpoint") if isinstance(t, dict) else None
+    if ck and Path(ck).is_file():
+        teacher_hash = file_hash(ck)
     return {"recipe": identity, "seed": seed, "method": method, "command": " ".join(sys.argv),
-            "kdlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "device": str(runtime.device), "threads": torch.get_num_threads(),
-            "world_size": runtime.world_size}
+            "kdlab": __version__, "git_commit": git_commit(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "device": str(runtime.device),
+            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "world_size": runtime.world_size, "teacher_checkpoint_sha256": teacher_hash}

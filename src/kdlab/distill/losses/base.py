@@ -97,6 +97,9 @@ def layer_pairs(layers: Any, who: str) -> list[tuple[str, str]]:
         raise ValueError(f"'{who}' needs 'layers': a layer name or [student_layer, teacher_layer] pairs")
     if isinstance(layers, str):
         return [(layers, layers)]
+    if not isinstance(layers, (list, tuple)):
+        raise ValueError(f"'{who}': layers must be a layer name or a list of names / [student, teacher] "
+                         f"pairs (e.g. layers: [[stage2, layer2]]), got {layers!r}")
     out = []
     for item in layers:
         if isinstance(item, str):

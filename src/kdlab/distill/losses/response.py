@@ -8,15 +8,20 @@ import torch.nn.functional as F
 from kdlab.distill.losses.base import BatchRecord, LossTerm, register_loss
 
 
+def kl_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Per row: ``KL(p_t ‖ p_s) = Σ_k p_t,k (log p_t,k − log p_s,k)`` with ``p = softmax(logits/T)``
+    over the last dimension (no T² factor). The one implementation of the logit KL in kdlab."""
+    log_p_s = F.log_softmax(s_logits / T, dim=-1)
+    log_p_t = F.log_softmax(t_logits / T, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+
+
 def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:
     """Hinton et al. (2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over the batch.
 
     The T² factor keeps the gradient scale of the soft term independent of the temperature.
     """
-    log_p_s = F.log_softmax(s_logits / T, dim=1)
-    log_p_t = F.log_softmax(t_logits / T, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
-    return kl.mean() * (T * T)
+    return kl_rows(s_logits, t_logits, T).mean() * (T * T)
 
 
 @register_loss("ce", "cross-entropy on the labels", "")

@@ -137,3 +137,33 @@ def list_paradigm_recipes(dataset: Optional[str] = None) -> list[str]:
         return []
     names = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in PARADIGMS_DIR.rglob("*.yaml"))
     return [n for n in names if dataset is None or n.startswith(f"paradigms/{dataset}/")]
+
+
+def paradigm_spec(first: str, ref: Optional[str] = None, overrides: Optional[list[str]] = None,
+                  seed: Optional[int] = None) -> ParadigmSpec:
+    """The spec of ``kdlab paradigm NAME RECIPE`` (a normal recipe plus ``--set paradigm.X=v``
+    settings) or ``kdlab paradigm PARADIGM_RECIPE``; ``seed`` overrides ``train.seed``."""
+    from kdlab.core.config import load_recipe
+
+    ov = list(overrides or [])
+    if first not in PARADIGMS:  # the first argument is a paradigm recipe
+        if ref is not None:
+            raise ValueError(f"unknown paradigm '{first}' (one of: {', '.join(PARADIGMS.names())})")
+        first, ref = None, first
+    if ref is None:
+        raise ValueError(f"name a recipe: kdlab paradigm {first} RECIPE (or a paradigm recipe, "
+                         f"e.g. kdlab paradigm paradigms/digits/{first})")
+    if is_paradigm_file(ref):
+        spec = load_paradigm(ref, ov)
+        if first is not None and first != spec.name:
+            raise ValueError(f"{ref} is a '{spec.name}' paradigm recipe, not '{first}'")
+    else:
+        if first is None:
+            raise ValueError(f"'{ref}' is not a paradigm recipe (no 'paradigm:' section); "
+                             f"use kdlab paradigm NAME {ref}")
+        par = apply_overrides({"paradigm": {}}, [o for o in ov if o.startswith("paradigm.")])["paradigm"]
+        spec = ParadigmSpec(first, check_params(first, par, "--set paradigm"),
+                            load_recipe(ref, [o for o in ov if not o.startswith("paradigm.")]), str(ref))
+    if seed is not None:
+        spec.recipe = spec.recipe.with_seed(seed)
+    return spec

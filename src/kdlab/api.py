@@ -1,0 +1,159 @@
+"""The Python entry points: distil any ``nn.Module`` on any data, or run a recipe.
+
+    import kdlab
+    result = kdlab.fit(student, teacher, train_data=train_ds, val_data=val_ds, test_data=test_ds,
+                       loss=[{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4}],
+                       train={"epochs": 10, "optimizer": "adamw", "lr": 1e-3}, run_dir="runs/mine")
+
+Nothing is registered globally, so calling it twice in a notebook is safe. The result dict has the
+keys of ``result.json`` (``val_acc``, ``test_acc``, ``best_epoch``, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+DEFAULT_KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
+
+
+def _first_batch_shape(loader) -> tuple:
+    x, _, _ = next(iter(loader.epoch(0)))
+    return tuple(x.shape[1:])
+
+
+def _model(m, num_classes, in_channels, what: str):
+    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import adapt_outputs, build_model
+
+    if isinstance(m, nn.Module):
+        return adapt_outputs(m), None
+    if isinstance(m, (str, Path)) and str(m).endswith((".pt", ".pth")) and Path(m).is_file():
+        model, ck = load_model(m)
+        return adapt_outputs(model), {"model_name": ck["model_name"], "model_kwargs": ck.get("model_kwargs", {})}
+    if isinstance(m, str):
+        if num_classes is None:
+            raise ValueError(f"{what} '{m}' is built by name: give num_classes=N (or data with a .classes list)")
+        return build_model(m, num_classes, in_channels), {"model_name": m, "model_kwargs": {}}
+    raise ValueError(f"{what} must be an nn.Module, a model name or a checkpoint path, got {type(m).__name__}")
+
+
+def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = None, *, train_data,
+        val_data=None, test_data=None, loss: Optional[Sequence[dict]] = None, train: Optional[dict] = None,
+        mask: Optional[dict] = None, augment: Optional[dict] = None, normalize: Optional[tuple] = None,
+        run_dir: Union[str, Path] = "runs/fit", num_classes: Optional[int] = None, num_workers: int = 0,
+        progress: bool = True, resume: bool = True, callbacks=(), method: str = "fit") -> dict:
+    """Distil ``teacher`` into ``student`` (or train ``student`` alone) and return the result dict.
+
+    Args:
+        student, teacher: ``nn.Module`` objects (outputs may be tensors, tuples, dicts or HF
+            ``ModelOutput``), model specs (``resnet18``, ``timm:...``, ``module:function``), or
+            kdlab checkpoint paths (teacher).
+        train_data, val_data, test_data: ``Dataset`` (streamed), ``DataLoader`` (used as is),
+            ``TensorSet`` or an ``(x, y)`` tensor pair. Images are float ``[C, H, W]`` in [0, 1]
+            (any size, any channels), labels ints. ``val_data`` selects the best epoch.
+        loss: weighted terms as in a recipe (default: CE alone, or 0.1·CE + 0.9·KD(T=4) with a
+            teacher). See ``kdlab losses``.
+        train: the recipe's ``train`` section (epochs, batch_size, optimizer, lr, schedule, ...).
+        mask: the recipe's ``mask`` section (masked terms).
+        augment: ``{"crop_pad": p, "flip": bool}`` batched augmentation on tensors.
+        normalize: ``(mean, std)`` per channel, applied after augmentation (None: as given).
+        run_dir: the run folder (checkpoints, metrics, result.json; resumes when re-run).
+    """
+    from kdlab.core.checkpoint import atomic_save, load_checkpoint
+    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg
+    from kdlab.core.seeding import derive_seed, seed_everything
+    from kdlab.data.augment import AugmentSpec
+    from kdlab.data.streaming import as_loader
+    from kdlab.distill.losses import build_terms
+    from kdlab.distill.teachers import build_teacher_source
+    from kdlab.models.adapters import export_program
+    from kdlab.train.objective import DistillObjective
+    from kdlab.train.runtime import Runtime
+    from kdlab.train.trainer import Trainer
+
+    cfg = TrainCfg(**(train or {}))
+    runtime = Runtime.from_cfg(cfg)
+    mean, std = normalize if normalize is not None else (None, None)
+    aug = AugmentSpec(**augment) if augment else None
+    kw = dict(seed=derive_seed(cfg.seed, "data"), mean=mean, std=std, device=runtime.device,
+              num_workers=num_workers)
+    train_loader = as_loader(train_data, runtime.local_batch(cfg.batch_size), shuffle=True, augment=aug, **kw)
+    if runtime.dist:
+        train_loader = train_loader.shard(runtime.rank, runtime.world_size)
+    val_loader = as_loader(val_data, cfg.eval_batch_size, shuffle=False, **kw) if val_data is not None else None
+    test_loader = as_loader(test_data, cfg.eval_batch_size, shuffle=False, **kw) if test_data is not None else None
+    shape = _first_batch_shape(train_loader)
+    if num_classes is None:
+        ds = getattr(train_data, "dataset", train_data)
+        num_classes = len(ds.classes) if hasattr(ds, "classes") else None
+    seed_everything(derive_seed(cfg.seed, "init"))
+    s_model, s_spec = _model(student, num_classes, shape[0], "student")
+    s_model = s_model.to(runtime.device)
+    t_model = None
+    if teacher is not None:
+        t_model, _ = _model(teacher, num_classes, shape[0], "teacher")
+        t_model = t_model.to(runtime.device)
+    terms_cfg = [TermCfg.model_validate(t) for t in (loss or (DEFAULT_KD if teacher is not None else [{"term": "ce"}]))]
+    terms = build_terms(terms_cfg)
+    needs = any(t.needs_teacher for _, _, t in terms)
+    if needs and t_model is None:
+        raise ValueError("these loss terms need a teacher: pass teacher=... to kdlab.fit")
+    mask_cfg = MaskCfg(**mask) if mask else None
+    if any(t.needs_masks for _, _, t in terms) and mask_cfg is None:
+        raise ValueError("a masked loss term needs mask={...} (e.g. mask={'method': 'grad'})")
+    uniq = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
+    source = None
+    if needs:
+        source = build_teacher_source(t_model, mode="live", layers=uniq(l for _, _, t in terms for l in t.teacher_layers()),
+                                      mask_layers=uniq(l for _, _, t in terms for l in t.mask_layers()), mask_cfg=mask_cfg)
+    with torch.no_grad():
+        was = s_model.training
+        s_model.eval()
+        n_out = s_model(torch.zeros(1, *shape, device=runtime.device)).shape[1]
+        s_model.train(was)
+    meta = {"model_name": s_spec["model_name"] if s_spec else None,
+            "model_kwargs": s_spec["model_kwargs"] if s_spec else {},
+            "num_classes": int(n_out), "in_channels": int(shape[0]), "input_shape": list(shape),
+            "dataset": type(getattr(train_data, "dataset", train_data)).__name__,
+            "normalize": [list(mean), list(std)] if mean is not None else None}
+    objective = DistillObjective(s_model, terms, runtime=runtime, teacher=source, meta=meta,
+                                 n_data=getattr(train_loader, "dataset_size", 0), channels_last=cfg.channels_last,
+                                 compile=cfg.compile)
+    objective.setup(next(iter(train_loader.epoch(0))))
+    runtime.broadcast(s_model, objective.term_modules)
+    identity = {"api": "fit", "student": s_spec or type(s_model).__qualname__,
+                "teacher": None if teacher is None else (teacher if isinstance(teacher, str) else type(t_model).__qualname__),
+                "loss": [t.model_dump() for t in terms_cfg], "train": cfg.model_dump(mode="json"),
+                "mask": mask_cfg.model_dump() if mask_cfg else None, "augment": augment, "normalize": meta["normalize"],
+                "input_shape": list(shape)}
+    trainer = Trainer(objective, train_loader, val_loader, test_loader, cfg, run_dir, runtime=runtime,
+                      callbacks=callbacks, identity=identity, method=method, progress=progress,
+                      info={"model": meta["model_name"] or type(s_model).__qualname__})
+    result = trainer.fit(resume=resume)
+    best = Path(run_dir) / "best.pt"
+    if s_spec is None and runtime.is_main and best.is_file():  # rebuildable without the user's code
+        ck = load_checkpoint(best)
+        if ck.get("program") is None:
+            ck["program"] = export_program(s_model, torch.zeros(2, *shape))
+            atomic_save(ck, best)
+    return result
+
+
+def fit_recipe(recipe, run_dir: Union[str, Path, None] = None, *, overrides: Sequence[str] = (),
+               progress: bool = True, resume: bool = True, callbacks=()) -> dict:
+    """Train a recipe (a path, a shipped name or a :class:`kdlab.core.config.Recipe`) into
+    ``run_dir`` (default ``runs/<name>/seed<k>``), training its missing teachers first."""
+    from kdlab.core.config import Recipe, load_recipe
+    from kdlab.train.build import ensure_teachers, train as train_recipe
+
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, list(overrides))
+    ensure_teachers(r, progress=progress)
+    out = Path(run_dir or f"runs/{r.name}/seed{r.train.seed}")
+    return train_recipe(r, out, progress=progress, resume=resume, callbacks=callbacks)
+
+
+__all__ = ["fit", "fit_recipe"]
