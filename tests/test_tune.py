@@ -164,7 +164,7 @@ def test_sqlite_storage_and_cli(tmp_path, capsys):
     from kdlab.cli.tune import register
 
     p = argparse.ArgumentParser()
-    register(p.add_subparsers())
+    register(p.add_subparsers())  # the lead adds `tune` to kdlab.cli.main.COMMANDS
     r = _recipe(tmp_path, epochs=1, frac=0.1)
     url = f"sqlite:///{tmp_path / 'tune.db'}"
     args = p.parse_args(["tune", r, "--param", "train.lr=log:0.01:0.1", "--trials", "2", "--storage", url,
