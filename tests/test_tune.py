@@ -80,16 +80,31 @@ def test_spec_errors(tmp_path):
         make_spec(r, params=["loss.kd.T=2:8"])
 
 
+def _env():
+    return {**os.environ, "PYTHONPATH": str(Path(kdlab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+
+
 def test_two_workers_share_one_journal_then_paired_study(tmp_path):
-    r = _recipe(tmp_path, extra="tune: {params: {train.lr: 'log:0.001:0.3'}, pruner: none}\n")
+    r = _recipe(tmp_path, epochs=4, extra="tune: {params: {train.lr: 'log:0.001:0.3'}, pruner: none}\n")
     out = tmp_path / "search"
-    s = tune(r, params=["train.momentum=0.5|0.9"], trials=4, jobs=2, threads=1, out_dir=str(out),
-             startup_trials=2, then_study=2, **quiet)
+    kw = dict(params=["train.momentum=0.5|0.9"], trials=4, out_dir=str(out), startup_trials=2)
+    # worker 1: `kdlab tune ... --worker` in another process; worker 2: this process, once 1 has a trial
+    code = f"from kdlab.experiments.tune import tune; tune({r!r}, worker=True, **{kw!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_env())
+    t0 = time.time()
+    while time.time() - t0 < 180 and proc.poll() is None:
+        try:
+            if any(t.state.name == "RUNNING" for t in _trials(out)):
+                break
+        except (KeyError, FileNotFoundError):
+            pass  # the study is not there yet
+        time.sleep(0.1)
+    s = tune(r, then_study=2, **kw, **quiet)
+    assert proc.wait(timeout=300) == 0
     trials = _trials(out)
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # 4 distinct trials
-    assert len({t.user_attrs["pid"] for t in trials}) == 2  # ...run by two processes
-    assert trials[0].params == {"train.lr": 0.05, "train.momentum": 0.9}  # the recipe's own values first
+    assert {t.user_attrs["pid"] for t in trials} == {proc.pid, os.getpid()}  # ...run by both workers
     assert s["best_value"] == max(t.value for t in trials)
     for f in ("best.yaml", "trials.csv", "importances.csv", "tune.json", "history.png", "parallel.png"):
         assert (out / f).stat().st_size > 0
@@ -129,6 +144,7 @@ def test_pruned_trial_stops_early_and_the_study_goes_on(tmp_path):
     tune(r, trials=3, **kw)  # resumes: trial 1 (lr 1e-6 learns nothing) is pruned, trial 2 still runs
     t = _trials(tmp_path / "s")
     assert [x.state.name for x in t[:2]] == ["COMPLETE", "PRUNED"] and len(t) == 3
+    assert t[0].params == {"train.lr": 0.05}  # the recipe's own value is trial 0
     assert t[2].state.name in ("COMPLETE", "PRUNED")
     metrics = (Path(t[1].user_attrs["run_dir"]) / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 2  # header + epoch 1: stopped after its first (prunable) epoch
@@ -138,7 +154,7 @@ def test_pruned_trial_stops_early_and_the_study_goes_on(tmp_path):
 def test_killed_worker_trial_fails_and_the_study_resumes(tmp_path):
     r = _recipe(tmp_path, epochs=60, frac=0.1)
     out = tmp_path / "k"
-    env = {**os.environ, "PYTHONPATH": str(Path(kdlab.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = _env()
     code = (f"from kdlab.experiments.tune import tune; tune({r!r}, params=['train.lr=log:0.01:0.1'], "
             f"trials=1, out_dir={str(out)!r}, worker=True)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
