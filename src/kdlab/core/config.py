@@ -133,11 +133,24 @@ class TermCfg(BaseModel):
 
 
 class MaskCfg(_Strict):
+    """Causal masks (kdlab.distill.masks; docs/masks.md).
+
+    ``method``: ``grad`` (gradient x activation) or ``ig`` (Integrated Gradients, ``steps``
+    quadrature nodes of ``rule``). ``q``/``kind``/``reduce``: the mask made from the attribution.
+    ``rule``: ``midpoint`` (default, chosen by the completeness table in docs/masks.md) or
+    ``gausslegendre``. ``reuse``: ``per-view`` (default) computes the mask of every augmented
+    view (exact); ``per-image`` computes each training image's importance map once per teacher,
+    on the un-augmented image, maps it to each view by the view's crop offset and flip at the
+    layer's resolution and makes the mask there (kdlab.distill.mask_reuse).
+    """
+
     method: Literal["grad", "ig"] = "grad"
     steps: int = Field(16, ge=1)
+    rule: Literal["midpoint", "gausslegendre"] = "midpoint"
     q: float = Field(0.3, gt=0.0, le=1.0)
     kind: Literal["binary", "soft"] = "binary"
     reduce: Literal["abs", "relu"] = "abs"
+    reuse: Literal["per-view", "per-image"] = "per-view"
 
 
 class StudyCfg(_Strict):
