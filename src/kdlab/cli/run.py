@@ -60,7 +60,7 @@ def cmd_ablate(args) -> int:
 
     run_ablation(args.recipe, out_dir=args.out, seeds=args.seeds, mode=args.mode,
                  data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
-                 progress=A.progress(args), teacher_cache=not args.no_teacher_cache)
+                 progress=A.progress(args), teacher_cache=not args.no_teacher_cache, **A.parallel_kwargs(args))
     return 0
 
 
@@ -72,7 +72,8 @@ def cmd_demo(args) -> int:
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
                           overrides=A.recipe_overrides(args), progress=A.progress(args))
     if not args.no_robustness:
-        print("\nrobustness of the five methods (19 corruptions x 5 severities, seed 0):")
+        print("\nrobustness of the five methods (15 standard + 4 extra corruptions x 5 severities, seed 0; "
+              "mCE over the 15):")
         study_robustness(Path(report["out_dir"]).parent, device=str(resolve_device(args.device)),
                          progress=A.progress(args))
     return 0
@@ -85,7 +86,7 @@ def cmd_sweep(args) -> int:
     run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds,
               out_dir=args.out, data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
               n_images=args.n_images, method=args.method, grid=args.grid, k=args.k,
-              steps=args.steps, progress=A.progress(args))
+              steps=args.steps, progress=A.progress(args), **A.parallel_kwargs(args))
     return 0
 
 
@@ -142,6 +143,7 @@ def register(sub) -> None:
     p = sub.add_parser("ablate", help="step-wise and leave-one-out ablation of a full recipe over seeds")
     _recipe_args(p, "runs/<recipe name>")
     A.add_seeds(p)
+    A.add_parallel(p)
     p.add_argument("--mode", choices=["ladder", "loo", "both"],
                    help="ladder (add one component at a time), loo (leave one out) or both "
                         "(default: the recipe's study.methods)")
@@ -162,6 +164,7 @@ def register(sub) -> None:
     _recipe_args(p, "runs/<recipe name>-sweep", nargs="?")
     p.set_defaults(recipe="digits/kd")
     A.add_seeds(p)
+    A.add_parallel(p)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9], metavar="A",
                    help="weights of the KD term: (1-alpha)*CE + alpha*KD (0 = no KD; default 0 0.5 0.9)")
     p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"],
