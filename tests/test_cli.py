@@ -76,12 +76,12 @@ def test_shared_options_have_one_name_default_and_help_everywhere():
         assert len(shapes) == 1, f"{flag} is declared differently: {uses}"
     # where each shared option is used
     users = {flag: sorted(u[0] for u in uses) for flag, uses in seen.items()}
-    recipe_cmds = {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench"}
+    recipe_cmds = {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench", "tune"}
     assert recipe_cmds <= set(users["--set"])
     assert {"ablate", "demo", "sweep", "compare", "bench"} == set(users["--seeds"]) == set(users["--n-seeds"])
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench",
             "explain", "robustness", "profile", "prune", "quantize", "export",
-            "deploy"} == set(users["--out"])
+            "deploy", "tune"} == set(users["--out"])
     assert {"evaluate", "explain", "robustness", "profile", "prune", "quantize",
             "deploy"} | recipe_cmds == set(users["--device"])
     # the defaults: --device auto, the others unset
