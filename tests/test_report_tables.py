@@ -73,7 +73,7 @@ def test_markdown_marks_survivors_and_power_line(tmp_path):
     attn_line = next(line for line in md.splitlines() if line.startswith("| kd+attn "))
     assert " *" in kd_line and " *" not in attn_line
     line = power_line(stats_, "baseline")
-    assert line.startswith("Power: seeds needed to detect a 1 pp") and "This study has 6." in line
+    assert line.startswith("Power: seeds needed to detect a 1 pp") and "This study has 6;" in line
     assert line in note
     # n for kd+attn follows from the sd of its differences (G*Power-checked in test_statistics)
     from kdlab.report.statistics import seeds_needed

@@ -103,3 +103,15 @@ def test_compare_to_baseline():
     assert res["a"]["seeds_needed"] == seeds_needed(res["a"]["sd"], 0.01)
     with pytest.raises(KeyError):
         compare_to_baseline(vals, "nope")
+
+
+def test_min_detectable_diff():
+    from kdlab.report.statistics import min_detectable_diff
+
+    # the inverse of seeds_needed: at n = 34 with sd 1 the 80%-power difference lies just below
+    # d_z = 0.5 (G*Power: n = 34 gives power 0.8078 at 0.5) and above 0.5 at n = 33
+    d34 = min_detectable_diff(34, 1.0)
+    assert 0.48 < d34 < 0.5 and paired_power(34, d34, 1.0) == pytest.approx(0.8, abs=1e-9)
+    assert min_detectable_diff(33, 1.0) > 0.5 > d34
+    assert min_detectable_diff(34, 2.0) == pytest.approx(2 * d34)  # scales with sd
+    assert math.isnan(min_detectable_diff(1, 1.0)) and math.isnan(min_detectable_diff(5, 0.0))

@@ -39,7 +39,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["t_interval", "paired_test", "holm", "cohens_dz", "paired_power", "seeds_needed",
-           "wilcoxon_min_p", "PairedResult", "compare_to_baseline"]
+           "wilcoxon_min_p", "PairedResult", "compare_to_baseline", "min_detectable_diff"]
 
 
 #: differences within ``ZERO_TOL · (1 + max |value|)`` of zero count as zero (float rounding)
@@ -204,6 +204,21 @@ def seeds_needed(sd: float, delta: float = 0.01, alpha: float = 0.05, power: flo
         else:
             lo = mid + 1
     return lo
+
+
+def min_detectable_diff(n: int, sd: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true mean difference ``delta > 0`` that a two-sided paired t-test with ``n``
+    pairs detects with probability ``power`` when the differences have sd ``sd``: the root of
+    ``paired_power(n, delta, sd, alpha) = power`` (``scipy.optimize.brentq``). NaN for n < 2 or
+    sd NaN / 0."""
+    from scipy.optimize import brentq
+
+    if n < 2 or sd is None or not math.isfinite(sd) or sd <= 0:
+        return float("nan")
+    hi = sd
+    while paired_power(n, hi, sd, alpha) < power:
+        hi *= 2
+    return float(brentq(lambda d: paired_power(n, d, sd, alpha) - power, 0.0, hi, xtol=1e-12 * sd))
 
 
 def compare_to_baseline(values: Mapping[str, Mapping], baseline: str, conf: float = 0.95,

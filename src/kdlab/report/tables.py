@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from kdlab.report.statistics import compare_to_baseline, paired_test, t_interval, wilcoxon_min_p
+from kdlab.report.statistics import (compare_to_baseline, min_detectable_diff, paired_test,
+                                     t_interval, wilcoxon_min_p)
 
 #: family-wise level at which the table marks a comparison as surviving Holm's correction
 HOLM_ALPHA = 0.05
@@ -126,13 +127,16 @@ def power_line(stats: list[dict], baseline: str, delta: float = POWER_DELTA) -> 
             parts.append(f"{r['method']} —")
         else:
             need = "—" if not math.isfinite(n) else f"{int(n)}"
-            parts.append(f"{r['method']} {need} (sd {100 * sd:.2f} pp)")
+            mde = min_detectable_diff(r.get("n_paired", 0), sd)
+            parts.append(f"{r['method']} {need} (sd {100 * sd:.2f} pp"
+                         + (f"; detectable now: {100 * mde:.1f} pp)" if math.isfinite(mde) else ")"))
     if not parts:
         return ""
     have = max((r.get("n_paired", 0) for r in stats), default=0)
     return (f"Power: seeds needed to detect a {100 * delta:g} pp paired difference (two-sided paired "
             f"t-test, α = 0.05, power 0.8, noncentral t) at the observed sd of the differences: "
-            + "; ".join(parts) + f". This study has {have}.")
+            + "; ".join(parts) + f". This study has {have}; 'detectable now' is the difference it "
+            f"finds with power 0.8.")
 
 
 def _profile(recipe, cache: dict) -> dict:
@@ -248,3 +252,52 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
     log(note.strip())
     log(f"report: {out_dir}")
     return {"methods": stats, "table_md": md, "out_dir": str(out_dir), "wall_time_s": wall_time_s}
+
+
+#: per-method keys that :func:`rebuild_report` keeps from an existing table.json (measured once:
+#: profiling, robustness)
+KEPT_KEYS = ("params", "size_mb", "mflops", "latency_ms_b1", "mCA", "mCA_sd", "mCE", "rel_mCE")
+
+
+def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool = True, log=print) -> dict:
+    """Re-derive a finished study's table (and figures) from its runs' ``result.json`` files,
+    without training: ``<study>/<method>/seed<k>/result.json`` -> ``<study>/report/``.
+
+    Methods come in the order of the existing ``report/table.json`` (else sorted, baseline first);
+    profile and robustness columns (:data:`KEPT_KEYS`) are carried over from it. ``baseline``
+    defaults to the existing table's, else ``"baseline"``."""
+    study_dir = Path(study_dir)
+    out = study_dir / "report"
+    old = json.loads((out / "table.json").read_text()) if (out / "table.json").is_file() else {}
+    baseline = baseline or old.get("baseline") or "baseline"
+    order = [r["method"] for r in old.get("methods", [])]
+    found = sorted(p.parent.parent.name for p in study_dir.glob("*/seed*/result.json"))
+    methods = [m for m in order if m in found] + [m for m in dict.fromkeys(found) if m not in order]
+    if not methods:
+        raise FileNotFoundError(f"no <method>/seed<k>/result.json under {study_dir}; run the study first")
+    if baseline not in methods:
+        raise KeyError(f"baseline '{baseline}' has no runs in {study_dir}; pass one of {methods}")
+    if not order:
+        methods = [baseline] + [m for m in methods if m != baseline]
+    runs = []
+    for m in methods:
+        files = sorted((study_dir / m).glob("seed*/result.json"), key=lambda p: int(p.parent.name[4:]))
+        for f in files:
+            r = json.loads(f.read_text())
+            r.setdefault("method", m)
+            r.setdefault("seed", int(f.parent.name[4:]))
+            runs.append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", runs)
+    stats = method_stats(runs, baseline)
+    kept = {r["method"]: r for r in old.get("methods", [])}
+    for row in stats:
+        for k in KEPT_KEYS:
+            if k in kept.get(row["method"], {}):
+                row[k] = kept[row["method"]][k]
+    report = write_tables(out, stats, baseline, old.get("wall_time_s"), log)
+    if figures:
+        from kdlab.report.figures import study_figures
+
+        report["figures"] = {k: str(v) for k, v in study_figures(study_dir, log=log).items()}
+    return report
