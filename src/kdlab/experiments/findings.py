@@ -32,7 +32,7 @@ __all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"
 MEASURES = {
     "test_acc": ("test top-1", 100.0, "pp", True),
     "mCA": ("corruption accuracy mCA", 100.0, "pp", True),
-    "mCE": ("mCE", 100.0, "% of baseline error", False),
+    "mCE": ("mCE", 100.0, "mCE points (baseline = 100)", False),
     "rank_alignment": ("attention rank alignment ρ", 1.0, "", True),
     "topk_fraction": ("share in teacher's top-k parts", 1.0, "", True),
     "logit_alignment": ("logit alignment ρ", 1.0, "", True),
@@ -220,7 +220,8 @@ def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> 
               "Wilcoxon signed-rank p, Cohen's d_z, and the t-test p Holm–Bonferroni adjusted over "
               "that study's contrasts of the same measure. **No detectable effect** means Holm "
               f"p ≥ {ALPHA:g}: the study cannot tell the difference from seed noise (it does not "
-              "show the effect is zero; the interval says how large it could be). Statistics: "
+              "show the effect is zero; the interval says how large it could be). The intervals are "
+              "per contrast (not adjusted), so an interval may exclude 0 while Holm p ≥ 0.05. Statistics: "
               "docs/statistics.md.", ""]
     # summary
     lines += ["## Summary", ""]
