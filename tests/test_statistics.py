@@ -115,3 +115,17 @@ def test_min_detectable_diff():
     assert min_detectable_diff(33, 1.0) > 0.5 > d34
     assert min_detectable_diff(34, 2.0) == pytest.approx(2 * d34)  # scales with sd
     assert math.isnan(min_detectable_diff(1, 1.0)) and math.isnan(min_detectable_diff(5, 0.0))
+
+
+def test_paired_power_stays_finite_deep_in_the_tail():
+    # scipy.stats.nct.cdf(-12.7, 1, 11.31) is NaN (scipy 1.17); the power must not be
+    import numpy as np
+
+    for n in (2, 3, 5):
+        ps = [paired_power(n, k, 1.0) for k in np.geomspace(0.01, 2000, 300)]
+        assert all(math.isfinite(p) and 0 <= p <= 1 for p in ps)
+        assert all(b >= a - 1e-12 for a, b in zip(ps, ps[1:]))  # increasing in delta
+    assert paired_power(2, -0.3, 1.0) == pytest.approx(paired_power(2, 0.3, 1.0))
+    from kdlab.report.statistics import min_detectable_diff
+
+    assert math.isfinite(min_detectable_diff(2, 0.0378))

@@ -175,9 +175,13 @@ def paired_power(n: int, delta: float, sd: float, alpha: float = 0.05) -> float:
     if not sd > 0:
         raise ValueError(f"sd must be > 0, got {sd}")
     df = n - 1
-    nc = delta / sd * math.sqrt(n)
+    nc = abs(delta) / sd * math.sqrt(n)  # the power is symmetric in the sign of delta
     tc = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(tc, df, nc) + stats.nct.cdf(-tc, df, nc))
+    near = float(stats.nct.sf(tc, df, nc))
+    if not math.isfinite(near):
+        near = 1.0 - float(stats.nct.cdf(tc, df, nc))
+    far = float(stats.nct.sf(tc, df, -nc))  # = P(T < −t_c); scipy can return NaN deep in this tail
+    return min(1.0, near + (far if math.isfinite(far) else 0.0))
 
 
 def seeds_needed(sd: float, delta: float = 0.01, alpha: float = 0.05, power: float = 0.8,

@@ -233,8 +233,11 @@ def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "b
     if figures:
         from kdlab.report.figures import study_figures
 
-        report["figures"] = {k: str(v) for k, v in study_figures(out_dir.parent, out_dir=out_dir,
-                                                                  log=log).items()}
+        try:  # the tables are written; a figure problem must not lose the study's exit status
+            report["figures"] = {k: str(v) for k, v in study_figures(out_dir.parent, out_dir=out_dir,
+                                                                      log=log).items()}
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            log(f"warning: study figures not written ({type(e).__name__}: {e})")
     return report
 
 
