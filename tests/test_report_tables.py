@@ -103,3 +103,25 @@ def test_study_report_writes_tables_and_figures(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (study / "report" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
         assert rep["figures"][name] == str(png)
+
+
+def test_rebuild_report_from_runs(tmp_path):
+    from kdlab.report.tables import rebuild_report
+
+    study = tmp_path / "s"
+    for r in _runs():
+        run = study / r["method"] / f"seed{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+    (study / "report").mkdir()
+    (study / "report" / "table.json").write_text(json.dumps(  # an old table: order + profile kept
+        {"baseline": "baseline", "methods": [{"method": m, "params": 123} for m in ("baseline", "kd", "kd+attn", "full")]}))
+    rep = rebuild_report(study, figures=False, log=lambda *a: None)
+    rows = {r["method"]: r for r in rep["methods"]}
+    assert [r["method"] for r in rep["methods"]] == ["baseline", "kd", "kd+attn", "full"]
+    assert rows["kd"]["params"] == 123 and rows["kd"]["n_seeds"] == 6
+    assert rows["kd"]["p_ttest"] == pytest.approx(stats.ttest_rel(ACC["kd"], ACC["baseline"]).pvalue)
+    with pytest.raises(KeyError):
+        rebuild_report(study, baseline="nope", figures=False, log=lambda *a: None)
+    with pytest.raises(FileNotFoundError):
+        rebuild_report(tmp_path / "empty", figures=False, log=lambda *a: None)
