@@ -125,3 +125,10 @@ def test_rebuild_report_from_runs(tmp_path):
         rebuild_report(study, baseline="nope", figures=False, log=lambda *a: None)
     with pytest.raises(FileNotFoundError):
         rebuild_report(tmp_path / "empty", figures=False, log=lambda *a: None)
+
+
+def test_one_seed_table_says_what_is_missing():
+    runs = [r for r in _runs() if r["seed"] == 0]
+    md, note = render_table(method_stats(runs, "baseline"), "baseline")
+    assert "need at least 2 seeds per method; this study has 1." in note
+    assert "Wilcoxon test cannot" not in note

@@ -133,6 +133,9 @@ def power_line(stats: list[dict], baseline: str, delta: float = POWER_DELTA) -> 
     if not parts:
         return ""
     have = max((r.get("n_paired", 0) for r in stats), default=0)
+    if have < 2:
+        return (f"Power: the paired tests and the seeds needed to detect a {100 * delta:g} pp "
+                f"difference need at least 2 seeds per method; this study has {have}.")
     return (f"Power: seeds needed to detect a {100 * delta:g} pp paired difference (two-sided paired "
             f"t-test, α = 0.05, power 0.8, noncentral t) at the observed sd of the differences: "
             + "; ".join(parts) + f". This study has {have}; 'detectable now' is the difference it "
@@ -198,9 +201,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
                  f"Holm–Bonferroni adjusted over the table's {sum(1 for r in stats if r['method'] != baseline)} "
                  f"comparisons; * marks Δ with p Holm < {HOLM_ALPHA:g}; d_z: mean / sd of the paired "
                  f"differences (all two-sided, scipy.stats; — = undefined, see docs/statistics.md).")
-        if 0 < n_pairs and wilcoxon_min_p(n_pairs) >= 0.05:
+        if 1 < n_pairs and wilcoxon_min_p(n_pairs) >= 0.05:
             note += (f" With {n_pairs} seeds the Wilcoxon test cannot reach p < 0.05 "
-                     f"(its smallest p is {wilcoxon_min_p(n_pairs):.3f}).")
+                     f"(its smallest p is {wilcoxon_min_p(n_pairs):.3f}; it needs 6 seeds).")
     if robust:
         note += (" mCA: mean accuracy over corruptions x severities; mCE / rel. mCE: corruption "
                  f"error relative to '{baseline}' (100 = as robust as it), mean over seeds.")
