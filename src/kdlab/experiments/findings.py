@@ -80,10 +80,22 @@ def _study_meta(study_dir: Path) -> dict:
     sj = study_dir / "report" / "study.json"
     if sj.is_file():
         meta = json.loads(sj.read_text())
-        return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode")}
+        return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode"),
+                "source": meta.get("source")}
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
         return {"recipe": json.loads(rj.read_text()).get("recipe") or {}, "seeds": None, "mode": None}
     return {"recipe": {}, "seeds": None, "mode": None}
+
+
+def _recipe_ref(source: Optional[str]) -> Optional[str]:
+    """``.../kdlab/recipes/digits/full.yaml`` -> ``digits/full`` (a bundled recipe's name)."""
+    if not source:
+        return None
+    parts = Path(source).with_suffix("").parts
+    if "recipes" in parts and "kdlab" in parts:
+        i = len(parts) - 1 - parts[::-1].index("recipes")
+        return "/".join(parts[i + 1:])
+    return source
 
 
 def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict[int, float]]]:
@@ -143,7 +155,14 @@ def study_findings(study_dir) -> dict:
             results.append({"measure": measure, "component": label, "with": a, "without": b, **t})
     seeds = sorted({int(s) for r in table["methods"] for s in r.get("seeds", [])})
     ex = study_dir / "report" / "explain_study.json"
+    ref = _recipe_ref(meta.get("source"))
+    train = recipe.get("train") or {}
+    made_by = None
+    if ref:
+        made_by = (f"kdlab ablate {ref} --seeds {' '.join(map(str, seeds))} --out {study_dir}"
+                   + (f" --mode {meta['mode']}" if meta.get("mode") not in (None, "ladder") else ""))
     return {"study": str(study_dir), "name": recipe.get("name", study_dir.name), "recipe": recipe,
+            "made_by": made_by, "epochs": train.get("epochs"),
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
             "contrasts": contrasts, "results": results,
             "explain_settings": json.loads(ex.read_text())["settings"] if ex.is_file() else None,
@@ -249,7 +268,9 @@ def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> 
         lines.append("")
     # details
     for f in findings:
-        lines += [f"## {f['name']}", "", _describe(f) + ".", f"Study directory: `{f['study']}`.", ""]
+        lines += [f"## {f['name']}", "", _describe(f) + ".", f"Study directory: `{f['study']}`"
+                  + (f", made by `{f['made_by']}` (recipe epochs as in the recipe unless overridden "
+                     f"with --set; these runs: {f['epochs']})." if f.get("made_by") else "."), ""]
         head = ["component", "contrast", "measure", "Δ [95% CI]", "p (t)", "p (Wilcoxon)", "p Holm",
                 "d_z", "seeds", "verdict"]
         body = []
