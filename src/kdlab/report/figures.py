@@ -166,7 +166,8 @@ def read_metrics_csv(path) -> dict[str, np.ndarray]:
     return out
 
 
-def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]]) -> dict[str, list[Path]]:
+def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]],
+              seeds: Optional[Sequence[int]] = None) -> dict[str, list[Path]]:
     study_dir = Path(study_dir)
     if methods is None:
         tj = study_dir / "report" / "table.json"
@@ -179,17 +180,21 @@ def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]]) -> dict[str, li
     for m in methods:
         runs = sorted((study_dir / m).glob("seed*/metrics.csv"),
                       key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+        if seeds is not None:
+            keep = {f"seed{int(k)}" for k in seeds}
+            runs = [r for r in runs if r.parent.name in keep]
         if runs:
             out[m] = runs
     return out
 
 
-def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None, metric: str = "val_acc",
+def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
+               seeds: Optional[Sequence[int]] = None, metric: str = "val_acc",
                title: Optional[str] = None) -> Path:
     """Validation accuracy (%) against epoch, one line per method: the mean over the seeds that
     reached that epoch, with a ±1 sd band (over seeds; drawn where at least 2 seeds ran that
-    epoch). Reads ``<study>/<method>/seed*/metrics.csv``."""
-    runs = _run_dirs(Path(study_dir), methods)
+    epoch). Reads ``<study>/<method>/seed*/metrics.csv`` (only ``seeds``, when given)."""
+    runs = _run_dirs(Path(study_dir), methods, seeds)
     if not runs:
         raise FileNotFoundError(f"no <method>/seed*/metrics.csv under {study_dir}; run the study first")
     plt = _plt()
@@ -382,6 +387,7 @@ def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
     try:
         paths["val_curves"] = val_curves(study_dir, out / "val_curves",
                                          methods=[r["method"] for r in table["methods"]],
+                                         seeds=seeds or None,
                                          title=f"validation accuracy, mean ± 1 sd over seeds\n{head}")
     except FileNotFoundError:
         pass
