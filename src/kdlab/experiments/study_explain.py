@@ -53,15 +53,18 @@ def _seed_of(p: Path) -> int:
 
 def _study_runs(study_dir: Path) -> tuple[dict[str, dict[int, Path]], str]:
     tj = study_dir / "report" / "table.json"
-    if tj.is_file():
+    only: dict[str, set] = {}
+    if tj.is_file():  # the table's seeds: runs of other seeds lying in the folder are not the study's
         table = json.loads(tj.read_text())
         methods, baseline = [r["method"] for r in table["methods"]], table["baseline"]
+        only = {r["method"]: {int(s) for s in r.get("seeds", [])} for r in table["methods"] if r.get("seeds")}
     else:
         methods = sorted(p.name for p in study_dir.iterdir() if p.is_dir() and any(p.glob("seed*/best.pt")))
         baseline = "baseline" if "baseline" in methods else (methods[0] if methods else "")
     runs = {}
     for m in methods:
-        found = {_seed_of(p.parent): p for p in (study_dir / m).glob("seed*/best.pt")}
+        found = {_seed_of(p.parent): p for p in (study_dir / m).glob("seed*/best.pt")
+                 if m not in only or _seed_of(p.parent) in only[m]}
         if found:
             runs[m] = dict(sorted(found.items()))
     if not runs:
