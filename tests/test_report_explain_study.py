@@ -81,3 +81,15 @@ def test_explain_study_errors(tmp_path):
         explain_study(study, teacher=tmp_path / "nope.pt", log=lambda *a: None)
     with pytest.raises(KeyError):
         explain_study(study, methods=["full"], log=lambda *a: None)
+
+
+def test_explain_study_uses_the_tables_seeds(tmp_path):
+    pytest.importorskip("captum")
+    from kdlab.experiments.study_explain import explain_study
+
+    study, _ = _study(tmp_path)
+    (study / "report").mkdir()
+    (study / "report" / "table.json").write_text(json.dumps({"baseline": "baseline", "methods": [
+        {"method": "baseline", "seeds": [0, 1]}, {"method": "kd", "seeds": [0, 1]}]}))
+    res = explain_study(study, n_images=8, method="saliency", n_overlay=0, log=lambda *a: None)
+    assert [r["n_seeds"] for r in res["rows"]] == [2, 2]  # seed2 lies in the folder, not in the table
