@@ -132,3 +132,10 @@ def test_one_seed_table_says_what_is_missing():
     md, note = render_table(method_stats(runs, "baseline"), "baseline")
     assert "need at least 2 seeds per method; this study has 1." in note
     assert "Wilcoxon test cannot" not in note
+
+
+def test_fmt_p():
+    from kdlab.report.tables import fmt_p
+
+    assert fmt_p(0.0502) == "0.0502" and fmt_p(0.0498) == "0.0498" and fmt_p(0.12345) == "0.123"
+    assert fmt_p(0.0004) == "<0.001" and fmt_p(float("nan")) == "—" and fmt_p(None) == "—"

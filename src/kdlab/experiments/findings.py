@@ -175,9 +175,9 @@ def study_findings(study_dir) -> dict:
 
 
 def _fmt_p(p) -> str:
-    if p is None or not math.isfinite(p):
-        return "—"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    from kdlab.report.tables import fmt_p
+
+    return fmt_p(p)
 
 
 def _fmt_diff(r) -> str:

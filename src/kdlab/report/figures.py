@@ -128,8 +128,9 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
                         color=color, capsize=4, ms=6, lw=2, zorder=3,
                         label=("mean, 95% CI" if y == ys[0] else None))
         p = r.get("p_holm")
-        txt = (f"p Holm {p:.3f}" if _finite(p) and p >= 0.001 else
-               "p Holm <0.001" if _finite(p) else "p Holm —") + (" *" if sig else "")
+        from kdlab.report.tables import fmt_p
+
+        txt = f"p Holm {fmt_p(p)}" + (" *" if sig else "")
         ax.annotate(txt, xy=(1.02, y), xycoords=("axes fraction", "data"), va="center",
                     fontsize=8, color=color)
     ax.axvline(0.0, color="black", lw=1, ls="--")
@@ -137,7 +138,8 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
     ax.set_ylim(ys.min() - 0.6, ys.max() + 0.6)
     ax.set_xlabel(f"Δ test top-1 vs {baseline} (percentage points)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.12 / len(rows)),
+              ncol=2, frameon=False)
     n = max((r.get("n_paired", 0) for r in rows), default=0)
     ax.set_title(title or f"paired difference to {baseline} over {n} seeds (* : Holm p < {alpha:g})",
                  fontsize=9)

@@ -41,10 +41,13 @@ def paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
 
 
 def fmt_p(p) -> str:
-    """A p-value for a table: 3 decimals, ``<0.001`` below that, ``—`` when undefined."""
+    """A p-value for a table: 3 decimals (4 within 0.0005 of 0.05, so that a p just above the
+    threshold does not print as 0.050), ``<0.001`` below that, ``—`` when undefined."""
     if p is None or not math.isfinite(p):
         return "—"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return "<0.001"
+    return f"{p:.4f}" if abs(p - 0.05) < 0.0005 else f"{p:.3f}"
 
 
 def fmt_pct(m: float, pm: Optional[float] = None, digits: int = 2) -> str:
