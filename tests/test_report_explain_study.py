@@ -93,3 +93,11 @@ def test_explain_study_uses_the_tables_seeds(tmp_path):
         {"method": "baseline", "seeds": [0, 1]}, {"method": "kd", "seeds": [0, 1]}]}))
     res = explain_study(study, n_images=8, method="saliency", n_overlay=0, log=lambda *a: None)
     assert [r["n_seeds"] for r in res["rows"]] == [2, 2]  # seed2 lies in the folder, not in the table
+
+
+def test_overlay_indices_cover_classes():
+    from kdlab.experiments.study_explain import overlay_indices
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    assert overlay_indices(y, 4).tolist() == [0, 3, 5, 1]
+    assert overlay_indices(y, 2).tolist() == [0, 3]

@@ -109,6 +109,18 @@ def pick_test_images(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[: min(n, n_total)].sort().values
 
 
+def overlay_indices(y: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` positions into ``y`` covering as many classes as possible: the first image of each
+    class in order of appearance, then the following images in order."""
+    first, seen = [], set()
+    for i, c in enumerate(y.tolist()):
+        if c not in seen:
+            seen.add(c)
+            first.append(i)
+    rest = [i for i in range(len(y)) if i not in set(first)]
+    return torch.as_tensor((first + rest)[:n], dtype=torch.long)
+
+
 def _per_image(student, teacher_logits, imp_t, x, y, *, method, grid, k, steps, T, batch_size):
     """Per-image metric arrays of one student against the (precomputed) teacher."""
     from kdlab.evaluate import alignment as al
@@ -302,14 +314,15 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
               f"{grid[0]}x{grid[1]} grid, top-{k}")
     if n_overlay > 0:
         n_ov = min(n_overlay, len(idx))
-        xo, yo = x[:n_ov], y[:n_ov]
+        sel = overlay_indices(y.cpu(), n_ov)
+        xo, yo = x[sel], y[sel]
         maps = {f"teacher\n{t_ck.get('model_name')}": attribute(t_model, xo, yo, method, steps=steps).cpu()}
         for m, model in models_for_overlay.items():
             maps[f"{m}\n{s_ck.get('model_name')} s{ov_seed}"] = attribute(model, xo, yo, method, steps=steps).cpu()
         with torch.no_grad():
             t_pred = t_model(xo).argmax(1)
         paths["overlays"] = overlay_grid(
-            raw[:n_ov].cpu(), maps, out / "explain_overlays.png", n=n_ov,
+            raw[sel].cpu(), maps, out / "explain_overlays.png", n=n_ov,
             titles=[f"y={int(a)} t={int(b)}" for a, b in zip(yo, t_pred)], attribution=method,
             title=f"{title}; columns: teacher, then each method's student (seed {ov_seed})")
     log("")
