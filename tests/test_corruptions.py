@@ -107,6 +107,11 @@ def test_every_corruption(name, shape):
         assert y.shape == x.shape and y.dtype == x.dtype
         assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
         dist[s] = mad(y, x)
+        if name == "zoom_blur" and shape == "8x8x1" and s == 1:
+            # as in make_cifar_c.py: scipy.ndimage.zoom rounds 8 * z (z <= 1.06) back to 8
+            # rows, so every zoom of severity 1 is the identity on 8 px (see test_zoom_blur_*)
+            assert dist[s] < 1e-6
+            continue
         assert dist[s] > 1e-3, f"{name} severity {s} does not change the image"
         # deterministic for a seed
         assert torch.equal(corrupt(x, name, s, seed=0), y)
@@ -430,3 +435,50 @@ def test_load_cifar10c_tiny_file(tmp_path):
         load_cifar10c(tmp_path, "snow", 1)
     with pytest.raises(ValueError, match="severity"):
         load_cifar10c(tmp_path, "fog", 6)
+
+
+# ------------------------------------------------------------------ zoom blur as make_cifar_c.py
+def _reference_zoom_blur(img_hwc: np.ndarray, severity: int) -> np.ndarray:
+    """zoom_blur as make_cifar_c.py computes it, restated for one H x W x C image: float32
+    image; for each factor z of np.arange(1, hi, 0.01): take the central ceil(H / z) square
+    (first row (H - ceil(H / z)) // 2), scipy.ndimage.zoom it by (z, z, 1) with order 1, keep H
+    rows and columns from (zoomed size - H) // 2 on; average the image and all the zooms."""
+    from scipy.ndimage import zoom
+
+    hi = (1.06, 1.11, 1.16, 1.21, 1.26)[severity - 1]
+    img = img_hwc.astype(np.float32)
+    h = img.shape[0]
+    acc = np.zeros_like(img)
+    factors = np.arange(1, hi, 0.01)
+    for z in factors:
+        side = int(np.ceil(h / z))
+        first = (h - side) // 2
+        zoomed = zoom(img[first:first + side, first:first + side], (z, z, 1), order=1)
+        cut = (zoomed.shape[0] - h) // 2
+        acc += zoomed[cut:cut + h, cut:cut + h]
+    return np.clip((img + acc) / (len(factors) + 1), 0, 1)
+
+
+@pytest.mark.parametrize("severity", SEVERITIES)
+@pytest.mark.parametrize("shape", ["32x32x3", "8x8x1"])
+def test_zoom_blur_matches_the_original_algorithm(severity, shape):
+    x = SHAPES[shape][:3]
+    got = corrupt(x, "zoom_blur", severity).numpy()
+    for i in range(len(x)):
+        want = _reference_zoom_blur(x[i].numpy().transpose(1, 2, 0), severity)
+        assert np.allclose(got[i].transpose(1, 2, 0), want, atol=2e-6)
+
+
+def test_clipped_zoom_geometry_by_hand():
+    # 6x6 image whose rows are 0, 0.1, .., 0.5 and z = 1.25: crop ceil(6 / 1.25) = 5 rows from
+    # row (6 - 5) // 2 = 0; scipy zooms 5 rows to round(6.25) = 6, sampling the crop at
+    # i * (5 - 1) / (6 - 1) = 0.8 i; trim (6 - 6) // 2 = 0. So row i becomes 0.08 i: the zoom is
+    # anchored at the top-left corner, where a zoom about the centre would give 0.08 i + 0.05.
+    x = np.repeat((np.arange(6) / 10.0)[:, None], 6, axis=1)[None, None]
+    out = C.clipped_zoom(x, 1.25)[0, 0]
+    assert np.allclose(out, np.repeat((0.08 * np.arange(6))[:, None], 6, axis=1))
+    # 8 px and every severity-1 factor (<= 1.06): ceil(8 / z) = 8 and round(8 z) = 8, so
+    # scipy samples the crop at i * 7 / 7 = i: the identity
+    y = np.random.default_rng(0).random((1, 1, 8, 8))
+    for z in PARAMS["zoom_blur"][0]:
+        assert np.allclose(C.clipped_zoom(y, z), y)

@@ -55,16 +55,23 @@ def test_mean_corruption_accuracy_by_hand():
     assert R.mean_corruption_accuracy(_acc(ERR_A)) == pytest.approx((0.8 + 0.6 + 0.7 + 0.5) / 4)
 
 
+def _standard(err):
+    """The hand tables under two of the 15 standard corruptions' names (mCE averages those)."""
+    names = {"noise": "gaussian_noise", "blur": "defocus_blur"}
+    return {names[c]: per for c, per in err.items()}
+
+
 def test_robustness_metrics_table():
-    met = R.robustness_metrics({"A": 0.90, "B": 0.95}, {"A": _acc(ERR_A), "B": _acc(ERR_B)}, "A")
+    met = R.robustness_metrics({"A": 0.90, "B": 0.95},
+                               {"A": _acc(_standard(ERR_A)), "B": _acc(_standard(ERR_B))}, "A")
     a, b = met["A"], met["B"]
     assert a["mCE"] == pytest.approx(1.0) and a["rel_mCE"] == pytest.approx(1.0)
     assert b["clean_acc"] == 0.95
     assert b["mCA"] == pytest.approx(0.675)
     assert b["mCE"] == pytest.approx(0.8958333, abs=1e-6)
     assert b["rel_mCE"] == pytest.approx(1.0416667, abs=1e-6)
-    assert b["acc_by_corruption"] == pytest.approx({"noise": 0.8, "blur": 0.55})
-    assert b["CE"]["blur"] == pytest.approx(1.125)
+    assert b["acc_by_corruption"] == pytest.approx({"gaussian_noise": 0.8, "defocus_blur": 0.55})
+    assert b["CE"]["defocus_blur"] == pytest.approx(1.125)
     with pytest.raises(KeyError, match="reference"):
         R.robustness_metrics({"A": 0.9}, {"A": _acc(ERR_A)}, "baseline")
 
@@ -240,3 +247,144 @@ def test_cli_end_to_end(tmp_path, capsys):
                                 "--limit", "4", "--no-progress"])
     with pytest.raises(ValueError, match="--reference"):
         bad.func(bad)
+
+
+# ------------------------------------------------------------------ 15 standard vs 4 extra (issue 17)
+def _table19():
+    """A hand-made error table over all 19 corruptions, one severity each.
+
+    Reference A: error 0.40 under every corruption. Model B: 0.20 under each standard one
+    (CE = 0.5) and 0.80 under each extra one (CE = 2). Clean errors 0.10 (A) and 0.05 (B).
+    """
+    from kdlab.data.corruptions import EXTRA_CORRUPTIONS, STANDARD_CORRUPTIONS
+
+    err_a = {c: {1: 0.40} for c in STANDARD_CORRUPTIONS + EXTRA_CORRUPTIONS}
+    err_b = {**{c: {1: 0.20} for c in STANDARD_CORRUPTIONS},
+             **{c: {1: 0.80} for c in EXTRA_CORRUPTIONS}}
+    return err_a, err_b
+
+
+def test_mce_averages_the_15_standard_corruptions():
+    err_a, err_b = _table19()
+    met = R.robustness_metrics({"A": 0.90, "B": 0.95}, {"A": _acc(err_a), "B": _acc(err_b)}, "A")
+    b = met["B"]
+    assert (b["n_standard"], b["n_extra"]) == (15, 4)
+    # standard: CE = 0.2 / 0.4 = 0.5 each -> mCE 0.5; mCA = 0.8
+    assert b["mCE"] == pytest.approx(0.5) and b["mCA"] == pytest.approx(0.8)
+    # relCE = (0.20 - 0.05) / (0.40 - 0.10) = 0.5 on the standard ones
+    assert b["rel_mCE"] == pytest.approx(0.5)
+    # extras, reported apart: CE = 0.8 / 0.4 = 2; relCE = 0.75 / 0.3 = 2.5; accuracy 0.2
+    assert b["mCE_extra"] == pytest.approx(2.0) and b["mCA_extra"] == pytest.approx(0.2)
+    assert b["rel_mCE_extra"] == pytest.approx(2.5)
+    # all 19 together (kdlab's old number): (15 * 0.5 + 4 * 2) / 19
+    assert b["mCE_all"] == pytest.approx((15 * 0.5 + 4 * 2.0) / 19)  # 0.8158
+    assert b["mCA_all"] == pytest.approx((15 * 0.8 + 4 * 0.2) / 19)
+
+
+def test_extras_are_excluded_from_mce():
+    err_a, err_b = _table19()
+    from kdlab.data.corruptions import EXTRA_CORRUPTIONS
+
+    # making the extras arbitrarily worse (or better) leaves mCE / mCA / rel. mCE unchanged
+    for e in (0.0, 0.4, 1.0):
+        worse = {**err_b, **{c: {1: e} for c in EXTRA_CORRUPTIONS}}
+        b = R.robustness_metrics({"A": 0.9, "B": 0.95}, {"A": _acc(err_a), "B": _acc(worse)},
+                                 "A")["B"]
+        assert (b["mCE"], b["mCA"], b["rel_mCE"]) == pytest.approx((0.5, 0.8, 0.5))
+        assert b["mCE_extra"] == pytest.approx(e / 0.4)
+    # only extras evaluated: no standard corruption, so mCE is undefined (not the extras' mean)
+    only = {c: {1: 0.8} for c in EXTRA_CORRUPTIONS}
+    ref = {c: {1: 0.4} for c in EXTRA_CORRUPTIONS}
+    b = R.robustness_metrics({"A": 0.9, "B": 0.9}, {"A": _acc(ref), "B": _acc(only)}, "A")["B"]
+    assert math.isnan(b["mCE"]) and b["mCE_extra"] == pytest.approx(2.0)
+
+
+def test_relative_mce_guard_skips_a_near_zero_reference_degradation():
+    # reference A: clean error 0.10; under jpeg its error is 0.099 and 0.103 (mean degradation
+    # +0.001, below the 0.01 threshold); under fog 0.30 and 0.50 (mean +0.30)
+    ref = {"fog": {1: 0.30, 2: 0.50}, "jpeg_compression": {1: 0.099, 2: 0.103}}
+    b_err = {"fog": {1: 0.20, 2: 0.30}, "jpeg_compression": {1: 0.20, 2: 0.30}}
+    # unguarded, jpeg's relCE = ((0.2 - 0.05) + (0.3 - 0.05)) / 0.002 = 200 dominates the mean
+    raw = R.relative_corruption_errors(b_err, 0.05, ref, 0.10)
+    assert raw["jpeg_compression"] == pytest.approx(200.0)
+    assert R.relative_mean_corruption_error(b_err, 0.05, ref, 0.10, min_degradation=None) == \
+        pytest.approx((0.4 / 0.6 + 200.0) / 2)
+    # guarded: jpeg is skipped; relCE(fog) = ((0.2 - 0.05) + (0.3 - 0.05)) / (0.2 + 0.4) = 2/3
+    assert R.REL_MCE_MIN_DEGRADATION == 0.01
+    assert R.relative_mce_skipped(ref, 0.10) == ["jpeg_compression"]
+    assert R.relative_mean_corruption_error(b_err, 0.05, ref, 0.10) == pytest.approx(2 / 3)
+    met = R.robustness_metrics({"A": 0.90, "B": 0.95}, {"A": _acc(ref), "B": _acc(b_err)}, "A")
+    b = met["B"]
+    assert b["rel_mCE"] == pytest.approx(2 / 3) and math.isfinite(b["rel_mCE"])
+    assert b["rel_mCE_skipped"] == ["jpeg_compression"]
+    assert b["ref_degradation"]["jpeg_compression"] == pytest.approx(0.001)
+    assert b["rel_CE"]["jpeg_compression"] == pytest.approx(200.0)  # still reported
+    assert met["A"]["rel_mCE"] == pytest.approx(1.0)
+    # a negative degradation is skipped too; every corruption skipped -> NaN, not a crash
+    assert R.relative_mce_skipped({"fog": {1: 0.05}}, 0.10) == ["fog"]
+    assert math.isnan(R.relative_mean_corruption_error({"fog": {1: 0.2}}, 0.1,
+                                                       {"fog": {1: 0.105}}, 0.1))
+
+
+def test_markdown_footer_names_the_split_and_the_guard(tmp_path):
+    tset, info = _probe_data()
+    res = R.evaluate_robustness({"zero": Zero(), "probe": Probe()}, tset, info,
+                                ["brightness", "saturate"], [5], seed=0)
+    md = res.markdown()
+    assert "| model | clean acc | mCA | mCE | rel. mCE | mCA extra | mCE extra |" in md
+    assert "average the 1 of the 15 standard corruptions that were evaluated" in md
+    assert "The 1 extra corruption (saturate) is held out" in md
+    # the reference (Zero) never changes its error, so both corruptions are skipped
+    assert "brightness (+0.00 pp)" in md and "saturate (+0.00 pp)" in md
+    full = R.metrics_footer("baseline", 15, [], {})
+    assert full.startswith("mCA, mCE and rel. mCE average the 15 standard corruptions (Hendrycks")
+    assert "(none here)" in full
+
+
+def _fake_study(root, seeds=(0, 1)):
+    """A finished 2-method study on digits with untrained cnn_tiny students."""
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
+    from kdlab.models import create_model
+
+    recipe = {"data": {"name": "digits", "val_fraction": 0.1, "data_dir": None}}
+    for m in ("baseline", "kd"):
+        for s in seeds:
+            torch.manual_seed(100 * s + len(m))
+            net = create_model("cnn_tiny", num_classes=10, in_channels=1)
+            atomic_save(model_checkpoint(net, model_name="cnn_tiny", model_kwargs={},
+                                         num_classes=10, in_channels=1, dataset="digits",
+                                         recipe=recipe), root / m / f"seed{s}" / "best.pt")
+    (root / "report").mkdir(parents=True)
+    stats = [{"method": m, "model": "cnn_tiny", "n_seeds": len(seeds), "test_acc_mean": 0.5,
+              "test_acc_sd": 0.01, "test_acc_ci95": 0.1, "diff_vs_baseline": 0.0,
+              "diff_vs_baseline_ci95": 0.0, "n_paired": len(seeds), "best_epoch_mean": 1.0,
+              "train_time_s_mean": 1.0, "train_images_per_s": 1.0, "seeds": list(seeds)}
+             for m in ("baseline", "kd")]
+    (root / "report" / "table.json").write_text(json.dumps(
+        {"methods": stats, "baseline": "baseline", "wall_time_s": 1.0}))
+
+
+def test_study_robustness_columns(tmp_path):
+    _fake_study(tmp_path)
+    out = R.study_robustness(tmp_path, corruptions=["contrast", "gaussian_noise", "saturate"],
+                             severities=[5], limit=30, progress=False, log=lambda *a: None)
+    rows = {r["method"]: r for r in out["methods"]}
+    for m in ("baseline", "kd"):
+        per = [json.loads((tmp_path / "report" / "robustness" / f"seed{s}" /
+                           "robustness.json").read_text())["models"][m] for s in (0, 1)]
+        # the columns are the mean and sd over seeds of the per-seed numbers
+        for k in ("mCA", "mCA_extra", "mCE_all"):
+            vals = [p[k] for p in per]
+            assert rows[m][k] == pytest.approx(np.mean(vals))
+            assert rows[m][k + "_sd"] == pytest.approx(np.std(vals, ddof=1))
+        # mCA: the 2 standard corruptions only; the extra (saturate) apart
+        for p in per:
+            assert p["mCA"] == pytest.approx((p["acc_by_corruption"]["contrast"]
+                                              + p["acc_by_corruption"]["gaussian_noise"]) / 2)
+            assert p["mCA_extra"] == pytest.approx(p["acc_by_corruption"]["saturate"])
+        assert rows[m]["n_robust_seeds"] == 2
+    assert rows["baseline"]["mCE"] == pytest.approx(1.0)
+    md = (tmp_path / "report" / "robustness.md").read_text()
+    assert "average the 2 of the 15 standard corruptions" in md and "(saturate)" in md
+    assert "mCA %" in (tmp_path / "report" / "table.md").read_text()
+    assert (tmp_path / "report" / "robustness_heatmap.png").stat().st_size > 0

@@ -33,7 +33,15 @@ class AugmentCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    name: str = "digits"  # a registered data set (kdlab.data.DATASETS), checked by _dataset
+
+    @field_validator("name")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from kdlab.data.registry import check_dataset_name
+
+        return check_dataset_name(v)
+
     data_dir: Optional[str] = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)

@@ -1,6 +1,9 @@
 """Datasets as in-memory tensors, deterministic batch loading and batched augmentation.
 
 - `load_dataset(name, data_dir=None, *, val_fraction=0.1, label_fraction=1.0, seed=0) -> Splits`
+- `register_dataset(name, description=...)`: decorator for a loader
+  ``fn(data_dir=None, *, val_fraction, label_fraction, seed) -> Splits``; `DATASETS` (the
+  `kdlab.core.registry.Registry`), `list_datasets()`; built in: digits, mnist5k, cifar10, cifar100
 - `Splits(train, val, test, info)`, `TensorSet(x, y)`, `DatasetInfo(...)`
 - `BatchLoader` (loader.py), `AugmentSpec` / `augment_batch` / `normalize` (augment.py)
 """
@@ -9,17 +12,17 @@ from __future__ import annotations
 
 from kdlab.data.augment import AugmentSpec, augment_batch, normalize
 from kdlab.data.loader import BatchLoader
+from kdlab.data.registry import (
+    DATASETS,
+    check_dataset_name,
+    dataset_name,
+    list_datasets,
+    register_dataset,
+)
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet
 
-DATASETS: dict[str, str] = {
-    "digits": "scikit-learn 8x8 digits, 10 classes, 1 channel (bundled, no download)",
-    "cifar10": "CIFAR-10, 32x32 RGB, 10 classes (python pickles in data_dir)",
-    "cifar100": "CIFAR-100, 32x32 RGB, 100 fine classes (python pickles in data_dir)",
-}
-
-
-def list_datasets() -> list[tuple[str, str]]:
-    return list(DATASETS.items())
+# the built-in loaders register themselves on import (one file per data set)
+from kdlab.data import cifar, digits, mnist5k  # noqa: E402,F401  (registration)
 
 
 def load_dataset(
@@ -32,24 +35,21 @@ def load_dataset(
 ) -> Splits:
     """Load ``name`` as train / val / test `TensorSet`s plus its `DatasetInfo`.
 
+    ``name`` is looked up in the dataset registry (`kdlab.data.registry`; case, ``-`` and ``_``
+    are ignored, an unknown name raises ValueError with the closest registered names).
     ``val_fraction``: stratified part of the training pool held out for validation (seeded by
     ``seed``). ``label_fraction``: stratified part of the remaining training set kept (at least
     one per class, seeded); the rest is dropped. The test set does not depend on ``seed``
-    (digits: a fixed 25% split; CIFAR: the official test set). ``data_dir`` is used by CIFAR
-    only (default ``$KDLAB_DATA_DIR`` or ``./data``); see `kdlab.data.cifar`.
+    (digits: a fixed 25% split; mnist5k: a fixed 1,000 images; CIFAR: the official test set).
+    ``data_dir`` is used by CIFAR only (default ``$KDLAB_DATA_DIR`` or ``./data``); see
+    `kdlab.data.cifar`.
     """
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key == "digits":
-        from kdlab.data.digits import load_digits_splits
-
-        return load_digits_splits(val_fraction=val_fraction, label_fraction=label_fraction, seed=seed)
-    if key in ("cifar10", "cifar100"):
-        from kdlab.data.cifar import load_cifar_splits
-
-        return load_cifar_splits(
-            key, data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed
-        )
-    raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    fn = DATASETS.get(dataset_name(name))
+    splits = fn(data_dir, val_fraction=val_fraction, label_fraction=label_fraction, seed=seed)
+    if not isinstance(splits, Splits):
+        raise TypeError(f"dataset {name!r}: its loader {fn.__qualname__} returned "
+                        f"{type(splits).__name__}, not kdlab.data.Splits")
+    return splits
 
 
 __all__ = [
@@ -60,7 +60,10 @@ __all__ = [
     "Splits",
     "TensorSet",
     "augment_batch",
+    "check_dataset_name",
+    "dataset_name",
     "list_datasets",
     "load_dataset",
     "normalize",
+    "register_dataset",
 ]

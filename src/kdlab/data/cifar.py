@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab.data.registry import register_dataset
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet, train_val_from_pool
 
 # Per-channel statistics of the official training sets (pixel values / 255).
@@ -201,3 +202,21 @@ def load_cifar_splits(
         classes=names,
     )
     return Splits(train=train, val=val, test=test, info=info)
+
+
+@register_dataset("cifar10", description="CIFAR-10, 32x32 RGB, 10 classes (python pickles in "
+                                         "data_dir)", reference=CIFAR10.url)
+def cifar10(data_dir=None, *, val_fraction: float = 0.1, label_fraction: float = 1.0,
+            seed: int = 0) -> Splits:
+    """Registered loader: `load_cifar_splits` for CIFAR-10."""
+    return load_cifar_splits("cifar10", data_dir, val_fraction=val_fraction,
+                             label_fraction=label_fraction, seed=seed)
+
+
+@register_dataset("cifar100", description="CIFAR-100, 32x32 RGB, 100 fine classes (python "
+                                          "pickles in data_dir)", reference=CIFAR100.url)
+def cifar100(data_dir=None, *, val_fraction: float = 0.1, label_fraction: float = 1.0,
+             seed: int = 0) -> Splits:
+    """Registered loader: `load_cifar_splits` for CIFAR-100."""
+    return load_cifar_splits("cifar100", data_dir, val_fraction=val_fraction,
+                             label_fraction=label_fraction, seed=seed)

@@ -18,8 +18,9 @@ import functools
 import numpy as np
 import torch
 
-from kdlab.data.splits import DatasetInfo, Splits, TensorSet, stratified_split, train_val_from_pool
 from kdlab.core.seeding import derive_seed
+from kdlab.data.registry import register_dataset
+from kdlab.data.splits import DatasetInfo, Splits, TensorSet, stratified_split, train_val_from_pool
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_TEST_SEED = derive_seed("digits", "test")  # fixed: the same test set for every run seed
@@ -71,3 +72,11 @@ def load_digits_splits(
         seed=seed,
     )
     return Splits(train=train, val=val, test=TensorSet(x[test], y[test]), info=DIGITS_INFO)
+
+
+@register_dataset("digits", description="scikit-learn 8x8 digits, 10 classes, 1 channel "
+                                        "(bundled, no download)")
+def digits(data_dir=None, *, val_fraction: float = 0.1, label_fraction: float = 1.0,
+           seed: int = 0) -> Splits:
+    """Registered loader (``data_dir`` is unused: the images ship with scikit-learn)."""
+    return load_digits_splits(val_fraction=val_fraction, label_fraction=label_fraction, seed=seed)
