@@ -245,7 +245,8 @@ def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float
     ``per_seed``: ``{seed: {method: {corruption: accuracy in [0, 1]}}}`` (e.g. the mean over
     severities); ``clean``: ``{seed: {method: clean accuracy}}`` for a top row. Each cell shows the
     mean over seeds and, under it, ``± sd`` over seeds (sample sd; omitted with one seed). The last
-    row is the mean over corruptions (mCA), its sd taken over the seeds' mCAs."""
+    row is the mean over all the corruptions shown (which may differ from a table's mCA over the
+    standard 15), its sd taken over the seeds' means."""
     seeds = list(per_seed)
     if not seeds:
         raise ValueError("robustness_heatmap needs at least one seed's results")
@@ -265,7 +266,7 @@ def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float
     for c in corrs:
         labels.append(c)
         rows.append([cell(lambda s, m=m, c=c: per_seed[s].get(m, {}).get(c, np.nan)) for m in methods])
-    labels.append("mean (mCA)")
+    labels.append(f"mean of the {len(corrs)}")
     rows.append([cell(lambda s, m=m: np.mean([per_seed[s][m][c] for c in corrs])
                       if m in per_seed[s] else np.nan) for m in methods])
     mu = np.asarray([[c[0] for c in r] for r in rows])
