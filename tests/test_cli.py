@@ -81,7 +81,7 @@ def test_shared_options_have_one_name_default_and_help_everywhere():
     assert {"ablate", "demo", "sweep", "compare", "bench"} == set(users["--seeds"]) == set(users["--n-seeds"])
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench",
             "explain", "robustness", "profile", "prune", "quantize", "export",
-            "deploy", "tune"} == set(users["--out"])
+            "deploy", "tune", "findings"} == set(users["--out"])
     assert {"evaluate", "explain", "robustness", "profile", "prune", "quantize",
             "deploy"} | recipe_cmds == set(users["--device"])
     # the defaults: --device auto, the others unset
@@ -130,7 +130,8 @@ def test_commands_are_an_explicit_module_list():
     assert all(callable(m.register) for m in COMMANDS)
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "evaluate", "recipes", "models",
             "losses", "methods", "compare", "paradigm", "explain", "robustness", "profile",
-            "prune", "quantize", "export", "deploy", "bench", "lm", "tune"} == set(_subparsers())
+            "prune", "quantize", "export", "deploy", "bench", "lm", "tune", "explain-study", "findings",
+            "report"} == set(_subparsers())
 
 
 # ------------------------------------------------------------------ help without torch

@@ -128,7 +128,7 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
                         color=color, capsize=4, ms=6, lw=2, zorder=3,
                         label=("mean, 95% CI" if y == ys[0] else None))
         p = r.get("p_holm")
-        from kdlab.report.tables import fmt_p
+        from kdlab.report.statistics import fmt_p
 
         txt = f"p Holm {fmt_p(p)}" + (" *" if sig else "")
         ax.annotate(txt, xy=(1.02, y), xycoords=("axes fraction", "data"), va="center",

@@ -238,3 +238,13 @@ def compare_to_baseline(values: Mapping[str, Mapping], baseline: str, conf: floa
         if delta is not None:
             res[m]["seeds_needed"] = seeds_needed(res[m]["sd"], delta)
     return res
+
+
+def fmt_p(p) -> str:
+    """A p-value for a table: 3 decimals (4 within 0.0005 of 0.05, so that a p just above the
+    threshold does not print as 0.050), ``<0.001`` below that, ``—`` when undefined."""
+    if p is None or not math.isfinite(p):
+        return "—"
+    if p < 0.001:
+        return "<0.001"
+    return f"{p:.4f}" if abs(p - 0.05) < 0.0005 else f"{p:.3f}"

@@ -11,7 +11,6 @@ All from :mod:`kdlab.report.statistics` (scipy.stats); NaN rules in docs/statist
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from kdlab.report.statistics import (compare_to_baseline, min_detectable_diff, paired_test,
+from kdlab.report.statistics import (fmt_p,  # noqa: F401  (re-exported)
+                                     compare_to_baseline, min_detectable_diff, paired_test,
                                      t_interval, wilcoxon_min_p)
 
 #: family-wise level at which the table marks a comparison as surviving Holm's correction
@@ -38,16 +38,6 @@ def paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
     """Mean and 95% half-width of a[k] − b[k] over keys (seeds) in both; and how many."""
     r = paired_test(a, b)
     return r["mean"], r["ci"], r["n"]
-
-
-def fmt_p(p) -> str:
-    """A p-value for a table: 3 decimals (4 within 0.0005 of 0.05, so that a p just above the
-    threshold does not print as 0.050), ``<0.001`` below that, ``—`` when undefined."""
-    if p is None or not math.isfinite(p):
-        return "—"
-    if p < 0.001:
-        return "<0.001"
-    return f"{p:.4f}" if abs(p - 0.05) < 0.0005 else f"{p:.3f}"
 
 
 def fmt_pct(m: float, pm: Optional[float] = None, digits: int = 2) -> str:
@@ -71,13 +61,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV (every key), written atomically; nothing for no rows."""
     if not rows:
         return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    from kdlab.core.io import write_csv as atomic_csv
+
+    atomic_csv(path, rows)
 
 
 def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc") -> list[dict]:
@@ -110,8 +99,11 @@ def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc") -
             "d_z": t["d_z"] if t else nan,
             "seeds_for_1pp": t["seeds_needed"] if t else nan,
             "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
-            "train_time_s_mean": float(np.mean([r["train_time_s"] for r in rs])),
-            "train_images_per_s": float(np.mean([r["images_per_s"] for r in rs])),
+            # the student's own cost: the teacher's outputs and masks (charged to whichever run
+            # filled a shared cache) are reported on their own line
+            "train_time_s_mean": float(np.mean([r.get("student_time_s", r["train_time_s"]) for r in rs])),
+            "train_images_per_s": float(np.mean([r.get("student_images_per_s", r["images_per_s"]) for r in rs])),
+            "teacher_time_s_sum": float(np.sum([r.get("teacher_time_s", 0.0) for r in rs])),
             "seeds": sorted(accs),
             "test_acc_by_seed": {str(k): accs[k] for k in sorted(accs)},
         })
@@ -192,7 +184,8 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
             _num(r["train_images_per_s"], ".0f"), _num(r["train_time_s_mean"], ".1f"),
         ]
         if robust:
-            row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE")), fmt_pct(r.get("rel_mCE"))]
+            row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE"), r.get("mCE_sd"), 1),
+                    fmt_pct(r.get("rel_mCE"), r.get("rel_mCE_sd"), 1)]
         rows.append(row)
     md = markdown_table(headers, rows)
     note = (f"\nTest top-1 over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
@@ -208,8 +201,16 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
             note += (f" With {n_pairs} seeds the Wilcoxon test cannot reach p < 0.05 "
                      f"(its smallest p is {wilcoxon_min_p(n_pairs):.3f}; it needs 6 seeds).")
     if robust:
-        note += (" mCA: mean accuracy over corruptions x severities; mCE / rel. mCE: corruption "
-                 f"error relative to '{baseline}' (100 = as robust as it), mean over seeds.")
+        note += (" mCA / mCE / rel. mCE: the 15 standard corruptions x severities (Hendrycks & "
+                 f"Dietterich), mean ± sd over seeds; mCE / rel. mCE relative to '{baseline}' "
+                 "(100 = as robust as it). The 4 extra corruptions are reported separately "
+                 "(report/robustness.md; mCA_extra, mCE_extra, rel_mCE_extra in table.csv/json); "
+                 "rel. mCE leaves out corruptions where the reference degrades by < 1 pp "
+                 "(named in report/robustness.md).")
+    teacher_s = sum(r.get("teacher_time_s_sum", 0.0) for r in stats)
+    if teacher_s > 0:
+        note += (f" Train img/s and s/run are the students' own cost; the teacher's outputs and causal "
+                 f"masks took {teacher_s:.1f}s over the whole study (computed once per batch when cached).")
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.1f}s."
     pl = power_line(stats, baseline)
