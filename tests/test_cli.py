@@ -83,7 +83,7 @@ def test_shared_options_have_one_name_default_and_help_everywhere():
             "explain", "robustness", "profile", "prune", "quantize", "export",
             "deploy", "tune", "findings"} == set(users["--out"])
     assert {"evaluate", "explain", "robustness", "profile", "prune", "quantize",
-            "deploy"} | recipe_cmds == set(users["--device"])
+            "deploy", "explain-study"} | recipe_cmds == set(users["--device"])
     # the defaults: --device auto, the others unset
     assert seen["--device"][0][2] == "auto"
     assert seen["--out"][0][2] is None and seen["--seeds"][0][2] is None
