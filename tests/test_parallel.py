@@ -52,7 +52,7 @@ def _runs(out, methods, seeds):
 
 def _table(out):
     t = json.loads((out / "report" / "table.json").read_text())
-    drop = ("train_time_s", "wall", "images_per_s", "latency")
+    drop = ("train_time_s", "teacher_time_s", "wall", "images_per_s", "latency")
     return [{k: v for k, v in r.items() if not any(x in k for x in drop)} for r in t["methods"]]
 
 
