@@ -199,7 +199,8 @@ class Recipe(_Strict):
         return any(term.needs_teacher for _, _, term in build_terms(self.loss))
 
 
-def _fmt_loc(loc) -> str:
+def fmt_loc(loc) -> str:
+    """Dotted path of a pydantic error location: ``loss[0].weight``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -362,7 +363,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = _fmt_loc(err["loc"])
+        loc = fmt_loc(err["loc"])
         if err["type"] == "extra_forbidden":
             msg = f"unknown key '{err['loc'][-1]}'"
         elif err["type"] == "missing":

@@ -15,23 +15,7 @@ import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdlab.core.config import RecipeError, apply_overrides, resolve_recipe_path
-
-
-def fmt_loc(loc) -> str:
-    """Dotted path of a validation error location: ``distill.loss[0]``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` merged into a copy of ``base``: dicts key by key, anything else replaced."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
+from kdlab.core.config import RecipeError, apply_overrides, deep_merge, fmt_loc, resolve_recipe_path
 
 
 def read_lm_yaml(path: Path, seen: tuple = ()) -> dict:
