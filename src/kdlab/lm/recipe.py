@@ -7,7 +7,6 @@ vision recipes (:mod:`kdlab.core.config`). Unknown keys fail with the dotted pat
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal, Optional
 
