@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_checkpoint
+from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, read_csv, read_json, write_csv, write_json
 from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
@@ -441,7 +441,7 @@ class Trainer:
         if not path.exists():
             last = self.run_dir / "last.pt"
             if last.is_file():
-                ck = load_checkpoint(last, fix=f"delete it and re-run (the result is kept)")
+                ck = load_checkpoint(last, fix="delete it and re-run (the result is kept)")
                 hist = (ck.get("state") or {}).get("history")
                 if hist and len(hist) == epochs_run:
                     if self.runtime.is_main:
