@@ -59,3 +59,17 @@ def test_unfinished_teacher_is_resumed_not_used(tmp_path):
     ensure_teachers(r, progress=False, log=logs.append)
     assert any("unfinished" in line for line in logs)
     assert json.loads((tmp_path / "T" / "result.json").read_text())["epochs_run"] == 2
+
+
+def test_accumulation_windows_normalise_over_the_window():
+    import kdlab.train.trainer as T
+
+    class Obj:
+        def batch_weight(self, b):
+            return b
+
+    out = list(T.accumulation_windows(iter([2, 3, 4, 1, 6]), 2, Obj()))
+    # windows (2, 3), (4, 1), (6): each batch carries its window's total
+    assert out == [(0, 2, 5.0), (1, 3, 5.0), (2, 4, 5.0), (3, 1, 5.0), (4, 6, 6.0)]
+    assert list(T.accumulation_windows(iter([2, 3]), 1, Obj())) == [(0, 2, None), (1, 3, None)]
+    assert list(T.accumulation_windows(iter([2, 3]), 2, object())) == [(0, 2, None), (1, 3, None)]

@@ -42,7 +42,7 @@ def teacher():
 def _history(res_dir):
     rows = [l.split(",") for l in (res_dir / "metrics.csv").read_text().splitlines()]
     head = rows[0]
-    keep = [i for i, k in enumerate(head) if k not in ("train_time_s", "images_per_s")]
+    keep = [i for i, k in enumerate(head) if k not in ("train_time_s", "images_per_s", "teacher_time_s")]
     return [[r[i] for i in keep] for r in rows]
 
 

@@ -76,14 +76,14 @@ def test_shared_options_have_one_name_default_and_help_everywhere():
         assert len(shapes) == 1, f"{flag} is declared differently: {uses}"
     # where each shared option is used
     users = {flag: sorted(u[0] for u in uses) for flag, uses in seen.items()}
-    recipe_cmds = {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench"}
+    recipe_cmds = {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench", "tune"}
     assert recipe_cmds <= set(users["--set"])
     assert {"ablate", "demo", "sweep", "compare", "bench"} == set(users["--seeds"]) == set(users["--n-seeds"])
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "compare", "paradigm", "bench",
             "explain", "robustness", "profile", "prune", "quantize", "export",
-            "deploy"} == set(users["--out"])
+            "deploy", "tune", "findings"} == set(users["--out"])
     assert {"evaluate", "explain", "robustness", "profile", "prune", "quantize",
-            "deploy"} | recipe_cmds == set(users["--device"])
+            "deploy", "explain-study"} | recipe_cmds == set(users["--device"])
     # the defaults: --device auto, the others unset
     assert seen["--device"][0][2] == "auto"
     assert seen["--out"][0][2] is None and seen["--seeds"][0][2] is None
@@ -123,14 +123,15 @@ def test_device_auto_and_recipe_overrides():
 
 def test_commands_are_an_explicit_module_list():
     import kdlab.cli.bench, kdlab.cli.compress, kdlab.cli.explain, kdlab.cli.methods  # noqa: E401
-    import kdlab.cli.robustness, kdlab.cli.run  # noqa: E401
+    import kdlab.cli.lm, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune  # noqa: E401
 
-    assert set(COMMANDS) == {kdlab.cli.bench, kdlab.cli.compress, kdlab.cli.explain,
-                             kdlab.cli.methods, kdlab.cli.robustness, kdlab.cli.run}
+    assert set(COMMANDS) == {kdlab.cli.bench, kdlab.cli.compress, kdlab.cli.explain, kdlab.cli.lm,
+                             kdlab.cli.methods, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune}
     assert all(callable(m.register) for m in COMMANDS)
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "evaluate", "recipes", "models",
             "losses", "methods", "compare", "paradigm", "explain", "robustness", "profile",
-            "prune", "quantize", "export", "deploy", "bench"} == set(_subparsers())
+            "prune", "quantize", "export", "deploy", "bench", "lm", "tune", "explain-study", "findings",
+            "report"} == set(_subparsers())
 
 
 # ------------------------------------------------------------------ help without torch

@@ -71,3 +71,25 @@ def test_profile_command_on_a_timm_model(tmp_path, capsys):
     # ResNet-18 is 1.82 GMACs at 224x224 (He et al. 2016, Table 1: 1.8 GFLOPs counted as
     # multiply-adds); conv MACs scale with the pixel count, so at 32x32 about 1.82e9 / 49
     assert row["mmacs"] == pytest.approx(1.82e3 / 49, rel=0.03)
+
+
+@pytest.mark.parametrize("spec,layer", [("timm:resnet18", "layer2"), ("torchvision:resnet18", "layer2")])
+def test_timm_and_torchvision_students_distil(tmp_path, spec, layer):
+    # a timm / torchvision student distilled from a kdlab teacher, with a feature loss on a layer
+    # named as in named_modules(), then its checkpoint rebuilt by spec
+    pytest.importorskip(spec.split(":")[0])
+    import kdlab
+    from kdlab.core.checkpoint import load_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 3, 32, 32, generator=g)
+    y = (x[:, 0].mean((1, 2)) > x[:, 1].mean((1, 2))).long()
+    teacher = create_model("resnet8", num_classes=2, in_channels=3)
+    res = kdlab.fit(spec, teacher, train_data=(x, y), val_data=(x[:16], y[:16]), test_data=(x, y),
+                    num_classes=2, run_dir=tmp_path / "run", progress=False,
+                    loss=[{"term": "ce", "weight": 0.5}, {"term": "kd", "weight": 0.5},
+                          {"term": "at", "weight": 1.0, "layers": [[layer, "layer2"]]}],
+                    train={"epochs": 1, "batch_size": 16, "device": "cpu"})
+    assert res["n_test"] == 48 and res["epochs_run"] == 1
+    model, ck = load_model(tmp_path / "run" / "best.pt")
+    assert ck["model_name"] == spec and model(x[:2]).shape == (2, 2)

@@ -12,7 +12,7 @@ keys of ``result.json`` (``val_acc``, ``test_acc``, ``best_epoch``, ...).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn

@@ -135,6 +135,34 @@ def add_seeds(p: argparse.ArgumentParser) -> None:
                    help="N seeds: 0 .. N-1 (the same as --seeds 0-<N-1>)")
 
 
+def add_parallel(p: argparse.ArgumentParser) -> None:
+    """``--jobs N --threads T --launcher local|submitit --launcher-opt KEY=VALUE``: run a study's
+    independent runs in parallel (kdlab.experiments.parallel)."""
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once: N local processes or N submitit tasks (default 1: one after another)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
+                   help="torch threads per run (default: the cores divided by --jobs)")
+    p.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                   help="local processes, or submitit (a Slurm job array; cluster=local runs it here)")
+    p.add_argument("--launcher-opt", dest="launcher_opts", action="append", default=[], metavar="KEY=VALUE",
+                   help="a submitit option, e.g. slurm_partition=gpu, timeout_min=120 (repeatable)")
+
+
+def parallel_kwargs(args) -> dict:
+    """The ``jobs/launcher/threads/launcher_options`` keywords of run_study from the parsed flags."""
+    opts = {}
+    for item in args.launcher_opts:
+        if "=" not in item:
+            raise ValueError(f"--launcher-opt '{item}' must look like KEY=VALUE (e.g. timeout_min=120)")
+        k, v = item.split("=", 1)
+        import yaml
+
+        opts[k.strip()] = yaml.safe_load(v)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    return {"jobs": args.jobs, "launcher": args.launcher, "threads": args.threads, "launcher_options": opts or None}
+
+
 def add_data_dir(p: argparse.ArgumentParser) -> None:
     """``--data-dir DIR``."""
     p.add_argument("--data-dir", metavar="DIR", default=None,

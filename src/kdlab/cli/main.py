@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 
-from kdlab.cli import bench, compress, explain, methods, robustness, run
+from kdlab.cli import bench, compress, explain, lm, methods, robustness, run, tune
 
 #: The command modules, in the order their commands are listed by ``kdlab --help``.
-COMMANDS = [run, methods, explain, robustness, compress, bench]
+COMMANDS = [run, methods, explain, robustness, compress, bench, lm, tune]
 
 
 class OneLineParser(argparse.ArgumentParser):

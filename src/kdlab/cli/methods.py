@@ -27,7 +27,7 @@ def cmd_compare(args) -> int:
 
     run_compare(args.recipes, args.out, dataset=args.all, seeds=args.seeds, baseline=args.baseline,
                 data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
-                progress=A.progress(args), profile=not args.no_profile)
+                progress=A.progress(args), profile=not args.no_profile, **A.parallel_kwargs(args))
     return 0
 
 
@@ -50,6 +50,7 @@ def register(sub) -> None:
                    ).set_defaults(func=cmd_methods)
 
     p = sub.add_parser("compare", help="compare distillation methods (recipes) over seeds in one table")
+    A.add_parallel(p)
     p.add_argument("recipes", nargs="*", help="method recipes (paths or shipped names, e.g. methods/digits/dkd) "
                    "and/or paradigm recipes (e.g. paradigms/digits/ban)")
     p.add_argument("--all", metavar="DATASET",

@@ -60,7 +60,7 @@ def cmd_ablate(args) -> int:
 
     run_ablation(args.recipe, out_dir=args.out, seeds=args.seeds, mode=args.mode,
                  data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
-                 progress=A.progress(args), teacher_cache=not args.no_teacher_cache)
+                 progress=A.progress(args), teacher_cache=not args.no_teacher_cache, **A.parallel_kwargs(args))
     return 0
 
 
@@ -72,9 +72,43 @@ def cmd_demo(args) -> int:
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
                           overrides=A.recipe_overrides(args), progress=A.progress(args))
     if not args.no_robustness:
-        print("\nrobustness of the five methods (19 corruptions x 5 severities, seed 0):")
+        print("\nrobustness of the five methods (15 standard + 4 extra corruptions x 5 severities, seed 0; "
+              "mCE over the 15):")
         study_robustness(Path(report["out_dir"]).parent, device=str(resolve_device(args.device)),
                          progress=A.progress(args))
+    study = Path(report["out_dir"]).parent
+    if not args.no_explain:
+        from kdlab.experiments.findings import write_findings
+        from kdlab.experiments.study_explain import explain_study
+
+        print("\nwhere the students look (attention rank alignment, top-k focus, logit agreement):")
+        explain_study(study, device=str(resolve_device(args.device)))
+        write_findings([study], out=study / "report" / "findings.md", command="kdlab demo")
+    return 0
+
+
+def cmd_explain_study(args) -> int:
+    from kdlab.experiments.study_explain import explain_study
+    from kdlab.train.runtime import resolve_device
+
+    explain_study(args.study, teacher=args.teacher, n_images=args.n_images, method=args.method,
+                  grid=args.grid, k=args.k, steps=args.steps, data_dir=args.data_dir,
+                  device=str(resolve_device(args.device)))
+    return 0
+
+
+def cmd_findings(args) -> int:
+    from kdlab.experiments.findings import write_findings
+
+    write_findings(args.studies, out=Path(args.out or "docs") / "findings.md",
+                   command="kdlab findings " + " ".join(args.studies))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdlab.report.tables import rebuild_report
+
+    rebuild_report(args.study, baseline=args.baseline, figures=not args.no_figures)
     return 0
 
 
@@ -85,7 +119,7 @@ def cmd_sweep(args) -> int:
     run_sweep(args.recipe, alphas=args.alphas, students=args.students, seeds=args.seeds,
               out_dir=args.out, data_dir=args.data_dir, overrides=A.recipe_overrides(args, False),
               n_images=args.n_images, method=args.method, grid=args.grid, k=args.k,
-              steps=args.steps, progress=A.progress(args))
+              steps=args.steps, progress=A.progress(args), **A.parallel_kwargs(args))
     return 0
 
 
@@ -142,6 +176,7 @@ def register(sub) -> None:
     p = sub.add_parser("ablate", help="step-wise and leave-one-out ablation of a full recipe over seeds")
     _recipe_args(p, "runs/<recipe name>")
     A.add_seeds(p)
+    A.add_parallel(p)
     p.add_argument("--mode", choices=["ladder", "loo", "both"],
                    help="ladder (add one component at a time), loo (leave one out) or both "
                         "(default: the recipe's study.methods)")
@@ -155,13 +190,41 @@ def register(sub) -> None:
     A.add_set(p, "the digits/full recipe")
     A.add_device(p, recipe=True)
     p.add_argument("--no-robustness", action="store_true", help="skip the corruption evaluation")
+    p.add_argument("--no-explain", action="store_true",
+                   help="skip where-the-students-look and the findings page")
     A.add_quiet(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explain-study", help="where a study's students look: alignment with the teacher per method")
+    p.add_argument("study", help="study folder (runs/<name>) of a finished `kdlab ablate`")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the one the runs' recipe names)")
+    p.add_argument("--n-images", type=int, default=200, help="test images explained (default 200)")
+    p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig",
+                   help="attribution method (default ig)")
+    p.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="grid of image parts (default 4 4 on 8x8 images, 7 7 on 28x28)")
+    p.add_argument("--k", type=int, help="teacher's top-k parts of the focus metric")
+    p.add_argument("--steps", type=int, default=16, help="Integrated-Gradients steps (default 16)")
+    A.add_data_dir(p)
+    A.add_device(p)
+    p.set_defaults(func=cmd_explain_study)
+
+    p = sub.add_parser("findings", help="the findings page: what each component buys, with p-values")
+    p.add_argument("studies", nargs="+", help="study folders (each a finished `kdlab ablate`)")
+    A.add_out(p, "docs (the page is <DIR>/findings.md)")
+    p.set_defaults(func=cmd_findings)
+
+    p = sub.add_parser("report", help="rebuild a study's tables and figures from its runs (no training)")
+    p.add_argument("study", help="study folder")
+    p.add_argument("--baseline", help="method the paired tests compare to (default: the table's)")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sweep", help="explanation sweep: KD strength alpha x student size vs one teacher")
     _recipe_args(p, "runs/<recipe name>-sweep", nargs="?")
     p.set_defaults(recipe="digits/kd")
     A.add_seeds(p)
+    A.add_parallel(p)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9], metavar="A",
                    help="weights of the KD term: (1-alpha)*CE + alpha*KD (0 = no KD; default 0 0.5 0.9)")
     p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"],

@@ -256,7 +256,8 @@ class Recipe(_Strict):
         return any(term.needs_teacher for _, _, term in build_terms(self.loss))
 
 
-def _fmt_loc(loc) -> str:
+def fmt_loc(loc) -> str:
+    """Dotted path of a pydantic error location: ``loss[0].weight``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -419,7 +420,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = _fmt_loc(err["loc"])
+        loc = fmt_loc(err["loc"])
         if err["type"] == "extra_forbidden":
             msg = f"unknown key '{err['loc'][-1]}'"
         elif err["type"] == "missing":
@@ -467,6 +468,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def list_recipes() -> list[str]:
-    """Shipped training recipes (``recipes/paradigms/`` holds paradigm files of another schema)."""
+    """Shipped training recipes (``recipes/paradigms/`` and ``recipes/lm/`` hold files of other
+    schemas: paradigm recipes and language-model recipes, `kdlab lm`)."""
     names = (str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith("paradigms/"))
+    return sorted(n for n in names if not n.startswith(("paradigms/", "lm/")))

@@ -191,7 +191,6 @@ def mean_ci(values, conf: float = 0.95) -> tuple[float, float]:
 
 def summarize(values, conf: float = 0.95) -> tuple[float, float, int]:
     """``(mean, ci_half_width, n)`` over the finite values (see :func:`mean_ci`)."""
-    from scipy.stats import t as student_t
 
     if not 0 < conf < 1:
         raise ValueError(f"conf must be in (0, 1), got {conf}")
@@ -205,8 +204,10 @@ def summarize(values, conf: float = 0.95) -> tuple[float, float, int]:
     mean = float(v.mean())
     if n == 1:
         return mean, float("nan"), 1
-    half = float(student_t.ppf(0.5 + conf / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return mean, half, n
+    from kdlab.report.statistics import t_interval
+
+    _, _, half = t_interval(v, conf)
+    return mean, float(half), n
 
 
 # ---------------------------------------------------------------------------------------------

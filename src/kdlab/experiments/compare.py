@@ -53,7 +53,7 @@ def compare_refs(refs, dataset: str | None = None) -> list[str]:
 
 def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, seeds=None,
                 baseline="kd", data_dir=None, overrides=None, progress=True, profile=True,
-                log=print) -> dict:
+                log=print, **parallel) -> dict:
     """Run methods side by side over seeds and write one comparison table.
 
     ``refs``: method recipes and/or paradigm recipes (paths or shipped names); with ``dataset``
@@ -98,7 +98,7 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
     out_dir = Path(out_dir)
     log(f"comparing {len(recipes) + len(paradigms)} methods x {len(seeds)} seeds -> {out_dir}")
     if not paradigms:
-        report = run_study(recipes, out_dir, seeds=list(seeds), data_dir=data_dir, progress=progress,
+        report = run_study(recipes, out_dir, seeds=list(seeds), data_dir=data_dir, progress=progress, **parallel,
                            log=log, baseline=baseline, profile=profile)
     else:
         from kdlab.report.tables import study_report
@@ -113,7 +113,7 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
                 if a and str(a[0]).startswith("study wall time"):
                     muted.append(True)
 
-            run_study(recipes, out_dir, seeds=list(seeds), data_dir=data_dir, progress=progress,
+            run_study(recipes, out_dir, seeds=list(seeds), data_dir=data_dir, progress=progress, **parallel,
                       log=study_log, baseline=baseline, profile=False)
             for m in recipes:
                 for s in seeds:

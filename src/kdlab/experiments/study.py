@@ -73,11 +73,21 @@ def ablation_methods(full: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
 
 def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir=None,
               progress: bool = True, log=print, baseline: str = "baseline",
-              profile: bool = True, teacher_cache: bool = True) -> dict:
+              profile: bool = True, teacher_cache: bool = True, jobs: int = 1,
+              launcher: str = "local", threads: Optional[int] = None,
+              launcher_options: Optional[dict] = None) -> dict:
     """Train every (method, seed) into ``out_dir/<method>/seed<k>`` and write the report.
 
     ``teacher_cache``: share the teacher's outputs between the study's runs (recipes with
-    ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md)."""
+    ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md).
+    ``jobs`` > 1 or ``launcher="submitit"``: run the independent runs in that many processes
+    (:mod:`kdlab.experiments.parallel`; ``threads`` intra-op threads each, default cores // jobs;
+    ``launcher_options`` for submitit), with the same results and report as the sequential loop."""
+    if jobs != 1 or launcher != "local":
+        return _run_study_parallel(recipes, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
+                                   log=log, baseline=baseline, profile=profile, teacher_cache=teacher_cache,
+                                   jobs=jobs, launcher=launcher, threads=threads,
+                                   launcher_options=launcher_options)
     from kdlab.distill.teachers import TeacherStore
     from kdlab.report.tables import study_report
     from kdlab.train.build import ensure_teachers, load_splits, load_teacher, train, with_data_dir
@@ -111,6 +121,43 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
     wall = time.perf_counter() - t_start
     if store is not None and store.hits + store.misses:
         log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
+    teacher_s = sum(r.get("teacher_time_s", 0.0) for r in rows)
+    log(f"study wall time {wall:.1f}s; teacher outputs and masks {teacher_s:.1f}s (computed once per "
+        f"batch and shared when cached); students' own training {sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
+    from kdlab.train.trainer import mixed_threads
+
+    warn = mixed_threads(rows)
+    if warn:
+        log(warn)
+    if not is_main():
+        return {}
+    return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,
+                        profile=profile, log=log)
+
+
+def _run_study_parallel(recipes, out_dir, *, seeds, data_dir, progress, log, baseline, profile,
+                        teacher_cache, jobs, launcher, threads, launcher_options) -> dict:
+    """``run_study`` through :func:`kdlab.experiments.parallel.run_jobs`: teachers trained here,
+    the teacher cache filled once, then the runs fanned out; rows in the sequential order."""
+    from kdlab.experiments.parallel import run_jobs, study_jobs, threads_per_job
+    from kdlab.report.tables import study_report
+    from kdlab.train.build import ensure_teachers, with_data_dir
+    from kdlab.train.runtime import is_main
+
+    out_dir = Path(out_dir)
+    recipes = {m: with_data_dir(r, data_dir) for m, r in recipes.items()}
+    t_start = time.perf_counter()
+    for recipe in recipes.values():
+        if recipe.needs_teacher():
+            ensure_teachers(recipe, data_dir=data_dir, progress=progress, log=log)
+    threads = threads or threads_per_job(jobs)
+    log(f"running {len(recipes) * len(seeds)} runs in {jobs} {launcher} worker(s), {threads} thread(s) each")
+    rows, counts = run_jobs(study_jobs(recipes, out_dir, seeds), n_jobs=jobs, launcher=launcher,
+                            threads=threads, cache_root=out_dir / ".teacher_cache" if teacher_cache else None,
+                            launcher_options=launcher_options, folder=out_dir / ".submitit", log=log)
+    wall = time.perf_counter() - t_start
+    if counts["hits"] + counts["misses"]:
+        log(f"teacher cache: {counts['hits']} batches reused, {counts['misses']} computed")
     log(f"study wall time {wall:.1f}s; students' own training time "
         f"{sum(r.get('train_time_s', 0.0) for r in rows):.1f}s")
     if not is_main():
@@ -120,8 +167,11 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
 
 
 def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=None,
-                 overrides=None, progress=True, log=print, teacher_cache: bool = True) -> dict:
-    """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds."""
+                 overrides=None, progress=True, log=print, teacher_cache: bool = True,
+                 jobs: int = 1, launcher: str = "local", threads: Optional[int] = None,
+                 launcher_options: Optional[dict] = None) -> dict:
+    """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds
+    (``jobs``, ``launcher``, ``threads``, ``launcher_options``: see :func:`run_study`)."""
     full = load_recipe(recipe_ref, overrides)
     seeds = list(seeds) if seeds else list(full.study.seeds)
     mode = mode or full.study.methods
@@ -130,7 +180,8 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     base = "baseline" if "baseline" in methods else "full"
     log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
-                       log=log, baseline=base, teacher_cache=teacher_cache)
+                       log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,
+                       threads=threads, launcher_options=launcher_options)
     from kdlab.train.runtime import is_main
     if not is_main():  # a rank > 0 of a distributed study writes nothing
         return report

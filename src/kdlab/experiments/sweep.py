@@ -111,7 +111,8 @@ def sweep_recipes(base, alphas, students, T: float = 4.0) -> dict:
 
 def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_tiny", "cnn_small", "cnn_medium"),
               seeds=None, out_dir=None, data_dir=None, overrides=None, n_images=256, method="ig",
-              grid=(4, 4), k=5, steps=32, T: float = 4.0, image_seed: int = 0, progress=True, log=print):
+              grid=(4, 4), k=5, steps=32, T: float = 4.0, image_seed: int = 0, progress=True, log=print,
+              **parallel):
     from kdlab.core.checkpoint import load_model
     from kdlab.data import load_dataset
     from kdlab.evaluate.explain_report import explain_report, markdown, pick_images
@@ -128,7 +129,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
     ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)
     first = next(iter(recipes))
-    run_study(recipes, out_dir / "runs", seeds=list(seeds), progress=progress, log=log, baseline=first)
+    run_study(recipes, out_dir / "runs", seeds=list(seeds), progress=progress, log=log, baseline=first, **parallel)
 
     d = base.data
     splits = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction)

@@ -1,12 +1,14 @@
-"""Figures for explanations: attribution overlays and alignment-vs-alpha plots (PNG, matplotlib
-Agg backend, no display needed).
+"""Figures for explanations: attribution overlays and alignment-vs-alpha plots (PNG plus a PDF
+beside it, matplotlib Agg backend, no display needed).
 
 * :func:`overlay_grid` – rows are images; the first column is the input, then one column per
-  model with its attribution heat map drawn over the (grey) image. Each map is min-max
-  normalised to ``[0, 1]`` on its own (per image and per model), so the colours show where a
-  model looks, not how strongly.
+  model (name it by its training method, e.g. ``"kd+attn"``, not only its architecture) with its
+  attribution heat map drawn over the (grey) image. Each map is min-max normalised to ``[0, 1]``
+  on its own (per image and per model), so the colours show where a model looks, not how
+  strongly; the colour bar says so, and the title names the attribution method.
 * :func:`plot_sweep` – accuracy and alignment metrics against the KD weight ``alpha``
-  (the weight of the hard-label term; ``alpha = 1`` is no KD), one line per student.
+  (the weight of the hard-label term; ``alpha = 1`` is no KD), one line per student, with axis
+  labels and units and a title naming teacher, data, images and seeds.
 """
 
 from __future__ import annotations
@@ -71,15 +73,25 @@ def _grey(img: np.ndarray) -> np.ndarray:
     return img if img.ndim == 2 else img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+#: attribution method -> how a figure names it
+ATTRIBUTION_NAMES = {"ig": "Integrated Gradients |attribution|, summed over channels",
+                     "saliency": "saliency |∂F/∂x|, summed over channels",
+                     "gradcam": "Grad-CAM (ReLU), upsampled"}
+
+
 def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
                  titles: Sequence[str] | None = None, *, mean=None, std=None,
-                 cmap: str = "jet", alpha: float = 0.5, dpi: int = 100) -> Path:
-    """Write a PNG grid: one row per image (the first ``n``), columns ``input`` and then each
-    model's attribution overlay (column title = the dict key).
+                 cmap: str = "jet", alpha: float = 0.5, dpi: int = 100,
+                 attribution: str | None = None, title: str | None = None) -> Path:
+    """Write a PNG (and a PDF beside it) grid: one row per image (the first ``n``), columns
+    ``input`` and then each model's attribution overlay (column title = the dict key: name the
+    training method there, e.g. ``"kd+attn\ncnn_tiny"``), with a colour bar.
 
     ``images``: ``[N, C, H, W]`` with C in {1, 3} (un-normalised with ``mean``/``std`` when
     given); ``maps_by_model``: ``{name: [N, H, W] maps}`` at the images' resolution.
-    ``titles``: optional per-image row labels (e.g. ``"y=3 t=3 s=5"``). Returns the path.
+    ``titles``: optional per-image row labels (e.g. ``"y=3 t=3 s=5"``). ``attribution``: the
+    attribution method (``"ig"``, ``"saliency"``, ``"gradcam"`` or free text) for the figure
+    title; ``title``: a further title line. Returns the PNG path.
     """
     disp = to_display(images, mean, std)
     n = min(int(n), disp.shape[0])
@@ -117,29 +129,69 @@ def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
         for ax in axes.ravel():
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    finally:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        fig.tight_layout(rect=(0, 0, 0.9, 0.96 if (attribution or title) else 1.0))
+        cax = fig.add_axes((0.92, 0.15, 0.02, 0.7))
+        fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax).set_label(
+            "attribution, min–max scaled per map (0 = least, 1 = most)", fontsize=7)
+        cax.tick_params(labelsize=7)
+        head = [ATTRIBUTION_NAMES.get(attribution, attribution)] if attribution else []
+        if title:
+            head.append(title)
+        if head:
+            fig.suptitle("\n".join(head), fontsize=8)
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    from kdlab.report.figures import save_figure
+
+    path = Path(path)
+    save_figure(fig, path, dpi=dpi)
+    return path.with_suffix(".png")
 
 
 SWEEP_METRICS = ("student_acc", "rank_alignment", "topk_focus", "logit_alignment",
                  "top1_agreement", "kl_to_teacher")
 
 
+def sweep_title(rows: Sequence[Mapping], *, teacher: str | None = None, dataset: str | None = None,
+                n_images: int | None = None, seeds: int | None = None) -> str:
+    """``"teacher X · data Y · N images · S seeds"``; ``n_images`` defaults to the rows'
+    ``"n_images"``, ``seeds`` to the number of distinct ``"seed"`` values in the rows."""
+    if n_images is None:
+        ns = {int(r["n_images"]) for r in rows if r.get("n_images") is not None}
+        n_images = max(ns) if ns else None
+    if seeds is None:
+        ss = {r["seed"] for r in rows if r.get("seed") is not None}
+        seeds = len(ss) if ss else None
+    parts = [f"teacher {teacher}" if teacher else "teacher (unnamed)",
+             f"data {dataset}" if dataset else "data (unnamed)"]
+    if n_images is not None:
+        parts.append(f"{n_images} test images")
+    if seeds is not None:
+        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+    return " · ".join(parts)
+
+
 def plot_sweep(rows: Sequence[Mapping], path, metrics: Sequence[str] = SWEEP_METRICS, *,
-               dpi: int = 100) -> Path:
-    """Accuracy / alignment against ``alpha``, one line per student, one panel per metric.
+               dpi: int = 100, teacher: str | None = None, dataset: str | None = None,
+               n_images: int | None = None, seeds: int | None = None,
+               title: str | None = None) -> Path:
+    """Accuracy / alignment against ``alpha``, one line per student, one panel per metric
+    (PNG and a PDF beside it).
 
     ``rows``: dicts with ``"student"``, ``"alpha"`` and, per metric, ``metric`` (mean) and
     optionally ``metric + "_ci"`` (half-width, drawn as an error bar). Several rows with the same
     ``(student, alpha)`` (e.g. seeds) are averaged, their error bar then being the t-interval
-    over those rows. The alpha axis is inverted so KD gets stronger to the right.
+    over those rows. The alpha axis is inverted so KD gets stronger to the right. Each panel's
+    y axis names the metric and its unit (:data:`kdlab.report.figures.METRIC_LABELS`); the title
+    names ``teacher``, ``dataset``, the images and the seeds (see :func:`sweep_title`) or is
+    ``title`` when given.
     """
     from kdlab.evaluate.alignment import mean_ci
+    from kdlab.report.figures import METRIC_LABELS, save_figure
 
     rows = list(rows)
     if not rows:
@@ -151,7 +203,7 @@ def plot_sweep(rows: Sequence[Mapping], path, metrics: Sequence[str] = SWEEP_MET
     plt = _plt()
     ncol = min(3, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.0 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.1 * nrow + 0.5), squeeze=False)
     try:
         for ax, metric in zip(axes.ravel(), metrics):
             for student in students:
@@ -171,17 +223,22 @@ def plot_sweep(rows: Sequence[Mapping], path, metrics: Sequence[str] = SWEEP_MET
                     ys.append(y)
                     es.append(0.0 if not math.isfinite(e) else e)
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=student)
-            ax.set_title(metric, fontsize=9)
-            ax.set_xlabel("alpha (hard-label weight; 1 = no KD)", fontsize=8)
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+            ax.set_xlabel("α, weight of the hard-label term (1 = no KD)", fontsize=8)
+            ax.tick_params(labelsize=7)
             ax.invert_xaxis()
             ax.grid(alpha=0.3)
         for ax in axes.ravel()[len(metrics):]:
             ax.axis("off")
-        axes.ravel()[0].legend(fontsize=7)
+        axes.ravel()[0].legend(fontsize=7, title="student", title_fontsize=7)
+        head = title or sweep_title(rows, teacher=teacher, dataset=dataset, n_images=n_images,
+                                    seeds=seeds)
+        fig.suptitle(head + "\nmean with 95% t-interval (over seeds, or over images for one run)",
+                     fontsize=9)
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    path = Path(path)
+    save_figure(fig, path, dpi=dpi)
+    return path.with_suffix(".png")

@@ -22,6 +22,7 @@ an objective for
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -103,6 +104,7 @@ class DistillObjective:
         self.view = view
         self.channels_last = channels_last
         self.forward_model = torch.compile(student) if compile else student
+        self.teacher_time_s = 0.0  # seconds spent in the teacher sources (outputs and masks)
         self.ddp = False
         if runtime.dist:  # DistributedDataParallel syncs the student's gradients in backward
             self.forward_model = runtime.wrap_ddp(self.forward_model)
@@ -142,9 +144,11 @@ class DistillObjective:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t = None
+        t0 = time.perf_counter()
         if self.teacher is not None:
             t = self.teacher(x, y, idx, epoch, step)
         extra = {p: src(x, y, idx, epoch, step).logits for p, src in self.extra_teachers.items()}
+        self.teacher_time_s += time.perf_counter() - t0
         xs = x if self.view is None else self.view(x)
         with self.runtime.autocast(), Taps(self.student, self.s_layers) as taps:
             s_logits = self.forward_model(xs)

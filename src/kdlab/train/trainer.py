@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint, model_checkpoint
+from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, read_csv, read_json, write_csv, write_json
 from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
@@ -126,6 +126,7 @@ class RunState:
     images: float = 0.0
     best: dict = field(default_factory=dict)  # model name -> [score, epoch]
     step: int = 0  # optimiser steps taken
+    teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -174,6 +175,32 @@ def _is_number(v) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def accumulation_windows(batches, accum: int, objective):
+    """``(step, batch, denominator)``: with gradient accumulation over ``accum`` batches and an
+    objective that weighs batches (``batch_weight(batch)``, e.g. target tokens), the denominator is
+    the total weight of the batch's accumulation window, so per-token losses are normalised over the
+    whole window (exactly one big batch); else None."""
+    weigh = getattr(objective, "batch_weight", None) if accum > 1 else None
+    if weigh is None:
+        for step, batch in enumerate(batches):
+            yield step, batch, None
+        return
+    step, window = 0, []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == accum:
+            total = float(sum(weigh(b) for b in window))
+            for b in window:
+                yield step, b, total
+                step += 1
+            window = []
+    if window:
+        total = float(sum(weigh(b) for b in window))
+        for b in window:
+            yield step, b, total
+            step += 1
 
 
 def _global_count(loader, step: int, b: float, world: int) -> float:
@@ -291,10 +318,12 @@ class Trainer:
         n_seen = 0.0
         accum = max(1, cfg.grad_accum)
         t0 = time.perf_counter()
+        teacher0 = getattr(obj, "teacher_time_s", 0.0)
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
-        for step, batch in enumerate(self.train_loader.epoch(epoch)):
-            ctx = StepContext(epoch=epoch, step=step, runtime=rt)
+        for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
+            ctx = StepContext(epoch=epoch, step=step, runtime=rt,
+                              extra={} if denom is None else {"token_denominator": denom, "grad_accum": accum})
             loss, logs = obj.step(batch, ctx)
             b = _batch_weight(batch, logs)
             weight = b
@@ -323,8 +352,10 @@ class Trainer:
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
                 f"the term weights and re-run (the last good epoch's checkpoint is kept)")
         row["train_time_s"] = dt
+        row["teacher_time_s"] = getattr(obj, "teacher_time_s", 0.0) - teacher0
         row["images_per_s"] = n_seen / dt if dt > 0 else float("nan")
         self.state.images += n_seen
+        self.state.teacher_time_s += row["teacher_time_s"]
         return row
 
     def validate(self) -> dict[str, dict]:
@@ -410,7 +441,7 @@ class Trainer:
         if not path.exists():
             last = self.run_dir / "last.pt"
             if last.is_file():
-                ck = load_checkpoint(last, fix=f"delete it and re-run (the result is kept)")
+                ck = load_checkpoint(last, fix="delete it and re-run (the result is kept)")
                 hist = (ck.get("state") or {}).get("history")
                 if hist and len(hist) == epochs_run:
                     if self.runtime.is_main:
@@ -539,6 +570,12 @@ class Trainer:
                   "epochs_run": st.epoch, "stopped_early": stopped_early,
                   "train_time_s": st.train_time_s,
                   "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
+                  # the teacher's share (outputs and causal masks computed live or into a study's
+                  # cache, whichever run fills it) and the student's own cost without it
+                  "teacher_time_s": st.teacher_time_s,
+                  "student_time_s": st.train_time_s - st.teacher_time_s,
+                  "student_images_per_s": (st.images / (st.train_time_s - st.teacher_time_s)
+                                           if st.train_time_s > st.teacher_time_s else float("nan")),
                   "threads": torch.get_num_threads(),
                   "deterministic": torch.are_deterministic_algorithms_enabled(), **self.info}
         if len(per_model) > 1:

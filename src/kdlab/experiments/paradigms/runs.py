@@ -13,7 +13,6 @@ A seed whose ``result.json`` exists is skipped; the links inside a paradigm resu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdlab.core.io import read_json, write_json

@@ -1,0 +1,129 @@
+"""``kdlab lm``: language-model distillation commands.
+
+    kdlab lm train-teacher lm/docs              # train (or resume) the recipe's teacher
+    kdlab lm distill lm/docs --method fkl       # one student (a study method, or the recipe's distill)
+    kdlab lm ablate lm/docs                     # the paired multi-seed study and its table
+    kdlab lm ablate lm/arithmetic               # answers vs traces vs teacher traces (exact match)
+    kdlab lm generate runs/lm/docs/teacher/best.pt --prompt "The with statement"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdlab.cli import args as cargs
+
+
+def _recipe(args):
+    from kdlab.lm.recipe import load_lm_recipe
+
+    ov = cargs.recipe_overrides(args, with_data_dir=False)
+    if getattr(args, "device_given", False):
+        ov.append(f"teacher.train.device={args.device}")
+    return load_lm_recipe(args.recipe, ov)
+
+
+def _out(args, recipe) -> Path:
+    return Path(args.out) if args.out else Path("runs") / "lm" / recipe.name.replace("/", "_")
+
+
+def cmd_train_teacher(args) -> int:
+    from kdlab.lm.study import train_teacher
+
+    r = _recipe(args)
+    if r.task == "arithmetic":
+        raise ValueError("the arithmetic teacher is trained by `kdlab lm ablate lm/arithmetic`")
+    path = train_teacher(r, _out(args, r), progress=cargs.progress(args))
+    print(json.dumps({"teacher": str(path)}))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from kdlab.lm.study import distill_run
+
+    r = _recipe(args)
+    if r.task == "arithmetic":
+        raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
+    method = args.method or "distill"
+    rr = r.method(args.method) if args.method else r
+    row = distill_run(rr, _out(args, r), seed=args.seed, method=method, progress=cargs.progress(args))
+    print(json.dumps({k: v for k, v in row.items() if k != "counts"}, default=str))
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from kdlab.lm.study import run_ablation, run_arithmetic
+
+    r = _recipe(args)
+    out = _out(args, r)
+    if r.task == "arithmetic":
+        run_arithmetic(r, out, seeds=args.seeds, progress=cargs.progress(args))
+    else:
+        methods = [m for m in args.methods.split(",") if m] if args.methods else None
+        run_ablation(r, out, seeds=args.seeds, methods=methods, progress=cargs.progress(args))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from kdlab.lm.generate import generate
+    from kdlab.lm.study import load_lm
+
+    model, tok, _ = load_lm(args.checkpoint)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt must not be empty")
+    limit = getattr(model, "max_len", None)
+    if limit is not None and len(ids) + args.max_new > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new {args.max_new} exceeds the model's "
+                         f"max_len {limit}; shorten the prompt or lower --max-new")
+    gen = torch.Generator().manual_seed(args.seed)
+    out, mask = generate(model, torch.tensor([ids]), args.max_new, greedy=args.temperature == 0,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, eos_id=tok.eos_id,
+                         pad_id=tok.pad_id, use_cache=not args.no_kv_cache, generator=gen)
+    new = out[0, len(ids):][mask[0]].tolist()
+    print(args.prompt + tok.decode(new))
+    return 0
+
+
+def register(sub) -> None:
+    """Add the ``lm`` command (with its sub-commands) to the kdlab argparse subparsers."""
+    p = sub.add_parser("lm", help="language-model distillation (token, sequence, on-policy, traces)",
+                       description="Language-model distillation; see docs/lm.md.")
+    lsub = p.add_subparsers(dest="lm_command", metavar="LM_COMMAND", help="train-teacher | distill | ablate | generate")
+    lsub.required = True
+
+    def common(q):
+        q.add_argument("recipe", help="LM recipe: a YAML path or a shipped name (lm/docs, lm/code, lm/arithmetic)")
+        cargs.add_out(q, "runs/lm/<recipe name>")
+        cargs.add_set(q, "the LM recipe")
+        cargs.add_device(q, recipe=True)
+        cargs.add_quiet(q)
+
+    q = lsub.add_parser("train-teacher", help="train (or resume) the recipe's teacher")
+    common(q)
+    q.set_defaults(func=cmd_train_teacher)
+
+    q = lsub.add_parser("distill", help="train one student")
+    common(q)
+    q.add_argument("--method", help="a study method of the recipe (default: the recipe's distill section)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_distill)
+
+    q = lsub.add_parser("ablate", help="paired multi-seed study: CE vs divergences vs seq-level vs on-policy")
+    common(q)
+    cargs.add_seeds(q)
+    q.add_argument("--methods", help="comma-separated subset of the recipe's study.methods")
+    q.set_defaults(func=cmd_ablate)
+
+    q = lsub.add_parser("generate", help="continue a prompt with a trained LM")
+    q.add_argument("checkpoint", help="an LM run's best.pt")
+    q.add_argument("--prompt", required=True)
+    q.add_argument("--max-new", type=int, default=64)
+    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    q.add_argument("--top-k", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step")
+    q.set_defaults(func=cmd_generate)

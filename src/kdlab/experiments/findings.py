@@ -1,0 +1,309 @@
+"""The findings page: what each component of a study buys, with p-values, from the study reports.
+
+For each study directory (written by ``kdlab ablate``; optionally after ``kdlab robustness --study``
+and :func:`kdlab.experiments.study_explain.explain_study`) the *component contrasts* are paired
+comparisons between two methods of the study that differ by one component (same seeds):
+
+* ``kd`` vs ``baseline`` – what the first distillation term buys over CE alone;
+* ``kd+<c>`` vs ``kd`` – what component ``c`` adds on top of it (for a two-component recipe the
+  ladder's ``full`` is ``kd+<c>``);
+* ``full`` vs ``kd`` – what all further components add together (three or more components);
+* ``full`` vs ``full-<c>`` – what ``c`` adds given all the others (leave-one-out studies).
+
+Measures: test top-1 (pp), and when their reports exist the mean corruption accuracy mCA (pp) and
+mCE (% of the baseline's corruption error; lower is better), and the explanation alignment with
+the teacher (attention rank alignment ρ, share of attribution in the teacher's top-k parts,
+logit alignment ρ). Per contrast and measure: mean paired difference with its 95% t-interval,
+paired t-test p, Wilcoxon p, d_z, and the t-test p Holm-adjusted over the study's contrasts of
+that measure. A contrast whose Holm p is not below 0.05 is reported as "no detectable effect".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"]
+
+#: measure key -> (label, unit scale, unit, higher is better)
+MEASURES = {
+    "test_acc": ("test top-1", 100.0, "pp", True),
+    "mCA": ("corruption accuracy mCA", 100.0, "pp", True),
+    "mCE": ("mCE", 100.0, "mCE points (baseline = 100)", False),
+    "rank_alignment": ("attention rank alignment ρ", 1.0, "", True),
+    "topk_fraction": ("share in teacher's top-k parts", 1.0, "", True),
+    "logit_alignment": ("logit alignment ρ", 1.0, "", True),
+}
+ALPHA = 0.05
+
+
+def component_contrasts(methods: Sequence[str], components: Sequence[str],
+                        baseline: str = "baseline") -> list[tuple[str, str, str]]:
+    """``(label, with_method, without_method)`` for the contrasts the study's methods allow (see
+    the module docstring); when none fits the naming, every method against ``baseline``."""
+    ms = set(methods)
+    out: list[tuple[str, str, str]] = []
+    comps = list(components)
+    if comps:
+        c0 = comps[0]
+        if c0 in ms and baseline in ms:
+            out.append((f"{c0} (over CE only)", c0, baseline))
+        for c in comps[1:]:
+            pair = f"{c0}+{c}"
+            if pair in ms and c0 in ms:
+                out.append((f"{c} on top of {c0}", pair, c0))
+            elif len(comps) == 2 and "full" in ms and c0 in ms:
+                out.append((f"{c} on top of {c0}", "full", c0))
+        if len(comps) > 2 and "full" in ms and c0 in ms:
+            out.append((f"{' + '.join(comps[1:])} together on top of {c0}", "full", c0))
+        for c in comps:
+            if f"full-{c}" in ms and "full" in ms:
+                out.append((f"{c} given all the others", "full", f"full-{c}"))
+    if not out:
+        out = [(f"{m} over {baseline}", m, baseline) for m in methods if m != baseline and baseline in ms]
+    seen, uniq = set(), []
+    for c in out:
+        if (c[1], c[2]) not in seen:
+            seen.add((c[1], c[2]))
+            uniq.append(c)
+    return uniq
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a study's reports
+
+
+def _study_meta(study_dir: Path) -> dict:
+    sj = study_dir / "report" / "study.json"
+    if sj.is_file():
+        meta = json.loads(sj.read_text())
+        return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode"),
+                "source": meta.get("source")}
+    for rj in sorted(study_dir.glob("*/seed*/run.json")):
+        return {"recipe": json.loads(rj.read_text()).get("recipe") or {}, "seeds": None, "mode": None}
+    return {"recipe": {}, "seeds": None, "mode": None}
+
+
+def _recipe_ref(source: Optional[str]) -> Optional[str]:
+    """``.../kdlab/recipes/digits/full.yaml`` -> ``digits/full`` (a bundled recipe's name)."""
+    if not source:
+        return None
+    parts = Path(source).with_suffix("").parts
+    if "recipes" in parts and "kdlab" in parts:
+        i = len(parts) - 1 - parts[::-1].index("recipes")
+        return "/".join(parts[i + 1:])
+    return source
+
+
+def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict[int, float]]]:
+    """measure -> method -> seed -> value, for every measure whose report exists."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    acc = out.setdefault("test_acc", {})
+    for r in table["methods"]:
+        by = r.get("test_acc_by_seed")
+        if by is None:  # a table written before per-seed values were kept: read the runs
+            by = {}
+            for f in (study_dir / r["method"]).glob("seed*/result.json"):
+                by[int(f.parent.name[4:])] = json.loads(f.read_text())["test_acc"]
+        acc[r["method"]] = {int(k): float(v) for k, v in by.items()}
+    for f in sorted((study_dir / "report" / "robustness").glob("seed*/robustness.json")):
+        seed = int(f.parent.name[4:])
+        res = json.loads(f.read_text())
+        for m, v in res["models"].items():
+            for key in ("mCA", "mCE"):
+                if v.get(key) is not None:
+                    out.setdefault(key, {}).setdefault(m, {})[seed] = float(v[key])
+    ej = study_dir / "report" / "explain_study.json"
+    if ej.is_file():
+        for run in json.loads(ej.read_text())["runs"]:
+            for key in ("rank_alignment", "topk_fraction", "logit_alignment"):
+                v = run.get(key)
+                if v is not None and math.isfinite(v):
+                    out.setdefault(key, {}).setdefault(run["method"], {})[int(run["seed"])] = float(v)
+    return out
+
+
+def study_findings(study_dir) -> dict:
+    """The contrasts of one study with their tests, per measure (a dict; see :func:`write_findings`)."""
+    from kdlab.report.statistics import holm, paired_test, seeds_needed
+
+    study_dir = Path(study_dir)
+    tj = study_dir / "report" / "table.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
+    table = json.loads(tj.read_text())
+    meta = _study_meta(study_dir)
+    recipe = meta["recipe"]
+    comps = [t["term"] for t in recipe.get("loss", []) if t.get("term") != "ce"]
+    methods = [r["method"] for r in table["methods"]]
+    baseline = table.get("baseline", "baseline")
+    contrasts = component_contrasts(methods, comps, baseline)
+    values = _per_seed_measures(study_dir, table)
+    results = []
+    for measure, per in values.items():
+        tests = []
+        for label, a, b in contrasts:
+            if a in per and b in per:
+                tests.append((label, a, b, paired_test(per[a], per[b])))
+        for (label, a, b, t), p in zip(tests, holm([t["p_ttest"] for *_, t in tests])):
+            t["p_holm"] = p
+            if measure == "test_acc":
+                t["seeds_for_1pp"] = seeds_needed(t["sd"], 0.01)
+            results.append({"measure": measure, "component": label, "with": a, "without": b, **t})
+    seeds = sorted({int(s) for r in table["methods"] for s in r.get("seeds", [])})
+    ex = study_dir / "report" / "explain_study.json"
+    ref = _recipe_ref(meta.get("source"))
+    train = recipe.get("train") or {}
+    made_by = None
+    if ref:
+        made_by = (f"kdlab ablate {ref} --seeds {' '.join(map(str, seeds))} --out {study_dir}"
+                   + (f" --mode {meta['mode']}" if meta.get("mode") not in (None, "ladder") else ""))
+    return {"study": str(study_dir), "name": recipe.get("name", study_dir.name), "recipe": recipe,
+            "made_by": made_by, "epochs": train.get("epochs"),
+            "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
+            "contrasts": contrasts, "results": results,
+            "explain_settings": json.loads(ex.read_text())["settings"] if ex.is_file() else None,
+            "robustness": "mCA" in values, "table_md": (study_dir / "report" / "table.md").read_text()
+            if (study_dir / "report" / "table.md").is_file() else ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _fmt_p(p) -> str:
+    from kdlab.report.tables import fmt_p
+
+    return fmt_p(p)
+
+
+def _fmt_diff(r) -> str:
+    label, scale, unit, _ = MEASURES[r["measure"]]
+    d = 3 if scale == 1.0 else 2
+    if not math.isfinite(r["mean"]):
+        return "—"
+    s = f"{scale * r['mean']:+.{d}f}"
+    if math.isfinite(r["ci"]):
+        s += f" [{scale * r['ci_low']:+.{d}f}, {scale * r['ci_high']:+.{d}f}]"
+    return s + (f" {unit}" if unit else "")
+
+
+def verdict(r) -> str:
+    """``"detectable: better"`` / ``"detectable: worse"`` when Holm p < 0.05 (better follows the
+    measure's direction), ``"no detectable effect"`` otherwise, ``"undefined"`` when the test is."""
+    p = r.get("p_holm", float("nan"))
+    if p is None or not math.isfinite(p):
+        return "undefined (too few seeds or no spread)"
+    if p >= ALPHA:
+        return "no detectable effect"
+    better = (r["mean"] > 0) == MEASURES[r["measure"]][3]
+    return "detectable: " + ("better" if better else "worse")
+
+
+def _sentence(r) -> str:
+    label, scale, unit, _ = MEASURES[r["measure"]]
+    v = verdict(r)
+    p = f"Holm p {_fmt_p(r['p_holm'])}"
+    if v.startswith("detectable"):
+        return f"{label} {_fmt_diff(r)} ({p}; {v.split(': ')[1]})"
+    if v.startswith("undefined"):
+        return f"{label}: {v}"
+    return f"{label}: no detectable effect ({_fmt_diff(r)}, {p})"
+
+
+def _describe(f: dict) -> str:
+    rec = f["recipe"]
+    d = rec.get("data") or {}
+    t = (rec.get("teacher") or {}).get("model", "?")
+    s = (rec.get("student") or {}).get("model", "?")
+    lf = d.get("label_fraction")
+    ep = (rec.get("train") or {}).get("epochs")
+    return (f"data **{d.get('name', '?')}**" + (f" ({100 * lf:g}% of the training labels)" if lf not in (None, 1, 1.0) else "")
+            + f", teacher {t}, student {s}" + (f", {ep} epochs" if ep else "")
+            + f", {len(f['seeds'])} seeds ({', '.join(map(str, f['seeds']))}); components: "
+            + (", ".join(f["components"]) or "—"))
+
+
+def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> str:
+    """The Markdown page for :func:`study_findings` results."""
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    lines = ["# Findings: what each component buys", ""]
+    lines += [f"Generated {today} by `{command or 'kdlab findings ' + ' '.join(f['study'] for f in findings)}` "
+              "from the study reports (re-run it after a new study; do not edit by hand).", ""]
+    lines += ["Each line compares two methods of one study that differ by one component, trained "
+              "with the same seeds (same data order and augmentation), so the unit is the paired "
+              "per-seed difference. Shown: mean difference [95% t-interval], paired t-test p, "
+              "Wilcoxon signed-rank p, Cohen's d_z, and the t-test p Holm–Bonferroni adjusted over "
+              "that study's contrasts of the same measure. **No detectable effect** means Holm "
+              f"p ≥ {ALPHA:g}: the study cannot tell the difference from seed noise (it does not "
+              "show the effect is zero; the interval says how large it could be). The intervals are "
+              "per contrast (not adjusted), so an interval may exclude 0 while Holm p ≥ 0.05. Statistics: "
+              "docs/statistics.md.", ""]
+    # summary
+    lines += ["## Summary", ""]
+    for f in findings:
+        lines.append(f"**{f['name']}** ({_describe(f)}):")
+        lines.append("")
+        for label, a, b in f["contrasts"]:
+            rs = [r for r in f["results"] if r["component"] == label]
+            if not rs:
+                continue
+            lines.append(f"- *{label}* ({a} vs {b}): " + "; ".join(_sentence(r) for r in rs) + ".")
+        acc = [r for r in f["results"] if r["measure"] == "test_acc" and math.isfinite(r.get("seeds_for_1pp", float("nan")))]
+        if acc:
+            lines.append(f"- Power: detecting a 1 pp accuracy difference with power 0.8 at the observed "
+                         f"spread would take " + ", ".join(
+                             f"{int(r['seeds_for_1pp']) if math.isfinite(r['seeds_for_1pp']) else '∞'} seeds "
+                             f"({r['with']} vs {r['without']})" for r in acc) + f"; this study has {len(f['seeds'])}.")
+        missing = []
+        if not f["robustness"]:
+            missing.append(f"robustness (`kdlab robustness --study {f['study']}`)")
+        if f["explain_settings"] is None:
+            missing.append(f"explanation alignment (`explain_study('{f['study']}')`)")
+        if missing:
+            lines.append("- Not measured for this study: " + "; ".join(missing) + ".")
+        lines.append("")
+    # details
+    for f in findings:
+        lines += [f"## {f['name']}", "", _describe(f) + ".", f"Study directory: `{f['study']}`"
+                  + (f", made by `{f['made_by']}` (recipe epochs as in the recipe unless overridden "
+                     f"with --set; these runs: {f['epochs']})." if f.get("made_by") else "."), ""]
+        head = ["component", "contrast", "measure", "Δ [95% CI]", "p (t)", "p (Wilcoxon)", "p Holm",
+                "d_z", "seeds", "verdict"]
+        body = []
+        for r in f["results"]:
+            body.append([r["component"], f"{r['with']} − {r['without']}", MEASURES[r["measure"]][0],
+                         _fmt_diff(r), _fmt_p(r["p_ttest"]), _fmt_p(r["p_wilcoxon"]), _fmt_p(r["p_holm"]),
+                         "—" if not math.isfinite(r["d_z"]) else f"{r['d_z']:+.2f}", r["n"], verdict(r)])
+        from kdlab.report.tables import markdown_table
+
+        if body:
+            lines += [markdown_table(head, body), ""]
+        es = f["explain_settings"]
+        if es:
+            lines += [f"Explanation alignment: {es['method']} attributions for the true label on "
+                      f"{es['n_images']} test images, {es['grid'][0]}x{es['grid'][1]} grid, top-{es['k']} "
+                      f"parts, teacher {es.get('teacher_model')}.", ""]
+        if f["table_md"]:
+            lines += ["The study table (all methods against the baseline):", "", f["table_md"].strip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_findings(study_dirs: Sequence, out="docs/findings.md", *, command: Optional[str] = None,
+                   log=print) -> str:
+    """Write the findings page for ``study_dirs`` to ``out`` and return its Markdown.
+
+    Each study needs ``report/table.json`` (``kdlab ablate``); ``report/robustness/seed*/`` and
+    ``report/explain_study.json`` add the mCA / mCE and alignment measures when present."""
+    if not study_dirs:
+        raise ValueError("give at least one study directory (written by `kdlab ablate --out DIR`)")
+    findings = [study_findings(d) for d in study_dirs]
+    md = render_findings(findings, command)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    log(f"findings: {out}")
+    return md

@@ -1,0 +1,299 @@
+"""The language-model :class:`~kdlab.train.objective.Objective`: CE, token-level KD, sequence-level
+KD and on-policy distillation (GKD) as one objective for the one training loop.
+
+A training batch is a dict from :mod:`kdlab.lm.corpora` (``ids [B, T+1]``, ``mask [B, T]``,
+``epoch``, ``step``; a sequence-level-KD batch also has ``source: "seqkd"``). One step:
+
+1. **On-policy** with probability λ (``on_policy``; the draw is a pure function of
+   (seed, epoch, step)): the first ``prompt_len`` tokens of the batch are the prompts, the student
+   *samples* ``gen_len`` tokens (no gradient: :func:`kdlab.lm.generate.generate` runs under
+   ``no_grad``), the teacher scores the sampled sequence, and the loss is the weighted divergence
+   terms on the sampled positions (GKD, Agarwal et al. 2024). There is no CE term: the samples
+   have no ground truth.
+2. Otherwise **supervised**: the student's next-token logits on the batch, loss
+   ``Σ_terms w · term`` with ``ce`` the masked token NLL and each divergence (``fkl``, ``rkl``, ``skl``,
+   ``srkl``, ``jsd``, ``tvd``; :mod:`kdlab.lm.losses`) against the teacher's distribution: read from
+   the sparse top-k cache for data batches when one is attached (both sides collapsed onto k+1
+   buckets), else the live teacher (dense, with the term's temperature).
+   A ``seqkd`` batch holds teacher-generated continuations (Kim & Rush 2016); its mask covers the
+   generated tokens, so ``ce`` trains the student on the teacher's outputs.
+
+The teacher never receives gradients: it is frozen (``requires_grad_(False)``), run in eval mode
+under ``no_grad``, and is not among :meth:`models`/:meth:`parameters`.
+
+Normalisation: each term is a per-token mean over the non-padding targets (:func:`~kdlab.lm.losses.
+token_mean`). Under gradient accumulation, a loop that accumulates g micro-batches and divides each
+micro-batch loss by g can put ``token_denominator`` (real target tokens in the whole accumulation
+window) and ``grad_accum`` (g) into ``ctx.extra``: the step then returns ``g · Σ ℓ / N_window`` so
+that the accumulated gradient is exactly that of one batch holding all the window's tokens.
+
+Metrics (:meth:`evaluate`): ``bpb`` (bits per UTF-8 byte of the targets: Σ NLL / ln 2 / Σ bytes),
+``nll`` (nats/token), ``ppl`` (exp nll, per token — meaningful for BPE), and with a teacher:
+``kl`` (KL(P_teacher‖Q_student), nats/token) and ``agree`` (top-1 agreement with the teacher);
+``n`` is the number of target tokens evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from kdlab.core.seeding import derive_seed
+from kdlab.lm.generate import generate
+from kdlab.lm.losses import DIVERGENCES, bucket_logprobs, divergence, log_softmax_t, token_mean, token_nll
+
+TERMS = ("ce",) + DIVERGENCES
+
+
+@dataclass
+class LMTerm:
+    """One weighted loss term: ``ce`` or a divergence with its parameters (alpha, beta, temperature)."""
+
+    term: str
+    weight: float = 1.0
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.term not in TERMS:
+            raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(TERMS)}")
+        allowed = {"ce": set(), "fkl": {"temperature"}, "rkl": {"temperature"}, "tvd": {"temperature"},
+                   "skl": {"alpha", "temperature"}, "srkl": {"alpha", "temperature"},
+                   "jsd": {"beta", "temperature"}}[self.term]
+        bad = set(self.params) - allowed
+        if bad:
+            raise ValueError(f"LM term '{self.term}' has no parameter(s) {sorted(bad)} "
+                             f"(parameters: {sorted(allowed) or 'none'})")
+        t = self.params.get("temperature", 1.0)
+        if t <= 0:
+            raise ValueError(f"term '{self.term}': temperature must be > 0 (got {t})")
+        for k in ("alpha", "beta"):
+            if k in self.params and not 0.0 <= self.params[k] <= 1.0:
+                raise ValueError(f"term '{self.term}': {k} must be in [0, 1] (got {self.params[k]})")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.term != "ce"
+
+    @property
+    def temperature(self) -> float:
+        return float(self.params.get("temperature", 1.0))
+
+    @property
+    def div_params(self) -> dict:
+        return {k: v for k, v in self.params.items() if k != "temperature"}
+
+
+def parse_terms(spec) -> list[LMTerm]:
+    """``[{"term": "ce"}, {"term": "fkl", "weight": 1, "temperature": 2}]`` -> [LMTerm]."""
+    out = []
+    for i, t in enumerate(spec):
+        if isinstance(t, LMTerm):
+            out.append(t)
+            continue
+        d = dict(t)
+        if "term" not in d:
+            raise ValueError(f"loss[{i}] needs a 'term' key (e.g. term: fkl)")
+        out.append(LMTerm(d.pop("term"), float(d.pop("weight", 1.0)), d))
+    if not out:
+        raise ValueError("loss needs at least one term (e.g. - term: ce)")
+    return out
+
+
+def _loader_key(loader) -> str:
+    fp = getattr(loader, "_kdlab_fp", None)
+    if fp is None:
+        h = hashlib.sha256()
+        for b in loader.epoch(0):
+            h.update(b["ids"].numpy().tobytes())
+        fp = h.hexdigest()[:16]
+        try:
+            loader._kdlab_fp = fp
+        except AttributeError:
+            pass
+    return fp
+
+
+class LMObjective:
+    """Objective for a causal LM student, optionally distilled from a frozen teacher (module doc)."""
+
+    monitor = ("bpb", "min")
+
+    def __init__(self, student: nn.Module, *, terms=("ce",), teacher: Optional[nn.Module] = None,
+                 token_bytes: Optional[torch.Tensor] = None, pad_id: int = 0, eos_id: Optional[int] = None,
+                 cache=None, on_policy: float = 0.0, prompt_len: int = 16, gen_len: int = 32,
+                 gen_temperature: float = 1.0, gen_top_k: Optional[int] = None, seed: int = 0,
+                 meta: Optional[dict] = None, teacher_eval_store: Optional[dict] = None,
+                 name: str = "student"):
+        self.terms = parse_terms([{"term": t} if isinstance(t, str) else t for t in terms])
+        self.student, self.teacher, self.name = student, teacher, name
+        if teacher is None and (any(t.needs_teacher for t in self.terms) or on_policy > 0):
+            raise ValueError("divergence terms and on_policy need a teacher (set teacher: ...)")
+        if on_policy > 0 and not any(t.needs_teacher for t in self.terms):
+            raise ValueError("on_policy > 0 needs a divergence term (e.g. - term: jsd) to score samples")
+        if not 0.0 <= on_policy <= 1.0:
+            raise ValueError(f"on_policy must be in [0, 1] (got {on_policy})")
+        if cache is not None and any(t.temperature != 1.0 for t in self.terms if t.needs_teacher):
+            raise ValueError("the sparse teacher cache stores temperature-1 probabilities; set "
+                             "temperature: 1 on the divergence terms or teacher_source: live")
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.token_bytes = token_bytes
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.cache, self.on_policy = cache, float(on_policy)
+        self.prompt_len, self.gen_len = prompt_len, gen_len
+        self.gen_temperature, self.gen_top_k = gen_temperature, gen_top_k
+        self.seed = seed
+        self.meta = dict(meta or {})
+        self.teacher_eval_store = {} if teacher_eval_store is None else teacher_eval_store
+        self.counts = {"on_policy": 0, "supervised": 0, "cache_hits": 0, "live_teacher": 0}
+
+    # -- protocol --------------------------------------------------------------------------------
+    def models(self) -> dict[str, nn.Module]:
+        return {self.name: self.student}
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def checkpoint_meta(self, name: str) -> dict:
+        m = dict(self.meta)
+        m.setdefault("model_name", "lm:gpt")
+        m.setdefault("model_kwargs", {})
+        m.setdefault("num_classes", int(getattr(self.student, "vocab_size", 0)))
+        m.setdefault("in_channels", 0)
+        m.setdefault("dataset", "lm")
+        return m
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    # -- training ----------------------------------------------------------------------------------
+    def batch_weight(self, batch: dict) -> float:
+        """The real target tokens of a data batch (the trainer sums them over an accumulation window)."""
+        return float(batch["mask"].sum())
+
+    def _denom(self, ctx) -> tuple[Optional[float], float]:
+        extra = getattr(ctx, "extra", None) or {}
+        if "token_denominator" in extra:
+            return float(extra["token_denominator"]), float(extra.get("grad_accum", 1))
+        return None, 1.0
+
+    @torch.no_grad()
+    def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()
+        return self.teacher(ids)[0].float()
+
+    def step(self, batch: dict, ctx: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        dev = self.device
+        ids = batch["ids"].to(dev)
+        mask = batch["mask"].to(dev)
+        epoch, stepno = int(batch.get("epoch", getattr(ctx, "epoch", 0))), int(batch.get("step", getattr(ctx, "step", 0)))
+        denom, g = self._denom(ctx)
+        if self.on_policy > 0:
+            u = torch.rand((), generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, "on-policy", epoch, stepno))).item()
+            if u < self.on_policy:
+                return self._on_policy_step(ids, epoch, stepno, denom, g)
+        self.counts["supervised"] += 1
+        x, y = ids[:, :-1], ids[:, 1:]
+        logits, _ = self.student(x)
+        logs: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros(())
+        t_logits = None
+        sparse = None
+        if any(t.needs_teacher for t in self.terms):
+            if self.cache is not None and batch.get("source", "data") == "data":
+                i, lp, lt = self.cache.get(epoch, stepno)
+                sparse = (i.to(dev), lp.to(dev), lt.to(dev))
+                self.counts["cache_hits"] += 1
+            else:
+                t_logits = self._teacher_logits(x)
+                self.counts["live_teacher"] += 1
+        for t in self.terms:
+            if t.term == "ce":
+                val = token_mean(token_nll(logits, y), mask, denom)
+            elif sparse is not None:
+                ls, lt_ = bucket_logprobs(torch.log_softmax(logits.float(), -1), *sparse)
+                val = token_mean(divergence(t.term, ls, lt_, **t.div_params), mask, denom)
+            else:
+                tau = t.temperature
+                per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
+                val = token_mean(per * tau ** 2, mask, denom)
+            logs[t.term] = val.detach()
+            total = total + t.weight * val
+        logs["loss"] = total.detach()
+        logs["n"] = mask.sum().detach().float()
+        return total * g, logs
+
+    def _on_policy_step(self, ids, epoch, stepno, denom, g):
+        self.counts["on_policy"] += 1
+        prompts = ids[:, : self.prompt_len]
+        gen = torch.Generator(device=ids.device).manual_seed(derive_seed(self.seed, "sample", epoch, stepno))
+        seq, gmask = generate(self.student, prompts, self.gen_len, greedy=False,
+                              temperature=self.gen_temperature, top_k=self.gen_top_k, eos_id=self.eos_id,
+                              pad_id=self.pad_id, generator=gen)
+        seq = seq.detach()
+        x = seq[:, :-1]
+        mask = torch.zeros(x.shape, dtype=torch.bool, device=ids.device)
+        mask[:, self.prompt_len - 1:] = gmask  # position t predicts token t+1
+        logits, _ = self.student(x)
+        t_logits = self._teacher_logits(x)
+        logs: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros(())
+        for t in self.terms:
+            if t.term == "ce":
+                continue
+            tau = t.temperature
+            per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
+            val = token_mean(per * tau ** 2, mask, denom)
+            logs[t.term] = val.detach()
+            total = total + t.weight * val
+        logs["loss"] = total.detach()
+        logs["n"] = mask.sum().detach().float()
+        return total * g, logs
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _teacher_eval(self, loader, step, x):
+        key = (_loader_key(loader), step)
+        hit = self.teacher_eval_store.get(key)
+        if hit is None:
+            hit = torch.log_softmax(self._teacher_logits(x), -1).to("cpu", torch.float16)
+            self.teacher_eval_store[key] = hit
+        return hit.to(x.device).float()
+
+    @torch.no_grad()
+    def evaluate(self, name: str, loader) -> dict[str, float]:
+        model = self.student
+        was = model.training
+        model.eval()
+        dev = self.device
+        nll = nbytes = ntok = kl = agree = 0.0
+        tb = self.token_bytes.to(dev) if self.token_bytes is not None else None
+        try:
+            for b in loader.epoch(0):
+                ids, mask = b["ids"].to(dev), b["mask"].to(dev)
+                x, y = ids[:, :-1], ids[:, 1:]
+                logits, _ = model(x)
+                m = mask.float()
+                nll += float((token_nll(logits, y) * m).sum())
+                ntok += float(m.sum())
+                nbytes += float((tb[y].float() * m).sum()) if tb is not None else float(m.sum())
+                if self.teacher is not None:
+                    lt = self._teacher_eval(loader, b["step"], x)
+                    ls = torch.log_softmax(logits.float(), -1)
+                    kl += float((divergence("fkl", ls, lt) * m).sum())
+                    agree += float(((ls.argmax(-1) == lt.argmax(-1)).float() * m).sum())
+        finally:
+            model.train(was)
+        out = {"bpb": nll / math.log(2) / max(nbytes, 1.0), "nll": nll / max(ntok, 1.0),
+               "ppl": math.exp(min(nll / max(ntok, 1.0), 50.0)), "n": int(ntok)}
+        if self.teacher is not None:
+            out["kl"] = kl / max(ntok, 1.0)
+            out["agree"] = agree / max(ntok, 1.0)
+        return out

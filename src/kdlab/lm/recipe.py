@@ -1,0 +1,178 @@
+"""LM recipes: a YAML schema of their own (corpus, teacher, student, distillation, study).
+
+Shipped LM recipes live in ``kdlab/recipes/lm/`` and are named ``lm/<name>`` (``lm/docs``,
+``lm/code``, ``lm/arithmetic``). ``extends:`` and ``dotted.key=value`` overrides work as for the
+vision recipes (:mod:`kdlab.core.config`). Unknown keys fail with the dotted path of the entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdlab.core.config import RecipeError, apply_overrides, deep_merge, fmt_loc, resolve_recipe_path
+
+
+def read_lm_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A recipe file as a dict, with ``extends:`` resolved (relative path or shipped name)."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: an LM recipe must be a mapping (name, corpus, student, ...)")
+    base = raw.pop("extends", None)
+    if base:
+        raw = deep_merge(read_lm_yaml(resolve_recipe_path(base, path.parent), seen + (path.resolve(),)), raw)
+    return raw
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusCfg(_Strict):
+    name: str = "docs"                      # docs | code | a folder | module:function
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    vocab_size: int = Field(1024, ge=300)   # BPE only
+    max_bytes: int = Field(2_000_000, ge=1000)
+    seq_len: int = Field(64, ge=4)
+    val_tokens: Optional[int] = Field(8192, ge=64)
+    test_tokens: Optional[int] = Field(None, ge=64)
+
+
+class LMTrainCfg(_Strict):
+    epochs: int = Field(3, ge=1)
+    steps_per_epoch: int = Field(50, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    patience: Optional[int] = Field(None, ge=1)
+    grad_clip: Optional[float] = Field(1.0, gt=0.0)
+    grad_accum: int = Field(1, ge=1)
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    seed: int = 0
+
+
+class LMModelCfg(_Strict):
+    model: Literal["gpt", "hf"] = "gpt"
+    kwargs: dict[str, Any] = {}
+
+
+class LMTeacherCfg(LMModelCfg):
+    checkpoint: Optional[str] = None
+    train: LMTrainCfg = LMTrainCfg(epochs=6, steps_per_epoch=100)
+
+
+class DistillCfg(_Strict):
+    loss: list[dict[str, Any]] = [{"term": "ce"}]
+    teacher_source: Literal["sparse", "live"] = "sparse"
+    top_k: int = Field(16, ge=1)
+    seqkd: float = Field(0.0, ge=0.0, le=1.0)        # fraction of batches from teacher generations
+    seqkd_pool: int = Field(512, ge=1)               # teacher continuations generated (cached)
+    seqkd_greedy: bool = False
+    on_policy: float = Field(0.0, ge=0.0, le=1.0)    # GKD λ: probability the student generates
+    prompt_len: int = Field(16, ge=1)
+    gen_len: int = Field(32, ge=1)
+    gen_temperature: float = Field(1.0, gt=0.0)
+
+
+class LMStudyCfg(_Strict):
+    seeds: list[int] = [0, 1, 2]
+    baseline: str = "ce"
+    methods: dict[str, dict[str, Any]] = {}          # name -> overrides of the distill section
+    exposure_prompts: int = Field(32, ge=1)
+
+
+class ArithmeticCfg(_Strict):
+    ops: list[Literal["+", "*"]] = ["+", "*"]
+    train_digits: list[int] = [1, 3]                 # operand digit range seen in training
+    long_digits: int = Field(4, ge=1)                # held-out longer operands
+    pad_to: int = Field(0, ge=0)                     # zero-pad operands to this many digits (0: no)
+    n_train: int = Field(4000, ge=10)
+    n_val: int = Field(200, ge=10)
+    n_test: int = Field(300, ge=10)
+    students: list[Literal["answers", "traces", "teacher_traces"]] = ["answers", "traces", "teacher_traces"]
+    teacher_samples: int = Field(2, ge=1)            # rejection sampling: tries per problem
+
+
+class LMRecipe(_Strict):
+    name: str
+    description: str = ""
+    task: Literal["corpus", "arithmetic"] = "corpus"
+    corpus: CorpusCfg = CorpusCfg()
+    arithmetic: ArithmeticCfg = ArithmeticCfg()
+    teacher: Optional[LMTeacherCfg] = None
+    student: LMModelCfg = LMModelCfg()
+    train: LMTrainCfg = LMTrainCfg()
+    distill: DistillCfg = DistillCfg()
+    study: LMStudyCfg = LMStudyCfg()
+    source: Optional[str] = Field(None, exclude=True)
+
+    @field_validator("distill")
+    @classmethod
+    def _terms(cls, v: DistillCfg) -> DistillCfg:
+        from kdlab.lm.objective import parse_terms
+
+        parse_terms(v.loss)
+        return v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude={"source"})
+
+    def method(self, name: str) -> "LMRecipe":
+        """This recipe with the study method ``name``'s overrides applied to ``distill``."""
+        if name not in self.study.methods:
+            raise KeyError(f"no study method '{name}' in {self.name}; methods: {', '.join(self.study.methods)}")
+        d = self.to_dict()
+        d["distill"] = {**d["distill"], **self.study.methods[name]}
+        return lm_recipe_from_dict(d, f"{self.name}[{name}]")
+
+
+def lm_recipe_from_dict(raw: dict, where: str = "recipe") -> LMRecipe:
+    try:
+        return LMRecipe.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = fmt_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{err['loc'][-1]}'"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = f"{err['msg']} (got {err.get('input')!r})"
+        raise RecipeError(f"{where}: {loc}: {msg}") from None
+
+
+def load_lm_recipe(ref: str, overrides: Optional[list[str]] = None) -> LMRecipe:
+    """Load an LM recipe by path or shipped name (``lm/docs``); ``overrides`` are ``key=value``."""
+    ref_s = str(ref)
+    try:
+        path = resolve_recipe_path(ref_s)
+    except FileNotFoundError:
+        path = resolve_recipe_path("lm/" + ref_s) if not ref_s.startswith("lm/") else None
+        if path is None:
+            raise
+    raw = read_lm_yaml(path)
+    apply_overrides(raw, overrides)
+    r = lm_recipe_from_dict(raw, str(path))
+    r.source = str(path)
+    return r
+
+
+def list_lm_recipes() -> list[str]:
+    """Shipped LM recipes (``lm/<name>``); the vision ``list_recipes`` must skip ``lm/``."""
+    from kdlab.core.config import RECIPES_DIR
+
+    return sorted(f"lm/{p.stem}" for p in (RECIPES_DIR / "lm").glob("*.yaml"))

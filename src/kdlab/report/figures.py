@@ -1,0 +1,405 @@
+"""Figures for a paper, from a finished study (matplotlib, Agg backend; every figure is written as
+PNG *and* PDF next to each other, ``path.png`` + ``path.pdf``).
+
+* :func:`forest_plot` – each method's paired difference to the baseline (pp) with its 95%
+  t-interval, the per-seed differences as dots, and the Holm-adjusted p.
+* :func:`val_curves` – validation accuracy against epoch per method: mean over seeds with a
+  ±1 sd band, read from every run's ``metrics.csv``.
+* :func:`robustness_heatmap` – corruption x method accuracy on a fixed 0–100 % colour scale, each
+  cell ``mean`` over seeds with ``± sd`` under it; :func:`study_robustness_heatmap` reads
+  ``<study>/report/robustness/seed*/robustness.json`` (written by ``kdlab robustness --study``).
+* :func:`alignment_plot` – explanation-alignment metrics per method with their intervals over
+  seeds (used by :mod:`kdlab.experiments.study_explain`).
+* :func:`study_figures` – the forest plot and the curves of a study directory in one call.
+
+Sweep plots and attribution overlays live in :mod:`kdlab.report.overlays` and use
+:func:`save_figure` and :data:`METRIC_LABELS` from here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "robustness_heatmap",
+           "study_robustness_heatmap", "alignment_plot", "study_figures", "study_title",
+           "read_metrics_csv"]
+
+#: y-axis label (with unit) for each metric a figure may show
+METRIC_LABELS = {
+    "student_acc": "student top-1 accuracy (fraction)",
+    "test_acc": "test top-1 accuracy (fraction)",
+    "val_acc": "validation top-1 accuracy (%)",
+    "rank_alignment": "attention rank alignment (Spearman ρ)",
+    "topk_focus": "focus on teacher's top-k parts (inside / outside mass)",
+    "topk_fraction": "share of attribution in teacher's top-k parts",
+    "logit_alignment": "logit alignment (Spearman ρ)",
+    "top1_agreement": "top-1 agreement with teacher (fraction)",
+    "kl_to_teacher": "KL(teacher ‖ student) (nats)",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 150) -> Path:
+    """Write ``fig`` as ``<path>.png`` and ``<path>.pdf`` (any suffix of ``path`` is replaced),
+    close it and return the PNG path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
+    try:
+        fig.savefig(png, dpi=dpi, bbox_inches="tight")
+        fig.savefig(pdf, bbox_inches="tight")
+    finally:
+        _plt().close(fig)
+    return png
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def study_title(recipe: Optional[Mapping] = None, seeds: Optional[Sequence] = None,
+                n_images: Optional[int] = None, extra: str = "") -> str:
+    """``"<dataset> · teacher <model> · student <model> · N seeds"`` from a recipe dict (as in
+    ``run.json`` / ``study.json``), for figure titles."""
+    parts = []
+    if recipe:
+        d = recipe.get("data") or {}
+        if d.get("name"):
+            lf = d.get("label_fraction")
+            parts.append(f"{d['name']}" + (f" ({100 * lf:g}% labels)" if lf not in (None, 1, 1.0) else ""))
+        t = recipe.get("teacher") or {}
+        if t.get("model"):
+            parts.append(f"teacher {t['model']}")
+        s = recipe.get("student") or {}
+        if s.get("model"):
+            parts.append(f"student {s['model']}")
+    if n_images is not None:
+        parts.append(f"{n_images} images")
+    if seeds is not None:
+        parts.append(f"{len(list(seeds))} seeds")
+    if extra:
+        parts.append(extra)
+    return " · ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# forest plot
+
+
+def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optional[str] = None,
+                alpha: float = 0.05) -> Path:
+    """Paired difference to ``baseline`` (percentage points) per method, with its 95% t-interval
+    (bar), the per-seed differences (dots) and ``p Holm`` written on the right; ``*`` where
+    ``p Holm < alpha``. ``stats``: the ``methods`` rows of a study's ``table.json``."""
+    rows = [r for r in stats if r["method"] != baseline]
+    if not rows:
+        raise ValueError(f"no method besides the baseline '{baseline}' to plot")
+    base = next((r for r in stats if r["method"] == baseline), None)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.55 * len(rows)))
+    ys = np.arange(len(rows))[::-1]
+    for y, r in zip(ys, rows):
+        m = 100 * r.get(f"diff_vs_{baseline}", float("nan"))
+        ci = 100 * r.get(f"diff_vs_{baseline}_ci95", float("nan"))
+        sig = bool(r.get("holm_reject"))
+        color = "tab:red" if sig else "tab:blue"
+        if base is not None and "test_acc_by_seed" in r and "test_acc_by_seed" in base:
+            a, b = r["test_acc_by_seed"], base["test_acc_by_seed"]
+            d = [100 * (a[k] - b[k]) for k in a if k in b]
+            jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else [0.0]
+            ax.scatter(d, y + np.asarray(jitter), s=12, color="0.55", zorder=2,
+                       label="per-seed difference" if y == ys[0] else None)
+        if math.isfinite(m):
+            ax.errorbar([m], [y], xerr=[[ci if math.isfinite(ci) else 0.0]] * 2, fmt="o",
+                        color=color, capsize=4, ms=6, lw=2, zorder=3,
+                        label=("mean, 95% CI" if y == ys[0] else None))
+        p = r.get("p_holm")
+        from kdlab.report.statistics import fmt_p
+
+        txt = f"p Holm {fmt_p(p)}" + (" *" if sig else "")
+        ax.annotate(txt, xy=(1.02, y), xycoords=("axes fraction", "data"), va="center",
+                    fontsize=8, color=color)
+    ax.axvline(0.0, color="black", lw=1, ls="--")
+    ax.set_yticks(ys, [r["method"] for r in rows])
+    ax.set_ylim(ys.min() - 0.6, ys.max() + 0.6)
+    ax.set_xlabel(f"Δ test top-1 vs {baseline} (percentage points)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.12 / len(rows)),
+              ncol=2, frameon=False)
+    n = max((r.get("n_paired", 0) for r in rows), default=0)
+    ax.set_title(title or f"paired difference to {baseline} over {n} seeds (* : Holm p < {alpha:g})",
+                 fontsize=9)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation curves
+
+
+def read_metrics_csv(path) -> dict[str, np.ndarray]:
+    """Columns of a run's ``metrics.csv`` as float arrays (empty cells -> NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    out = {}
+    for k in rows[0]:
+        vals = []
+        for r in rows:
+            try:
+                vals.append(float(r[k]))
+            except (TypeError, ValueError):
+                vals.append(float("nan"))
+        out[k] = np.asarray(vals)
+    return out
+
+
+def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]],
+              seeds: Optional[Sequence[int]] = None) -> dict[str, list[Path]]:
+    study_dir = Path(study_dir)
+    if methods is None:
+        tj = study_dir / "report" / "table.json"
+        if tj.is_file():
+            methods = [r["method"] for r in json.loads(tj.read_text())["methods"]]
+        else:
+            methods = sorted(p.name for p in study_dir.iterdir()
+                             if p.is_dir() and any(p.glob("seed*/metrics.csv")))
+    out = {}
+    for m in methods:
+        runs = sorted((study_dir / m).glob("seed*/metrics.csv"),
+                      key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
+        if seeds is not None:
+            keep = {f"seed{int(k)}" for k in seeds}
+            runs = [r for r in runs if r.parent.name in keep]
+        if runs:
+            out[m] = runs
+    return out
+
+
+def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
+               seeds: Optional[Sequence[int]] = None, metric: str = "val_acc",
+               title: Optional[str] = None) -> Path:
+    """Validation accuracy (%) against epoch, one line per method: the mean over the seeds that
+    reached that epoch, with a ±1 sd band (over seeds; drawn where at least 2 seeds ran that
+    epoch). Reads ``<study>/<method>/seed*/metrics.csv`` (only ``seeds``, when given)."""
+    runs = _run_dirs(Path(study_dir), methods, seeds)
+    if not runs:
+        raise FileNotFoundError(f"no <method>/seed*/metrics.csv under {study_dir}; run the study first")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    n_seeds = 0
+    for method, files in runs.items():
+        curves = []
+        for f in files:
+            c = read_metrics_csv(f)
+            if metric not in c:
+                raise KeyError(f"{f} has no column '{metric}'; columns: {sorted(c)}")
+            curves.append((c["epoch"].astype(int), 100 * c[metric]))
+        n_seeds = max(n_seeds, len(curves))
+        epochs = sorted({int(e) for ep, _ in curves for e in ep})
+        mean, lo, hi = [], [], []
+        for e in epochs:
+            v = np.asarray([val[ep == e][0] for ep, val in curves if (ep == e).any()])
+            v = v[np.isfinite(v)]
+            mu = float(v.mean()) if v.size else float("nan")
+            sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+            mean.append(mu)
+            lo.append(mu - sd)
+            hi.append(mu + sd)
+        line, = ax.plot(epochs, mean, lw=1.6, label=f"{method} (n={len(curves)})")
+        ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    ax.set_title(title or f"validation accuracy, mean ± 1 sd over {n_seeds} seeds", fontsize=9)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness heat map
+
+
+def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float]]], path, *,
+                       clean: Optional[Mapping[object, Mapping[str, float]]] = None,
+                       title: Optional[str] = None) -> Path:
+    """Corruption (rows) x method (columns) accuracy heat map on a fixed 0–100 % colour scale.
+
+    ``per_seed``: ``{seed: {method: {corruption: accuracy in [0, 1]}}}`` (e.g. the mean over
+    severities); ``clean``: ``{seed: {method: clean accuracy}}`` for a top row. Each cell shows the
+    mean over seeds and, under it, ``± sd`` over seeds (sample sd; omitted with one seed). The last
+    row is the mean over all the corruptions shown (which may differ from a table's mCA over the
+    standard 15), its sd taken over the seeds' means."""
+    seeds = list(per_seed)
+    if not seeds:
+        raise ValueError("robustness_heatmap needs at least one seed's results")
+    methods = list(per_seed[seeds[0]])
+    corrs = list(next(iter(per_seed[seeds[0]].values())))
+
+    def cell(get):
+        v = np.asarray([get(s) for s in seeds], dtype=float)
+        v = v[np.isfinite(v)]
+        return (100 * v.mean() if v.size else np.nan,
+                100 * v.std(ddof=1) if v.size > 1 else np.nan)
+
+    labels, rows = [], []
+    if clean is not None:
+        labels.append("clean")
+        rows.append([cell(lambda s, m=m: clean[s].get(m, np.nan)) for m in methods])
+    for c in corrs:
+        labels.append(c)
+        rows.append([cell(lambda s, m=m, c=c: per_seed[s].get(m, {}).get(c, np.nan)) for m in methods])
+    labels.append(f"mean of the {len(corrs)}")
+    rows.append([cell(lambda s, m=m: np.mean([per_seed[s][m][c] for c in corrs])
+                      if m in per_seed[s] else np.nan) for m in methods])
+    mu = np.asarray([[c[0] for c in r] for r in rows])
+    sd = np.asarray([[c[1] for c in r] for r in rows])
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.0 + 1.15 * max(1, len(methods)), 1.2 + 0.42 * len(labels)))
+    im = ax.imshow(mu, aspect="auto", cmap="viridis", vmin=0.0, vmax=100.0)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i in range(mu.shape[0]):
+        for j in range(mu.shape[1]):
+            if not np.isfinite(mu[i, j]):
+                txt = "n/a"
+            else:
+                txt = f"{mu[i, j]:.1f}" + (f"\n±{sd[i, j]:.1f}" if np.isfinite(sd[i, j]) else "")
+            ax.text(j, i, txt, ha="center", va="center", fontsize=6.5, linespacing=0.9,
+                    color="black" if np.isfinite(mu[i, j]) and mu[i, j] > 55 else "white")
+    if clean is not None:
+        ax.axhline(0.5, color="white", lw=1.5)
+    ax.axhline(len(labels) - 1.5, color="white", lw=1.5)
+    fig.colorbar(im, ax=ax, label="accuracy (%), fixed 0–100 scale", fraction=0.05)
+    ax.set_title(title or f"accuracy under corruption (%), mean ± sd over {len(seeds)} seeds",
+                 fontsize=9)
+    return save_figure(fig, path)
+
+
+def study_robustness_heatmap(study_dir, path=None, *, title: Optional[str] = None) -> Path:
+    """:func:`robustness_heatmap` from ``<study>/report/robustness/seed*/robustness.json`` (the
+    per-seed results ``kdlab robustness --study`` writes). Default ``path``:
+    ``<study>/report/robustness_heatmap_seeds.png`` (+ .pdf)."""
+    study_dir = Path(study_dir)
+    files = sorted((study_dir / "report" / "robustness").glob("seed*/robustness.json"))
+    if not files:
+        raise FileNotFoundError(f"no report/robustness/seed*/robustness.json under {study_dir}; "
+                                f"run `kdlab robustness --study {study_dir}` first")
+    per_seed, clean = {}, {}
+    sev = None
+    for f in files:
+        res = json.loads(f.read_text())
+        s = f.parent.name
+        per_seed[s] = {m: v["acc_by_corruption"] for m, v in res["models"].items()}
+        clean[s] = {m: v["clean_acc"] for m, v in res["models"].items()}
+        sev = res.get("severities", sev)
+    if title is None:
+        rec = _study_recipe(study_dir)
+        title = ("accuracy under corruption (%), mean over severities "
+                 + (",".join(map(str, sev)) if sev else "") + f"; mean ± sd over {len(files)} seeds"
+                 + (f"\n{study_title(rec)}" if rec else ""))
+    return robustness_heatmap(per_seed, path or study_dir / "report" / "robustness_heatmap_seeds.png",
+                              clean=clean, title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# explanation alignment per method
+
+
+def alignment_plot(rows: Sequence[Mapping], path, metrics: Sequence[str], *,
+                   title: Optional[str] = None) -> Path:
+    """One panel per metric: each method's mean over seeds with its 95% t-interval (bar) and the
+    per-seed values (dots). ``rows``: ``{"method", metric: mean, metric + "_ci": half-width,
+    metric + "_seeds": [per-seed values]}``; a metric whose Holm-adjusted p against the baseline
+    is below 0.05 (``metric + "_holm_reject"``) is drawn in red."""
+    rows = list(rows)
+    metrics = [m for m in metrics if any(m in r for r in rows)]
+    if not rows or not metrics:
+        raise ValueError("alignment_plot needs rows with at least one of the metrics")
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 0.9 + 0.45 * len(rows)),
+                             squeeze=False)
+    ys = np.arange(len(rows))[::-1]
+    for ax, metric in zip(axes[0], metrics):
+        for y, r in zip(ys, rows):
+            vals = r.get(metric + "_seeds") or []
+            if vals:
+                jit = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else [0.0]
+                ax.scatter(vals, y + np.asarray(jit), s=10, color="0.6", zorder=2)
+            m, ci = r.get(metric, np.nan), r.get(metric + "_ci", np.nan)
+            color = "tab:red" if r.get(metric + "_holm_reject") else "tab:blue"
+            if _finite(m):
+                ax.errorbar([m], [y], xerr=[[ci if _finite(ci) else 0.0]] * 2, fmt="o", capsize=3,
+                            color=color, zorder=3)
+        ax.set_yticks(ys, [r["method"] for r in rows] if ax is axes[0][0] else [""] * len(rows))
+        ax.set_xlabel(METRIC_LABELS.get(metric, metric), fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title or "alignment with the teacher: mean and 95% CI over seeds (dots: seeds; "
+                          "red: differs from baseline, Holm p < 0.05)", fontsize=9)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a study's figures
+
+
+def _study_recipe(study_dir: Path) -> Optional[dict]:
+    sj = study_dir / "report" / "study.json"
+    if sj.is_file():
+        return json.loads(sj.read_text()).get("recipe")
+    for rj in sorted(study_dir.glob("*/seed*/run.json")):
+        return json.loads(rj.read_text()).get("recipe")
+    return None
+
+
+def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
+    """Forest plot (``forest``), validation curves (``val_curves``) and, when the robustness pass
+    ran, the seed-spread heat map (``robustness_heatmap_seeds``) of a finished study, written to
+    ``<study>/report/`` (PNG + PDF). Returns name -> PNG path."""
+    study_dir = Path(study_dir)
+    tj = study_dir / "report" / "table.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{tj} not found; run `kdlab ablate ... --out {study_dir}` first")
+    table = json.loads(tj.read_text())
+    out = Path(out_dir or study_dir / "report")
+    rec = _study_recipe(study_dir)
+    seeds = sorted({s for r in table["methods"] for s in r.get("seeds", [])})
+    head = study_title(rec, seeds)
+    paths = {}
+    if len(table["methods"]) > 1:
+        paths["forest"] = forest_plot(
+            table["methods"], table["baseline"], out / "forest",
+            title=f"paired difference to {table['baseline']} (95% t-interval; * Holm p < 0.05)\n{head}")
+    try:
+        paths["val_curves"] = val_curves(study_dir, out / "val_curves",
+                                         methods=[r["method"] for r in table["methods"]],
+                                         seeds=seeds or None,
+                                         title=f"validation accuracy, mean ± 1 sd over seeds\n{head}")
+    except FileNotFoundError:
+        pass
+    if (study_dir / "report" / "robustness").is_dir():
+        try:
+            paths["robustness_heatmap_seeds"] = study_robustness_heatmap(
+                study_dir, out / "robustness_heatmap_seeds")
+        except FileNotFoundError:
+            pass
+    for k, p in paths.items():
+        log(f"figure {k}: {p} (+ .pdf)")
+    return paths

@@ -1,0 +1,103 @@
+"""Figures: files (PNG + PDF), fixed colour scale, labels and titles, read off the figures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+import kdlab.report.figures as figs  # noqa: E402
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Record every figure handed to save_figure (then save it as usual)."""
+    seen = []
+    real = figs.save_figure
+
+    def spy(fig, path, dpi=150):
+        seen.append({"fig": fig, "axes": list(fig.axes),
+                     "suptitle": fig._suptitle.get_text() if fig._suptitle else "",
+                     "titles": [a.get_title() for a in fig.axes],
+                     "xlabels": [a.get_xlabel() for a in fig.axes],
+                     "ylabels": [a.get_ylabel() for a in fig.axes],
+                     "texts": [t.get_text() for a in fig.axes for t in a.texts],
+                     "images": [(im.norm.vmin, im.norm.vmax) for a in fig.axes for im in a.images]})
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(figs, "save_figure", spy)
+    return seen
+
+
+def _ok(png):
+    return png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_robustness_heatmap_fixed_scale_and_spread(tmp_path, captured):
+    per_seed = {0: {"a": {"noise": 0.50, "blur": 0.80}, "b": {"noise": 0.60, "blur": 0.90}},
+                1: {"a": {"noise": 0.70, "blur": 0.80}, "b": {"noise": 0.60, "blur": 0.70}}}
+    clean = {0: {"a": 0.9, "b": 0.95}, 1: {"a": 0.92, "b": 0.93}}
+    png = figs.robustness_heatmap(per_seed, tmp_path / "heat.png", clean=clean)
+    assert _ok(png)
+    cap = captured[-1]
+    assert cap["images"][0] == (0.0, 100.0)  # fixed 0–100 colour scale, whatever the data
+    # cell a/noise: mean 60.0, sd of (50, 70) = 14.1
+    assert "60.0\n±14.1" in cap["texts"]
+    # mCA row of b: seed means 75 and 65 -> mean 70.0, sd 7.1
+    assert "70.0\n±7.1" in cap["texts"]
+    assert "fixed 0–100" in " ".join(cap["ylabels"])
+
+
+def test_study_robustness_heatmap_reads_seeds(tmp_path):
+    study = tmp_path / "s"
+    for s in (0, 1):
+        d = study / "report" / "robustness" / f"seed{s}"
+        d.mkdir(parents=True)
+        d.joinpath("robustness.json").write_text(json.dumps({"severities": [1, 2], "models": {
+            m: {"acc_by_corruption": {"noise": 0.5 + 0.1 * s, "blur": 0.7}, "clean_acc": 0.9}
+            for m in ("baseline", "kd")}}))
+    assert _ok(figs.study_robustness_heatmap(study))
+    with pytest.raises(FileNotFoundError):
+        figs.study_robustness_heatmap(tmp_path / "none")
+
+
+def test_forest_and_curves(tmp_path, captured):
+    stats = [{"method": "baseline", "test_acc_by_seed": {"0": 0.5, "1": 0.6}},
+             {"method": "kd", "diff_vs_baseline": 0.05, "diff_vs_baseline_ci95": 0.02, "p_holm": 0.01,
+              "holm_reject": True, "n_paired": 2, "test_acc_by_seed": {"0": 0.56, "1": 0.64}}]
+    assert _ok(figs.forest_plot(stats, "baseline", tmp_path / "forest"))
+    cap = captured[-1]
+    assert "percentage points" in cap["xlabels"][0] and "p Holm 0.010 *" in cap["texts"]
+    for m in ("baseline", "kd"):
+        for s in (0, 1):
+            run = tmp_path / "study" / m / f"seed{s}"
+            run.mkdir(parents=True)
+            run.joinpath("metrics.csv").write_text("epoch,val_acc\n1,0.5\n2,0.6\n" + ("3,0.7\n" if s else ""))
+    assert _ok(figs.val_curves(tmp_path / "study", tmp_path / "curves.png"))
+    cap = captured[-1]
+    assert cap["xlabels"][0] == "epoch" and "%" in cap["ylabels"][0]
+    line = cap["axes"][0].lines[0]
+    assert list(line.get_ydata()) == pytest.approx([50.0, 60.0, 70.0])  # epoch 3: one seed
+    with pytest.raises(FileNotFoundError):
+        figs.val_curves(tmp_path / "nothing", tmp_path / "c.png")
+
+
+def test_sweep_and_overlay_labels(tmp_path, captured):
+    from kdlab.report.overlays import overlay_grid, plot_sweep
+
+    rows = [{"student": "tiny", "alpha": a, "seed": s, "n_images": 64, "student_acc": 0.8 + 0.01 * s,
+             "rank_alignment": 0.4} for a in (1.0, 0.5) for s in (0, 1, 2)]
+    assert _ok(plot_sweep(rows, tmp_path / "sweep.png", teacher="resnet18", dataset="digits"))
+    cap = captured[-1]
+    assert "teacher resnet18" in cap["suptitle"] and "data digits" in cap["suptitle"]
+    assert "64 test images" in cap["suptitle"] and "3 seeds" in cap["suptitle"]
+    assert any("Spearman" in y for y in cap["ylabels"]) and any("α" in x for x in cap["xlabels"])
+    maps = {"kd+attn\ncnn_tiny": torch.rand(2, 8, 8), "teacher": torch.rand(2, 8, 8)}
+    png = overlay_grid(torch.rand(2, 1, 8, 8), maps, tmp_path / "ov.png", attribution="ig")
+    assert _ok(png)
+    cap = captured[-1]
+    assert "Integrated Gradients" in cap["suptitle"]
+    assert "kd+attn\ncnn_tiny" in cap["titles"]
+    assert len(cap["axes"]) == 2 * 3 + 1 and "min–max" in cap["axes"][-1].get_ylabel()  # colour bar

@@ -1,0 +1,141 @@
+"""The study table's test columns against scipy.stats on the per-seed results."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from kdlab.report.tables import method_stats, power_line, render_table, study_report
+
+ACC = {  # method -> per-seed test accuracy (seeds 0..5)
+    "baseline": [0.601, 0.582, 0.634, 0.657, 0.628, 0.611],
+    "kd": [0.652, 0.640, 0.671, 0.690, 0.668, 0.659],  # clearly better
+    "kd+attn": [0.612, 0.570, 0.650, 0.649, 0.640, 0.615],  # within noise
+    "full": [0.601, 0.582, 0.634, 0.657, 0.628, 0.611],  # identical to the baseline
+}
+
+
+def _runs():
+    return [{"method": m, "seed": s, "test_acc": a, "best_epoch": 10, "train_time_s": 1.0,
+             "images_per_s": 100.0, "model": "cnn_tiny"}
+            for m, accs in ACC.items() for s, a in enumerate(accs)]
+
+
+def _holm_by_hand(p: dict) -> dict:
+    """Holm for a small family, written out: sort, multiply by m, m−1, ..., running max, cap 1."""
+    items = sorted((v, k) for k, v in p.items() if math.isfinite(v))
+    m, out, run = len(items), {}, 0.0
+    for i, (v, k) in enumerate(items):
+        run = max(run, min(1.0, (m - i) * v))
+        out[k] = run
+    return out
+
+
+def test_table_columns_match_scipy():
+    rows = {r["method"]: r for r in method_stats(_runs(), "baseline")}
+    base = np.asarray(ACC["baseline"])
+    p_t = {}
+    for m in ("kd", "kd+attn"):
+        a = np.asarray(ACC[m])
+        t = stats.ttest_rel(a, base)
+        w = stats.wilcoxon(a, base)
+        d = a - base
+        assert rows[m]["p_ttest"] == pytest.approx(t.pvalue, rel=1e-9)
+        assert rows[m]["p_wilcoxon"] == pytest.approx(w.pvalue, rel=1e-9)
+        assert rows[m]["d_z"] == pytest.approx(d.mean() / d.std(ddof=1), rel=1e-9)
+        assert rows[m]["diff_vs_baseline"] == pytest.approx(d.mean())
+        lo, hi = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        assert rows[m]["diff_vs_baseline_ci95"] == pytest.approx((hi - lo) / 2)
+        p_t[m] = t.pvalue
+    # 'full' equals the baseline on every seed: the tests are undefined (NaN), not p = 1
+    assert math.isnan(rows["full"]["p_ttest"]) and math.isnan(rows["full"]["p_wilcoxon"])
+    expect = _holm_by_hand(p_t)
+    for m in ("kd", "kd+attn"):
+        assert rows[m]["p_holm"] == pytest.approx(expect[m])
+    assert math.isnan(rows["full"]["p_holm"])
+    assert rows["kd"]["holm_reject"] and not rows["kd+attn"]["holm_reject"]
+    assert not rows["full"]["holm_reject"] and not rows["baseline"]["holm_reject"]
+    assert math.isnan(rows["baseline"]["p_ttest"])
+    # mean ± t-interval of the accuracies themselves
+    m, s = base.mean(), base.std(ddof=1)
+    assert rows["baseline"]["test_acc_ci95"] == pytest.approx(stats.t.ppf(0.975, 5) * s / math.sqrt(6))
+
+
+def test_markdown_marks_survivors_and_power_line(tmp_path):
+    stats_ = method_stats(_runs(), "baseline")
+    md, note = render_table(stats_, "baseline")
+    header = md.splitlines()[0]
+    for col in ("p (t)", "p (Wilcoxon)", "p Holm", "d_z"):
+        assert col in header
+    kd_line = next(line for line in md.splitlines() if line.startswith("| kd "))
+    attn_line = next(line for line in md.splitlines() if line.startswith("| kd+attn "))
+    assert " *" in kd_line and " *" not in attn_line
+    line = power_line(stats_, "baseline")
+    assert line.startswith("Power: seeds needed to detect a 1 pp") and "This study has 6;" in line
+    assert line in note
+    # n for kd+attn follows from the sd of its differences (G*Power-checked in test_statistics)
+    from kdlab.report.statistics import seeds_needed
+
+    d = np.asarray(ACC["kd+attn"]) - np.asarray(ACC["baseline"])
+    assert f"kd+attn {seeds_needed(d.std(ddof=1), 0.01)} (sd" in line
+
+
+def test_study_report_writes_tables_and_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    study = tmp_path / "study"
+    for m, accs in ACC.items():
+        for s in range(len(accs)):
+            run = study / m / f"seed{s}"
+            run.mkdir(parents=True)
+            rows = ["epoch,val_acc"] + [f"{e},{min(0.95, accs[s] * e / 5):.4f}" for e in range(1, 6)]
+            (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    rep = study_report(_runs(), {}, study / "report", profile=False, log=lambda *a: None)
+    table = json.loads((study / "report" / "table.json").read_text())
+    kd = next(r for r in table["methods"] if r["method"] == "kd")
+    assert kd["test_acc_by_seed"]["3"] == ACC["kd"][3] and "p_holm" in kd
+    assert "p Holm" in (study / "report" / "table.md").read_text()
+    csv_head = (study / "report" / "table.csv").read_text().splitlines()[0]
+    assert "p_wilcoxon" in csv_head and "test_acc_by_seed" not in csv_head
+    for name in ("forest", "val_curves"):
+        png = study / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (study / "report" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+        assert rep["figures"][name] == str(png)
+
+
+def test_rebuild_report_from_runs(tmp_path):
+    from kdlab.report.tables import rebuild_report
+
+    study = tmp_path / "s"
+    for r in _runs():
+        run = study / r["method"] / f"seed{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+    (study / "report").mkdir()
+    (study / "report" / "table.json").write_text(json.dumps(  # an old table: order + profile kept
+        {"baseline": "baseline", "methods": [{"method": m, "params": 123} for m in ("baseline", "kd", "kd+attn", "full")]}))
+    rep = rebuild_report(study, figures=False, log=lambda *a: None)
+    rows = {r["method"]: r for r in rep["methods"]}
+    assert [r["method"] for r in rep["methods"]] == ["baseline", "kd", "kd+attn", "full"]
+    assert rows["kd"]["params"] == 123 and rows["kd"]["n_seeds"] == 6
+    assert rows["kd"]["p_ttest"] == pytest.approx(stats.ttest_rel(ACC["kd"], ACC["baseline"]).pvalue)
+    with pytest.raises(KeyError):
+        rebuild_report(study, baseline="nope", figures=False, log=lambda *a: None)
+    with pytest.raises(FileNotFoundError):
+        rebuild_report(tmp_path / "empty", figures=False, log=lambda *a: None)
+
+
+def test_one_seed_table_says_what_is_missing():
+    runs = [r for r in _runs() if r["seed"] == 0]
+    md, note = render_table(method_stats(runs, "baseline"), "baseline")
+    assert "need at least 2 seeds per method; this study has 1." in note
+    assert "Wilcoxon test cannot" not in note
+
+
+def test_fmt_p():
+    from kdlab.report.tables import fmt_p
+
+    assert fmt_p(0.0502) == "0.0502" and fmt_p(0.0498) == "0.0498" and fmt_p(0.12345) == "0.123"
+    assert fmt_p(0.0004) == "<0.001" and fmt_p(float("nan")) == "—" and fmt_p(None) == "—"
