@@ -417,18 +417,6 @@ def test_gap_closed_by_hand():
     assert got == {0: pytest.approx(0.4), 1: pytest.approx(0.5)}
 
 
-def test_inversion_copy_matches_the_deepinv_paradigm():
-    """kdlab.distill.inversion.synthesize is the paradigm's synthesis (same images, same seed)."""
-    from kdlab.distill.inversion import synthesize
-    from kdlab.experiments.paradigms.deepinv import synthesize as paradigm_synthesize
-
-    torch.manual_seed(0)
-    t = create_model("cnn_tiny", num_classes=10, in_channels=1).eval()
-    a = synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
-    b = paradigm_synthesize(t, 6, (1, 8, 8), 10, iters=2, batch_size=4, seed=1)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
 def test_crd_label_positives_only_for_labelled_anchors():
     crd = LOSSES.get("crd")(layers=[["a", "b"]], n_neg=2, positives="label")
     # labels by training index: class 0 = {0, 2}, class 1 = {1, 4}, index 3 unlabelled

@@ -17,82 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from kdlab.core.checkpoint import atomic_save
 from kdlab.core.config import Recipe
 from kdlab.core.io import read_json, write_json
-from kdlab.core.seeding import derive_seed
+from kdlab.distill.inversion import BNStatHook, synthesize, tv_prior  # noqa: F401  (the one implementation)
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
-
-
-def tv_prior(x: torch.Tensor) -> torch.Tensor:
-    """``R_TV(x) = mean|x[..., i+1, j] − x[..., i, j]| + mean|x[..., i, j+1] − x[..., i, j]|``."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-
-
-class BNStatHook:
-    """Forward hooks on every BatchNorm2d of a model: ``loss`` accumulates the distance of each
-    layer's batch statistics to its running statistics."""
-
-    def __init__(self, model: nn.Module):
-        self.terms: list = []
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, nn.BatchNorm2d)]
-        if not self.handles:
-            raise ValueError("DeepInversion needs a teacher with BatchNorm2d layers (their statistics are the prior)")
-
-    def _hook(self, module, inputs, output):
-        x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        self.terms.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
-
-    def pop(self) -> torch.Tensor:
-        out = torch.stack(self.terms).sum()
-        self.terms = []
-        return out
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, iters: int = 200,
-               lr: float = 0.1, batch_size: int = 64, a_bn: float = 1.0, a_tv: float = 1e-2,
-               a_l2: float = 1e-4, seed: int = 0, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` synthetic inputs [n, *shape] (normalised space) and their sampled class targets."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    dev = next(teacher.parameters()).device
-    g = torch.Generator().manual_seed(derive_seed(seed, "deepinv"))
-    hook = BNStatHook(teacher)
-    xs, ys = [], []
-    try:
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            y = (torch.arange(start, start + b) % num_classes)[torch.randperm(b, generator=g)].to(dev)
-            x = torch.randn(b, *shape, generator=g).to(dev).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr)
-            for it in range(iters):
-                opt.zero_grad(set_to_none=True)
-                logits = teacher(x)
-                loss = F.cross_entropy(logits, y) + a_bn * hook.pop() + a_tv * tv_prior(x) \
-                    + a_l2 * x.pow(2).mean()
-                loss.backward()
-                opt.step()
-            hook.terms = []
-            if log:
-                log(f"DeepInversion batch {start // batch_size + 1}: loss {loss.item():.3f}, "
-                    f"teacher agrees with targets {(logits.argmax(1) == y).float().mean().item():.2f}")
-            xs.append(x.detach())
-            ys.append(y)
-    finally:
-        hook.close()
-    return torch.cat(xs), torch.cat(ys)
 
 
 class DeepInvParams(ParadigmParams):
