@@ -139,3 +139,20 @@ def test_fmt_p():
 
     assert fmt_p(0.0502) == "0.0502" and fmt_p(0.0498) == "0.0498" and fmt_p(0.12345) == "0.123"
     assert fmt_p(0.0004) == "<0.001" and fmt_p(float("nan")) == "—" and fmt_p(None) == "—"
+
+
+def test_gap_closed_column_by_hand(tmp_path):
+    # teacher 0.95; baseline 0.80 / 0.85; kd 0.92 / 0.90 -> gaps 0.12/0.15 = 0.8 and 0.05/0.10 = 0.5
+    from kdlab.report.tables import method_stats, render_table
+
+    runs = [{"method": m, "seed": s, "test_acc": a, "best_epoch": 1, "train_time_s": 1.0, "images_per_s": 1.0}
+            for m, s, a in (("baseline", 0, 0.80), ("baseline", 1, 0.85), ("kd", 0, 0.92), ("kd", 1, 0.90))]
+    stats = method_stats(runs, "baseline", teacher_acc=0.95)
+    kd = next(r for r in stats if r["method"] == "kd")
+    from scipy import stats as st
+
+    assert kd["gap_closed_mean"] == pytest.approx(0.65)
+    sd = (0.3 / 2 ** 0.5)  # sample sd of (0.8, 0.5)
+    assert kd["gap_closed_ci95"] == pytest.approx(st.t.ppf(0.975, 1) * sd / 2 ** 0.5)
+    md, note = render_table(stats, "baseline")
+    assert "gap closed (95% CI)" in md and "0.65 ±" in md and "Gap closed" in note

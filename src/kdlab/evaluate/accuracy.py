@@ -101,4 +101,24 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     if "normalize" in ck:
         mean, std = ck["normalize"] if ck["normalize"] else (None, None)
     loader = as_loader(getattr(splits, split), batch_size, shuffle=False, seed=0, mean=mean, std=std, device=dev)
+    resize = (ck.get("input") or {}).get("resize")
+    if resize:  # a student trained on a resized view (student.input.resize) is evaluated on it too
+        from kdlab.data.views import resize_view
+
+        inner = model
+
+        def model(x):  # noqa: F811
+            return inner(resize_view(x, resize))
+        model = _Wrapped(inner, model)
     return {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
+
+
+class _Wrapped(nn.Module):
+    """``fn(x)`` as a module whose parameters are ``inner``'s (device and eval mode follow it)."""
+
+    def __init__(self, inner: nn.Module, fn):
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self, x):
+        return self.fn(x)

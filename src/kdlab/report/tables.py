@@ -40,6 +40,37 @@ def paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
     return r["mean"], r["ci"], r["n"]
 
 
+def _gap(accs: dict, base: dict, teacher_acc, is_base: bool) -> dict:
+    """Gap closed per seed against the baseline of the same seed (kdlab.report.gap), mean and 95 %
+    t half-width over seeds; nan without a teacher accuracy or for the baseline itself."""
+    nan = float("nan")
+    if teacher_acc is None or is_base:
+        return {"gap_closed_mean": nan, "gap_closed_ci95": nan}
+    from kdlab.report.gap import gap_closed_by_seed
+
+    g = [v for v in gap_closed_by_seed(accs, base, teacher_acc).values() if math.isfinite(v)]
+    if not g:
+        return {"gap_closed_mean": nan, "gap_closed_ci95": nan}
+    m, _, half = t_interval(g)
+    return {"gap_closed_mean": m, "gap_closed_ci95": half}
+
+
+def teacher_accuracy(recipes: dict) -> Optional[float]:
+    """The test accuracy of the study's teacher (``result.json`` beside the recipes' teacher
+    checkpoint), when there is exactly one teacher and its run recorded one."""
+    import json
+
+    paths = {r.teacher.checkpoint for r in recipes.values()
+             if getattr(r, "teacher", None) is not None and r.teacher.checkpoint}
+    if len(paths) != 1:
+        return None
+    f = Path(next(iter(paths))).parent / "result.json"
+    try:
+        return float(json.loads(f.read_text())["test_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def fmt_pct(m: float, pm: Optional[float] = None, digits: int = 2) -> str:
     if m is None or not math.isfinite(m):
         return "—"
@@ -69,7 +100,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_csv(path, rows)
 
 
-def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc") -> list[dict]:
+def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc",
+                 teacher_acc: Optional[float] = None) -> list[dict]:
     """One row per method (in first-seen order) from per-run result dicts (``method``, ``seed``,
     ``test_acc``, ...), with the paired tests against ``baseline`` (Holm over all methods but
     the baseline)."""
@@ -98,6 +130,7 @@ def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc") -
             "holm_reject": bool(t and math.isfinite(t["p_holm"]) and t["p_holm"] < HOLM_ALPHA),
             "d_z": t["d_z"] if t else nan,
             "seeds_for_1pp": t["seeds_needed"] if t else nan,
+            **_gap(accs, accs_by.get(baseline, {}), teacher_acc, method == baseline),
             "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
             # the student's own cost: the teacher's outputs and masks (charged to whichever run
             # filled a shared cache) are reported on their own line
@@ -163,6 +196,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
     headers = ["method", "seeds", "top-1 % (mean ± sd)", "95% CI", f"Δ vs {baseline} (pp, 95% CI)"]
     if tests:
         headers += ["p (t)", "p (Wilcoxon)", "p Holm", "d_z"]
+    gap = any(math.isfinite(r.get("gap_closed_mean", float("nan"))) for r in stats)
+    if gap:
+        headers += ["gap closed (95% CI)"]
     headers += ["best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s", "train s/run"]
     if robust:
         headers += ["mCA %", "mCE %", "rel. mCE %"]
@@ -178,6 +214,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
             row += (["—"] * 4 if is_base else
                     [fmt_p(r.get("p_ttest")), fmt_p(r.get("p_wilcoxon")), fmt_p(r.get("p_holm")),
                      _num(r.get("d_z"), "+.2f")])
+        if gap:
+            g, h = r.get("gap_closed_mean", float("nan")), r.get("gap_closed_ci95", float("nan"))
+            row += ["—" if not math.isfinite(g) else f"{g:.2f}" + (f" ± {h:.2f}" if math.isfinite(h) else "")]
         row += [
             _num(r["best_epoch_mean"], ".1f"), _num(r.get("params"), ","), _num(r.get("size_mb"), ".3f"),
             _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f"),
@@ -207,6 +246,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
                  "(report/robustness.md; mCA_extra, mCE_extra, rel_mCE_extra in table.csv/json); "
                  "rel. mCE leaves out corruptions where the reference degrades by < 1 pp "
                  "(named in report/robustness.md).")
+    if gap:
+        note += (f" Gap closed: (student − {baseline}) / (teacher − {baseline}) per seed, the share of the "
+                 "teacher's advantage the student keeps (1 = as good as the teacher; mean ± 95% t interval).")
     teacher_s = sum(r.get("teacher_time_s_sum", 0.0) for r in stats)
     if teacher_s > 0:
         note += (f" Train img/s and s/run are the students' own cost; the teacher's outputs and causal "
@@ -229,7 +271,7 @@ def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "b
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "results.csv", runs)
-    stats = method_stats(runs, baseline)
+    stats = method_stats(runs, baseline, teacher_acc=teacher_accuracy(recipes))
     cache: dict = {}
     for row in stats:
         if profile:
