@@ -103,22 +103,18 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     loader = as_loader(getattr(splits, split), batch_size, shuffle=False, seed=0, mean=mean, std=std, device=dev)
     resize = (ck.get("input") or {}).get("resize")
     if resize:  # a student trained on a resized view (student.input.resize) is evaluated on it too
-        from kdlab.data.views import resize_view
-
-        inner = model
-
-        def model(x):  # noqa: F811
-            return inner(resize_view(x, resize))
-        model = _Wrapped(inner, model)
+        model = ResizedInput(model, resize)
     return {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
 
 
-class _Wrapped(nn.Module):
-    """``fn(x)`` as a module whose parameters are ``inner``'s (device and eval mode follow it)."""
+class ResizedInput(nn.Module):
+    """``model`` fed the ``hw`` view of its input (:func:`kdlab.data.views.resize_view`)."""
 
-    def __init__(self, inner: nn.Module, fn):
+    def __init__(self, model: nn.Module, hw):
         super().__init__()
-        self.inner, self.fn = inner, fn
+        self.model, self.hw = model, tuple(hw)
 
     def forward(self, x):
-        return self.fn(x)
+        from kdlab.data.views import resize_view
+
+        return self.model(resize_view(x, self.hw))
