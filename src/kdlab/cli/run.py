@@ -47,8 +47,10 @@ def cmd_distill(args) -> int:
         recipe.train.seed = args.seed
     ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
-    print(f"distilling {recipe.name}: {recipe.student.model} <- "
-          f"{recipe.teacher.model if recipe.teacher else 'no teacher'} -> {out}")
+    teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
+    print(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
+    if (out / "result.json").exists() and not args.restart:
+        print("  (finished earlier: its checked result is reused; --restart trains it again)")
     res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method=recipe.name)
     print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
@@ -135,12 +137,26 @@ def cmd_evaluate(args) -> int:
 def cmd_recipes(args) -> int:
     from kdlab.core.config import list_recipes, load_recipe
 
+    from kdlab.experiments.paradigms.spec import list_paradigm_recipes, load_paradigm
+    from kdlab.lm.recipe import list_lm_recipes
+
+    print("training recipes (kdlab train-teacher / distill / ablate / compare):")
     for name in list_recipes():
         try:
             desc = load_recipe(name).description
         except Exception as e:  # a broken shipped recipe should be visible, not hidden
             desc = f"INVALID: {e}"
-        print(f"{name:<28} {desc}")
+        print(f"  {name:<30} {desc}")
+    print("paradigm recipes (kdlab paradigm / compare):")
+    for name in list_paradigm_recipes():
+        try:
+            desc = load_paradigm(name).description
+        except Exception as e:
+            desc = f"INVALID: {e}"
+        print(f"  {name:<30} {desc}")
+    print("language-model recipes (kdlab lm ...):")
+    for name in list_lm_recipes():
+        print(f"  {name}")
     return 0
 
 

@@ -462,7 +462,7 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = read_recipe_yaml(path)
     apply_overrides(raw, overrides)
     resolve_refs(raw, None, "--set")  # overridden references: relative to the current folder
-    recipe = recipe_from_dict(raw, str(path))
+    recipe = recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
     recipe.source = str(path)
     return recipe
 
