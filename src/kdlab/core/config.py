@@ -415,20 +415,24 @@ def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: a masked term needs a 'mask' section (e.g. mask: {{method: grad}})")
 
 
+def describe_error(e: ValidationError) -> str:
+    """``<dotted key>: <what is wrong>`` for the first error of a pydantic validation."""
+    err = e.errors()[0]
+    if err["type"] == "extra_forbidden":
+        msg = f"unknown key '{err['loc'][-1]}'"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    else:
+        msg = f"{err['msg']} (got {err.get('input')!r})"
+    return f"{fmt_loc(err['loc'])}: {msg}"
+
+
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = fmt_loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{err['loc'][-1]}'"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise RecipeError(f"{where}: {loc}: {msg}{more}") from None
+        raise RecipeError(f"{where}: {describe_error(e)}{more}") from None
     validate_terms(recipe, where)
     return recipe
 

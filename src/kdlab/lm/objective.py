@@ -222,14 +222,20 @@ class LMObjective:
                 ls, lt_ = bucket_logprobs(torch.log_softmax(logits.float(), -1), *sparse)
                 val = token_mean(divergence(t.term, ls, lt_, **t.div_params), mask, denom)
             else:
-                tau = t.temperature
-                per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
-                val = token_mean(per * tau ** 2, mask, denom)
+                val = self._dense_term(t, logits, t_logits, mask, denom)
             logs[t.term] = val.detach()
             total = total + t.weight * val
         logs["loss"] = total.detach()
         logs["n"] = mask.sum().detach().float()
         return total * g, logs
+
+    @staticmethod
+    def _dense_term(t, logits, t_logits, mask, denom):
+        """A divergence term against the dense teacher at the term's temperature τ, times τ²,
+        per token over ``mask``."""
+        tau = t.temperature
+        per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
+        return token_mean(per * tau ** 2, mask, denom)
 
     def _on_policy_step(self, ids, epoch, stepno, denom, g):
         self.counts["on_policy"] += 1
@@ -249,9 +255,7 @@ class LMObjective:
         for t in self.terms:
             if t.term == "ce":
                 continue
-            tau = t.temperature
-            per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
-            val = token_mean(per * tau ** 2, mask, denom)
+            val = self._dense_term(t, logits, t_logits, mask, denom)
             logs[t.term] = val.detach()
             total = total + t.weight * val
         logs["loss"] = total.detach()

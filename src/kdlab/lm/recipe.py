@@ -14,7 +14,7 @@ import yaml
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdlab.core.config import RecipeError, apply_overrides, deep_merge, fmt_loc, resolve_recipe_path
+from kdlab.core.config import RecipeError, apply_overrides, deep_merge, describe_error, resolve_recipe_path
 
 
 def read_lm_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -144,15 +144,7 @@ def lm_recipe_from_dict(raw: dict, where: str = "recipe") -> LMRecipe:
     try:
         return LMRecipe.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = fmt_loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{err['loc'][-1]}'"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
-        raise RecipeError(f"{where}: {loc}: {msg}") from None
+        raise RecipeError(f"{where}: {describe_error(e)}") from None
 
 
 def load_lm_recipe(ref: str, overrides: Optional[list[str]] = None) -> LMRecipe:
