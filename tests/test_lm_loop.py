@@ -63,3 +63,16 @@ def test_tiny_fit_trains_and_reuses_a_finished_run(tmp_path):
     res = tiny_fit(obj, WindowLoader(stream, 8, 8, 10, seed=0), ev, ev, cfg, tmp_path)
     assert res["test_bpb"] < before / 4  # learns the cycle
     assert tiny_fit(obj, None, None, None, cfg, tmp_path) == json.loads((tmp_path / "result.json").read_text())
+
+
+def test_student_identity_ignores_the_study_list_but_not_the_method():
+    """Adding a method to a study keeps the other methods' finished runs reusable; a different
+    loss for the same method name is a different run."""
+    from kdlab.lm.recipe import load_lm_recipe
+    from kdlab.lm.study import student_identity
+
+    r = load_lm_recipe("lm/docs")
+    r2 = load_lm_recipe("lm/docs", ["study.methods.extra={loss: [{term: rkl}]}", "description=changed"])
+    assert student_identity(r.method("fkl")) == student_identity(r2.method("fkl"))
+    assert student_identity(r.method("fkl")) != student_identity(r.method("rkl"))
+    assert student_identity(r.method("fkl"))["distill"]["loss"][1]["term"] == "fkl"

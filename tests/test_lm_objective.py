@@ -96,3 +96,51 @@ def test_term_validation_messages():
     _, student = _models()
     with pytest.raises(ValueError, match="need a teacher"):
         LMObjective(student, terms=["ce", "fkl"])
+
+
+def test_on_policy_starts_at_the_given_epoch():
+    """With on_policy = 1 and on_policy_start_epoch = 2, epochs 0 and 1 are supervised (CE on the
+    data, no sampling) and epoch 2 samples; floor(0.5 * 10) = 5 is the first on-policy epoch."""
+    from kdlab.lm.study import on_policy_start_epoch
+
+    teacher, student = _models()
+    obj = LMObjective(student, terms=[{"term": "ce"}, {"term": "fkl"}], teacher=teacher, on_policy=1.0,
+                      on_policy_start_epoch=2, prompt_len=4, gen_len=6)
+    for e in (0, 1):
+        _, logs = obj.step(dict(_batch(), epoch=e), StepContext(e, 0))
+        assert "ce" in logs
+    assert obj.counts == {"on_policy": 0, "supervised": 2, "cache_hits": 0, "live_teacher": 2}
+    _, logs = obj.step(dict(_batch(), epoch=2), StepContext(2, 0))
+    assert "ce" not in logs and obj.counts["on_policy"] == 1
+    assert on_policy_start_epoch(0.5, 10) == 5 and on_policy_start_epoch(0.0, 3) == 0
+    assert on_policy_start_epoch(0.3, 10) == 3 and on_policy_start_epoch(0.99, 4) == 3
+    with pytest.raises(ValueError, match="on_policy_start_epoch"):
+        LMObjective(student, terms=["fkl"], teacher=teacher, on_policy=1.0, on_policy_start_epoch=-1)
+
+
+def test_seqkd_batch_is_scored_by_the_live_teacher_on_generated_positions():
+    """Sequence- plus word-level KD (Kim & Rush 2016): a batch of teacher generations
+    (source "seqkd") is never looked up in the data cache; the fkl term is KL(P‖Q) of the dense
+    teacher, averaged over the generated positions only."""
+    from kdlab.lm.losses import forward_kl
+
+    class NoCache:
+        def get(self, *a):
+            raise AssertionError("a seqkd batch must not read the data cache")
+
+    teacher, student = _models()
+    obj = LMObjective(student, terms=[{"term": "ce", "weight": 0.5}, {"term": "fkl", "weight": 0.5}],
+                      teacher=teacher, cache=NoCache())
+    b = _batch()
+    b["mask"][:, :4] = False  # the prompt positions are not targets
+    b["source"] = "seqkd"
+    _, logs = obj.step(b, StepContext(0, 0))
+    assert obj.counts["live_teacher"] == 1 and obj.counts["cache_hits"] == 0
+    x = b["ids"][:, :-1]
+    with torch.no_grad():
+        ls, lt = log_softmax_t(student(x)[0]), log_softmax_t(teacher(x)[0])
+        p = lt.exp()
+        by_hand = (p * (lt - ls)).sum(-1)[:, 4:].mean()
+    assert torch.allclose(logs["fkl"], by_hand, atol=1e-5)
+    assert torch.allclose(forward_kl(ls, lt)[:, 4:].mean(), by_hand, atol=1e-6)
+    assert float(logs["n"]) == 3 * 6

@@ -5,7 +5,9 @@ A training batch is a dict from :mod:`kdlab.lm.corpora` (``ids [B, T+1]``, ``mas
 ``epoch``, ``step``; a sequence-level-KD batch also has ``source: "seqkd"``). One step:
 
 1. **On-policy** with probability λ (``on_policy``; the draw is a pure function of
-   (seed, epoch, step)): the first ``prompt_len`` tokens of the batch are the prompts, the student
+   (seed, epoch, step)), from epoch ``on_policy_start_epoch`` on (0-based; earlier epochs are
+   all supervised, so the student samples only once it has learnt something, as GKD starts from
+   a supervised fine-tuned student): the first ``prompt_len`` tokens of the batch are the prompts, the student
    *samples* ``gen_len`` tokens (no gradient: :func:`kdlab.lm.generate.generate` runs under
    ``no_grad``), the teacher scores the sampled sequence, and the loss is the weighted divergence
    terms on the sampled positions (GKD, Agarwal et al. 2024). There is no CE term: the samples
@@ -125,7 +127,8 @@ class LMObjective:
 
     def __init__(self, student: nn.Module, *, terms=("ce",), teacher: Optional[nn.Module] = None,
                  token_bytes: Optional[torch.Tensor] = None, pad_id: int = 0, eos_id: Optional[int] = None,
-                 cache=None, on_policy: float = 0.0, prompt_len: int = 16, gen_len: int = 32,
+                 cache=None, on_policy: float = 0.0, on_policy_start_epoch: int = 0,
+                 prompt_len: int = 16, gen_len: int = 32,
                  gen_temperature: float = 1.0, gen_top_k: Optional[int] = None, seed: int = 0,
                  meta: Optional[dict] = None, teacher_eval_store: Optional[dict] = None,
                  name: str = "student"):
@@ -146,6 +149,9 @@ class LMObjective:
         self.token_bytes = token_bytes
         self.pad_id, self.eos_id = pad_id, eos_id
         self.cache, self.on_policy = cache, float(on_policy)
+        if on_policy_start_epoch < 0:
+            raise ValueError(f"on_policy_start_epoch must be >= 0 (got {on_policy_start_epoch})")
+        self.on_policy_start_epoch = int(on_policy_start_epoch)
         self.prompt_len, self.gen_len = prompt_len, gen_len
         self.gen_temperature, self.gen_top_k = gen_temperature, gen_top_k
         self.seed = seed
@@ -195,7 +201,7 @@ class LMObjective:
         mask = batch["mask"].to(dev)
         epoch, stepno = int(batch.get("epoch", getattr(ctx, "epoch", 0))), int(batch.get("step", getattr(ctx, "step", 0)))
         denom, g = self._denom(ctx)
-        if self.on_policy > 0:
+        if self.on_policy > 0 and epoch >= self.on_policy_start_epoch:
             u = torch.rand((), generator=torch.Generator().manual_seed(
                 derive_seed(self.seed, "on-policy", epoch, stepno))).item()
             if u < self.on_policy:

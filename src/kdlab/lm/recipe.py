@@ -83,6 +83,7 @@ class DistillCfg(_Strict):
     seqkd_pool: int = Field(512, ge=1)               # teacher continuations generated (cached)
     seqkd_greedy: bool = False
     on_policy: float = Field(0.0, ge=0.0, le=1.0)    # GKD λ: probability the student generates
+    on_policy_start: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of epochs trained supervised first
     prompt_len: int = Field(16, ge=1)
     gen_len: int = Field(32, ge=1)
     gen_temperature: float = Field(1.0, gt=0.0)

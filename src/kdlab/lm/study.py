@@ -227,6 +227,20 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
     return run / "best.pt"
 
 
+def on_policy_start_epoch(fraction: float, epochs: int) -> int:
+    """The first on-policy epoch (0-based) for ``distill.on_policy_start`` = ``fraction`` of
+    ``epochs``: ``floor(fraction · epochs)``; 0.5 of 10 epochs -> epochs 5..9 may sample."""
+    return int(math.floor(fraction * epochs + 1e-9))
+
+
+def student_identity(recipe: LMRecipe) -> dict:
+    """What makes two student runs the same: the recipe's corpus, models, train and (method-applied)
+    distill sections; not its name, description or study list, so adding a method to a study
+    reuses the finished runs of the others."""
+    return {"kind": "lm-student", **{k: v for k, v in recipe.to_dict().items()
+                                     if k not in ("name", "description", "study")}}
+
+
 # -- one student --------------------------------------------------------------------------------------
 def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill", data: Optional[CorpusData] = None,
                 teacher=None, teacher_eval_store: Optional[dict] = None, progress: bool = False,
@@ -257,13 +271,15 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     obj = LMObjective(student, terms=terms, teacher=teacher, token_bytes=data.token_bytes, pad_id=tok.pad_id,
-                      eos_id=tok.eos_id, cache=cache, on_policy=d.on_policy, prompt_len=d.prompt_len,
+                      eos_id=tok.eos_id, cache=cache, on_policy=d.on_policy,
+                      on_policy_start_epoch=on_policy_start_epoch(d.on_policy_start, t.epochs),
+                      prompt_len=d.prompt_len,
                       gen_len=d.gen_len, gen_temperature=d.gen_temperature, seed=seed,
                       meta=lm_meta(recipe.student.model, recipe.student.kwargs, tok.vocab_size, tok, recipe.corpus.name),
                       teacher_eval_store=teacher_eval_store)
     run = out_dir / "runs" / method / f"seed{seed}"
     res = fit(obj, loader, data.eval_loader("val", t), data.eval_loader("test", t), t, run,
-              seed=seed, method=method, progress=progress, identity={"kind": "lm-student", **recipe.to_dict()})
+              seed=seed, method=method, progress=progress, identity=student_identity(recipe))
     row = {"method": method, "seed": seed, "params": count_params(student), **res}
     if teacher is not None:
         best, _, _ = load_lm(run / "best.pt", dev)
