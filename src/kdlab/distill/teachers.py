@@ -105,6 +105,7 @@ class LiveTeacher:
         self.mask_layers = list(mask_layers)
         self.mask_cfg = mask_cfg
         self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+        self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
@@ -122,11 +123,14 @@ class LiveTeacher:
         for unlabelled samples (``y < 0``, transfer sets) the teacher's own top class."""
         if not layers:
             return {}
+        t0 = time.perf_counter()
         if bool((y < 0).any()):
             with torch.inference_mode():
                 top = self.teacher(x).argmax(dim=1)
             y = torch.where(y >= 0, y, top.clone())
-        return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
+        out = {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
+        self.mask_time_s += time.perf_counter() - t0
+        return out
 
     def __call__(self, x, y, idx=None, epoch=0, step=0) -> TeacherOutputs:
         logits, feats = self.forward(x, self.layers)
@@ -313,6 +317,11 @@ class CachedTeacher:
     @property
     def teacher(self) -> nn.Module:
         return self.live.teacher
+
+    @property
+    def mask_time_s(self) -> float:
+        """Seconds this source spent computing masks (on cache misses; hits cost none)."""
+        return self.live.mask_time_s
 
     def _compute(self, x, y, names: list[str]) -> dict:
         """The live teacher's (rounded) values of the named components only."""

@@ -114,6 +114,13 @@ class DistillObjective:
         if needs and teacher is None:
             raise ValueError("these loss terms need a teacher; give the recipe a teacher section")
 
+    @property
+    def mask_time_s(self) -> float:
+        """Of ``teacher_time_s``: seconds the teacher sources spent computing causal masks
+        (cumulative, like ``teacher_time_s``; the rest is teacher forward passes and cache reads)."""
+        srcs = [self.teacher, *self.extra_teachers.values()]
+        return float(sum(getattr(s, "mask_time_s", 0.0) for s in srcs if s is not None))
+
     # -- the protocol ----------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
