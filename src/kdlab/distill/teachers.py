@@ -187,6 +187,19 @@ class TeacherStore:
         self.hits = 0
         self.misses = 0
         self.fill_time_s = 0.0  # seconds spent computing teacher outputs on misses (the cache's cost)
+        self.expected_layers: list[str] = []  # layers whose features the study's runs will ask for
+
+    def expect(self, layers) -> None:
+        """Announce teacher layers whose tapped features some run sharing this store will ask for.
+
+        A run whose forward pass misses a batch then also taps these layers (those the teacher
+        has) in that same pass and stores them, so a later run that needs them (``kd+align``
+        after ``kd``) finds them instead of running the teacher again: one teacher forward per
+        batch and seed instead of one per distinct set of layers. Stored values are those the
+        later run would compute itself (same batch, same teacher, same rounding)."""
+        for layer in layers:
+            if layer not in self.expected_layers:
+                self.expected_layers.append(layer)
 
     # -- paths ---------------------------------------------------------------------------------
     def _path(self, key: str, name: str, epoch: int) -> Path:
@@ -294,6 +307,9 @@ class CachedTeacher:
         missing = [name for name, _ in self.comps if name not in got]
         if missing:
             self.store.misses += 1
+            if any(not n.startswith("mask:") for n in missing):  # a forward pass runs anyway
+                missing += [n for n in self._expected()
+                            if self.store.get(self.keys[n], n, epoch, step, idx, check) is None]
             t0 = time.perf_counter()
             new = self._compute(x, y, missing)
             if x.device.type == "cuda":
@@ -313,6 +329,21 @@ class CachedTeacher:
 
         return TeacherOutputs(out("logits"), {l: out(f"feat:{l}") for l in self.live.layers},
                               {l: out(f"mask:{l}") for l in self.live.mask_layers})
+
+    def _expected(self) -> list[str]:
+        """``feat:<layer>`` of the store's expected layers this source does not tap itself (and
+        the teacher has), with their keys registered."""
+        names = dict(self.live.teacher.named_modules())
+        out = []
+        for layer in self.store.expected_layers:
+            name = f"feat:{layer}"
+            if layer in self.live.layers or layer not in names:
+                continue
+            if name not in self.keys:
+                self.meta[name] = dict(self.base, component=name, layer=layer)
+                self.keys[name] = _hash(self.meta[name])
+            out.append(name)
+        return out
 
     @property
     def teacher(self) -> nn.Module:

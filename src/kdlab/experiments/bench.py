@@ -1,9 +1,10 @@
 """`kdlab bench`: training throughput of baseline, KD and full-method steps, with and without the
-teacher cache, measured side by side in one process; and a study's wall time with and without it.
+teacher cache, measured side by side in one process; and where a whole study's time goes.
 
-Step throughput uses *synthetic* data (uniform random images of the named shape, random labels)
-and a randomly initialised teacher: throughput does not depend on the values. Every variant runs
-the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same batches:
+**Steps** (:func:`bench_steps`) use *synthetic* data (uniform random images of the named shape,
+random labels) and a randomly initialised teacher: throughput does not depend on the values.
+Every variant runs the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same
+batches:
 
 * ``baseline``: cross-entropy only (no teacher);
 * ``kd (live)`` / ``kd (cached)``: CE + KD, the teacher run every step (``teacher_mode: live``)
@@ -14,6 +15,17 @@ the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same 
 The cached variants are filled by one untimed pass over the same batches first; every variant
 gets one untimed warm-up step. Then the variants take turns, one epoch of ``steps`` batches each,
 for ``repeats`` rounds; the median round is reported.
+
+**A study** (:func:`bench_study`) is run as ``kdlab ablate`` runs it (teacher cache on) after
+its teacher is trained (not timed). Each run's ``result.json`` splits its training loop into
+``student_time_s`` (the student's forward, backward and optimiser step), ``teacher_forward_time_s``
+(teacher forward passes and teacher-cache reads) and ``mask_time_s`` (causal masks: IG or
+gradient × activation, live or filling the cache; with ``mask.reuse: per-image`` the mask store's
+maps, computed the first time an image is seen, and their mapping to the view). The study's wall
+time also holds what no run's loop does (data loading, validation and test evaluation,
+checkpoints, the report): ``other``. The figure of merit is ``study/students = wall / Σ
+student_time_s``: what the study costs over training its students alone. Timings are host
+seconds (``time.perf_counter``); on a GPU, asynchronous kernels make the split approximate.
 """
 
 from __future__ import annotations
