@@ -18,8 +18,9 @@ for ``repeats`` rounds; the median round is reported.
 
 **A study** (:func:`bench_study`) is run as ``kdlab ablate`` runs it (teacher cache on) after
 its teacher is trained (not timed). Each run's ``result.json`` splits its training loop into
-``student_time_s`` (the student's forward, backward and optimiser step), ``teacher_forward_time_s``
-(teacher forward passes and teacher-cache reads) and ``mask_time_s`` (causal masks: IG or
+``student_time_s`` (the student's forward, backward and optimiser step) and ``teacher_time_s``,
+and the latter into teacher forward passes and teacher-cache reads (``teacher_time_s −
+mask_time_s``) and ``mask_time_s`` (causal masks: IG or
 gradient × activation, live or filling the cache; with ``mask.reuse: per-image`` the mask store's
 maps, computed the first time an image is seen, and their mapping to the view). The study's wall
 time also holds what no run's loop does (data loading, validation and test evaluation,
@@ -160,9 +161,9 @@ def study_breakdown(results: list[dict], wall_s: float) -> dict:
 
     Per method (in first-seen order) and in total: ``runs``, ``student_s`` (Σ ``student_time_s``:
     the students' own steps, forward/backward/optimiser, without teacher and mask time),
-    ``teacher_forward_s`` (Σ ``teacher_forward_time_s``: teacher forward passes and cache reads)
-    and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups and
-    mapping). ``other_s = wall − student − teacher_forward − mask`` (data, evaluation,
+    ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s``: teacher forward passes and cache
+    reads) and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups
+    and mapping). ``other_s = wall − student − teacher_forward − mask`` (data, evaluation,
     checkpoints, report) and ``ratio = wall / Σ student_s`` (the ``study/students`` line).
     """
     methods: dict[str, dict] = {}
@@ -173,7 +174,7 @@ def study_breakdown(results: list[dict], wall_s: float) -> dict:
         teacher = float(r.get("teacher_time_s", 0.0))
         m["runs"] += 1
         m["student_s"] += float(r.get("student_time_s", r["train_time_s"] - teacher))
-        m["teacher_forward_s"] += float(r.get("teacher_forward_time_s", teacher - mask))
+        m["teacher_forward_s"] += teacher - mask
         m["mask_s"] += mask
     total = {k: sum(m[k] for m in methods.values()) for k in ("runs", "student_s", "teacher_forward_s", "mask_s")}
     total["wall_s"] = float(wall_s)
@@ -299,9 +300,10 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
         block["title"] = (f"study {full.name}: {len(block['methods'])} methods x {len(seeds_run)} seed(s), "
                           f"{full.train.epochs} epoch(s), mask.reuse {block['mask_reuse'] or '-'}, teacher cache on, "
                           f"{block['threads']} thread(s) -> {folder}")
-        block["results"] = [{k: r.get(k) for k in ("method", "seed", "val_acc", "test_acc", "best_epoch",
-                                                   "train_time_s", "student_time_s", "teacher_forward_time_s",
-                                                   "mask_time_s")} for r in runs]
+        block["results"] = [{**{k: r.get(k) for k in ("method", "seed", "val_acc", "test_acc", "best_epoch",
+                                                      "train_time_s", "student_time_s", "mask_time_s")},
+                             "teacher_forward_time_s": r.get("teacher_time_s", 0.0) - r.get("mask_time_s", 0.0)}
+                            for r in runs]
         blocks.append(block)
         log(format_breakdown(block))
         write_json(out_dir / "bench-study.json", {"studies": blocks})
