@@ -15,15 +15,30 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.study:
-        res = bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds,
-                          overrides=A.recipe_overrides(args), mode=args.mode)
-        print(json.dumps({k: v for k, v in res.items() if k in ("speedup", "identical")}
-                         | {k: {kk: vv for kk, vv in res[k].items() if kk != "results"}
-                            for k in ("cached", "live")}))
+        out = args.out or "runs/bench-study"
+        overrides = A.recipe_overrides(args)
+        teacher_set = list(args.teacher_set or [])
+        if args.synthetic_cifar:
+            from pathlib import Path
+
+            from kdlab.data.cifar_synthetic import write_synthetic_cifar
+
+            data = Path(out) / "data"
+            if not (data / "cifar-10-batches-py" / "test_batch").is_file():
+                write_synthetic_cifar(data, args.synthetic_cifar, max(10, args.synthetic_cifar // 5))
+            print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
+            # the generated data's teacher lives in the bench folder, never at the recipe's own path
+            overrides = [f"data.data_dir={data}", f"teacher.checkpoint={Path(out) / 'teacher' / 'best.pt'}",
+                         *overrides]
+        reuse = args.mask_reuse.split(",") if args.mask_reuse else None
+        bench_study(args.study, out, seeds=args.seeds, overrides=overrides, mode=args.mode,
+                    mask_reuse=reuse, compare_cache=args.compare_cache, teacher_overrides=teacher_set)
         return 0
-    if args.device_given or args.overrides or args.seeds or args.mode:
-        raise ValueError("--device, --set, --seeds and --mode apply to --study only; the step "
-                         "benchmark runs on CUDA when available, else on the CPU")
+    if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
+            or args.synthetic_cifar or args.teacher_set or args.data_dir):
+        raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
+                         "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
+                         "CUDA when available, else on the CPU")
     variants = args.variants.split(",")
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
@@ -44,7 +59,7 @@ def cmd_bench(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="images/s of baseline, KD and full-method steps with and without "
-                                     "the teacher cache; or a study's wall time with and without it")
+                                     "the teacher cache; or where a study's time goes (--study)")
     p.add_argument("--teacher", default="resnet56", help="teacher model name (default %(default)s)")
     p.add_argument("--student", default="resnet20", help="student model name (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
@@ -63,7 +78,21 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     p.add_argument("--study", metavar="RECIPE",
-                   help="instead: run this study twice (teacher cache on / off) and compare wall times")
+                   help="instead: run this study (the ablation ladder) and report the seconds in student "
+                        "steps, teacher forward passes and masks, ending with 'study/students: <ratio>'")
+    p.add_argument("--mask-reuse", metavar="MODES",
+                   help="--study: run the study once per mask.reuse mode, e.g. per-view,per-image "
+                        "(default: the recipe's own, once)")
+    p.add_argument("--compare-cache", action="store_true",
+                   help="--study: also run each study with the teacher cache off; report the speed-up "
+                        "and whether the results are identical")
+    p.add_argument("--synthetic-cifar", type=int, metavar="N",
+                   help="--study: generate N CIFAR-format training images (kdlab.data.cifar_synthetic) "
+                        "in <out>/data, read them as the recipe's data and keep the teacher in <out>/teacher")
+    p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--study: override a value of the teacher's recipe when the teacher is trained "
+                        "first, e.g. --teacher-set student.model=resnet56 (repeatable)")
+    A.add_data_dir(p)
     A.add_out(p, "runs/bench-study; --study only")
     A.add_seeds(p)
     p.add_argument("--mode", choices=["ladder", "loo", "both"],

@@ -29,6 +29,7 @@ draws are ``params.select(inv[idx])`` (:func:`view_params`). Nothing in the load
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -187,6 +188,7 @@ class PerImageMasks:
         self.views = EpochViews(loader)
         self.keys = image_keys(loader.x)
         self.image_size = tuple(loader.x.shape[-2:])
+        self.mask_time_s = 0.0  # seconds spent in __call__: stored maps (computed when missing) -> masks
 
     def plain(self, idx: torch.Tensor) -> torch.Tensor:
         """The un-augmented images ``idx``, normalised as the loader normalises its batches."""
@@ -198,13 +200,16 @@ class PerImageMasks:
     def __call__(self, x, y, idx, epoch: int, step: int | None = None) -> dict:
         if not self.layers:
             return {}
+        t0 = time.perf_counter()
         ii = idx.to("cpu").tolist()
         base = self.store.maps(self.teacher, self.plain(idx), y, [self.keys[i] for i in ii], self.layers)
         params = self.views(epoch, idx)
         c = self.cfg
-        return {l: to_mask(map_masks(m, self.loader.augment, params, self.image_size, self.center),
-                           c.q, c.kind, c.reduce).to(x.device)
-                for l, m in base.items()}
+        out = {l: to_mask(map_masks(m, self.loader.augment, params, self.image_size, self.center),
+                          c.q, c.kind, c.reduce).to(x.device)
+               for l, m in base.items()}
+        self.mask_time_s += time.perf_counter() - t0
+        return out
 
 
 class PerImageSource:
@@ -222,6 +227,12 @@ class PerImageSource:
     @property
     def teacher(self):
         return self.inner.teacher
+
+    @property
+    def mask_time_s(self) -> float:
+        """Seconds spent on masks: the per-image masks, plus any of ``inner`` (none when built
+        without mask layers)."""
+        return getattr(self.inner, "mask_time_s", 0.0) + self.per_image.mask_time_s
 
     def __call__(self, x, y, idx=None, epoch: int = 0, step: int = 0):
         if idx is None:

@@ -23,6 +23,7 @@ import atexit
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -92,6 +93,7 @@ class MaskStore:
         self.data: dict[str, torch.Tensor] = {}
         self.computed = 0  # maps computed (images x layers)
         self.served = 0    # maps served from the store
+        self.compute_time_s = 0.0  # seconds spent computing the maps
         self.dirty = False
         if self.path is not None and self.path.is_file():
             self._load(self.path)
@@ -150,7 +152,9 @@ class MaskStore:
         if need:
             todo = [l for l in layers if missing_by_layer[l]]
             sel = torch.tensor(need, device=x.device)
+            t0 = time.perf_counter()
             new = importance_maps(teacher, x[sel], y[sel], todo, _Cfg(self.settings))
+            self.compute_time_s += time.perf_counter() - t0
             for layer, m in new.items():
                 have = self.rows.get(layer, {})
                 pick = [j for j, i in enumerate(need) if keys[i] not in have]
@@ -204,7 +208,7 @@ class MaskStore:
 
     def stats(self) -> dict:
         return {"key": self.key, "teacher": self.teacher_hash, "maps": len(self),
-                "computed": self.computed, "served": self.served,
+                "computed": self.computed, "served": self.served, "compute_time_s": self.compute_time_s,
                 "path": str(self.path) if self.path else None}
 
 

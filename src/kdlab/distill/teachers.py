@@ -105,6 +105,7 @@ class LiveTeacher:
         self.mask_layers = list(mask_layers)
         self.mask_cfg = mask_cfg
         self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+        self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
 
     def _out(self, t: torch.Tensor) -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
@@ -122,11 +123,14 @@ class LiveTeacher:
         for unlabelled samples (``y < 0``, transfer sets) the teacher's own top class."""
         if not layers:
             return {}
+        t0 = time.perf_counter()
         if bool((y < 0).any()):
             with torch.inference_mode():
                 top = self.teacher(x).argmax(dim=1)
             y = torch.where(y >= 0, y, top.clone())
-        return {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
+        out = {n: self._out(m) for n, m in causal_masks(self.teacher, x, y, layers, self.mask_cfg).items()}
+        self.mask_time_s += time.perf_counter() - t0
+        return out
 
     def __call__(self, x, y, idx=None, epoch=0, step=0) -> TeacherOutputs:
         logits, feats = self.forward(x, self.layers)
@@ -183,6 +187,19 @@ class TeacherStore:
         self.hits = 0
         self.misses = 0
         self.fill_time_s = 0.0  # seconds spent computing teacher outputs on misses (the cache's cost)
+        self.expected_layers: list[str] = []  # layers whose features the study's runs will ask for
+
+    def expect(self, layers) -> None:
+        """Announce teacher layers whose tapped features some run sharing this store will ask for.
+
+        A run whose forward pass misses a batch then also taps these layers (those the teacher
+        has) in that same pass and stores them, so a later run that needs them (``kd+align``
+        after ``kd``) finds them instead of running the teacher again: one teacher forward per
+        batch and seed instead of one per distinct set of layers. Stored values are those the
+        later run would compute itself (same batch, same teacher, same rounding)."""
+        for layer in layers:
+            if layer not in self.expected_layers:
+                self.expected_layers.append(layer)
 
     # -- paths ---------------------------------------------------------------------------------
     def _path(self, key: str, name: str, epoch: int) -> Path:
@@ -290,6 +307,9 @@ class CachedTeacher:
         missing = [name for name, _ in self.comps if name not in got]
         if missing:
             self.store.misses += 1
+            if any(not n.startswith("mask:") for n in missing):  # a forward pass runs anyway
+                missing += [n for n in self._expected()
+                            if self.store.get(self.keys[n], n, epoch, step, idx, check) is None]
             t0 = time.perf_counter()
             new = self._compute(x, y, missing)
             if x.device.type == "cuda":
@@ -310,9 +330,29 @@ class CachedTeacher:
         return TeacherOutputs(out("logits"), {l: out(f"feat:{l}") for l in self.live.layers},
                               {l: out(f"mask:{l}") for l in self.live.mask_layers})
 
+    def _expected(self) -> list[str]:
+        """``feat:<layer>`` of the store's expected layers this source does not tap itself (and
+        the teacher has), with their keys registered."""
+        names = dict(self.live.teacher.named_modules())
+        out = []
+        for layer in self.store.expected_layers:
+            name = f"feat:{layer}"
+            if layer in self.live.layers or layer not in names:
+                continue
+            if name not in self.keys:
+                self.meta[name] = dict(self.base, component=name, layer=layer)
+                self.keys[name] = _hash(self.meta[name])
+            out.append(name)
+        return out
+
     @property
     def teacher(self) -> nn.Module:
         return self.live.teacher
+
+    @property
+    def mask_time_s(self) -> float:
+        """Seconds this source spent computing masks (on cache misses; hits cost none)."""
+        return self.live.mask_time_s
 
     def _compute(self, x, y, names: list[str]) -> dict:
         """The live teacher's (rounded) values of the named components only."""

@@ -1,9 +1,10 @@
 """`kdlab bench`: training throughput of baseline, KD and full-method steps, with and without the
-teacher cache, measured side by side in one process; and a study's wall time with and without it.
+teacher cache, measured side by side in one process; and where a whole study's time goes.
 
-Step throughput uses *synthetic* data (uniform random images of the named shape, random labels)
-and a randomly initialised teacher: throughput does not depend on the values. Every variant runs
-the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same batches:
+**Steps** (:func:`bench_steps`) use *synthetic* data (uniform random images of the named shape,
+random labels) and a randomly initialised teacher: throughput does not depend on the values.
+Every variant runs the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same
+batches:
 
 * ``baseline``: cross-entropy only (no teacher);
 * ``kd (live)`` / ``kd (cached)``: CE + KD, the teacher run every step (``teacher_mode: live``)
@@ -14,6 +15,18 @@ the real `kdlab.train.trainer.Trainer` epoch loop (`train_epoch`) over the same 
 The cached variants are filled by one untimed pass over the same batches first; every variant
 gets one untimed warm-up step. Then the variants take turns, one epoch of ``steps`` batches each,
 for ``repeats`` rounds; the median round is reported.
+
+**A study** (:func:`bench_study`) is run as ``kdlab ablate`` runs it (teacher cache on) after
+its teacher is trained (not timed). Each run's ``result.json`` splits its training loop into
+``student_time_s`` (the student's forward, backward and optimiser step) and ``teacher_time_s``,
+and the latter into teacher forward passes and teacher-cache reads (``teacher_time_s −
+mask_time_s``) and ``mask_time_s`` (causal masks: IG or
+gradient × activation, live or filling the cache; with ``mask.reuse: per-image`` the mask store's
+maps, computed the first time an image is seen, and their mapping to the view). The study's wall
+time also holds what no run's loop does (data loading, validation and test evaluation,
+checkpoints, the report): ``other``. The figure of merit is ``study/students = wall / Σ
+student_time_s``: what the study costs over training its students alone. Timings are host
+seconds (``time.perf_counter``); on a GPU, asynchronous kernels make the split approximate.
 """
 
 from __future__ import annotations
@@ -139,31 +152,159 @@ def format_table(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: Optional[str] = None,
-                log=print) -> dict:
-    """Run a study twice, with and without the teacher cache (same recipe, separate folders):
-    wall times, the sum of the students' own training times, and whether results are identical."""
-    from kdlab.core.config import load_recipe
-    from kdlab.experiments.study import run_ablation
-    from kdlab.train.build import ensure_teachers
+def _quiet(*_a, **_k):
+    pass
 
-    ensure_teachers(load_recipe(recipe_ref, overrides), progress=False, log=log)  # not timed
+
+def study_breakdown(results: list[dict], wall_s: float) -> dict:
+    """Where a study's time went, from its runs' ``result.json`` dicts and its wall time.
+
+    Per method (in first-seen order) and in total: ``runs``, ``student_s`` (Σ ``student_time_s``:
+    the students' own steps, forward/backward/optimiser, without teacher and mask time),
+    ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s``: teacher forward passes and cache
+    reads) and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups
+    and mapping). ``other_s = wall − student − teacher_forward − mask`` (data, evaluation,
+    checkpoints, report) and ``ratio = wall / Σ student_s`` (the ``study/students`` line).
+    """
+    methods: dict[str, dict] = {}
+    for r in results:
+        m = methods.setdefault(r["method"], {"runs": 0, "student_s": 0.0, "teacher_forward_s": 0.0,
+                                             "mask_s": 0.0})
+        mask = float(r.get("mask_time_s", 0.0))
+        teacher = float(r.get("teacher_time_s", 0.0))
+        m["runs"] += 1
+        m["student_s"] += float(r.get("student_time_s", r["train_time_s"] - teacher))
+        m["teacher_forward_s"] += teacher - mask
+        m["mask_s"] += mask
+    total = {k: sum(m[k] for m in methods.values()) for k in ("runs", "student_s", "teacher_forward_s", "mask_s")}
+    total["wall_s"] = float(wall_s)
+    total["other_s"] = total["wall_s"] - total["student_s"] - total["teacher_forward_s"] - total["mask_s"]
+    total["ratio"] = total["wall_s"] / total["student_s"] if total["student_s"] > 0 else float("nan")
+    return {"methods": methods, "total": total}
+
+
+def format_breakdown(block: dict) -> str:
+    """The printed block of one measured study: a title, a per-method table, the totals, the
+    wall-time line and, last, ``study/students: <ratio>`` (2 decimals)."""
+    t = block["total"]
+    lines = [block["title"],
+             "| method | runs | student s | teacher-forward s | mask s |", "|---|---:|---:|---:|---:|"]
+    for name, m in block["methods"].items():
+        lines.append(f"| {name} | {m['runs']} | {m['student_s']:.2f} | {m['teacher_forward_s']:.2f} | "
+                     f"{m['mask_s']:.2f} |")
+    lines.append(f"| total | {t['runs']} | {t['student_s']:.2f} | {t['teacher_forward_s']:.2f} | {t['mask_s']:.2f} |")
+    if block.get("vs_live") is not None:
+        v = block["vs_live"]
+        lines.append(f"teacher cache off: wall {v['wall_s']:.1f} s; with the cache {v['speedup']:.2f}x faster, "
+                     f"results identical: {v['identical']}")
+    lines.append(f"wall {t['wall_s']:.1f} s = students {t['student_s']:.1f} + teacher forward "
+                 f"{t['teacher_forward_s']:.1f} + masks {t['mask_s']:.1f} + other {t['other_s']:.1f} "
+                 f"(data, evaluation, checkpoints, report)")
+    lines.append(f"study/students: {t['ratio']:.2f}")
+    return "\n".join(lines)
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty (a finished run there would be reused, not timed); give "
+                         f"kdlab bench --study a new --out folder or delete it")
+    return folder
+
+
+def _ensure_teacher(recipe, teacher_overrides, log) -> None:
+    """Train the recipe's teacher when missing: by ``ensure_teachers`` or, with
+    ``teacher_overrides``, by its ``teacher.recipe`` with those overrides (never timed)."""
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import ensure_teachers, teacher_finished, train
+
+    tc = recipe.teacher
+    if teacher_overrides and tc is not None and tc.checkpoint and not teacher_finished(Path(tc.checkpoint)):
+        if not tc.recipe:
+            raise ValueError("--teacher-set needs a recipe with teacher.recipe (the teacher's own recipe)")
+        t_recipe = load_recipe(tc.recipe, list(teacher_overrides))
+        if recipe.data.data_dir is not None:
+            t_recipe = t_recipe.derive(data={**t_recipe.data.model_dump(), "data_dir": recipe.data.data_dir})
+        ckpt = Path(tc.checkpoint)
+        log(f"training teacher {t_recipe.student.model} into {ckpt.parent} (not timed)")
+        res = train(t_recipe, ckpt.parent, progress=False, method="teacher")
+        log(f"teacher: val {res['val_acc']:.4f}  test {res['test_acc']:.4f}")
+    ensure_teachers(recipe, data_dir=recipe.data.data_dir, progress=False, log=log)
+
+
+def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: Optional[str] = None,
+                mask_reuse=None, compare_cache: bool = False, teacher_overrides=None,
+                log=print) -> dict:
+    """Where a study's time goes: run the study (``kdlab ablate``'s ``run_ablation``) and report,
+    per method and in total, the seconds in student steps, teacher forward passes and mask
+    computation (:func:`study_breakdown`), and ``study/students = wall / Σ students' own time``.
+
+    ``mask_reuse``: None runs the recipe as configured, once, into ``out_dir/study``; a list of
+    ``mask.reuse`` modes (``per-view``, ``per-image``) runs the study once per mode, each into
+    ``out_dir/<mode>`` (its own teacher cache and mask store). ``compare_cache``: each study is
+    also run with the teacher cache off (``<folder>-live``), reporting the speed-up and whether
+    the results are identical. The teacher is trained first when missing (not timed; with
+    ``teacher_overrides`` applied to its recipe). Every folder must be new (finished runs would
+    be reused, not timed). Logs one block per study (:func:`format_breakdown`, the last line of
+    each ``study/students: X.XX``) and writes them all to ``out_dir/bench-study.json``.
+    """
+    from kdlab.core.config import load_recipe
+    from kdlab.core.io import write_json
+    from kdlab.experiments.study import run_ablation
+
     out_dir = Path(out_dir)
-    res = {}
-    for name, cache in (("cached", True), ("live", False)):
+    overrides = list(overrides or [])
+    modes = list(mask_reuse) if mask_reuse else [None]
+    bad = [m for m in modes if m not in (None, "per-view", "per-image")]
+    if bad:
+        raise ValueError(f"--mask-reuse takes per-view and/or per-image, got '{bad[0]}'")
+    plan = []
+    for m in modes:
+        ov = overrides + ([f"mask.reuse={m}"] if m else [])
+        folder = out_dir / (m or "study")
+        plan.append((m, ov, folder))
+        _fresh(folder)
+        if compare_cache:
+            _fresh(folder.with_name(folder.name + "-live"))
+    _ensure_teacher(load_recipe(recipe_ref, overrides), teacher_overrides, log)  # not timed
+
+    def one(ov, folder, cache):
         t0 = time.perf_counter()
-        run_ablation(recipe_ref, out_dir=out_dir / name, seeds=seeds, mode=mode, overrides=overrides,
-                     progress=False, log=lambda *a: None, teacher_cache=cache)
+        lines: list[str] = []
+        run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
+                     log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
-        runs = [json.loads(p.read_text()) for p in (out_dir / name).glob("*/seed*/result.json")]
-        runs = sorted(runs, key=lambda r: (r["method"], r["seed"]))
-        res[name] = {"wall_s": wall, "students_train_s": sum(r["train_time_s"] for r in runs),
-                     "runs": len(runs),
-                     "results": [(r["method"], r["seed"], r["val_acc"], r["test_acc"], r["best_epoch"],
-                                  r["test_loss"]) for r in runs]}
-        log(f"  study {name:<6}: wall {wall:.1f}s, students' own training {res[name]['students_train_s']:.1f}s "
-            f"({len(runs)} runs)")
-    res["speedup"] = res["live"]["wall_s"] / res["cached"]["wall_s"]
-    res["identical"] = res["live"]["results"] == res["cached"]["results"]
-    log(f"  speed-up with the cache: {res['speedup']:.2f}x; results identical: {res['identical']}")
-    return res
+        (folder / "study.log").write_text("\n".join(lines) + "\n")
+        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/seed*/result.json"))]
+        return wall, runs
+
+    blocks = []
+    for m, ov, folder in plan:
+        full = load_recipe(recipe_ref, ov)
+        live = None
+        if compare_cache:
+            lwall, lruns = one(ov, folder.with_name(folder.name + "-live"), False)
+        wall, runs = one(ov, folder, True)
+        order = {name: i for i, name in enumerate(dict.fromkeys(json.loads((folder / "report" / "study.json")
+                                                                            .read_text())["methods"]))}
+        runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+        if compare_cache:
+            key = lambda r: (r["method"], r["seed"], r["val_acc"], r["test_acc"], r["best_epoch"], r["test_loss"])
+            live = {"wall_s": lwall, "speedup": lwall / wall,
+                    "identical": sorted(map(key, lruns)) == sorted(map(key, runs)),
+                    **study_breakdown(lruns, lwall)["total"]}
+        seeds_run = sorted({r["seed"] for r in runs})
+        block = {"recipe": full.name, "mask_reuse": (full.mask.reuse if full.mask is not None else None),
+                 "mask": full.mask.model_dump() if full.mask is not None else None,
+                 "folder": str(folder), "seeds": seeds_run, "epochs": full.train.epochs,
+                 "threads": torch.get_num_threads(), **study_breakdown(runs, wall), "vs_live": live}
+        block["title"] = (f"study {full.name}: {len(block['methods'])} methods x {len(seeds_run)} seed(s), "
+                          f"{full.train.epochs} epoch(s), mask.reuse {block['mask_reuse'] or '-'}, teacher cache on, "
+                          f"{block['threads']} thread(s) -> {folder}")
+        block["results"] = [{**{k: r.get(k) for k in ("method", "seed", "val_acc", "test_acc", "best_epoch",
+                                                      "train_time_s", "student_time_s", "mask_time_s")},
+                             "teacher_forward_time_s": r.get("teacher_time_s", 0.0) - r.get("mask_time_s", 0.0)}
+                            for r in runs]
+        blocks.append(block)
+        log(format_breakdown(block))
+        write_json(out_dir / "bench-study.json", {"studies": blocks})
+    return {"studies": blocks}

@@ -114,6 +114,13 @@ class DistillObjective:
         if needs and teacher is None:
             raise ValueError("these loss terms need a teacher; give the recipe a teacher section")
 
+    @property
+    def mask_time_s(self) -> float:
+        """Of ``teacher_time_s``: seconds the teacher sources spent computing causal masks
+        (cumulative, like ``teacher_time_s``; the rest is teacher forward passes and cache reads)."""
+        srcs = [self.teacher, *self.extra_teachers.values()]
+        return float(sum(getattr(s, "mask_time_s", 0.0) for s in srcs if s is not None))
+
     # -- the protocol ----------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
         return {"student": self.student}
@@ -143,12 +150,13 @@ class DistillObjective:
         x, y, idx = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        t = None
-        t0 = time.perf_counter()
-        if self.teacher is not None:
-            t = self.teacher(x, y, idx, epoch, step)
-        extra = {p: src(x, y, idx, epoch, step).logits for p, src in self.extra_teachers.items()}
-        self.teacher_time_s += time.perf_counter() - t0
+        t, extra = None, {}
+        if self.teacher is not None or self.extra_teachers:  # a baseline's teacher time stays 0
+            t0 = time.perf_counter()
+            if self.teacher is not None:
+                t = self.teacher(x, y, idx, epoch, step)
+            extra = {p: src(x, y, idx, epoch, step).logits for p, src in self.extra_teachers.items()}
+            self.teacher_time_s += time.perf_counter() - t0
         xs = x if self.view is None else self.view(x)
         with self.runtime.autocast(), Taps(self.student, self.s_layers) as taps:
             s_logits = self.forward_model(xs)

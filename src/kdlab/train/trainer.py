@@ -127,6 +127,7 @@ class RunState:
     best: dict = field(default_factory=dict)  # model name -> [score, epoch]
     step: int = 0  # optimiser steps taken
     teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
+    mask_time_s: float = 0.0  # of teacher_time_s: computing the causal masks
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -319,6 +320,7 @@ class Trainer:
         accum = max(1, cfg.grad_accum)
         t0 = time.perf_counter()
         teacher0 = getattr(obj, "teacher_time_s", 0.0)
+        mask0 = getattr(obj, "mask_time_s", 0.0)
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
         for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
@@ -356,6 +358,7 @@ class Trainer:
         row["images_per_s"] = n_seen / dt if dt > 0 else float("nan")
         self.state.images += n_seen
         self.state.teacher_time_s += row["teacher_time_s"]
+        self.state.mask_time_s += getattr(obj, "mask_time_s", 0.0) - mask0  # result.json only
         return row
 
     def validate(self) -> dict[str, dict]:
@@ -573,6 +576,7 @@ class Trainer:
                   # the teacher's share (outputs and causal masks computed live or into a study's
                   # cache, whichever run fills it) and the student's own cost without it
                   "teacher_time_s": st.teacher_time_s,
+                  "mask_time_s": st.mask_time_s,  # of teacher_time_s: the causal masks
                   "student_time_s": st.train_time_s - st.teacher_time_s,
                   "student_images_per_s": (st.images / (st.train_time_s - st.teacher_time_s)
                                            if st.train_time_s > st.teacher_time_s else float("nan")),
