@@ -107,10 +107,11 @@ def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int
     import torch
 
     from kdlab.distill.teachers import TeacherStore
-    from kdlab.train.build import build_run
+    from kdlab.train.build import build_run, teacher_layers_of
 
     set_threads(threads)
     store = TeacherStore(cache_root, memory_mb=0)  # every finished epoch goes to disk
+    store.expect(teacher_layers_of([r for r in recipes if uses_cache(r)]))
     for recipe in recipes:
         if not uses_cache(recipe):
             continue

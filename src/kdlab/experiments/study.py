@@ -90,12 +90,14 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
                                    launcher_options=launcher_options)
     from kdlab.distill.teachers import TeacherStore
     from kdlab.report.tables import study_report
-    from kdlab.train.build import ensure_teachers, load_splits, load_teacher, train, with_data_dir
+    from kdlab.train.build import ensure_teachers, load_splits, load_teacher, teacher_layers_of, train, with_data_dir
     from kdlab.train.runtime import is_main, resolve_device
 
     out_dir = Path(out_dir)
     store = TeacherStore(out_dir / ".teacher_cache") if teacher_cache else None
     recipes = {m: with_data_dir(r, data_dir) for m, r in recipes.items()}
+    if store is not None:
+        store.expect(teacher_layers_of(recipes.values()))
     teachers = {}
     rows = []
     t_start = time.perf_counter()

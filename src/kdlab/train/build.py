@@ -156,6 +156,14 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
             as_loader(splits.test, cfg.eval_batch_size, shuffle=False, seed=0, **kw))
 
 
+def teacher_layers_of(recipes) -> list[str]:
+    """The teacher layers any loss term of ``recipes`` taps, in first-use order: what a study's
+    shared :class:`~kdlab.distill.teachers.TeacherStore` should
+    :meth:`~kdlab.distill.teachers.TeacherStore.expect`, so the first run to miss a batch taps them
+    all in one teacher forward (``kd`` then ``kd+align`` cost one forward per batch, not two)."""
+    return list(dict.fromkeys(l for r in recipes for _, _, t in build_terms(r.loss) for l in t.teacher_layers()))
+
+
 def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
               store: Optional[TeacherStore] = None, runtime: Optional[Runtime] = None,
               student: Optional[nn.Module] = None, meta: Optional[dict] = None) -> Run:
