@@ -4,7 +4,7 @@
     kdlab lm distill lm/docs --method fkl       # one student (a study method, or the recipe's distill)
     kdlab lm ablate lm/docs                     # the paired multi-seed study and its table
     kdlab lm ablate lm/arithmetic               # answers vs traces vs teacher traces (exact match)
-    kdlab lm generate runs/lm/docs/teacher/best.pt --prompt "The with statement"
+    kdlab lm generate runs/lm/lm_docs/teacher/best.pt --prompt "The with statement"
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def cmd_generate(args) -> int:
     if limit is not None and len(ids) + args.max_new > limit:
         raise ValueError(f"prompt ({len(ids)} tokens) + --max-new {args.max_new} exceeds the model's "
                          f"max_len {limit}; shorten the prompt or lower --max-new")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (got {args.temperature}); 0 is greedy")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (got {args.top_k}); leave it out to sample from every token")
     gen = torch.Generator().manual_seed(args.seed)
     out, mask = generate(model, torch.tensor([ids]), args.max_new, greedy=args.temperature == 0,
                          temperature=args.temperature or 1.0, top_k=args.top_k, eos_id=tok.eos_id,
@@ -97,7 +101,7 @@ def register(sub) -> None:
 
     def common(q):
         q.add_argument("recipe", help="LM recipe: a YAML path or a shipped name (lm/docs, lm/code, lm/arithmetic)")
-        cargs.add_out(q, "runs/lm/<recipe name>")
+        cargs.add_out(q, "runs/lm/<recipe name with / as _>, e.g. runs/lm/lm_docs")
         cargs.add_set(q, "the LM recipe")
         cargs.add_device(q, recipe=True)
         cargs.add_quiet(q)
@@ -119,11 +123,11 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_ablate)
 
     q = lsub.add_parser("generate", help="continue a prompt with a trained LM")
-    q.add_argument("checkpoint", help="an LM run's best.pt")
-    q.add_argument("--prompt", required=True)
-    q.add_argument("--max-new", type=int, default=64)
+    q.add_argument("checkpoint", help="an LM run's best.pt (OUT/teacher/best.pt or OUT/runs/<method>/seed<k>/best.pt)")
+    q.add_argument("--prompt", required=True, help="the text to continue")
+    q.add_argument("--max-new", type=int, default=64, help="tokens to generate (default %(default)s)")
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    q.add_argument("--top-k", type=int, default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     q.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step")
     q.set_defaults(func=cmd_generate)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -99,6 +100,7 @@ class SparseTeacherCache:
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / f"topk{k}-{key}"
         self._mem: dict[int, dict] = {}
+        self.build_time_s = 0.0
 
     def path(self, epoch: int) -> Path:
         return self.dir / f"e{epoch:05d}.pt"
@@ -108,15 +110,19 @@ class SparseTeacherCache:
 
     @torch.no_grad()
     def build(self, teacher, loader, epochs: int, device="cpu", log=None) -> "SparseTeacherCache":
-        """Run the teacher once over every training batch of ``epochs`` epochs (skips epochs on disk)."""
+        """Run the teacher once over every training batch of ``epochs`` epochs (skips epochs on disk).
+        ``build_time_s`` holds the seconds this call spent; ``log`` gets a line before and after."""
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "key.json", self.meta)
         was = teacher.training
         teacher.eval()
         itype = torch.int16 if self.vocab_size <= 32767 else torch.int32
-        for e in range(epochs):
-            if self.path(e).is_file():
-                continue
+        todo = [e for e in range(epochs) if not self.path(e).is_file()]
+        t0 = time.perf_counter()
+        if todo and log:
+            log(f"teacher cache: running the teacher over {len(todo)} epoch(s) of training batches (top-{self.k}) "
+                f"-> {self.dir}")
+        for e in todo:
             idxs, lps, lts = [], [], []
             for b in loader.epoch(e):
                 logits, _ = teacher(b["ids"][:, :-1].to(device))
@@ -126,8 +132,9 @@ class SparseTeacherCache:
                 lts.append(lt.to("cpu", torch.float16))
             ent = {"idx": torch.stack(idxs), "logp": torch.stack(lps), "log_tail": torch.stack(lts)}
             atomic_save(ent, self.path(e))
-            if log:
-                log(f"teacher cache: epoch {e} -> {self.path(e)}")
+        self.build_time_s = time.perf_counter() - t0
+        if todo and log:
+            log(f"teacher cache: built in {self.build_time_s:.1f}s")
         teacher.train(was)
         return self
 

@@ -36,7 +36,9 @@ def generate(model, prompts: torch.Tensor, max_new: int, *, greedy: bool = True,
     to and including each row's first ``eos``.
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy for argmax")
+        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (got {top_k}); leave it unset to sample from every token")
     was = model.training
     model.eval()
     try:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -124,6 +125,7 @@ class LMObjective:
     """Objective for a causal LM student, optionally distilled from a frozen teacher (module doc)."""
 
     monitor = ("bpb", "min")
+    sample_unit = "tok"  # the loop's throughput counts target tokens (batch_weight)
 
     def __init__(self, student: nn.Module, *, terms=("ce",), teacher: Optional[nn.Module] = None,
                  token_bytes: Optional[torch.Tensor] = None, pad_id: int = 0, eos_id: Optional[int] = None,
@@ -158,6 +160,7 @@ class LMObjective:
         self.meta = dict(meta or {})
         self.teacher_eval_store = {} if teacher_eval_store is None else teacher_eval_store
         self.counts = {"on_policy": 0, "supervised": 0, "cache_hits": 0, "live_teacher": 0}
+        self.teacher_time_s = 0.0  # seconds in teacher forward passes while training (the loop reads it)
 
     # -- protocol --------------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
@@ -192,8 +195,11 @@ class LMObjective:
 
     @torch.no_grad()
     def _teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         self.teacher.eval()
-        return self.teacher(ids)[0].float()
+        out = self.teacher(ids)[0].float()
+        self.teacher_time_s += time.perf_counter() - t0
+        return out
 
     def step(self, batch: dict, ctx: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dev = self.device

@@ -241,6 +241,17 @@ def student_identity(recipe: LMRecipe) -> dict:
                                      if k not in ("name", "description", "study")}}
 
 
+def finished_run(run_dir, identity: dict) -> bool:
+    """Whether ``run_dir`` holds a finished run (``result.json``) of exactly ``identity``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "result.json").is_file() or not (run_dir / "run.json").is_file():
+        return False
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("recipe") == identity
+    except (OSError, ValueError):
+        return False
+
+
 # -- one student --------------------------------------------------------------------------------------
 def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill", data: Optional[CorpusData] = None,
                 teacher=None, teacher_eval_store: Optional[dict] = None, progress: bool = False,
@@ -262,7 +273,7 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     cache = None
     if teacher is not None and d.teacher_source == "sparse" and any(x.needs_teacher for x in terms):
         cache = SparseTeacherCache(out_dir / "cache", state_fingerprint(teacher), train.fingerprint(),
-                                   d.top_k, tok.vocab_size).build(teacher, train, t.epochs, dev, log=None)
+                                   d.top_k, tok.vocab_size).build(teacher, train, t.epochs, dev, log=log)
     loader = train
     if d.seqkd > 0:
         loader = MixedLoader(train, seqkd_pool(teacher, data.streams["train"], d, tok, out_dir / "cache", dev, log),
@@ -289,6 +300,7 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     row["train_tokens_per_s"] = tokens / max(res.get("train_time_s", float("nan")), 1e-9)
     row["peak_mem_mb"] = peak_memory_mb(dev)
     row["teacher_source"] = d.teacher_source if cache is not None else ("live" if needs_teacher else "none")
+    row["cache_build_s"] = cache.build_time_s if cache is not None else 0.0  # this call only (0: reused)
     row["counts"] = dict(obj.counts)
     return row
 
@@ -322,6 +334,16 @@ def run_ablation(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = None
             log(f"{m:<12} seed {seed}: test bpb {r['test_bpb']:.4f}  kl {r.get('test_kl', float('nan')):.4f}  "
                 f"agree {r.get('test_agree', float('nan')):.4f}  ({r['train_time_s']:.1f}s)")
             rows.append(r)
+    others = [m for m in recipe.study.methods if m not in names
+              and all(finished_run(out_dir / "runs" / m / f"seed{s}", student_identity(recipe.method(m)))
+                      for s in seeds)]
+    if others:  # a --methods subset: the table still covers the study's other finished methods
+        log(f"also in the table (finished earlier): {', '.join(others)}")
+        for seed in seeds:
+            for m in others:
+                rows.append(distill_run(recipe.method(m), out_dir, seed=seed, method=m, data=data, teacher=teacher,
+                                        teacher_eval_store=store, progress=False, log=log))
+        names = names + others
     wall = time.time() - t0
     write_csv(out_dir / "results.csv", [{k: v for k, v in r.items() if k != "counts"} for r in rows])
     cache_report = None

@@ -50,15 +50,16 @@ class ReapplyMasks(Callback):
         self.apply(self.model, self.masks)
 
 
-def format_row(row: dict, epochs: int) -> str:
-    """One readable line for an epoch's metrics row."""
+def format_row(row: dict, epochs: int, unit: str = "img") -> str:
+    """One readable line for an epoch's metrics row; ``unit`` names what the throughput counts
+    (an objective's ``sample_unit``: ``img`` for images, ``tok`` for language-model tokens)."""
     parts = [f"epoch {int(row['epoch'])}/{epochs}"]
     skip = {"epoch", "train_time_s", "images_per_s", "lr"}
     for k, v in row.items():
         if k not in skip and isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4g}")
     parts.append(f"lr {row.get('lr', float('nan')):.3g}")
-    parts.append(f"{row.get('images_per_s', float('nan')):.0f} img/s")
+    parts.append(f"{row.get('images_per_s', float('nan')):.0f} {unit}/s")
     parts.append(f"{row.get('train_time_s', float('nan')):.1f}s")
     return "  ".join(parts)
 
@@ -78,7 +79,7 @@ class LogFile(Callback):
                              f"{trainer.cfg.epochs} done; device {trainer.runtime.device}")
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        self._write(trainer, format_row(row, trainer.cfg.epochs))
+        self._write(trainer, format_row(row, trainer.cfg.epochs, getattr(trainer.objective, "sample_unit", "img")))
 
     def on_fit_end(self, trainer, result: dict) -> None:
         keys = [k for k in result if k.startswith(("val_", "test_"))] + ["best_epoch", "epochs_run"]
@@ -92,7 +93,7 @@ class ConsoleLines(Callback):
         if trainer.runtime.is_main:
             import sys
 
-            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs),
+            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs, getattr(trainer.objective, "sample_unit", "img")),
                   file=sys.stderr, flush=True)
 
 
