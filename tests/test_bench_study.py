@@ -46,15 +46,16 @@ def test_breakdown_by_hand():
         {"method": "baseline", "seed": 0, "train_time_s": 2.0, "teacher_time_s": 0.0, "mask_time_s": 0.0,
          "student_time_s": 2.0, "teacher_forward_time_s": 0.0},
         {"method": "kd+align", "seed": 0, "train_time_s": 6.0, "teacher_time_s": 3.0, "mask_time_s": 2.5,
-         "student_time_s": 3.0},
+         "student_time_s": 3.0, "eval_time_s": 0.5},
         # an older result.json without mask_time_s nor student_time_s: student = train - teacher
         {"method": "kd+align", "seed": 1, "train_time_s": 4.0, "teacher_time_s": 1.0},
     ]
     b = study_breakdown(runs, wall_s=12.0)
-    assert b["methods"]["kd+align"] == {"runs": 2, "student_s": 6.0, "teacher_forward_s": 1.5, "mask_s": 2.5}
+    assert b["methods"]["kd+align"] == {"runs": 2, "student_s": 6.0, "teacher_forward_s": 1.5, "mask_s": 2.5,
+                                        "eval_s": 0.5}
     t = b["total"]
-    assert (t["runs"], t["student_s"], t["teacher_forward_s"], t["mask_s"]) == (3, 8.0, 1.5, 2.5)
-    assert t["other_s"] == pytest.approx(12.0 - 8.0 - 1.5 - 2.5)
+    assert (t["runs"], t["student_s"], t["teacher_forward_s"], t["mask_s"], t["eval_s"]) == (3, 8.0, 1.5, 2.5, 0.5)
+    assert t["other_s"] == pytest.approx(12.0 - 8.0 - 1.5 - 2.5 - 0.5)
     assert t["ratio"] == pytest.approx(12.0 / 8.0)
 
 

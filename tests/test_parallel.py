@@ -12,7 +12,8 @@ from kdlab.experiments.parallel import study_jobs, threads_per_job
 from kdlab.experiments.study import ablation_methods, run_study
 from kdlab.models import create_model
 
-TIMING = ("train_time_s", "images_per_s", "teacher_time_s", "student_time_s", "student_images_per_s", "mask_time_s")
+TIMING = ("train_time_s", "images_per_s", "teacher_time_s", "student_time_s", "student_images_per_s", "mask_time_s",
+          "eval_time_s")
 
 
 @pytest.fixture(scope="module")

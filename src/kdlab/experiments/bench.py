@@ -163,22 +163,27 @@ def study_breakdown(results: list[dict], wall_s: float) -> dict:
     the students' own steps, forward/backward/optimiser, without teacher and mask time),
     ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s``: teacher forward passes and cache
     reads) and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups
-    and mapping). ``other_s = wall − student − teacher_forward − mask`` (data, evaluation,
-    checkpoints, report) and ``ratio = wall / Σ student_s`` (the ``study/students`` line).
+    and mapping), ``eval_s`` (Σ ``eval_time_s``: the students' validation each epoch and final
+    evaluation, which a CE-only study pays too). ``other_s = wall − student − teacher_forward −
+    mask − eval`` (data, model set-up, checkpoints, report) and ``ratio = wall / Σ student_s``
+    (the ``study/students`` line).
     """
     methods: dict[str, dict] = {}
     for r in results:
         m = methods.setdefault(r["method"], {"runs": 0, "student_s": 0.0, "teacher_forward_s": 0.0,
-                                             "mask_s": 0.0})
+                                             "mask_s": 0.0, "eval_s": 0.0})
         mask = float(r.get("mask_time_s", 0.0))
         teacher = float(r.get("teacher_time_s", 0.0))
         m["runs"] += 1
         m["student_s"] += float(r.get("student_time_s", r["train_time_s"] - teacher))
         m["teacher_forward_s"] += teacher - mask
         m["mask_s"] += mask
-    total = {k: sum(m[k] for m in methods.values()) for k in ("runs", "student_s", "teacher_forward_s", "mask_s")}
+        m["eval_s"] += float(r.get("eval_time_s", 0.0))
+    total = {k: sum(m[k] for m in methods.values())
+             for k in ("runs", "student_s", "teacher_forward_s", "mask_s", "eval_s")}
     total["wall_s"] = float(wall_s)
-    total["other_s"] = total["wall_s"] - total["student_s"] - total["teacher_forward_s"] - total["mask_s"]
+    total["other_s"] = (total["wall_s"] - total["student_s"] - total["teacher_forward_s"] - total["mask_s"]
+                        - total["eval_s"])
     total["ratio"] = total["wall_s"] / total["student_s"] if total["student_s"] > 0 else float("nan")
     return {"methods": methods, "total": total}
 
@@ -198,8 +203,8 @@ def format_breakdown(block: dict) -> str:
         lines.append(f"teacher cache off: wall {v['wall_s']:.1f} s; with the cache {v['speedup']:.2f}x faster, "
                      f"results identical: {v['identical']}")
     lines.append(f"wall {t['wall_s']:.1f} s = students {t['student_s']:.1f} + teacher forward "
-                 f"{t['teacher_forward_s']:.1f} + masks {t['mask_s']:.1f} + other {t['other_s']:.1f} "
-                 f"(data, evaluation, checkpoints, report)")
+                 f"{t['teacher_forward_s']:.1f} + masks {t['mask_s']:.1f} + students' evaluation "
+                 f"{t.get('eval_s', 0.0):.1f} + other {t['other_s']:.1f} (data, set-up, checkpoints, report)")
     lines.append(f"study/students: {t['ratio']:.2f}")
     return "\n".join(lines)
 

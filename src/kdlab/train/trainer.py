@@ -128,6 +128,7 @@ class RunState:
     step: int = 0  # optimiser steps taken
     teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
     mask_time_s: float = 0.0  # of teacher_time_s: computing the causal masks
+    eval_time_s: float = 0.0  # outside train_time_s: validation each epoch and the final evaluation
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -498,7 +499,9 @@ class Trainer:
                     break
                 epoch = st.epoch
                 row = self.train_epoch(epoch)
+                t_eval = time.perf_counter()
                 vals = self.validate()
+                st.eval_time_s += time.perf_counter() - t_eval
                 lr = self.opt.param_groups[0]["lr"]
                 row = {"epoch": epoch + 1, "lr": lr, **row}
                 for n, val in vals.items():
@@ -563,8 +566,10 @@ class Trainer:
                    f"delete the folder {self.run_dir} and re-run to train it again")
             best = load_checkpoint(path, fix=fix)
             model.load_state_dict(best["model"])
+            t_eval = time.perf_counter()
             test = obj.evaluate(n, self.test_loader) if self.test_loader is not None else {}
             val = obj.evaluate(n, self.val_loader) if self.val_loader is not None else {}
+            st.eval_time_s += time.perf_counter() - t_eval
             per_model[n] = {**{f"val_{k}": v for k, v in val.items() if k != "n"},
                             **{f"test_{k}": v for k, v in test.items() if k != "n"},
                             "n_test": test.get("n"), "best_epoch": st.best.get(n, [0, 0])[1]}
@@ -577,6 +582,7 @@ class Trainer:
                   # cache, whichever run fills it) and the student's own cost without it
                   "teacher_time_s": st.teacher_time_s,
                   "mask_time_s": st.mask_time_s,  # of teacher_time_s: the causal masks
+                  "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
                   "student_time_s": st.train_time_s - st.teacher_time_s,
                   "student_images_per_s": (st.images / (st.train_time_s - st.teacher_time_s)
                                            if st.train_time_s > st.teacher_time_s else float("nan")),
