@@ -18,6 +18,14 @@ def cmd_bench(args) -> int:
         out = args.out or "runs/bench-study"
         overrides = A.recipe_overrides(args)
         teacher_set = list(args.teacher_set or [])
+        if args.synthetic_cifar is not None and args.synthetic_cifar < 10:
+            raise ValueError(f"--synthetic-cifar needs at least 10 training images (got {args.synthetic_cifar})")
+        if args.synthetic_cifar is not None and args.data_dir:
+            raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
+                             "--synthetic-cifar to use the data in --data-dir)")
+        reuse = args.mask_reuse.split(",") if args.mask_reuse is not None else None
+        if reuse is not None and (len(set(reuse)) != len(reuse) or not all(reuse)):
+            raise ValueError(f"--mask-reuse takes per-view and/or per-image, each once (got {args.mask_reuse!r})")
         if args.synthetic_cifar:
             from pathlib import Path
 
@@ -26,11 +34,12 @@ def cmd_bench(args) -> int:
             data = Path(out) / "data"
             if not (data / "cifar-10-batches-py" / "test_batch").is_file():
                 write_synthetic_cifar(data, args.synthetic_cifar, max(10, args.synthetic_cifar // 5))
-            print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
+                print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
+            else:
+                print(f"bench: using the generated CIFAR-format data already in {data}")
             # the generated data's teacher lives in the bench folder, never at the recipe's own path
             overrides = [f"data.data_dir={data}", f"teacher.checkpoint={Path(out) / 'teacher' / 'best.pt'}",
                          *overrides]
-        reuse = args.mask_reuse.split(",") if args.mask_reuse else None
         bench_study(args.study, out, seeds=args.seeds, overrides=overrides, mode=args.mode,
                     mask_reuse=reuse, compare_cache=args.compare_cache, teacher_overrides=teacher_set)
         return 0
