@@ -158,3 +158,15 @@ def test_shared_cli_options():
     r = lm_cli._recipe(a)
     assert a.seeds == [0, 1, 2] and r.train.epochs == 1
     assert r.train.device == "cpu" and r.teacher.train.device == "cpu"
+
+
+def test_a_teacher_of_other_settings_is_refused_with_the_reason(tmp_path, loop):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY.format(corpus=_corpus(tmp_path)))
+    out = tmp_path / "out"
+    a = app().parse_args(["lm", "train-teacher", str(recipe), "--out", str(out), "--quiet"])
+    assert a.func(a) == 0
+    a = app().parse_args(["lm", "train-teacher", str(recipe), "--out", str(out), "--quiet",
+                          "--set", "teacher.train.steps_per_epoch=5"])
+    with pytest.raises(ValueError, match=r"teacher trained with other corpus or teacher\.\* settings"):
+        a.func(a)

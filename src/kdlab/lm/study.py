@@ -219,10 +219,17 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
                       meta=lm_meta(recipe.teacher.model, recipe.teacher.kwargs, data.tokenizer.vocab_size,
                                    data.tokenizer, recipe.corpus.name))
     run = out_dir / "teacher"
-    res = fit(obj, data.train_loader(t, t.seed), data.eval_loader("val", t), data.eval_loader("test", t),
-              t, run, seed=t.seed, method="teacher", progress=progress,
-              identity={"kind": "lm-teacher", "corpus": recipe.corpus.model_dump(mode="json"),
-                        "teacher": recipe.teacher.model_dump(mode="json")})
+    try:
+        res = fit(obj, data.train_loader(t, t.seed), data.eval_loader("val", t), data.eval_loader("test", t),
+                  t, run, seed=t.seed, method="teacher", progress=progress,
+                  identity={"kind": "lm-teacher", "corpus": recipe.corpus.model_dump(mode="json"),
+                            "teacher": recipe.teacher.model_dump(mode="json")})
+    except ValueError as e:
+        if "of a different recipe" not in str(e):
+            raise
+        raise ValueError(f"{run} holds a teacher trained with other corpus or teacher.* settings; give the "
+                         f"same --set teacher.*/corpus.* values as when it was trained, another --out, or "
+                         f"delete {run}") from None
     log(f"teacher: test bpb {res.get('test_bpb', float('nan')):.3f} -> {run / 'best.pt'}")
     return run / "best.pt"
 
