@@ -215,8 +215,6 @@ class LMObjective:
         self.counts["supervised"] += 1
         x, y = ids[:, :-1], ids[:, 1:]
         logits, _ = self.student(x)
-        logs: dict[str, torch.Tensor] = {}
-        total = logits.new_zeros(())
         t_logits = None
         sparse = None
         if any(t.needs_teacher for t in self.terms):
@@ -227,6 +225,7 @@ class LMObjective:
             else:
                 t_logits = self._teacher_logits(x)
                 self.counts["live_teacher"] += 1
+        parts = []
         for t in self.terms:
             if t.term == "ce":
                 val = token_mean(token_nll(logits, y), mask, denom)
@@ -235,6 +234,16 @@ class LMObjective:
                 val = token_mean(divergence(t.term, ls, lt_, **t.div_params), mask, denom)
             else:
                 val = self._dense_term(t, logits, t_logits, mask, denom)
+            parts.append((t, val))
+        return self._weighted(parts, logits, mask, g)
+
+    @staticmethod
+    def _weighted(parts, logits, mask, g):
+        """``(g · Σ w·value, logs)`` for ``[(term, value)]``: each term's value, the loss and the
+        number of target tokens ``n`` in the logs."""
+        logs: dict[str, torch.Tensor] = {}
+        total = logits.new_zeros(())
+        for t, val in parts:
             logs[t.term] = val.detach()
             total = total + t.weight * val
         logs["loss"] = total.detach()
@@ -262,17 +271,8 @@ class LMObjective:
         mask[:, self.prompt_len - 1:] = gmask  # position t predicts token t+1
         logits, _ = self.student(x)
         t_logits = self._teacher_logits(x)
-        logs: dict[str, torch.Tensor] = {}
-        total = logits.new_zeros(())
-        for t in self.terms:
-            if t.term == "ce":
-                continue
-            val = self._dense_term(t, logits, t_logits, mask, denom)
-            logs[t.term] = val.detach()
-            total = total + t.weight * val
-        logs["loss"] = total.detach()
-        logs["n"] = mask.sum().detach().float()
-        return total * g, logs
+        parts = [(t, self._dense_term(t, logits, t_logits, mask, denom)) for t in self.terms if t.term != "ce"]
+        return self._weighted(parts, logits, mask, g)
 
     # -- evaluation --------------------------------------------------------------------------------
     def _teacher_eval(self, loader, step, x):
