@@ -110,6 +110,17 @@ def _load_file_module(path: str):
     return mod
 
 
+def best_time(f, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``f()``, after one untimed warm-up call."""
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def speed_rows(model_name="resnet56", layers=("layer2", "layer3"), batch=64, steps=16, repeats=3,
                shape=(3, 32, 32), seed=0, compare_file=None) -> list[dict]:
     """Seconds per batch of gradient × activation, step-by-step IG and batched IG, side by side in
@@ -130,15 +141,7 @@ def speed_rows(model_name="resnet56", layers=("layer2", "layer3"), batch=64, ste
                "batched": lambda: layer_attribution(m, x, y, layer, "ig", steps)}
         if other is not None:
             fns["other"] = lambda: other.layer_attribution(m, x, y, layer, "ig", steps)
-        t = {}
-        for name, f in fns.items():
-            f()  # warm-up
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                f()
-                best = min(best, time.perf_counter() - t0)
-            t[name] = best
+        t = {name: best_time(f, repeats) for name, f in fns.items()}
         row = {"model": model_name, "layer": layer, "batch": batch, "steps": steps,
                "grad s": t["grad"], "step-by-step s": t["step-by-step"], "batched s": t["batched"],
                "step/batched": t["step-by-step"] / t["batched"], "batched/grad": t["batched"] / t["grad"]}
@@ -185,15 +188,7 @@ def step_cost_rows(teacher_name="resnet56", student_name="resnet20", layer="laye
            f"IG {steps} steps, batched": lambda: layer_attribution(t, x, y, layer, "ig", steps),
            f"IG {steps} steps, step-by-step": lambda: layer_attribution(t, x, y, layer, "ig", steps, batched=False),
            "per-image map + top-q": lambda: to_mask(map_masks(imp, spec, params, shape[-2:]), q)}
-    out = {}
-    for name, f in fns.items():
-        f()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            best = min(best, time.perf_counter() - t0)
-        out[name] = best
+    out = {name: best_time(f, repeats) for name, f in fns.items()}
     base = out["student step"]
     return [{"cost": k, "ms": 1000 * v, "x student step": v / base} for k, v in out.items()]
 
