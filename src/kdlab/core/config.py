@@ -218,6 +218,7 @@ class StudyCfg(_Strict):
 class Recipe(_Strict):
     name: str
     description: str = ""
+    task: str = "classification"  # the kdlab.tasks plug-in that runs this recipe
     data: DataCfg = DataCfg()
     student: ModelCfg
     teacher: Optional[TeacherCfg] = None
@@ -228,7 +229,12 @@ class Recipe(_Strict):
     source: Optional[str] = Field(None, exclude=True)
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude={"source"})
+        """The recipe as plain data (run identities); ``task`` only when not the default, so runs
+        made before tasks existed keep their identity."""
+        d = self.model_dump(mode="json", exclude={"source"})
+        if d.get("task") == "classification":
+            del d["task"]
+        return d
 
     def derive(self, **sections) -> "Recipe":
         """A validated copy with whole top-level sections replaced (``loss=[...]``,
