@@ -63,13 +63,19 @@ def test_unfinished_teacher_is_resumed_not_used(tmp_path):
 
 def test_accumulation_windows_normalise_over_the_window():
     import kdlab.train.trainer as T
+    from kdlab.train.objective import Objective
 
-    class Obj:
+    class Obj(Objective):
+        window_normalised = True
+
         def batch_weight(self, b):
             return b
+
+    class PerBatch(Obj):
+        window_normalised = False
 
     out = list(T.accumulation_windows(iter([2, 3, 4, 1, 6]), 2, Obj()))
     # windows (2, 3), (4, 1), (6): each batch carries its window's total
     assert out == [(0, 2, 5.0), (1, 3, 5.0), (2, 4, 5.0), (3, 1, 5.0), (4, 6, 6.0)]
     assert list(T.accumulation_windows(iter([2, 3]), 1, Obj())) == [(0, 2, None), (1, 3, None)]
-    assert list(T.accumulation_windows(iter([2, 3]), 2, object())) == [(0, 2, None), (1, 3, None)]
+    assert list(T.accumulation_windows(iter([2, 3]), 2, PerBatch())) == [(0, 2, None), (1, 3, None)]

@@ -143,16 +143,15 @@ def test_per_image_binary_mask_of_a_cropped_view_keeps_q():
     assert torch.equal(m, to_mask(cropped, 0.25))
 
 
-def test_per_image_source_in_a_built_run(monkeypatch, tmp_path):
-    """The proposed wiring (build_teacher_source_with_reuse in place of build_teacher_source):
-    a run with mask.reuse: per-image serves the mapped masks of the store, with the cache's logits."""
+def test_per_image_source_in_a_built_run(tmp_path):
+    """build_run honours mask.reuse (build_teacher_source is the one teacher constructor): a run
+    with mask.reuse: per-image serves the mapped masks of the store, with the cache's logits."""
     import kdlab.train.build as build
     from kdlab.core.config import recipe_from_dict
-    from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
+    from kdlab.distill.mask_reuse import PerImageSource
     from kdlab.distill.teachers import TeacherStore
     from kdlab.models import create_model
 
-    monkeypatch.setattr(build, "build_teacher_source", build_teacher_source_with_reuse)
     teacher = create_model("cnn_small", num_classes=10, in_channels=1).eval()
     mask = {"method": "ig", "steps": 2, "q": 0.5, "reuse": "per-image"}
     r = recipe_from_dict({
@@ -162,6 +161,7 @@ def test_per_image_source_in_a_built_run(monkeypatch, tmp_path):
         "loss": [{"term": "kd"}, {"term": "attn", "layers": "stage2"}], "mask": mask})
     run = build.build_run(r, teacher=teacher, store=TeacherStore(tmp_path / "cache"))
     src = run.objective.teacher
+    assert isinstance(src, PerImageSource)
     x, y, idx = next(iter(run.train_loader.epoch(0)))
     out = src(x, y, idx, 0, 0)
     with torch.no_grad():

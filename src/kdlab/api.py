@@ -20,11 +20,6 @@ from torch import nn
 DEFAULT_KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
 
 
-def _first_batch_shape(loader) -> tuple:
-    x, _, _ = next(iter(loader.epoch(0)))
-    return tuple(x.shape[1:])
-
-
 def _model(m, num_classes, in_channels, what: str):
     from kdlab.core.checkpoint import load_model
     from kdlab.models.adapters import adapt_outputs, build_model
@@ -45,8 +40,14 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
         val_data=None, test_data=None, loss: Optional[Sequence[dict]] = None, train: Optional[dict] = None,
         mask: Optional[dict] = None, augment: Optional[dict] = None, normalize: Optional[tuple] = None,
         run_dir: Union[str, Path] = "runs/fit", num_classes: Optional[int] = None, num_workers: int = 0,
-        progress: bool = True, resume: bool = True, callbacks=(), method: str = "fit") -> dict:
+        progress: bool = True, resume: bool = True, callbacks=(), method: str = "fit",
+        teacher_cache=None) -> dict:
     """Distil ``teacher`` into ``student`` (or train ``student`` alone) and return the result dict.
+
+    The arguments become a recipe (its ``loss``, ``train``, ``mask`` and ``data.augment``
+    sections) built by :func:`kdlab.train.build.build_run` with the given models and data, like
+    every run: ``train.teacher_mode`` is honoured (``cache-fp16``, the default, rounds the teacher's
+    outputs to fp16 as a cached study run does; ``live`` keeps them fp32).
 
     Args:
         student, teacher: ``nn.Module`` objects (outputs may be tensors, tuples, dicts or HF
@@ -57,36 +58,31 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
             (any size, any channels), labels ints. ``val_data`` selects the best epoch.
         loss: weighted terms as in a recipe (default: CE alone, or 0.1·CE + 0.9·KD(T=4) with a
             teacher). See ``kdlab losses``.
-        train: the recipe's ``train`` section (epochs, batch_size, optimizer, lr, schedule, ...).
+        train: the recipe's ``train`` section (epochs, batch_size, optimizer, lr, schedule,
+            teacher_mode, ...).
         mask: the recipe's ``mask`` section (masked terms).
         augment: ``{"crop_pad": p, "flip": bool}`` batched augmentation on tensors.
         normalize: ``(mean, std)`` per channel, applied after augmentation (None: as given).
         run_dir: the run folder (checkpoints, metrics, result.json; resumes when re-run).
+        teacher_cache: a :class:`kdlab.distill.teachers.TeacherStore` shared by several calls on the
+            same data and seed (with a ``cache-*`` teacher_mode, the teacher's outputs are computed
+            once and served to the later calls).
     """
     from kdlab.core.checkpoint import atomic_save, load_checkpoint
-    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg
+    from kdlab.core.config import MaskCfg, Recipe, TermCfg, TrainCfg
     from kdlab.core.seeding import derive_seed, seed_everything
-    from kdlab.data.augment import AugmentSpec
-    from kdlab.data.streaming import as_loader
+    from kdlab.data.splits import DatasetInfo, Splits, TensorSet
     from kdlab.distill.losses import build_terms
-    from kdlab.distill.teachers import build_teacher_source
     from kdlab.models.adapters import export_program
-    from kdlab.train.objective import DistillObjective
+    from kdlab.train.build import build_run, trainer_for
     from kdlab.train.runtime import Runtime
-    from kdlab.train.trainer import Trainer
 
     cfg = TrainCfg(**(train or {}))
     runtime = Runtime.from_cfg(cfg)
     mean, std = normalize if normalize is not None else (None, None)
-    aug = AugmentSpec(**augment) if augment else None
-    kw = dict(seed=derive_seed(cfg.seed, "data"), mean=mean, std=std, device=runtime.device,
-              num_workers=num_workers)
-    train_loader = as_loader(train_data, runtime.local_batch(cfg.batch_size), shuffle=True, augment=aug, **kw)
-    if runtime.dist:
-        train_loader = train_loader.shard(runtime.rank, runtime.world_size)
-    val_loader = as_loader(val_data, cfg.eval_batch_size, shuffle=False, **kw) if val_data is not None else None
-    test_loader = as_loader(test_data, cfg.eval_batch_size, shuffle=False, **kw) if test_data is not None else None
-    shape = _first_batch_shape(train_loader)
+    pair = lambda d: TensorSet(d[0].float(), d[1].long()) if _is_pair(d) else d  # noqa: E731
+    train_data, val_data, test_data = pair(train_data), pair(val_data), pair(test_data)
+    shape = _input_shape(train_data)
     if num_classes is None:
         ds = getattr(train_data, "dataset", train_data)
         num_classes = len(ds.classes) if hasattr(ds, "classes") else None
@@ -96,43 +92,39 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     t_model = None
     if teacher is not None:
         t_model, _ = _model(teacher, num_classes, shape[0], "teacher")
-        t_model = t_model.to(runtime.device)
     terms_cfg = [TermCfg.model_validate(t) for t in (loss or (DEFAULT_KD if teacher is not None else [{"term": "ce"}]))]
     terms = build_terms(terms_cfg)
-    needs = any(t.needs_teacher for _, _, t in terms)
-    if needs and t_model is None:
+    if any(t.needs_teacher for _, _, t in terms) and t_model is None:
         raise ValueError("these loss terms need a teacher: pass teacher=... to kdlab.fit")
     mask_cfg = MaskCfg(**mask) if mask else None
     if any(t.needs_masks for _, _, t in terms) and mask_cfg is None:
         raise ValueError("a masked loss term needs mask={...} (e.g. mask={'method': 'grad'})")
-    uniq = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
-    source = None
-    if needs:
-        source = build_teacher_source(t_model, mode="live", layers=uniq(l for _, _, t in terms for l in t.teacher_layers()),
-                                      mask_layers=uniq(l for _, _, t in terms for l in t.mask_layers()), mask_cfg=mask_cfg)
     with torch.no_grad():
         was = s_model.training
         s_model.eval()
         n_out = s_model(torch.zeros(1, *shape, device=runtime.device)).shape[1]
         s_model.train(was)
+    data_name = type(getattr(train_data, "dataset", train_data)).__name__
     meta = {"model_name": s_spec["model_name"] if s_spec else None,
             "model_kwargs": s_spec["model_kwargs"] if s_spec else {},
             "num_classes": int(n_out), "in_channels": int(shape[0]), "input_shape": list(shape),
-            "dataset": type(getattr(train_data, "dataset", train_data)).__name__,
-            "normalize": [list(mean), list(std)] if mean is not None else None}
-    objective = DistillObjective(s_model, terms, runtime=runtime, teacher=source, meta=meta,
-                                 n_data=getattr(train_loader, "dataset_size", 0), channels_last=cfg.channels_last,
-                                 compile=cfg.compile)
-    objective.setup(next(iter(train_loader.epoch(0))))
-    runtime.broadcast(s_model, objective.term_modules)
+            "dataset": data_name, "normalize": [list(mean), list(std)] if mean is not None else None}
+    info = DatasetInfo(name=data_name, num_classes=int(n_out), in_channels=int(shape[0]), image_size=tuple(shape[1:]),
+                       mean=mean, std=std, classes=())
+    model_name = meta["model_name"] or type(s_model).__qualname__
+    recipe = Recipe(name=method, student={"model": model_name},
+                    teacher=None if t_model is None else {"model": teacher if isinstance(teacher, str) else type(t_model).__qualname__},
+                    data={"augment": augment or {}, "num_workers": num_workers}, train=cfg.model_dump(),
+                    loss=[t.model_dump() for t in terms_cfg], mask=mask_cfg)
+    run = build_run(recipe, splits=Splits(train=train_data, val=val_data, test=test_data, info=info),
+                    teacher=t_model, store=teacher_cache, runtime=runtime, student=s_model, meta=meta)
     identity = {"api": "fit", "student": s_spec or type(s_model).__qualname__,
                 "teacher": None if teacher is None else (teacher if isinstance(teacher, str) else type(t_model).__qualname__),
                 "loss": [t.model_dump() for t in terms_cfg], "train": cfg.model_dump(mode="json"),
                 "mask": mask_cfg.model_dump() if mask_cfg else None, "augment": augment, "normalize": meta["normalize"],
                 "input_shape": list(shape)}
-    trainer = Trainer(objective, train_loader, val_loader, test_loader, cfg, run_dir, runtime=runtime,
-                      callbacks=callbacks, identity=identity, method=method, progress=progress,
-                      info={"model": meta["model_name"] or type(s_model).__qualname__})
+    trainer = trainer_for(run, run_dir, progress=progress, method=method, callbacks=callbacks, identity=identity,
+                          info={"model": model_name})
     result = trainer.fit(resume=resume)
     best = Path(run_dir) / "best.pt"
     if s_spec is None and runtime.is_main and best.is_file():  # rebuildable without the user's code
@@ -141,6 +133,18 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
             ck["program"] = export_program(s_model, torch.zeros(2, *shape))
             atomic_save(ck, best)
     return result
+
+
+def _is_pair(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
+def _input_shape(data) -> tuple:
+    """``[C, H, W]`` of the samples of any data ``kdlab.fit`` takes (its first batch)."""
+    from kdlab.data.streaming import as_loader
+
+    x, _, _ = next(iter(as_loader(data, 1, shuffle=False, seed=0).epoch(0)))
+    return tuple(x.shape[1:])
 
 
 def fit_recipe(recipe, run_dir: Union[str, Path, None] = None, *, overrides: Sequence[str] = (),

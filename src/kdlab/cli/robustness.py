@@ -47,7 +47,7 @@ def cmd_robustness(args) -> int:
             raise ValueError("--study evaluates the study's own checkpoints and writes into its "
                              "report folder; drop the CKPT arguments and --out")
         from kdlab.data.corruptions import parse_corruptions
-        from kdlab.train.runtime import resolve_device
+        from kdlab.core.device import resolve_device
         from kdlab.evaluate.robustness import study_robustness
 
         study_robustness(args.study, corruptions=parse_corruptions(args.corruptions),

@@ -67,7 +67,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
     from kdlab.evaluate.robustness import study_robustness
     from kdlab.experiments.study import run_ablation
 
@@ -91,7 +91,7 @@ def cmd_demo(args) -> int:
 
 def cmd_explain_study(args) -> int:
     from kdlab.experiments.study_explain import explain_study
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     explain_study(args.study, teacher=args.teacher, n_images=args.n_images, method=args.method,
                   grid=args.grid, k=args.k, steps=args.steps, data_dir=args.data_dir,

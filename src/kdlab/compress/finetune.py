@@ -1,9 +1,9 @@
 """Fine-tuning of pruned and quantization-aware models, on the one training loop.
 
-A pruned or fake-quantized model is an already built module, so :func:`finetune` wraps it in the
-same :class:`kdlab.train.objective.DistillObjective` a recipe builds (``ce`` alone, or
-``(1 − alpha)·CE + alpha·KD(T)`` from a live ``teacher``) and trains it with
-:class:`kdlab.train.trainer.Trainer`: checkpoints, resume, metrics and (with a validation loader)
+A pruned or fake-quantized model is an already built module, so :func:`finetune` writes its
+settings as a recipe (``ce`` alone, or ``(1 − alpha)·CE + alpha·KD(T)`` from a live ``teacher``)
+and builds the run with :func:`kdlab.train.build.build_run`, given the model and its loaders, like
+every run; it trains with :class:`kdlab.train.trainer.Trainer`: checkpoints, resume, metrics and (with a validation loader)
 best-epoch selection and patience like every run. Unstructured-pruning keep-masks are re-applied
 after every optimiser step by the :class:`kdlab.train.callbacks.ReapplyMasks` callback.
 """
@@ -53,13 +53,10 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
     ``meta``: checkpoint metadata of the model (how to rebuild it); ``on_epoch(e, model)`` may add
     metrics to each row.
     """
-    from kdlab.core.config import TrainCfg
-    from kdlab.distill.losses import LOSSES
-    from kdlab.distill.teachers import LiveTeacher
+    from kdlab.core.config import Recipe
+    from kdlab.train.build import build_run, trainer_for
     from kdlab.train.callbacks import Callback, ReapplyMasks
-    from kdlab.train.objective import DistillObjective
     from kdlab.train.runtime import Runtime
-    from kdlab.train.trainer import Trainer
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -71,16 +68,21 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
     frozen = {}
     if teacher is not None:
         frozen = {p: p.requires_grad for p in teacher.parameters()}  # restored after training
-        terms = [("ce", 1.0 - alpha, LOSSES.get("ce")()), ("kd", alpha, LOSSES.get("kd")(T=T))]
-        source = LiveTeacher(teacher.to(dev), [], [], None)
+        loss = [{"term": "ce", "weight": 1.0 - alpha}, {"term": "kd", "weight": alpha, "T": T}]
     else:
-        terms, source = [("ce", 1.0, LOSSES.get("ce")())], None
+        loss = [{"term": "ce", "weight": 1.0}]
     meta = meta or {"model_name": type(model).__name__, "model_kwargs": {}, "num_classes": 0,
                     "in_channels": 0, "dataset": ""}
-    objective = DistillObjective(model, terms, runtime=runtime, teacher=source, meta=meta)
     train_loader = loader if max_steps is None else _FirstSteps(loader, max_steps)
-    cfg = TrainCfg(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule="cosine",
-                   patience=patience, seed=seed, device=str(dev.type))
+    recipe = Recipe(name=desc, student={"model": str(meta.get("model_name") or type(model).__name__)},
+                    teacher=None if teacher is None else {"model": type(teacher).__name__},
+                    train={"epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                           "schedule": "cosine", "patience": patience, "seed": seed, "device": str(dev.type),
+                           "teacher_mode": "live"},
+                    loss=loss)
+    # no setup probe: a forward pass would move a fake-quantized model's observers
+    run = build_run(recipe, loaders=(train_loader, val_loader, None), teacher=teacher, runtime=runtime,
+                    student=model, meta=meta, probe=False)
     callbacks: list = [ReapplyMasks(model, masks, apply_masks)] if masks else []
     if on_epoch is not None:
         class _Extra(Callback):
@@ -91,9 +93,8 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
         callbacks.append(_Extra())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(run_dir) if run_dir is not None else Path(tmp)
-        trainer = Trainer(objective, train_loader, val_loader, None, cfg, folder, runtime=runtime,
-                          callbacks=callbacks, identity={"finetune": desc, "epochs": epochs, "lr": lr},
-                          method=desc, progress=progress)
+        trainer = trainer_for(run, folder, progress=progress, method=desc, callbacks=callbacks,
+                              identity={"finetune": desc, "epochs": epochs, "lr": lr}, info={})
         try:
             trainer.fit(resume=run_dir is not None)
         finally:

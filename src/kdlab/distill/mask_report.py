@@ -193,24 +193,6 @@ def step_cost_rows(teacher_name="resnet56", student_name="resnet20", layer="laye
     return [{"cost": k, "ms": 1000 * v, "x student step": v / base} for k, v in out.items()]
 
 
-class reuse_wiring:
-    """Context: ``kdlab.train.build`` builds teacher sources with
-    :func:`kdlab.distill.mask_reuse.build_teacher_source_with_reuse` (the proposed wiring of
-    ``mask.reuse``), restored on exit."""
-
-    def __enter__(self):
-        import kdlab.train.build as build
-        from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
-
-        self.build, self.original = build, build.build_teacher_source
-        build.build_teacher_source = build_teacher_source_with_reuse
-        return self
-
-    def __exit__(self, *exc):
-        self.build.build_teacher_source = self.original
-        return False
-
-
 def paired_rows(recipe_name: str, seeds, out_dir, overrides=(), modes=("per-view", "per-image")) -> list[dict]:
     """Train ``recipe_name`` for every seed in both mask modes (same seed: same data, init and
     augmentation draws; live teacher) and return one row per (seed, mode) with test accuracy
@@ -221,17 +203,16 @@ def paired_rows(recipe_name: str, seeds, out_dir, overrides=(), modes=("per-view
     from kdlab.train.build import train
 
     rows = []
-    with reuse_wiring():
-        for seed in seeds:
-            for mode in modes:
-                r = load_recipe(recipe_name, [*overrides, f"train.seed={seed}", f"mask.reuse={mode}"])
-                t0 = time.perf_counter()
-                res = train(r, Path(out_dir) / mode / f"seed{seed}", progress=False, resume=False,
-                            method=f"{r.name}-{mode}")
-                rows.append({"seed": seed, "mode": mode, "test_acc": res["test_acc"], "val_acc": res["val_acc"],
-                             "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
-                             "wall_s": time.perf_counter() - t0})
-                print(rows[-1], flush=True)
+    for seed in seeds:
+        for mode in modes:
+            r = load_recipe(recipe_name, [*overrides, f"train.seed={seed}", f"mask.reuse={mode}"])
+            t0 = time.perf_counter()
+            res = train(r, Path(out_dir) / mode / f"seed{seed}", progress=False, resume=False,
+                        method=f"{r.name}-{mode}")
+            rows.append({"seed": seed, "mode": mode, "test_acc": res["test_acc"], "val_acc": res["val_acc"],
+                         "best_epoch": res["best_epoch"], "train_time_s": res["train_time_s"],
+                         "wall_s": time.perf_counter() - t0})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -254,9 +235,8 @@ def paired_summary(rows: list[dict]) -> dict:
 
 
 def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view", "per-image")) -> list[dict]:
-    """Run the recipe's ablation study (with the teacher cache) once per mask mode, with
-    ``build_teacher_source`` replaced by the proposed wiring
-    (:func:`kdlab.distill.mask_reuse.build_teacher_source_with_reuse`): per mode the study's wall
+    """Run the recipe's ablation study (with the teacher cache) once per mask mode
+    (``mask.reuse``, honoured by :func:`kdlab.distill.teachers.build_teacher_source`): per mode the study's wall
     time, the sum of its runs' training-loop times, and each method's mean training-loop time."""
     import json
     import statistics
@@ -268,21 +248,20 @@ def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view"
 
     ensure_teachers(load_recipe(recipe_name, list(overrides)), progress=False, log=lambda *a: None)
     rows = []
-    with reuse_wiring():
-        for mode in modes:
-            d = Path(out_dir) / mode
-            t0 = time.perf_counter()
-            run_ablation(recipe_name, out_dir=d, seeds=seeds, overrides=[*overrides, f"mask.reuse={mode}"],
-                         progress=False, log=lambda *a: None)
-            wall = time.perf_counter() - t0
-            runs = [json.loads(p.read_text()) for p in d.glob("*/seed*/result.json")]
-            row = {"mode": mode, "wall_s": wall, "sum_train_s": sum(r["train_time_s"] for r in runs),
-                   "runs": len(runs)}
-            for m in sorted({r["method"] for r in runs}):
-                row[m] = statistics.fmean(r["train_time_s"] for r in runs if r["method"] == m)
-                row[m + " acc"] = statistics.fmean(r["test_acc"] for r in runs if r["method"] == m)
-            rows.append(row)
-            print(row, flush=True)
+    for mode in modes:
+        d = Path(out_dir) / mode
+        t0 = time.perf_counter()
+        run_ablation(recipe_name, out_dir=d, seeds=seeds, overrides=[*overrides, f"mask.reuse={mode}"],
+                     progress=False, log=lambda *a: None)
+        wall = time.perf_counter() - t0
+        runs = [json.loads(p.read_text()) for p in d.glob("*/seed*/result.json")]
+        row = {"mode": mode, "wall_s": wall, "sum_train_s": sum(r["train_time_s"] for r in runs),
+               "runs": len(runs)}
+        for m in sorted({r["method"] for r in runs}):
+            row[m] = statistics.fmean(r["train_time_s"] for r in runs if r["method"] == m)
+            row[m + " acc"] = statistics.fmean(r["test_acc"] for r in runs if r["method"] == m)
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 

@@ -249,21 +249,3 @@ def per_image_source(inner, teacher, mask_layers, loader, mask_cfg, root=None) -
 
     store = shared_store(teacher, mask_cfg, root)
     return PerImageSource(inner, PerImageMasks(teacher, mask_layers, loader, store, mask_cfg))
-
-
-def build_teacher_source_with_reuse(teacher, *, mode, layers=(), mask_layers=(), mask_cfg=None, store=None,
-                                    loader=None, **kw):
-    """:func:`kdlab.distill.teachers.build_teacher_source` honouring ``mask.reuse``: with
-    ``per-image`` (and mask layers and a training loader) the source is built without mask
-    layers and wrapped by :func:`per_image_source` (maps saved beside the study's teacher cache,
-    ``<store.root>/masks-<key>.pt``); otherwise it is ``build_teacher_source`` unchanged. The
-    wiring docs/masks.md proposes for ``kdlab.train.build``."""
-    from kdlab.distill.teachers import build_teacher_source
-
-    reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
-    src = build_teacher_source(teacher, mode=mode, layers=layers, mask_layers=() if reuse else mask_layers,
-                               mask_cfg=mask_cfg, store=store, loader=loader, **kw)
-    if not reuse:
-        return src
-    root = getattr(store, "root", None)
-    return per_image_source(src, teacher, mask_layers, loader, mask_cfg, root)

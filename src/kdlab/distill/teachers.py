@@ -10,7 +10,8 @@ tapped features by layer, causal masks by layer). Two implementations:
 
 :func:`teacher_plan` is the only interpreter of ``train.teacher_mode`` and
 :func:`build_teacher_source` the only place a source is made (``kdlab.train.build`` calls it, for
-the recipe's teacher and for the extra teachers of ``mtkd``).
+the recipe's teacher and for the extra teachers of ``mtkd``, with the plan it computed once;
+``mask.reuse: per-image`` included).
 
 **The teacher cache.** A study is paired: every method of seed k sees the same data order and the
 same augmentation draws (the loader seed is ``derive_seed(k, "data")``), so the teacher's logits,
@@ -393,15 +394,26 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
     }
 
 
-def build_teacher_source(teacher: nn.Module, *, mode: str, layers=(), mask_layers=(), mask_cfg=None,
+def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), mask_layers=(), mask_cfg=None,
                          store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
                          checkpoint: Optional[str] = None, device=None) -> TeacherSource:
-    """The teacher source of a run: live, or served from ``store`` when ``mode`` caches and a store
-    and the training ``loader`` (whose batches it keys) are given."""
-    plan = teacher_plan(mode)
-    live = LiveTeacher(teacher, list(layers), list(mask_layers), mask_cfg, round_to=plan.round_to)
-    if not (plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True)):
-        return live
-    device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    key = cache_key(loader, teacher, dataset=dataset or {}, checkpoint=checkpoint, device=device)
-    return CachedTeacher(live, store, key, len(loader))
+    """The teacher source of a run (the only constructor of one): live, or served from ``store``
+    when ``plan`` (:func:`teacher_plan`, computed once by the caller) caches and a store and the
+    training ``loader`` (whose batches it keys) are given.
+
+    ``mask.reuse: per-image`` (``mask_cfg.reuse``, with mask layers and a training loader): the
+    source is built without mask layers and its masks come from each image's stored importance
+    map mapped to the view (:func:`kdlab.distill.mask_reuse.per_image_source`; maps saved beside
+    the store's files when it has a folder)."""
+    reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
+    live = LiveTeacher(teacher, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to)
+    source = live
+    if plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True):
+        device = torch.device(device) if device is not None else next(teacher.parameters()).device
+        key = cache_key(loader, teacher, dataset=dataset or {}, checkpoint=checkpoint, device=device)
+        source = CachedTeacher(live, store, key, len(loader))
+    if not reuse:
+        return source
+    from kdlab.distill.mask_reuse import per_image_source
+
+    return per_image_source(source, teacher, mask_layers, loader, mask_cfg, getattr(store, "root", None))

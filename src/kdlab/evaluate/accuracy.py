@@ -82,7 +82,7 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     from kdlab.core.checkpoint import check_fits, load_model
     from kdlab.data import from_factory, load_dataset
     from kdlab.data.streaming import as_loader
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     dev = resolve_device(device)
     model, ck = load_model(path, dev)

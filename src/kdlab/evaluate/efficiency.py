@@ -21,7 +21,7 @@ Conventions (fixed, so numbers from different runs compare):
 
 from __future__ import annotations
 
-from kdlab.train.runtime import resolve_device  # noqa: F401  (re-exported for the efficiency API)
+from kdlab.core.device import resolve_device  # noqa: F401  (re-exported for the efficiency API)
 
 import os
 import time

@@ -53,7 +53,7 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     a ``target`` given as a digit string is a class index. Returns the rows."""
     from kdlab.core.checkpoint import load_model
     from kdlab.data import load_dataset
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     device = resolve_device(device)
     student_paths = list(student_paths)

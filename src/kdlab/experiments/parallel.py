@@ -85,7 +85,7 @@ _TEACHERS: dict = {}  # per worker process: teacher checkpoint -> loaded model
 def shared_teacher(recipe):
     """The recipe's teacher, loaded once per process (read-only)."""
     from kdlab.train.build import load_splits, load_teacher
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     key = (recipe.teacher.checkpoint, recipe.train.device)
     if key not in _TEACHERS:

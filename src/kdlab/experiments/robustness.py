@@ -50,7 +50,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     from kdlab.data import load_dataset
     from kdlab.data.corruptions import parse_corruptions
     from kdlab.data.splits import TensorSet
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
     from kdlab.evaluate.robustness import evaluate_robustness
 
     paths = list(paths)

@@ -118,7 +118,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     from kdlab.evaluate.explain_report import explain_report, markdown, pick_images
     from kdlab.experiments.study import run_study
     from kdlab.train.build import ensure_teachers, load_teacher, with_data_dir
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     base = with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
     if base.teacher is None:

@@ -49,6 +49,7 @@ from torch import nn
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
 from kdlab.lm.losses import DIVERGENCES, bucket_logprobs, divergence, log_softmax_t, token_mean, token_nll
+from kdlab.train.objective import Objective
 
 TERMS = ("ce",) + DIVERGENCES
 
@@ -121,11 +122,12 @@ def _loader_key(loader) -> str:
     return fp
 
 
-class LMObjective:
+class LMObjective(Objective):
     """Objective for a causal LM student, optionally distilled from a frozen teacher (module doc)."""
 
     monitor = ("bpb", "min")
-    sample_unit = "tok"  # the loop's throughput counts target tokens (batch_weight)
+    sample_unit = "tokens"  # the loop's throughput counts target tokens (logs["n"], batch_weight)
+    window_normalised = True  # per-token losses over the whole accumulation window
 
     def __init__(self, student: nn.Module, *, terms=("ce",), teacher: Optional[nn.Module] = None,
                  token_bytes: Optional[torch.Tensor] = None, pad_id: int = 0, eos_id: Optional[int] = None,

@@ -2,6 +2,12 @@
 
 :func:`build_run` turns a validated :class:`kdlab.core.config.Recipe` into a :class:`Run`: the
 objective (student + loss terms + teacher sources), the train / val / test loaders and the runtime.
+Every caller goes through it: recipe runs and studies, :func:`kdlab.fit` (a recipe made of its
+arguments, with the user's modules and data), post-pruning fine-tuning
+(:func:`kdlab.compress.finetune.finetune`: the pruned model and its loaders) and paradigms with
+objectives of their own (DML's peers, through ``make_objective``). The teacher plan
+(:func:`kdlab.distill.teachers.teacher_plan`) is computed here once and handed to
+:func:`kdlab.distill.teachers.build_teacher_source`, the one teacher constructor.
 :func:`train` builds a run and fits it with the :class:`kdlab.train.trainer.Trainer`.
 :func:`ensure_teachers` trains a recipe's missing (or unfinished) teachers first.
 
@@ -28,10 +34,9 @@ from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
 from kdlab.data.streaming import as_loader
 from kdlab.distill.losses import build_terms
-from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
-from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
+from kdlab.distill.teachers import TeacherPlan, TeacherStore, build_teacher_source, teacher_plan
 from kdlab.models.adapters import build_model
-from kdlab.train.objective import DistillObjective
+from kdlab.train.objective import DistillObjective, Objective
 from kdlab.train.runtime import Runtime
 
 
@@ -39,7 +44,7 @@ from kdlab.train.runtime import Runtime
 class Run:
     """Everything :class:`kdlab.train.trainer.Trainer` needs for one recipe."""
 
-    objective: Any
+    objective: Objective
     train_loader: Any
     val_loader: Any
     test_loader: Any
@@ -49,7 +54,7 @@ class Run:
 
     @property
     def info(self):
-        return self.splits.info
+        return self.splits.info if self.splits is not None else None
 
 
 def load_splits(recipe: Recipe, seed: Optional[int] = None):
@@ -144,7 +149,8 @@ def student_meta(recipe: Recipe, info) -> dict:
 
 
 def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
-    """Train (augmented, sharded under torchrun), val and test loaders of a recipe."""
+    """Train (augmented, sharded under torchrun), val and test loaders of a recipe (a split that
+    is None has no loader)."""
     d, cfg, info = recipe.data, recipe.train, splits.info
     aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
     kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
@@ -152,8 +158,20 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
                              augment=aug, **kw)
     if runtime.dist:
         train_loader = train_loader.shard(runtime.rank, runtime.world_size)
-    return (train_loader, as_loader(splits.val, cfg.eval_batch_size, shuffle=False, seed=0, **kw),
-            as_loader(splits.test, cfg.eval_batch_size, shuffle=False, seed=0, **kw))
+
+    def evaluation(split):
+        return None if split is None else as_loader(split, cfg.eval_batch_size, shuffle=False, seed=0, **kw)
+
+    return train_loader, evaluation(splits.val), evaluation(splits.test)
+
+
+def data_seed(recipe: Recipe, plan: TeacherPlan) -> int:
+    """The training loader's seed: ``derive_seed(seed, "data")``, shared by every method of a
+    seed (paired), or with ``teacher_mode: consistent`` one per loss (each method draws its own
+    augmentation; docs/speed.md)."""
+    if plan.fresh_augmentation:
+        return derive_seed(recipe.train.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
+    return derive_seed(recipe.train.seed, "data")
 
 
 def teacher_layers_of(recipes) -> list[str]:
@@ -164,22 +182,33 @@ def teacher_layers_of(recipes) -> list[str]:
     return list(dict.fromkeys(l for r in recipes for _, _, t in build_terms(r.loss) for l in t.teacher_layers()))
 
 
-def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = None,
+def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn.Module] = None,
               store: Optional[TeacherStore] = None, runtime: Optional[Runtime] = None,
-              student: Optional[nn.Module] = None, meta: Optional[dict] = None) -> Run:
+              student: Optional[nn.Module] = None, meta: Optional[dict] = None,
+              plan: Optional[TeacherPlan] = None, make_objective=None, probe: bool = True) -> Run:
     """The objective and loaders of ``recipe`` (see the module doc for the construction order).
 
-    ``splits``: data to use instead of the recipe's data set; ``teacher``: an already loaded
-    teacher (a study shares one); ``store``: a study's teacher cache; ``student``/``meta``: an
-    already built student (fine-tuning a pruned model) and its checkpoint metadata.
+    ``splits``: data to use instead of the recipe's data set; ``loaders``: ``(train, val, test)``
+    loaders already made (fine-tuning; no splits then); ``teacher``: an already loaded teacher (a
+    study shares one); ``store``: a study's teacher cache; ``student``/``meta``: an already built
+    student (a user's module, a pruned model) and its checkpoint metadata; ``plan``: the teacher
+    plan (default: ``teacher_plan(recipe.train.teacher_mode)``); ``make_objective(recipe, info,
+    runtime)``: an objective of the caller's instead of the loss terms' (DML's peers);
+    ``probe``: call the objective's ``setup`` with a first batch (off for fine-tuning an already
+    trained model, whose fake-quantization observers a forward pass would move).
     """
     cfg = recipe.train
     runtime = runtime or Runtime.from_cfg(cfg)
+    plan = plan or teacher_plan(cfg.teacher_mode)
     dev = runtime.device
-    own_splits = splits is None
-    splits = splits or load_splits(recipe)
-    info = splits.info
+    own_splits = splits is None and loaders is None
+    if own_splits:
+        splits = load_splits(recipe)
+    info = splits.info if splits is not None else None
     seed_everything(derive_seed(cfg.seed, "init"))  # the same seed gives the same weights
+    if make_objective is not None:
+        objective = make_objective(recipe, info, runtime)
+        return finish_run(recipe, objective, splits, loaders, runtime, plan, probe)
     if student is None:
         sc = recipe.student
         student = build_model(sc.model, info.num_classes, info.in_channels, sc.kwargs, sc.weights)
@@ -191,49 +220,55 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
     for _, _, t in terms:
         t.to(dev)
     needs_teacher = any(t.needs_teacher for _, _, t in terms)
-    plan = teacher_plan(cfg.teacher_mode)
     if needs_teacher:
         if teacher is None:
             teacher = load_teacher(recipe, info, dev)
         else:
-            check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
+            if info is not None:
+                check_fits({"num_classes": out_features(teacher, info, dev)}, info, "teacher")
             teacher = teacher.to(dev)
     if own_splits and recipe.data.transfer:  # extra transfer sets join the training set
         splits = with_extra_transfer(recipe, splits, teacher, dev)
-    data_seed = derive_seed(cfg.seed, "data")
-    if plan.fresh_augmentation:  # each method draws its own augmentation (docs/speed.md)
-        data_seed = derive_seed(cfg.seed, "data", json.dumps([t.model_dump() for t in recipe.loss]))
-    train_loader, val_loader, test_loader = make_loaders(recipe, splits, runtime, data_seed)
+    train_loader, val_loader, test_loader = loaders or make_loaders(recipe, splits, runtime, data_seed(recipe, plan))
     uniq = lambda xs: list(dict.fromkeys(xs))  # noqa: E731
     t_layers = uniq(l for _, _, t in terms for l in t.teacher_layers())
     m_layers = uniq(l for _, _, t in terms for l in t.mask_layers())
     data_key = recipe.data.model_dump()
-    source = None
-    partial = has_unlabelled(recipe, splits.train)
+    partial = splits is not None and has_unlabelled(recipe, splits.train)
     if partial and m_layers and getattr(recipe.mask, "reuse", "per-view") == "per-image":
         raise ValueError("mask.reuse: per-image does not take unlabelled samples yet; use mask.reuse: per-view "
                          "with data.unlabelled: transfer or data.transfer")
+    source_kw = dict(plan=plan, store=store, loader=train_loader, dataset=data_key, device=dev)
+    source = None
     if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
-        source = build_teacher_source_with_reuse(teacher, mode=cfg.teacher_mode, layers=t_layers, mask_layers=m_layers,
-                                      mask_cfg=recipe.mask, store=store, loader=train_loader,
-                                      dataset=data_key, checkpoint=recipe.teacher.checkpoint, device=dev)
+        checkpoint = recipe.teacher.checkpoint if recipe.teacher is not None else None
+        source = build_teacher_source(teacher, layers=t_layers, mask_layers=m_layers, mask_cfg=recipe.mask,
+                                      checkpoint=checkpoint, **source_kw)
     extra = {}
     for path in uniq(p for _, _, t in terms for p in t.extra_teacher_checkpoints()):
         if not Path(path).is_file():
             raise FileNotFoundError(f"extra teacher checkpoint {path} not found; train it first "
                                     f"(`kdlab train-teacher <recipe> --out {Path(path).parent}`)")
-        extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher"),
-                                           mode=cfg.teacher_mode, store=store, loader=train_loader,
-                                           dataset=data_key, checkpoint=path, device=dev)
+        extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher"), checkpoint=path,
+                                           **source_kw)
     from kdlab.data.views import make_view
 
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
-                                 meta=meta, n_data=len(splits.train), channels_last=cfg.channels_last,
-                                 compile=cfg.compile, partial_labels=partial,
+                                 meta=meta, n_data=getattr(train_loader, "dataset_size", 0),
+                                 channels_last=cfg.channels_last, compile=cfg.compile, partial_labels=partial,
                                  view=make_view(recipe.student.input),
-                                 train_labels=getattr(splits.train, "y", None))
-    objective.setup(next(iter(train_loader.epoch(0))))
-    runtime.broadcast(student, objective.term_modules)
+                                 train_labels=getattr(splits.train, "y", None) if splits is not None else None)
+    return finish_run(recipe, objective, splits, (train_loader, val_loader, test_loader), runtime, plan, probe)
+
+
+def finish_run(recipe: Recipe, objective: Objective, splits, loaders, runtime: Runtime, plan: TeacherPlan,
+               probe: bool) -> Run:
+    """The :class:`Run` of a built objective: its loaders (made when not given), the objective's
+    ``setup`` with a first training batch, and rank 0's initial weights on every process."""
+    train_loader, val_loader, test_loader = loaders or make_loaders(recipe, splits, runtime, data_seed(recipe, plan))
+    if probe:
+        objective.setup(next(iter(train_loader.epoch(0))))
+    runtime.broadcast(*objective.broadcast_modules())
     return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)
 
 
@@ -260,14 +295,18 @@ def with_extra_transfer(recipe: Recipe, splits, teacher: Optional[nn.Module], de
     return Splits(train=train, val=splits.val, test=splits.test, info=splits.info)
 
 
-def trainer_for(run: Run, run_dir, *, progress: bool = True, method: str = "", callbacks=()):
-    """The :class:`kdlab.train.trainer.Trainer` of a built run, writing into ``run_dir``."""
+def trainer_for(run: Run, run_dir, *, progress: bool = True, method: str = "", callbacks=(),
+                identity: Optional[dict] = None, info: Optional[dict] = None):
+    """The :class:`kdlab.train.trainer.Trainer` of a built run, writing into ``run_dir``.
+    ``identity`` (default: the recipe) is what makes two runs the same; ``info``: the extra keys
+    of ``result.json`` (default: recipe, model and data set names)."""
     from kdlab.train.trainer import Trainer
 
     r = run.recipe
-    info = {"recipe": r.name, "model": r.student.model, "dataset": run.info.name}
+    if info is None:
+        info = {"recipe": r.name, "model": r.student.model, "dataset": run.info.name}
     return Trainer(run.objective, run.train_loader, run.val_loader, run.test_loader, r.train, run_dir,
-                   runtime=run.runtime, callbacks=callbacks, identity=r.to_dict(),
+                   runtime=run.runtime, callbacks=callbacks, identity=r.to_dict() if identity is None else identity,
                    method=method or r.name, progress=progress, info=info)
 
 

@@ -50,16 +50,20 @@ class ReapplyMasks(Callback):
         self.apply(self.model, self.masks)
 
 
-def format_row(row: dict, epochs: int, unit: str = "img") -> str:
-    """One readable line for an epoch's metrics row; ``unit`` names what the throughput counts
-    (an objective's ``sample_unit``: ``img`` for images, ``tok`` for language-model tokens)."""
+SHORT_UNITS = {"images": "img", "tokens": "tok"}
+
+
+def format_row(row: dict, epochs: int, unit: str = "images") -> str:
+    """One readable line for an epoch's metrics row; ``unit`` is what the throughput
+    (``<unit>_per_s``) counts, the objective's ``sample_unit`` (shown as ``img/s``, ``tok/s``)."""
     parts = [f"epoch {int(row['epoch'])}/{epochs}"]
-    skip = {"epoch", "train_time_s", "images_per_s", "lr"}
+    speed = f"{unit}_per_s"
+    skip = {"epoch", "train_time_s", speed, "lr"}
     for k, v in row.items():
         if k not in skip and isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4g}")
     parts.append(f"lr {row.get('lr', float('nan')):.3g}")
-    parts.append(f"{row.get('images_per_s', float('nan')):.0f} {unit}/s")
+    parts.append(f"{row.get(speed, float('nan')):.0f} {SHORT_UNITS.get(unit, unit)}/s")
     parts.append(f"{row.get('train_time_s', float('nan')):.1f}s")
     return "  ".join(parts)
 
@@ -79,7 +83,7 @@ class LogFile(Callback):
                              f"{trainer.cfg.epochs} done; device {trainer.runtime.device}")
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        self._write(trainer, format_row(row, trainer.cfg.epochs, getattr(trainer.objective, "sample_unit", "img")))
+        self._write(trainer, format_row(row, trainer.cfg.epochs, trainer.unit))
 
     def on_fit_end(self, trainer, result: dict) -> None:
         keys = [k for k in result if k.startswith(("val_", "test_"))] + ["best_epoch", "epochs_run"]
@@ -93,7 +97,7 @@ class ConsoleLines(Callback):
         if trainer.runtime.is_main:
             import sys
 
-            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs, getattr(trainer.objective, "sample_unit", "img")),
+            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs, trainer.unit),
                   file=sys.stderr, flush=True)
 
 
@@ -120,7 +124,7 @@ class TensorBoard(Callback):
         step = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch" and isinstance(v, (int, float)):
-                group = "val" if "val_" in k else ("speed" if k in ("images_per_s", "train_time_s") else "train")
+                group = "val" if "val_" in k else ("speed" if k in (f"{trainer.unit}_per_s", "train_time_s") else "train")
                 self.writer.add_scalar(f"{group}/{k}", v, step)
         self.writer.flush()
 

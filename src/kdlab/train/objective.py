@@ -1,30 +1,46 @@
 """What the one training loop optimises: an :class:`Objective`.
 
-The :class:`kdlab.train.trainer.Trainer` knows nothing about students, teachers or recipes. It asks
-an objective for
+The :class:`kdlab.train.trainer.Trainer` knows nothing about students, teachers or recipes. It
+uses of an objective exactly what :class:`Objective` declares, and nothing else (every objective
+subclasses it; the defaults are those of a classifier trained on images):
 
 * ``models() -> dict[str, nn.Module]``: the models that are trained, evaluated, early-stopped and
   checkpointed (the first is the *primary* model: its validation score drives early stopping and
   its checkpoint is the run's ``best.pt``; any other model ``name`` gets ``<name>/best.pt``);
 * ``parameters() -> list[nn.Parameter]``: everything the optimiser updates (models plus any
-  trainable heads of loss terms);
+  trainable heads of loss terms; default: the models' parameters);
 * ``step(batch, ctx) -> (loss, logs)``: the scalar to minimise for one training batch, and a dict
   of detached scalar tensors to average over the epoch (``logs["n"]``, when present, is the weight of
-  this batch in those averages: samples or tokens; otherwise the batch's first dimension);
+  this step in those averages and in the throughput, in sample units; otherwise
+  :meth:`Objective.batch_weight` of the batch);
 * ``evaluate(name, loader) -> dict[str, float]``: validation / test metrics of model ``name``;
 * ``monitor: tuple[str, str]``: the metric of ``evaluate`` that selects the best epoch and its
   direction, ``("acc", "max")`` for classifiers, ``("bpb", "min")`` for language models;
 * ``checkpoint_meta(name) -> dict``: what a model file needs besides its weights to be rebuilt
   (``kdlab.core.checkpoint.model_checkpoint`` keys);
-* ``setup(batch)`` (optional): called once with a real batch before training (loss terms that build
-  heads from feature shapes).
+* ``sample_unit``: what the throughput counts (``images``, ``tokens``, ``boxes``): the result
+  files name it ``<sample_unit>_per_s``; ``batch_weight(batch)``: a batch's size in that unit;
+* ``window_normalised``: per-unit losses are normalised over a whole gradient-accumulation window
+  (the loop then puts ``token_denominator``, the window's total :meth:`batch_weight`, and
+  ``grad_accum`` into ``ctx.extra``);
+* ``teacher_time_s`` / ``mask_time_s``: cumulative seconds spent on the teacher's outputs and, of
+  those, on causal masks (0 for an objective without a teacher);
+* ``state_dict()`` / ``load_state_dict(state)``: trainable state besides the models' weights
+  (heads of loss terms), saved in ``last.pt`` for resuming;
+* ``setup(batch)``: called once by :func:`kdlab.train.build.build_run` with a real batch before
+  training (loss terms that build heads from feature shapes); ``broadcast_modules()``: the modules
+  whose initial weights rank 0 sends to every process.
+
+Distributed training is the :class:`kdlab.train.runtime.Runtime`'s alone: an objective that runs a
+model through ``runtime.wrap_ddp(model)`` lets DDP average that model's gradients; the runtime then
+scales each process's loss and all-reduces every other parameter itself.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +60,50 @@ class StepContext:
     extra: dict = field(default_factory=dict)
 
 
-@runtime_checkable
-class Objective(Protocol):
-    monitor: tuple[str, str]
+class Objective:
+    """The contract between the :class:`~kdlab.train.trainer.Trainer` and what it trains (see the
+    module doc). Subclasses implement :meth:`models`, :meth:`step` and :meth:`evaluate`; the rest
+    has working defaults."""
 
-    def models(self) -> dict[str, nn.Module]: ...
+    monitor: tuple[str, str] = ("acc", "max")
+    sample_unit: str = "images"
+    window_normalised: bool = False
+    teacher_time_s: float = 0.0
+    mask_time_s: float = 0.0
 
-    def parameters(self) -> list[nn.Parameter]: ...
+    def models(self) -> dict[str, nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__}.models()")
 
-    def step(self, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.models().values() for p in m.parameters()]
 
-    def evaluate(self, name: str, loader: Any) -> dict[str, float]: ...
+    def step(self, batch: Any, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__}.step()")
 
-    def checkpoint_meta(self, name: str) -> dict: ...
+    def evaluate(self, name: str, loader: Any) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__}.evaluate()")
+
+    def checkpoint_meta(self, name: str) -> dict:
+        return {}
+
+    def batch_weight(self, batch: Any) -> float:
+        """The size of a training batch in :attr:`sample_unit` (default: its first tensor's
+        first dimension, the number of images)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return float(first.shape[0]) if hasattr(first, "shape") else 1.0
+
+    def setup(self, batch: Any) -> None:
+        """Called once with a real training batch before training (default: nothing)."""
+
+    def broadcast_modules(self) -> list[nn.Module]:
+        """Modules whose initial weights every process takes from rank 0 (default: the models)."""
+        return list(self.models().values())
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (default: nothing to restore)."""
 
 
 def split_metrics(model: nn.Module, loader, runtime=None) -> dict[str, float]:
@@ -66,7 +113,7 @@ def split_metrics(model: nn.Module, loader, runtime=None) -> dict[str, float]:
     return evaluate(model, loader, amp=runtime.amp if runtime is not None else "none")
 
 
-class DistillObjective:
+class DistillObjective(Objective):
     """A student trained with weighted loss terms, reading one :class:`BatchRecord` per step.
 
     This is every method of the library (CE alone is a teacher; KD, feature, relation and masked
@@ -103,12 +150,10 @@ class DistillObjective:
         self.train_labels = train_labels  # labels of the training set by index (crd label positives)
         self.view = view
         self.channels_last = channels_last
-        self.forward_model = torch.compile(student) if compile else student
+        # under torchrun the runtime wraps the student in DistributedDataParallel (it syncs the
+        # student's gradients in backward; the runtime all-reduces the terms' heads itself)
+        self.forward_model = runtime.wrap_ddp(torch.compile(student) if compile else student)
         self.teacher_time_s = 0.0  # seconds spent in the teacher sources (outputs and masks)
-        self.ddp = False
-        if runtime.dist:  # DistributedDataParallel syncs the student's gradients in backward
-            self.forward_model = runtime.wrap_ddp(self.forward_model)
-            self.ddp = True
         self.s_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.student_layers()))
         needs = any(t.needs_teacher for _, _, t in self.terms)
         if needs and teacher is None:
@@ -128,12 +173,8 @@ class DistillObjective:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.student.parameters()) + list(self.term_modules.parameters())
 
-    def trained_modules(self) -> list[nn.Module]:
+    def broadcast_modules(self) -> list[nn.Module]:
         return [self.student, self.term_modules]
-
-    def manual_sync_parameters(self) -> list[nn.Parameter]:
-        """Parameters whose gradients the runtime all-reduces itself (DDP does the student's)."""
-        return list(self.term_modules.parameters()) if self.ddp else self.parameters()
 
     def checkpoint_meta(self, name: str) -> dict:
         return dict(self.meta)
@@ -232,7 +273,7 @@ def mutual_loss(logits: list[torch.Tensor], y: torch.Tensor, k: int, T: float = 
     return loss
 
 
-class PeerObjective:
+class PeerObjective(Objective):
     """Deep Mutual Learning (Zhang et al., CVPR 2018): K peers trained together, peer k with
     :func:`mutual_loss`. The step's loss is the sum over peers; since each peer's loss depends on
     the others only through detached outputs, one optimiser over all peers is the same as one
@@ -254,9 +295,6 @@ class PeerObjective:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for m in self.peers.values() for p in m.parameters()]
-
-    def trained_modules(self) -> list[nn.Module]:
-        return list(self.peers.values())
 
     def checkpoint_meta(self, name: str) -> dict:
         return dict(self.metas[name])

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from kdlab.core.device import resolve_device  # noqa: F401  (Runtime resolves its device; callers import it from here too)
+
 
 def is_initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
@@ -160,16 +162,13 @@ def sync_epoch(models, n_seen, sums: dict, device) -> tuple[float, dict]:
     return vec[0].item(), {k: vec[1 + i] for i, k in enumerate(keys)}
 
 
-def resolve_device(spec="auto") -> torch.device:
-    """``auto`` (or None) is ``cuda`` when a GPU is visible, else ``cpu``; ``cuda[:N]`` without one
-    is an error. The one device resolver of kdlab (recipes and commands alike)."""
-    if spec is None or str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    if str(spec).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
-    return torch.device(spec)
+def global_count(loader, step: int, local: float, world: int) -> float:
+    """Samples in global batch ``step`` of a sharded loader (every rank's share together); without
+    the loader's sizes, ``local · world``."""
+    n, g = getattr(loader, "dataset_size", None), getattr(loader, "global_batch_size", None)
+    if n is None or g is None:
+        return local * world
+    return float(min(g, n - step * g))
 
 
 class Runtime:
@@ -187,6 +186,7 @@ class Runtime:
         self.device = resolve_device(device)
         self.amp = amp
         self.scaler = torch.amp.GradScaler(enabled=amp == "fp16" and self.device.type == "cuda")
+        self.ddp_params: set[int] = set()  # ids of parameters whose gradients DDP averages in backward
 
     @classmethod
     def from_cfg(cls, cfg, dist="env") -> "Runtime":
@@ -225,26 +225,39 @@ class Runtime:
 
     def wrap_ddp(self, module: nn.Module) -> nn.Module:
         """``module`` in ``torch.nn.parallel.DistributedDataParallel`` (gloo on CPU, nccl on GPU).
-        BatchNorm buffers are not broadcast each step: :meth:`sync_epoch` averages them per epoch."""
+        BatchNorm buffers are not broadcast each step: :meth:`sync_epoch` averages them per epoch.
+        Without a process group the module is returned as it is."""
         if not self.dist:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else None
+        self.ddp_params.update(id(p) for p in module.parameters())
         return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+
+    def local_loss(self, loss: torch.Tensor, weight: float, loader, step: int) -> torch.Tensor:
+        """The loss this process back-propagates for global batch ``step`` of ``loader``, of which it
+        holds ``weight`` samples. DDP averages the ranks' gradients equally, so under DDP each rank's
+        mean loss is scaled by its share of the global batch (``weight · world / global``): the
+        result is the gradient of the mean over the global batch. Otherwise ``loss`` as it is (the
+        gradients are then averaged weighted by ``weight`` in :meth:`step`)."""
+        if not self.ddp_params:
+            return loss
+        return loss * (weight * self.world_size / global_count(loader, step, weight, self.world_size))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, opt, params, *, grad_clip: Optional[float] = None, weight: Optional[float] = None,
-             sync=None) -> None:
-        """All-reduce the gradients of ``sync`` (default ``params``; DDP-wrapped modules are synced
-        in backward already) weighted by this rank's ``weight``, clip the global norm of ``params``
-        to ``grad_clip`` (after the all-reduce), and step ``opt`` (through the grad scaler)."""
+    def step(self, opt, params, *, grad_clip: Optional[float] = None, weight: Optional[float] = None) -> None:
+        """All-reduce the gradients of ``params`` that DDP does not sync in backward, weighted by
+        this rank's batch ``weight`` (a plain average under DDP, whose losses :meth:`local_loss`
+        scaled already), clip the global norm of ``params`` to ``grad_clip`` (after the
+        all-reduce), and step ``opt`` (through the grad scaler)."""
         params = list(params)
         if self.dist:
-            all_reduce_params(list(params if sync is None else sync), weight=weight)
+            sync = [p for p in params if id(p) not in self.ddp_params]
+            all_reduce_params(sync, weight=None if self.ddp_params else weight)
         if grad_clip:
             self.scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(params, grad_clip)

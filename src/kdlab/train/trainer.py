@@ -13,25 +13,20 @@ A run is a pure function of (objective, data, seed): every epoch starts from
 ``torch.manual_seed(derive_seed(seed, "epoch", e))`` and the loaders are pure functions of
 (seed, epoch), so a resumed run finishes with exactly the weights of an uninterrupted one.
 
-Run folder: ``best.pt`` (primary model; other models ``<name>/best.pt``), ``last.pt`` (everything
-needed to resume, including a copy of every model's best checkpoint), ``metrics.csv`` (one row per
-epoch), ``run.json`` (identity, versions, threads), ``result.json`` (written last: its presence
-means the run finished), ``.kdlab.lock`` (see :mod:`kdlab.core.lock`).
-
-Reliability rules (issue 11):
+The run folder's files and their checks (identity, finished runs, thread counts) are
+:mod:`kdlab.train.run_folder`'s. Reliability rules (issue 11):
 
 * one process per run folder: :meth:`Trainer.fit` holds the folder's :class:`RunLock`, and a second
   process is refused at once;
 * a killed writer's temporary files (``*.pt.<random>.tmp``) are removed when the next run starts;
-* a run counts as finished only when ``result.json``, ``run.json``, ``metrics.csv`` and every
-  ``best.pt`` are present and readable and agree (same recipe, as many metric rows as epochs run).
-  A *missing* ``best.pt`` or ``metrics.csv`` is rebuilt from ``last.pt`` (with a note); a
-  *corrupt* file is refused with one line naming it and the fix, which works as written;
+* a finished run is verified file by file before it is reused (:class:`RunFolder`);
 * a non-finite training or validation loss stops the run (the last good epoch is kept);
-* ``run.json`` / ``result.json`` record ``threads``; resuming (or reusing) a run trained with
-  another thread count prints a warning, since the same seed then gives slightly different
-  numbers; ``train.deterministic: true`` fixes the thread count (``train.threads``, default 1)
-  and turns on ``torch.use_deterministic_algorithms``.
+* ``train.deterministic: true`` fixes the thread count (``train.threads``, default 1) and turns on
+  ``torch.use_deterministic_algorithms``.
+
+Throughput is counted in the objective's ``sample_unit``: the epoch rows and ``result.json`` name
+it ``<sample_unit>_per_s`` (``images_per_s`` for image models, ``tokens_per_s`` for language
+models), and ``result.json`` records ``sample_unit``.
 """
 
 from __future__ import annotations
@@ -46,42 +41,17 @@ from typing import Optional, Sequence
 import torch
 
 from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
-from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, read_csv, read_json, write_csv, write_json
+from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, write_csv, write_json
 from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
 from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, StopTraining, TensorBoard
-from kdlab.train.objective import StepContext
+from kdlab.train.objective import Objective, StepContext
+from kdlab.train.run_folder import RunFolder, git_commit, mixed_threads, note, run_record, thread_warning  # noqa: F401
 from kdlab.train.runtime import Runtime
 
 
 class TrainingError(RuntimeError):
     pass
-
-
-def note(msg: str) -> None:
-    """A one-line notice on stderr (``kdlab: note: ...``)."""
-    print(f"kdlab: {msg}", file=sys.stderr)
-
-
-def thread_warning(run_dir, recorded, current: Optional[int] = None) -> Optional[str]:
-    """The warning for a run trained with ``recorded`` threads now used with ``current``
-    (default: ``torch.get_num_threads()``), or None when they agree or nothing was recorded."""
-    current = torch.get_num_threads() if current is None else current
-    if recorded is None or int(recorded) == int(current):
-        return None
-    return (f"warning: {run_dir} was trained with {recorded} thread(s), this process uses {current}; "
-            f"the same seed gives slightly different numbers at another thread count "
-            f"(set train.deterministic: true to fix it)")
-
-
-def mixed_threads(results: Sequence[dict]) -> Optional[str]:
-    """A warning when the compared ``results`` (result.json dicts) were trained with different
-    thread counts, or None. For study and comparison tables."""
-    counts = sorted({int(r["threads"]) for r in results if r.get("threads") is not None})
-    if len(counts) <= 1:
-        return None
-    return (f"warning: the compared runs used different thread counts ({', '.join(map(str, counts))}); "
-            f"their numbers differ slightly for that reason alone (train.deterministic: true fixes it)")
 
 
 class Determinism:
@@ -123,7 +93,7 @@ class RunState:
     bad_epochs: int = 0
     history: list = field(default_factory=list)
     train_time_s: float = 0.0
-    images: float = 0.0
+    samples: float = 0.0  # training samples seen, in the objective's sample unit
     best: dict = field(default_factory=dict)  # model name -> [score, epoch]
     step: int = 0  # optimiser steps taken
     teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
@@ -163,28 +133,12 @@ def build_scheduler(opt, cfg):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(cfg, e))
 
 
-def _batch_weight(batch, logs: dict) -> float:
-    n = logs.pop("n", None)
-    if n is not None:
-        return float(n)
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return float(first.shape[0]) if hasattr(first, "shape") else 1.0
-
-
-def _is_number(v) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def accumulation_windows(batches, accum: int, objective):
     """``(step, batch, denominator)``: with gradient accumulation over ``accum`` batches and an
-    objective that weighs batches (``batch_weight(batch)``, e.g. target tokens), the denominator is
-    the total weight of the batch's accumulation window, so per-token losses are normalised over the
-    whole window (exactly one big batch); else None."""
-    weigh = getattr(objective, "batch_weight", None) if accum > 1 else None
+    objective whose losses are ``window_normalised`` (per target token), the denominator is the
+    total :meth:`~kdlab.train.objective.Objective.batch_weight` of the batch's accumulation window,
+    so per-token losses are normalised over the whole window (exactly one big batch); else None."""
+    weigh = objective.batch_weight if accum > 1 and objective.window_normalised else None
     if weigh is None:
         for step, batch in enumerate(batches):
             yield step, batch, None
@@ -205,14 +159,6 @@ def accumulation_windows(batches, accum: int, objective):
             step += 1
 
 
-def _global_count(loader, step: int, b: float, world: int) -> float:
-    """Samples in global batch ``step`` of a sharded loader (every rank's share together)."""
-    n, g = getattr(loader, "dataset_size", None), getattr(loader, "global_batch_size", None)
-    if n is None or g is None:
-        return b * world
-    return float(min(g, n - step * g))
-
-
 def _score(metrics: dict, monitor: tuple[str, str]) -> float:
     key, mode = monitor
     v = float(metrics[key])
@@ -223,7 +169,7 @@ class Trainer:
     """Train ``objective`` into ``run_dir`` (see the module doc).
 
     Args:
-        objective: a :class:`kdlab.train.objective.Objective`.
+        objective: a :class:`kdlab.train.objective.Objective` (the Trainer uses what it declares).
         train_loader, val_loader, test_loader: objects with ``epoch(e)`` and ``len()``; val/test may
             be None (no selection: the last epoch is kept; no test metrics).
         cfg: the recipe's ``train`` section.
@@ -240,6 +186,9 @@ class Trainer:
                  runtime: Optional[Runtime] = None, callbacks: Sequence[Callback] = (),
                  identity: Optional[dict] = None, method: str = "", progress: bool = True,
                  info: Optional[dict] = None):
+        if not isinstance(objective, Objective):
+            raise TypeError(f"the Trainer trains a kdlab.train.objective.Objective; make {type(objective).__name__} "
+                            f"subclass it (it declares what the loop may use)")
         self.objective = objective
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
         self.cfg = cfg
@@ -263,11 +212,18 @@ class Trainer:
         self.sched = build_scheduler(self.opt, cfg)
         self.state = RunState()
         self.should_stop = False
-        self.best_ck: dict = {}  # model name -> its best checkpoint dict (also kept in last.pt)
+        self.folder = RunFolder(self.run_dir, identity=identity, seed=self.seed, method=method,
+                                primary=self.primary, runtime=self.runtime)
+        self.unit = objective.sample_unit
+
+    @property
+    def best_ck(self) -> dict:
+        """Model name -> its best checkpoint dict (also kept in last.pt)."""
+        return self.folder.best_ck
 
     # -- checkpoints -------------------------------------------------------------------------------
     def best_path(self, name: str) -> Path:
-        return self.run_dir / "best.pt" if name == self.primary else self.run_dir / name / "best.pt"
+        return self.folder.best_path(name)
 
     def _extra(self) -> dict:
         return {"recipe": self.identity, "seed": self.seed, "method": self.method}
@@ -276,14 +232,14 @@ class Trainer:
         model = self.objective.models()[name]
         ck = model_checkpoint(model, **self.objective.checkpoint_meta(name), epoch=epoch, val=val,
                               **self._extra())
-        self.best_ck[name] = ck
+        self.folder.best_ck[name] = ck
         atomic_save(ck, self.best_path(name))
 
     def save_last(self) -> None:
         obj = self.objective
         atomic_save({
             "models": {n: m.state_dict() for n, m in obj.models().items()},
-            "objective": obj.state_dict() if hasattr(obj, "state_dict") else {},
+            "objective": obj.state_dict(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.runtime.scaler.state_dict(), "state": vars(self.state).copy(),
             "best": self.best_ck, "model": {}, **self._extra(),
@@ -294,20 +250,20 @@ class Trainer:
         if not path.exists():
             return False
         ck = load_checkpoint(path, fix="delete it and re-run to train the run again from epoch 1")
-        if ck.get("recipe") != self.identity:
-            raise ValueError(f"{self.run_dir} holds a run of a different recipe; "
-                             f"use another output folder or delete it to start over")
+        self.folder.check_identity(ck.get("recipe"), "a run")
         if "models" not in ck:
             raise ValueError(f"{path} was written by an older kdlab; delete it to start the run over")
         for n, m in self.objective.models().items():
             m.load_state_dict(ck["models"][n])
-        if hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(ck["objective"])
+        self.objective.load_state_dict(ck["objective"])
         self.opt.load_state_dict(ck["opt"])
         self.sched.load_state_dict(ck["sched"])
         self.runtime.scaler.load_state_dict(ck["scaler"])
-        self.state = RunState(**ck["state"])
-        self.best_ck = dict(ck.get("best") or {})
+        state = dict(ck["state"])
+        if "images" in state:  # written before RunState counted samples in the objective's unit
+            state["samples"] = state.pop("images")
+        self.state = RunState(**state)
+        self.folder.best_ck = dict(ck.get("best") or {})
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------
@@ -320,25 +276,19 @@ class Trainer:
         n_seen = 0.0
         accum = max(1, cfg.grad_accum)
         t0 = time.perf_counter()
-        teacher0 = getattr(obj, "teacher_time_s", 0.0)
-        mask0 = getattr(obj, "mask_time_s", 0.0)
+        teacher0, mask0 = obj.teacher_time_s, obj.mask_time_s
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
         for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
             ctx = StepContext(epoch=epoch, step=step, runtime=rt,
                               extra={} if denom is None else {"token_denominator": denom, "grad_accum": accum})
             loss, logs = obj.step(batch, ctx)
-            b = _batch_weight(batch, logs)
-            weight = b
-            if getattr(obj, "ddp", False):
-                # DDP averages the ranks' gradients equally; scaling each rank's mean loss by its share
-                # of the global batch makes that the gradient of the mean over the global batch
-                loss = loss * (b * rt.world_size / _global_count(self.train_loader, step, b, rt.world_size))
-                weight = None  # the manually synced parameters saw the same scaling: plain average
+            n = logs.pop("n", None)  # the step's weight in sample units (default: the batch's)
+            b = float(n) if n is not None else obj.batch_weight(batch)
+            loss = rt.local_loss(loss, b, self.train_loader, step)
             rt.backward(loss / accum if accum > 1 else loss)
             if (step + 1) % accum == 0 or step + 1 == steps:
-                sync = obj.manual_sync_parameters() if hasattr(obj, "manual_sync_parameters") else None
-                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=weight, sync=sync)
+                rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
                 self.opt.zero_grad(set_to_none=True)
                 self.state.step += 1
             n_seen += b
@@ -355,11 +305,11 @@ class Trainer:
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
                 f"the term weights and re-run (the last good epoch's checkpoint is kept)")
         row["train_time_s"] = dt
-        row["teacher_time_s"] = getattr(obj, "teacher_time_s", 0.0) - teacher0
-        row["images_per_s"] = n_seen / dt if dt > 0 else float("nan")
-        self.state.images += n_seen
+        row["teacher_time_s"] = obj.teacher_time_s - teacher0
+        row[f"{self.unit}_per_s"] = n_seen / dt if dt > 0 else float("nan")
+        self.state.samples += n_seen
         self.state.teacher_time_s += row["teacher_time_s"]
-        self.state.mask_time_s += getattr(obj, "mask_time_s", 0.0) - mask0  # result.json only
+        self.state.mask_time_s += obj.mask_time_s - mask0  # result.json only
         return row
 
     def validate(self) -> dict[str, dict]:
@@ -386,81 +336,9 @@ class Trainer:
                 lock.release()
 
     # -- a finished run ----------------------------------------------------------------------------
-    def _rebuild(self, name: str, what: str) -> bool:
-        """Write model ``name``'s ``best.pt`` from the copy in ``last.pt`` (False when none)."""
-        if name not in self.best_ck:
-            last = self.run_dir / "last.pt"
-            if not last.is_file():
-                return False
-            ck = load_checkpoint(last, fix="delete the run folder and re-run to train it again")
-            self.best_ck = dict(ck.get("best") or {})
-            if name not in self.best_ck:
-                return False
-        if self.runtime.is_main:
-            atomic_save(self.best_ck[name], self.best_path(name))
-            note(f"note: {self.best_path(name)} was {what}; rebuilt it from last.pt")
-        return True
-
     def finished_result(self) -> dict:
-        """The result of the finished run in ``run_dir``, after checking that every file of it is
-        present, readable and consistent; one line naming the file and the fix otherwise."""
-        d = self.run_dir
-        again = f"delete the folder {d} and re-run to train it again (same seed, same numbers)"
-        result = read_json(d / "result.json", "run result")
-        if not isinstance(result, dict):
-            raise RunFileError(f"run result {d / 'result.json'} is not a result; delete it and re-run "
-                               f"(it is recomputed from last.pt)")
-        ran = d / "run.json"
-        recorded = None
-        if ran.exists():
-            rec = read_json(ran, "run record")
-            if not isinstance(rec, dict):
-                raise RunFileError(f"run record {ran} is corrupt; delete it and re-run")
-            if rec.get("recipe") != self.identity:
-                raise ValueError(f"{d} holds a finished run of a different recipe; "
-                                 f"use another output folder or delete it to re-run")
-            recorded = rec.get("threads")
-        for n in self.names:
-            path = self.best_path(n)
-            if not path.exists() and not self._rebuild(n, "missing"):
-                raise RunFileError(f"{path} of the finished run is missing and {d / 'last.pt'} holds no "
-                                   f"copy of it; {again}")
-            ck = load_checkpoint(path, fix=("delete it and re-run (it is rebuilt from last.pt)"
-                                            if (d / "last.pt").is_file() else again))
-            if ck.get("recipe", self.identity) != self.identity:
-                raise ValueError(f"{path} belongs to a run of a different recipe; use another output "
-                                 f"folder or delete it to re-run")
-        self._check_metrics(int(result.get("epochs_run", -1)), again)
-        if not ran.exists() and self.runtime.is_main:  # the run is otherwise complete
-            write_json(ran, {**run_record(self.identity, self.seed, self.method, self.runtime),
-                             "threads": result.get("threads"), "rebuilt": True})
-        warn = thread_warning(d, recorded if recorded is not None else result.get("threads"))
-        if warn and self.runtime.is_main:
-            note(warn)
-        return result
-
-    def _check_metrics(self, epochs_run: int, again: str) -> None:
-        """``metrics.csv`` has one row per epoch run (rebuilt from last.pt when missing)."""
-        path = self.run_dir / "metrics.csv"
-        if not path.exists():
-            last = self.run_dir / "last.pt"
-            if last.is_file():
-                ck = load_checkpoint(last, fix="delete it and re-run (the result is kept)")
-                hist = (ck.get("state") or {}).get("history")
-                if hist and len(hist) == epochs_run:
-                    if self.runtime.is_main:
-                        write_csv(path, hist)
-                        note(f"note: {path} was missing; rebuilt it from last.pt")
-                    return
-            raise RunFileError(f"{path} of the finished run is missing; {again}")
-        rows = read_csv(path)
-        ok = len(rows) == epochs_run and all(
-            r.get("epoch") == str(i + 1) and "train_time_s" in r and None not in r
-            and all(_is_number(v) for v in r.values()) for i, r in enumerate(rows))
-        if not ok:
-            fix = ("delete it and re-run (it is rebuilt from last.pt)" if (self.run_dir / "last.pt").is_file()
-                   else again)
-            raise RunFileError(f"metrics file {path} is corrupt (expected {epochs_run} epoch rows); {fix}")
+        """The result of the finished run in ``run_dir``, verified file by file (:class:`RunFolder`)."""
+        return self.folder.finished_result(self.names)
 
     def _fit(self, resume: bool, stop_after: Optional[int]) -> dict:
         rt, cfg, st = self.runtime, self.cfg, None
@@ -469,19 +347,14 @@ class Trainer:
             return self.finished_result()
         recorded = None
         if resume:
-            if self.try_resume() and (self.run_dir / "run.json").exists():
-                try:
-                    recorded = read_json(self.run_dir / "run.json", "run record").get("threads")
-                except (RunFileError, AttributeError):
-                    recorded = None  # rewritten below
+            if self.try_resume():
+                recorded = self.folder.recorded_threads()
         elif rt.is_main:  # start over: the old result and resume state no longer apply
             for f in ("result.json", "last.pt"):
                 (self.run_dir / f).unlink(missing_ok=True)
-        warn = thread_warning(self.run_dir, recorded)
-        if warn and rt.is_main:
-            note(warn)
+        self.folder.warn_threads(recorded)
         if rt.is_main:
-            write_json(self.run_dir / "run.json", run_record(self.identity, self.seed, self.method, rt))
+            self.folder.write_record()
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state
@@ -559,7 +432,7 @@ class Trainer:
         per_model = {}
         for n, model in obj.models().items():
             path = self.best_path(n)
-            if not path.exists() and not self._rebuild(n, "missing"):
+            if not path.exists() and not self.folder.rebuild(n, "missing"):
                 raise RunFileError(f"{path} is missing and last.pt holds no copy of it; delete the folder "
                                    f"{self.run_dir} and re-run to train it again")
             fix = ("delete it and re-run (it is rebuilt from last.pt)" if n in self.best_ck else
@@ -576,16 +449,16 @@ class Trainer:
         main = per_model[self.primary]
         result = {"method": self.method, "seed": self.seed, **main,
                   "epochs_run": st.epoch, "stopped_early": stopped_early,
-                  "train_time_s": st.train_time_s,
-                  "images_per_s": st.images / st.train_time_s if st.train_time_s else float("nan"),
+                  "train_time_s": st.train_time_s, "sample_unit": self.unit,
+                  f"{self.unit}_per_s": st.samples / st.train_time_s if st.train_time_s else float("nan"),
                   # the teacher's share (outputs and causal masks computed live or into a study's
                   # cache, whichever run fills it) and the student's own cost without it
                   "teacher_time_s": st.teacher_time_s,
                   "mask_time_s": st.mask_time_s,  # of teacher_time_s: the causal masks
                   "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
                   "student_time_s": st.train_time_s - st.teacher_time_s,
-                  "student_images_per_s": (st.images / (st.train_time_s - st.teacher_time_s)
-                                           if st.train_time_s > st.teacher_time_s else float("nan")),
+                  f"student_{self.unit}_per_s": (st.samples / (st.train_time_s - st.teacher_time_s)
+                                                 if st.train_time_s > st.teacher_time_s else float("nan")),
                   "threads": torch.get_num_threads(),
                   "deterministic": torch.are_deterministic_algorithms_enabled(), **self.info}
         if len(per_model) > 1:
@@ -593,36 +466,3 @@ class Trainer:
         if rt.is_main:
             write_json(self.run_dir / "result.json", result)
         return result
-
-
-def git_commit() -> Optional[str]:
-    """The git commit of kdlab's source tree, when it is a checkout (else None)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def run_record(identity, seed, method, runtime) -> dict:
-    """``run.json``: what ran, with what, where (versions, threads, git commit, teacher hash)."""
-    import platform
-
-    import numpy
-
-    from kdlab.version import __version__
-    from kdlab.core.checkpoint import file_hash
-
-    teacher_hash = None
-    t = identity.get("teacher") if isinstance(identity, dict) else None
-    ck = t.get("checkpoint") if isinstance(t, dict) else None
-    if ck and Path(ck).is_file():
-        teacher_hash = file_hash(ck)
-    return {"recipe": identity, "seed": seed, "method": method, "command": " ".join(sys.argv),
-            "kdlab": __version__, "git_commit": git_commit(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": numpy.__version__, "device": str(runtime.device),
-            "threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "world_size": runtime.world_size, "teacher_checkpoint_sha256": teacher_hash}

@@ -45,7 +45,7 @@ def run_deepinv(recipe: Recipe, params: DeepInvParams, out_dir, *, progress: boo
     from kdlab.data.splits import Splits, TensorSet
     from kdlab.experiments.paradigms.common import derive
     from kdlab.train.build import load_splits, load_teacher, train
-    from kdlab.train.runtime import resolve_device
+    from kdlab.core.device import resolve_device
 
     p = params
     out_dir = Path(out_dir)

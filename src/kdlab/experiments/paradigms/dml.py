@@ -43,40 +43,40 @@ def peer_sections(recipe: Recipe, params: DmlParams) -> list[dict]:
     return out
 
 
-@register_paradigm("dml", "Deep Mutual Learning: K peers trained jointly, each with CE + mean KL to the other peers",
-                   "Zhang, Xiang, Hospedales & Lu, Deep Mutual Learning, CVPR 2018", params=DmlParams)
-def run_dml(recipe: Recipe, params: DmlParams, out_dir, *, progress: bool = False, log=print) -> dict:
-    """Train the peers jointly into ``out_dir`` (one run folder)."""
+def peer_objective(recipe: Recipe, peers: list[dict], params: DmlParams, info, runtime):
+    """The :class:`kdlab.train.objective.PeerObjective` of ``peers`` (peer k initialised from
+    ``derive_seed(seed, "init", "peer", k)``)."""
     from kdlab.core.seeding import derive_seed, seed_everything
     from kdlab.models import create_model
-    from kdlab.train.build import load_splits, make_loaders
     from kdlab.train.objective import PeerObjective
-    from kdlab.train.runtime import Runtime
-    from kdlab.train.trainer import Trainer
 
-    out_dir = Path(out_dir)
-    peers = peer_sections(recipe, params)
-    cfg = recipe.train
-    runtime = Runtime.from_cfg(cfg)
-    splits = load_splits(recipe)
-    info = splits.info
     models, metas = {}, {}
     for k, sec in enumerate(peers):
-        seed_everything(derive_seed(cfg.seed, "init", "peer", k))
+        seed_everything(derive_seed(recipe.train.seed, "init", "peer", k))
         name = f"peer{k}"
         models[name] = create_model(sec["model"], num_classes=info.num_classes, in_channels=info.in_channels,
                                     **sec["kwargs"]).to(runtime.device)
         metas[name] = {"model_name": sec["model"], "model_kwargs": sec["kwargs"],
                        "num_classes": info.num_classes, "in_channels": info.in_channels, "dataset": info.name}
-    runtime.broadcast(*models.values())
-    objective = PeerObjective(models, metas, runtime=runtime, T=params.T)
-    loaders = make_loaders(recipe, splits, runtime, derive_seed(cfg.seed, "data"))
+    return PeerObjective(models, metas, runtime=runtime, T=params.T)
+
+
+@register_paradigm("dml", "Deep Mutual Learning: K peers trained jointly, each with CE + mean KL to the other peers",
+                   "Zhang, Xiang, Hospedales & Lu, Deep Mutual Learning, CVPR 2018", params=DmlParams)
+def run_dml(recipe: Recipe, params: DmlParams, out_dir, *, progress: bool = False, log=print) -> dict:
+    """Train the peers jointly into ``out_dir`` (one run folder, built by
+    :func:`kdlab.train.build.build_run` with the peers' objective)."""
+    from kdlab.train.build import build_run, trainer_for
+
+    out_dir = Path(out_dir)
+    peers = peer_sections(recipe, params)
+    run = build_run(recipe, make_objective=lambda r, info, runtime: peer_objective(r, peers, params, info, runtime))
+    info = run.info
     ident = {"recipe": recipe.to_dict(), "paradigm": params.model_dump()}
-    trainer = Trainer(objective, *loaders, cfg, out_dir / "peers", runtime=runtime, identity=ident, method="dml",
-                      progress=progress, info={"recipe": recipe.name, "model": peers[0]["model"],
-                                               "dataset": info.name})
+    trainer = trainer_for(run, out_dir / "peers", progress=progress, method="dml", identity=ident,
+                          info={"recipe": recipe.name, "model": peers[0]["model"], "dataset": info.name})
     res = trainer.fit()
-    for k, name in enumerate(models):
+    for k, name in enumerate(run.objective.models()):
         r = res.get("models", {}).get(name, res)
         log(f"DML peer {k} ({peers[k]['model']}): test {r['test_acc']:.4f} (best epoch {r['best_epoch']})")
     summary = {"paradigm": "dml", "peers": peers, "student": res, "train_time_s": res["train_time_s"]}
