@@ -363,7 +363,7 @@ def test_cli_deploy_end_to_end(ckpts, tmp_path, capsys):
     assert p50["flops"] < p25["flops"] < s["flops"]
     assert s["params"] == 6274
     for r in rows:
-        assert 0 <= r["acc"] <= 100 and r["size_mb"] > 0 and r["lat_b1_ms"] > 0
+        assert 0 <= r["acc"] <= 100 and r["file_mb"] > 0 and r["latency_b1_ms"] > 0
     assert (out / "deploy.csv").exists() and (out / "deploy.md").exists()
     assert "| teacher (cnn_small)" in capsys.readouterr().out
     back, ck = load_compressed(out / "models" / "student_pruned50.pt")

@@ -113,8 +113,11 @@ def test_profile_model_keys():
     assert p["macs"] == 16 * 2 * 9 + 96
     assert p["memory_mb"]["int8"] == pytest.approx(p["params_total"] / 1e6)
     assert [r["batch_size"] for r in p["latency"]] == [1, 2]
-    row = eff.flatten_profile(p)
+    row = eff.profile_row(p)
     assert {"latency_b1_ms", "latency_b2_ms", "images_per_s_b2", "threads"} <= set(row)
+    # one row builder, one set of names: params 117, MACs 384 (= 0.000384 M), FLOPs twice that
+    assert row["params"] == 18 + 32 * 3 + 3 and row["mmacs"] == pytest.approx(384 / 1e6)
+    assert row["mflops"] == pytest.approx(2 * 384 / 1e6)
 
 
 # ------------------------------------------------------------------ known totals

@@ -113,27 +113,16 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     row: dict = {"model": name, "input": "x".join(map(str, shape))}
     meta: dict = {"target": target, "input_shape": list(shape)}
     if isinstance(model, OnnxModel):
-        row["file_mb"] = eff.file_size_mb(file)
         lats = [] if not latency else [
             eff.measure_latency(model, (1,) + shape, batch_size=b, warmup=warmup,
                                 repeats=repeats, device="cpu") for b in bs]
-        prof = {"latency": lats, "file_mb": row["file_mb"]}
+        prof = {"latency": lats, "file_mb": eff.file_size_mb(file)}
         row["runtime"] = "onnxruntime cpu"
     else:
         prof = eff.profile_model(model, shape, batch_sizes=bs, warmup=warmup, repeats=repeats,
                                  device=str(dev), latency=latency, per_layer=per_layer, path=file)
-        row.update(params=prof["params_total"], trainable=prof["params_trainable"],
-                   mflops=prof["flops"] / 1e6, mmacs=prof["macs"] / 1e6,
-                   **{f"mem_{k}_mb": v for k, v in prof["memory_mb"].items()})
-        if "file_mb" in prof:
-            row["file_mb"] = prof["file_mb"]
         row["runtime"] = f"torch {dev.type}"
-    for lat in prof.get("latency", []):
-        b = lat["batch_size"]
-        row[f"lat_b{b}_ms"] = lat["median_ms"]
-        row[f"lat_b{b}_p90_ms"] = lat["p90_ms"]
-        row[f"img_s_b{b}"] = lat["images_per_s"]
-        row["threads"] = lat["threads"]
+    row.update(eff.profile_row(prof))
     meta["profile"] = prof
     write_report(out, "profile", [row], meta=meta)
     # vertical table: one metric per line reads best for a single model
@@ -224,12 +213,12 @@ def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstruc
         notes.append("unstructured zeros are stored densely: file size, FLOPs and latency do not "
                      "drop; use --method structured for a smaller, faster network")
     md = write_report(out, "prune", rows,
-                      ["model", "acc", "params", "weight_sparsity", "size_mb", "mflops",
-                       "lat_b1_ms", "lat_b1_p90_ms", f"img_s_b{latency_batch}"],
+                      ["model", "acc", "params", "weight_sparsity", "file_mb", "mflops",
+                       "latency_b1_ms", "latency_b1_p90_ms", f"images_per_s_b{latency_batch}"],
                       {"acc": "test acc %", "weight_sparsity": "zero weights %",
-                       "size_mb": "size MB", "mflops": "MFLOPs", "lat_b1_ms": "latency b1 ms",
-                       "lat_b1_p90_ms": "p90 b1 ms",
-                       f"img_s_b{latency_batch}": f"img/s b{latency_batch}"},
+                       "file_mb": "size MB", "mflops": "MFLOPs", "latency_b1_ms": "latency b1 ms",
+                       "latency_b1_p90_ms": "p90 b1 ms",
+                       f"images_per_s_b{latency_batch}": f"img/s b{latency_batch}"},
                       meta={"checkpoint": checkpoint,
                             "pruned": {k: v for k, v in info_p.items() if k != "arch"}},
                       notes=notes)
@@ -308,16 +297,16 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
                 measure(OnnxModel(int8), name="int8 (ONNX static)", file=int8, flops_model=mcpu,
                         runtime="onnxruntime cpu", **common)]
         f, q = rows
-        notes += [f"int8 file {f['size_mb'] / q['size_mb']:.2f}x smaller; latency b1 "
-                  f"x{q['lat_b1_ms'] / f['lat_b1_ms']:.2f} of fp32 ONNX",
+        notes += [f"int8 file {f['file_mb'] / q['file_mb']:.2f}x smaller; latency b1 "
+                  f"x{q['latency_b1_ms'] / f['latency_b1_ms']:.2f} of fp32 ONNX",
                   f"export check: max |onnx - torch| = {chk['max_abs_diff']:.2e}",
                   f"int8 model: {int8}"]
         md = write_report(out, "quantize", rows,
-                          ["model", "runtime", "acc", "params", "size_mb", "mflops", "lat_b1_ms",
-                           "lat_b1_p90_ms", f"img_s_b{latency_batch}"],
-                          {"acc": "test acc %", "size_mb": "size MB", "mflops": "MFLOPs",
-                           "lat_b1_ms": "latency b1 ms", "lat_b1_p90_ms": "p90 b1 ms",
-                           f"img_s_b{latency_batch}": f"img/s b{latency_batch}"},
+                          ["model", "runtime", "acc", "params", "file_mb", "mflops", "latency_b1_ms",
+                           "latency_b1_p90_ms", f"images_per_s_b{latency_batch}"],
+                          {"acc": "test acc %", "file_mb": "size MB", "mflops": "MFLOPs",
+                           "latency_b1_ms": "latency b1 ms", "latency_b1_p90_ms": "p90 b1 ms",
+                           f"images_per_s_b{latency_batch}": f"img/s b{latency_batch}"},
                           meta={"checkpoint": checkpoint, "onnx_check": chk}, notes=notes)
         return {"markdown": md, "out_dir": out, "rows": rows, "model": int8}
     # qat

@@ -115,7 +115,8 @@ def measure(model, *, name: str, input_shape, test_loader=None, file: str | os.P
             flops_model: nn.Module | None = None, runtime: str = "torch", device="cpu",
             batch_sizes: Sequence[int] = (1, 32), warmup: int = 10, repeats: int = 50,
             acc: float | None = None) -> dict:
-    """One table row: accuracy, parameters, size on disk, FLOPs, latency per batch size.
+    """One table row: accuracy, then :func:`kdlab.evaluate.efficiency.profile_row`'s columns
+    (parameters, FLOPs, size on disk ``file_mb``, latency per batch size).
 
     ``model`` is an ``nn.Module`` or a callable (ONNX Runtime); ``flops_model`` is the module
     whose parameters and FLOPs the row reports (defaults to ``model``).
@@ -128,22 +129,16 @@ def measure(model, *, name: str, input_shape, test_loader=None, file: str | os.P
         acc = evaluate_accuracy(model, test_loader,
                                 device=device if isinstance(model, nn.Module) else "cpu")
     row["acc"] = None if acc is None else 100.0 * acc
+    prof: dict = {}
     if isinstance(fm, nn.Module):
-        row["params"] = eff.count_params(fm)["total"]
-        fl = eff.count_flops(fm, (1,) + tuple(input_shape))
-        row["flops"] = fl["flops"]
-        row["mflops"] = fl["flops"] / 1e6
+        prof["params_total"] = eff.count_params(fm)["total"]
+        prof["flops"] = eff.count_flops(fm, (1,) + tuple(input_shape))["flops"]
     if file is not None:
-        row["size_mb"] = eff.file_size_mb(file)
+        prof["file_mb"] = eff.file_size_mb(file)
     dev = device if isinstance(model, nn.Module) else "cpu"
-    for b in batch_sizes:
-        lat = eff.measure_latency(model, (1,) + tuple(input_shape), batch_size=b, warmup=warmup,
-                                  repeats=repeats, device=dev)
-        row[f"lat_b{b}_ms"] = lat["median_ms"]
-        row[f"lat_b{b}_p90_ms"] = lat["p90_ms"]
-        row[f"img_s_b{b}"] = lat["images_per_s"]
-        row["threads"] = lat["threads"]
-        row["device"] = lat["device"]
+    prof["latency"] = [eff.measure_latency(model, (1,) + tuple(input_shape), batch_size=b, warmup=warmup,
+                                           repeats=repeats, device=dev) for b in batch_sizes]
+    row.update(eff.profile_row(prof))
     return row
 
 
@@ -267,24 +262,24 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
     for r in rows[2:2 + len(sparsities)]:
         notes.append(
             f"{r['model']}: FLOPs x{r['flops'] / s_row['flops']:.2f}, params "
-            f"x{r['params'] / s_row['params']:.2f}, latency b1 x{r['lat_b1_ms'] / s_row['lat_b1_ms']:.2f}, "
-            f"b{latency_batch} x{r[f'lat_b{latency_batch}_ms'] / s_row[f'lat_b{latency_batch}_ms']:.2f} "
+            f"x{r['params'] / s_row['params']:.2f}, latency b1 x{r['latency_b1_ms'] / s_row['latency_b1_ms']:.2f}, "
+            f"b{latency_batch} x{r[f'latency_b{latency_batch}_ms'] / s_row[f'latency_b{latency_batch}_ms']:.2f} "
             f"of the student")
-    notes.append(f"int8 vs fp32 ONNX: size {f_row['size_mb'] / q_row['size_mb']:.2f}x smaller, "
-                 f"latency b1 x{q_row['lat_b1_ms'] / f_row['lat_b1_ms']:.2f}, "
-                 f"b{latency_batch} x{q_row[f'lat_b{latency_batch}_ms'] / f_row[f'lat_b{latency_batch}_ms']:.2f}; "
+    notes.append(f"int8 vs fp32 ONNX: size {f_row['file_mb'] / q_row['file_mb']:.2f}x smaller, "
+                 f"latency b1 x{q_row['latency_b1_ms'] / f_row['latency_b1_ms']:.2f}, "
+                 f"b{latency_batch} x{q_row[f'latency_b{latency_batch}_ms'] / f_row[f'latency_b{latency_batch}_ms']:.2f}; "
                  f"accuracy {q_row['acc'] - f_row['acc']:+.2f} points")
     notes.append("batch-1 latency of very small models is mostly per-call framework overhead, "
                  "so FLOP savings show first in the larger-batch throughput")
     n_par = s_row["params"]
     notes.append(f"parameter bytes: fp32 {4 * n_par / 1e6:.3g} MB -> int8 {n_par / 1e6:.3g} MB (4x); "
-                 f"the int8 file adds {max(q_row['size_mb'] - n_par / 1e6, 0) * 1e3:.1f} KB of graph, "
+                 f"the int8 file adds {max(q_row['file_mb'] - n_par / 1e6, 0) * 1e3:.1f} KB of graph, "
                  f"scales and zero points, a fixed cost that dominates for very small models")
-    columns = ["model", "runtime", "acc", "params", "size_mb", "mflops", "lat_b1_ms",
-               "lat_b1_p90_ms", f"img_s_b{latency_batch}"]
-    headers = {"acc": "test acc %", "size_mb": "size MB", "mflops": "MFLOPs",
-               "lat_b1_ms": "latency b1 ms", "lat_b1_p90_ms": "p90 b1 ms",
-               f"img_s_b{latency_batch}": f"img/s b{latency_batch}"}
+    columns = ["model", "runtime", "acc", "params", "file_mb", "mflops", "latency_b1_ms",
+               "latency_b1_p90_ms", f"images_per_s_b{latency_batch}"]
+    headers = {"acc": "test acc %", "file_mb": "size MB", "mflops": "MFLOPs",
+               "latency_b1_ms": "latency b1 ms", "latency_b1_p90_ms": "p90 b1 ms",
+               f"images_per_s_b{latency_batch}": f"img/s b{latency_batch}"}
     meta.update(settings=dict(sparsities=list(sparsities), prune_method=prune_method,
                               importance=importance, scope=scope, steps=steps,
                               finetune_epochs=finetune_epochs, lr=lr, distill=distill,

@@ -340,12 +340,12 @@ def resolve_refs(raw: dict, relative_to: Path | None, where: str) -> dict:
     return raw
 
 
-def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
-    """A recipe file as a raw dict, with its ``extends`` chain merged in."""
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: 'extends' forms a cycle")
+def read_yaml_mapping(path: Path, shape: str = "a recipe must be a mapping of sections (name, student, ...)") -> dict:
+    """A YAML file that must hold a mapping (an empty file is ``{}``), with one-line errors naming
+    the file: invalid YAML, not UTF-8 text, unreadable, or not a mapping (``shape`` says what it
+    should be). The one YAML reader of kdlab's recipe files (training, paradigm and LM recipes)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
@@ -353,17 +353,31 @@ def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read ({e.strerror}); give a readable YAML recipe") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections (name, student, ...)")
-    resolve_refs(raw, path.parent, str(path))
-    base_ref = raw.pop("extends", None)
-    if base_ref is not None:
-        try:
-            base_path = resolve_recipe_path(base_ref, path.parent)
-        except (FileNotFoundError, RecipeError) as e:
-            raise RecipeError(f"{path}: extends: {e}") from None
-        # dicts are merged key by key; a list (such as `loss`) replaces the base's whole list
-        raw = deep_merge(read_recipe_yaml(base_path, seen + (path.resolve(),)), raw)
+        raise RecipeError(f"{path}: {shape}")
     return raw
+
+
+def merge_base(raw: dict, relative_to: Path, where: str, seen: tuple = ()) -> dict:
+    """``raw`` with its ``extends`` (a recipe path relative to ``relative_to``, or a shipped name)
+    removed and deep-merged over the base it names (read by :func:`read_recipe_yaml`; dicts merge
+    key by key, a list such as ``loss`` replaces the base's whole list)."""
+    base_ref = raw.pop("extends", None)
+    if base_ref is None:
+        return raw
+    try:
+        base_path = resolve_recipe_path(base_ref, relative_to)
+    except (FileNotFoundError, RecipeError) as e:
+        raise RecipeError(f"{where}: extends: {e}") from None
+    return deep_merge(read_recipe_yaml(base_path, seen), raw)
+
+
+def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A recipe file as a raw dict, with its ``extends`` chain merged in."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle")
+    raw = read_yaml_mapping(path)
+    resolve_refs(raw, path.parent, str(path))
+    return merge_base(raw, path.parent, str(path), seen + (path.resolve(),))
 
 
 def param_type_error(default, value) -> str:

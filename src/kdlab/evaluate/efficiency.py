@@ -258,10 +258,24 @@ def profile_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32),
     return out
 
 
-def flatten_profile(prof: dict) -> dict:
-    """One flat row (for CSV / Markdown tables) from a :func:`profile_model` result."""
-    row = {k: prof[k] for k in ("params_total", "params_trainable", "flops", "macs", "size_mb")
-           if k in prof}
+def profile_row(prof: dict) -> dict:
+    """One flat table row (CSV / Markdown) of a profile: the one row builder of kdlab's size and
+    speed tables, whatever part of :func:`profile_model`'s result ``prof`` holds.
+
+    Columns: ``params`` (``params_total``), ``trainable``, ``flops`` and ``mflops``, ``macs`` and
+    ``mmacs``, ``size_mb`` (parameters in memory), ``mem_<dtype>_mb``, ``file_mb`` (size on disk),
+    and per timed batch size b ``latency_b<b>_ms`` (median), ``latency_b<b>_p90_ms``,
+    ``images_per_s_b<b>``, with ``threads`` and ``device``."""
+    row: dict = {}
+    if "params_total" in prof:
+        row["params"] = prof["params_total"]
+    if "params_trainable" in prof:
+        row["trainable"] = prof["params_trainable"]
+    for k, scaled in (("flops", "mflops"), ("macs", "mmacs")):
+        if k in prof:
+            row[k], row[scaled] = prof[k], prof[k] / 1e6
+    if "size_mb" in prof:
+        row["size_mb"] = prof["size_mb"]
     for k, v in prof.get("memory_mb", {}).items():
         row[f"mem_{k}_mb"] = v
     if "file_mb" in prof:
@@ -279,5 +293,5 @@ def flatten_profile(prof: dict) -> dict:
 __all__ = [
     "count_params", "memory_footprint", "model_size_bytes", "file_size_mb", "count_flops",
     "resolve_device", "time_callable", "latency_stats", "measure_latency", "profile_model",
-    "flatten_profile", "DTYPE_BYTES", "MB",
+    "profile_row", "DTYPE_BYTES", "MB",
 ]

@@ -209,15 +209,6 @@ def ig_completeness(model: nn.Module, x: Tensor, target, baseline="zeros", steps
                         relative=relative, eps=eps)[1]
 
 
-def attribute_batched(model: nn.Module, x: Tensor, target, method: str = "saliency", *,
-                      batch_size: int = 64, **kw) -> Tensor:
-    """:func:`attribute` over ``x`` in chunks of ``batch_size`` images (bounded memory)."""
-    t = _target(target, x.shape[0], x.device)
-    out = [attribute(model, x[i:i + batch_size], t[i:i + batch_size], method, **kw)
-           for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(out) if out else x.new_zeros((0, *x.shape[-2:]))
-
-
 # ---------------------------------------------------------------------------------------------
 # region importance
 

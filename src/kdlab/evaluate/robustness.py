@@ -379,10 +379,9 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     a ``mean extra`` row. The colour scale is fixed to 0-100%. ``spread`` (same keys, e.g. the
     sd over seeds) is printed under each value. Usable by the study report with method names as
     keys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from kdlab.report.figures import annotated_heatmap
 
     models = list(acc_by_corruption)
     corrs = list(next(iter(acc_by_corruption.values()))) if models else []
@@ -406,31 +405,12 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
                      else np.nan for m in models])
         labels.append(label)
         sds.append([np.nan] * len(models))
-    a = 100 * np.asarray(rows, dtype=np.float64)
-    e = 100 * np.asarray(sds, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * max(1, len(models)), 1.2 + 0.32 * len(labels)))
-    im = ax.imshow(a, aspect="auto", cmap="viridis", vmin=0, vmax=100)
-    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            txt = "n/a" if not np.isfinite(a[i, j]) else f"{a[i, j]:.1f}"
-            if np.isfinite(e[i, j]):
-                txt += f"\n±{e[i, j]:.1f}"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=6 if np.isfinite(e[i, j]) else 7,
-                    color="black" if np.isfinite(a[i, j]) and a[i, j] > 50 else "white")
-    if clean is not None:
-        ax.axhline(0.5, color="white", lw=1.5)
-    ax.axhline(len(labels) - len(summary_rows) - 0.5, color="white", lw=1.5)
+    rules = [(0.5, 1.5, "-")] if clean is not None else []
+    rules.append((len(labels) - len(summary_rows) - 0.5, 1.5, "-"))
     if std and extra and corrs[:len(std)] == std:  # standard rows first: mark where extras begin
-        ax.axhline((1 if clean is not None else 0) + len(std) - 0.5, color="white", lw=0.8,
-                   ls="--")
-    fig.colorbar(im, ax=ax, label="accuracy (%)", fraction=0.05)
-    if title:
-        import textwrap
-
-        ax.set_title(textwrap.fill(title, width=max(28, int(12 * fig.get_size_inches()[0]))),
-                     fontsize=9)
+        rules.append(((1 if clean is not None else 0) + len(std) - 0.5, 0.8, "--"))
+    fig, _ = annotated_heatmap(100 * np.asarray(rows, dtype=np.float64), labels, models,
+                               spread=100 * np.asarray(sds, dtype=np.float64), rules=rules, title=title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "robustness_heatmap",
+__all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "annotated_heatmap", "robustness_heatmap",
            "study_robustness_heatmap", "alignment_plot", "study_figures", "study_title",
            "read_metrics_csv"]
 
@@ -51,6 +51,37 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def annotated_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], *, spread=None,
+                      colorbar: str = "accuracy (%)", rules: Sequence[tuple] = (), title: Optional[str] = None):
+    """The one annotated heat map of kdlab's reports: ``values`` [rows, columns] in % on a fixed
+    0–100 colour scale (viridis), each cell printed with one decimal (``n/a`` when not finite) and,
+    when ``spread`` (same shape) is finite there, ``±sd`` under it; ``rules``: white horizontal
+    lines ``(y, linewidth, linestyle)`` between row groups. Returns ``(fig, ax)``; the caller saves."""
+    import textwrap
+
+    mu = np.asarray(values, dtype=np.float64)
+    sd = np.full_like(mu, np.nan) if spread is None else np.asarray(spread, dtype=np.float64)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.0 + 1.15 * max(1, len(col_labels)), 1.2 + 0.42 * len(row_labels)))
+    im = ax.imshow(mu, aspect="auto", cmap="viridis", vmin=0.0, vmax=100.0)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    for i in range(mu.shape[0]):
+        for j in range(mu.shape[1]):
+            if not np.isfinite(mu[i, j]):
+                txt = "n/a"
+            else:
+                txt = f"{mu[i, j]:.1f}" + (f"\n±{sd[i, j]:.1f}" if np.isfinite(sd[i, j]) else "")
+            ax.text(j, i, txt, ha="center", va="center", fontsize=6.5, linespacing=0.9,
+                    color="black" if np.isfinite(mu[i, j]) and mu[i, j] > 55 else "white")
+    for y, lw, ls in rules:
+        ax.axhline(y, color="white", lw=lw, ls=ls)
+    fig.colorbar(im, ax=ax, label=colorbar, fraction=0.05)
+    if title:
+        ax.set_title(textwrap.fill(title, width=max(28, int(14 * fig.get_size_inches()[0]))), fontsize=9)
+    return fig, ax
 
 
 def save_figure(fig, path, dpi: int = 150) -> Path:
@@ -271,25 +302,10 @@ def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float
                       if m in per_seed[s] else np.nan) for m in methods])
     mu = np.asarray([[c[0] for c in r] for r in rows])
     sd = np.asarray([[c[1] for c in r] for r in rows])
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(2.0 + 1.15 * max(1, len(methods)), 1.2 + 0.42 * len(labels)))
-    im = ax.imshow(mu, aspect="auto", cmap="viridis", vmin=0.0, vmax=100.0)
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    for i in range(mu.shape[0]):
-        for j in range(mu.shape[1]):
-            if not np.isfinite(mu[i, j]):
-                txt = "n/a"
-            else:
-                txt = f"{mu[i, j]:.1f}" + (f"\n±{sd[i, j]:.1f}" if np.isfinite(sd[i, j]) else "")
-            ax.text(j, i, txt, ha="center", va="center", fontsize=6.5, linespacing=0.9,
-                    color="black" if np.isfinite(mu[i, j]) and mu[i, j] > 55 else "white")
-    if clean is not None:
-        ax.axhline(0.5, color="white", lw=1.5)
-    ax.axhline(len(labels) - 1.5, color="white", lw=1.5)
-    fig.colorbar(im, ax=ax, label="accuracy (%), fixed 0–100 scale", fraction=0.05)
-    ax.set_title(title or f"accuracy under corruption (%), mean ± sd over {len(seeds)} seeds",
-                 fontsize=9)
+    rules = ([(0.5, 1.5, "-")] if clean is not None else []) + [(len(labels) - 1.5, 1.5, "-")]
+    fig, _ = annotated_heatmap(mu, labels, methods, spread=sd, rules=rules,
+                               colorbar="accuracy (%), fixed 0–100 scale",
+                               title=title or f"accuracy under corruption (%), mean ± sd over {len(seeds)} seeds")
     return save_figure(fig, path)
 
 

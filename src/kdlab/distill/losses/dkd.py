@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.distill.losses.base import BatchRecord, LossTerm, register_loss
-
-
-def _kl_rows(p_t: torch.Tensor, log_p_t: torch.Tensor, log_p_s: torch.Tensor) -> torch.Tensor:
-    """Per-row ``KL(p_t ‖ p_s) = Σ_k p_t,k (log p_t,k − log p_s,k)`` with 0·log 0 = 0."""
-    return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t)).sum(dim=1)
+from kdlab.distill.losses.response import kl_terms
 
 
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0,
@@ -43,10 +39,10 @@ def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, al
     pt_y = p_t.masked_select(gt)
     b_s = torch.stack([ps_y, 1.0 - ps_y], dim=1).clamp_min(1e-12)
     b_t = torch.stack([pt_y, 1.0 - pt_y], dim=1).clamp_min(1e-12)
-    tckd = _kl_rows(b_t, b_t.log(), b_s.log())
+    tckd = kl_terms(b_t, b_t.log(), b_s.log())
     log_q_s = F.log_softmax(s_logits / T - 1000.0 * gt, dim=1)
     log_q_t = F.log_softmax(t_logits / T - 1000.0 * gt, dim=1)
-    nckd = _kl_rows(log_q_t.exp(), log_q_t, log_q_s)
+    nckd = kl_terms(log_q_t.exp(), log_q_t, log_q_s)
     if partial:
         lab = labelled.to(tckd.dtype)
         tckd_mean = (tckd * lab).sum() / lab.sum().clamp_min(1.0)
@@ -109,7 +105,7 @@ def multi_teacher_kd_loss(s_logits: torch.Tensor, t_logits_list: list, T: float 
         raise ValueError("multi-teacher KD needs at least one teacher's logits")
     p_bar = torch.stack([F.softmax(t / T, dim=1) for t in t_logits_list]).mean(0)
     log_p_s = F.log_softmax(s_logits / T, dim=1)
-    return _kl_rows(p_bar, p_bar.clamp_min(1e-30).log(), log_p_s).mean() * (T * T)
+    return kl_terms(p_bar, p_bar.clamp_min(1e-30).log(), log_p_s).mean() * (T * T)
 
 
 @register_loss("mtkd", "multi-teacher KD: T²·KL(mean_i softmax(t_i/T) ‖ softmax(s/T))",
@@ -124,7 +120,7 @@ class MultiTeacherKD(LossTerm):
                  recipes: list | None = None):
         super().__init__()
         # recipes: the teacher recipes that train the checkpoints (used by `kdlab compare` /
-        # kdlab.experiments.paradigms.ensure_extra_teachers to train missing ones); the term itself ignores them
+        # kdlab.train.build.ensure_teachers to train missing ones); the term itself ignores them
         self.recipes = [str(r) for r in (recipes or [])]
         if self.recipes and len(self.recipes) != len(checkpoints or []):
             raise ValueError("mtkd: 'recipes' must list one teacher recipe per entry of 'checkpoints'")

@@ -8,12 +8,21 @@ import torch.nn.functional as F
 from kdlab.distill.losses.base import BatchRecord, LossTerm, register_loss
 
 
+def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per row: ``KL(p ‖ q) = Σ_k p_k (log p_k − log q_k)`` over the last dimension, with
+    0·log 0 = 0 (terms where ``p_k = 0`` count 0). The one KL implementation of the response terms
+    (``kd``, ``dkd``'s two parts, ``mtkd``, DML, and the evaluation's KL to the teacher): callers
+    pass the distributions they compare (softmax of logits, binary target / non-target masses,
+    averaged soft targets)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
 def kl_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Per row: ``KL(p_t ‖ p_s) = Σ_k p_t,k (log p_t,k − log p_s,k)`` with ``p = softmax(logits/T)``
-    over the last dimension (no T² factor). The one implementation of the logit KL in kdlab."""
+    """Per row: ``KL(p_t ‖ p_s)`` with ``p = softmax(logits/T)`` over the last dimension (no T²
+    factor), by :func:`kl_terms`."""
     log_p_s = F.log_softmax(s_logits / T, dim=-1)
     log_p_t = F.log_softmax(t_logits / T, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    return kl_terms(log_p_t.exp(), log_p_t, log_p_s)
 
 
 def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 4.0) -> torch.Tensor:

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from pydantic import ValidationError
 
-from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, deep_merge,
-                               read_recipe_yaml, recipe_from_dict, resolve_recipe_path)
+from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, describe_error, merge_base,
+                               read_recipe_yaml, read_yaml_mapping, recipe_from_dict, resolve_recipe_path)
 from kdlab.experiments.paradigms.base import PARADIGMS, ParadigmParams
+
 TOP_KEYS = ("paradigm", "recipe", "description")
 PARADIGMS_DIR = RECIPES_DIR / "paradigms"
 
@@ -41,16 +40,14 @@ class ParadigmSpec:
 def is_paradigm_file(ref) -> bool:
     """True when ``ref`` names a YAML file whose top level has a ``paradigm`` section."""
     try:
-        path = resolve_recipe_path(ref)
-        raw = yaml.safe_load(path.read_text())
-    except Exception:
+        return "paradigm" in read_yaml_mapping(resolve_recipe_path(ref))
+    except (FileNotFoundError, RecipeError):
         return False
-    return isinstance(raw, dict) and "paradigm" in raw
 
 
 def paradigm_kind(ref) -> str:
     """The ``paradigm.name`` of a paradigm recipe file (unvalidated)."""
-    raw = yaml.safe_load(_resolve_paradigm_path(ref).read_text())
+    raw = read_yaml_mapping(resolve_recipe_path(ref), PARADIGM_SHAPE)
     return str((raw.get("paradigm") or {}).get("name"))
 
 
@@ -63,35 +60,22 @@ def check_params(name: str, params: dict, where: str = "paradigm") -> ParadigmPa
         return cls.model_validate(params)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key '{key}' for paradigm '{name}' (settings: {', '.join(cls.model_fields)})"
-        else:
-            msg = f"{err['msg']} (got {err.get('input')!r})"
-        raise RecipeError(f"{where}.{key}: {msg}") from None
+            key = ".".join(str(p) for p in err["loc"])
+            raise RecipeError(f"{where}.{key}: unknown key '{key}' for paradigm '{name}' "
+                              f"(settings: {', '.join(cls.model_fields)})") from None
+        raise RecipeError(f"{where}.{describe_error(e)}") from None
 
 
-def _resolve_paradigm_path(ref) -> Path:
-    p = Path(ref)
-    name = str(ref)
-    for c in (p, RECIPES_DIR / (name if name.endswith(".yaml") else name + ".yaml")):
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"paradigm recipe '{ref}' not found; give a YAML path or a shipped name "
-                            f"(e.g. paradigms/digits/ban)")
+PARADIGM_SHAPE = "a paradigm recipe is a mapping with 'paradigm' and 'recipe'"
 
 
 def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
     """Load and validate a paradigm recipe; ``overrides`` (``key.path=value``) apply to its recipe,
     except ``paradigm.<setting>=value``, which sets one of the paradigm's settings."""
-    path = _resolve_paradigm_path(ref)
+    path = resolve_recipe_path(ref)
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: a paradigm recipe is a mapping with 'paradigm' and 'recipe'")
+    raw = read_yaml_mapping(path, PARADIGM_SHAPE)
     for k in raw:
         if k not in TOP_KEYS:
             raise RecipeError(f"{where}: {k}: unknown key '{k}' (a paradigm recipe has: {', '.join(TOP_KEYS)})")
@@ -116,10 +100,7 @@ def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
         rpath = resolve_recipe_path(rec, path.parent)
         rraw, base = read_recipe_yaml(rpath), rpath
     elif isinstance(rec, dict):
-        rraw, base = copy.deepcopy(rec), path
-        ext = rraw.pop("extends", None)
-        if ext:
-            rraw = deep_merge(read_recipe_yaml(resolve_recipe_path(ext, path.parent)), rraw)
+        rraw, base = merge_base(copy.deepcopy(rec), path.parent, f"{where}: recipe"), path
     else:
         raise RecipeError(f"{where}: recipe: expected a recipe name/path or a mapping, got {rec!r}")
     apply_overrides(rraw, rec_ov)
