@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.distill.losses.base import BatchRecord, LossTerm, register_loss
-from kdlab.distill.losses.response import kl_terms
+from kdlab.distill.losses.response import CrossEntropy, kl_terms
 
 
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0,
@@ -85,13 +85,14 @@ def label_smoothing_loss(s_logits: torch.Tensor, y: torch.Tensor, epsilon: float
 
 @register_loss("ls", "label smoothing (uniform-target control for KD): CE to (1−ε)·onehot + ε/K",
                "Szegedy et al. 2016 (Inception-v3); Müller, Kornblith & Hinton, When Does Label Smoothing Help?, 2019")
-class LabelSmoothing(LossTerm):
-    needs_labels = True
+class LabelSmoothing(CrossEntropy):
+    """``ce`` with ``label_smoothing: ε``, written out as the control's formula
+    (:func:`label_smoothing_loss`)."""
 
     def __init__(self, epsilon: float = 0.1):
-        super().__init__()
         if not 0.0 <= epsilon < 1.0:
             raise ValueError("ls: epsilon must be in [0, 1) (e.g. epsilon: 0.1)")
+        super().__init__(label_smoothing=epsilon)
         self.epsilon = float(epsilon)
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
