@@ -18,10 +18,7 @@ from kdlab.cli import args as cargs
 def _recipe(args):
     from kdlab.lm.recipe import load_lm_recipe
 
-    ov = cargs.recipe_overrides(args, with_data_dir=False)
-    if getattr(args, "device_given", False):
-        ov.append(f"teacher.train.device={args.device}")
-    return load_lm_recipe(args.recipe, ov)
+    return load_lm_recipe(args.recipe, _overrides(args))
 
 
 def _out(args, recipe) -> Path:
@@ -29,10 +26,10 @@ def _out(args, recipe) -> Path:
 
 
 def cmd_train_teacher(args) -> int:
-    from kdlab.lm.study import train_teacher
+    from kdlab.lm.runs import train_teacher
 
     r = _recipe(args)
-    if r.task == "arithmetic":
+    if r.kind == "arithmetic":
         raise ValueError("the arithmetic teacher is trained by `kdlab lm ablate lm/arithmetic`")
     path = train_teacher(r, _out(args, r), progress=cargs.progress(args))
     print(json.dumps({"teacher": str(path)}))
@@ -40,10 +37,10 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from kdlab.lm.study import distill_run
+    from kdlab.lm.runs import distill_run
 
     r = _recipe(args)
-    if r.task == "arithmetic":
+    if r.kind == "arithmetic":
         raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
     method = args.method or "distill"
     rr = r.method(args.method) if args.method else r
@@ -52,16 +49,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
-def cmd_ablate(args) -> int:
-    from kdlab.lm.study import run_ablation, run_arithmetic
+def _overrides(args) -> list:
+    ov = cargs.recipe_overrides(args, with_data_dir=False)
+    if getattr(args, "device_given", False):
+        ov.append(f"teacher.train.device={args.device}")
+    return ov
 
-    r = _recipe(args)
-    out = _out(args, r)
-    if r.task == "arithmetic":
-        run_arithmetic(r, out, seeds=args.seeds, progress=cargs.progress(args))
-    else:
-        methods = [m for m in args.methods.split(",") if m] if args.methods else None
-        run_ablation(r, out, seeds=args.seeds, methods=methods, progress=cargs.progress(args))
+
+def cmd_ablate(args) -> int:
+    """An alias of ``kdlab ablate`` for LM recipes (the same study, table and statistics)."""
+    from kdlab.experiments.study import lm_ablate
+
+    lm_ablate(args.recipe, out_dir=args.out, seeds=args.seeds, overrides=_overrides(args),
+              methods=[m for m in args.methods.split(",") if m] if args.methods else None,
+              progress=cargs.progress(args))
     return 0
 
 
@@ -69,7 +70,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from kdlab.lm.generate import generate
-    from kdlab.lm.study import load_lm
+    from kdlab.lm.runs import load_lm
 
     model, tok, _ = load_lm(args.checkpoint)
     ids = tok.encode(args.prompt)
@@ -116,14 +117,15 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_distill)
 
-    q = lsub.add_parser("ablate", help="paired multi-seed study: CE vs divergences vs seq-level vs on-policy")
+    q = lsub.add_parser("ablate", help="paired multi-seed study: CE vs divergences vs seq-level vs on-policy "
+                                       "(the same study as `kdlab ablate`)")
     common(q)
     cargs.add_seeds(q)
     q.add_argument("--methods", help="comma-separated subset of the recipe's study.methods")
     q.set_defaults(func=cmd_ablate)
 
     q = lsub.add_parser("generate", help="continue a prompt with a trained LM")
-    q.add_argument("checkpoint", help="an LM run's best.pt (OUT/teacher/best.pt or OUT/runs/<method>/seed<k>/best.pt)")
+    q.add_argument("checkpoint", help="an LM run's best.pt (OUT/teacher/best.pt or OUT/<method>/seed<k>/best.pt)")
     q.add_argument("--prompt", required=True, help="the text to continue")
     q.add_argument("--max-new", type=int, default=64, help="tokens to generate (default %(default)s)")
     q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

@@ -102,15 +102,15 @@ def cmd_explain_study(args) -> int:
 def cmd_findings(args) -> int:
     from kdlab.experiments.findings import write_findings
 
-    write_findings(args.studies, out=Path(args.out or "docs") / "findings.md",
-                   command="kdlab findings " + " ".join(args.studies))
+    write_findings(args.studies, out=Path(args.out) / "findings.md" if args.out else None,
+                   command="kdlab findings " + " ".join(args.studies) + (f" --out {args.out}" if args.out else ""))
     return 0
 
 
 def cmd_report(args) -> int:
-    from kdlab.report.tables import rebuild_report
+    from kdlab.report.tables import rebuild_reports
 
-    rebuild_report(args.study, baseline=args.baseline, figures=not args.no_figures)
+    rebuild_reports(args.study, baseline=args.baseline, figures=not args.no_figures)
     return 0
 
 
@@ -189,7 +189,8 @@ def register(sub) -> None:
     p.add_argument("--restart", action="store_true", help="ignore an unfinished run and start over")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("ablate", help="step-wise and leave-one-out ablation of a full recipe over seeds")
+    p = sub.add_parser("ablate", help="the paired multi-seed study of a recipe of any task (classification: "
+                       "step-wise and leave-one-out ablation; lm: the recipe's study.methods)")
     _recipe_args(p, "runs/<recipe name>")
     A.add_seeds(p)
     A.add_parallel(p)
@@ -227,7 +228,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("findings", help="the findings page: what each component buys, with p-values")
     p.add_argument("studies", nargs="+", help="study folders (each a finished `kdlab ablate`)")
-    A.add_out(p, "docs (the page is <DIR>/findings.md)")
+    A.add_out(p, "the first study's report folder: the page is <DIR>/findings.md; give --out docs to "
+                 "replace the project's docs/findings.md")
     p.set_defaults(func=cmd_findings)
 
     p = sub.add_parser("report", help="rebuild a study's tables and figures from its runs (no training)")
