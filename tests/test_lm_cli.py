@@ -70,20 +70,21 @@ def test_ablate_distill_generate_end_to_end(tmp_path, loop, capsys):
     out = tmp_path / "out"
     a = app().parse_args(["lm", "ablate", str(recipe), "--out", str(out), "--quiet"])
     assert a.func(a) == 0
-    table = json.loads((out / "table.json").read_text())
+    table = json.loads((out / "report" / "table.json").read_text())
     names = [m["method"] for m in table["methods"]]
     assert names == ["ce", "fkl", "fkl_dense", "seqkd", "gkd"]
     assert all(m["n_seeds"] == 2 for m in table["methods"])
-    assert table["cache"]["k"] == 4 and table["cache"]["ratio"] > 0
-    assert (out / "table.md").read_text().startswith("| method")
+    assert table["task"] == "lm" and table["metric"]["name"] == "bpb" and table["baseline"] == "ce"
+    assert table["extra"]["cache"]["k"] == 4 and table["extra"]["cache"]["ratio"] > 0
+    assert (out / "report" / "table.md").read_text().startswith("| method")
     # every run went through the loop and wrote its checkpoint; the study reruns from results
-    assert (out / "runs" / "gkd" / "seed1" / "best.pt").is_file()
+    assert (out / "gkd" / "seed1" / "best.pt").is_file()
     # a single student, then generation from it with and without the KV cache
     a = app().parse_args(["lm", "distill", str(recipe), "--out", str(out), "--method", "fkl", "--seed", "3", "--quiet"])
     assert a.func(a) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["method"] == "fkl" and row["teacher_source"] == "sparse" and "test_kl" in row
-    ck = out / "runs" / "fkl" / "seed3" / "best.pt"
+    ck = out / "fkl" / "seed3" / "best.pt"
     outs = []
     for extra in ([], ["--no-kv-cache"]):
         a = app().parse_args(["lm", "generate", str(ck), "--prompt", "document 3:", "--max-new", "12", *extra])
@@ -96,10 +97,10 @@ def test_ablate_distill_generate_end_to_end(tmp_path, loop, capsys):
     # a --methods subset re-trains nothing and its table still lists every finished method
     a = app().parse_args(["lm", "ablate", str(recipe), "--out", str(out), "--methods", "ce,fkl", "--quiet"])
     assert a.func(a) == 0
-    again = json.loads((out / "table.json").read_text())
+    again = json.loads((out / "report" / "table.json").read_text())
     assert [m["method"] for m in again["methods"]] == ["ce", "fkl", "fkl_dense", "seqkd", "gkd"]
-    assert [(m["kl_mean"], m["bpb_mean"]) for m in again["methods"]] == \
-        [(m["kl_mean"], m["bpb_mean"]) for m in table["methods"]]
+    key = lambda m: (m["test_kl_to_teacher_mean"], m["test_bpb_mean"])  # noqa: E731
+    assert [key(m) for m in again["methods"]] == [key(m) for m in table["methods"]]
 
 
 def test_bad_inputs_name_the_fix(tmp_path):

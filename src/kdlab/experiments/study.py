@@ -215,7 +215,7 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
         log("same recipe under two names, trained once: "
             + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     out_dir = Path(out_dir or f"runs/{full.name}")
-    rdir = report_folder(out_dir, mode if isinstance(full.study.methods, str) else None)
+    rdir = report_folder(out_dir, mode)
     base = t.baseline(distinct)
     log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(distinct, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,

@@ -54,7 +54,7 @@ def train_cfg(t: LMTrainCfg, seed: Optional[int] = None):
 
 
 def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, method: str,
-        progress: bool = False, identity: Optional[dict] = None) -> dict:
+        progress: bool = False, identity: Optional[dict] = None, callbacks=()) -> dict:
     """One run of the core Trainer (resumes a finished or interrupted run in ``run_dir``)."""
     from kdlab.train.trainer import Trainer
 
@@ -62,7 +62,7 @@ def fit(objective, train, val, test, t: LMTrainCfg, run_dir, *, seed: int, metho
         raise ValueError("on-policy GKD samples its own tokens, so its windows cannot be normalised in "
                          "advance: use train.grad_accum: 1 with on_policy > 0")
     return Trainer(objective, train, val, test, train_cfg(t, seed), Path(run_dir), method=method,
-                   progress=progress, identity=identity).fit(resume=True)
+                   progress=progress, identity=identity, callbacks=callbacks).fit(resume=True)
 
 
 # -- models and checkpoints ------------------------------------------------------------------------
@@ -260,10 +260,11 @@ def finished_run(run_dir, identity: dict) -> bool:
 # -- one student --------------------------------------------------------------------------------------
 def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill", data: Optional[CorpusData] = None,
                 teacher=None, teacher_eval_store: Optional[dict] = None, progress: bool = False,
-                log=print, run_dir=None) -> dict:
+                log=print, run_dir=None, callbacks=(), with_test: bool = True) -> dict:
     """Train one student of ``recipe`` (its ``distill`` section) for ``seed`` into ``run_dir``
     (default ``out_dir/<method>/seed<seed>``; the teacher, tokenizer and caches live in
-    ``out_dir``); returns the result row."""
+    ``out_dir``); returns the result row. ``callbacks``: Trainer callbacks (the tuner's pruning);
+    ``with_test=False``: the test split is not evaluated (a tuning trial)."""
     out_dir = Path(out_dir)
     data = data or CorpusData(recipe, out_dir)
     d, t = recipe.distill, recipe.train
@@ -296,10 +297,10 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
                       meta=lm_meta(recipe.student.model, recipe.student.kwargs, tok.vocab_size, tok, recipe.corpus.name),
                       teacher_eval_store=teacher_eval_store)
     run = Path(run_dir) if run_dir is not None else out_dir / method / f"seed{seed}"
-    res = fit(obj, loader, data.eval_loader("val", t), data.eval_loader("test", t), t, run,
-              seed=seed, method=method, progress=progress, identity=student_identity(recipe))
+    res = fit(obj, loader, data.eval_loader("val", t), data.eval_loader("test", t) if with_test else None, t, run,
+              seed=seed, method=method, progress=progress, identity=student_identity(recipe), callbacks=callbacks)
     row = {"method": method, "seed": seed, "params": count_params(student), **res}
-    if teacher is not None:
+    if teacher is not None and with_test:
         best, _, _ = load_lm(run / "best.pt", dev)
         row["test_exposure_nll"] = exposure_nll(best, teacher, data.streams["test"], recipe.study.exposure_prompts,
                                                 d.prompt_len, d.gen_len, seed, tok.eos_id, tok.pad_id)

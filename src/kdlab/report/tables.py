@@ -64,13 +64,18 @@ def paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
     return r["mean"], r["ci"], r["n"]
 
 
-def _gap(accs: dict, base: dict, teacher_acc, is_base: bool) -> dict:
+def _gap(accs: dict, base: dict, teacher_acc, is_base: bool, sign: int = 1) -> dict:
     """Gap closed per seed against the baseline of the same seed (kdlab.report.gap), mean and 95 %
-    t half-width over seeds; nan without a teacher accuracy or for the baseline itself."""
+    t half-width over seeds; nan without a teacher accuracy or for the baseline itself. ``sign``
+    −1 for a metric where lower is better (the gap is then ``a_alone − a_teacher``)."""
     nan = float("nan")
     if teacher_acc is None or is_base:
         return {"gap_closed_mean": nan, "gap_closed_ci95": nan}
     from kdlab.report.gap import gap_closed_by_seed
+
+    if sign < 0:
+        accs, base, teacher_acc = ({k: -v for k, v in accs.items()}, {k: -v for k, v in base.items()},
+                                   -teacher_acc)
 
     g = [v for v in gap_closed_by_seed(accs, base, teacher_acc).values() if math.isfinite(v)]
     if not g:
@@ -160,7 +165,7 @@ def method_stats(runs: list[dict], baseline: str, *, metric=None, teacher_acc: O
             "holm_reject": bool(t and math.isfinite(t["p_holm"]) and t["p_holm"] < HOLM_ALPHA),
             "d_z": t["d_z"] if t else nan,
             "seeds_for_delta": t.get("seeds_needed", nan) if t else nan,
-            **_gap(accs, accs_by.get(baseline, {}), teacher_acc, method == baseline),
+            **_gap(accs, accs_by.get(baseline, {}), teacher_acc, method == baseline, metric.sign()),
         }
         for sm in secondary:
             sk = f"test_{sm.name}"

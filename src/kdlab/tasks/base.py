@@ -299,9 +299,16 @@ def load_recipe(ref, overrides: Optional[list[str]] = None) -> Any:
 
 
 def read_raw(ref) -> dict:
-    """A recipe file as a raw mapping (``extends:`` merged), found by path or shipped name;
-    a bare LM name (``docs``) is found under ``lm/``."""
-    from kdlab.core.config import RECIPES_DIR, read_recipe_yaml, resolve_recipe_path
+    """A recipe file as a raw mapping (``extends:`` merged), found by :func:`resolve_ref`."""
+    from kdlab.core.config import read_recipe_yaml
+
+    return read_recipe_yaml(resolve_ref(ref))
+
+
+def resolve_ref(ref):
+    """The path of a recipe given by path or shipped name; a bare LM name (``docs``) is found
+    under ``lm/``."""
+    from kdlab.core.config import RECIPES_DIR, resolve_recipe_path
 
     RECIPES_LM = RECIPES_DIR / "lm"
 
@@ -312,4 +319,4 @@ def read_raw(ref) -> dict:
         if s.startswith("lm/") or not (RECIPES_LM / (s if s.endswith(".yaml") else s + ".yaml")).is_file():
             raise first from None
         path = resolve_recipe_path("lm/" + s)
-    return read_recipe_yaml(path)
+    return path

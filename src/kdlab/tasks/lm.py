@@ -122,21 +122,34 @@ class LMTask(Task):
                           teacher_eval_store=ctx.store if ctx else None, progress=progress,
                           log=ctx.log if ctx else print, run_dir=run_dir)
         row.pop("counts", None)
+        row = self._named(row)
+        write_json(run_dir / "result.json", row)
+        return row
+
+    @staticmethod
+    def _named(row: dict) -> dict:
+        """The row with the declared metric names (``kl_to_teacher``, ``agreement``) beside the
+        objective's (``kl``, ``agree``) and the throughput as ``tokens_per_s``."""
         row["tokens_per_s"] = row.get("train_tokens_per_s")
         for split in ("val", "test"):
             for old, new in ALIASES.items():
                 if f"{split}_{old}" in row:
                     row[f"{split}_{new}"] = row[f"{split}_{old}"]
         row["sample_unit"] = "tokens"
-        write_json(run_dir / "result.json", row)
         return row
 
     def tune_run(self, recipe, run_dir, *, context: Any = None, method: str = "", callbacks=(),
                  progress: bool = False) -> dict:
         """One trial of ``kdlab tune``: the student trained and its validation metrics returned
         (the run also evaluates the test split, which the tuner never reads)."""
+        from kdlab.lm.runs import distill_run
+
         ctx = context.get("lm") if isinstance(context, dict) else context
-        return self.train(recipe, run_dir, context=ctx, method=method, progress=progress)
+        row = distill_run(recipe, ctx.out_dir, seed=recipe.train.seed, method=method or "trial", data=ctx.data,
+                          teacher=ctx.teacher, teacher_eval_store=ctx.store, progress=progress,
+                          log=ctx.log, run_dir=run_dir, callbacks=callbacks, with_test=False)
+        row.pop("counts", None)
+        return self._named(row)
 
     def prepare_tune(self, recipe, out_dir, *, prefill: bool, log=print) -> dict:
         return {"lm": self.prepare_study({"tune": recipe}, out_dir, log=log)}
