@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,29 @@ def test_a_teacher_of_other_settings_is_refused_with_the_reason(tmp_path, loop):
                           "--set", "teacher.train.steps_per_epoch=5"])
     with pytest.raises(ValueError, match=r"teacher trained with other corpus or teacher\.\* settings"):
         a.func(a)
+
+
+def test_tune_an_lm_divergence_weight_on_validation_bpb(tmp_path, loop):
+    """`kdlab tune` on an LM recipe: the fkl weight searched, val_bpb minimised; each trial's value
+    is the best epoch's validation bpb its run recorded (the test split is not evaluated)."""
+    import csv
+
+    from kdlab.cli.main import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("task: lm\n" + TINY.format(corpus=_corpus(tmp_path)).replace(
+        "distill: {top_k: 4,", "distill: {loss: [{term: ce, weight: 0.5}, {term: fkl, weight: 0.5}], top_k: 4,"))
+    out = tmp_path / "tune"
+    assert main(["tune", str(recipe), "--param", "distill.loss.fkl.weight=log:0.1:2", "--trials", "2",
+                 "--out", str(out), "--pruner", "none", "--quiet"]) == 0
+    summary = json.loads((out / "tune.json").read_text())
+    assert summary["metric"] == "val_bpb" and summary["direction"] == "minimize"
+    with open(out / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    assert float(trials[0]["param:distill.loss.fkl.weight"]) == 0.5  # the recipe's own value first
+    for t in trials:
+        res = json.loads((Path(t["run_dir"]) / "result.json").read_text())
+        assert float(t["value"]) == res["val_bpb"] and "test_bpb" not in res
+        rec = json.loads((Path(t["run_dir"]) / "run.json").read_text())["recipe"]
+        assert rec["distill"]["loss"][1] == {"term": "fkl", "weight": float(t["param:distill.loss.fkl.weight"])}
+    assert summary["best_value"] == min(float(t["value"]) for t in trials)
