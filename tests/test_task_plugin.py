@@ -106,7 +106,10 @@ study: {seeds: [0, 1, 2, 3]}
 """
 
 
-def test_toy_task_gets_ablate_report_findings_and_tune(tmp_path, capsys):
+def test_toy_task_gets_ablate_report_findings_and_tune(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "findings.md").write_text("the project's page\n")
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "study"
@@ -137,6 +140,7 @@ def test_toy_task_gets_ablate_report_findings_and_tune(tmp_path, capsys):
     assert main(["findings", str(out)]) == 0
     page = (out / "report" / "findings.md").read_text()
     assert "*shrink over baseline* (shrink vs baseline): test squared error" in page
+    assert (tmp_path / "docs" / "findings.md").read_text() == "the project's page\n"  # left alone
     # kdlab tune: 3 trials on validation err (minimised), the best value is the smallest
     tdir = tmp_path / "tune"
     assert main(["tune", str(recipe), "--param", "params.w=0:1", "--trials", "3", "--out", str(tdir),
