@@ -48,7 +48,7 @@ def cmd_robustness(args) -> int:
                              "report folder; drop the CKPT arguments and --out")
         from kdlab.data.corruptions import parse_corruptions
         from kdlab.train.runtime import resolve_device
-        from kdlab.evaluate.robustness import study_robustness
+        from kdlab.experiments.robustness import study_robustness
 
         study_robustness(args.study, corruptions=parse_corruptions(args.corruptions),
                          severities=args.severities, seed=args.seed, batch_size=args.batch_size,

@@ -68,7 +68,7 @@ def cmd_ablate(args) -> int:
 
 def cmd_demo(args) -> int:
     from kdlab.train.runtime import resolve_device
-    from kdlab.evaluate.robustness import study_robustness
+    from kdlab.experiments.robustness import study_robustness
     from kdlab.experiments.study import run_ablation
 
     report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
