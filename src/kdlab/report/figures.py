@@ -106,8 +106,8 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
     accuracy) per method, with its 95% t-interval (bar), the per-seed differences (dots) and
     ``p Holm`` written on the right; ``*`` where ``p Holm < alpha``. ``stats``: the ``methods``
     rows of a study's ``table.json``; ``metric``: its task's primary
-    :class:`~kdlab.tasks.base.Metric` (default classification's accuracy)."""
-    from kdlab.report.tables import default_metric
+    :class:`~kdlab.core.metric.Metric` (default classification's accuracy)."""
+    from kdlab.core.metric import default_metric
 
     metric = metric or default_metric()
     sc, bykey = metric.scale, f"test_{metric.name}_by_seed"
@@ -389,7 +389,7 @@ def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
     if (out / "table.json").is_file():
         tj = out / "table.json"
     table = json.loads(tj.read_text())
-    from kdlab.report.tables import metric_from
+    from kdlab.core.metric import metric_from
 
     metric = metric_from(table.get("metric"))
     mtitle = ("validation accuracy" if metric.name == "acc" else f"validation {metric.title}")

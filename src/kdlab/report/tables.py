@@ -1,5 +1,5 @@
 """Study tables: per-method statistics over seeds, written as CSV, JSON and Markdown, for any
-task's declared metrics (:class:`kdlab.tasks.base.Metric`; classification's ``acc`` by default).
+task's declared metrics (:class:`kdlab.core.metric.Metric`; classification's ``acc`` by default).
 
 For each method with values a_1..a_n of the task's primary test metric over seeds: mean, sample standard deviation and
 the 95% Student-t confidence half-width ``t_{0.975, n−1} · sd / √n``. Against the baseline, the
@@ -30,26 +30,7 @@ HOLM_ALPHA = 0.05
 POWER_DELTA = 0.01
 
 
-def default_metric():
-    """Classification's ``acc`` (what tables of studies written before tasks hold)."""
-    from kdlab.tasks.base import Metric
-
-    return Metric("acc", "max", "%", 100.0, "top-1", delta=POWER_DELTA)
-
-
-def metric_from(d) :
-    """A :class:`~kdlab.tasks.base.Metric` from its dict in ``table.json`` (or the default)."""
-    from kdlab.tasks.base import Metric
-
-    if not d:
-        return default_metric()
-    return Metric(**{k: v for k, v in d.items() if k in Metric.__dataclass_fields__})
-
-
-def metric_dict(m) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(m)
+from kdlab.core.metric import default_metric, metric_dict, metric_from  # noqa: E402,F401  (re-exported)
 
 
 def mean_sd_ci(values, conf: float = 0.95) -> tuple[float, float, float]:
@@ -133,7 +114,7 @@ def method_stats(runs: list[dict], baseline: str, *, metric=None, teacher_acc: O
                  secondary=(), sample_unit: str = "images") -> list[dict]:
     """One row per method (in first-seen order) from per-run result dicts (``method``, ``seed``,
     ``test_<metric>``, ...), with the paired tests against ``baseline`` (Holm over all methods but
-    the baseline). ``metric``: the primary :class:`~kdlab.tasks.base.Metric` (default
+    the baseline). ``metric``: the primary :class:`~kdlab.core.metric.Metric` (default
     classification's ``acc``); ``teacher_acc``: the teacher's value of it (gap closed);
     ``secondary``: further metrics given mean ± sd and the paired Δ; ``sample_unit``: the
     throughput's unit (``<unit>_per_s`` of the runs)."""

@@ -24,74 +24,9 @@ with the direction of that metric; nothing else about the task is assumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
-
-@dataclass(frozen=True)
-class Metric:
-    """One number a task reports for a model on a split.
-
-    ``name``: the key (``acc``, ``bpb``, ``map``, ``tar@far1e-3``, ``fd``); result files hold
-    ``val_<name>`` / ``test_<name>``. ``direction``: ``"max"`` or ``"min"`` (which is better).
-    ``unit``: shown in table headers (``"%"``, ``"bits/byte"``, ``""``). ``scale``: multiplier for
-    display only (accuracy is stored as a fraction and shown ×100 as %). ``label``: a human name
-    for headers and findings sentences (defaults to ``name``).
-    """
-
-    name: str
-    direction: str = "max"
-    unit: str = ""
-    scale: float = 1.0
-    label: str = ""
-    #: the true difference (stored units) the study's power line asks about: 0.01 = 1 pp of an
-    #: accuracy stored as a fraction; 0 = no power line for this metric
-    delta: float = 0.0
-    #: shown as a column of the study table (mean ± sd and the paired Δ); the primary metric always is
-    table: bool = True
-
-    def __post_init__(self):
-        if self.direction not in ("max", "min"):
-            raise ValueError(f"metric {self.name}: direction must be 'max' or 'min', not {self.direction!r}")
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether value ``a`` is strictly better than ``b``."""
-        return a > b if self.direction == "max" else a < b
-
-    def sign(self) -> int:
-        """+1 when larger is better, −1 when smaller is (a paired difference times ``sign`` is a gain)."""
-        return 1 if self.direction == "max" else -1
-
-    @property
-    def diff_unit(self) -> str:
-        """The unit of a difference of this metric as displayed: ``pp`` for a percentage."""
-        return "pp" if self.unit == "%" else self.unit
-
-    @property
-    def digits(self) -> int:
-        """Decimals shown in tables: 2 for scaled (percent) metrics, 3 otherwise."""
-        return 2 if self.scale != 1.0 else 3
-
-    def fmt(self, value, pm=None, digits: Optional[int] = None) -> str:
-        """``value`` (stored units) for a table, times ``scale``, with ``± pm`` when finite; ``—``
-        when undefined."""
-        import math
-
-        d = self.digits if digits is None else digits
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return "—"
-        s = f"{self.scale * value:.{d}f}"
-        if pm is not None and isinstance(pm, (int, float)) and math.isfinite(pm):
-            s += f" ± {self.scale * pm:.{d}f}"
-        return s
-
-    def delta_text(self) -> str:
-        """The power line's difference as text: ``1 pp``, ``0.01 bits/byte``."""
-        return f"{self.scale * self.delta:g} {self.diff_unit}".strip()
+from kdlab.core.metric import Metric  # noqa: F401  (part of the task contract; defined in core)
 
 
 class Task:
