@@ -61,7 +61,9 @@ import yaml
 
 from kdlab.core.config import apply_overrides
 from kdlab.core.lock import file_lock
-from kdlab.experiments.tune_space import ParamSpec, get_path, parse_param, parse_range, set_path  # noqa: F401
+from kdlab.experiments.tune_space import (ParamSpec, get_path, parse_param, parse_range, set_path,  # noqa: F401
+                                          with_values)
+from kdlab.experiments.tune_outputs import best_recipe, trials_rows, write_outputs  # noqa: F401
 from kdlab.experiments.tune_storage import (optuna_module, counted, fail_stale, Heartbeat,  # noqa: F401
                                             make_pruner, make_sampler, make_storage, open_study,
                                             pid_alive, study_budget)
@@ -70,19 +72,6 @@ from kdlab.train.callbacks import Callback
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 TUNE_KEYS = {"params", "trials", "metric", "direction", "sampler", "pruner", "warmup_epochs", "startup_trials"}
-
-
-def with_values(base, values: dict):
-    """``base`` with the searched ``values`` (path -> value) set; validated like a recipe file of
-    its task (:meth:`kdlab.tasks.base.Task.from_dict`)."""
-    from kdlab.tasks import get_task
-
-    raw = base.to_dict()
-    for path, v in values.items():
-        set_path(raw, path, v)
-    r = get_task(getattr(base, "task", None)).from_dict(raw, base.source or base.name)
-    r.source = base.source
-    return r
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -365,91 +354,6 @@ def wait_for_others(ctx: Context, poll_s: float = 2.0) -> None:
         if not ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         time.sleep(poll_s)
-
-
-# -- outputs ------------------------------------------------------------------------------------
-def best_recipe(spec: TuneSpec, study):
-    """The base recipe with the best trial's values, named ``<name>-tuned``."""
-    best = study.best_trial
-    r = with_values(spec.base(), best.params)
-    d = r.to_dict()
-    d["name"] = f"{r.name}-tuned"
-    vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-    d["description"] = f"{r.name} tuned by kdlab tune (trial {best.number}, {spec.metric} {best.value:.4f}): {vals}"
-    out = spec.get_task().from_dict(d, spec.source or "tuned recipe")
-    out.source = spec.source
-    return out
-
-
-def trials_rows(study) -> list[dict]:
-    """One row per trial: number, state, value, parameters, epochs, duration, retries, errors."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
-        ua = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
-                     **{f"param:{k}": v for k, v in t.params.items()},
-                     "epochs_reported": len(t.intermediate_values), "epochs_run": ua.get("epochs_run"),
-                     "best_epoch": ua.get("best_epoch"), "duration_s": dur, "retry_of": ua.get("retry_of"),
-                     "note": ua.get("error") or ua.get("failed_because") or ua.get("note") or "", "run_dir": ua.get("run_dir")})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in keys} for r in rows]
-
-
-def write_outputs(spec: TuneSpec, study, out_dir: Path, log=print) -> dict:
-    """best.yaml, trials.csv, importances.csv, tune.json and the three plots."""
-    optuna = optuna_module()
-    from optuna.trial import TrialState
-
-    from kdlab.core.io import write_csv
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "trials.csv", trials_rows(study))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise RuntimeError(f"no trial of study '{study.study_name}' completed; see {out_dir / 'trials.csv'}")
-    best = best_recipe(spec, study)
-    (out_dir / "best.yaml").write_text(yaml.safe_dump(best.to_dict(), sort_keys=False))
-    importances = {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        if len(complete) >= 2 and len(spec.params) >= 1:
-            try:
-                importances = optuna.importance.get_param_importances(study)
-            except (RuntimeError, ValueError) as e:  # e.g. all trials with the same value
-                log(f"parameter importances not computed: {e}")
-        write_csv(out_dir / "importances.csv", [{"param": k, "importance": v} for k, v in importances.items()])
-        plots = [("history.png", ovm.plot_optimization_history, {})]
-        if len(spec.params) > 1 or len(complete) > 1:
-            plots.append(("parallel.png", ovm.plot_parallel_coordinate, {}))
-        if importances:
-            plots.append(("importances.png", ovm.plot_param_importances, {}))
-        for fname, fn, kw in plots:
-            ax = fn(study, **kw)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            fig.savefig(out_dir / fname, dpi=110)
-            plt.close(fig)
-    states = {}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    summary = {"study": study.study_name, "metric": spec.metric, "direction": spec.direction,
-               "best_trial": study.best_trial.number, "best_value": study.best_value,
-               "best_params": study.best_trial.params, "trials": states, "importances": importances,
-               "settings": spec.identity()}
-    (out_dir / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"best trial {study.best_trial.number}: {spec.metric} {study.best_value:.4f}  "
-        f"({', '.join(f'{k}={v}' for k, v in states.items())})")
-    log(f"tuned recipe: {out_dir / 'best.yaml'}  (trials.csv, importances.csv, history.png, parallel.png)")
-    return summary
 
 
 # -- the command --------------------------------------------------------------------------------

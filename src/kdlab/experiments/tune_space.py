@@ -156,3 +156,16 @@ def get_path(raw: dict, path: str):
             return None
         node = node[p]
     return node
+
+
+def with_values(base, values: dict):
+    """``base`` with the searched ``values`` (path -> value) set; validated like a recipe file of
+    its task (:meth:`kdlab.tasks.base.Task.from_dict`)."""
+    from kdlab.tasks import get_task
+
+    raw = base.to_dict()
+    for path, v in values.items():
+        set_path(raw, path, v)
+    r = get_task(getattr(base, "task", None)).from_dict(raw, base.source or base.name)
+    r.source = base.source
+    return r
