@@ -157,7 +157,9 @@ def test_arithmetic_study_tiny(tmp_path, loop):
 def test_shared_cli_options():
     a = app().parse_args(["lm", "ablate", "lm/docs", "--set", "train.epochs=1", "--device", "cpu",
                           "--seeds", "0-2", "--quiet"])
-    r = lm_cli._recipe(a)
+    from kdlab.lm.recipe import load_lm_recipe
+
+    r = load_lm_recipe(a.recipe, lm_cli._overrides(a))
     assert a.seeds == [0, 1, 2] and r.train.epochs == 1
     assert r.train.device == "cpu" and r.teacher.train.device == "cpu"
 
