@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,20 +71,21 @@ def test_ablate_distill_generate_end_to_end(tmp_path, loop, capsys):
     out = tmp_path / "out"
     a = app().parse_args(["lm", "ablate", str(recipe), "--out", str(out), "--quiet"])
     assert a.func(a) == 0
-    table = json.loads((out / "table.json").read_text())
+    table = json.loads((out / "report" / "table.json").read_text())
     names = [m["method"] for m in table["methods"]]
     assert names == ["ce", "fkl", "fkl_dense", "seqkd", "gkd"]
     assert all(m["n_seeds"] == 2 for m in table["methods"])
-    assert table["cache"]["k"] == 4 and table["cache"]["ratio"] > 0
-    assert (out / "table.md").read_text().startswith("| method")
+    assert table["task"] == "lm" and table["metric"]["name"] == "bpb" and table["baseline"] == "ce"
+    assert table["extra"]["cache"]["k"] == 4 and table["extra"]["cache"]["ratio"] > 0
+    assert (out / "report" / "table.md").read_text().startswith("| method")
     # every run went through the loop and wrote its checkpoint; the study reruns from results
-    assert (out / "runs" / "gkd" / "seed1" / "best.pt").is_file()
+    assert (out / "gkd" / "seed1" / "best.pt").is_file()
     # a single student, then generation from it with and without the KV cache
     a = app().parse_args(["lm", "distill", str(recipe), "--out", str(out), "--method", "fkl", "--seed", "3", "--quiet"])
     assert a.func(a) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["method"] == "fkl" and row["teacher_source"] == "sparse" and "test_kl" in row
-    ck = out / "runs" / "fkl" / "seed3" / "best.pt"
+    ck = out / "fkl" / "seed3" / "best.pt"
     outs = []
     for extra in ([], ["--no-kv-cache"]):
         a = app().parse_args(["lm", "generate", str(ck), "--prompt", "document 3:", "--max-new", "12", *extra])
@@ -96,10 +98,10 @@ def test_ablate_distill_generate_end_to_end(tmp_path, loop, capsys):
     # a --methods subset re-trains nothing and its table still lists every finished method
     a = app().parse_args(["lm", "ablate", str(recipe), "--out", str(out), "--methods", "ce,fkl", "--quiet"])
     assert a.func(a) == 0
-    again = json.loads((out / "table.json").read_text())
+    again = json.loads((out / "report" / "table.json").read_text())
     assert [m["method"] for m in again["methods"]] == ["ce", "fkl", "fkl_dense", "seqkd", "gkd"]
-    assert [(m["kl_mean"], m["bpb_mean"]) for m in again["methods"]] == \
-        [(m["kl_mean"], m["bpb_mean"]) for m in table["methods"]]
+    key = lambda m: (m["test_kl_to_teacher_mean"], m["test_bpb_mean"])  # noqa: E731
+    assert [key(m) for m in again["methods"]] == [key(m) for m in table["methods"]]
 
 
 def test_bad_inputs_name_the_fix(tmp_path):
@@ -155,7 +157,9 @@ def test_arithmetic_study_tiny(tmp_path, loop):
 def test_shared_cli_options():
     a = app().parse_args(["lm", "ablate", "lm/docs", "--set", "train.epochs=1", "--device", "cpu",
                           "--seeds", "0-2", "--quiet"])
-    r = lm_cli._recipe(a)
+    from kdlab.lm.recipe import load_lm_recipe
+
+    r = load_lm_recipe(a.recipe, lm_cli._overrides(a))
     assert a.seeds == [0, 1, 2] and r.train.epochs == 1
     assert r.train.device == "cpu" and r.teacher.train.device == "cpu"
 
@@ -170,3 +174,29 @@ def test_a_teacher_of_other_settings_is_refused_with_the_reason(tmp_path, loop):
                           "--set", "teacher.train.steps_per_epoch=5"])
     with pytest.raises(ValueError, match=r"teacher trained with other corpus or teacher\.\* settings"):
         a.func(a)
+
+
+def test_tune_an_lm_divergence_weight_on_validation_bpb(tmp_path, loop):
+    """`kdlab tune` on an LM recipe: the fkl weight searched, val_bpb minimised; each trial's value
+    is the best epoch's validation bpb its run recorded (the test split is not evaluated)."""
+    import csv
+
+    from kdlab.cli.main import main
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("task: lm\n" + TINY.format(corpus=_corpus(tmp_path)).replace(
+        "distill: {top_k: 4,", "distill: {loss: [{term: ce, weight: 0.5}, {term: fkl, weight: 0.5}], top_k: 4,"))
+    out = tmp_path / "tune"
+    assert main(["tune", str(recipe), "--param", "distill.loss.fkl.weight=log:0.1:2", "--trials", "2",
+                 "--out", str(out), "--pruner", "none", "--quiet"]) == 0
+    summary = json.loads((out / "tune.json").read_text())
+    assert summary["metric"] == "val_bpb" and summary["direction"] == "minimize"
+    with open(out / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
+    assert float(trials[0]["param:distill.loss.fkl.weight"]) == 0.5  # the recipe's own value first
+    for t in trials:
+        res = json.loads((Path(t["run_dir"]) / "result.json").read_text())
+        assert float(t["value"]) == res["val_bpb"] and "test_bpb" not in res
+        rec = json.loads((Path(t["run_dir"]) / "run.json").read_text())["recipe"]
+        assert rec["distill"]["loss"][1] == {"term": "fkl", "weight": float(t["param:distill.loss.fkl.weight"])}
+    assert summary["best_value"] == min(float(t["value"]) for t in trials)

@@ -156,3 +156,31 @@ def test_gap_closed_column_by_hand(tmp_path):
     assert kd["gap_closed_ci95"] == pytest.approx(st.t.ppf(0.975, 1) * sd / 2 ** 0.5)
     md, note = render_table(stats, "baseline")
     assert "gap closed (95% CI)" in md and "0.65 ±" in md and "Gap closed" in note
+
+
+def test_rebuilt_report_is_byte_identical_with_gap_closed(tmp_path):
+    """`kdlab report` on a finished study writes exactly the files the study wrote: same methods in
+    the same order, the gap-closed column (the teacher's accuracy is kept in table.json), the same
+    p-values; a method folder of another study in the same place does not join the table."""
+    from kdlab.report.tables import rebuild_reports
+
+    study = tmp_path / "s"
+    runs = _runs()
+    for r in runs:
+        run = study / r["method"] / f"seed{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+    extra = study / "full-kd" / "seed0"  # a leave-one-out run of an earlier study in this folder
+    extra.mkdir(parents=True)
+    (extra / "result.json").write_text(json.dumps({**runs[0], "method": "full-kd"}))
+    study_report(runs, {m: None for m in ACC}, study / "report", profile=False, figures=False,
+                 teacher_value=0.70, log=lambda *a: None)
+    files = ("table.md", "table.csv", "table.json", "results.csv")
+    before = {f: (study / "report" / f).read_bytes() for f in files}
+    md = before["table.md"].decode()
+    assert "gap closed (95% CI)" in md.splitlines()[0] and "Gap closed:" in md
+    kd = [(a - b) / (0.70 - b) for a, b in zip(ACC["kd"], ACC["baseline"])]
+    table = json.loads(before["table.json"])
+    assert table["methods"][1]["gap_closed_mean"] == pytest.approx(np.mean(kd))
+    rebuild_reports(study, figures=False, log=lambda *a: None)
+    assert {f: (study / "report" / f).read_bytes() for f in files} == before

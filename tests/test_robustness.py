@@ -367,7 +367,9 @@ def _fake_study(root, seeds=(0, 1)):
 
 def test_study_robustness_columns(tmp_path):
     _fake_study(tmp_path)
-    out = R.study_robustness(tmp_path, corruptions=["contrast", "gaussian_noise", "saturate"],
+    from kdlab.experiments.robustness import study_robustness
+
+    out = study_robustness(tmp_path, corruptions=["contrast", "gaussian_noise", "saturate"],
                              severities=[5], limit=30, progress=False, log=lambda *a: None)
     rows = {r["method"]: r for r in out["methods"]}
     for m in ("baseline", "kd"):

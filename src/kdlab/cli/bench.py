@@ -2,68 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 from kdlab.cli import args as A
 
 
 def cmd_bench(args) -> int:
-    import torch
+    from kdlab.experiments.commands import bench_command
 
-    from kdlab.experiments.bench import bench_steps, bench_study, format_table
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.study:
-        out = args.out or "runs/bench-study"
-        overrides = A.recipe_overrides(args)
-        teacher_set = list(args.teacher_set or [])
-        if args.synthetic_cifar is not None and args.synthetic_cifar < 10:
-            raise ValueError(f"--synthetic-cifar needs at least 10 training images (got {args.synthetic_cifar})")
-        if args.synthetic_cifar is not None and args.data_dir:
-            raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
-                             "--synthetic-cifar to use the data in --data-dir)")
-        reuse = args.mask_reuse.split(",") if args.mask_reuse is not None else None
-        if reuse is not None and (len(set(reuse)) != len(reuse) or not all(reuse)):
-            raise ValueError(f"--mask-reuse takes per-view and/or per-image, each once (got {args.mask_reuse!r})")
-        if args.synthetic_cifar:
-            from pathlib import Path
-
-            from kdlab.data.cifar_synthetic import write_synthetic_cifar
-
-            data = Path(out) / "data"
-            if not (data / "cifar-10-batches-py" / "test_batch").is_file():
-                write_synthetic_cifar(data, args.synthetic_cifar, max(10, args.synthetic_cifar // 5))
-                print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
-            else:
-                print(f"bench: using the generated CIFAR-format data already in {data}")
-            # the generated data's teacher lives in the bench folder, never at the recipe's own path
-            overrides = [f"data.data_dir={data}", f"teacher.checkpoint={Path(out) / 'teacher' / 'best.pt'}",
-                         *overrides]
-        bench_study(args.study, out, seeds=args.seeds, overrides=overrides, mode=args.mode,
-                    mask_reuse=reuse, compare_cache=args.compare_cache, teacher_overrides=teacher_set)
-        return 0
-    if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
-            or args.synthetic_cifar or args.teacher_set or args.data_dir):
-        raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
-                         "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
-                         "CUDA when available, else on the CPU")
-    variants = args.variants.split(",")
-    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
-          f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
-          f"torch threads {torch.get_num_threads()}")
-    rows = bench_steps(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
-                       steps=args.steps, image_size=args.image_size, channels=args.channels,
-                       num_classes=args.num_classes, layers=tuple(args.layers.split(",")),
-                       mask_steps=args.mask_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile_=args.compile, variants=variants,
-                       repeats=args.repeats)
-    print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
-                             f"threads {torch.get_num_threads()}"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 0
+    return bench_command(args, A.recipe_overrides(args) if args.study else [])
 
 
 def register(sub) -> None:

@@ -10,8 +10,6 @@ report (table, CSV/JSON, overlays, sweep plot) is described there.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kdlab.cli import args as A
 
 
@@ -58,18 +56,14 @@ def register(sub) -> None:
 
 
 def cmd_explain(args) -> int:
-    from kdlab.evaluate.explain_report import explain_checkpoints, markdown
+    from kdlab.experiments.commands import explain_command
 
-    out = Path(args.out or "runs/explain")
-    rows = explain_checkpoints(
-        args.teacher, args.student, alphas=args.alpha, labels=args.label, dataset=args.dataset,
+    explain_command(
+        args.teacher, args.student, out=args.out, alphas=args.alpha, labels=args.label, dataset=args.dataset,
         data_dir=args.data_dir, split=args.split, n_images=args.n_images, seed=args.seed,
-        out_dir=out, device=args.device, method=args.method, target=args.target,
+        device=args.device, method=args.method, target=args.target,
         grid=tuple(args.grid), superpixel=args.superpixels, k=args.k, T=args.T,
         baseline=args.baseline, steps=args.steps, internal_batch_size=args.internal_batch_size,
         layer_teacher=args.layer_teacher, layer_student=args.layer_student,
         batch_size=args.batch_size, n_overlay=args.n_overlay)
-    print(markdown(rows, n_images=rows[0]["n_images"] if rows else None))
-    print(f"\nwrote {out / 'explain.csv'}, explain.json, explain.md, per_image.csv, "
-          f"overlays.png{', sweep.png' if rows and all('alpha' in r for r in rows) else ''}")
     return 0

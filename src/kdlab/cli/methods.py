@@ -9,16 +9,9 @@ from kdlab.cli import args as A
 
 
 def cmd_methods(args) -> int:
-    from kdlab.distill.losses import LOSSES
-    from kdlab.experiments.paradigms import list_paradigms
+    from kdlab.experiments.commands import methods_listing
 
-    print("loss terms (use in a recipe's loss: list; `kdlab compare --all digits` runs them all):")
-    for e in LOSSES.entries():
-        ref = f"  [{e.reference}]" if e.reference else ""
-        print(f"  {e.name:<9} {e.description}{ref}")
-    print("paradigms (`kdlab paradigm NAME RECIPE`):")
-    for name, desc, ref in list_paradigms():
-        print(f"  {name:<9} {desc}  [{ref}]")
+    print(methods_listing())
     return 0
 
 
@@ -34,14 +27,10 @@ def cmd_compare(args) -> int:
 def cmd_paradigm(args) -> int:
     """``kdlab paradigm NAME RECIPE`` (a normal recipe) or ``kdlab paradigm PARADIGM_RECIPE``
     (e.g. paradigms/digits/ban); ``--set paradigm.<setting>=value`` sets the paradigm's settings."""
-    from kdlab.experiments.paradigms.runs import run_paradigm
-    from kdlab.experiments.paradigms.spec import paradigm_spec
+    from kdlab.experiments.commands import paradigm_command
 
-    spec = paradigm_spec(args.paradigm, args.recipe, A.recipe_overrides(args), args.seed)
-    r = spec.recipe
-    out = Path(args.out or f"runs/{r.name}-{spec.name}/seed{r.train.seed}")
-    res = run_paradigm(spec, out, progress=A.progress(args), data_dir=args.data_dir)
-    print(f"results: {out}")
+    res = paradigm_command(args.paradigm, args.recipe, A.recipe_overrides(args), seed=args.seed, out=args.out,
+                           data_dir=args.data_dir, progress=A.progress(args))
     return 0 if res else 1
 
 

@@ -42,26 +42,11 @@ def register(sub) -> None:
 
 
 def cmd_robustness(args) -> int:
-    if args.study:
-        if args.checkpoints or args.out:
-            raise ValueError("--study evaluates the study's own checkpoints and writes into its "
-                             "report folder; drop the CKPT arguments and --out")
-        from kdlab.data.corruptions import parse_corruptions
-        from kdlab.core.device import resolve_device
-        from kdlab.evaluate.robustness import study_robustness
+    from kdlab.experiments.commands import robustness_command
 
-        study_robustness(args.study, corruptions=parse_corruptions(args.corruptions),
-                         severities=args.severities, seed=args.seed, batch_size=args.batch_size,
-                         device=str(resolve_device(args.device)), data_dir=args.data_dir,
-                         limit=args.limit, progress=A.progress(args))
-        return 0
-    from kdlab.experiments.robustness import checkpoints_robustness
-
-    res, written = checkpoints_robustness(
-        args.checkpoints, names=args.names, reference=args.reference, dataset=args.dataset,
-        data_dir=args.data_dir, corruptions=args.corruptions, severities=args.severities,
-        seed=args.seed, batch_size=args.batch_size, device=args.device, limit=args.limit,
-        cifar_c_dir=args.cifar_c, out_dir=args.out, progress=A.progress(args))
-    print(res.markdown())
-    print("wrote " + ", ".join(str(p) for p in written.values()))
+    robustness_command(args.checkpoints, study=args.study, out=args.out, corruptions=args.corruptions,
+                       device=args.device, progress=A.progress(args), names=args.names,
+                       reference=args.reference, dataset=args.dataset, data_dir=args.data_dir,
+                       severities=args.severities, seed=args.seed, batch_size=args.batch_size,
+                       limit=args.limit, cifar_c_dir=args.cifar_c)
     return 0

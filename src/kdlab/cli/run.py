@@ -17,43 +17,19 @@ def _recipe_args(p, out_help: str, nargs=None) -> None:
     A.add_quiet(p)
 
 
-def _load(args):
-    from kdlab.core.config import load_recipe
-
-    return load_recipe(args.recipe, A.recipe_overrides(args))
-
-
-def _summary(res: dict) -> str:
-    return json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")})
-
-
 def cmd_train_teacher(args) -> int:
-    from kdlab.train.build import train
+    from kdlab.experiments.commands import train_teacher_command
 
-    recipe = _load(args)
-    out = Path(args.out or f"runs/{recipe.name}")
-    print(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
-    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method="teacher")
-    print(_summary(res))
-    print(f"checkpoint: {out / 'best.pt'}")
+    train_teacher_command(args.recipe, A.recipe_overrides(args), out=args.out, progress=A.progress(args),
+                          restart=args.restart)
     return 0
 
 
 def cmd_distill(args) -> int:
-    from kdlab.train.build import ensure_teachers, train
+    from kdlab.experiments.commands import distill_command
 
-    recipe = _load(args)
-    if args.seed is not None:
-        recipe.train.seed = args.seed
-    ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
-    out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
-    teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
-    print(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
-    if (out / "result.json").exists() and not args.restart:
-        print("  (finished earlier: its checked result is reused; --restart trains it again)")
-    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method=recipe.name)
-    print(_summary(res))
-    print(f"checkpoint: {out / 'best.pt'}")
+    distill_command(args.recipe, A.recipe_overrides(args), out=args.out, seed=args.seed, data_dir=args.data_dir,
+                    progress=A.progress(args), restart=args.restart)
     return 0
 
 
@@ -67,50 +43,33 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kdlab.core.device import resolve_device
-    from kdlab.evaluate.robustness import study_robustness
-    from kdlab.experiments.study import run_ablation
+    from kdlab.experiments.commands import demo
 
-    report = run_ablation("digits/full", out_dir=args.out, seeds=args.seeds, mode="ladder",
-                          overrides=A.recipe_overrides(args), progress=A.progress(args))
-    if not args.no_robustness:
-        print("\nrobustness of the five methods (15 standard + 4 extra corruptions x 5 severities, seed 0; "
-              "mCE over the 15):")
-        study_robustness(Path(report["out_dir"]).parent, device=str(resolve_device(args.device)),
-                         progress=A.progress(args))
-    study = Path(report["out_dir"]).parent
-    if not args.no_explain:
-        from kdlab.experiments.findings import write_findings
-        from kdlab.experiments.study_explain import explain_study
-
-        print("\nwhere the students look (attention rank alignment, top-k focus, logit agreement):")
-        explain_study(study, device=str(resolve_device(args.device)))
-        write_findings([study], out=study / "report" / "findings.md", command="kdlab demo")
+    demo(out=args.out, seeds=args.seeds, overrides=A.recipe_overrides(args), device=args.device,
+         robustness=not args.no_robustness, explain=not args.no_explain, progress=A.progress(args))
     return 0
 
 
 def cmd_explain_study(args) -> int:
-    from kdlab.experiments.study_explain import explain_study
-    from kdlab.core.device import resolve_device
+    from kdlab.experiments.commands import explain_study_command
 
-    explain_study(args.study, teacher=args.teacher, n_images=args.n_images, method=args.method,
-                  grid=args.grid, k=args.k, steps=args.steps, data_dir=args.data_dir,
-                  device=str(resolve_device(args.device)))
+    explain_study_command(args.study, teacher=args.teacher, n_images=args.n_images, method=args.method,
+                          grid=args.grid, k=args.k, steps=args.steps, data_dir=args.data_dir, device=args.device)
     return 0
 
 
 def cmd_findings(args) -> int:
     from kdlab.experiments.findings import write_findings
 
-    write_findings(args.studies, out=Path(args.out or "docs") / "findings.md",
-                   command="kdlab findings " + " ".join(args.studies))
+    write_findings(args.studies, out=Path(args.out) / "findings.md" if args.out else None,
+                   command="kdlab findings " + " ".join(args.studies) + (f" --out {args.out}" if args.out else ""))
     return 0
 
 
 def cmd_report(args) -> int:
-    from kdlab.report.tables import rebuild_report
+    from kdlab.report.tables import rebuild_reports
 
-    rebuild_report(args.study, baseline=args.baseline, figures=not args.no_figures)
+    rebuild_reports(args.study, baseline=args.baseline, figures=not args.no_figures)
     return 0
 
 
@@ -135,28 +94,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from kdlab.core.config import list_recipes, load_recipe
+    from kdlab.experiments.commands import recipes_listing
 
-    from kdlab.experiments.paradigms.spec import list_paradigm_recipes, load_paradigm
-    from kdlab.lm.recipe import list_lm_recipes
-
-    print("training recipes (kdlab train-teacher / distill / ablate / compare):")
-    for name in list_recipes():
-        try:
-            desc = load_recipe(name).description
-        except Exception as e:  # a broken shipped recipe should be visible, not hidden
-            desc = f"INVALID: {e}"
-        print(f"  {name:<30} {desc}")
-    print("paradigm recipes (kdlab paradigm / compare):")
-    for name in list_paradigm_recipes():
-        try:
-            desc = load_paradigm(name).description
-        except Exception as e:
-            desc = f"INVALID: {e}"
-        print(f"  {name:<30} {desc}")
-    print("language-model recipes (kdlab lm ...):")
-    for name in list_lm_recipes():
-        print(f"  {name}")
+    print(recipes_listing())
     return 0
 
 
@@ -189,7 +129,8 @@ def register(sub) -> None:
     p.add_argument("--restart", action="store_true", help="ignore an unfinished run and start over")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("ablate", help="step-wise and leave-one-out ablation of a full recipe over seeds")
+    p = sub.add_parser("ablate", help="the paired multi-seed study of a recipe of any task (classification: "
+                       "step-wise and leave-one-out ablation; lm: the recipe's study.methods)")
     _recipe_args(p, "runs/<recipe name>")
     A.add_seeds(p)
     A.add_parallel(p)
@@ -227,7 +168,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("findings", help="the findings page: what each component buys, with p-values")
     p.add_argument("studies", nargs="+", help="study folders (each a finished `kdlab ablate`)")
-    A.add_out(p, "docs (the page is <DIR>/findings.md)")
+    A.add_out(p, "the first study's report folder: the page is <DIR>/findings.md; give --out docs to "
+                 "replace the project's docs/findings.md")
     p.set_defaults(func=cmd_findings)
 
     p = sub.add_parser("report", help="rebuild a study's tables and figures from its runs (no training)")

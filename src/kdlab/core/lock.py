@@ -16,6 +16,7 @@ no-op. Network file systems that do not support flock are not protected.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -129,3 +130,22 @@ def is_locked(folder: str | os.PathLike) -> bool:
     finally:
         os.close(fd)  # closing drops a lock we may just have taken
     return False
+
+
+@contextmanager
+def file_lock(path):
+    """An exclusive, blocking ``flock`` on the file ``path`` for the ``with`` block (a no-op where
+    fcntl is missing): what the workers of a shared ``kdlab tune`` study ask for trials under.
+    :class:`RunLock` is the non-blocking lock of a run folder."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -60,9 +60,16 @@ def check_transfer_kind(kind: str) -> str:
     """``kind`` if it names a transfer-set builder, else ValueError with the closest names."""
     if kind in _BUILDERS:
         return kind
-    close = difflib.get_close_matches(kind, list(_BUILDERS), n=2)
+    if kind in LAZY_BUILDERS:
+        import importlib
+
+        importlib.import_module(LAZY_BUILDERS[kind])  # registers it
+        if kind in _BUILDERS:
+            return kind
+    names = sorted(set(_BUILDERS) | set(LAZY_BUILDERS))
+    close = difflib.get_close_matches(kind, names, n=2)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ValueError(f"unknown transfer set kind {kind!r}{hint}; use one of {', '.join(sorted(_BUILDERS))}")
+    raise ValueError(f"unknown transfer set kind {kind!r}{hint}; use one of {', '.join(names)}")
 
 
 def _images_of(obj, info) -> torch.Tensor:
@@ -126,29 +133,9 @@ def munge_set(ctx: TransferContext, k: int = 1, p: float = 0.5, s: float = 1.0) 
     return munge_images(x, k=k, p=p, s=s, seed=ctx.seed)
 
 
-_SYNTH_CACHE: dict = {}
-
-
-@register_transfer("deepinv")
-def deepinv_set(ctx: TransferContext, n: int = 256, iters: int = 200, lr: float = 0.1, a_bn: float = 1.0,
-                a_tv: float = 1e-2, batch_size: int = 64) -> torch.Tensor:
-    """``n`` DeepInversion images (Yin et al. 2020) of the teacher, mapped back to [0, 1]. Kept in
-    memory per (teacher weights, parameters, seed), so a study synthesises them once per seed."""
-    from kdlab.distill.teachers import module_fingerprint
-    from kdlab.distill.inversion import synthesize
-
-    if ctx.teacher is None:
-        raise ValueError("a deepinv transfer set needs the recipe's teacher (teacher.checkpoint)")
-    teacher = ctx.teacher()
-    info = ctx.info
-    key = (module_fingerprint(teacher), n, iters, lr, a_bn, a_tv, batch_size, ctx.seed, info.input_shape)
-    if key not in _SYNTH_CACHE:
-        x_hat, _ = synthesize(teacher, n, info.input_shape, info.num_classes, iters=iters, lr=lr,
-                              batch_size=batch_size, a_bn=a_bn, a_tv=a_tv, seed=ctx.seed)
-        mean = torch.tensor(info.mean, device=x_hat.device).view(1, -1, 1, 1)
-        std = torch.tensor(info.std, device=x_hat.device).view(1, -1, 1, 1)
-        _SYNTH_CACHE[key] = (x_hat * std + mean).clamp(0, 1).cpu()
-    return _SYNTH_CACHE[key]
+#: builders that live in higher packages, imported by name on first use: a DeepInversion set
+#: needs the teacher's inversion (``kdlab.distill``), which ``data`` does not import
+LAZY_BUILDERS = {"deepinv": "kdlab.distill.inversion"}
 
 
 def build_transfer_images(kind: str, params: dict, ctx: TransferContext) -> torch.Tensor:

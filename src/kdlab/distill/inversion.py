@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdlab.core.seeding import derive_seed
+from kdlab.data.transfer import TransferContext, register_transfer
 
 
 def tv_prior(x: torch.Tensor) -> torch.Tensor:
@@ -86,3 +87,28 @@ def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, it
     finally:
         hook.close()
     return torch.cat(xs), torch.cat(ys)
+
+
+# -- a DeepInversion transfer set (``data.transfer: [{kind: deepinv, ...}]``) -------------------
+_SYNTH_CACHE: dict = {}
+
+
+@register_transfer("deepinv")
+def deepinv_set(ctx: TransferContext, n: int = 256, iters: int = 200, lr: float = 0.1, a_bn: float = 1.0,
+                a_tv: float = 1e-2, batch_size: int = 64) -> torch.Tensor:
+    """``n`` DeepInversion images (Yin et al. 2020) of the teacher, mapped back to [0, 1]. Kept in
+    memory per (teacher weights, parameters, seed), so a study synthesises them once per seed."""
+    from kdlab.distill.teachers import module_fingerprint
+
+    if ctx.teacher is None:
+        raise ValueError("a deepinv transfer set needs the recipe's teacher (teacher.checkpoint)")
+    teacher = ctx.teacher()
+    info = ctx.info
+    key = (module_fingerprint(teacher), n, iters, lr, a_bn, a_tv, batch_size, ctx.seed, info.input_shape)
+    if key not in _SYNTH_CACHE:
+        x_hat, _ = synthesize(teacher, n, info.input_shape, info.num_classes, iters=iters, lr=lr,
+                              batch_size=batch_size, a_bn=a_bn, a_tv=a_tv, seed=ctx.seed)
+        mean = torch.tensor(info.mean, device=x_hat.device).view(1, -1, 1, 1)
+        std = torch.tensor(info.std, device=x_hat.device).view(1, -1, 1, 1)
+        _SYNTH_CACHE[key] = (x_hat * std + mean).clamp(0, 1).cpu()
+    return _SYNTH_CACHE[key]

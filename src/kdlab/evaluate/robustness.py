@@ -27,8 +27,10 @@ CE and relative CE are ratios (the reference scores 1, i.e. 100%); a zero denomi
 (written as ``null`` in JSON). ``evaluate_robustness`` corrupts the test set on the fly with
 `kdlab.data.corruptions.corrupt` (or reads the published CIFAR-10-C arrays), normalises with the
 data set's mean/std *after* corrupting, and writes ``robustness.csv`` (long form),
-``robustness.json``, ``robustness.md`` and ``robustness_heatmap.png``. ``study_robustness`` does
-this for every (method, seed) of a finished study and adds the columns to its table.
+``robustness.json``, ``robustness.md`` and ``robustness_heatmap.png``
+(:mod:`kdlab.report.robustness` renders them). :func:`kdlab.experiments.robustness.
+study_robustness` does this for every (method, seed) of a finished study and adds the columns to
+its table.
 """
 
 from __future__ import annotations
@@ -44,20 +46,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdlab.data.corruptions import (
+from kdlab.data.corruptions import (  # noqa: F401  (split_standard re-exported)
     SEVERITIES,
     STANDARD_CORRUPTIONS,
     CorruptedSet,
     check_severity,
     load_cifar10c,
     parse_corruptions,
+    split_standard,
 )
+# rendering lives in kdlab.report.robustness (re-exported here: evaluate -> report is the allowed edge)
+from kdlab.report.robustness import (REL_MCE_MIN_DEGRADATION, metrics_footer,  # noqa: F401
+                                     robustness_heatmap, robustness_markdown, study_robustness_markdown,
+                                     write_results)
 
 Acc = Mapping[str, Mapping[int, float]]  # corruption -> severity -> accuracy (or error)
 
-#: relative mCE skips a corruption whose reference error rises by less than this (mean over
-#: severities, as a fraction: 0.01 = 1 percentage point) above the reference's clean error
-REL_MCE_MIN_DEGRADATION = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,14 +75,6 @@ def _ratio(num: float, den: float) -> float:
 def _mean(values) -> float:
     values = [float(v) for v in values]
     return float(np.mean(values)) if values else float("nan")
-
-
-def split_standard(names: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``(standard, extra)``: the names among the 15 standard corruptions (in the given order)
-    and all the others."""
-    names = list(names)
-    return ([c for c in names if c in STANDARD_CORRUPTIONS],
-            [c for c in names if c not in STANDARD_CORRUPTIONS])
 
 
 def mean_corruption_accuracy(acc: Acc) -> float:
@@ -250,173 +246,13 @@ class RobustnessResults:
         }
 
     def markdown(self) -> str:
+        """The result as Markdown (:func:`kdlab.report.robustness.robustness_markdown`)."""
         return robustness_markdown(self)
 
-    def heatmap(self, path) -> Path:
-        met = self.metrics
-        return robustness_heatmap(
-            {m: met[m]["acc_by_corruption"] for m in self.models}, path,
-            clean={m: met[m]["clean_acc"] for m in self.models},
-            title=f"accuracy (%) under corruption, mean over severities {self._sev_label()}")
-
-    def _sev_label(self) -> str:
-        return ",".join(map(str, self.severities))
-
     def write(self, out_dir) -> dict[str, Path]:
-        """Write ``robustness.csv``, ``.json``, ``.md`` and ``robustness_heatmap.png``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {k: out / f"robustness.{k}" for k in ("csv", "json", "md")}
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["model", "corruption", "severity", "acc"])
-            w.writeheader()
-            for r in self.rows():
-                w.writerow({**r, "acc": f"{r['acc']:.6f}"})
-        paths["json"].write_text(json.dumps(_jsonable(self.summary()), indent=2) + "\n")
-        paths["md"].write_text(self.markdown())
-        paths["png"] = self.heatmap(out / "robustness_heatmap.png")
-        return paths
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _pct(v: float, digits: int = 2) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.{digits}f}"
-
-
-def metrics_footer(reference: str, n_standard: int, extra: Sequence[str],
-                   skipped: Mapping[str, float] | None = None,
-                   min_degradation: float | None = REL_MCE_MIN_DEGRADATION) -> str:
-    """The note under a robustness table: what mCA / mCE / rel. mCE average, where the extra
-    corruptions went, and which corruptions the relative-mCE guard skipped (``skipped``:
-    corruption -> the reference's degradation, or a count of seeds)."""
-    which = ("the 15 standard corruptions" if n_standard == len(STANDARD_CORRUPTIONS) else
-             f"the {n_standard} of the 15 standard corruptions that were evaluated")
-    parts = [f"mCA, mCE and rel. mCE average {which} (Hendrycks & Dietterich, ICLR 2019); "
-             f"mCE and rel. mCE are in % of `{reference}`."]
-    if extra:
-        many = len(extra) != 1
-        parts.append(f"The {len(extra)} extra corruption{'s' if many else ''} "
-                     f"({', '.join(extra)}) {'are' if many else 'is'} held out, as published, "
-                     f"and averaged separately (\"extra\" columns).")
-    if min_degradation is not None:
-        note = (f"rel. mCE leaves out corruptions where the reference's error rises by less than "
-                f"{100 * min_degradation:g} pp on average over severities")
-        if skipped:
-            items = [f"{c} ({v:+.2f} pp)" if isinstance(v, float) else f"{c} ({v})"
-                     for c, v in skipped.items()]
-            note += ": " + ", ".join(items)
-        else:
-            note += " (none here)"
-        parts.append(note + ".")
-    return " ".join(parts)
-
-
-def robustness_markdown(res: RobustnessResults) -> str:
-    met = res.metrics
-    _, extra = split_standard(res.corruptions)
-    has_extra = bool(extra)
-    head = "| model | clean acc | mCA | mCE | rel. mCE |"
-    rule = "|---|---:|---:|---:|---:|"
-    if has_extra:
-        head += " mCA extra | mCE extra | rel. mCE extra |"
-        rule += "---:|---:|---:|"
-    lines = [
-        f"Robustness on {res.n_images} test images ({res.source}, seed {res.seed}, severities "
-        f"{res._sev_label()}, {len(res.corruptions)} corruptions). Accuracies in %; mCE and "
-        f"relative mCE in % of the reference `{res.reference}`.",
-        "",
-        head,
-        rule,
-    ]
-    for m in res.models:
-        v = met[m]
-        ref = " (ref)" if m == res.reference else ""
-        line = (f"| {m}{ref} | {_pct(v['clean_acc'])} | {_pct(v['mCA'])} | "
-                f"{_pct(v['mCE'], 1)} | {_pct(v['rel_mCE'], 1)} |")
-        if has_extra:
-            line += (f" {_pct(v['mCA_extra'])} | {_pct(v['mCE_extra'], 1)} | "
-                     f"{_pct(v['rel_mCE_extra'], 1)} |")
-        lines.append(line)
-    ref_m = met[res.reference]
-    skipped = {c: 100 * ref_m["ref_degradation"][c] for c in ref_m["rel_mCE_skipped"]}
-    n_std = ref_m["n_standard"]
-    lines += ["", metrics_footer(res.reference, n_std, extra, skipped,
-                                 ref_m["rel_mCE_min_degradation"])]
-    lines += ["", "Accuracy (%) per corruption, mean over severities:", "",
-              "| corruption | " + " | ".join(res.models) + " |",
-              "|---|" + "---:|" * len(res.models)]
-    for c in res.corruptions:
-        lines.append(f"| {c} | " + " | ".join(_pct(met[m]["acc_by_corruption"][c])
-                                             for m in res.models) + " |")
-    lines += ["", f"Corruption error CE (% of `{res.reference}`):", "",
-              "| corruption | " + " | ".join(res.models) + " |",
-              "|---|" + "---:|" * len(res.models)]
-    for c in res.corruptions:
-        lines.append(f"| {c} | " + " | ".join(_pct(met[m]["CE"][c], 1) for m in res.models)
-                     + " |")
-    return "\n".join(lines) + "\n"
-
-
-def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], path, *,
-                       clean: Mapping[str, float] | None = None, title: str | None = None,
-                       spread: Mapping[str, Mapping[str, float]] | None = None) -> Path:
-    """Heat map, corruptions (rows) x models or methods (columns), of accuracies in [0, 1]
-    (e.g. the mean over severities), annotated in %; a ``clean`` row on top and, at the bottom,
-    an ``mCA`` row (mean over the standard corruptions) and, when extra corruptions are shown,
-    a ``mean extra`` row. The colour scale is fixed to 0-100%. ``spread`` (same keys, e.g. the
-    sd over seeds) is printed under each value. Usable by the study report with method names as
-    keys."""
-    import matplotlib.pyplot as plt
-
-    from kdlab.report.figures import annotated_heatmap
-
-    models = list(acc_by_corruption)
-    corrs = list(next(iter(acc_by_corruption.values()))) if models else []
-    std, extra = split_standard(corrs)
-    rows, labels, sds = [], [], []
-    if clean is not None:
-        rows.append([clean[m] for m in models])
-        labels.append("clean")
-        sds.append([np.nan] * len(models))
-    for c in corrs:
-        rows.append([acc_by_corruption[m][c] for m in models])
-        labels.append(c)
-        sds.append([spread[m][c] if spread is not None else np.nan for m in models])
-    summary_rows = [("mCA (standard)" if extra else "mean (mCA)", std)] if std else []
-    if extra:
-        summary_rows.append(("mean extra", extra))
-    if not std and not extra:
-        summary_rows = [("mean (mCA)", [])]
-    for label, group in summary_rows:
-        rows.append([float(np.mean([acc_by_corruption[m][c] for c in group])) if group
-                     else np.nan for m in models])
-        labels.append(label)
-        sds.append([np.nan] * len(models))
-    rules = [(0.5, 1.5, "-")] if clean is not None else []
-    rules.append((len(labels) - len(summary_rows) - 0.5, 1.5, "-"))
-    if std and extra and corrs[:len(std)] == std:  # standard rows first: mark where extras begin
-        rules.append(((1 if clean is not None else 0) + len(std) - 0.5, 0.8, "--"))
-    fig, _ = annotated_heatmap(100 * np.asarray(rows, dtype=np.float64), labels, models,
-                               spread=100 * np.asarray(sds, dtype=np.float64), rules=rules, title=title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        """Write ``robustness.csv``, ``.json``, ``.md`` and ``robustness_heatmap.png``
+        (:func:`kdlab.report.robustness.write_results`)."""
+        return write_results(self, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,140 +373,10 @@ def evaluate_robustness(
 
 
 
-# ---------------------------------------------------------------------------------------------
-# a finished study
-
-STUDY_METRICS = ("mCA", "mCE", "rel_mCE", "mCA_extra", "mCE_extra", "rel_mCE_extra",
-                 "mCA_all", "mCE_all", "rel_mCE_all")
-
-
-def aggregate_over_seeds(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, sample sd, 95% t half-width)`` of the finite per-seed values (sd and the
-    half-width are NaN below 2 values); `kdlab.report.tables.mean_sd_ci`."""
-    from kdlab.report.tables import mean_sd_ci
-
-    return mean_sd_ci([v for v in values if v is not None and math.isfinite(v)])
-
-
-def study_robustness_markdown(stats: Sequence[Mapping], baseline: str, n_seeds: int,
-                              extra: Sequence[str], n_standard: int) -> str:
-    """The study's robustness table (one row per method, mean ± sd over seeds) and its note."""
-    from kdlab.report.tables import fmt_pct, markdown_table
-
-    has_extra = bool(extra)
-    head = ["method", "seeds", "mCA % (mean ± sd)", "mCE %", "rel. mCE %"]
-    if has_extra:
-        head += ["mCA extra %", "mCE extra %", "rel. mCE extra %"]
-    rows = []
-    keys = ("mCA", "mCE", "rel_mCE") + (("mCA_extra", "mCE_extra", "rel_mCE_extra")
-                                        if has_extra else ())
-    for r in stats:
-        if "mCA" not in r:
-            continue
-        cells = [r["method"], r.get("n_robust_seeds", "—")]
-        cells += [fmt_pct(r.get(k), r.get(k + "_sd"), 1 if "CE" in k else 2) for k in keys]
-        rows.append(cells)
-    skipped: dict[str, str] = {}
-    for r in stats:
-        for c, n in (r.get("rel_mCE_skipped") or {}).items():
-            skipped[c] = f"{n} of {n_seeds} seed{'s' if n_seeds != 1 else ''}"
-    note = metrics_footer(baseline, n_standard, extra, skipped) + (
-        f" ± is the sd over seeds; each seed's reference is '{baseline}' of the same seed.")
-    return markdown_table(head, rows) + "\n\n" + note + "\n"
-
-
-def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5), seed: int = 0,
-                     batch_size: int = 256, device: str = "cpu", data_dir=None, limit=None,
-                     progress: bool = True, log=print) -> dict:
-    """Robustness of every (method, seed) student of a finished study.
-
-    For each study seed the methods' best checkpoints are evaluated on the same corrupted test
-    images (corruption draws seeded by ``seed``), with CE / mCE relative to the baseline of the
-    same study seed (``report/robustness/seed<k>/``). The study table gains, per method, the
-    mean over seeds of mCA, mCE and relative mCE over the 15 standard corruptions, with their
-    sd and 95% t half-width over seeds (``mCA_sd``, ``mCA_ci95``, ...), the same for the extra
-    corruptions (``mCA_extra``, ...) and for all of them (``mCA_all``, ...), ``n_robust_seeds``
-    and ``rel_mCE_skipped`` (corruption -> seeds where the relative-mCE guard left it out).
-    Writes ``report/robustness.md`` (the robustness table and its note),
-    ``report/robustness_heatmap.png`` (corruption x method accuracy, mean over severities and
-    seeds, with the sd over seeds) and the study table (`kdlab.report.tables.write_tables`),
-    whose result it returns.
-    """
-    from kdlab.core.checkpoint import load_model
-    from kdlab.data import load_dataset
-    from kdlab.report.tables import write_tables
-
-    study_dir = Path(study_dir)
-    table_path = study_dir / "report" / "table.json"
-    if not table_path.is_file():
-        raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = json.loads(table_path.read_text())
-    stats, baseline = table["methods"], table["baseline"]
-    methods = [r["method"] for r in stats]
-    seeds = sorted({s for r in stats for s in r["seeds"]})
-    per = {m: {**{k: [] for k in STUDY_METRICS}, "by_c": [], "clean": [], "skipped": []}
-           for m in methods}
-    splits = None
-    corrs: list[str] = []
-    for s in seeds:
-        models = {}
-        for m in methods:
-            path = study_dir / m / f"seed{s}" / "best.pt"
-            if path.is_file():
-                models[m], ck = load_model(path, device)
-        if not models:
-            continue
-        if splits is None:
-            d = ck["recipe"]["data"]
-            splits = load_dataset(d["name"], data_dir or d.get("data_dir"),
-                                  val_fraction=d["val_fraction"])
-        test = splits.test if limit is None else type(splits.test)(splits.test.x[:limit],
-                                                                   splits.test.y[:limit])
-        ref = baseline if baseline in models else next(iter(models))
-        log(f"robustness, study seed {s}: {len(models)} methods, reference '{ref}'")
-        res = evaluate_robustness(models, test, splits.info, corruptions, severities, seed=seed,
-                                  batch_size=batch_size, device=device, reference=ref,
-                                  out_dir=study_dir / "report" / "robustness" / f"seed{s}",
-                                  progress=progress)
-        corrs = res.corruptions
-        met = res.metrics
-        for m in models:
-            for k in STUDY_METRICS:
-                per[m][k].append(met[m][k])
-            per[m]["by_c"].append(met[m]["acc_by_corruption"])
-            per[m]["clean"].append(met[m]["clean_acc"])
-            per[m]["skipped"].append(met[m]["rel_mCE_skipped"])
-    if splits is None:
-        raise FileNotFoundError(f"no best.pt under {study_dir}/<method>/seed<k>/; "
-                                f"run the study first")
-    mean = lambda v: aggregate_over_seeds(v)[0]  # noqa: E731
-    for r in stats:
-        p = per[r["method"]]
-        if not p["mCA"]:
-            continue
-        for k in STUDY_METRICS:
-            r[k], r[k + "_sd"], r[k + "_ci95"] = aggregate_over_seeds(p[k])
-        r["n_robust_seeds"] = len(p["mCA"])
-        r["rel_mCE_skipped"] = {c: sum(c in sk for sk in p["skipped"])
-                                for c in corrs if any(c in sk for sk in p["skipped"])}
-    heat = {m: {c: mean([bc[c] for bc in per[m]["by_c"]]) for c in corrs}
-            for m in methods if per[m]["by_c"]}
-    spread = {m: {c: aggregate_over_seeds([bc[c] for bc in per[m]["by_c"]])[1] for c in corrs}
-              for m in heat}
-    robustness_heatmap(heat, study_dir / "report" / "robustness_heatmap.png",
-                       clean={m: mean(per[m]["clean"]) for m in heat}, spread=spread,
-                       title=f"accuracy (%) under corruption: mean over severities, then "
-                             f"mean ± sd over {len(seeds)} seeds")
-    std, extra = split_standard(corrs)
-    (study_dir / "report" / "robustness.md").write_text(
-        study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
-    return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log)
-
-
 __all__ = [
     "REL_MCE_MIN_DEGRADATION", "RobustnessResults", "corruption_errors", "evaluate_robustness",
     "mean_corruption_accuracy", "mean_corruption_error", "metrics_footer",
     "reference_degradation", "relative_corruption_errors", "relative_mce_skipped",
     "relative_mean_corruption_error", "robustness_heatmap", "robustness_markdown",
-    "robustness_metrics", "split_standard", "study_robustness", "study_robustness_markdown",
+    "robustness_metrics", "split_standard", "study_robustness_markdown",
 ]

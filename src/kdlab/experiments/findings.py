@@ -10,7 +10,8 @@ comparisons between two methods of the study that differ by one component (same 
 * ``full`` vs ``kd`` – what all further components add together (three or more components);
 * ``full`` vs ``full-<c>`` – what ``c`` adds given all the others (leave-one-out studies).
 
-Measures: test top-1 (pp), and when their reports exist the mean corruption accuracy mCA (pp) and
+Measures: the task's declared metrics shown in its study table (classification: test top-1 in pp;
+language models: bpb, KL to the teacher, agreement, exposure NLL), and when their reports exist the mean corruption accuracy mCA (pp) and
 mCE (% of the baseline's corruption error; lower is better), and the explanation alignment with
 the teacher (attention rank alignment ρ, share of attribution in the teacher's top-k parts,
 logit alignment ρ). Per contrast and measure: mean paired difference with its 95% t-interval,
@@ -28,7 +29,8 @@ from typing import Optional, Sequence
 
 __all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"]
 
-#: measure key -> (label, unit scale, unit, higher is better)
+#: measure key -> (label, unit scale, unit, higher is better); the task's metrics are added per
+#: study from its table (``test_<metric>``)
 MEASURES = {
     "test_acc": ("test top-1", 100.0, "pp", True),
     "mCA": ("corruption accuracy mCA", 100.0, "pp", True),
@@ -41,10 +43,13 @@ ALPHA = 0.05
 
 
 def component_contrasts(methods: Sequence[str], components: Sequence[str],
-                        baseline: str = "baseline") -> list[tuple[str, str, str]]:
+                        baseline: str = "baseline", aliases: Optional[dict] = None) -> list[tuple[str, str, str]]:
     """``(label, with_method, without_method)`` for the contrasts the study's methods allow (see
-    the module docstring); when none fits the naming, every method against ``baseline``."""
-    ms = set(methods)
+    the module docstring); when none fits the naming, every method against ``baseline``.
+    ``aliases`` (name -> the method whose runs it is) let the contrasts name a recipe by either
+    name; a comparison of the same two runs is listed once (so Holm counts it once)."""
+    aliases = dict(aliases or {})
+    ms = set(methods) | {a for a, b in aliases.items() if b in set(methods)}
     out: list[tuple[str, str, str]] = []
     comps = list(components)
     if comps:
@@ -65,10 +70,11 @@ def component_contrasts(methods: Sequence[str], components: Sequence[str],
     if not out:
         out = [(f"{m} over {baseline}", m, baseline) for m in methods if m != baseline and baseline in ms]
     seen, uniq = set(), []
-    for c in out:
-        if (c[1], c[2]) not in seen:
-            seen.add((c[1], c[2]))
-            uniq.append(c)
+    for label, a, b in out:
+        a, b = aliases.get(a, a), aliases.get(b, b)
+        if (a, b) not in seen and a != b:
+            seen.add((a, b))
+            uniq.append((label, a, b))
     return uniq
 
 
@@ -76,12 +82,24 @@ def component_contrasts(methods: Sequence[str], components: Sequence[str],
 # reading a study's reports
 
 
-def _study_meta(study_dir: Path) -> dict:
-    sj = study_dir / "report" / "study.json"
+def report_dir_of(study_dir: Path) -> Path:
+    """The study's report folder: ``report`` when it holds a table, else the first
+    ``report-<mode>`` that does; a report folder given directly is itself."""
+    study_dir = Path(study_dir)
+    if (study_dir / "table.json").is_file():
+        return study_dir
+    for d in [study_dir / "report", *sorted(study_dir.glob("report-*"))]:
+        if (d / "table.json").is_file():
+            return d
+    return study_dir / "report"
+
+
+def _study_meta(study_dir: Path, rdir: Optional[Path] = None) -> dict:
+    sj = (rdir or study_dir / "report") / "study.json"
     if sj.is_file():
         meta = json.loads(sj.read_text())
         return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode"),
-                "source": meta.get("source")}
+                "source": meta.get("source"), "task": meta.get("task")}
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
         return {"recipe": json.loads(rj.read_text()).get("recipe") or {}, "seeds": None, "mode": None}
     return {"recipe": {}, "seeds": None, "mode": None}
@@ -98,17 +116,38 @@ def _recipe_ref(source: Optional[str]) -> Optional[str]:
     return source
 
 
+def _table_metrics(table: dict) -> list:
+    """The task's metrics of a study table (primary first; classification's accuracy for tables
+    written before tasks)."""
+    from kdlab.report.tables import metric_from
+
+    return [metric_from(table.get("metric"))] + [metric_from(d) for d in table.get("secondary", [])]
+
+
+def _measure(key: str, metrics=()) -> tuple:
+    """``(label, scale, unit, higher is better)`` of a measure key."""
+    for m in metrics:
+        if key == f"test_{m.name}":
+            return (f"test {m.title}", m.scale, m.diff_unit, m.direction == "max")
+    return MEASURES[key]
+
+
 def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict[int, float]]]:
     """measure -> method -> seed -> value, for every measure whose report exists."""
     out: dict[str, dict[str, dict[int, float]]] = {}
-    acc = out.setdefault("test_acc", {})
-    for r in table["methods"]:
-        by = r.get("test_acc_by_seed")
-        if by is None:  # a table written before per-seed values were kept: read the runs
-            by = {}
-            for f in (study_dir / r["method"]).glob("seed*/result.json"):
-                by[int(f.parent.name[4:])] = json.loads(f.read_text())["test_acc"]
-        acc[r["method"]] = {int(k): float(v) for k, v in by.items()}
+    for i, metric in enumerate(_table_metrics(table)):
+        key = f"test_{metric.name}"
+        per = {}
+        for r in table["methods"]:
+            by = r.get(f"{key}_by_seed")
+            if by is None and i == 0:  # a table written before per-seed values were kept: read the runs
+                by = {}
+                for f in (study_dir / r["method"]).glob("seed*/result.json"):
+                    by[int(f.parent.name[4:])] = json.loads(f.read_text())[key]
+            if by:
+                per[r["method"]] = {int(k): float(v) for k, v in by.items()}
+        if per:
+            out[key] = per
     for f in sorted((study_dir / "report" / "robustness").glob("seed*/robustness.json")):
         seed = int(f.parent.name[4:])
         res = json.loads(f.read_text())
@@ -130,18 +169,25 @@ def study_findings(study_dir) -> dict:
     """The contrasts of one study with their tests, per measure (a dict; see :func:`write_findings`)."""
     from kdlab.report.statistics import holm, paired_test, seeds_needed
 
+    from kdlab.tasks import get_task
+
     study_dir = Path(study_dir)
-    tj = study_dir / "report" / "table.json"
+    rdir = report_dir_of(study_dir)
+    if rdir == study_dir:  # a report folder was given
+        study_dir = rdir.parent
+    tj = rdir / "table.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
     table = json.loads(tj.read_text())
-    meta = _study_meta(study_dir)
+    meta = _study_meta(study_dir, rdir)
     recipe = meta["recipe"]
-    comps = [t["term"] for t in recipe.get("loss", []) if t.get("term") != "ce"]
+    task = get_task(table.get("task") or meta.get("task"))
+    comps = task.components(recipe)
     methods = [r["method"] for r in table["methods"]]
     baseline = table.get("baseline", "baseline")
-    contrasts = component_contrasts(methods, comps, baseline)
+    contrasts = component_contrasts(methods, comps, baseline, table.get("aliases"))
     values = _per_seed_measures(study_dir, table)
+    metrics = _table_metrics(table)
     results = []
     for measure, per in values.items():
         tests = []
@@ -150,24 +196,26 @@ def study_findings(study_dir) -> dict:
                 tests.append((label, a, b, paired_test(per[a], per[b])))
         for (label, a, b, t), p in zip(tests, holm([t["p_ttest"] for *_, t in tests])):
             t["p_holm"] = p
-            if measure == "test_acc":
-                t["seeds_for_1pp"] = seeds_needed(t["sd"], 0.01)
+            if measure == f"test_{metrics[0].name}" and metrics[0].delta:
+                t["seeds_for_delta"] = seeds_needed(t["sd"], metrics[0].delta)
             results.append({"measure": measure, "component": label, "with": a, "without": b, **t})
     seeds = sorted({int(s) for r in table["methods"] for s in r.get("seeds", [])})
     ex = study_dir / "report" / "explain_study.json"
     ref = _recipe_ref(meta.get("source"))
+    mode = meta.get("mode")
     train = recipe.get("train") or {}
     made_by = None
     if ref:
         made_by = (f"kdlab ablate {ref} --seeds {' '.join(map(str, seeds))} --out {study_dir}"
                    + (f" --mode {meta['mode']}" if meta.get("mode") not in (None, "ladder") else ""))
     return {"study": str(study_dir), "name": recipe.get("name", study_dir.name), "recipe": recipe,
-            "made_by": made_by, "epochs": train.get("epochs"),
+            "made_by": made_by, "epochs": train.get("epochs"), "task": task.name, "metrics": metrics,
+            "setting": task.describe(recipe), "report_dir": str(rdir), "mode": mode,
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
             "contrasts": contrasts, "results": results,
             "explain_settings": json.loads(ex.read_text())["settings"] if ex.is_file() else None,
-            "robustness": "mCA" in values, "table_md": (study_dir / "report" / "table.md").read_text()
-            if (study_dir / "report" / "table.md").is_file() else ""}
+            "robustness": "mCA" in values, "table_md": (rdir / "table.md").read_text()
+            if (rdir / "table.md").is_file() else ""}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +228,8 @@ def _fmt_p(p) -> str:
     return fmt_p(p)
 
 
-def _fmt_diff(r) -> str:
-    label, scale, unit, _ = MEASURES[r["measure"]]
+def _fmt_diff(r, metrics=()) -> str:
+    label, scale, unit, _ = _measure(r["measure"], metrics)
     d = 3 if scale == 1.0 else 2
     if not math.isfinite(r["mean"]):
         return "—"
@@ -191,7 +239,7 @@ def _fmt_diff(r) -> str:
     return s + (f" {unit}" if unit else "")
 
 
-def verdict(r) -> str:
+def verdict(r, metrics=()) -> str:
     """``"detectable: better"`` / ``"detectable: worse"`` when Holm p < 0.05 (better follows the
     measure's direction), ``"no detectable effect"`` otherwise, ``"undefined"`` when the test is."""
     p = r.get("p_holm", float("nan"))
@@ -199,32 +247,24 @@ def verdict(r) -> str:
         return "undefined (too few seeds or no spread)"
     if p >= ALPHA:
         return "no detectable effect"
-    better = (r["mean"] > 0) == MEASURES[r["measure"]][3]
+    better = (r["mean"] > 0) == _measure(r["measure"], metrics)[3]
     return "detectable: " + ("better" if better else "worse")
 
 
-def _sentence(r) -> str:
-    label, scale, unit, _ = MEASURES[r["measure"]]
-    v = verdict(r)
+def _sentence(r, metrics=()) -> str:
+    label, scale, unit, _ = _measure(r["measure"], metrics)
+    v = verdict(r, metrics)
     p = f"Holm p {_fmt_p(r['p_holm'])}"
     if v.startswith("detectable"):
-        return f"{label} {_fmt_diff(r)} ({p}; {v.split(': ')[1]})"
+        return f"{label} {_fmt_diff(r, metrics)} ({p}; {v.split(': ')[1]})"
     if v.startswith("undefined"):
         return f"{label}: {v}"
-    return f"{label}: no detectable effect ({_fmt_diff(r)}, {p})"
+    return f"{label}: no detectable effect ({_fmt_diff(r, metrics)}, {p})"
 
 
 def _describe(f: dict) -> str:
-    rec = f["recipe"]
-    d = rec.get("data") or {}
-    t = (rec.get("teacher") or {}).get("model", "?")
-    s = (rec.get("student") or {}).get("model", "?")
-    lf = d.get("label_fraction")
-    ep = (rec.get("train") or {}).get("epochs")
-    return (f"data **{d.get('name', '?')}**" + (f" ({100 * lf:g}% of the training labels)" if lf not in (None, 1, 1.0) else "")
-            + f", teacher {t}, student {s}" + (f", {ep} epochs" if ep else "")
-            + f", {len(f['seeds'])} seeds ({', '.join(map(str, f['seeds']))}); components: "
-            + (", ".join(f["components"]) or "—"))
+    return (f"{f.get('setting') or f['name']}, {len(f['seeds'])} seeds ({', '.join(map(str, f['seeds']))}); "
+            "components: " + (", ".join(f["components"]) or "—"))
 
 
 def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> str:
@@ -251,17 +291,19 @@ def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> 
             rs = [r for r in f["results"] if r["component"] == label]
             if not rs:
                 continue
-            lines.append(f"- *{label}* ({a} vs {b}): " + "; ".join(_sentence(r) for r in rs) + ".")
-        acc = [r for r in f["results"] if r["measure"] == "test_acc" and math.isfinite(r.get("seeds_for_1pp", float("nan")))]
+            lines.append(f"- *{label}* ({a} vs {b}): " + "; ".join(_sentence(r, f["metrics"]) for r in rs) + ".")
+        pm = f["metrics"][0]
+        acc = [r for r in f["results"] if r["measure"] == f"test_{pm.name}"
+               and math.isfinite(r.get("seeds_for_delta", float("nan")))]
         if acc:
-            lines.append(f"- Power: detecting a 1 pp accuracy difference with power 0.8 at the observed "
-                         f"spread would take " + ", ".join(
-                             f"{int(r['seeds_for_1pp']) if math.isfinite(r['seeds_for_1pp']) else '∞'} seeds "
+            lines.append(f"- Power: detecting a {pm.delta_text()} {pm.title} difference with power 0.8 at the "
+                         f"observed spread would take " + ", ".join(
+                             f"{int(r['seeds_for_delta']) if math.isfinite(r['seeds_for_delta']) else '∞'} seeds "
                              f"({r['with']} vs {r['without']})" for r in acc) + f"; this study has {len(f['seeds'])}.")
         missing = []
-        if not f["robustness"]:
+        if not f["robustness"] and f.get("task") == "classification":
             missing.append(f"robustness (`kdlab robustness --study {f['study']}`)")
-        if f["explain_settings"] is None:
+        if f["explain_settings"] is None and f.get("task") == "classification":
             missing.append(f"explanation alignment (`explain_study('{f['study']}')`)")
         if missing:
             lines.append("- Not measured for this study: " + "; ".join(missing) + ".")
@@ -275,9 +317,10 @@ def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> 
                 "d_z", "seeds", "verdict"]
         body = []
         for r in f["results"]:
-            body.append([r["component"], f"{r['with']} − {r['without']}", MEASURES[r["measure"]][0],
-                         _fmt_diff(r), _fmt_p(r["p_ttest"]), _fmt_p(r["p_wilcoxon"]), _fmt_p(r["p_holm"]),
-                         "—" if not math.isfinite(r["d_z"]) else f"{r['d_z']:+.2f}", r["n"], verdict(r)])
+            body.append([r["component"], f"{r['with']} − {r['without']}", _measure(r["measure"], f["metrics"])[0],
+                         _fmt_diff(r, f["metrics"]), _fmt_p(r["p_ttest"]), _fmt_p(r["p_wilcoxon"]),
+                         _fmt_p(r["p_holm"]), "—" if not math.isfinite(r["d_z"]) else f"{r['d_z']:+.2f}", r["n"],
+                         verdict(r, f["metrics"])])
         from kdlab.report.tables import markdown_table
 
         if body:
@@ -292,18 +335,22 @@ def render_findings(findings: Sequence[dict], command: Optional[str] = None) -> 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_findings(study_dirs: Sequence, out="docs/findings.md", *, command: Optional[str] = None,
+def write_findings(study_dirs: Sequence, out=None, *, command: Optional[str] = None,
                    log=print) -> str:
-    """Write the findings page for ``study_dirs`` to ``out`` and return its Markdown.
+    """Write the findings page for ``study_dirs`` to ``out`` (default: ``findings.md`` in the first
+    study's report folder; the project's ``docs/findings.md`` only when given explicitly) and
+    return its Markdown.
 
     Each study needs ``report/table.json`` (``kdlab ablate``); ``report/robustness/seed*/`` and
     ``report/explain_study.json`` add the mCA / mCE and alignment measures when present."""
+    from kdlab.core.io import atomic_write_text
+
     if not study_dirs:
         raise ValueError("give at least one study directory (written by `kdlab ablate --out DIR`)")
     findings = [study_findings(d) for d in study_dirs]
     md = render_findings(findings, command)
-    out = Path(out)
+    out = Path(out) if out is not None else Path(findings[0]["report_dir"]) / "findings.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
+    atomic_write_text(out, md)
     log(f"findings: {out}")
     return md

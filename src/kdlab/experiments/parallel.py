@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from kdlab.train.prefill import prefill_job, set_threads, shared_teacher, uses_cache  # noqa: F401
+
 LAUNCHERS = ("local", "submitit")
 
 
@@ -70,62 +72,6 @@ def threads_per_job(n_jobs: int, cores: Optional[int] = None) -> int:
     if n_jobs < 1:
         raise ValueError(f"jobs must be at least 1 (got {n_jobs})")
     return max(1, (cores or available_cores()) // n_jobs)
-
-
-def set_threads(threads: Optional[int]) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
-_TEACHERS: dict = {}  # per worker process: teacher checkpoint -> loaded model
-
-
-def shared_teacher(recipe):
-    """The recipe's teacher, loaded once per process (read-only)."""
-    from kdlab.train.build import load_splits, load_teacher
-    from kdlab.core.device import resolve_device
-
-    key = (recipe.teacher.checkpoint, recipe.train.device)
-    if key not in _TEACHERS:
-        _TEACHERS[key] = load_teacher(recipe, load_splits(recipe).info, resolve_device(recipe.train.device))
-    return _TEACHERS[key]
-
-
-def uses_cache(recipe) -> bool:
-    """Whether the runs of ``recipe`` read teacher outputs from a study's cache."""
-    from kdlab.distill.teachers import teacher_plan
-
-    return recipe.needs_teacher() and teacher_plan(recipe.train.teacher_mode).cached
-
-
-def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int] = None) -> dict:
-    """Store every teacher output the runs of ``recipes`` at ``seed`` will ask for under
-    ``cache_root`` (all ``train.epochs`` epochs; entries already there are kept). Returns the
-    store's hit / miss counts."""
-    import torch
-
-    from kdlab.distill.teachers import TeacherStore
-    from kdlab.train.build import build_run, teacher_layers_of
-
-    set_threads(threads)
-    store = TeacherStore(cache_root, memory_mb=0)  # every finished epoch goes to disk
-    store.expect(teacher_layers_of([r for r in recipes if uses_cache(r)]))
-    for recipe in recipes:
-        if not uses_cache(recipe):
-            continue
-        r = recipe.with_seed(seed)
-        run = build_run(r, teacher=shared_teacher(r), store=store)
-        obj = run.objective
-        sources = ([obj.teacher] if obj.teacher is not None else []) + list(obj.extra_teachers.values())
-        for e in range(r.train.epochs):
-            for step, (x, y, idx) in enumerate(run.train_loader.epoch(e)):
-                if r.train.channels_last:  # as DistillObjective.record passes it
-                    x = x.contiguous(memory_format=torch.channels_last)
-                for src in sources:
-                    src(x, y, idx, e, step)
-    return {"hits": store.hits, "misses": store.misses}
 
 
 def _prefill_item(item: tuple, cache_root: str, threads: Optional[int]) -> dict:

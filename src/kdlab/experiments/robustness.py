@@ -1,13 +1,16 @@
 """Corruption robustness of a set of checkpoints (``kdlab robustness CKPT ...``): load them, check
 they fit one data set, evaluate them under the corruptions (:mod:`kdlab.evaluate.robustness`)
-and write the tables and the heat map."""
+and write the tables and the heat map; and the robustness pass over a finished study
+(:func:`study_robustness`, ``kdlab robustness --study``)."""
 
 from __future__ import annotations
 
-from kdlab.core.checkpoint import check_fits
-
+import json
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from kdlab.core.checkpoint import check_fits
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
@@ -92,3 +95,108 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
                          "torch": torch.__version__})
     written = res.write(out_dir or "runs/robustness")
     return res, written
+
+
+STUDY_METRICS = ("mCA", "mCE", "rel_mCE", "mCA_extra", "mCE_extra", "rel_mCE_extra",
+                 "mCA_all", "mCE_all", "rel_mCE_all")
+
+
+def aggregate_over_seeds(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(mean, sample sd, 95% t half-width)`` of the finite per-seed values (sd and the
+    half-width are NaN below 2 values); `kdlab.report.tables.mean_sd_ci`."""
+    from kdlab.report.tables import mean_sd_ci
+
+    return mean_sd_ci([v for v in values if v is not None and math.isfinite(v)])
+
+
+def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5), seed: int = 0,
+                     batch_size: int = 256, device: str = "cpu", data_dir=None, limit=None,
+                     progress: bool = True, log=print) -> dict:
+    """Robustness of every (method, seed) student of a finished study.
+
+    For each study seed the methods' best checkpoints are evaluated on the same corrupted test
+    images (corruption draws seeded by ``seed``), with CE / mCE relative to the baseline of the
+    same study seed (``report/robustness/seed<k>/``). The study table gains, per method, the
+    mean over seeds of mCA, mCE and relative mCE over the 15 standard corruptions, with their
+    sd and 95% t half-width over seeds (``mCA_sd``, ``mCA_ci95``, ...), the same for the extra
+    corruptions (``mCA_extra``, ...) and for all of them (``mCA_all``, ...), ``n_robust_seeds``
+    and ``rel_mCE_skipped`` (corruption -> seeds where the relative-mCE guard left it out).
+    Writes ``report/robustness.md`` (the robustness table and its note),
+    ``report/robustness_heatmap.png`` (corruption x method accuracy, mean over severities and
+    seeds, with the sd over seeds) and the study table (`kdlab.report.tables.write_tables`),
+    whose result it returns.
+    """
+    from kdlab.core.checkpoint import load_model
+    from kdlab.data import load_dataset
+    from kdlab.data.corruptions import split_standard
+    from kdlab.evaluate.robustness import evaluate_robustness
+    from kdlab.report.robustness import robustness_heatmap, study_robustness_markdown
+    from kdlab.report.tables import write_tables
+
+    study_dir = Path(study_dir)
+    table_path = study_dir / "report" / "table.json"
+    if not table_path.is_file():
+        raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
+    table = json.loads(table_path.read_text())
+    stats, baseline = table["methods"], table["baseline"]
+    methods = [r["method"] for r in stats]
+    seeds = sorted({s for r in stats for s in r["seeds"]})
+    per = {m: {**{k: [] for k in STUDY_METRICS}, "by_c": [], "clean": [], "skipped": []}
+           for m in methods}
+    splits = None
+    corrs: list[str] = []
+    for s in seeds:
+        models = {}
+        for m in methods:
+            path = study_dir / m / f"seed{s}" / "best.pt"
+            if path.is_file():
+                models[m], ck = load_model(path, device)
+        if not models:
+            continue
+        if splits is None:
+            d = ck["recipe"]["data"]
+            splits = load_dataset(d["name"], data_dir or d.get("data_dir"),
+                                  val_fraction=d["val_fraction"])
+        test = splits.test if limit is None else type(splits.test)(splits.test.x[:limit],
+                                                                   splits.test.y[:limit])
+        ref = baseline if baseline in models else next(iter(models))
+        log(f"robustness, study seed {s}: {len(models)} methods, reference '{ref}'")
+        res = evaluate_robustness(models, test, splits.info, corruptions, severities, seed=seed,
+                                  batch_size=batch_size, device=device, reference=ref,
+                                  out_dir=study_dir / "report" / "robustness" / f"seed{s}",
+                                  progress=progress)
+        corrs = res.corruptions
+        met = res.metrics
+        for m in models:
+            for k in STUDY_METRICS:
+                per[m][k].append(met[m][k])
+            per[m]["by_c"].append(met[m]["acc_by_corruption"])
+            per[m]["clean"].append(met[m]["clean_acc"])
+            per[m]["skipped"].append(met[m]["rel_mCE_skipped"])
+    if splits is None:
+        raise FileNotFoundError(f"no best.pt under {study_dir}/<method>/seed<k>/; "
+                                f"run the study first")
+    mean = lambda v: aggregate_over_seeds(v)[0]  # noqa: E731
+    for r in stats:
+        p = per[r["method"]]
+        if not p["mCA"]:
+            continue
+        for k in STUDY_METRICS:
+            r[k], r[k + "_sd"], r[k + "_ci95"] = aggregate_over_seeds(p[k])
+        r["n_robust_seeds"] = len(p["mCA"])
+        r["rel_mCE_skipped"] = {c: sum(c in sk for sk in p["skipped"])
+                                for c in corrs if any(c in sk for sk in p["skipped"])}
+    heat = {m: {c: mean([bc[c] for bc in per[m]["by_c"]]) for c in corrs}
+            for m in methods if per[m]["by_c"]}
+    spread = {m: {c: aggregate_over_seeds([bc[c] for bc in per[m]["by_c"]])[1] for c in corrs}
+              for m in heat}
+    robustness_heatmap(heat, study_dir / "report" / "robustness_heatmap.png",
+                       clean={m: mean(per[m]["clean"]) for m in heat}, spread=spread,
+                       title=f"accuracy (%) under corruption: mean over severities, then "
+                             f"mean ± sd over {len(seeds)} seeds")
+    std, extra = split_standard(corrs)
+    (study_dir / "report" / "robustness.md").write_text(
+        study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
+    meta = {k: table[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases",
+                                  "extra") if k in table}
+    return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log, meta=meta)

@@ -1,148 +1,165 @@
-"""Studies: many runs built from one recipe (ablation ladders, leave-one-out sets, method lists),
-each over several seeds, with finished runs skipped and one report at the end.
+"""Studies of any task: many runs built from one recipe (ablation ladders, leave-one-out sets,
+method lists), each over several seeds, with finished runs skipped and one report at the end.
 
-From a *full* recipe whose loss is ``ce`` plus components (e.g. ``kd``, ``align``, ``attn``):
+The task (:mod:`kdlab.tasks`) says what the methods are (:meth:`~kdlab.tasks.base.Task.
+ablation_methods`), how one run is trained (:meth:`~kdlab.tasks.base.Task.train`) and which
+metrics it reports; this module owns the rest, the same for every task:
 
-* the step-wise **ladder**: ``baseline`` (CE only), the first component (``kd``), the first
-  component plus each other one alone (``kd+align``, ``kd+attn``), and ``full``;
-* the **leave-one-out** set: ``full-<c>`` for each component c.
-
-Every method keeps the full recipe's hyperparameters, data order and augmentation (a paired
-design: run k of every method uses seed k). A method without a ``kd`` term trains CE with
-weight 1; with ``kd`` it keeps the full recipe's CE weight (the ``1 − α`` of Hinton's KD).
+* the layout ``<out>/<method>/seed<k>/`` (run k of every method uses seed k: a paired design);
+* one recipe under two names (``--mode both``: ``full-align`` of kd+align+attn is ``kd+attn``) is
+  trained once and recorded as an alias, so Holm counts each comparison once;
+* the report of each ablation mode in its own folder: ``<out>/report`` (the ladder, or a task's
+  method list), ``<out>/report-loo``, ``<out>/report-both``, each with ``study.json``;
+* the table, paired statistics, forest plot and validation curves of the task's primary metric
+  (:mod:`kdlab.report.tables`), rebuilt byte for byte by ``kdlab report``.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import time
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe, TermCfg, load_recipe
 from kdlab.core.io import write_json
+from kdlab.tasks import Task, get_task, load_recipe
 
 
-def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
-    ce = next((t for t in full.loss if t.term == "ce"), None)
-    comps = [t for t in full.loss if t.term != "ce"]
-    if not comps:
-        raise ValueError(f"recipe '{full.name}' has only a 'ce' term; an ablation needs a distillation term")
-    return ce, comps
+def ablation_methods(full, mode: str = "ladder") -> dict:
+    """Name -> recipe of a classification recipe's ladder / leave-one-out set (see
+    :func:`kdlab.tasks.classification.ablation_methods`)."""
+    return get_task(getattr(full, "task", None)).ablation_methods(full, mode)
 
 
-def _method(full: Recipe, comps: list[TermCfg], ce: Optional[TermCfg]) -> Recipe:
-    loss = []
-    has_kd = any(c.term == "kd" for c in comps)
-    if ce is not None or not comps:
-        ce_cfg = (ce or TermCfg(term="ce")).model_dump()
-        if not has_kd:
-            ce_cfg["weight"] = 1.0
-        loss.append(ce_cfg)
-    loss += [c.model_dump() for c in comps]
-    from kdlab.distill.losses import build_terms
-
-    terms = build_terms(TermCfg.model_validate(t) for t in loss)
-    if not any(t.needs_masks for _, _, t in terms):
-        return full.derive(loss=loss, mask=None)
-    return full.derive(loss=loss)
+def distinct_methods(task: Task, methods: dict) -> tuple[dict, dict]:
+    """``(distinct, aliases)``: the methods with one entry per distinct recipe (the first name
+    wins) and ``{other name: kept name}`` for the rest."""
+    distinct, aliases, seen = {}, {}, {}
+    for m, r in methods.items():
+        key = json.dumps(task.run_key(r), sort_keys=True, default=str)
+        if key in seen:
+            aliases[m] = seen[key]
+        else:
+            seen[key] = m
+            distinct[m] = r
+    return distinct, aliases
 
 
-def ablation_methods(full: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
-    """Name -> recipe for the ladder, the leave-one-out set, or both."""
-    if mode not in ("ladder", "loo", "both"):
-        raise ValueError("ablation mode must be ladder, loo or both")
-    ce, comps = _components(full)
-    names = [c.term for c in comps]
-    out: dict[str, Recipe] = {}
-    if mode in ("ladder", "both"):
-        out["baseline"] = _method(full, [], ce)
-        out[names[0]] = _method(full, comps[:1], ce)
-        for c in comps[1:]:
-            out[f"{names[0]}+{c.term}"] = _method(full, [comps[0], c], ce)
-        if len(comps) > 2 or (len(comps) == 2 and "full" not in out):
-            out["full"] = full
-    if mode in ("loo", "both"):
-        out.setdefault("full", full)
-        if len(comps) > 1:
-            for i, c in enumerate(comps):
-                out[f"full-{c.term}"] = _method(full, comps[:i] + comps[i + 1:], ce)
-    if len(comps) == 2 and "full" in out and f"{names[0]}+{names[1]}" in out:
-        del out[f"{names[0]}+{names[1]}"]  # identical to full
-    return out
+def report_folder(out_dir, mode: Optional[str]) -> Path:
+    """``<out>/report`` for the ladder (or a task's method list), ``<out>/report-<mode>`` else."""
+    return Path(out_dir) / ("report" if mode in (None, "ladder") else f"report-{mode}")
 
 
-def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir=None,
-              progress: bool = True, log=print, baseline: str = "baseline",
-              profile: bool = True, teacher_cache: bool = True, jobs: int = 1,
-              launcher: str = "local", threads: Optional[int] = None,
-              launcher_options: Optional[dict] = None) -> dict:
+def _task_of(recipes: dict, task) -> Task:
+    if isinstance(task, Task):
+        return task
+    first = next(iter(recipes.values()))
+    return get_task(task or getattr(first, "task", None))
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progress: bool = True,
+              log=print, baseline: Optional[str] = None, profile: bool = True, teacher_cache: bool = True,
+              jobs: int = 1, launcher: str = "local", threads: Optional[int] = None,
+              launcher_options: Optional[dict] = None, task=None, report_dir=None,
+              aliases: Optional[dict] = None, train_only: Optional[list] = None) -> dict:
     """Train every (method, seed) into ``out_dir/<method>/seed<k>`` and write the report.
 
-    ``teacher_cache``: share the teacher's outputs between the study's runs (recipes with
-    ``train.teacher_mode: cache-*``), in memory and ``out_dir/.teacher_cache`` (docs/speed.md).
-    ``jobs`` > 1 or ``launcher="submitit"``: run the independent runs in that many processes
-    (:mod:`kdlab.experiments.parallel`; ``threads`` intra-op threads each, default cores // jobs;
-    ``launcher_options`` for submitit), with the same results and report as the sequential loop."""
+    ``task``: a :class:`~kdlab.tasks.base.Task` or its name (default: the recipes' ``task``).
+    ``teacher_cache``: share the teacher's outputs between the study's runs (classification
+    recipes with ``train.teacher_mode: cache-*``; docs/speed.md). ``jobs`` > 1 or
+    ``launcher="submitit"``: run the independent runs in that many processes
+    (:mod:`kdlab.experiments.parallel`, classification). ``report_dir``: where the report goes
+    (default ``out_dir/report``); ``aliases``: method names recorded as another method's runs.
+    ``train_only``: train only these methods; the others join the table when every seed of
+    theirs is finished (``kdlab lm ablate --methods``)."""
+    task = _task_of(recipes, task)
+    out_dir = Path(out_dir)
+    report_dir = Path(report_dir or out_dir / "report")
+    baseline = baseline or task.baseline(recipes)
     if jobs != 1 or launcher != "local":
-        return _run_study_parallel(recipes, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
+        if task.name != "classification":
+            raise ValueError(f"--jobs / --launcher run classification studies in parallel; the "
+                             f"{task.name} task runs one run at a time (leave --jobs out)")
+        return _run_study_parallel(task, recipes, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
                                    log=log, baseline=baseline, profile=profile, teacher_cache=teacher_cache,
                                    jobs=jobs, launcher=launcher, threads=threads,
-                                   launcher_options=launcher_options)
-    from kdlab.distill.teachers import TeacherStore
-    from kdlab.report.tables import study_report
-    from kdlab.train.build import ensure_teachers, load_splits, load_teacher, teacher_layers_of, train, with_data_dir
-    from kdlab.train.runtime import is_main, resolve_device
+                                   launcher_options=launcher_options, report_dir=report_dir, aliases=aliases)
+    from kdlab.train.runtime import is_main
 
-    out_dir = Path(out_dir)
-    store = TeacherStore(out_dir / ".teacher_cache") if teacher_cache else None
-    recipes = {m: with_data_dir(r, data_dir) for m, r in recipes.items()}
-    if store is not None:
-        store.expect(teacher_layers_of(recipes.values()))
-    teachers = {}
+    if hasattr(task, "with_data_dir"):
+        recipes = {m: task.with_data_dir(r, data_dir) for m, r in recipes.items()}
+    kw = {"teacher_cache": teacher_cache} if _accepts(task.prepare_study, "teacher_cache") else {}
+    ctx = task.prepare_study(recipes, out_dir, data_dir=data_dir, progress=progress, log=log, **kw)
+    metric = task.metric()
+    todo = [m for m in recipes if train_only is None or m in train_only]
+    pairs = ([(m, s) for m in todo for s in seeds] if task.study_order == "method"
+             else [(m, s) for s in seeds for m in todo])
     rows = []
     t_start = time.perf_counter()
-    for method, recipe in recipes.items():
-        teacher = None
-        if recipe.needs_teacher():
-            ensure_teachers(recipe, data_dir=data_dir, progress=progress, log=log)
-            key = recipe.teacher.checkpoint
-            if key not in teachers:
-                info = load_splits(recipe).info
-                teachers[key] = load_teacher(recipe, info, resolve_device(recipe.train.device))
-            teacher = teachers[key]
-        for seed in seeds:
-            r = recipe.with_seed(seed)
-            run_dir = out_dir / method / f"seed{seed}"
-            finished = (run_dir / "result.json").exists()
-            res = train(r, run_dir, teacher=teacher, progress=progress, method=method,
-                        teacher_cache=store)
-            rows.append(res)
-            state = "done earlier" if finished else f"{res['train_time_s']:.1f}s"
-            log(f"  {method:<14} seed {seed}: test {res['test_acc']:.4f}  best epoch "
-                f"{res['best_epoch']:>3}  ({state})")
+    for method, seed in pairs:
+        run_dir = out_dir / method / f"seed{seed}"
+        finished = (run_dir / "result.json").exists()
+        res = task.train(recipes[method].with_seed(seed), run_dir, context=ctx, method=method, progress=progress)
+        res = {**res, "method": method, "seed": int(seed)}
+        rows.append(res)
+        state = "done earlier" if finished else f"{res.get('train_time_s', float('nan')):.1f}s"
+        line = (task.run_line(res) if hasattr(task, "run_line") else
+                f"test {metric.name} {res.get('test_' + metric.name, float('nan')):.4f}  best epoch "
+                f"{res.get('best_epoch', -1):>3}")
+        log(f"  {method:<14} seed {seed}: {line}  ({state})")
+    others = [m for m in recipes if m not in todo
+              and all((out_dir / m / f"seed{s}" / "result.json").is_file() for s in seeds)]
+    if others:  # a --methods subset: the table still covers the study's other finished methods
+        log(f"also in the table (finished earlier): {', '.join(others)}")
+        for m in others:
+            for s in seeds:
+                res = task.train(recipes[m].with_seed(s), out_dir / m / f"seed{s}", context=ctx, method=m,
+                                 progress=False)
+                rows.append({**res, "method": m, "seed": int(s)})
     wall = time.perf_counter() - t_start
-    if store is not None and store.hits + store.misses:
+    store = getattr(ctx, "store", None)
+    if store is not None and getattr(store, "hits", 0) + getattr(store, "misses", 0):
         log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
     teacher_s = sum(r.get("teacher_time_s", 0.0) for r in rows)
     log(f"study wall time {wall:.1f}s; teacher outputs and masks {teacher_s:.1f}s (computed once per "
-        f"batch and shared when cached); students' own training {sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
-    from kdlab.train.trainer import mixed_threads
-
-    warn = mixed_threads(rows)
-    if warn:
-        log(warn)
+        f"batch and shared when cached); students' own training "
+        f"{sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
+    if hasattr(task, "finish_study"):
+        task.finish_study(rows, log=log)
     if not is_main():
         return {}
-    return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,
-                        profile=profile, log=log)
+    return _report(task, ctx, rows, recipes, report_dir, baseline=baseline, wall=wall, profile=profile,
+                   log=log, aliases=aliases)
 
 
-def _run_study_parallel(recipes, out_dir, *, seeds, data_dir, progress, log, baseline, profile,
-                        teacher_cache, jobs, launcher, threads, launcher_options) -> dict:
+def _report(task: Task, ctx, rows: list, recipes: dict, report_dir: Path, *, baseline: str, wall: float,
+            profile: bool, log, aliases=None) -> dict:
+    from kdlab.report.tables import study_report
+
+    metric = task.metric()
+    secondary = [m for m in task.metrics if m.table and m.name != metric.name]
+    teacher = getattr(ctx, "teacher_result", None) or task.teacher_result(recipes)
+    tv = teacher.get(f"test_{metric.name}") if isinstance(teacher, dict) else None
+    notes = task.study_notes(ctx, rows, recipes)
+    return study_report(rows, recipes, report_dir, baseline=baseline, wall_time_s=wall, profile=profile,
+                        log=log, metric=metric, secondary=secondary, sample_unit=task.sample_unit,
+                        teacher_value=tv, profiler=task.profile, notes=notes, task=task.name, aliases=aliases,
+                        extra=getattr(ctx, "table_extra", None))
+
+
+def _run_study_parallel(task, recipes, out_dir, *, seeds, data_dir, progress, log, baseline, profile,
+                        teacher_cache, jobs, launcher, threads, launcher_options, report_dir, aliases) -> dict:
     """``run_study`` through :func:`kdlab.experiments.parallel.run_jobs`: teachers trained here,
     the teacher cache filled once, then the runs fanned out; rows in the sequential order."""
     from kdlab.experiments.parallel import run_jobs, study_jobs, threads_per_job
-    from kdlab.report.tables import study_report
     from kdlab.train.build import ensure_teachers, with_data_dir
     from kdlab.train.runtime import is_main
 
@@ -164,30 +181,63 @@ def _run_study_parallel(recipes, out_dir, *, seeds, data_dir, progress, log, bas
         f"{sum(r.get('train_time_s', 0.0) for r in rows):.1f}s")
     if not is_main():
         return {}
-    return study_report(rows, recipes, out_dir / "report", baseline=baseline, wall_time_s=wall,
-                        profile=profile, log=log)
+    return _report(task, None, rows, recipes, report_dir, baseline=baseline, wall=wall, profile=profile,
+                   log=log, aliases=aliases)
 
 
 def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=None,
                  overrides=None, progress=True, log=print, teacher_cache: bool = True,
                  jobs: int = 1, launcher: str = "local", threads: Optional[int] = None,
-                 launcher_options: Optional[dict] = None) -> dict:
-    """``kdlab ablate``: the ladder and/or leave-one-out set of a full recipe over seeds
-    (``jobs``, ``launcher``, ``threads``, ``launcher_options``: see :func:`run_study`)."""
-    full = load_recipe(recipe_ref, overrides)
+                 launcher_options: Optional[dict] = None, methods: Optional[list] = None,
+                 task: Optional[str] = None) -> dict:
+    """``kdlab ablate``: the study of any task's recipe over seeds (classification: the ladder
+    and/or leave-one-out set of a full recipe; language models: the recipe's ``study.methods``).
+
+    ``task``: read the recipe as this task's (default: its ``task:``); ``methods``: train only
+    these (the others' finished runs still join the table); ``jobs``, ``launcher``, ``threads``,
+    ``launcher_options``: see :func:`run_study`. The report goes to :func:`report_folder`."""
+    full = get_task(task).load_recipe(recipe_ref, overrides) if task else load_recipe(recipe_ref, overrides)
+    t = get_task(getattr(full, "task", None))
+    if getattr(full, "kind", None) == "arithmetic":  # the LM trace study: exact match, its own table
+        from kdlab.lm.arithmetic_study import run_arithmetic
+
+        return run_arithmetic(full, Path(out_dir or f"runs/{full.name}"), seeds=seeds, progress=progress, log=log)
     seeds = list(seeds) if seeds else list(full.study.seeds)
-    mode = mode or full.study.methods
-    methods = ablation_methods(full, mode)
+    if mode is None and isinstance(getattr(full.study, "methods", None), str):
+        mode = full.study.methods
+    all_methods = t.ablation_methods(full, mode or "ladder")
+    if methods:
+        unknown = [m for m in methods if m not in all_methods]
+        if unknown:
+            raise KeyError(f"no study method '{unknown[0]}' in {full.name}; methods: {', '.join(all_methods)}")
+    distinct, aliases = distinct_methods(t, all_methods)
+    if aliases:
+        log("same recipe under two names, trained once: "
+            + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     out_dir = Path(out_dir or f"runs/{full.name}")
-    base = "baseline" if "baseline" in methods else "full"
-    log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
-    report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
+    rdir = report_folder(out_dir, mode)
+    base = t.baseline(distinct)
+    log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
+    report = run_study(distinct, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
                        log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,
-                       threads=threads, launcher_options=launcher_options)
+                       threads=threads, launcher_options=launcher_options, task=t, report_dir=rdir,
+                       aliases=aliases, train_only=[m for m in distinct if m in methods] if methods else None)
     from kdlab.train.runtime import is_main
     if not is_main():  # a rank > 0 of a distributed study writes nothing
         return report
-    write_json(out_dir / "report" / "study.json",
-               {"recipe": full.to_dict(), "source": full.source, "seeds": seeds, "mode": mode,
-                "methods": list(methods)})
+    write_json(rdir / "study.json",
+               {"task": t.name, "recipe": full.to_dict(), "source": full.source, "seeds": seeds,
+                "mode": mode, "methods": list(distinct), "aliases": aliases})
     return report
+
+
+def lm_ablate(recipe_ref, *, out_dir=None, seeds=None, methods=None, overrides=None, progress: bool = False,
+              log=print) -> dict:
+    """``kdlab lm ablate``: :func:`run_ablation` of an LM recipe (read as one even without
+    ``task: lm``), by default into ``runs/lm/<recipe name with / as _>``."""
+    from kdlab.lm.recipe import load_lm_recipe
+
+    r = load_lm_recipe(recipe_ref, overrides)
+    out = Path(out_dir) if out_dir else Path("runs") / "lm" / r.name.replace("/", "_")
+    return run_ablation(recipe_ref, out_dir=out, seeds=seeds, overrides=overrides, methods=methods,
+                        progress=progress, log=log, task="lm")

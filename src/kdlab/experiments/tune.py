@@ -51,166 +51,27 @@ import json
 import math
 import os
 import socket
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from kdlab.core.config import (Recipe, apply_overrides, read_recipe_yaml, recipe_from_dict,
-                               resolve_recipe_path)
+from kdlab.core.config import apply_overrides
+from kdlab.core.lock import file_lock
+from kdlab.experiments.tune_space import (ParamSpec, get_path, parse_param, parse_range, set_path,  # noqa: F401
+                                          with_values)
+from kdlab.experiments.tune_outputs import best_recipe, trials_rows, write_outputs  # noqa: F401
+from kdlab.experiments.tune_storage import (optuna_module, counted, fail_stale, Heartbeat,  # noqa: F401
+                                            make_pruner, make_sampler, make_storage, open_study,
+                                            pid_alive, study_budget)
 from kdlab.train.callbacks import Callback
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "halving", "none")
 TUNE_KEYS = {"params", "trials", "metric", "direction", "sampler", "pruner", "warmup_epochs", "startup_trials"}
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise ImportError("kdlab tune needs Optuna: pip install 'kdlab[tune]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
-# -- search space -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched recipe value: ``kind`` float | int | categorical."""
-
-    path: str
-    kind: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    log: bool = False
-    step: Optional[float] = None
-    choices: tuple = ()
-
-    def suggest(self, trial):
-        """The trial's value (``trial.suggest_float / suggest_int / suggest_categorical``)."""
-        if self.kind == "categorical":
-            return trial.suggest_categorical(self.path, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(self.path, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
-        return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)
-
-    def contains(self, v) -> bool:
-        """Whether ``v`` is a value of this space (used to enqueue the recipe's own values)."""
-        if self.kind == "categorical":
-            return v in self.choices
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return False
-        if self.kind == "int" and int(v) != v:
-            return False
-        return self.low <= v <= self.high and (self.step is None or
-                                               abs((v - self.low) / self.step - round((v - self.low) / self.step)) < 1e-9)
-
-
-def parse_range(path: str, spec) -> ParamSpec:
-    """A :class:`ParamSpec` from ``"log:0.01:10"``, ``"2:8"``, ``"2:8:0.5"``, ``"int:16:64"``,
-    ``"int:log:16:256"``, ``"a|b|c"`` or a YAML list of choices."""
-    how = f"give {path} a range like log:0.01:10, 2:8, int:1:5 or choices a|b|c"
-    if isinstance(spec, (list, tuple)):
-        if len(spec) < 2:
-            raise ValueError(f"search space {path}: {list(spec)} has fewer than two choices; {how}")
-        return ParamSpec(path, "categorical", choices=tuple(spec))
-    s = str(spec).strip()
-    if "|" in s:
-        choices = tuple(yaml.safe_load(c.strip()) for c in s.split("|"))
-        if len(choices) < 2 or any(c is None for c in choices):
-            raise ValueError(f"search space {path}: '{s}' has an empty choice; {how}")
-        return ParamSpec(path, "categorical", choices=choices)
-    parts = s.split(":")
-    flags = []
-    while parts and parts[0] in ("log", "int"):
-        flags.append(parts.pop(0))
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"search space {path}: '{s}' is not a range; {how}") from None
-    if len(nums) not in (2, 3):
-        raise ValueError(f"search space {path}: '{s}' needs low:high or low:high:step; {how}")
-    low, high = nums[0], nums[1]
-    step = nums[2] if len(nums) == 3 else None
-    log = "log" in flags
-    if not low < high:
-        raise ValueError(f"search space {path}: low {low:g} must be below high {high:g}")
-    if log and low <= 0:
-        raise ValueError(f"search space {path}: a log range needs low > 0 (got {low:g})")
-    if log and step is not None:
-        raise ValueError(f"search space {path}: a log range takes no step; drop ':{step:g}' or 'log:'")
-    if "int" in flags:
-        if low != int(low) or high != int(high) or (step is not None and step != int(step)):
-            raise ValueError(f"search space {path}: an int range needs whole numbers (got '{s}')")
-        return ParamSpec(path, "int", low, high, log, step)
-    return ParamSpec(path, "float", low, high, log, step)
-
-
-def parse_param(text: str) -> ParamSpec:
-    """``"loss.kd.T=2:8"`` -> :class:`ParamSpec` (see :func:`parse_range`)."""
-    if "=" not in text:
-        raise ValueError(f"--param '{text}' must look like path=range (e.g. loss.kd.T=2:8)")
-    path, spec = text.split("=", 1)
-    return parse_range(path.strip(), spec)
-
-
-def _loss_index(loss: list, key: str, path: str) -> int:
-    if key.isdigit():
-        i = int(key)
-        if i >= len(loss):
-            raise KeyError(f"{path}: the recipe has {len(loss)} loss terms; use an index below {len(loss)}")
-        return i
-    hits = [i for i, t in enumerate(loss) if t.get("term") == key]
-    if not hits:
-        raise KeyError(f"{path}: the recipe has no '{key}' loss term (terms: "
-                       f"{', '.join(t.get('term', '?') for t in loss)})")
-    if len(hits) > 1:
-        raise KeyError(f"{path}: the recipe has {len(hits)} '{key}' terms; name one by position "
-                       f"(loss.{hits[0]}.…)")
-    return hits[0]
-
-
-def set_path(raw: dict, path: str, value) -> None:
-    """Set dotted ``path`` in a recipe dict, in place (``loss.<term|index>.<key>`` for loss terms)."""
-    parts = path.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise KeyError(f"search path '{path}' must name a section and a key (e.g. loss.kd.T or train.lr)")
-    if parts[0] == "loss":
-        if len(parts) != 3:
-            raise KeyError(f"search path '{path}': write loss.<term>.<key> (e.g. loss.kd.weight)")
-        raw["loss"][_loss_index(raw["loss"], parts[1], path)][parts[2]] = value
-        return
-    apply_overrides(raw, [f"{path}={json.dumps(value)}"])
-
-
-def get_path(raw: dict, path: str):
-    """The value at dotted ``path`` of a recipe dict (None when unset)."""
-    parts = path.split(".")
-    if parts[0] == "loss":
-        return raw["loss"][_loss_index(raw["loss"], parts[1], path)].get(parts[2])
-    node: Any = raw
-    for p in parts:
-        if not isinstance(node, dict) or p not in node:
-            return None
-        node = node[p]
-    return node
-
-
-def with_values(base: Recipe, values: dict) -> Recipe:
-    """``base`` with the searched ``values`` (path -> value) set; validated like a recipe file."""
-    raw = base.to_dict()
-    for path, v in values.items():
-        set_path(raw, path, v)
-    r = recipe_from_dict(raw, base.source or base.name)
-    r.source = base.source
-    return r
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -228,27 +89,40 @@ class TuneSpec:
     warmup_epochs: int = 1
     startup_trials: int = 5
     source: Optional[str] = None
+    task: str = "classification"
 
     def spaces(self) -> list[ParamSpec]:
         return [ParamSpec(**{**p, "choices": tuple(p.get("choices", ()))}) for p in self.params]
 
-    def base(self) -> Recipe:
-        r = recipe_from_dict(copy.deepcopy(self.recipe), self.source or "tuned recipe")
+    def get_task(self):
+        from kdlab.tasks import get_task
+
+        return get_task(self.task)
+
+    def base(self):
+        r = self.get_task().from_dict(copy.deepcopy(self.recipe), self.source or "tuned recipe")
         r.source = self.source
         return r
 
     def identity(self) -> dict:
-        """What must agree between the workers of a study (the budget ``trials`` may change)."""
+        """What must agree between the workers of a study (the budget ``trials`` may change);
+        ``task`` only when not classification (studies made before tasks keep their identity)."""
         d = asdict(self)
         d.pop("source")
         d.pop("trials")
+        if d.get("task") == "classification":
+            d.pop("task")
         return json.loads(json.dumps(d))
 
 
-def load_tune_recipe(ref, overrides=None) -> tuple[Recipe, dict]:
-    """A recipe and its ``tune:`` section (removed before validation); ``overrides`` as
-    :func:`kdlab.core.config.load_recipe`'s."""
-    path = resolve_recipe_path(ref)
+def load_tune_recipe(ref, overrides=None) -> tuple[Any, dict]:
+    """A recipe of any task and its ``tune:`` section (removed before validation); ``overrides``
+    as :func:`kdlab.core.config.load_recipe`'s."""
+    from kdlab.core.config import read_recipe_yaml, resolve_recipe_path
+    from kdlab.tasks import get_task, task_of
+    from kdlab.tasks.base import resolve_ref
+
+    path = resolve_ref(ref)
     raw = read_recipe_yaml(path)
     section = raw.pop("tune", None) or {}
     if not isinstance(section, dict):
@@ -257,9 +131,10 @@ def load_tune_recipe(ref, overrides=None) -> tuple[Recipe, dict]:
     if bad:
         raise ValueError(f"{path}: tune.{sorted(bad)[0]}: unknown key (keys: {', '.join(sorted(TUNE_KEYS))})")
     apply_overrides(raw, overrides)
-    recipe = recipe_from_dict(raw, str(path))
+    recipe = get_task(task_of(raw)).from_dict(raw, str(path))
     recipe.source = str(path)
-    if recipe.teacher is not None and recipe.teacher.recipe:
+    t = getattr(recipe, "teacher", None)
+    if t is not None and getattr(t, "recipe", None):
         recipe.teacher.recipe = str(resolve_recipe_path(recipe.teacher.recipe, path.parent))
     return recipe, section
 
@@ -267,11 +142,15 @@ def load_tune_recipe(ref, overrides=None) -> tuple[Recipe, dict]:
 def make_spec(recipe_ref, *, params=(), overrides=None, trials=None, metric=None, direction=None,
               sampler=None, pruner=None, warmup_epochs=None, startup_trials=None,
               data_dir=None) -> TuneSpec:
-    """The :class:`TuneSpec` of a recipe: its ``tune:`` section, then the command-line values."""
-    from kdlab.train.build import with_data_dir
+    """The :class:`TuneSpec` of a recipe: its ``tune:`` section, then the command-line values.
+    The metric defaults to the task's validation ``select`` metric (``val_acc``, ``val_bpb``) and
+    the direction to that metric's declared one."""
+    from kdlab.tasks import get_task
 
     recipe, section = load_tune_recipe(recipe_ref, overrides)
-    recipe = with_data_dir(recipe, data_dir)
+    task = get_task(getattr(recipe, "task", None))
+    if hasattr(task, "with_data_dir"):
+        recipe = task.with_data_dir(recipe, data_dir)
     spaces = {p.path: p for p in (parse_range(k, v) for k, v in (section.get("params") or {}).items())}
     spaces.update({p.path: p for p in map(parse_param, params)})
     if not spaces:
@@ -281,12 +160,17 @@ def make_spec(recipe_ref, *, params=(), overrides=None, trials=None, metric=None
     for p in spaces.values():
         set_path(copy.deepcopy(raw), p.path, p.choices[0] if p.choices else p.low)  # the path exists
     pick = lambda k, v, d: v if v is not None else section.get(k, d)  # noqa: E731
+    chosen = pick("metric", metric, f"val_{task.select}")
+    declared = {f"val_{m.name}": m for m in task.metrics}
+    default_dir = ("minimize" if declared[chosen].direction == "min" else "maximize") if chosen in declared \
+        else "maximize"
     spec = TuneSpec(recipe=raw, params=[{**asdict(p), "choices": list(p.choices)} for p in spaces.values()],
-                    trials=int(pick("trials", trials, 30)), metric=pick("metric", metric, "val_acc"),
-                    direction=pick("direction", direction, "maximize"), sampler=pick("sampler", sampler, "tpe"),
+                    trials=int(pick("trials", trials, 30)), metric=chosen,
+                    direction=pick("direction", direction, default_dir), sampler=pick("sampler", sampler, "tpe"),
                     pruner=pick("pruner", pruner, "median"),
                     warmup_epochs=int(pick("warmup_epochs", warmup_epochs, 1)),
-                    startup_trials=int(pick("startup_trials", startup_trials, 5)), source=recipe.source)
+                    startup_trials=int(pick("startup_trials", startup_trials, 5)), source=recipe.source,
+                    task=task.name)
     if spec.trials < 1:
         raise ValueError(f"trials must be at least 1 (got {spec.trials})")
     if spec.sampler not in SAMPLERS:
@@ -296,78 +180,15 @@ def make_spec(recipe_ref, *, params=(), overrides=None, trials=None, metric=None
     if spec.direction not in ("maximize", "minimize"):
         raise ValueError(f"direction '{spec.direction}' must be maximize or minimize")
     if not spec.metric.startswith("val_"):
-        raise ValueError(f"metric '{spec.metric}' must be a validation metric (val_acc, val_loss, ...); "
+        raise ValueError(f"metric '{spec.metric}' must be a validation metric "
+                         f"({', '.join(declared)}, ...); "
                          f"the test split is kept out of the search")
     return spec
 
 
-# -- storage and study --------------------------------------------------------------------------
-def make_storage(storage: Optional[str], out_dir):
-    """Optuna storage: None -> the journal file ``<out_dir>/study.journal``; an RDB URL
-    (``sqlite:///``, ``postgresql://``, ``mysql://``) -> ``RDBStorage``; any other string -> a
-    journal file at that path."""
-    optuna = _optuna()
-    from optuna.storages.journal import JournalFileBackend
-
-    if storage and "://" in storage:
-        return optuna.storages.RDBStorage(storage)
-    path = Path(storage) if storage else Path(out_dir) / "study.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-def make_sampler(spec: TuneSpec, seed: Optional[int]):
-    optuna = _optuna()
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # constant_liar: running trials of other workers count as bad, so workers spread out
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True)
-
-
-def make_pruner(spec: TuneSpec):
-    optuna = _optuna()
-    if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials,
-                                           n_warmup_steps=spec.warmup_epochs)
-    if spec.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, spec.warmup_epochs))
-    return optuna.pruners.NopPruner()
-
-
-def open_study(spec: TuneSpec, storage, name: str, seed: Optional[int], set_budget: bool = True):
-    """Create or join the study ``name``; a study created with other settings is refused.
-    ``set_budget``: make ``spec.trials`` the study's budget (a ``--worker`` joining an existing
-    study follows the budget its main process set)."""
-    optuna = _optuna()
-    study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
-                                sampler=make_sampler(spec, seed), pruner=make_pruner(spec),
-                                load_if_exists=True)
-    ident = spec.identity()
-    stored = study.user_attrs.get("kdlab_spec")
-    if stored is None:
-        study.set_user_attr("kdlab_spec", ident)
-        study.set_user_attr("kdlab_source", spec.source)
-    elif stored != ident:
-        diff = sorted(k for k in ident if stored.get(k) != ident[k])
-        raise ValueError(f"study '{name}' was created with other settings ({', '.join(diff)} differ); "
-                         f"use the same recipe and options, or another --study-name / --out")
-    if set_budget or "kdlab_trials" not in study.user_attrs:
-        study.set_user_attr("kdlab_trials", spec.trials)
-    return study
-
-
-def study_budget(study) -> int:
-    """The number of trials the study runs to (``kdlab_trials``, set by its main process)."""
-    if "kdlab_trials" not in study.user_attrs:
-        raise ValueError(f"study '{study.study_name}' has no trial budget; run `kdlab tune <recipe> --trials N` once")
-    return int(study.user_attrs["kdlab_trials"])
-
-
 def spec_of_study(storage, name: str) -> TuneSpec:
     """The settings stored in an existing study (a ``--worker`` started with no recipe)."""
-    optuna = _optuna()
+    optuna = optuna_module()
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -376,97 +197,6 @@ def spec_of_study(storage, name: str) -> TuneSpec:
     if d is None:
         raise ValueError(f"study '{name}' was not made by kdlab tune; give the recipe")
     return TuneSpec(**d, trials=study_budget(study), source=study.user_attrs.get("kdlab_source"))
-
-
-@contextmanager
-def file_lock(path):
-    """An exclusive ``flock`` on ``path`` (no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (``kill(pid, 0)``)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def counted(trial) -> bool:
-    """Whether a finished trial counts toward the budget: complete, pruned, or failed with an
-    error of its own (a killed trial does not: it is retried)."""
-    from optuna.trial import TrialState
-
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-        trial.state == TrialState.FAIL and "error" in trial.user_attrs)
-
-
-def fail_stale(study, storage, grace_s: float, log=print) -> list[int]:
-    """Mark FAIL the running trials whose worker died (same host, pid gone) or whose heartbeat is
-    older than ``grace_s``, and enqueue their parameters again (the retry resumes the dead
-    trial's run folder). Returns the failed trial numbers."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    host, now, failed = socket.gethostname(), time.time(), []
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        ua = t.user_attrs
-        start = t.datetime_start.timestamp() if t.datetime_start else now
-        beat = max(float(ua.get("heartbeat", 0.0)), start)
-        dead = ua.get("host") == host and "pid" in ua and not pid_alive(ua["pid"])
-        if not dead and now - beat <= grace_s:
-            continue
-        tid = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        why = "its worker process is gone" if dead else f"no heartbeat for {now - beat:.0f}s"
-        try:
-            storage.set_trial_user_attr(tid, "failed_because", why)  # a finished trial takes no attrs
-            if not storage.set_trial_state_values(tid, state=TrialState.FAIL):
-                continue
-        except UpdateFinishedTrialError:
-            continue  # it finished, or another worker got there first
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "run_dir": ua.get("run_dir")})
-        log(f"trial {t.number} marked failed ({why}); its parameters are queued again")
-        failed.append(t.number)
-    return failed
-
-
-class Heartbeat:
-    """Refreshes a running trial's ``heartbeat`` user attribute every ``interval`` seconds."""
-
-    def __init__(self, storage, trial_id: int, interval: float):
-        self.storage, self.trial_id, self.interval = storage, trial_id, interval
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.wait(self.interval):
-            try:
-                self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-            except Exception:  # a finished trial or a storage hiccup: the next beat retries
-                pass
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 class PruneCallback(Callback):
@@ -491,20 +221,20 @@ class PruneCallback(Callback):
     def on_epoch_end(self, trainer, row: dict) -> None:
         self._report(row)
         if int(row["epoch"]) < trainer.cfg.epochs and self.trial.should_prune():  # the last epoch costs nothing more
-            raise _optuna().TrialPruned(f"pruned after epoch {row['epoch']}")
+            raise optuna_module().TrialPruned(f"pruned after epoch {row['epoch']}")
 
 
 # -- the worker loop ----------------------------------------------------------------------------
 @dataclass
 class Context:
-    """One worker's state: the study, its storage, the out folder and the shared teacher."""
+    """One worker's state: the study, its storage, the out folder and what the task shares
+    between trials (``shared``: :meth:`prepare_tune` of the task, e.g. the teacher and its cache)."""
 
     spec: TuneSpec
     study: Any
     storage: Any
     out_dir: Path
-    teacher: Any = None
-    store: Any = None
+    shared: Any = None
     heartbeat_s: float = 30.0
     grace_s: float = 120.0
     log: Any = print
@@ -534,10 +264,9 @@ def _next_trial(ctx: Context):
 
 def run_trial(ctx: Context, trial) -> Optional[float]:
     """Train one trial (validation only) and tell Optuna its outcome."""
-    optuna = _optuna()
+    optuna = optuna_module()
     from optuna.trial import TrialState
 
-    from kdlab.train.build import build_run, trainer_for
     from kdlab.train.trainer import TrainingError
 
     spec = ctx.spec
@@ -547,11 +276,8 @@ def run_trial(ctx: Context, trial) -> Optional[float]:
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     try:
         with Heartbeat(ctx.storage, _trial_id(ctx, trial), ctx.heartbeat_s):
-            run = build_run(recipe, teacher=ctx.teacher, store=ctx.store)
-            run.test_loader = None  # the search never sees the test split
-            trainer = trainer_for(run, run_dir, progress=False, method=f"trial{trial.number}",
-                                  callbacks=[PruneCallback(trial, spec.metric)])
-            res = trainer.fit()
+            res = spec.get_task().tune_run(recipe, Path(run_dir), context=ctx.shared, method=f"trial{trial.number}",
+                                           callbacks=[PruneCallback(trial, spec.metric)], progress=False)
         value = float(res[spec.metric])
     except optuna.TrialPruned as e:
         ctx.study.tell(trial, state=TrialState.PRUNED)
@@ -594,34 +320,26 @@ def work(ctx: Context) -> int:
         n += 1
 
 
-def _teacher_and_store(spec: TuneSpec, out_dir: Path, *, prefill: bool, log=print):
-    """The teacher (trained first when missing) and a teacher cache shared through files."""
-    from kdlab.distill.teachers import TeacherStore
-    from kdlab.experiments.parallel import prefill_job, shared_teacher, uses_cache
-    from kdlab.train.build import ensure_teachers
-
-    base = spec.base()
-    if not base.needs_teacher():
-        return None, None
-    ensure_teachers(base, progress=False, log=log)
-    root = out_dir / ".teacher_cache"
-    if prefill and uses_cache(base):
-        log(f"teacher cache: filling {base.train.epochs} epochs once -> {root}")
-        prefill_job([base], base.train.seed, str(root))
-    return shared_teacher(base), TeacherStore(root)
+def prepare_shared(spec: TuneSpec, out_dir: Path, *, prefill: bool, log=print):
+    """What every trial of the search shares, from the task (``prepare_tune``: classification's
+    teacher, trained first when missing, and a teacher cache shared through files)."""
+    task = spec.get_task()
+    if not hasattr(task, "prepare_tune"):
+        return None
+    return task.prepare_tune(spec.base(), out_dir, prefill=prefill, log=log)
 
 
 def worker_main(spec_dict: dict, source, out_dir: str, storage_url, name: str, seed: int,
                 threads: Optional[int], heartbeat_s: float, grace_s: float) -> int:
     """Entry point of a spawned local worker process."""
-    from kdlab.experiments.parallel import set_threads
+    from kdlab.train.prefill import set_threads
 
     set_threads(threads)
     spec = TuneSpec(**spec_dict, trials=1, source=source)  # the budget is the study's
     out = Path(out_dir)
     storage = make_storage(storage_url, out)
-    teacher, store = _teacher_and_store(spec, out, prefill=False, log=lambda *a: None)
-    ctx = Context(spec, open_study(spec, storage, name, seed, set_budget=False), storage, out, teacher, store,
+    shared = prepare_shared(spec, out, prefill=False, log=lambda *a: None)
+    ctx = Context(spec, open_study(spec, storage, name, seed, set_budget=False), storage, out, shared,
                   heartbeat_s, grace_s, log=print)
     return work(ctx)
 
@@ -636,91 +354,6 @@ def wait_for_others(ctx: Context, poll_s: float = 2.0) -> None:
         if not ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
         time.sleep(poll_s)
-
-
-# -- outputs ------------------------------------------------------------------------------------
-def best_recipe(spec: TuneSpec, study) -> Recipe:
-    """The base recipe with the best trial's values, named ``<name>-tuned``."""
-    best = study.best_trial
-    r = with_values(spec.base(), best.params)
-    d = r.to_dict()
-    d["name"] = f"{r.name}-tuned"
-    vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
-    d["description"] = f"{r.name} tuned by kdlab tune (trial {best.number}, {spec.metric} {best.value:.4f}): {vals}"
-    out = recipe_from_dict(d, spec.source or "tuned recipe")
-    out.source = spec.source
-    return out
-
-
-def trials_rows(study) -> list[dict]:
-    """One row per trial: number, state, value, parameters, epochs, duration, retries, errors."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
-        ua = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
-                     **{f"param:{k}": v for k, v in t.params.items()},
-                     "epochs_reported": len(t.intermediate_values), "epochs_run": ua.get("epochs_run"),
-                     "best_epoch": ua.get("best_epoch"), "duration_s": dur, "retry_of": ua.get("retry_of"),
-                     "note": ua.get("error") or ua.get("failed_because") or ua.get("note") or "", "run_dir": ua.get("run_dir")})
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k) for k in keys} for r in rows]
-
-
-def write_outputs(spec: TuneSpec, study, out_dir: Path, log=print) -> dict:
-    """best.yaml, trials.csv, importances.csv, tune.json and the three plots."""
-    optuna = _optuna()
-    from optuna.trial import TrialState
-
-    from kdlab.core.io import write_csv
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "trials.csv", trials_rows(study))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise RuntimeError(f"no trial of study '{study.study_name}' completed; see {out_dir / 'trials.csv'}")
-    best = best_recipe(spec, study)
-    (out_dir / "best.yaml").write_text(yaml.safe_dump(best.to_dict(), sort_keys=False))
-    importances = {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        if len(complete) >= 2 and len(spec.params) >= 1:
-            try:
-                importances = optuna.importance.get_param_importances(study)
-            except (RuntimeError, ValueError) as e:  # e.g. all trials with the same value
-                log(f"parameter importances not computed: {e}")
-        write_csv(out_dir / "importances.csv", [{"param": k, "importance": v} for k, v in importances.items()])
-        plots = [("history.png", ovm.plot_optimization_history, {})]
-        if len(spec.params) > 1 or len(complete) > 1:
-            plots.append(("parallel.png", ovm.plot_parallel_coordinate, {}))
-        if importances:
-            plots.append(("importances.png", ovm.plot_param_importances, {}))
-        for fname, fn, kw in plots:
-            ax = fn(study, **kw)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            fig.savefig(out_dir / fname, dpi=110)
-            plt.close(fig)
-    states = {}
-    for t in study.get_trials(deepcopy=False):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    summary = {"study": study.study_name, "metric": spec.metric, "direction": spec.direction,
-               "best_trial": study.best_trial.number, "best_value": study.best_value,
-               "best_params": study.best_trial.params, "trials": states, "importances": importances,
-               "settings": spec.identity()}
-    (out_dir / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"best trial {study.best_trial.number}: {spec.metric} {study.best_value:.4f}  "
-        f"({', '.join(f'{k}={v}' for k, v in states.items())})")
-    log(f"tuned recipe: {out_dir / 'best.yaml'}  (trials.csv, importances.csv, history.png, parallel.png)")
-    return summary
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -760,7 +393,7 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
         store_obj = make_storage(storage, out)
     base = spec.base()
     name = study_name or f"{base.name}-tune"
-    seed = base.train.seed if seed is None else int(seed)
+    seed = getattr(getattr(base, "train", None), "seed", 0) if seed is None else int(seed)
     threads = threads or (threads_per_job(jobs) if jobs > 1 else None)
     set_threads(threads)
     my_seed = derive_seed(seed, "tune-worker", socket.gethostname(), os.getpid()) if worker else seed
@@ -769,8 +402,8 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
         own = {p.path: get_path(spec.recipe, p.path) for p in spec.spaces()}
         if all(p.contains(own[p.path]) for p in spec.spaces()):
             study.enqueue_trial(own, user_attrs={"note": "the recipe's own values"})
-    teacher, store = _teacher_and_store(spec, out, prefill=not worker, log=log)
-    ctx = Context(spec, study, store_obj, out, teacher, store, heartbeat_s, grace_s, log)
+    shared = prepare_shared(spec, out, prefill=not worker, log=log)
+    ctx = Context(spec, study, store_obj, out, shared, heartbeat_s, grace_s, log)
     log(f"tuning {base.name}: {len(spec.params)} values, {study_budget(study)} trials ({spec.sampler}, "
         f"pruner {spec.pruner}), {spec.metric} on the validation split -> {out}  [study '{name}', "
         f"{jobs} worker(s)]")
@@ -810,4 +443,4 @@ def compare_tuned(spec: TuneSpec, study, out_dir: Path, *, seeds: list[int], pro
     recipes = {"untuned": spec.base(), "tuned": best_recipe(spec, study)}
     log(f"\ntuned vs untuned on the test split, seeds {seeds} -> {out_dir / 'study'}")
     return run_study(recipes, out_dir / "study", seeds=seeds, progress=progress, log=log,
-                     baseline="untuned", profile=False, jobs=jobs)
+                     baseline="untuned", profile=False, jobs=jobs, task=spec.get_task())

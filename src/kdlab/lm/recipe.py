@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdlab.core.config import (RecipeError, apply_overrides, describe_error, merge_base, read_yaml_mapping,
                                resolve_recipe_path)
@@ -101,7 +101,8 @@ class ArithmeticCfg(_Strict):
 class LMRecipe(_Strict):
     name: str
     description: str = ""
-    task: Literal["corpus", "arithmetic"] = "corpus"
+    task: Literal["lm"] = "lm"                       # the kdlab.tasks plug-in (kdlab.tasks.lm)
+    kind: Literal["corpus", "arithmetic"] = "corpus"  # the study this recipe runs
     corpus: CorpusCfg = CorpusCfg()
     arithmetic: ArithmeticCfg = ArithmeticCfg()
     teacher: Optional[LMTeacherCfg] = None
@@ -110,6 +111,15 @@ class LMRecipe(_Strict):
     distill: DistillCfg = DistillCfg()
     study: LMStudyCfg = LMStudyCfg()
     source: Optional[str] = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_task(cls, v):
+        """``task: corpus`` / ``task: arithmetic`` (recipes written before tasks were plug-ins)
+        mean ``task: lm`` with that ``kind``."""
+        if isinstance(v, dict) and v.get("task") in ("corpus", "arithmetic"):
+            v = {**v, "kind": v.get("kind", v["task"]), "task": "lm"}
+        return v
 
     @field_validator("distill")
     @classmethod
@@ -122,13 +132,23 @@ class LMRecipe(_Strict):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude={"source"})
 
+    def with_seed(self, seed: int) -> "LMRecipe":
+        """The same recipe with ``train.seed = seed`` (the seed of a student run)."""
+        d = self.to_dict()
+        d["train"] = {**d["train"], "seed": int(seed)}
+        r = lm_recipe_from_dict(d, self.name)
+        r.source = self.source
+        return r
+
     def method(self, name: str) -> "LMRecipe":
         """This recipe with the study method ``name``'s overrides applied to ``distill``."""
         if name not in self.study.methods:
             raise KeyError(f"no study method '{name}' in {self.name}; methods: {', '.join(self.study.methods)}")
         d = self.to_dict()
         d["distill"] = {**d["distill"], **self.study.methods[name]}
-        return lm_recipe_from_dict(d, f"{self.name}[{name}]")
+        r = lm_recipe_from_dict(d, f"{self.name}[{name}]")
+        r.source = self.source
+        return r
 
 
 def lm_recipe_from_dict(raw: dict, where: str = "recipe") -> LMRecipe:

@@ -108,7 +108,7 @@ def study_title(recipe: Optional[Mapping] = None, seeds: Optional[Sequence] = No
     ``run.json`` / ``study.json``), for figure titles."""
     parts = []
     if recipe:
-        d = recipe.get("data") or {}
+        d = recipe.get("data") or recipe.get("corpus") or {}
         if d.get("name"):
             lf = d.get("label_fraction")
             parts.append(f"{d['name']}" + (f" ({100 * lf:g}% labels)" if lf not in (None, 1, 1.0) else ""))
@@ -132,10 +132,16 @@ def study_title(recipe: Optional[Mapping] = None, seeds: Optional[Sequence] = No
 
 
 def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optional[str] = None,
-                alpha: float = 0.05) -> Path:
-    """Paired difference to ``baseline`` (percentage points) per method, with its 95% t-interval
-    (bar), the per-seed differences (dots) and ``p Holm`` written on the right; ``*`` where
-    ``p Holm < alpha``. ``stats``: the ``methods`` rows of a study's ``table.json``."""
+                alpha: float = 0.05, metric=None) -> Path:
+    """Paired difference to ``baseline`` (in the metric's display unit: percentage points for
+    accuracy) per method, with its 95% t-interval (bar), the per-seed differences (dots) and
+    ``p Holm`` written on the right; ``*`` where ``p Holm < alpha``. ``stats``: the ``methods``
+    rows of a study's ``table.json``; ``metric``: its task's primary
+    :class:`~kdlab.core.metric.Metric` (default classification's accuracy)."""
+    from kdlab.core.metric import default_metric
+
+    metric = metric or default_metric()
+    sc, bykey = metric.scale, f"test_{metric.name}_by_seed"
     rows = [r for r in stats if r["method"] != baseline]
     if not rows:
         raise ValueError(f"no method besides the baseline '{baseline}' to plot")
@@ -144,13 +150,13 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
     fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.55 * len(rows)))
     ys = np.arange(len(rows))[::-1]
     for y, r in zip(ys, rows):
-        m = 100 * r.get(f"diff_vs_{baseline}", float("nan"))
-        ci = 100 * r.get(f"diff_vs_{baseline}_ci95", float("nan"))
+        m = sc * r.get(f"diff_vs_{baseline}", float("nan"))
+        ci = sc * r.get(f"diff_vs_{baseline}_ci95", float("nan"))
         sig = bool(r.get("holm_reject"))
         color = "tab:red" if sig else "tab:blue"
-        if base is not None and "test_acc_by_seed" in r and "test_acc_by_seed" in base:
-            a, b = r["test_acc_by_seed"], base["test_acc_by_seed"]
-            d = [100 * (a[k] - b[k]) for k in a if k in b]
+        if base is not None and bykey in r and bykey in base:
+            a, b = r[bykey], base[bykey]
+            d = [sc * (a[k] - b[k]) for k in a if k in b]
             jitter = np.linspace(-0.12, 0.12, len(d)) if len(d) > 1 else [0.0]
             ax.scatter(d, y + np.asarray(jitter), s=12, color="0.55", zorder=2,
                        label="per-seed difference" if y == ys[0] else None)
@@ -167,7 +173,9 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
     ax.axvline(0.0, color="black", lw=1, ls="--")
     ax.set_yticks(ys, [r["method"] for r in rows])
     ax.set_ylim(ys.min() - 0.6, ys.max() + 0.6)
-    ax.set_xlabel(f"Δ test top-1 vs {baseline} (percentage points)")
+    du = {"pp": "percentage points"}.get(metric.diff_unit, metric.diff_unit)
+    better = "" if metric.direction == "max" else "; lower is better"
+    ax.set_xlabel(f"Δ test {metric.title} vs {baseline}" + (f" ({du}{better})" if du or better else ""))
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.12 / len(rows)),
               ncol=2, frameon=False)
@@ -223,7 +231,7 @@ def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]],
 
 def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
                seeds: Optional[Sequence[int]] = None, metric: str = "val_acc",
-               title: Optional[str] = None) -> Path:
+               title: Optional[str] = None, scale: float = 100.0, ylabel: Optional[str] = None) -> Path:
     """Validation accuracy (%) against epoch, one line per method: the mean over the seeds that
     reached that epoch, with a ±1 sd band (over seeds; drawn where at least 2 seeds ran that
     epoch). Reads ``<study>/<method>/seed*/metrics.csv`` (only ``seeds``, when given)."""
@@ -239,7 +247,7 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
             c = read_metrics_csv(f)
             if metric not in c:
                 raise KeyError(f"{f} has no column '{metric}'; columns: {sorted(c)}")
-            curves.append((c["epoch"].astype(int), 100 * c[metric]))
+            curves.append((c["epoch"].astype(int), scale * c[metric]))
         n_seeds = max(n_seeds, len(curves))
         epochs = sorted({int(e) for ep, _ in curves for e in ep})
         mean, lo, hi = [], [], []
@@ -257,7 +265,7 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_ylabel(ylabel or METRIC_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
     ax.set_title(title or f"validation accuracy, mean ± 1 sd over {n_seeds} seeds", fontsize=9)
@@ -393,8 +401,14 @@ def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
     tj = study_dir / "report" / "table.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate ... --out {study_dir}` first")
-    table = json.loads(tj.read_text())
     out = Path(out_dir or study_dir / "report")
+    if (out / "table.json").is_file():
+        tj = out / "table.json"
+    table = json.loads(tj.read_text())
+    from kdlab.core.metric import metric_from
+
+    metric = metric_from(table.get("metric"))
+    mtitle = ("validation accuracy" if metric.name == "acc" else f"validation {metric.title}")
     rec = _study_recipe(study_dir)
     seeds = sorted({s for r in table["methods"] for s in r.get("seeds", [])})
     head = study_title(rec, seeds)
@@ -402,12 +416,17 @@ def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
     if len(table["methods"]) > 1:
         paths["forest"] = forest_plot(
             table["methods"], table["baseline"], out / "forest",
-            title=f"paired difference to {table['baseline']} (95% t-interval; * Holm p < 0.05)\n{head}")
+            title=f"paired difference to {table['baseline']} (95% t-interval; * Holm p < 0.05)\n{head}",
+            metric=metric)
     try:
         paths["val_curves"] = val_curves(study_dir, out / "val_curves",
                                          methods=[r["method"] for r in table["methods"]],
                                          seeds=seeds or None,
-                                         title=f"validation accuracy, mean ± 1 sd over seeds\n{head}")
+                                         title=f"{mtitle}, mean ± 1 sd over seeds\n{head}",
+                                         metric=f"val_{metric.name}", scale=metric.scale,
+                                         ylabel=METRIC_LABELS.get(f"val_{metric.name}",
+                                                                  f"validation {metric.title}"
+                                                                  + (f" ({metric.unit})" if metric.unit else "")))
     except FileNotFoundError:
         pass
     if (study_dir / "report" / "robustness").is_dir():

@@ -190,8 +190,12 @@ def plot_sweep(rows: Sequence[Mapping], path, metrics: Sequence[str] = SWEEP_MET
     names ``teacher``, ``dataset``, the images and the seeds (see :func:`sweep_title`) or is
     ``title`` when given.
     """
-    from kdlab.evaluate.alignment import mean_ci
     from kdlab.report.figures import METRIC_LABELS, save_figure
+    from kdlab.report.statistics import t_interval
+
+    def mean_ci(values):  # mean and 95% t half-width over the finite values
+        m, _, half = t_interval(values)
+        return m, half
 
     rows = list(rows)
     if not rows:

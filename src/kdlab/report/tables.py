@@ -1,11 +1,13 @@
-"""Study tables: per-method statistics over seeds, written as CSV, JSON and Markdown.
+"""Study tables: per-method statistics over seeds, written as CSV, JSON and Markdown, for any
+task's declared metrics (:class:`kdlab.core.metric.Metric`; classification's ``acc`` by default).
 
-For each method with test accuracies a_1..a_n over seeds: mean, sample standard deviation and
+For each method with values a_1..a_n of the task's primary test metric over seeds: mean, sample standard deviation and
 the 95% Student-t confidence half-width ``t_{0.975, n−1} · sd / √n``. Against the baseline, the
 *paired* differences d_k = a_k(method) − a_k(baseline) over the seeds both have: their mean and
 95% t-interval, the paired t-test p, the Wilcoxon signed-rank p, the Holm–Bonferroni adjusted
 t-test p across the table's comparisons, Cohen's d_z = mean(d) / sd(d), and the number of seeds a
-paired study needs to detect a 1 pp difference at the observed sd of d (α = 0.05, power 0.8).
+paired study needs to detect the metric's ``delta`` (1 pp of accuracy) at the observed sd of d
+(α = 0.05, power 0.8). The other metrics a task shows in its table get mean ± sd and the paired Δ.
 All from :mod:`kdlab.report.statistics` (scipy.stats); NaN rules in docs/statistics.md.
 """
 
@@ -28,6 +30,9 @@ HOLM_ALPHA = 0.05
 POWER_DELTA = 0.01
 
 
+from kdlab.core.metric import default_metric, metric_dict, metric_from  # noqa: E402,F401  (re-exported)
+
+
 def mean_sd_ci(values, conf: float = 0.95) -> tuple[float, float, float]:
     """(mean, sample sd, half-width of the t confidence interval); sd and CI are nan for n < 2.
     See :func:`kdlab.report.statistics.t_interval`."""
@@ -40,13 +45,18 @@ def paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
     return r["mean"], r["ci"], r["n"]
 
 
-def _gap(accs: dict, base: dict, teacher_acc, is_base: bool) -> dict:
+def _gap(accs: dict, base: dict, teacher_acc, is_base: bool, sign: int = 1) -> dict:
     """Gap closed per seed against the baseline of the same seed (kdlab.report.gap), mean and 95 %
-    t half-width over seeds; nan without a teacher accuracy or for the baseline itself."""
+    t half-width over seeds; nan without a teacher accuracy or for the baseline itself. ``sign``
+    −1 for a metric where lower is better (the gap is then ``a_alone − a_teacher``)."""
     nan = float("nan")
     if teacher_acc is None or is_base:
         return {"gap_closed_mean": nan, "gap_closed_ci95": nan}
     from kdlab.report.gap import gap_closed_by_seed
+
+    if sign < 0:
+        accs, base, teacher_acc = ({k: -v for k, v in accs.items()}, {k: -v for k, v in base.items()},
+                                   -teacher_acc)
 
     g = [v for v in gap_closed_by_seed(accs, base, teacher_acc).values() if math.isfinite(v)]
     if not g:
@@ -100,16 +110,22 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_csv(path, rows)
 
 
-def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc",
-                 teacher_acc: Optional[float] = None) -> list[dict]:
+def method_stats(runs: list[dict], baseline: str, *, metric=None, teacher_acc: Optional[float] = None,
+                 secondary=(), sample_unit: str = "images") -> list[dict]:
     """One row per method (in first-seen order) from per-run result dicts (``method``, ``seed``,
-    ``test_acc``, ...), with the paired tests against ``baseline`` (Holm over all methods but
-    the baseline)."""
+    ``test_<metric>``, ...), with the paired tests against ``baseline`` (Holm over all methods but
+    the baseline). ``metric``: the primary :class:`~kdlab.core.metric.Metric` (default
+    classification's ``acc``); ``teacher_acc``: the teacher's value of it (gap closed);
+    ``secondary``: further metrics given mean ± sd and the paired Δ; ``sample_unit``: the
+    throughput's unit (``<unit>_per_s`` of the runs)."""
+    metric = metric or default_metric()
+    key = f"test_{metric.name}"
     by_method: dict[str, dict[int, dict]] = {}
     for r in runs:
         by_method.setdefault(r["method"], {})[r["seed"]] = r
-    accs_by = {m: {s: r[metric] for s, r in seeds.items()} for m, seeds in by_method.items()}
-    tests = compare_to_baseline(accs_by, baseline, delta=POWER_DELTA) if baseline in accs_by else {}
+    accs_by = {m: {s: r[key] for s, r in seeds.items() if key in r} for m, seeds in by_method.items()}
+    delta = metric.delta or None
+    tests = compare_to_baseline(accs_by, baseline, delta=delta) if baseline in accs_by else {}
     nan = float("nan")
     out = []
     for method, seeds in by_method.items():
@@ -117,9 +133,9 @@ def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc",
         m, sd, ci = mean_sd_ci(accs.values())
         t = tests.get(method)
         rs = list(seeds.values())
-        out.append({
+        row = {
             "method": method, "model": rs[0].get("model"), "n_seeds": len(accs),
-            "test_acc_mean": m, "test_acc_sd": sd, "test_acc_ci95": ci,
+            f"{key}_mean": m, f"{key}_sd": sd, f"{key}_ci95": ci,
             f"diff_vs_{baseline}": t["mean"] if t else nan,
             f"diff_vs_{baseline}_ci95": t["ci"] if t else nan,
             "n_paired": t["n"] if t else 0,
@@ -129,87 +145,115 @@ def method_stats(runs: list[dict], baseline: str, *, metric: str = "test_acc",
             "p_holm": t["p_holm"] if t else nan,
             "holm_reject": bool(t and math.isfinite(t["p_holm"]) and t["p_holm"] < HOLM_ALPHA),
             "d_z": t["d_z"] if t else nan,
-            "seeds_for_1pp": t["seeds_needed"] if t else nan,
-            **_gap(accs, accs_by.get(baseline, {}), teacher_acc, method == baseline),
-            "best_epoch_mean": float(np.mean([r["best_epoch"] for r in rs])),
+            "seeds_for_delta": t.get("seeds_needed", nan) if t else nan,
+            **_gap(accs, accs_by.get(baseline, {}), teacher_acc, method == baseline, metric.sign()),
+        }
+        for sm in secondary:
+            sk = f"test_{sm.name}"
+            vals = {s: r[sk] for s, r in seeds.items() if sk in r}
+            if not vals:
+                continue
+            mu, sdv, _ = mean_sd_ci(vals.values())
+            row.update({f"{sk}_mean": mu, f"{sk}_sd": sdv})
+            base = {s: r[sk] for s, r in by_method.get(baseline, {}).items() if sk in r}
+            if method != baseline and base:
+                dm, dci, _ = paired_diff(vals, base)
+                row.update({f"{sm.name}_diff_vs_{baseline}": dm, f"{sm.name}_diff_vs_{baseline}_ci95": dci})
+            row[f"{sk}_by_seed"] = {str(k): vals[k] for k in sorted(vals)}
+        if any("params" in r for r in rs):
+            row["params"] = rs[0].get("params")
+        u = sample_unit
+        row.update({
+            "best_epoch_mean": float(np.mean([r.get("best_epoch", nan) for r in rs])),
             # the student's own cost: the teacher's outputs and masks (charged to whichever run
             # filled a shared cache) are reported on their own line
-            "train_time_s_mean": float(np.mean([r.get("student_time_s", r["train_time_s"]) for r in rs])),
-            "train_images_per_s": float(np.mean([r.get("student_images_per_s", r["images_per_s"]) for r in rs])),
+            "train_time_s_mean": float(np.mean([r.get("student_time_s", r.get("train_time_s", nan)) for r in rs])),
+            f"train_{u}_per_s": float(np.mean([_rate(r, u) for r in rs])),
             "teacher_time_s_sum": float(np.sum([r.get("teacher_time_s", 0.0) for r in rs])),
             "seeds": sorted(accs),
-            "test_acc_by_seed": {str(k): accs[k] for k in sorted(accs)},
+            f"{key}_by_seed": {str(k): accs[k] for k in sorted(accs)},
         })
+        out.append(row)
     return out
 
 
-def power_line(stats: list[dict], baseline: str, delta: float = POWER_DELTA) -> str:
-    """One sentence: seeds needed per comparison to detect ``delta`` (two-sided paired t-test,
-    α = 0.05, power 0.8) at the observed sd of the paired differences."""
+def _rate(r: dict, unit: str) -> float:
+    """A run's training throughput in ``unit`` per second (the student's own when recorded)."""
+    for k in (f"student_{unit}_per_s", f"{unit}_per_s", f"train_{unit}_per_s", "student_images_per_s", "images_per_s"):
+        if k in r and isinstance(r[k], (int, float)):
+            return float(r[k])
+    return float("nan")
+
+
+def power_line(stats: list[dict], baseline: str, metric=None) -> str:
+    """One sentence: seeds needed per comparison to detect the metric's ``delta`` (two-sided paired
+    t-test, α = 0.05, power 0.8) at the observed sd of the paired differences."""
+    metric = metric or default_metric()
+    if not metric.delta:
+        return ""
+    sc, du, dt = metric.scale, metric.diff_unit, metric.delta_text()
     parts = []
     for r in stats:
-        if r["method"] == baseline or "seeds_for_1pp" not in r:
+        if r["method"] == baseline or "seeds_for_delta" not in r:
             continue
-        n, sd = r["seeds_for_1pp"], r.get("diff_sd", float("nan"))
+        n, sd = r["seeds_for_delta"], r.get("diff_sd", float("nan"))
         if n is None or not math.isfinite(sd):
             parts.append(f"{r['method']} —")
         else:
             need = "—" if not math.isfinite(n) else f"{int(n)}"
             mde = min_detectable_diff(r.get("n_paired", 0), sd)
-            parts.append(f"{r['method']} {need} (sd {100 * sd:.2f} pp"
-                         + (f"; detectable now: {100 * mde:.1f} pp)" if math.isfinite(mde) else ")"))
+            parts.append(f"{r['method']} {need} (sd {sc * sd:.{metric.digits}f} {du}"
+                         + (f"; detectable now: {sc * mde:.{metric.digits - 1}f} {du})" if math.isfinite(mde) else ")"))
     if not parts:
         return ""
     have = max((r.get("n_paired", 0) for r in stats), default=0)
     if have < 2:
-        return (f"Power: the paired tests and the seeds needed to detect a {100 * delta:g} pp "
+        return (f"Power: the paired tests and the seeds needed to detect a {dt} "
                 f"difference need at least 2 seeds per method; this study has {have}.")
-    return (f"Power: seeds needed to detect a {100 * delta:g} pp paired difference (two-sided paired "
+    return (f"Power: seeds needed to detect a {dt} paired difference (two-sided paired "
             f"t-test, α = 0.05, power 0.8, noncentral t) at the observed sd of the differences: "
             + "; ".join(parts) + f". This study has {have}; 'detectable now' is the difference it "
             f"finds with power 0.8.")
 
 
-def _profile(recipe, cache: dict) -> dict:
-    from kdlab.data import load_dataset
-    from kdlab.evaluate.efficiency import profile_model
-    from kdlab.models import create_model
-
-    key = (recipe.student.model, json.dumps(recipe.student.kwargs, sort_keys=True), recipe.data.name)
-    if key not in cache:
-        d = recipe.data
-        info = load_dataset(d.name, d.data_dir, val_fraction=d.val_fraction).info
-        model = create_model(recipe.student.model, num_classes=info.num_classes,
-                             in_channels=info.in_channels, **recipe.student.kwargs).eval()
-        cache[key] = profile_model(model, (1, info.in_channels, info.image_size, info.image_size),
-                                   batch_sizes=(1,), repeats=30)
-    return cache[key]
-
-
-def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] = None) -> tuple[str, str]:
+def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] = None, *, metric=None,
+                 secondary=(), sample_unit: str = "images", notes=()) -> tuple[str, str]:
     """The Markdown table of a study (robustness columns appear once they are computed).
 
     Δ cells of comparisons whose Holm-adjusted t-test p is below :data:`HOLM_ALPHA` end in ``*``;
-    the note under the table explains the columns and ends with the power line."""
+    the note under the table explains the columns, adds the task's ``notes`` and ends with the
+    power line."""
+    metric = metric or default_metric()
+    key = f"test_{metric.name}"
+    fm = metric.fmt
     robust = any("mCA" in r for r in stats)
     tests = any("p_ttest" in r for r in stats)
-    headers = ["method", "seeds", "top-1 % (mean ± sd)", "95% CI", f"Δ vs {baseline} (pp, 95% CI)"]
+    secondary = [m for m in secondary if any(f"test_{m.name}_mean" in r for r in stats)]
+    unit = f" {metric.unit}" if metric.unit else ""
+    headers = ["method", "seeds", f"{metric.title}{unit} (mean ± sd)", "95% CI",
+               f"Δ vs {baseline} ({metric.diff_unit + ', ' if metric.diff_unit else ''}95% CI)"]
     if tests:
         headers += ["p (t)", "p (Wilcoxon)", "p Holm", "d_z"]
     gap = any(math.isfinite(r.get("gap_closed_mean", float("nan"))) for r in stats)
     if gap:
         headers += ["gap closed (95% CI)"]
-    headers += ["best ep.", "params", "MB", "MFLOPs", "ms/img (b=1)", "train img/s", "train s/run"]
+    for m in secondary:
+        headers += [f"{m.title}" + (f" {m.unit}" if m.unit else ""), f"Δ {m.title}"]
+    prof = sample_unit == "images" or any("params" in r for r in stats)
+    short = {"images": "img", "tokens": "tok"}.get(sample_unit, sample_unit)
+    headers += ["best ep."]
+    if prof:
+        headers += ["params", "MB", "MFLOPs", "ms/img (b=1)"] if sample_unit == "images" else ["params"]
+    headers += [f"train {short}/s", "train s/run"]
     if robust:
         headers += ["mCA %", "mCE %", "rel. mCE %"]
     rows = []
     for r in stats:
         is_base = r["method"] == baseline
-        diff = "—" if is_base else fmt_pct(r[f"diff_vs_{baseline}"], r[f"diff_vs_{baseline}_ci95"])
+        diff = "—" if is_base else fm(r[f"diff_vs_{baseline}"], r[f"diff_vs_{baseline}_ci95"])
         if not is_base and r.get("holm_reject"):
             diff += " *"
-        row = [r["method"], r["n_seeds"], fmt_pct(r["test_acc_mean"], r["test_acc_sd"]),
-               fmt_pct(r["test_acc_ci95"]), diff]
+        row = [r["method"], r["n_seeds"], fm(r[f"{key}_mean"], r[f"{key}_sd"]), fm(r[f"{key}_ci95"]), diff]
         if tests:
             row += (["—"] * 4 if is_base else
                     [fmt_p(r.get("p_ttest")), fmt_p(r.get("p_wilcoxon")), fmt_p(r.get("p_holm")),
@@ -217,19 +261,26 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
         if gap:
             g, h = r.get("gap_closed_mean", float("nan")), r.get("gap_closed_ci95", float("nan"))
             row += ["—" if not math.isfinite(g) else f"{g:.2f}" + (f" ± {h:.2f}" if math.isfinite(h) else "")]
-        row += [
-            _num(r["best_epoch_mean"], ".1f"), _num(r.get("params"), ","), _num(r.get("size_mb"), ".3f"),
-            _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f"),
-            _num(r["train_images_per_s"], ".0f"), _num(r["train_time_s_mean"], ".1f"),
-        ]
+        for m in secondary:
+            row += [m.fmt(r.get(f"test_{m.name}_mean"), r.get(f"test_{m.name}_sd")),
+                    "—" if is_base else m.fmt(r.get(f"{m.name}_diff_vs_{baseline}"),
+                                              r.get(f"{m.name}_diff_vs_{baseline}_ci95"))]
+        row += [_num(r["best_epoch_mean"], ".1f")]
+        if prof:
+            row += [_num(r.get("params"), ",")]
+            if sample_unit == "images":
+                row += [_num(r.get("size_mb"), ".3f"), _num(r.get("mflops"), ".2f"), _num(r.get("latency_ms_b1"), ".3f")]
+        row += [_num(r.get(f"train_{sample_unit}_per_s"), ".0f"), _num(r["train_time_s_mean"], ".1f")]
         if robust:
             row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE"), r.get("mCE_sd"), 1),
                     fmt_pct(r.get("rel_mCE"), r.get("rel_mCE_sd"), 1)]
         rows.append(row)
     md = markdown_table(headers, rows)
-    note = (f"\nTest top-1 over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
+    note = (f"\nTest {metric.title} over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
             f"Δ is the paired difference to '{baseline}' (same seed, same data order) with its 95% "
             f"t interval.")
+    if metric.direction == "min":
+        note += f" Lower {metric.title} is better."
     if tests:
         n_pairs = max((r.get("n_paired", 0) for r in stats), default=0)
         note += (f" p (t): paired t-test; p (Wilcoxon): signed-rank test; p Holm: the t-test p "
@@ -239,6 +290,10 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
         if 1 < n_pairs and wilcoxon_min_p(n_pairs) >= 0.05:
             note += (f" With {n_pairs} seeds the Wilcoxon test cannot reach p < 0.05 "
                      f"(its smallest p is {wilcoxon_min_p(n_pairs):.3f}; it needs 6 seeds).")
+    if secondary:
+        note += (" " + ", ".join(m.title for m in secondary) + ": mean ± sd over seeds and the paired Δ to "
+                 f"'{baseline}' with its 95% t half-width"
+                 + "".join(f"; lower {m.title} is better" for m in secondary if m.direction == "min") + ".")
     if robust:
         note += (" mCA / mCE / rel. mCE: the 15 standard corruptions x severities (Hendrycks & "
                  f"Dietterich), mean ± sd over seeds; mCE / rel. mCE relative to '{baseline}' "
@@ -251,11 +306,13 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
                  "teacher's advantage the student keeps (1 = as good as the teacher; mean ± 95% t interval).")
     teacher_s = sum(r.get("teacher_time_s_sum", 0.0) for r in stats)
     if teacher_s > 0:
-        note += (f" Train img/s and s/run are the students' own cost; the teacher's outputs and causal "
+        note += (f" Train {short}/s and s/run are the students' own cost; the teacher's outputs and causal "
                  f"masks took {teacher_s:.1f}s over the whole study (computed once per batch when cached).")
+    for n in notes:
+        note += " " + n
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.1f}s."
-    pl = power_line(stats, baseline)
+    pl = power_line(stats, baseline, metric)
     if pl:
         note += "\n\n" + pl
     return md, note
@@ -263,22 +320,36 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
 
 def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "baseline",
                  wall_time_s: Optional[float] = None, profile: bool = True, log=print,
-                 figures: bool = True) -> dict:
+                 figures: bool = True, metric=None, secondary=(), sample_unit: str = "images",
+                 teacher_value: Optional[float] = None, profiler=None, notes=(), task: str = "classification",
+                 aliases: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
     """Aggregate a study's runs, write results.csv/table.csv/table.json/table.md, print the table.
 
+    ``metric`` / ``secondary`` / ``sample_unit``: the task's declared metrics (default
+    classification's accuracy); ``teacher_value``: the teacher's test value of ``metric`` (the gap
+    closed column; by default read beside the recipes' teacher checkpoint); ``profiler``: recipe ->
+    ``{params, size_mb, mflops, latency_ms_b1}`` (called once per method when ``profile``);
+    ``notes``: the task's sentences under the table; ``aliases``: method -> the method whose
+    runs it shares (one recipe under two names, trained once). Everything needed to rebuild the
+    same files is kept in ``table.json`` (:func:`rebuild_report`).
     With ``figures`` (default) also the forest plot and the validation curves
-    (:func:`kdlab.report.figures.study_figures`; ``out_dir`` is taken to be ``<study>/report``)."""
+    (:func:`kdlab.report.figures.study_figures`; ``out_dir`` is taken to be ``<study>/report*``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metric = metric or default_metric()
+    if teacher_value is None and metric.name == "acc":
+        teacher_value = teacher_accuracy(recipes)
+    runs = sort_runs(runs, list(recipes) or None)
     write_csv(out_dir / "results.csv", runs)
-    stats = method_stats(runs, baseline, teacher_acc=teacher_accuracy(recipes))
-    cache: dict = {}
-    for row in stats:
-        if profile:
-            p = _profile(recipes[row["method"]], cache)
-            row.update({"params": p["params"]["total"], "size_mb": p["size_mb"],
-                        "mflops": p["flops"] / 1e6, "latency_ms_b1": p["latency"][0]["median_ms"]})
-    report = write_tables(out_dir, stats, baseline, wall_time_s, log)
+    stats = method_stats(runs, baseline, metric=metric, teacher_acc=teacher_value, secondary=secondary,
+                         sample_unit=sample_unit)
+    if profile and profiler is not None:
+        for row in stats:
+            row.update(profiler(recipes[row["method"]]))
+    meta = {"task": task, "metric": metric_dict(metric), "secondary": [metric_dict(m) for m in secondary],
+            "sample_unit": sample_unit, "teacher": teacher_value, "notes": list(notes),
+            "aliases": dict(aliases or {}), "extra": dict(extra or {})}
+    report = write_tables(out_dir, stats, baseline, wall_time_s, log, meta=meta)
     if figures:
         from kdlab.report.figures import study_figures
 
@@ -290,15 +361,34 @@ def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "b
     return report
 
 
-def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, log=print) -> dict:
-    """Write table.md / table.csv / table.json for per-method ``stats`` and print the table."""
+def sort_runs(runs: list[dict], methods: Optional[list] = None) -> list[dict]:
+    """Runs in the canonical order of a study's files: by method (``methods``' order, else first
+    seen), then by seed. A study and its rebuilt report list them the same way."""
+    order = {m: i for i, m in enumerate(dict.fromkeys(list(methods or []) + [r["method"] for r in runs]))}
+    return sorted(runs, key=lambda r: (order[r["method"]], int(r["seed"])))
+
+
+def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, log=print, *,
+                 meta: Optional[dict] = None) -> dict:
+    """Write table.md / table.csv / table.json for per-method ``stats`` and print the table.
+    ``meta``: the task, metrics, teacher value and notes (:func:`study_report`)."""
+    from kdlab.core.io import atomic_write_text
+
     out_dir = Path(out_dir)
-    md, note = render_table(stats, baseline, wall_time_s)
-    (out_dir / "table.md").write_text(md + "\n" + note + "\n")
-    write_csv(out_dir / "table.csv", [{k: v for k, v in r.items() if k not in ("seeds", "test_acc_by_seed")}
+    meta = dict(meta or {})
+    metric = metric_from(meta.get("metric"))
+    secondary = [metric_from(d) for d in meta.get("secondary", [])]
+    md, note = render_table(stats, baseline, wall_time_s, metric=metric, secondary=secondary,
+                            sample_unit=meta.get("sample_unit", "images"), notes=meta.get("notes", ()))
+    aliases = meta.get("aliases") or {}
+    if aliases:
+        note += "\n\nSame recipe under two names (trained once, listed once): " + "; ".join(
+            f"{a} = {b}" for a, b in aliases.items()) + "."
+    atomic_write_text(out_dir / "table.md", md + "\n" + note + "\n")
+    write_csv(out_dir / "table.csv", [{k: v for k, v in r.items() if k != "seeds" and not k.endswith("_by_seed")}
                                        for r in stats])
-    (out_dir / "table.json").write_text(json.dumps({"methods": stats, "baseline": baseline,
-                                                    "wall_time_s": wall_time_s}, indent=2))
+    atomic_write_text(out_dir / "table.json", json.dumps({"methods": stats, "baseline": baseline,
+                                                          "wall_time_s": wall_time_s, **meta}, indent=2))
     log("")
     log(md)
     log(note.strip())
@@ -308,23 +398,41 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
 
 #: per-method keys that :func:`rebuild_report` keeps from an existing table.json (measured once:
 #: profiling, robustness)
-KEPT_KEYS = ("params", "size_mb", "mflops", "latency_ms_b1", "mCA", "mCA_sd", "mCE", "rel_mCE")
+KEPT_KEYS = ("params", "size_mb", "mflops", "latency_ms_b1", "mCA", "mCA_sd", "mCE", "mCE_sd", "rel_mCE",
+             "rel_mCE_sd", "mCA_extra", "mCE_extra", "rel_mCE_extra")
 
 
-def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool = True, log=print) -> dict:
-    """Re-derive a finished study's table (and figures) from its runs' ``result.json`` files,
-    without training: ``<study>/<method>/seed<k>/result.json`` -> ``<study>/report/``.
-
-    Methods come in the order of the existing ``report/table.json`` (else sorted, baseline first);
-    profile and robustness columns (:data:`KEPT_KEYS`) are carried over from it. ``baseline``
-    defaults to the existing table's, else ``"baseline"``."""
+def report_dirs(study_dir) -> list[Path]:
+    """The report folders of a study: ``report`` (ladder, or any single-list study) and
+    ``report-<mode>`` for other ablation modes, those that hold a ``table.json``."""
     study_dir = Path(study_dir)
-    out = study_dir / "report"
-    old = json.loads((out / "table.json").read_text()) if (out / "table.json").is_file() else {}
+    return sorted(p for p in study_dir.glob("report*") if p.is_dir() and (p / "table.json").is_file())
+
+
+def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool = True, log=print,
+                   report_dir=None) -> dict:
+    """Re-derive a finished study's table (and figures) from its runs' ``result.json`` files,
+    without training: ``<study>/<method>/seed<k>/result.json`` -> ``<study>/report/`` (or
+    ``report_dir``). On a study ``kdlab ablate`` wrote, the files come out byte for byte the same.
+
+    Methods are those of the existing ``table.json`` in its order (else every method found,
+    sorted, baseline first); its task metrics, teacher value (gap closed), notes and the profile
+    and robustness columns (:data:`KEPT_KEYS`) are carried over. ``baseline`` defaults to the
+    existing table's, else ``"baseline"``."""
+    study_dir = Path(study_dir)
+    out = Path(report_dir) if report_dir else study_dir / "report"
+    old = {}
+    if (out / "table.json").is_file():
+        from kdlab.core.io import read_json
+
+        old = read_json(out / "table.json", "study table")
     baseline = baseline or old.get("baseline") or "baseline"
     order = [r["method"] for r in old.get("methods", [])]
-    found = sorted(p.parent.parent.name for p in study_dir.glob("*/seed*/result.json"))
-    methods = [m for m in order if m in found] + [m for m in dict.fromkeys(found) if m not in order]
+    found = sorted({p.parent.parent.name for p in study_dir.glob("*/seed*/result.json")})
+    aliases = old.get("aliases") or {}
+    methods = [m for m in order if m in found] if order else []
+    if not order:
+        methods = [m for m in found if m not in aliases]
     if not methods:
         raise FileNotFoundError(f"no <method>/seed<k>/result.json under {study_dir}; run the study first")
     if baseline not in methods:
@@ -334,22 +442,38 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     runs = []
     for m in methods:
         files = sorted((study_dir / m).glob("seed*/result.json"), key=lambda p: int(p.parent.name[4:]))
+        seeds = {int(s) for r in old.get("methods", []) if r["method"] == m for s in r.get("seeds", [])}
         for f in files:
+            if seeds and int(f.parent.name[4:]) not in seeds:
+                continue  # a seed trained for another study of the same folder
             r = json.loads(f.read_text())
             r.setdefault("method", m)
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
     out.mkdir(parents=True, exist_ok=True)
+    runs = sort_runs(runs, methods)
     write_csv(out / "results.csv", runs)
-    stats = method_stats(runs, baseline)
+    meta = {k: old[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases", "extra")
+            if k in old}
+    metric = metric_from(meta.get("metric"))
+    stats = method_stats(runs, baseline, metric=metric, teacher_acc=meta.get("teacher"),
+                         secondary=[metric_from(d) for d in meta.get("secondary", [])],
+                         sample_unit=meta.get("sample_unit", "images"))
     kept = {r["method"]: r for r in old.get("methods", [])}
     for row in stats:
         for k in KEPT_KEYS:
             if k in kept.get(row["method"], {}):
                 row[k] = kept[row["method"]][k]
-    report = write_tables(out, stats, baseline, old.get("wall_time_s"), log)
+    report = write_tables(out, stats, baseline, old.get("wall_time_s"), log, meta=meta)
     if figures:
         from kdlab.report.figures import study_figures
 
-        report["figures"] = {k: str(v) for k, v in study_figures(study_dir, log=log).items()}
+        report["figures"] = {k: str(v) for k, v in study_figures(study_dir, out_dir=out, log=log).items()}
     return report
+
+
+def rebuild_reports(study_dir, *, baseline: Optional[str] = None, figures: bool = True, log=print) -> list[dict]:
+    """``kdlab report``: :func:`rebuild_report` for every report folder of the study
+    (:func:`report_dirs`; ``report`` alone when none holds a table yet)."""
+    dirs = report_dirs(study_dir) or [Path(study_dir) / "report"]
+    return [rebuild_report(study_dir, baseline=baseline, figures=figures, log=log, report_dir=d) for d in dirs]

@@ -24,42 +24,9 @@ with the direction of that metric; nothing else about the task is assumed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
-
-@dataclass(frozen=True)
-class Metric:
-    """One number a task reports for a model on a split.
-
-    ``name``: the key (``acc``, ``bpb``, ``map``, ``tar@far1e-3``, ``fd``); result files hold
-    ``val_<name>`` / ``test_<name>``. ``direction``: ``"max"`` or ``"min"`` (which is better).
-    ``unit``: shown in table headers (``"%"``, ``"bits/byte"``, ``""``). ``scale``: multiplier for
-    display only (accuracy is stored as a fraction and shown ×100 as %). ``label``: a human name
-    for headers and findings sentences (defaults to ``name``).
-    """
-
-    name: str
-    direction: str = "max"
-    unit: str = ""
-    scale: float = 1.0
-    label: str = ""
-
-    def __post_init__(self):
-        if self.direction not in ("max", "min"):
-            raise ValueError(f"metric {self.name}: direction must be 'max' or 'min', not {self.direction!r}")
-
-    @property
-    def title(self) -> str:
-        return self.label or self.name
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether value ``a`` is strictly better than ``b``."""
-        return a > b if self.direction == "max" else a < b
-
-    def sign(self) -> int:
-        """+1 when larger is better, −1 when smaller is (a paired difference times ``sign`` is a gain)."""
-        return 1 if self.direction == "max" else -1
+from kdlab.core.metric import Metric  # noqa: F401  (part of the task contract; defined in core)
 
 
 class Task:
@@ -84,6 +51,9 @@ class Task:
     select: ClassVar[str] = ""
     primary: ClassVar[str] = ""
     sample_unit: ClassVar[str] = "images"
+    #: the order a study trains its runs in: ``"method"`` (every seed of a method, then the next
+    #: method) or ``"seed"`` (every method of a seed, then the next seed); results do not depend on it
+    study_order: ClassVar[str] = "method"
 
     # -- declared metrics ------------------------------------------------------------------------
     @classmethod
@@ -139,6 +109,46 @@ class Task:
     def figures(self, study_dir, rows: list[dict], recipes: dict, log: Callable = print) -> list:
         """Task-specific pictures of a finished study (PR curves, ROC, sample grids); default none."""
         return []
+
+    # -- optional hooks (added for the generic study, tuning and findings; all have defaults) -----
+    def from_dict(self, raw: dict, where: str = "recipe") -> Any:
+        """A validated recipe from a plain mapping (``recipe.to_dict()`` with changed values): what
+        ``kdlab tune`` builds each trial's recipe with. Default: not supported."""
+        raise NotImplementedError(f"task {self.name!r} cannot rebuild a recipe from a mapping "
+                                  f"(implement Task.from_dict to tune it)")
+
+    def tune_run(self, recipe, run_dir, *, context: Any = None, method: str = "", callbacks=(),
+                 progress: bool = False) -> dict:
+        """Train one trial of ``kdlab tune`` and return its result (``val_<metric>`` read by the
+        tuner). ``callbacks`` (Trainer callbacks that report each epoch's validation metric to the
+        pruner) should reach the Trainer, and the test split should stay unevaluated; the default
+        calls :meth:`train` (no per-epoch pruning; the tuner reads only validation keys)."""
+        return self.train(recipe, run_dir, context=context, method=method, progress=progress)
+
+    def study_notes(self, context: Any, rows: list[dict], recipes: dict) -> list[str]:
+        """Sentences appended to the study table's note (kept in ``table.json`` so a rebuilt report
+        gives the same files); default none."""
+        return []
+
+    def describe(self, recipe: dict) -> str:
+        """One line naming a study's setting from its recipe dict (data, teacher, student) for
+        findings pages and figure titles; default: the recipe's name."""
+        return str(recipe.get("name", "")) if isinstance(recipe, dict) else ""
+
+    def components(self, recipe: dict) -> list[str]:
+        """The components a study's methods add (``kd``, ``align``, ...), in ladder order, for the
+        findings page's contrasts; default none (every method is compared with the baseline)."""
+        return []
+
+    def baseline(self, methods: dict) -> str:
+        """The method of ``methods`` every other is paired against; default the first."""
+        return next(iter(methods))
+
+    def run_key(self, recipe) -> Any:
+        """What makes two methods of a study the same run (two names of one recipe are trained
+        once); default the recipe dict without its name and description."""
+        d = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
+        return {k: v for k, v in d.items() if k not in ("name", "description")}
 
 
 _TASKS: dict[str, type[Task]] = {}
@@ -205,7 +215,43 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+#: ``task:`` values of recipes written before tasks were plug-ins (LM recipes named their kind)
+TASK_ALIASES = {"corpus": "lm", "arithmetic": "lm"}
+
+
 def task_of(raw: dict) -> str:
     """The task a raw recipe mapping names (``task:``; ``classification`` when absent)."""
     t = raw.get("task") if isinstance(raw, dict) else None
-    return str(t) if t else "classification"
+    t = str(t) if t else "classification"
+    return TASK_ALIASES.get(t, t)
+
+
+def load_recipe(ref, overrides: Optional[list[str]] = None) -> Any:
+    """Any task's recipe: read the file (path or shipped name), route by its ``task:`` to that
+    task's :meth:`Task.load_recipe`. One reader for every task (the routing reads the YAML through
+    :func:`kdlab.core.config.read_recipe_yaml`, ``extends:`` included)."""
+    return get_task(task_of(read_raw(ref))).load_recipe(ref, overrides)
+
+
+def read_raw(ref) -> dict:
+    """A recipe file as a raw mapping (``extends:`` merged), found by :func:`resolve_ref`."""
+    from kdlab.core.config import read_recipe_yaml
+
+    return read_recipe_yaml(resolve_ref(ref))
+
+
+def resolve_ref(ref):
+    """The path of a recipe given by path or shipped name; a bare LM name (``docs``) is found
+    under ``lm/``."""
+    from kdlab.core.config import RECIPES_DIR, resolve_recipe_path
+
+    RECIPES_LM = RECIPES_DIR / "lm"
+
+    try:
+        path = resolve_recipe_path(ref)
+    except FileNotFoundError as first:
+        s = str(ref)
+        if s.startswith("lm/") or not (RECIPES_LM / (s if s.endswith(".yaml") else s + ".yaml")).is_file():
+            raise first from None
+        path = resolve_recipe_path("lm/" + s)
+    return path

@@ -61,7 +61,18 @@ from kdlab.data.corruptions.suite import (
     parse_corruptions,
 )
 
+
+
+def split_standard(names) -> tuple[list[str], list[str]]:
+    """``(standard, extra)``: the names among the 15 standard corruptions (in the given order)
+    and all the others."""
+    names = list(names)
+    return ([c for c in names if c in STANDARD_CORRUPTIONS],
+            [c for c in names if c not in STANDARD_CORRUPTIONS])
+
+
 __all__ = [
+    "split_standard",
     "CORRUPTIONS", "STANDARD_CORRUPTIONS", "EXTRA_CORRUPTIONS", "SEVERITIES", "PARAMS",
     "RANDOM_CORRUPTIONS", "CorruptedSet", "corrupt", "corrupted_batches", "load_cifar10c",
     "parse_corruptions", "frost_texture", "plasma_fractal", "elastic_maps", "canny",

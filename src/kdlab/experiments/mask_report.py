@@ -1,7 +1,7 @@
 """Measurements behind docs/masks.md: IG completeness vs steps, reused-vs-exact mask agreement,
 gradient × activation vs IG agreement, and batched vs step-by-step IG speed.
 
-Run ``python -m kdlab.distill.mask_report {completeness,agreement,speed} [options]``; each prints
+Run ``python -m kdlab.experiments.mask_report {completeness,agreement,speed} [options]``; each prints
 a Markdown table. Keep ``OMP_NUM_THREADS`` fixed when timing.
 """
 
@@ -266,7 +266,7 @@ def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view"
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kdlab.distill.mask_report")
+    ap = argparse.ArgumentParser(prog="python -m kdlab.experiments.mask_report")
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("completeness")
     c.add_argument("--recipe", default="digits/full")

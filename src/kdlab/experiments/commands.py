@@ -1,0 +1,304 @@
+"""The workflows behind the CLI commands: each ``kdlab`` command function parses its arguments and
+calls one function here (or one library function elsewhere), so what a command does can be called
+from Python as well (``tests/test_architecture.py`` holds the CLI to one library call per command).
+"""
+
+from __future__ import annotations
+
+import json
+import json as _json
+from pathlib import Path
+from typing import Optional
+
+
+def _summary(res: dict) -> str:
+    return json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")})
+
+
+# -- training one recipe -------------------------------------------------------------------------
+def train_teacher_command(ref, overrides, *, out=None, progress=True, restart=False, log=print) -> dict:
+    """`kdlab train-teacher`: train ``ref`` with its own loss into ``out`` (default
+    ``runs/<recipe name>``)."""
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import train
+
+    recipe = load_recipe(ref, overrides)
+    out = Path(out or f"runs/{recipe.name}")
+    log(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
+    res = train(recipe, out, progress=progress, resume=not restart, method="teacher")
+    log(_summary(res))
+    log(f"checkpoint: {out / 'best.pt'}")
+    return res
+
+
+def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progress=True, restart=False,
+                    log=print) -> dict:
+    """`kdlab distill`: one student of ``ref`` (its teacher trained first when missing) into
+    ``out`` (default ``runs/<recipe name>/seed<k>``)."""
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import ensure_teachers, train
+
+    recipe = load_recipe(ref, overrides)
+    if seed is not None:
+        recipe.train.seed = seed
+    ensure_teachers(recipe, data_dir=data_dir, progress=progress)
+    out = Path(out or f"runs/{recipe.name}/seed{recipe.train.seed}")
+    teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
+    log(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
+    if (out / "result.json").exists() and not restart:
+        log("  (finished earlier: its checked result is reused; --restart trains it again)")
+    res = train(recipe, out, progress=progress, resume=not restart, method=recipe.name)
+    log(_summary(res))
+    log(f"checkpoint: {out / 'best.pt'}")
+    return res
+
+
+# -- the demo --------------------------------------------------------------------------------------
+def demo(*, out=None, seeds=None, overrides=None, device="auto", robustness: bool = True,
+         explain: bool = True, progress: bool = True, log=print) -> dict:
+    """`kdlab demo`: the digits/full ladder (teacher trained on the way), then the students'
+    robustness, where they look, and the findings page in the study's report folder."""
+    from kdlab.experiments.study import run_ablation
+    from kdlab.core.device import resolve_device
+
+    report = run_ablation("digits/full", out_dir=out, seeds=seeds, mode="ladder", overrides=overrides,
+                          progress=progress, log=log)
+    study = Path(report["out_dir"]).parent
+    dev = str(resolve_device(device))
+    if robustness:
+        from kdlab.experiments.robustness import study_robustness
+
+        log("\nrobustness of the five methods (15 standard + 4 extra corruptions x 5 severities, seed 0; "
+            "mCE over the 15):")
+        study_robustness(study, device=dev, progress=progress)
+    if explain:
+        from kdlab.experiments.findings import write_findings
+        from kdlab.experiments.study_explain import explain_study
+
+        log("\nwhere the students look (attention rank alignment, top-k focus, logit agreement):")
+        explain_study(study, device=dev)
+        write_findings([study], out=study / "report" / "findings.md", command="kdlab demo")
+    return report
+
+
+def explain_study_command(study, *, device="auto", **kw) -> dict:
+    """`kdlab explain-study`: :func:`kdlab.experiments.study_explain.explain_study` on ``device``
+    (``auto``: CUDA when available)."""
+    from kdlab.experiments.study_explain import explain_study
+    from kdlab.core.device import resolve_device
+
+    return explain_study(study, device=str(resolve_device(device)), **kw)
+
+
+# -- listings --------------------------------------------------------------------------------------
+def recipes_listing() -> str:
+    """`kdlab recipes`: every shipped recipe with its description, by kind."""
+    from kdlab.core.config import list_recipes, load_recipe
+    from kdlab.experiments.paradigms.spec import list_paradigm_recipes, load_paradigm
+    from kdlab.lm.recipe import list_lm_recipes
+
+    lines = ["training recipes (kdlab train-teacher / distill / ablate / compare):"]
+    for name in list_recipes():
+        try:
+            desc = load_recipe(name).description
+        except Exception as e:  # a broken shipped recipe should be visible, not hidden
+            desc = f"INVALID: {e}"
+        lines.append(f"  {name:<30} {desc}")
+    lines.append("paradigm recipes (kdlab paradigm / compare):")
+    for name in list_paradigm_recipes():
+        try:
+            desc = load_paradigm(name).description
+        except Exception as e:
+            desc = f"INVALID: {e}"
+        lines.append(f"  {name:<30} {desc}")
+    lines.append("language-model recipes (kdlab ablate / kdlab lm ...):")
+    lines += [f"  {name}" for name in list_lm_recipes()]
+    return "\n".join(lines)
+
+
+def methods_listing() -> str:
+    """`kdlab methods`: the loss terms and paradigms with their references."""
+    from kdlab.distill.losses import LOSSES
+    from kdlab.experiments.paradigms import list_paradigms
+
+    lines = ["loss terms (use in a recipe's loss: list; `kdlab compare --all digits` runs them all):"]
+    for e in LOSSES.entries():
+        ref = f"  [{e.reference}]" if e.reference else ""
+        lines.append(f"  {e.name:<9} {e.description}{ref}")
+    lines.append("paradigms (`kdlab paradigm NAME RECIPE`):")
+    lines += [f"  {name:<9} {desc}  [{ref}]" for name, desc, ref in list_paradigms()]
+    return "\n".join(lines)
+
+
+def paradigm_command(paradigm, recipe, overrides, *, seed=None, out=None, data_dir=None,
+                     progress=True, log=print) -> Optional[dict]:
+    """`kdlab paradigm NAME RECIPE` (a normal recipe) or `kdlab paradigm PARADIGM_RECIPE`."""
+    from kdlab.experiments.paradigms.runs import run_paradigm
+    from kdlab.experiments.paradigms.spec import paradigm_spec
+
+    spec = paradigm_spec(paradigm, recipe, overrides, seed)
+    r = spec.recipe
+    out = Path(out or f"runs/{r.name}-{spec.name}/seed{r.train.seed}")
+    res = run_paradigm(spec, out, progress=progress, data_dir=data_dir)
+    log(f"results: {out}")
+    return res
+
+
+# -- robustness and explanations --------------------------------------------------------------------
+def robustness_command(checkpoints, *, study=None, out=None, corruptions="all", device="auto",
+                       progress=True, log=print, **kw):
+    """`kdlab robustness CKPT ...` (tables and heat map of those checkpoints) or `--study DIR`
+    (every method and seed of a finished study, into its report)."""
+    if study:
+        if checkpoints or out:
+            raise ValueError("--study evaluates the study's own checkpoints and writes into its "
+                             "report folder; drop the CKPT arguments and --out")
+        from kdlab.data.corruptions import parse_corruptions
+        from kdlab.experiments.robustness import study_robustness
+        from kdlab.core.device import resolve_device
+
+        kw = {k: v for k, v in kw.items() if k not in ("names", "reference", "dataset", "cifar_c_dir")}
+        return study_robustness(study, corruptions=parse_corruptions(corruptions),
+                                device=str(resolve_device(device)), progress=progress, **kw)
+    from kdlab.experiments.robustness import checkpoints_robustness
+
+    res, written = checkpoints_robustness(checkpoints, corruptions=corruptions, device=device, out_dir=out,
+                                          progress=progress, **kw)
+    log(res.markdown())
+    log("wrote " + ", ".join(str(p) for p in written.values()))
+    return res
+
+
+def explain_command(teacher, student, *, out=None, log=print, **kw) -> list:
+    """`kdlab explain`: where a student looks compared with its teacher; writes and prints the
+    table (``kw``: :func:`kdlab.evaluate.explain_report.explain_checkpoints`' options)."""
+    from kdlab.evaluate.explain_report import explain_checkpoints, markdown
+
+    out = Path(out or "runs/explain")
+    rows = explain_checkpoints(teacher, student, out_dir=out, **kw)
+    log(markdown(rows, n_images=rows[0]["n_images"] if rows else None))
+    log(f"\nwrote {out / 'explain.csv'}, explain.json, explain.md, per_image.csv, "
+        f"overlays.png{', sweep.png' if rows and all('alpha' in r for r in rows) else ''}")
+    return rows
+
+
+# -- language models ----------------------------------------------------------------------------------
+def lm_out(recipe, out) -> Path:
+    return Path(out) if out else Path("runs") / "lm" / recipe.name.replace("/", "_")
+
+
+def lm_train_teacher(ref, overrides, *, out=None, progress=False) -> Path:
+    """`kdlab lm train-teacher`: train (or resume) an LM recipe's teacher."""
+    from kdlab.lm.recipe import load_lm_recipe
+    from kdlab.lm.runs import train_teacher
+
+    r = load_lm_recipe(ref, overrides)
+    if r.kind == "arithmetic":
+        raise ValueError("the arithmetic teacher is trained by `kdlab lm ablate lm/arithmetic`")
+    return train_teacher(r, lm_out(r, out), progress=progress)
+
+
+def lm_distill(ref, overrides, *, out=None, method=None, seed=0, progress=False) -> dict:
+    """`kdlab lm distill`: one student (a study method, or the recipe's distill section)."""
+    from kdlab.lm.recipe import load_lm_recipe
+    from kdlab.lm.runs import distill_run
+
+    r = load_lm_recipe(ref, overrides)
+    if r.kind == "arithmetic":
+        raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
+    rr = r.method(method) if method else r
+    row = distill_run(rr, lm_out(r, out), seed=seed, method=method or "distill", progress=progress)
+    return {k: v for k, v in row.items() if k != "counts"}
+
+
+# -- the step benchmark --------------------------------------------------------------------------------
+def bench_command(args, overrides: list) -> int:
+    """`kdlab bench`: the step benchmark, or where a study's time goes (``args.study``); ``args``:
+    the command's options, ``overrides``: its ``--set`` values."""
+    import torch
+
+    from kdlab.experiments.bench import bench_steps, bench_study, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.study:
+        out = args.out or "runs/bench-study"
+        overrides = list(overrides)
+        teacher_set = list(args.teacher_set or [])
+        if args.synthetic_cifar is not None and args.synthetic_cifar < 10:
+            raise ValueError(f"--synthetic-cifar needs at least 10 training images (got {args.synthetic_cifar})")
+        if args.synthetic_cifar is not None and args.data_dir:
+            raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
+                             "--synthetic-cifar to use the data in --data-dir)")
+        reuse = args.mask_reuse.split(",") if args.mask_reuse is not None else None
+        if reuse is not None and (len(set(reuse)) != len(reuse) or not all(reuse)):
+            raise ValueError(f"--mask-reuse takes per-view and/or per-image, each once (got {args.mask_reuse!r})")
+        if args.synthetic_cifar:
+            from pathlib import Path
+
+            from kdlab.data.cifar_synthetic import write_synthetic_cifar
+
+            data = Path(out) / "data"
+            if not (data / "cifar-10-batches-py" / "test_batch").is_file():
+                write_synthetic_cifar(data, args.synthetic_cifar, max(10, args.synthetic_cifar // 5))
+                print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
+            else:
+                print(f"bench: using the generated CIFAR-format data already in {data}")
+            # the generated data's teacher lives in the bench folder, never at the recipe's own path
+            overrides = [f"data.data_dir={data}", f"teacher.checkpoint={Path(out) / 'teacher' / 'best.pt'}",
+                         *overrides]
+        bench_study(args.study, out, seeds=args.seeds, overrides=overrides, mode=args.mode,
+                    mask_reuse=reuse, compare_cache=args.compare_cache, teacher_overrides=teacher_set)
+        return 0
+    if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
+            or args.synthetic_cifar or args.teacher_set or args.data_dir):
+        raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
+                         "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
+                         "CUDA when available, else on the CPU")
+    variants = args.variants.split(",")
+    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
+          f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
+          f"torch threads {torch.get_num_threads()}")
+    rows = bench_steps(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
+                       steps=args.steps, image_size=args.image_size, channels=args.channels,
+                       num_classes=args.num_classes, layers=tuple(args.layers.split(",")),
+                       mask_steps=args.mask_steps, amp=args.amp, channels_last=args.channels_last,
+                       compile_=args.compile, variants=variants,
+                       repeats=args.repeats)
+    print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
+                             f"threads {torch.get_num_threads()}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            _json.dump(rows, f, indent=2)
+    return 0
+
+
+
+
+def lm_generate(checkpoint, prompt: str, *, max_new: int = 64, temperature: float = 0.0, top_k=None,
+                seed: int = 0, kv_cache: bool = True) -> str:
+    """`kdlab lm generate`: ``prompt`` continued by the LM in ``checkpoint`` (greedy at
+    temperature 0, else sampled with ``seed``)."""
+    import torch
+
+    from kdlab.lm.generate import generate
+    from kdlab.lm.runs import load_lm
+
+    model, tok, _ = load_lm(checkpoint)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("--prompt must not be empty")
+    limit = getattr(model, "max_len", None)
+    if limit is not None and len(ids) + max_new > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + --max-new {max_new} exceeds the model's "
+                         f"max_len {limit}; shorten the prompt or lower --max-new")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (got {temperature}); 0 is greedy")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (got {top_k}); leave it out to sample from every token")
+    gen = torch.Generator().manual_seed(seed)
+    out, mask = generate(model, torch.tensor([ids]), max_new, greedy=temperature == 0,
+                         temperature=temperature or 1.0, top_k=top_k, eos_id=tok.eos_id,
+                         pad_id=tok.pad_id, use_cache=kv_cache, generator=gen)
+    new = out[0, len(ids):][mask[0]].tolist()
+    return prompt + tok.decode(new)

@@ -1,0 +1,36 @@
+"""Ablation modes: `--mode both` trains each distinct recipe once (the leave-one-out names that
+equal a ladder method are aliases), Holm counts each comparison once, and every mode reports into
+its own folder."""
+
+from pathlib import Path
+
+from kdlab.core.config import load_recipe
+from kdlab.experiments.findings import component_contrasts
+from kdlab.experiments.study import distinct_methods, report_folder
+from kdlab.tasks import get_task
+
+
+def test_mode_both_trains_each_distinct_recipe_once():
+    full = load_recipe("digits/full")  # ce + kd + align + attn
+    task = get_task("classification")
+    both = task.ablation_methods(full, "both")
+    assert list(both) == ["baseline", "kd", "kd+align", "kd+attn", "full", "full-kd", "full-align", "full-attn"]
+    distinct, aliases = distinct_methods(task, both)
+    # full-align = kd + attn and full-attn = kd + align (by hand: drop one of the three components)
+    assert aliases == {"full-align": "kd+attn", "full-attn": "kd+align"}
+    assert list(distinct) == ["baseline", "kd", "kd+align", "kd+attn", "full", "full-kd"]
+    terms = lambda r: [t.term for t in r.loss]  # noqa: E731
+    assert terms(distinct["full-kd"]) == ["ce", "align", "attn"]
+    # the findings contrasts name the aliases by their runs; each comparison once
+    cs = component_contrasts(list(distinct), ["kd", "align", "attn"], "baseline", aliases)
+    pairs = [(a, b) for _, a, b in cs]
+    assert len(pairs) == len(set(pairs))
+    assert ("full", "kd+attn") in pairs and ("full", "kd+align") in pairs and ("full", "full-kd") in pairs
+    assert ("full", "full-align") not in pairs
+
+
+def test_each_mode_has_its_own_report_folder(tmp_path):
+    assert report_folder(tmp_path, None) == Path(tmp_path) / "report"
+    assert report_folder(tmp_path, "ladder") == Path(tmp_path) / "report"
+    assert report_folder(tmp_path, "loo") == Path(tmp_path) / "report-loo"
+    assert report_folder(tmp_path, "both") == Path(tmp_path) / "report-both"
