@@ -37,7 +37,7 @@ def run_name(path: str) -> str:
     """A short name for a checkpoint path: ``runs/study/kd/seed0/best.pt -> study-kd-seed0-best``
     (the last three path parts, without ``runs``); other targets (model names) as they are."""
     p = Path(path)
-    if p.suffix in (".pt", ".onnx"):
+    if p.suffix in (".pt", ".onnx", ".safetensors"):
         parts = [q for q in p.with_suffix("").parts[-3:] if q not in (".", "runs")]
         return "-".join(parts)
     return p.name
@@ -96,7 +96,7 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     dev = eff.resolve_device(device)
     path = Path(target)
     file = None
-    if path.suffix in (".pt", ".onnx") or path.exists():
+    if path.suffix in (".pt", ".onnx", ".safetensors") or path.exists():
         model, ck = load_compressed(target, dev)
         file = path
         shape = (tuple(ck["input_shape"]) if ck.get("format") == "onnx" and input_size is None
@@ -345,22 +345,48 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
 # --------------------------------------------------------------------------- export
 def export_checkpoint(checkpoint: str, *, out_dir=None, model_out=None, opset: int = 18,
                       atol: float = 1e-4, rtol: float = 1e-3, input_size: int | None = None,
-                      threads: int | None = None, seed: int = 0) -> dict:
-    """Export ``checkpoint`` to ONNX (``model_out``, default ``<out_dir>/model.onnx``) on the CPU
-    and check it in ONNX Runtime: ``ok`` when ``|onnx - torch| <= atol + rtol |torch|`` on random
-    inputs. Fake-quant layers are removed first (their quantized weights exported in float)."""
+                      threads: int | None = None, seed: int = 0, fmt: str = "onnx") -> dict:
+    """Export ``checkpoint`` (on the CPU), written atomically.
+
+    ``fmt="onnx"`` (``model_out`` default ``<out_dir>/model.onnx``): checked in ONNX Runtime, ``ok``
+    when ``|onnx - torch| <= atol + rtol |torch|`` on random inputs; fake-quant layers are removed
+    first (their quantized weights exported in float). ``fmt="safetensors"`` (default
+    ``<out_dir>/model.safetensors``): the weights, with the model's identity (name, kwargs, classes,
+    channels, data set) in the header; read back and ``ok`` when every tensor is bit-identical."""
     from kdlab.compress.export import check_onnx, export_onnx
     from kdlab.compress.quantize import QuantWrapper, strip_fake_quant
+    from kdlab.core.checkpoint import read_safetensors, save_safetensors
 
+    if fmt not in ("onnx", "safetensors"):
+        raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format safetensors")
     setup(threads, seed)
     model, ck = load_torch(checkpoint, "cpu", "export")
+    out = default_out(out_dir, f"{run_name(checkpoint)}-export")
+    if fmt == "safetensors":
+        path = Path(model_out) if model_out else out / "model.safetensors"
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"--model-out {path} must end in .safetensors (kdlab reads the format by "
+                             f"the file's suffix)")
+        try:
+            save_safetensors(ck, path)
+        except OSError as e:
+            raise ValueError(f"cannot write {path} ({e.strerror or e}); the previous file, if any, is "
+                             f"unchanged: free space or give another --model-out") from None
+        back = read_safetensors(path)["model"]
+        same = back.keys() == ck["model"].keys() and all(torch.equal(back[k], ck["model"][k]) for k in back)
+        row = {"safetensors": str(path), "size_mb": eff.file_size_mb(path), "tensors": len(back),
+               "ok": same}
+        chk = {"ok": same, "max_abs_diff": 0.0 if same else float("nan")}
+        md = write_report(out, "export", [row], meta={"checkpoint": checkpoint, "format": fmt},
+                          notes=["ok = every tensor read back from the file is bit-identical; the file "
+                                 "holds no code (safetensors: a JSON header and raw tensor bytes)"])
+        return {"markdown": md, "out_dir": out, "ok": same, "check": chk, "model": path}
     notes = []
     if any(isinstance(m, QuantWrapper) for m in model.modules()):
         model = strip_fake_quant(model, bake=True)
         notes.append("fake-quant layers removed; their quantized weights are exported in float "
                      "(run kdlab quantize --mode static for a real int8 model)")
     shape = input_shape_of(ck, input_size)
-    out = default_out(out_dir, f"{run_name(checkpoint)}-export")
     path = Path(model_out) if model_out else out / "model.onnx"
     export_onnx(model, path, shape, opset=opset)
     chk = check_onnx(model, path, shape, atol=atol, rtol=rtol)
