@@ -297,3 +297,124 @@ def test_foreign_safetensors_is_refused_as_checkpoint_but_loads_as_weights(base,
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     rc, _, err = run_cli(["profile", garbage, "--no-latency", "--out", tmp_path / "g"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and str(garbage) in err, err
+
+
+def test_cifar_batch_that_runs_code_is_refused(tmp_path):
+    """CIFAR's official files are pickles people download: one naming os.system is refused before it
+    runs; the real format (numpy arrays, bytes keys) still loads."""
+    import pickle
+
+    from cifar_fixtures import write_fake_cifar10
+
+    from kdlab.data import load_dataset
+
+    folder = write_fake_cifar10(tmp_path / "ok")
+    splits = load_dataset("cifar10", tmp_path / "ok", val_fraction=0.1)
+    assert splits.info.num_classes == 10 and splits.train.x.shape[1:] == (3, 32, 32)
+    marker = tmp_path / "MARKER"
+    bad = tmp_path / "bad" / folder.name
+    bad.parent.mkdir()
+    import shutil
+
+    shutil.copytree(folder, bad)
+    with open(bad / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _System(f"touch '{marker}'")}, f, protocol=2)
+    with pytest.raises(ValueError, match="posix.system|nt.system") as e:
+        load_dataset("cifar10", tmp_path / "bad", val_fraction=0.1)
+    assert str(bad / "data_batch_1") in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- must-fix 2: nothing lost
+def _no_tmp(folder: Path) -> bool:
+    return not [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_failed_export_keeps_the_previous_file_and_names_the_path(base, tmp_path, capsys, monkeypatch, fmt):
+    """A write that fails half-way (disk full) leaves the previous valid file byte-identical, no
+    temporary file, and one error line naming the path."""
+    import errno
+
+    import kdlab.compress.export as ex
+    import kdlab.core.io as kio
+
+    target = tmp_path / f"model.{fmt}"
+    rc, _, err = run_cli(["export", base / "teacher" / "best.pt", "--format", fmt, "--model-out", target,
+                          "--out", tmp_path / "e1"], capsys)
+    assert rc == 0, err
+    before = target.read_bytes()
+
+    def half(f, data):  # the ONNX writer: half the bytes, then the disk is full
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full(fd):  # every format: the data reached the file, fsync finds the disk full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fmt == "onnx":
+        monkeypatch.setattr(ex, "write_model_bytes", half)
+    else:
+        monkeypatch.setattr(kio.os, "fsync", full)
+    rc, _, err = run_cli(["export", base / "student" / "best.pt", "--format", fmt, "--model-out", target,
+                          "--out", tmp_path / "e2"], capsys)
+    monkeypatch.undo()
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(target) in err and "No space left" in err, err
+    assert target.read_bytes() == before
+    assert _no_tmp(tmp_path)
+
+
+@pytest.mark.parametrize("opset", [1, 13, 17, 20])
+def test_opset_is_honoured_or_refused(base, tmp_path, capsys, opset):
+    """The exporter used to keep opset 18 silently when asked for another: now the file has the
+    opset asked for, or the command refuses in one line and writes no model."""
+    import onnx
+
+    target = tmp_path / "m.onnx"
+    rc, _, err = run_cli(["export", base / "teacher" / "best.pt", "--opset", str(opset), "--model-out",
+                          target, "--out", tmp_path / "e"], capsys)
+    if rc == 0:
+        got = [o.version for o in onnx.load(str(target)).opset_import if o.domain in ("", "ai.onnx")]
+        assert got == [opset]
+    else:
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and f"--opset {opset}" in err, err
+        assert not target.exists()
+    if opset == 1:
+        assert rc == 2 and "out of range" in err
+    if opset == 20:  # up-conversion from 18 handles cnn_tiny
+        assert rc == 0, err
+
+
+def test_run_names_cannot_escape_the_output_folder(tmp_path, capsys, monkeypatch):
+    """A recipe name (or --set name=...) like ../../escaped names a folder: refused in one line,
+    nothing written outside; a study method name likewise."""
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    (work / "r.yaml").write_text("name: ../../escaped\ndata: {name: digits}\nstudent: {model: cnn_tiny}\n"
+                                 "train: {epochs: 1, patience: null}\n")
+    (work / "ok.yaml").write_text("name: fine\ndata: {name: digits}\nstudent: {model: cnn_tiny}\n"
+                                  "train: {epochs: 1, patience: null}\n")
+    for args in (["train-teacher", "r.yaml", "--quiet"],
+                 ["train-teacher", "ok.yaml", "--set", "name=../../escaped", "--quiet"],
+                 ["train-teacher", "ok.yaml", "--set", "name=/tmp/abs", "--quiet"]):
+        rc, _, err = run_cli(args, capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "recipe name" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "ok.yaml", "r.yaml"]
+
+    from kdlab.core.config import load_recipe
+    from kdlab.experiments.study import run_study
+
+    r = load_recipe(str(work / "ok.yaml"))
+    with pytest.raises(ValueError, match="outside the output folder"):
+        run_study({"../../evil": r}, work / "study", seeds=[0], progress=False, log=lambda *a: None)
+    assert not (tmp_path / "evil").exists() and not (work / "study" / "..").resolve().joinpath("evil").exists()
+
+    from kdlab.core.config import RecipeError
+    from kdlab.lm.recipe import load_lm_recipe
+
+    (work / "lm.yaml").write_text("extends: lm/docs\nname: x\nstudy: {methods: {'../../evil': {}}}\n")
+    with pytest.raises((RecipeError, ValueError), match="study method"):
+        load_lm_recipe(str(work / "lm.yaml"))

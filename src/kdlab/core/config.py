@@ -228,6 +228,13 @@ class Recipe(_Strict):
     study: StudyCfg = StudyCfg()
     source: Optional[str] = Field(None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        from kdlab.core.io import check_path_name
+
+        return check_path_name(v, "recipe name")
+
     def to_dict(self) -> dict:
         """The recipe as plain data (run identities); ``task`` only when not the default, so runs
         made before tasks existed keep their identity."""

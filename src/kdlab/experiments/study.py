@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdlab.core.config import Recipe, TermCfg, load_recipe
-from kdlab.core.io import write_json
+from kdlab.core.io import inside, write_json
 
 
 def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
@@ -112,7 +112,7 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
             teacher = teachers[key]
         for seed in seeds:
             r = recipe.with_seed(seed)
-            run_dir = out_dir / method / f"seed{seed}"
+            run_dir = inside(out_dir, out_dir / method / f"seed{seed}", f"run folder of method {method!r}")
             finished = (run_dir / "result.json").exists()
             res = train(r, run_dir, teacher=teacher, progress=progress, method=method,
                         teacher_cache=store)
