@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, latency: bool = Tr
         A.add_data_dir(g)
         g.add_argument("--batch-size", type=int, default=128,
                        help="batch size of evaluation and fine-tuning (default 128)")
+        g.add_argument("--allow-other-dataset", action="store_true",
+                       help="use a checkpoint (or --teacher) trained on another data set than --dataset")
     if latency:
         g.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
         g.add_argument("--repeats", type=int, default=50, help="timed runs, median and p90 (default 50)")
@@ -43,7 +45,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, latency: bool = Tr
 def _common_kwargs(args, *, data: bool = True, latency: bool = True) -> dict:
     kw = dict(out_dir=args.out, threads=args.threads, seed=args.seed)
     if data:
-        kw.update(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size)
+        kw.update(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                  allow_other_dataset=args.allow_other_dataset)
     if latency:
         kw.update(warmup=args.warmup, repeats=args.repeats, latency_batch=args.latency_batch)
     return kw

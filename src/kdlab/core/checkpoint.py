@@ -144,13 +144,24 @@ def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes:
 
 def check_fits(ck: dict, info, who: str) -> None:
     """A model (its checkpoint dict, or any dict with ``num_classes`` / ``in_channels``) fits the data
-    set ``info``: same class count and input channels, else one ValueError line naming the fix."""
+    set ``info``: same class count and input channels, and the same class names when the checkpoint
+    records them (``classes``), else one ValueError line naming the fix."""
     if ck.get("num_classes") is not None and int(ck["num_classes"]) != info.num_classes:
         raise ValueError(f"{who} predicts {ck['num_classes']} classes but data set '{info.name}' has "
                          f"{info.num_classes}; use the data set it was trained on (--dataset)")
     if ck.get("in_channels") is not None and int(ck["in_channels"]) != info.in_channels:
         raise ValueError(f"{who} takes {ck['in_channels']} input channels but data set '{info.name}' has "
                          f"{info.in_channels}; use the data set it was trained on (--dataset)")
+    have, want = list(ck.get("classes") or []), [str(c) for c in (getattr(info, "classes", None) or [])]
+    if have and want and [str(c) for c in have] != want:
+        def show(names):
+            return ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "")
+
+        how = ("in another order" if sorted(map(str, have)) == sorted(want)
+               else f"'{show(have)}' against '{show(want)}'")
+        raise ValueError(f"{who} was trained on other class names than data set '{info.name}' has "
+                         f"({how}): its outputs would be read as the wrong classes; use data whose "
+                         f"class folders are named as in training")
 
 
 def load_model(path: str | os.PathLike, device="cpu"):

@@ -107,16 +107,25 @@ class LiveTeacher:
         self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
         self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
 
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
+    def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
-        return t.to(self.round_to).float() if self.round_to is not None else t.float().clone()
+        if self.round_to is None:
+            return t.float().clone()
+        r = t.to(self.round_to)
+        if self.round_to in (torch.float16,) and bool((torch.isinf(r) & torch.isfinite(t)).any()):
+            big = float(t[torch.isfinite(t)].abs().max())
+            raise ValueError(
+                f"the teacher's {what} reach {big:.4g}, beyond float16's range (65504): the teacher "
+                f"cache (train.teacher_mode: cache-fp16, the default) would store them as inf; set "
+                f"train.teacher_mode=cache-fp32 (or live), or use a better-trained teacher")
+        return r.float()
 
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
         with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
             logits = self.teacher(x)
             feats = {n: taps[n] for n in layers}
-        return self._out(logits), {n: self._out(f) for n, f in feats.items()}
+        return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
 
     def masks(self, x, y, layers) -> dict:
         """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`), explaining the label, or

@@ -624,7 +624,9 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = json.loads(table_path.read_text())
+    from kdlab.core.io import read_json
+
+    table = read_json(table_path, "study table")
     stats, baseline = table["methods"], table["baseline"]
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})
@@ -638,6 +640,11 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
             path = study_dir / m / f"seed{s}" / "best.pt"
             if path.is_file():
                 models[m], ck = load_model(path, device)
+            elif s in next(r["seeds"] for r in stats if r["method"] == m):  # the table has this run
+                raise FileNotFoundError(
+                    f"{path} is missing (method {m}, seed {s} of the study table); re-run the study "
+                    f"command with --out {study_dir} (it rebuilds best.pt from last.pt, or retrains the "
+                    f"run), then kdlab robustness --study again")
         if not models:
             continue
         if splits is None:

@@ -10,21 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kdlab.core.config import RecipeError, apply_overrides, deep_merge, describe_error, resolve_recipe_path
+from kdlab.core.config import (RecipeError, apply_overrides, deep_merge, describe_error, load_yaml,
+                               resolve_recipe_path)
 
 
 def read_lm_yaml(path: Path, seen: tuple = ()) -> dict:
     """A recipe file as a dict, with ``extends:`` resolved (relative path or shipped name)."""
     if path.resolve() in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = load_yaml(path, "LM recipe") or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: an LM recipe must be a mapping (name, corpus, student, ...)")
     base = raw.pop("extends", None)

@@ -22,7 +22,7 @@ import yaml
 
 from pydantic import ValidationError
 
-from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, deep_merge,
+from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, deep_merge, load_yaml,
                                read_recipe_yaml, recipe_from_dict, resolve_recipe_path)
 from kdlab.experiments.paradigms.base import PARADIGMS, ParadigmParams
 TOP_KEYS = ("paradigm", "recipe", "description")
@@ -86,10 +86,7 @@ def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
     except ``paradigm.<setting>=value``, which sets one of the paradigm's settings."""
     path = _resolve_paradigm_path(ref)
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = load_yaml(path, "paradigm recipe")
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a paradigm recipe is a mapping with 'paradigm' and 'recipe'")
     for k in raw:
