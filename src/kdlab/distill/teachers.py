@@ -28,6 +28,7 @@ Precision: values are stored in fp16 (``teacher_mode: cache-fp16``, the default)
 (``cache-fp32``). To make losses *exactly* equal with and without the cache, the live path of a
 ``cache-*`` run rounds the teacher outputs through the same precision (``LiveTeacher(round_to=)``).
 Binary masks are exact in fp16; logits and features change by at most one fp16 rounding (2^-11).
+A finite value beyond fp16's range (65504) is refused with one line naming the fix (cache-fp32).
 
 Storage: completed epochs stay in memory while the store holds less than ``memory_mb``; beyond
 that (and only when the store has a ``root`` folder) they are written to
@@ -105,6 +106,8 @@ class LiveTeacher:
         self.mask_layers = list(mask_layers)
         self.mask_cfg = mask_cfg
         self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+        self._overflow: Optional[torch.Tensor] = None  # GPU: did an fp16 rounding overflow?
+        self._overflow_what = "outputs"
         self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
 
     def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
@@ -112,13 +115,29 @@ class LiveTeacher:
         if self.round_to is None:
             return t.float().clone()
         r = t.to(self.round_to)
-        if self.round_to in (torch.float16,) and bool((torch.isinf(r) & torch.isfinite(t)).any()):
-            big = float(t[torch.isfinite(t)].abs().max())
-            raise ValueError(
-                f"the teacher's {what} reach {big:.4g}, beyond float16's range (65504): the teacher "
-                f"cache (train.teacher_mode: cache-fp16, the default) would store them as inf; set "
-                f"train.teacher_mode=cache-fp32 (or live), or use a better-trained teacher")
+        if self.round_to == torch.float16:  # finite values fp16 cannot hold (|v| > 65504) become inf
+            over = (torch.isinf(r) & torch.isfinite(t)).any()
+            if t.device.type == "cpu":
+                if bool(over):
+                    raise ValueError(self._range_message(what, float(t[torch.isfinite(t)].abs().max())))
+            else:  # no host-device sync per step: remembered, read when the loss turns non-finite
+                self._overflow = over if self._overflow is None else (self._overflow | over)
+                self._overflow_what = what
         return r.float()
+
+    @staticmethod
+    def _range_message(what: str, big: Optional[float] = None) -> str:
+        reach = f"reach {big:.4g}, beyond" if big is not None else "exceed"
+        return (f"the teacher's {what} {reach} float16's range (65504): the teacher cache "
+                f"(train.teacher_mode: cache-fp16, the default) stores them as inf; set "
+                f"train.teacher_mode=cache-fp32 (or live), or use a better-trained teacher")
+
+    def range_error(self) -> Optional[str]:
+        """The one-line reason when an output rounded to fp16 overflowed on a GPU (checked lazily
+        there; on the CPU it raises at once), else None."""
+        if self._overflow is not None and bool(self._overflow):
+            return self._range_message(self._overflow_what)
+        return None
 
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
@@ -338,6 +357,10 @@ class CachedTeacher:
 
         return TeacherOutputs(out("logits"), {l: out(f"feat:{l}") for l in self.live.layers},
                               {l: out(f"mask:{l}") for l in self.live.mask_layers})
+
+    def range_error(self) -> Optional[str]:
+        """See :meth:`LiveTeacher.range_error` (the outputs this source computed)."""
+        return self.live.range_error()
 
     def _expected(self) -> list[str]:
         """``feat:<layer>`` of the store's expected layers this source does not tap itself (and
