@@ -277,3 +277,24 @@ def test_rerun_of_killed_prune_removes_its_temporary_files(base, tmp_path, capsy
     assert not [f for f in left if f.exists()]
     assert not list(out.rglob("*.tmp")) and (out / "pruned_unstructured50.pt").is_file()
     assert not (out / ".kdlab.lock").exists()
+
+
+def test_loss_term_listed_twice_keeps_its_ablation_methods(base, tmp_path):
+    """Leave-one-out over [ce, kd T=4, kd T=1]: both 'leave a kd out' methods exist (one used to
+    overwrite the other), each dropping its own term; two ce terms are refused."""
+    from kdlab.experiments.study import ablation_methods
+
+    r = tmp_path / "twice.yaml"
+    r.write_text(f"extends: digits/kd\nname: twice\n"
+                 f"teacher: {{model: cnn_tiny, checkpoint: {base / 'teacher' / 'best.pt'}}}\n"
+                 f"loss: [{{term: ce, weight: 0.2}}, {{term: kd, weight: 0.5, T: 4.0}}, {{term: kd, weight: 0.3, T: 1.0}}]\n")
+    full = load_recipe(str(r))
+    m = ablation_methods(full, "loo")
+    assert set(m) == {"full", "full-kd", "full-kd#2"}
+    kept = lambda name: [(t.term, t.params.get("T")) for t in m[name].loss if t.term != "ce"]  # noqa: E731
+    assert kept("full-kd") == [("kd", 1.0)] and kept("full-kd#2") == [("kd", 4.0)]
+    ladder = ablation_methods(full, "ladder")
+    assert set(ladder) == {"baseline", "kd", "full"} and len(ladder["full"].loss) == 3
+    r.write_text(r.read_text().replace("{term: kd, weight: 0.3, T: 1.0}", "{term: ce, weight: 0.3}"))
+    with pytest.raises(ValueError, match="'ce' term 2 times"):
+        ablation_methods(load_recipe(str(r)), "loo")
