@@ -279,6 +279,8 @@ def test_safetensors_round_trip_profile_evaluate_teacher(base, tmp_path, capsys)
     res_pt = json.loads((base / "student" / "result.json").read_text())
     for k in ("test_acc", "val_acc", "val_loss", "best_epoch"):
         assert res_st[k] == res_pt[k], k
+    w_st, w_pt = load_checkpoint(tmp_path / "s" / "best.pt")["model"], load_checkpoint(base / "student" / "best.pt")["model"]
+    assert w_st.keys() == w_pt.keys() and all(torch.equal(w_st[k], w_pt[k]) for k in w_st)
 
 
 def test_foreign_safetensors_is_refused_as_checkpoint_but_loads_as_weights(base, tmp_path, capsys):
