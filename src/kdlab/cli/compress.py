@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, latency: bool = Tr
         A.add_data_dir(g)
         g.add_argument("--batch-size", type=int, default=128,
                        help="batch size of evaluation and fine-tuning (default 128)")
+        g.add_argument("--allow-other-dataset", action="store_true",
+                       help="use a checkpoint (or --teacher) trained on another data set than --dataset")
     if latency:
         g.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
         g.add_argument("--repeats", type=int, default=50, help="timed runs, median and p90 (default 50)")
@@ -43,7 +45,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, latency: bool = Tr
 def _common_kwargs(args, *, data: bool = True, latency: bool = True) -> dict:
     kw = dict(out_dir=args.out, threads=args.threads, seed=args.seed)
     if data:
-        kw.update(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size)
+        kw.update(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                  allow_other_dataset=args.allow_other_dataset)
     if latency:
         kw.update(warmup=args.warmup, repeats=args.repeats, latency_batch=args.latency_batch)
     return kw
@@ -112,8 +115,12 @@ def cmd_export(args) -> int:
 
     res = export_checkpoint(args.checkpoint, model_out=args.model_out, opset=args.opset,
                             atol=args.atol, rtol=args.rtol, input_size=args.input_size,
-                            **_common_kwargs(args, data=False, latency=False))
+                            fmt=args.format, **_common_kwargs(args, data=False, latency=False))
     _print(res)
+    if not res["ok"] and args.format == "safetensors":
+        print(f"kdlab: error: {res['model']} does not read back bit-identical; re-run the export",
+              file=sys.stderr)
+        return 1
     if not res["ok"]:
         print(f"kdlab: error: ONNX output differs from PyTorch by "
               f"{res['check']['max_abs_diff']:.2e}", file=sys.stderr)
@@ -138,7 +145,7 @@ def cmd_deploy(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("profile", help="parameters, memory per dtype, file size, FLOPs and "
                                        "latency of a checkpoint, ONNX file or model name")
-    p.add_argument("target", help="checkpoint (.pt), ONNX file, or registry model name")
+    p.add_argument("target", help="checkpoint (.pt or .safetensors), ONNX file, or registry model name")
     p.add_argument("--input-size", type=int, default=None,
                    help="image side (default: the dataset's, 32 for a model name)")
     p.add_argument("--num-classes", type=int, default=10, help="for a model name (default 10)")
@@ -150,7 +157,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("prune", help="unstructured or structured (channel) pruning, one-shot or "
                                      "iterative, with (distilled) fine-tuning")
-    p.add_argument("checkpoint", help="model checkpoint (.pt)")
+    p.add_argument("checkpoint", help="model checkpoint (.pt or .safetensors)")
     p.add_argument("--sparsity", type=float, required=True,
                    help="fraction of weights (unstructured) or channels (structured) removed")
     p.add_argument("--method", choices=["unstructured", "structured"], default="unstructured",
@@ -174,7 +181,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("quantize", help="fake quantization (accuracy at b bits), int8 static "
                                         "(ONNX Runtime) or quantization-aware fine-tuning")
-    p.add_argument("checkpoint", help="model checkpoint (.pt)")
+    p.add_argument("checkpoint", help="model checkpoint (.pt or .safetensors)")
     p.add_argument("--mode", choices=["fake", "static", "qat"], default="fake",
                    help="fake (accuracy at b bits), static (int8 ONNX Runtime) or qat "
                         "(quantization-aware fine-tuning); default fake")
@@ -198,10 +205,13 @@ def register(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX and check it in ONNX Runtime")
-    p.add_argument("checkpoint", help="model checkpoint (.pt)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (checked in ONNX Runtime) or "
+                                      "safetensors (weights that cannot run code)")
+    p.add_argument("checkpoint", help="model checkpoint (.pt or .safetensors)")
+    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
+                   help="onnx (default) or safetensors: the weights and the model's identity, no code")
     p.add_argument("--model-out", metavar="FILE", default=None,
-                   help="ONNX path (default <out>/model.onnx)")
+                   help="output path (default <out>/model.onnx or <out>/model.safetensors)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the check (default 1e-4)")
     p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the check (default 1e-3)")

@@ -88,7 +88,8 @@ def cmd_evaluate(args) -> int:
     from kdlab.evaluate.accuracy import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
-                              image_size=args.image_size, device=args.device)
+                              image_size=args.image_size, device=args.device,
+                              allow_other_dataset=args.allow_other_dataset)
     print(json.dumps(res))
     return 0
 
@@ -204,6 +205,8 @@ def register(sub) -> None:
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="imagefolder: image size")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="which split (default test)")
+    p.add_argument("--allow-other-dataset", action="store_true",
+                   help="evaluate a checkpoint on a data set other than the one it was trained on")
     A.add_device(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -37,7 +37,7 @@ def run_name(path: str) -> str:
     """A short name for a checkpoint path: ``runs/study/kd/seed0/best.pt -> study-kd-seed0-best``
     (the last three path parts, without ``runs``); other targets (model names) as they are."""
     p = Path(path)
-    if p.suffix in (".pt", ".onnx"):
+    if p.suffix in (".pt", ".onnx", ".safetensors"):
         parts = [q for q in p.with_suffix("").parts[-3:] if q not in (".", "runs")]
         return "-".join(parts)
     return p.name
@@ -48,6 +48,40 @@ def default_out(out_dir, name: str) -> Path:
     return Path(out_dir) if out_dir else Path("runs") / "compress" / name
 
 
+def claims_out(suffix: str):
+    """Decorator of a command ``fn(checkpoint, ..., out_dir=None, model_out=None)`` that writes
+    under ``default_out(out_dir, <checkpoint name>-<suffix>)``: while it runs the folder is locked
+    (:class:`kdlab.core.lock.RunLock`: two commands never write the same files), and the temporary
+    files a killed earlier run left there (and beside ``model_out``) are removed first. A folder
+    the command created and left empty (it failed before writing) is removed again."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(checkpoint, *args, **kwargs):
+            from kdlab.core.io import TMP_GLOB, check_out_dir, clean_tmp
+            from kdlab.core.lock import RunLock
+
+            out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}")
+            top = next((p for p in [out, *out.parents] if p.exists()), None)
+            made = [p for p in [out, *out.parents] if top is None or p not in (top, *top.parents)]
+            check_out_dir(out)
+            try:
+                with RunLock(out, "output folder"):
+                    clean_tmp(out, depth=3)
+                    if kwargs.get("model_out"):
+                        mo = Path(kwargs["model_out"])
+                        for t in mo.parent.glob(mo.name + TMP_GLOB[1:]):
+                            t.unlink(missing_ok=True)
+                    return fn(checkpoint, *args, **kwargs)
+            finally:
+                for p in made:  # innermost first
+                    if p.is_dir() and not any(p.iterdir()):
+                        p.rmdir()
+        return run
+    return wrap
+
+
 def load_torch(path, device, what: str):
     """A PyTorch model from a checkpoint (not an ONNX file), ``(model, checkpoint)``."""
     model, ck = load_compressed(path, device)
@@ -56,21 +90,32 @@ def load_torch(path, device, what: str):
     return model, ck
 
 
-def data_for(ck: dict, dataset, data_dir, *, batch_size: int, seed: int, device):
+#: How a compression command is told to use a model on another data set than its own.
+OTHER_DATA = "pass --allow-other-dataset"
+
+
+def data_for(ck: dict, dataset, data_dir, *, batch_size: int, seed: int, device,
+             allow_other_dataset: bool = False):
     """``(info, train, val, test)`` loaders of ``dataset`` (default: the checkpoint's), after
-    checking the checkpoint fits it."""
+    checking the checkpoint fits it (and was trained on it, unless ``allow_other_dataset``)."""
+    from kdlab.data.registry import check_trained_on
+
     dataset = dataset or ck.get("dataset")
     if not dataset:
         raise ValueError("the checkpoint names no dataset; pass --dataset")
     info, tr, va, te = make_loaders(dataset, data_dir, batch_size=batch_size, seed=seed,
                                     device=device)
     check_fits(ck, info, "the checkpoint")
+    check_trained_on(ck, info, "the checkpoint", allow=allow_other_dataset, override=OTHER_DATA)
     return info, tr, va, te
 
 
-def kd_target(distill: str, model, teacher, device):
+def kd_target(distill: str, model, teacher, device, info=None, allow_other_dataset: bool = False):
     """The KD target while fine-tuning: None (``"none"``), the uncompressed ``model`` itself
-    (``"self"``) or the ``teacher`` checkpoint (``"teacher"``)."""
+    (``"self"``) or the ``teacher`` checkpoint (``"teacher"``), checked against the data ``info``
+    (class counts and names, and the data set it was trained on unless ``allow_other_dataset``)."""
+    from kdlab.data.registry import check_trained_on
+
     if distill == "none":
         return None
     if distill == "self":
@@ -79,7 +124,11 @@ def kd_target(distill: str, model, teacher, device):
         raise ValueError(f"distill must be none, self or teacher, got {distill!r}")
     if not teacher:
         raise ValueError("--distill teacher needs --teacher <checkpoint>")
-    return load_compressed(teacher, device)[0]
+    t_model, t_ck = load_compressed(teacher, device)
+    if info is not None and isinstance(t_ck, dict) and t_ck.get("format") != "onnx":
+        check_fits(t_ck, info, f"teacher {teacher}")
+        check_trained_on(t_ck, info, f"teacher {teacher}", allow=allow_other_dataset, override=OTHER_DATA)
+    return t_model
 
 
 # --------------------------------------------------------------------------- profile
@@ -96,7 +145,7 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     dev = eff.resolve_device(device)
     path = Path(target)
     file = None
-    if path.suffix in (".pt", ".onnx") or path.exists():
+    if path.suffix in (".pt", ".onnx", ".safetensors") or path.exists():
         model, ck = load_compressed(target, dev)
         file = path
         shape = (tuple(ck["input_shape"]) if ck.get("format") == "onnx" and input_size is None
@@ -140,11 +189,14 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
                    "share %": 100.0 * r["flops"] / max(prof["flops"], 1)} for r in prof["per_layer"]]
         write_report(out, "profile_layers", layers)
         md += "\n\n" + markdown_table(layers)
-    (out / "profile.md").write_text(md + "\n")
+    from kdlab.core.io import atomic_write_text
+
+    atomic_write_text(out / "profile.md", md + "\n")
     return {"markdown": md, "out_dir": out, "row": row}
 
 
 # --------------------------------------------------------------------------- prune
+@claims_out("prune")
 def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstructured",
                      scope: str | None = None, importance: str = "magnitude", steps: int = 1,
                      schedule: str = "linear", importance_batches: int = 8,
@@ -153,7 +205,8 @@ def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstruc
                      T: float = 4.0, max_steps: int | None = None, dataset: str | None = None,
                      data_dir=None, batch_size: int = 128, out_dir=None, model_out=None,
                      device="auto", threads: int | None = None, seed: int = 0, warmup: int = 10,
-                     repeats: int = 50, latency_batch: int = 32, progress: bool = True) -> dict:
+                     repeats: int = 50, latency_batch: int = 32, progress: bool = True,
+                     allow_other_dataset: bool = False) -> dict:
     """Prune ``checkpoint`` to ``sparsity`` (fraction of weights, unstructured, or of channels,
     structured) in ``steps`` stages, each followed by ``finetune_epochs`` of (distilled)
     fine-tuning; write the pruned checkpoint (``model_out``, default
@@ -166,11 +219,12 @@ def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstruc
     setup(threads, seed)
     dev = eff.resolve_device(device)
     model, ck = load_torch(checkpoint, dev, "prune")
-    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev)
+    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev,
+                                allow_other_dataset=allow_other_dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
     name = run_name(checkpoint)
     out = default_out(out_dir, f"{name}-prune")
-    kd = kd_target(distill, model, teacher, dev)
+    kd = kd_target(distill, model, teacher, dev, info, allow_other_dataset)
     if scope is None:
         scope = "local" if method == "structured" else "global"
 
@@ -226,6 +280,7 @@ def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstruc
 
 
 # --------------------------------------------------------------------------- quantize
+@claims_out("quantize")
 def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[int] = (8,),
                         act_bits: int | str | None = 8, per_channel: bool = True,
                         weight_symmetric: bool = True, act_symmetric: bool = False,
@@ -235,7 +290,8 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
                         max_steps: int | None = None, dataset: str | None = None, data_dir=None,
                         batch_size: int = 128, out_dir=None, model_out=None, device="auto",
                         threads: int | None = None, seed: int = 0, warmup: int = 10,
-                        repeats: int = 50, latency_batch: int = 32, progress: bool = True) -> dict:
+                        repeats: int = 50, latency_batch: int = 32, progress: bool = True,
+                        allow_other_dataset: bool = False) -> dict:
     """Quantize ``checkpoint``:
 
     * ``mode="fake"``: test accuracy with weights (and activations, ``act_bits``; ``None`` or
@@ -258,7 +314,8 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
     setup(threads, seed)
     dev = eff.resolve_device(device)
     model, ck = load_torch(checkpoint, dev, "quantize")
-    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev)
+    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev,
+                                allow_other_dataset=allow_other_dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
     out = default_out(out_dir, f"{run_name(checkpoint)}-quantize")
     act_bits = None if act_bits is None or str(act_bits) in ("none", "fp", "0") else int(act_bits)
@@ -314,7 +371,7 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
     qat = prepare_fake_quant(model, b, act_bits, **fq_opts)
     calibrate(qat, calib())
     before = evaluate_accuracy(qat, te, dev)
-    kd = kd_target(distill, model, teacher, dev)
+    kd = kd_target(distill, model, teacher, dev, info, allow_other_dataset)
     set_observing(qat, True)
     finetune(qat, tr, epochs=epochs, lr=lr, teacher=kd, alpha=alpha, T=T, seed=seed, device=dev,
              progress=progress, desc="QAT", max_steps=max_steps)
@@ -332,24 +389,51 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
 
 
 # --------------------------------------------------------------------------- export
+@claims_out("export")
 def export_checkpoint(checkpoint: str, *, out_dir=None, model_out=None, opset: int = 18,
                       atol: float = 1e-4, rtol: float = 1e-3, input_size: int | None = None,
-                      threads: int | None = None, seed: int = 0) -> dict:
-    """Export ``checkpoint`` to ONNX (``model_out``, default ``<out_dir>/model.onnx``) on the CPU
-    and check it in ONNX Runtime: ``ok`` when ``|onnx - torch| <= atol + rtol |torch|`` on random
-    inputs. Fake-quant layers are removed first (their quantized weights exported in float)."""
+                      threads: int | None = None, seed: int = 0, fmt: str = "onnx") -> dict:
+    """Export ``checkpoint`` (on the CPU), written atomically.
+
+    ``fmt="onnx"`` (``model_out`` default ``<out_dir>/model.onnx``): checked in ONNX Runtime, ``ok``
+    when ``|onnx - torch| <= atol + rtol |torch|`` on random inputs; fake-quant layers are removed
+    first (their quantized weights exported in float). ``fmt="safetensors"`` (default
+    ``<out_dir>/model.safetensors``): the weights, with the model's identity (name, kwargs, classes,
+    channels, data set) in the header; read back and ``ok`` when every tensor is bit-identical."""
     from kdlab.compress.export import check_onnx, export_onnx
     from kdlab.compress.quantize import QuantWrapper, strip_fake_quant
+    from kdlab.core.checkpoint import read_safetensors, save_safetensors
 
+    if fmt not in ("onnx", "safetensors"):
+        raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format safetensors")
     setup(threads, seed)
     model, ck = load_torch(checkpoint, "cpu", "export")
+    out = default_out(out_dir, f"{run_name(checkpoint)}-export")
+    if fmt == "safetensors":
+        path = Path(model_out) if model_out else out / "model.safetensors"
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"--model-out {path} must end in .safetensors (kdlab reads the format by "
+                             f"the file's suffix)")
+        try:
+            save_safetensors(ck, path)
+        except OSError as e:
+            raise ValueError(f"cannot write {path} ({e.strerror or e}); the previous file, if any, is "
+                             f"unchanged: free space or give another --model-out") from None
+        back = read_safetensors(path)["model"]
+        same = back.keys() == ck["model"].keys() and all(torch.equal(back[k], ck["model"][k]) for k in back)
+        row = {"safetensors": str(path), "size_mb": eff.file_size_mb(path), "tensors": len(back),
+               "ok": same}
+        chk = {"ok": same, "max_abs_diff": 0.0 if same else float("nan")}
+        md = write_report(out, "export", [row], meta={"checkpoint": checkpoint, "format": fmt},
+                          notes=["ok = every tensor read back from the file is bit-identical; the file "
+                                 "holds no code (safetensors: a JSON header and raw tensor bytes)"])
+        return {"markdown": md, "out_dir": out, "ok": same, "check": chk, "model": path}
     notes = []
     if any(isinstance(m, QuantWrapper) for m in model.modules()):
         model = strip_fake_quant(model, bake=True)
         notes.append("fake-quant layers removed; their quantized weights are exported in float "
                      "(run kdlab quantize --mode static for a real int8 model)")
     shape = input_shape_of(ck, input_size)
-    out = default_out(out_dir, f"{run_name(checkpoint)}-export")
     path = Path(model_out) if model_out else out / "model.onnx"
     export_onnx(model, path, shape, opset=opset)
     chk = check_onnx(model, path, shape, atol=atol, rtol=rtol)
@@ -362,6 +446,7 @@ def export_checkpoint(checkpoint: str, *, out_dir=None, model_out=None, opset: i
 
 
 # --------------------------------------------------------------------------- deploy
+@claims_out("deploy")
 def deploy_checkpoints(student: str, teacher: str, *, out_dir=None, threads: int | None = None,
                        seed: int = 0, **kwargs) -> dict:
     """:func:`kdlab.compress.pipeline.deploy` with the common set-up; ``out_dir`` defaults to

@@ -48,14 +48,33 @@ def _quiet():
             lg.setLevel(lv)
 
 
+def write_model_bytes(f, data: bytes) -> None:
+    """Write a serialized model to the open temporary file ``f`` (one place, so tests can make the
+    write fail half-way)."""
+    f.write(data)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], *,
                 opset: int = 18, dynamic_batch: bool = True) -> Path:
     """Export ``model`` (eval mode, on CPU) to ``path``; input ``"input"``, output ``"logits"``.
 
     ``input_shape`` is ``(C,H,W)`` or ``(N,C,H,W)``; with ``dynamic_batch`` any batch size runs.
+    The file is written atomically (a temporary file beside ``path``, renamed over it): a failed
+    write leaves the previous file as it was and names the path. The file's opset must be
+    ``opset``: the exporter silently keeps its own (18) when it cannot convert, which is refused.
     """
+    from kdlab.core.io import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import onnx
+
+        newest = int(onnx.defs.onnx_opset_version())
+    except ImportError:
+        raise ImportError("ONNX export needs onnx: pip install 'kdlab[deploy]'") from None
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 7 <= opset <= newest:
+        raise ValueError(f"--opset {opset} is out of range; give an ONNX opset from 7 to {newest} "
+                         f"(default 18)")
     model = model.cpu().eval()
     x = torch.zeros(_full_shape(input_shape, 2))
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset,
@@ -63,7 +82,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     with _quiet():
-        torch.onnx.export(model, (x,), str(path), **kwargs)
+        program = torch.onnx.export(model, (x,), None, **kwargs)
+        proto = program.model_proto
+    got = next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ValueError(f"--opset {opset} cannot be honoured: the exporter converts this model only to "
+                         f"opset {got}; give --opset {got} or one the ONNX version converter supports "
+                         f"for every operator of the model")
+    data = proto.SerializeToString()
+    try:
+        atomic_write(path, lambda f: write_model_bytes(f, data))
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise ValueError(f"cannot write {path} ({why}); the previous file, if any, is unchanged: free "
+                         f"space or give another --model-out") from None
     return path
 
 

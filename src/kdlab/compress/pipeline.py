@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from kdlab.core.checkpoint import check_fits
 
-import csv
-import json
 import os
 import time
 from pathlib import Path
@@ -96,17 +94,14 @@ def write_report(out_dir: str | os.PathLike, stem: str, rows: Sequence[dict],
         for k, v in r.items():
             if k not in keys and not isinstance(v, (dict, list)):
                 keys.append(k)
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    with open(out / f"{stem}.json", "w") as f:
-        json.dump({"rows": list(rows), **(meta or {})}, f, indent=2, default=str)
+    from kdlab.core.io import atomic_write_text, write_csv, write_json
+
+    write_csv(out / f"{stem}.csv", rows, keys)  # all three atomically: a crash leaves old or new
+    write_json(out / f"{stem}.json", {"rows": list(rows), **(meta or {})})
     md = markdown_table(rows, columns, headers)
     if notes:
         md += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    (out / f"{stem}.md").write_text(md + "\n")
+    atomic_write_text(out / f"{stem}.md", md + "\n")
     return md
 
 
@@ -150,7 +145,7 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
            alpha: float = 0.9, T: float = 4.0, calib_batches: int = 8, quant_format: str = "qdq",
            batch_size: int = 128, latency_batch: int | None = None, warmup: int = 10, repeats: int = 50,
            device: str = "auto", seed: int = 0, max_steps: int | None = None,
-           progress: bool = True, log=print) -> dict:
+           progress: bool = True, log=print, allow_other_dataset: bool = False) -> dict:
     """Run the pipeline described in the module docstring; returns ``{"rows", "notes", ...}``.
 
     ``latency_batch``: the larger batch timed besides batch 1 (default 256 for images of at
@@ -183,6 +178,10 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
                                                 seed=seed, device=dev)
     check_fits(s_ck, info, "student")
     check_fits(t_ck, info, "teacher")
+    from kdlab.data.registry import check_trained_on
+
+    for who, c in (("student", s_ck), ("teacher", t_ck)):
+        check_trained_on(c, info, who, allow=allow_other_dataset, override="pass --allow-other-dataset")
     shape = (info.in_channels, info.image_size, info.image_size)
     if latency_batch is None:  # small images: a batch large enough for compute to dominate
         latency_batch = 256 if info.image_size <= 16 else 32

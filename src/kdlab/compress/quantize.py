@@ -354,22 +354,32 @@ def quantize_onnx_static(fp32_path: str | os.PathLike, out_path: str | os.PathLi
         pass
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    pre = out_path.with_name(out_path.stem + ".pre.onnx")
+    # both files are temporary (``<name>.<random>.tmp``, removed by kdlab.core.io.clean_tmp if a
+    # kill leaves them); the int8 model is renamed over ``out_path`` only when complete
+    tag = os.urandom(4).hex()
+    pre = out_path.with_name(f"{out_path.name}.pre{tag}.tmp")
+    tmp = out_path.with_name(f"{out_path.name}.{tag}.tmp")
     try:
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        src = pre
-    except Exception:  # pre-processing is an optimisation; quantize the raw model if it fails
-        src = fp32_path
-    try:
-        quantize_static(str(src), str(out_path), Reader(input_name, arrays),
-                        quant_format=formats[fmt], per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        extra_options={"ActivationSymmetric": bool(activation_symmetric),
-                                       "WeightSymmetric": True})
+        try:
+            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+            src = pre
+        except Exception:  # pre-processing is an optimisation; quantize the raw model if it fails
+            src = fp32_path
+        try:
+            quantize_static(str(src), str(tmp), Reader(input_name, arrays),
+                            quant_format=formats[fmt], per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=methods[method],
+                            extra_options={"ActivationSymmetric": bool(activation_symmetric),
+                                           "WeightSymmetric": True})
+        except OSError as e:
+            raise ValueError(f"cannot write {out_path} ({e.strerror or e}); the previous file, if "
+                             f"any, is unchanged: free space or give another --model-out") from None
+        os.replace(tmp, out_path)
     finally:
-        if pre.exists():
-            pre.unlink()
+        for f in (pre, tmp):
+            if f.exists():
+                f.unlink()
     return out_path
 
 

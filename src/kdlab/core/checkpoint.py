@@ -1,16 +1,23 @@
-"""Atomic checkpoint writing and careful loading."""
+"""Atomic checkpoint writing and careful loading.
+
+Loading never runs code from the file: ``.pt`` files are read with ``torch.load(weights_only=True)``
+(tensors, containers, numbers, strings, bytes; a pickle naming any other Python object is refused
+with one line, before anything in it runs), ``.safetensors`` files with ``safetensors`` (a JSON
+header and raw tensor bytes; kdlab's metadata in the header). Exported programs of models given as
+objects are checked before ``torch.export.load`` (:func:`kdlab.models.adapters.load_program`).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    pass
+from kdlab.core.safeload import (SAFETENSORS_FORMAT, SAFETENSORS_META, CheckpointError,
+                                 is_safetensors, read_safetensors, safe_torch_load)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -25,10 +32,77 @@ def is_onnx(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
+def save_safetensors(ck: dict, path: str | os.PathLike) -> Path:
+    """Write the checkpoint dict ``ck`` (:func:`model_checkpoint`) as a safetensors file, atomically:
+    its ``model`` tensors, and its identity (:data:`SAFETENSORS_META`) as JSON in the header."""
+    from safetensors.torch import save as st_save
+
+    from kdlab.core.io import atomic_write
+
+    if ck.get("program") is not None:
+        raise ValueError("this checkpoint holds a model given as an object (an exported program, no "
+                         "model spec); safetensors keeps weights only: export it to ONNX (--format onnx) "
+                         "or keep the .pt")
+    state = ck.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("the checkpoint's 'model' entry is not a state dict of tensors; give a kdlab "
+                         "model checkpoint (best.pt)")
+    # clone: safetensors refuses tensors sharing memory (tied weights); each is stored on its own
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    meta = {"kdlab": SAFETENSORS_FORMAT}
+    for key in SAFETENSORS_META:
+        if key in ck:  # None too: ``normalize: None`` means "no normalisation" (kdlab.fit)
+            try:
+                meta[key] = json.dumps(ck[key])
+            except TypeError:
+                raise ValueError(f"checkpoint entry '{key}' cannot be written as JSON; keep the .pt") from None
+    data = st_save(tensors, metadata=meta)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _plain(obj, where: str):
+    """``obj`` as tensors, containers, numbers, strings and bytes (numpy values converted);
+    anything else raises CheckpointError naming where it sits."""
+    import collections
+
+    if obj is None or type(obj) in (bool, int, float, complex, str, bytes) or isinstance(
+            obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return obj
+    if isinstance(obj, (dict, collections.OrderedDict)):
+        return type(obj)((k, _plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return torch.from_numpy(obj.copy())
+    except ImportError:  # pragma: no cover
+        pass
+    raise CheckpointError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a "
+                          f"weights-only file cannot hold; save its state dict instead")
+
+
+def convert_trusted(src: str | os.PathLike, dst: str | os.PathLike | None = None) -> Path:
+    """Re-save a checkpoint **you trust** (it is unpickled with ``weights_only=False``, which runs
+    any code in it) as a weights-only file kdlab loads: numpy values become Python numbers or
+    tensors; any other object is refused. ``dst`` defaults to ``<src stem>.converted.pt``."""
+    src = Path(src)
+    dst = Path(dst) if dst else src.with_name(src.stem + ".converted.pt")
+    obj = torch.load(src, map_location="cpu", weights_only=False)  # the caller trusts this file
+    clean = _plain(obj, str(src))
+    atomic_save(clean, dst)
+    safe_torch_load(dst)
+    return dst
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, fix: str = "") -> dict:
-    """Load a checkpoint written by kdlab; a missing, corrupt or foreign file raises
-    CheckpointError with one line naming the file. ``fix``: what the user should do about a corrupt
-    file (default: re-create it with the command that wrote it)."""
+    """Load a checkpoint written by kdlab (``.pt``, or ``.safetensors`` with kdlab's metadata); a
+    missing, corrupt, foreign or unsafe file raises CheckpointError with one line naming the file.
+    Nothing in the file is run (see the module doc). ``fix``: what the user should do about a
+    corrupt file (default: re-create it with the command that wrote it)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the checkpoint file "
@@ -38,13 +112,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, fix: str = "
     if is_onnx(path):
         raise CheckpointError(f"{path} is an ONNX model, not a kdlab checkpoint; give the .pt "
                               f"checkpoint it was exported from (`kdlab profile` reads ONNX files)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torn zip, truncated pickle, wrong format
-        fix = fix or "re-create it with the command that wrote it (or restore a copy)"
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); {fix}"
-        ) from None
+    if is_safetensors(path):
+        return read_safetensors(path)
+    obj = safe_torch_load(path, map_location, fix=fix)
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry; it was not written by kdlab")
     return obj
@@ -74,13 +144,24 @@ def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes:
 
 def check_fits(ck: dict, info, who: str) -> None:
     """A model (its checkpoint dict, or any dict with ``num_classes`` / ``in_channels``) fits the data
-    set ``info``: same class count and input channels, else one ValueError line naming the fix."""
+    set ``info``: same class count and input channels, and the same class names when the checkpoint
+    records them (``classes``), else one ValueError line naming the fix."""
     if ck.get("num_classes") is not None and int(ck["num_classes"]) != info.num_classes:
         raise ValueError(f"{who} predicts {ck['num_classes']} classes but data set '{info.name}' has "
                          f"{info.num_classes}; use the data set it was trained on (--dataset)")
     if ck.get("in_channels") is not None and int(ck["in_channels"]) != info.in_channels:
         raise ValueError(f"{who} takes {ck['in_channels']} input channels but data set '{info.name}' has "
                          f"{info.in_channels}; use the data set it was trained on (--dataset)")
+    have, want = list(ck.get("classes") or []), [str(c) for c in (getattr(info, "classes", None) or [])]
+    if have and want and [str(c) for c in have] != want:
+        def show(names):
+            return ", ".join(map(str, names[:4])) + (", ..." if len(names) > 4 else "")
+
+        how = ("in another order" if sorted(map(str, have)) == sorted(want)
+               else f"'{show(have)}' against '{show(want)}'")
+        raise ValueError(f"{who} was trained on other class names than data set '{info.name}' has "
+                         f"({how}): its outputs would be read as the wrong classes; use data whose "
+                         f"class folders are named as in training")
 
 
 def load_model(path: str | os.PathLike, device="cpu"):
@@ -99,10 +180,14 @@ def load_model(path: str | os.PathLike, device="cpu"):
         raise CheckpointError(f"checkpoint {path} holds a {kind} {ck['model_name']}; read it with "
                               f"kdlab.compress.load_compressed (this command reads plain checkpoints)")
     if ck.get("program") is not None:
-        return load_program(ck["program"]).to(device).eval(), ck
+        try:
+            program = load_program(ck["program"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+        return program.to(device).eval(), ck
     if not ck["model_name"]:
         raise CheckpointError(f"checkpoint {path} records no model spec and no exported program; "
-                              f"load its state dict into your own module (torch.load(path)['model'])")
+                              f"load its state dict into your own module (torch.load(path, weights_only=True)['model'])")
     model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck.get("model_kwargs", {}))
     try:
         model.load_state_dict(ck["model"])

@@ -120,6 +120,8 @@ class TeacherCfg(ModelCfg):
     # an ensemble teacher: these checkpoints' outputs averaged (as logits, or as probabilities)
     checkpoints: Optional[list[str]] = None
     ensemble: Literal["logits", "probs"] = "logits"
+    # use a teacher whose checkpoint records another data set (deliberate cross-data distillation)
+    allow_other_dataset: bool = False
 
     @field_validator("checkpoints")
     @classmethod
@@ -182,7 +184,7 @@ class TermCfg(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     term: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # a negative weight would maximise the term
 
     @property
     def params(self) -> dict[str, Any]:
@@ -228,12 +230,21 @@ class Recipe(_Strict):
     study: StudyCfg = StudyCfg()
     source: Optional[str] = Field(None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        from kdlab.core.io import check_path_name
+
+        return check_path_name(v, "recipe name")
+
     def to_dict(self) -> dict:
         """The recipe as plain data (run identities); ``task`` only when not the default, so runs
         made before tasks existed keep their identity."""
         d = self.model_dump(mode="json", exclude={"source"})
         if d.get("task") == "classification":
             del d["task"]
+        if isinstance(d.get("teacher"), dict) and not d["teacher"].get("allow_other_dataset"):
+            del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
         return d
 
     def derive(self, **sections) -> "Recipe":
@@ -340,18 +351,51 @@ def resolve_refs(raw: dict, relative_to: Path | None, where: str) -> dict:
     return raw
 
 
-def read_yaml_mapping(path: Path, shape: str = "a recipe must be a mapping of sections (name, student, ...)") -> dict:
-    """A YAML file that must hold a mapping (an empty file is ``{}``), with one-line errors naming
-    the file: invalid YAML, not UTF-8 text, unreadable, or not a mapping (``shape`` says what it
-    should be). The one YAML reader of kdlab's recipe files (training, paradigm and LM recipes)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last
+    silently, dropping the first block)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            continue
+        if first is not key_node:
+            raise RecipeError(f"line {key_node.start_mark.line + 1}: key '{key}' appears twice in the "
+                              f"same section (first on line {first.start_mark.line + 1}); YAML would keep "
+                              f"only the last, so merge the two blocks or delete one")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(path: Path, what: str = "recipe"):
+    """The YAML content of ``path`` (safe types only; a key given twice is an error); any problem is
+    one :class:`RecipeError` line naming the file (and line)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text (UTF-8) file; give a YAML recipe") from None
+        raise RecipeError(f"{path}: not a text (UTF-8) file; give a YAML {what}") from None
     except OSError as e:
-        raise RecipeError(f"{path}: cannot be read ({e.strerror}); give a readable YAML recipe") from None
+        raise RecipeError(f"{path}: cannot be read ({e.strerror}); give a readable YAML {what}") from None
+
+
+def read_yaml_mapping(path: Path, shape: str = "a recipe must be a mapping of sections (name, student, ...)") -> dict:
+    """A YAML file that must hold a mapping (an empty file is ``{}``), read by :func:`load_yaml`
+    (a key given twice is an error), with one-line errors naming the file; ``shape`` says what it
+    should be. The one YAML reader of kdlab's recipe files (training, paradigm and LM recipes)."""
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: {shape}")
     return raw

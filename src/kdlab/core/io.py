@@ -95,6 +95,34 @@ def check_out_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     return path
 
 
+def check_path_name(name: str, what: str = "name") -> str:
+    """A name from a recipe that becomes part of a path under ``--out`` (a recipe or method name):
+    relative, without ``..`` parts, backslashes or control characters; else one ValueError line."""
+    bad = ""
+    if not isinstance(name, str) or not name.strip():
+        bad = "is empty"
+    elif name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
+        bad = "is an absolute path"
+    elif any(part == ".." for part in name.replace("\\", "/").split("/")):
+        bad = "contains '..'"
+    elif "\\" in name or any(ord(c) < 32 for c in name):
+        bad = "contains a backslash or a control character"
+    if bad:
+        raise ValueError(f"{what} {name!r} {bad}; it names a folder under the output folder, so use "
+                         f"letters, digits, '-', '_', '.' (and '/' for subfolders)")
+    return name
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "path") -> Path:
+    """``path`` if it lies inside the folder ``root`` (after resolving ``..`` and links), else one
+    ValueError line: nothing a recipe names may be written outside the output folder."""
+    root, path = Path(root), Path(path)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{what} {path} lies outside the output folder {root}; rename it so it stays "
+                         f"inside (no '..' or absolute paths in names)")
+    return path
+
+
 #: Temporary files of :func:`atomic_write_text` / ``atomic_save`` (``<name>.<random>.tmp``).
 TMP_GLOB = "*.*.tmp"
 

@@ -6,8 +6,9 @@ Expected layout (what the official archives extract to)::
     <data_dir>/cifar-100-python/{train, test, meta}
 
 ``data_dir`` may also point at the ``cifar-10-batches-py`` / ``cifar-100-python`` folder itself.
-The files were pickled by Python 2, so they are read with ``pickle.load(f, encoding="bytes")``
-and their keys are bytes (``b"data"``, ``b"labels"``, ...); str keys are accepted as well.
+The files were pickled by Python 2, so they are read with ``encoding="bytes"`` by an unpickler
+that builds only containers, numbers, strings and numpy arrays (:class:`DataUnpickler`: a file naming
+any other Python object is refused, nothing in it runs) and their keys are bytes (``b"data"``, ``b"labels"``, ...); str keys are accepted as well.
 ``data`` is uint8 ``[N, 3072]`` (1024 red, then green, then blue values, row-major 32x32);
 it becomes float32 ``[N, 3, 32, 32]`` / 255.
 
@@ -113,6 +114,24 @@ def _key(d: dict, name: str):
     raise KeyError(name)
 
 
+class DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data and numpy arrays only: the globals a CIFAR pickle names
+    (numpy's array reconstruction and dtypes) are allowed, any other raises
+    ``pickle.UnpicklingError`` before it is called (the "restricting globals" pattern of the
+    Python ``pickle`` documentation)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+               ("builtins", "bytearray")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the file names the Python object {module}.{name}, which "
+                                     f"loading would run; a data file holds only arrays and numbers")
+
+
 def _read_pickle(fmt: CifarFormat, folder: Path, fname: str) -> dict:
     path = folder / fname
     if not path.is_file():
@@ -121,7 +140,13 @@ def _read_pickle(fmt: CifarFormat, folder: Path, fname: str) -> dict:
         )
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = DataUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        if "names the Python object" in str(e):
+            raise ValueError(f"refused {path}: {e} (nothing in it ran); re-"
+                             f"{_download_hint(fmt, folder.parent)}") from None
+        raise ValueError(f"cannot read {path} (UnpicklingError: {e}); "
+                         f"re-{_download_hint(fmt, folder.parent)}") from None
     except Exception as e:  # truncated / not a pickle
         raise ValueError(
             f"cannot read {path} ({type(e).__name__}: {e}); "

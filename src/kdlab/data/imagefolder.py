@@ -27,6 +27,26 @@ EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TEST_FRACTION = 0.2
 
 
+#: Pillow modes of 16-bit grey images (PNG, TIFF); ``I`` (32-bit int) is read on the same 16-bit scale.
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_image(im, channels: int, hw: tuple[int, int]) -> np.ndarray:
+    """A Pillow image as float32 in [0, 1], ``[H, W]`` (grey) or ``[H, W, 3]``, resized (bilinear)
+    to ``hw``. 16-bit grey images are scaled by 65535 in floating point (Pillow's conversion to
+    8 bits clips every value above 255, which made them all white); other modes are converted to
+    8-bit L / RGB and scaled by 255."""
+    from PIL import Image
+
+    if im.mode in WIDE_GREY:
+        a = np.asarray(im).astype(np.float32) / 65535.0
+        a = np.asarray(Image.fromarray(a).resize((hw[1], hw[0]), Image.BILINEAR), dtype=np.float32)
+        a = np.clip(a, 0.0, 1.0)
+        return np.repeat(a[..., None], 3, axis=2) if channels == 3 else a
+    im = im.convert("L" if channels == 1 else "RGB").resize((hw[1], hw[0]), Image.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """``(image, label)`` items of a list of files: float ``[C, H, W]`` in [0, 1]."""
 
@@ -42,9 +62,7 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB").resize((self.hw[1], self.hw[0]),
-                                                                           Image.BILINEAR)
-            a = np.asarray(im, dtype=np.float32) / 255.0
+            a = decode_image(im, self.channels, self.hw)
         x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
         return x, self.labels[i]
 

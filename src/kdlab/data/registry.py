@@ -62,3 +62,18 @@ def check_dataset_name(name) -> str:
     if canonical != name:
         raise ValueError(f"dataset {name!r} is spelled {canonical!r} in recipes")
     return name
+
+
+def check_trained_on(ck: dict, info, who: str, *, allow: bool = False, override: str = "") -> None:
+    """A model checkpoint ``ck`` is used on data set ``info``: when both its recorded ``dataset``
+    and ``info.name`` are registered data sets and differ, one ValueError line (``allow``: the
+    user asked for the cross-data use with ``override``). Class and channel counts are checked by
+    :func:`kdlab.core.checkpoint.check_fits`; matching counts do not make two data sets one."""
+    trained = ck.get("dataset")
+    if allow or not trained or str(trained) not in DATASETS or str(info.name) not in DATASETS:
+        return
+    if str(trained) != str(info.name):
+        raise ValueError(f"{who} was trained on '{trained}', not on '{info.name}' (matching class "
+                         f"counts do not make them the same task); use a model trained on "
+                         f"'{info.name}', or {override or 'pass the override'} to use it deliberately")
+

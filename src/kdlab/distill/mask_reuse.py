@@ -228,6 +228,11 @@ class PerImageSource:
     def teacher(self):
         return self.inner.teacher
 
+    def range_error(self):
+        """``inner``'s fp16 overflow reason (see ``kdlab.distill.teachers.LiveTeacher.range_error``)."""
+        why = getattr(self.inner, "range_error", None)
+        return why() if why is not None else None
+
     @property
     def mask_time_s(self) -> float:
         """Seconds spent on masks: the per-image masks, plus any of ``inner`` (none when built

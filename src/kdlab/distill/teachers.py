@@ -29,6 +29,7 @@ Precision: values are stored in fp16 (``teacher_mode: cache-fp16``, the default)
 (``cache-fp32``). To make losses *exactly* equal with and without the cache, the live path of a
 ``cache-*`` run rounds the teacher outputs through the same precision (``LiveTeacher(round_to=)``).
 Binary masks are exact in fp16; logits and features change by at most one fp16 rounding (2^-11).
+A finite value beyond fp16's range (65504) is refused with one line naming the fix (cache-fp32).
 
 Storage: completed epochs stay in memory while the store holds less than ``memory_mb``; beyond
 that (and only when the store has a ``root`` folder) they are written to
@@ -106,18 +107,45 @@ class LiveTeacher:
         self.mask_layers = list(mask_layers)
         self.mask_cfg = mask_cfg
         self.round_to = round_to  # outputs rounded through this dtype (as a teacher cache stores them)
+        self._overflow: Optional[torch.Tensor] = None  # GPU: did an fp16 rounding overflow?
+        self._overflow_what = "outputs"
         self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
 
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
+    def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
-        return t.to(self.round_to).float() if self.round_to is not None else t.float().clone()
+        if self.round_to is None:
+            return t.float().clone()
+        r = t.to(self.round_to)
+        if self.round_to == torch.float16:  # finite values fp16 cannot hold (|v| > 65504) become inf
+            over = (torch.isinf(r) & torch.isfinite(t)).any()
+            if t.device.type == "cpu":
+                if bool(over):
+                    raise ValueError(self._range_message(what, float(t[torch.isfinite(t)].abs().max())))
+            else:  # no host-device sync per step: remembered, read when the loss turns non-finite
+                self._overflow = over if self._overflow is None else (self._overflow | over)
+                self._overflow_what = what
+        return r.float()
+
+    @staticmethod
+    def _range_message(what: str, big: Optional[float] = None) -> str:
+        reach = f"reach {big:.4g}, beyond" if big is not None else "exceed"
+        return (f"the teacher's {what} {reach} float16's range (65504): the teacher cache "
+                f"(train.teacher_mode: cache-fp16, the default) stores them as inf; set "
+                f"train.teacher_mode=cache-fp32 (or live), or use a better-trained teacher")
+
+    def range_error(self) -> Optional[str]:
+        """The one-line reason when an output rounded to fp16 overflowed on a GPU (checked lazily
+        there; on the CPU it raises at once), else None."""
+        if self._overflow is not None and bool(self._overflow):
+            return self._range_message(self._overflow_what)
+        return None
 
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
         with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
             logits = self.teacher(x)
             feats = {n: taps[n] for n in layers}
-        return self._out(logits), {n: self._out(f) for n, f in feats.items()}
+        return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
 
     def masks(self, x, y, layers) -> dict:
         """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`), explaining the label, or
@@ -330,6 +358,10 @@ class CachedTeacher:
 
         return TeacherOutputs(out("logits"), {l: out(f"feat:{l}") for l in self.live.layers},
                               {l: out(f"mask:{l}") for l in self.live.mask_layers})
+
+    def range_error(self) -> Optional[str]:
+        """See :meth:`LiveTeacher.range_error` (the outputs this source computed)."""
+        return self.live.range_error()
 
     def _expected(self) -> list[str]:
         """``feat:<layer>`` of the store's expected layers this source does not tap itself (and

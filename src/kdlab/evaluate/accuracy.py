@@ -74,11 +74,15 @@ def ensemble_accuracy(models, loader, device=None) -> float:
 
 
 def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test", image_size=None,
-                        device="auto", batch_size: int = 256) -> dict:
+                        device="auto", batch_size: int = 256, allow_other_dataset: bool = False) -> dict:
     """Accuracy of a checkpoint on a split of ``dataset``: a registered name (default: the
     checkpoint's), ``imagefolder`` (``data_dir`` the folder, ``image_size`` [H, W]) or a
     ``module:function`` factory. The images are normalised as in training: the checkpoint's own
-    ``normalize`` when it has one (``kdlab.fit``), else the data set's mean and std."""
+    ``normalize`` when it has one (``kdlab.fit``), else the data set's mean and std.
+
+    A checkpoint trained on another registered data set is refused unless ``allow_other_dataset``;
+    one whose recorded class names are the data's in another order has its outputs mapped by name
+    (``classes_mapped`` in the result); other class names are refused."""
     from kdlab.core.checkpoint import check_fits, load_model
     from kdlab.data import from_factory, load_dataset
     from kdlab.data.streaming import as_loader
@@ -94,6 +98,15 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     else:
         opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
         splits = load_dataset(name, None if opts else data_dir, **({k: v for k, v in opts.items() if v}))
+    from kdlab.data.registry import check_trained_on
+
+    check_trained_on(ck, splits.info, f"checkpoint {path}", allow=allow_other_dataset,
+                     override="pass --allow-other-dataset")
+    have, want = [str(c) for c in ck.get("classes") or []], [str(c) for c in splits.info.classes or []]
+    mapped = bool(have and want and have != want and sorted(have) == sorted(want))
+    if mapped:  # same names, another order (e.g. another folder layout): read each output by name
+        model = ReorderOutputs(model, [have.index(c) for c in want])
+        ck = {**ck, "classes": want}
     check_fits(ck, splits.info, str(path))
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
@@ -104,7 +117,22 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     resize = (ck.get("input") or {}).get("resize")
     if resize:  # a student trained on a resized view (student.input.resize) is evaluated on it too
         model = ResizedInput(model, resize)
-    return {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
+    res = {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
+    if mapped:
+        res["classes_mapped"] = True
+    return res
+
+
+class ReorderOutputs(nn.Module):
+    """``model``'s outputs in another class order: output ``j`` is the model's output ``index[j]``."""
+
+    def __init__(self, model: nn.Module, index):
+        super().__init__()
+        self.model = model
+        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        return self.model(x).index_select(1, self.index.to(x.device))
 
 
 class ResizedInput(nn.Module):

@@ -54,9 +54,12 @@ class Job:
 def study_jobs(recipes: dict, out_dir, seeds) -> list[Job]:
     """The (method, seed) runs of a study in ``run_study``'s order (method-major, seed-minor),
     each into ``out_dir/<method>/seed<k>``."""
+    from kdlab.core.io import inside
+
     out_dir = Path(out_dir)
-    return [Job(m, int(s), r.with_seed(s), str(out_dir / m / f"seed{s}")) for m, r in recipes.items()
-            for s in seeds]
+    return [Job(m, int(s), r.with_seed(s), str(inside(out_dir, out_dir / m / f"seed{s}",
+                                                      f"run folder of method {m!r}")))
+            for m, r in recipes.items() for s in seeds]
 
 
 def available_cores() -> int:

@@ -151,6 +151,11 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
             path = study_dir / m / f"seed{s}" / "best.pt"
             if path.is_file():
                 models[m], ck = load_model(path, device)
+            elif s in next(r["seeds"] for r in stats if r["method"] == m):  # the table has this run
+                raise FileNotFoundError(
+                    f"{path} is missing (method {m}, seed {s} of the study table); re-run the study "
+                    f"command with --out {study_dir} (it rebuilds best.pt from last.pt, or retrains the "
+                    f"run), then kdlab robustness --study again")
         if not models:
             continue
         if splits is None:

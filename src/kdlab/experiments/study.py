@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.io import write_json
+from kdlab.core.io import inside, write_json
 from kdlab.tasks import Task, get_task, load_recipe
 
 
@@ -105,7 +105,7 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     rows = []
     t_start = time.perf_counter()
     for method, seed in pairs:
-        run_dir = out_dir / method / f"seed{seed}"
+        run_dir = inside(out_dir, out_dir / method / f"seed{seed}", f"run folder of method {method!r}")
         finished = (run_dir / "result.json").exists()
         res = task.train(recipes[method].with_seed(seed), run_dir, context=ctx, method=method, progress=progress)
         res = {**res, "method": method, "seed": int(seed)}

@@ -102,7 +102,11 @@ def parse_terms(spec) -> list[LMTerm]:
         d = dict(t)
         if "term" not in d:
             raise ValueError(f"loss[{i}] needs a 'term' key (e.g. term: fkl)")
-        out.append(LMTerm(d.pop("term"), float(d.pop("weight", 1.0)), d))
+        w = float(d.pop("weight", 1.0))
+        if not (w >= 0.0 and w != float("inf")):  # NaN fails both
+            raise ValueError(f"loss[{i}].weight is {w}; give a finite weight >= 0 (a negative weight "
+                             f"would maximise the term)")
+        out.append(LMTerm(d.pop("term"), w, d))
     if not out:
         raise ValueError("loss needs at least one term (e.g. - term: ce)")
     return out
@@ -246,7 +250,10 @@ class LMObjective(Objective):
         logs: dict[str, torch.Tensor] = {}
         total = logits.new_zeros(())
         for t, val in parts:
-            logs[t.term] = val.detach()
+            key, k = t.term, 2
+            while key in logs:  # a term listed twice keeps its own column: fkl, fkl#2
+                key, k = f"{t.term}#{k}", k + 1
+            logs[key] = val.detach()
             total = total + t.weight * val
         logs["loss"] = total.detach()
         logs["n"] = mask.sum().detach().float()

@@ -85,6 +85,15 @@ class LMStudyCfg(_Strict):
     methods: dict[str, dict[str, Any]] = {}          # name -> overrides of the distill section
     exposure_prompts: int = Field(32, ge=1)
 
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, v: dict) -> dict:
+        from kdlab.core.io import check_path_name
+
+        for name in v:  # each names a folder under <out>/runs/
+            check_path_name(name, "study method")
+        return v
+
 
 class ArithmeticCfg(_Strict):
     ops: list[Literal["+", "*"]] = ["+", "*"]
@@ -120,6 +129,13 @@ class LMRecipe(_Strict):
         if isinstance(v, dict) and v.get("task") in ("corpus", "arithmetic"):
             v = {**v, "kind": v.get("kind", v["task"]), "task": "lm"}
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from kdlab.core.io import check_path_name
+
+        return check_path_name(v, "recipe name")
 
     @field_validator("distill")
     @classmethod

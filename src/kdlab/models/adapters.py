@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,14 +63,17 @@ def adapt_outputs(model: nn.Module) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load a local state dict, or a checkpoint holding one under ``model`` / ``state_dict``."""
+    """Load a local state dict (``.pt``, read with ``weights_only=True``, or ``.safetensors``), or a
+    checkpoint holding one under ``model`` / ``state_dict``."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file {p} not found; give a local state-dict or checkpoint file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"weights file {p} is not a torch file ({type(e).__name__}); give a state dict") from None
+    from kdlab.core.safeload import is_safetensors, read_safetensors, safe_torch_load
+
+    if is_safetensors(p):
+        obj = read_safetensors(p, need_meta=False)
+    else:  # weights_only: a pickle that would run code is refused, nothing in it runs
+        obj = safe_torch_load(p, what="weights file", fix="give a state dict (.pt) or a .safetensors file")
     state = obj
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
@@ -172,7 +176,127 @@ def export_program(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+#: Graph call targets an exported program may hold: ATen / prims operators and a few pure
+#: arithmetic helpers (what ``torch.export`` writes for a module's forward pass).
+_SAFE_TARGET = re.compile(
+    r"^(torch\.ops\.(aten|prims)\.\w+\.\w+"
+    r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|pow|eq|ne|lt|le|gt|ge|and_|or_|not_)"
+    r"|math\.(ceil|floor|trunc|sqrt)"
+    r"|torch\.(sym_int|sym_float|sym_max|sym_min|sym_not|sym_ite|sym_sqrt|_sym_sqrt))$")
+#: Tokens of a symbolic shape expression (``Symbol('s31', positive=True, integer=True)``,
+#: ``2*s0 + 1``, ``FloorDiv(s0, 2)``): torch.export parses them with ``sympy.sympify`` (``eval``).
+_EXPR_TOKEN = re.compile(r"\s+|\d+(\.\d+)?|'[a-z]\d+'|\*\*|[-+*/(),=<>%]|[A-Za-z_]\w*")
+_EXPR_NAMES = {"Symbol", "Integer", "Rational", "Float", "Max", "Min", "Abs", "positive", "integer",
+               "nonnegative", "real", "finite", "True", "False", "FloorDiv", "ModularIndexing", "Mod",
+               "PythonMod", "CleanDiv", "CeilDiv", "CeilToInt", "FloorToInt", "Where", "LShift",
+               "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TruncToFloat",
+               "TruncToInt", "ToFloat", "Identity", "floor", "ceiling"}
+
+
+def _expr_ok(expr: str) -> bool:
+    pos = 0
+    while pos < len(expr):
+        m = _EXPR_TOKEN.match(expr, pos)
+        if not m:
+            return False
+        tok = m.group(0)
+        if (tok[0].isalpha() or tok[0] == "_") and tok not in _EXPR_NAMES \
+                and not re.fullmatch(r"[a-z]\d+", tok):
+            return False
+        pos = m.end()
+    return True
+
+
+def check_program(data: bytes) -> None:
+    """Refuse (ValueError, one line) a ``torch.export`` archive that could run code when loaded or
+    called: ``torch.export.load`` unpickles some entries with ``weights_only=False``, evaluates
+    symbolic shapes with ``sympy.sympify`` and resolves call targets by name under ``torch``. The
+    archive must hold exactly what :func:`export_program` writes: one model, raw tensor payloads
+    (no pickled weights or constants, no custom objects), a weights-only sample-input file, call
+    targets among ATen/prims operators and pure arithmetic, shape expressions in a small arithmetic
+    grammar. This is kdlab's check of the loader's code paths (PyTorch itself documents
+    ``torch.export.load`` as unsafe for untrusted files), not a guarantee from PyTorch."""
+    import json
+    import zipfile
+
+    def bad(why: str):
+        return ValueError(f"the exported program {why}; kdlab refused to load it (nothing in it ran)")
+
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        names = zf.namelist()
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise bad(f"is not a torch.export archive ({type(e).__name__})") from None
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or any("/" not in n for n in names):
+        raise bad("has an unexpected layout")
+    root = roots.pop() + "/"
+    allowed = re.compile(
+        r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+        r"|models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+        r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
+        r"|data/sample_inputs/model\.pt)$")
+    for n in names:
+        if not allowed.match(n[len(root):]):
+            raise bad(f"holds an entry kdlab does not write ({n[len(root):]})")
+    for cfg in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
+        if root + cfg not in names:
+            continue
+        try:
+            entries = json.loads(zf.read(root + cfg)).get("config", {})
+        except (ValueError, AttributeError):
+            raise bad(f"has an unreadable {cfg}") from None
+        for fqn, meta in entries.items():
+            if not isinstance(meta, dict) or meta.get("use_pickle") is not False \
+                    or not re.fullmatch(r"(weight|tensor)_\d+", str(meta.get("path_name", ""))):
+                raise bad(f"stores '{fqn}' as a pickle or custom object")
+    if root + "models/model.json" not in names:
+        raise bad("holds no model")
+    try:
+        model = json.loads(zf.read(root + "models/model.json"))
+    except ValueError:
+        raise bad("has an unreadable models/model.json") from None
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k in ("as_custom_obj", "custom_obj", "class_fqn", "as_graph"):
+                    raise bad(f"holds a '{k}' entry (custom objects and sub-graphs are not loaded)")
+                if k == "target" and isinstance(v, str) and not _SAFE_TARGET.match(v):
+                    raise bad(f"calls {v!r}, not an ATen operator")
+                if k == "expr_str" and isinstance(v, str) and not _expr_ok(v):
+                    raise bad(f"has a shape expression outside kdlab's grammar ({v[:40]!r})")
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(model)
+    sample = root + "data/sample_inputs/model.pt"
+    if sample in names:
+        try:
+            torch.load(io.BytesIO(zf.read(sample)), weights_only=True)
+        except Exception:
+            raise bad("has sample inputs that are not plain tensors") from None
+
+
 def load_program(data: bytes) -> nn.Module:
-    """The model of :func:`export_program`'s bytes, as an :class:`ExportedModel`."""
-    ep = torch.export.load(io.BytesIO(data))
+    """The model of :func:`export_program`'s bytes, as an :class:`ExportedModel`, after
+    :func:`check_program`; every ``torch.load`` inside ``torch.export.load`` is forced to
+    ``weights_only`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) while it runs."""
+    import os
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"the checkpoint's 'program' entry is {type(data).__name__}, not an exported "
+                         f"program's bytes; re-save the model")
+    check_program(bytes(data))
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
     return ExportedModel(ep.module())

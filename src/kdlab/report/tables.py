@@ -67,18 +67,23 @@ def _gap(accs: dict, base: dict, teacher_acc, is_base: bool, sign: int = 1) -> d
 
 def teacher_accuracy(recipes: dict) -> Optional[float]:
     """The test accuracy of the study's teacher (``result.json`` beside the recipes' teacher
-    checkpoint), when there is exactly one teacher and its run recorded one."""
-    import json
-
+    checkpoint), when there is exactly one teacher and its run recorded one. A ``result.json`` that
+    is there but unreadable raises :class:`kdlab.core.io.RunFileError` naming it."""
     paths = {r.teacher.checkpoint for r in recipes.values()
              if getattr(r, "teacher", None) is not None and r.teacher.checkpoint}
     if len(paths) != 1:
         return None
     f = Path(next(iter(paths))).parent / "result.json"
-    try:
-        return float(json.loads(f.read_text())["test_acc"])
-    except (OSError, ValueError, KeyError, TypeError):
+    if not f.is_file():  # a lone teacher file: no accuracy recorded, no gap-closed column
         return None
+    from kdlab.core.io import RunFileError, read_json
+
+    res = read_json(f, "teacher result")  # truncated or corrupt: one line naming it, not a silent drop
+    try:
+        return float(res["test_acc"])
+    except (KeyError, TypeError, ValueError):
+        raise RunFileError(f"teacher result {f} records no test_acc; delete it and re-run the study "
+                           f"command (the teacher's result is recomputed from its run)") from None
 
 
 def fmt_pct(m: float, pm: Optional[float] = None, digits: int = 2) -> str:

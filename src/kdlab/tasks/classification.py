@@ -25,7 +25,11 @@ from kdlab.tasks.base import Metric, Task, register_task
 
 
 def _components(full):
-    ce = next((t for t in full.loss if t.term == "ce"), None)
+    ces = [t for t in full.loss if t.term == "ce"]
+    if len(ces) > 1:
+        raise ValueError(f"recipe '{full.name}' lists the 'ce' term {len(ces)} times; an ablation's "
+                         f"baseline keeps one: merge them into one term (weights add)")
+    ce = ces[0] if ces else None
     comps = [t for t in full.loss if t.term != "ce"]
     if not comps:
         raise ValueError(f"recipe '{full.name}' has only a 'ce' term; an ablation needs a distillation term")
@@ -56,20 +60,24 @@ def ablation_methods(full, mode: str = "ladder") -> dict:
     if mode not in ("ladder", "loo", "both"):
         raise ValueError("ablation mode must be ladder, loo or both")
     ce, comps = _components(full)
-    names = [c.term for c in comps]
+    seen: dict[str, int] = {}
+    names = []  # a term listed twice gets its own method names (kd, kd#2), as in the logs
+    for c in comps:
+        seen[c.term] = seen.get(c.term, 0) + 1
+        names.append(c.term if seen[c.term] == 1 else f"{c.term}#{seen[c.term]}")
     out: dict = {}
     if mode in ("ladder", "both"):
         out["baseline"] = _method(full, [], ce)
         out[names[0]] = _method(full, comps[:1], ce)
-        for c in comps[1:]:
-            out[f"{names[0]}+{c.term}"] = _method(full, [comps[0], c], ce)
+        for c, n in zip(comps[1:], names[1:]):
+            out[f"{names[0]}+{n}"] = _method(full, [comps[0], c], ce)
         if len(comps) > 2 or (len(comps) == 2 and "full" not in out):
             out["full"] = full
     if mode in ("loo", "both"):
         out.setdefault("full", full)
         if len(comps) > 1:
-            for i, c in enumerate(comps):
-                out[f"full-{c.term}"] = _method(full, comps[:i] + comps[i + 1:], ce)
+            for i, n in enumerate(names):
+                out[f"full-{n}"] = _method(full, comps[:i] + comps[i + 1:], ce)
     if len(comps) == 2 and "full" in out and f"{names[0]}+{names[1]}" in out:
         del out[f"{names[0]}+{names[1]}"]  # identical to full
     return out

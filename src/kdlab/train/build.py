@@ -96,10 +96,15 @@ def unlabelled_remainder(train, label_fraction: float, seed: int, name: str):
     return RelabelledDataset(train, y)
 
 
-def load_checked(path, info, device, who: str) -> nn.Module:
-    """A kdlab model checkpoint, loaded frozen and checked against the data set."""
+def load_checked(path, info, device, who: str, *, allow_other_dataset: bool = False) -> nn.Module:
+    """A kdlab model checkpoint, loaded frozen and checked against the data set (class and channel
+    counts, class names, and the data set it was trained on unless ``allow_other_dataset``)."""
+    from kdlab.data.registry import check_trained_on
+
     model, ck = load_model(path, device)
     check_fits(ck, info, f"{who} {path}")
+    check_trained_on(ck, info, f"{who} {path}", allow=allow_other_dataset,
+                     override="set teacher.allow_other_dataset: true")
     return model
 
 
@@ -116,14 +121,15 @@ def load_teacher(recipe: Recipe, info, device) -> nn.Module:
             if not Path(ck).is_file():
                 raise FileNotFoundError(f"ensemble teacher checkpoint {ck} not found; train it first "
                                         f"(`kdlab train-teacher <recipe> --out {Path(ck).parent}`)")
-        members = [load_checked(ck, info, device, "ensemble teacher") for ck in tc.checkpoints]
+        members = [load_checked(ck, info, device, "ensemble teacher", allow_other_dataset=tc.allow_other_dataset)
+                   for ck in tc.checkpoints]
         return EnsembleTeacher(members, tc.ensemble).to(device)
     if tc is None or not tc.checkpoint:
         raise ValueError("this recipe needs a teacher: set teacher.checkpoint (train one with `kdlab train-teacher`)")
     if not Path(tc.checkpoint).is_file():
         hint = f"`kdlab train-teacher {tc.recipe}`" if tc.recipe else "`kdlab train-teacher <teacher recipe>`"
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found; train it first with {hint}")
-    return load_checked(tc.checkpoint, info, device, "teacher")
+    return load_checked(tc.checkpoint, info, device, "teacher", allow_other_dataset=tc.allow_other_dataset)
 
 
 def out_features(model: nn.Module, info, device) -> int:
@@ -143,6 +149,8 @@ def student_meta(recipe: Recipe, info) -> dict:
     data set's images, when it has one)."""
     meta = {"model_name": recipe.student.model, "model_kwargs": dict(recipe.student.kwargs),
             "num_classes": info.num_classes, "in_channels": info.in_channels, "dataset": info.name}
+    if getattr(info, "classes", None):
+        meta["classes"] = [str(c) for c in info.classes]
     if recipe.student.input is not None and recipe.student.input.resize is not None:
         meta["input"] = {"resize": list(recipe.student.input.resize)}
     return meta
@@ -249,8 +257,9 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
         if not Path(path).is_file():
             raise FileNotFoundError(f"extra teacher checkpoint {path} not found; train it first "
                                     f"(`kdlab train-teacher <recipe> --out {Path(path).parent}`)")
-        extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher"), checkpoint=path,
-                                           **source_kw)
+        allow = bool(recipe.teacher is not None and recipe.teacher.allow_other_dataset)
+        extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher", allow_other_dataset=allow),
+                                           checkpoint=path, **source_kw)
     from kdlab.data.views import make_view
 
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,

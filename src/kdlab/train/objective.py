@@ -179,6 +179,16 @@ class DistillObjective(Objective):
     def checkpoint_meta(self, name: str) -> dict:
         return dict(self.meta)
 
+    def nonfinite_cause(self) -> Optional[str]:
+        """Why the loss turned non-finite, when a teacher source knows (its outputs overflowed the
+        fp16 teacher cache); None otherwise."""
+        for src in [self.teacher, *self.extra_teachers.values()]:
+            why = getattr(src, "range_error", None)
+            msg = why() if why is not None else None
+            if msg:
+                return msg
+        return None
+
     def evaluate(self, name: str, loader) -> dict[str, float]:
         if self.view is not None:
             from kdlab.data.views import ViewLoader

@@ -301,9 +301,10 @@ class Trainer:
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
-            raise TrainingError(
+            cause = obj.nonfinite_cause() if hasattr(obj, "nonfinite_cause") else None
+            raise TrainingError(cause or (
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
-                f"the term weights and re-run (the last good epoch's checkpoint is kept)")
+                f"the term weights and re-run (the last good epoch's checkpoint is kept)"))
         row["train_time_s"] = dt
         row["teacher_time_s"] = obj.teacher_time_s - teacher0
         row[f"{self.unit}_per_s"] = n_seen / dt if dt > 0 else float("nan")

@@ -13,9 +13,13 @@ __all__ = ["LOSSES", "BatchRecord", "LossTerm", "register_loss", "layer_pairs", 
 
 
 def build_terms(term_cfgs) -> list[tuple[str, float, LossTerm]]:
-    """[(name, weight, module)] from a recipe's ``loss`` list."""
+    """[(name, weight, module)] from a recipe's ``loss`` list. A term listed more than once (``kd``
+    at two temperatures) gets distinct names, ``kd``, ``kd#2``, ..., so each has its own log column."""
     out = []
+    seen: dict[str, int] = {}
     for cfg in term_cfgs:
         cls = LOSSES.get(cfg.term)
-        out.append((cfg.term, float(cfg.weight), cls(**cfg.params)))
+        seen[cfg.term] = seen.get(cfg.term, 0) + 1
+        name = cfg.term if seen[cfg.term] == 1 else f"{cfg.term}#{seen[cfg.term]}"
+        out.append((name, float(cfg.weight), cls(**cfg.params)))
     return out

@@ -59,7 +59,7 @@ def run_deepinv(recipe: Recipe, params: DeepInvParams, out_dir, *, progress: boo
     teacher = load_teacher(kd_recipe, info, dev)
     syn_path, syn_time = out_dir / "synthetic.pt", out_dir / "synthetic.json"
     if syn_path.exists() and syn_time.exists():
-        x_hat, y_hat = (t.to(dev) for t in torch.load(syn_path))
+        x_hat, y_hat = (t.to(dev) for t in torch.load(syn_path, weights_only=True))
     else:
         t0 = time.perf_counter()
         shape = (info.in_channels, info.image_size, info.image_size)

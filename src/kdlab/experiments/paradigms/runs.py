@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdlab.core.io import read_json, write_json
+from kdlab.core.io import inside, read_json, write_json
 from kdlab.experiments.paradigms.base import PARADIGMS
 from kdlab.experiments.paradigms.spec import ParadigmSpec
 
@@ -74,7 +74,7 @@ def run_paradigm_seeds(spec: ParadigmSpec, method: str, out_dir, *, seeds, data_
     """Every seed of a paradigm recipe into ``out_dir/<method>/seed<k>``; the table rows."""
     rows = []
     for seed in seeds:
-        run_dir = Path(out_dir) / method / f"seed{seed}"
+        run_dir = inside(out_dir, Path(out_dir) / method / f"seed{seed}", f"run folder of {method!r}")
         done = run_dir / "result.json"
         if done.exists():
             res = read_json(done, "paradigm result")
