@@ -33,7 +33,11 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape:
         raise ValueError(f"frechet_distance: the two Gaussians differ in dimension ({mu1.shape} vs {mu2.shape})")
-    covmean = linalg.sqrtm(cov1 @ cov2)
+    import warnings
+
+    with warnings.catch_warnings():  # few samples in many dimensions: a singular product is expected
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         off = np.eye(cov1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((cov1 + off) @ (cov2 + off))

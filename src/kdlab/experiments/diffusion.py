@@ -329,6 +329,19 @@ def ensure_feature_net(recipe: DiffusionRecipe, info, *, progress: bool = False,
     return FeatureNet(ck, info.name, info.mean, info.std, name=f"{fc.recipe} ({load_model_name(ck)})")
 
 
+def check_feature_net(recipe: DiffusionRecipe, dataset: str) -> None:
+    """Refuse, before anything is trained, a feature network trained on another data set."""
+    from kdlab.core.checkpoint import load_checkpoint
+
+    ck = Path(recipe.eval.features.checkpoint)
+    if ck.is_file():
+        trained_on = load_checkpoint(ck).get("dataset")
+        if trained_on != dataset:
+            raise ValueError(f"feature network {ck} was trained on {trained_on!r}, not {dataset!r}; give a "
+                             f"{dataset} classifier (e.g. `kdlab train-teacher {dataset}/teacher`) as "
+                             f"eval.features.checkpoint")
+
+
 def load_model_name(path) -> str:
     from kdlab.core.checkpoint import load_checkpoint
 
@@ -408,6 +421,7 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
     cfg = recipe.train
     splits = load_data(recipe)
     info = splits.info
+    check_feature_net(recipe, info.name)
     runtime = Runtime.from_cfg(cfg)
     dev = runtime.device
     net = build_net(recipe, info.in_channels).to(dev)

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from kdlab.core.io import read_json, write_csv, write_json
-from kdlab.experiments.diffusion import (DiffusionRecipe, ensure_feature_net, generate, load_data,
+from kdlab.experiments.diffusion import (DiffusionRecipe, check_feature_net, ensure_feature_net, generate, load_data,
                                          load_denoiser, load_diffusion_recipe, sample_noise, score, stats_line,
                                          time_sampler, train_run)
 
@@ -42,8 +42,12 @@ def check_chain(recipe: DiffusionRecipe) -> None:
     if recipe.distill is None:
         raise ValueError(f"{recipe.source or recipe.name} has no distill section; progressive distillation "
                          f"needs distill: {{teacher: <teacher recipe>, start_steps: 64, end_steps: 1}}")
+    check_feature_net(recipe, recipe.data.name)
     if recipe.distill.teacher_checkpoint is None:
         t = teacher_recipe(recipe)
+        if t.data.name != recipe.data.name:
+            raise ValueError(f"the teacher recipe {recipe.distill.teacher} trains on {t.data.name} but this recipe "
+                             f"distils on {recipe.data.name}; give a teacher recipe of the same data set")
         if t.sampler.steps != recipe.distill.start_steps:
             raise ValueError(f"the teacher recipe {recipe.distill.teacher} samples with {t.sampler.steps} steps but "
                              f"distill.start_steps is {recipe.distill.start_steps}; make them equal")
