@@ -75,6 +75,25 @@ def test_chain_trains_scores_and_resumes(tmp_path, classifier):
     assert file_hash(out / "steps002" / "best.pt") == before
     assert s2["student"]["test_loss"] == pytest.approx(last["test_loss"], rel=1e-6)  # same seed, same run
     assert s2["student"]["test_fd"] == pytest.approx(last["test_fd"], rel=1e-6)
+    # the step-count evaluation: the teacher's DDIM at 4, 2, 1 steps and the students at 2, 1, timed
+    from kdlab.evaluate.generative import FeatureNet
+    from kdlab.experiments.paradigms.progressive import evaluate_chain, write_report
+
+    from kdlab.experiments.diffusion import load_data
+
+    info = load_data(r).info
+    fnet = FeatureNet(classifier, "digits", info.mean, info.std)
+    ev = evaluate_chain(r, out, fnet, timing=True, log=lambda *a: None)
+    got = sorted((row["sampler"], row["steps"]) for row in ev["rows"])
+    assert got == [("distilled", 1), ("distilled", 2), ("teacher-ddim", 1), ("teacher-ddim", 2), ("teacher-ddim", 4)]
+    assert all(row["s_per_image"] > 0 for row in ev["rows"])
+    # the distilled 1-step sampler's score equals its round's own test score (same noise, same network)
+    d1 = next(row for row in ev["rows"] if row["sampler"] == "distilled" and row["steps"] == 1)
+    assert d1["fd"] == pytest.approx(s2["student"]["test_fd"], rel=1e-9)
+    rep = write_report(r, [ev], tmp_path / "rep", log=lambda *a: None)
+    md = (tmp_path / "rep" / "fd_vs_steps.md").read_text()
+    assert "| 4 |" in md and "s/image" in md and (tmp_path / "rep" / "fd_vs_steps.png").is_file()
+    assert rep["table"][0]["steps"] == 4 and "distilled_fd_mean" not in rep["table"][0]
 
 
 def test_distilled_student_starts_as_its_teacher(tmp_path, classifier):

@@ -157,6 +157,15 @@ def cmd_recipes(args) -> int:
     print("language-model recipes (kdlab lm ...):")
     for name in list_lm_recipes():
         print(f"  {name}")
+    from kdlab.experiments.diffusion import list_diffusion_recipes, load_diffusion_recipe
+
+    print("diffusion recipes (kdlab diffusion train / study):")
+    for name in list_diffusion_recipes():
+        try:
+            desc = load_diffusion_recipe(name).description
+        except Exception as e:
+            desc = f"INVALID: {e}"
+        print(f"  {name:<30} {desc}")
     return 0
 
 

@@ -65,7 +65,10 @@ class ScheduleCfg(_Strict):
     def _range(self):
         from kdlab.distill.diffusion import LogSNRSchedule
 
-        LogSNRSchedule(self.logsnr_min, self.logsnr_max)  # one line when the range is empty
+        try:
+            LogSNRSchedule(self.logsnr_min, self.logsnr_max)
+        except ValueError as e:  # one line when the range is empty (the key path is said by the caller)
+            raise ValueError(str(e).removeprefix("schedule: ")) from None
         return self
 
 
