@@ -153,3 +153,22 @@ def test_task_plugin_contract(tmp_path, classifier):
     methods = task.ablation_methods(r)
     assert list(methods) == ["ddim-1", "progressive-1"]
     assert methods["ddim-1"].sampler.steps == 1 and methods["ddim-1"].distill is None
+
+
+def test_diffusers_backend_runs_the_same_chain(tmp_path, classifier):
+    pytest.importorskip("diffusers")
+    from kdlab.experiments.diffusion import load_denoiser, load_diffusion_recipe
+    from kdlab.experiments.paradigms.progressive import run_chain
+
+    t, d = _recipes(tmp_path, classifier)
+    for p in (t,):
+        raw = json.loads(p.read_text())
+        raw["model"] = {"backend": "diffusers", "channels": 8, "channel_mults": [1, 2], "blocks": 1}
+        p.write_text(json.dumps(raw))
+    r = load_diffusion_recipe(d, ["distill.end_steps=2"])
+    assert r.model.backend == "diffusers" and r.to_dict()["model"]["backend"] == "diffusers"
+    s = run_chain(r, tmp_path / "c", progress=False, log=lambda *a: None)
+    den, ck = load_denoiser(tmp_path / "c" / "steps002" / "best.pt")
+    assert ck["model_name"] == "diffusers" and type(den.net).__name__ == "DiffusersUNet"
+    assert ck["model_kwargs"]["sample_size"] == 8
+    assert s["student"]["test_fd"] == s["student"]["test_fd"]

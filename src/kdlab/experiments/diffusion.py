@@ -51,10 +51,12 @@ class DataCfg(_Strict):
 
 
 class UNetCfg(_Strict):
+    backend: Literal["unet_lite", "diffusers"] = "unet_lite"   # diffusers: its UNet2DModel (optional extra)
     channels: int = Field(32, ge=4)
     channel_mults: list[int] = Field([1, 2], min_length=1)
     blocks: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    diffusers: dict[str, Any] = {}                             # extra UNet2DModel config keys
 
 
 class ScheduleCfg(_Strict):
@@ -147,7 +149,13 @@ class DiffusionRecipe(_Strict):
     source: Optional[str] = Field(None, exclude=True)
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude={"source"})
+        """The recipe as plain data (run identities); the default backend's keys left out, so runs
+        made before the diffusers backend existed keep their identity."""
+        d = self.model_dump(mode="json", exclude={"source"})
+        if d["model"].get("backend") == "unet_lite" and not d["model"].get("diffusers"):
+            d["model"].pop("backend", None)
+            d["model"].pop("diffusers", None)
+        return d
 
     def with_seed(self, seed: int) -> "DiffusionRecipe":
         d = self.to_dict()
@@ -274,12 +282,29 @@ def to_image_range(x: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------- models
-def build_net(recipe: DiffusionRecipe, in_channels: int):
-    from kdlab.models.unet_lite import UNetLite
-
+def net_kwargs(recipe: DiffusionRecipe, image_size: int) -> dict:
+    """The denoiser's constructor arguments (also its checkpoint's ``model_kwargs``)."""
     m = recipe.model
-    return UNetLite(in_channels=in_channels, channels=m.channels, channel_mults=tuple(m.channel_mults),
-                    blocks=m.blocks, dropout=m.dropout)
+    kw = {"channels": m.channels, "channel_mults": list(m.channel_mults), "blocks": m.blocks, "dropout": m.dropout}
+    if m.backend == "diffusers":
+        kw.update(sample_size=int(image_size), config=dict(m.diffusers))
+    return kw
+
+
+def make_net(backend: str, in_channels: int, kwargs: dict):
+    kw = dict(kwargs)
+    kw["channel_mults"] = tuple(kw.get("channel_mults", (1, 2)))
+    if backend == "diffusers":
+        from kdlab.models.diffusers_unet import DiffusersUNet
+
+        return DiffusersUNet(in_channels=in_channels, **kw)
+    from kdlab.models.unet_lite import build_unet_lite
+
+    return build_unet_lite(in_channels, **kw)
+
+
+def build_net(recipe: DiffusionRecipe, in_channels: int, image_size: int = 8):
+    return make_net(recipe.model.backend, in_channels, net_kwargs(recipe, image_size))
 
 
 def schedule_of(recipe: DiffusionRecipe):
@@ -292,15 +317,12 @@ def load_denoiser(path, device="cpu"):
     """``(Denoiser, checkpoint)`` of a diffusion model file written by :func:`train_run`."""
     from kdlab.core.checkpoint import load_checkpoint
     from kdlab.distill.diffusion import Denoiser, LogSNRSchedule
-    from kdlab.models.unet_lite import build_unet_lite
 
     ck = load_checkpoint(path, fix="delete it and re-run the diffusion run that wrote it")
     info = ck.get("diffusion")
-    if ck.get("model_name") != "unet_lite" or not isinstance(info, dict):
+    if ck.get("model_name") not in ("unet_lite", "diffusers") or not isinstance(info, dict):
         raise ValueError(f"{path} is not a diffusion model file (a kdlab diffusion run's best.pt)")
-    kw = dict(ck["model_kwargs"])
-    kw["channel_mults"] = tuple(kw.get("channel_mults", (1, 2)))
-    net = build_unet_lite(ck["in_channels"], **kw).to(device)
+    net = make_net(ck["model_name"], ck["in_channels"], ck["model_kwargs"]).to(device)
     net.load_state_dict(ck["model"])
     net.eval()
     sch = LogSNRSchedule(info["logsnr_min"], info["logsnr_max"])
@@ -308,7 +330,8 @@ def load_denoiser(path, device="cpu"):
 
 
 def _meta(recipe: DiffusionRecipe, info, steps: Optional[int]) -> dict:
-    return {"model_name": "unet_lite", "model_kwargs": recipe.model.model_dump(mode="json"), "num_classes": 0,
+    return {"model_name": recipe.model.backend, "model_kwargs": net_kwargs(recipe, info.hw[0]),
+            "num_classes": 0,
             "in_channels": info.in_channels, "dataset": info.name,
             "diffusion": {"logsnr_min": recipe.schedule.logsnr_min, "logsnr_max": recipe.schedule.logsnr_max,
                           "prediction": recipe.prediction, "steps": steps}}
@@ -427,7 +450,7 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
     check_feature_net(recipe, info.name)
     runtime = Runtime.from_cfg(cfg)
     dev = runtime.device
-    net = build_net(recipe, info.in_channels).to(dev)
+    net = build_net(recipe, info.in_channels, info.hw[0]).to(dev)
     teacher = None
     identity = recipe.to_dict()
     if teacher_checkpoint is not None:
@@ -454,7 +477,7 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
     test_loader = InOrder(to_model_range(splits.test.x).to(dev), splits.test.y.to(dev), cfg.eval_batch_size)
     trainer = Trainer(objective, train_loader, val_loader, test_loader, cfg, run_dir, runtime=runtime,
                       identity=identity, method=method or ("teacher" if teacher is None else f"distill-{steps}"),
-                      progress=progress, info={"model": "unet_lite", "dataset": info.name, "sample_unit": "images",
+                      progress=progress, info={"model": recipe.model.backend, "dataset": info.name, "sample_unit": "images",
                                                "steps": eval_steps, "task": "diffusion"})
     result = trainer.fit(resume=resume)
     if result.get("interrupted") or "test_fd" in result:

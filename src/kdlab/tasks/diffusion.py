@@ -59,9 +59,10 @@ class DiffusionTask(Task):
                 "chain_train_time_s": summary["train_time_s"]}
 
     def profile(self, recipe) -> dict:
-        from kdlab.experiments.diffusion import build_net
+        from kdlab.experiments.diffusion import build_net, load_data
 
-        net = build_net(recipe, 1 if recipe.data.name in ("digits", "mnist5k") else 3)
+        info = load_data(recipe).info
+        net = build_net(recipe, info.in_channels, info.hw[0])
         n = sum(p.numel() for p in net.parameters())
         return {"params": n, "size_mb": n * 4 / 2 ** 20}
 
