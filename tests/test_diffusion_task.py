@@ -11,7 +11,6 @@ import torch
 
 from kdlab.cli.main import main
 from kdlab.core.checkpoint import file_hash
-from kdlab.core.config import recipe_from_dict
 
 TINY = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "patience": None, "seed": 0,
         "device": "cpu", "eval_batch_size": 200}
@@ -19,14 +18,16 @@ TINY = {"epochs": 1, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "patien
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    """A digits classifier (1 epoch of cnn_tiny) as the feature network."""
-    from kdlab.train.build import train
+    """A digits classifier file (cnn_tiny, untrained weights: any fixed network serves as the
+    feature network of these tests)."""
+    from kdlab.core.checkpoint import atomic_save, model_checkpoint
+    from kdlab.models import create_model
 
     out = tmp_path_factory.mktemp("clf")
-    r = recipe_from_dict({"name": "clf", "data": {"name": "digits"}, "student": {"model": "cnn_tiny"},
-                          "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "patience": None, "device": "cpu"},
-                          "loss": [{"term": "ce"}]})
-    train(r, out, progress=False)
+    torch.manual_seed(0)
+    m = create_model("cnn_tiny", num_classes=10, in_channels=1)
+    atomic_save(model_checkpoint(m, model_name="cnn_tiny", model_kwargs={}, num_classes=10, in_channels=1,
+                                 dataset="digits"), out / "best.pt")
     return out / "best.pt"
 
 
@@ -165,9 +166,9 @@ def test_diffusers_backend_runs_the_same_chain(tmp_path, classifier):
         raw = json.loads(p.read_text())
         raw["model"] = {"backend": "diffusers", "channels": 8, "channel_mults": [1, 2], "blocks": 1}
         p.write_text(json.dumps(raw))
-    r = load_diffusion_recipe(d, ["distill.end_steps=2"])
+    r = load_diffusion_recipe(d, ["distill.end_steps=2", "eval.samples=20"])
     assert r.model.backend == "diffusers" and r.to_dict()["model"]["backend"] == "diffusers"
-    s = run_chain(r, tmp_path / "c", progress=False, log=lambda *a: None)
+    s = run_chain(r, tmp_path / "c", progress=False, log=lambda *a: None)  # the teacher and one round
     den, ck = load_denoiser(tmp_path / "c" / "steps002" / "best.pt")
     assert ck["model_name"] == "diffusers" and type(den.net).__name__ == "DiffusersUNet"
     assert ck["model_kwargs"]["sample_size"] == 8

@@ -345,12 +345,14 @@ def ensure_feature_net(recipe: DiffusionRecipe, info, *, progress: bool = False,
 
     fc = recipe.eval.features
     ck = Path(fc.checkpoint)
-    if not (ck.parent / "result.json").is_file() or not ck.is_file():
+    unfinished = (ck.parent / "last.pt").is_file() and not (ck.parent / "result.json").is_file()
+    if not ck.is_file() or unfinished:
         from kdlab.core.config import load_recipe
         from kdlab.train.build import train
 
         r = load_recipe(fc.recipe)
-        log(f"training the feature network {r.name} into {ck.parent.resolve()}, because {ck} is missing")
+        why = "its run is unfinished" if ck.is_file() else f"{ck} is missing"
+        log(f"training the feature network {r.name} into {ck.parent.resolve()}, because {why}")
         train(r, ck.parent, progress=progress, method="teacher")
     return FeatureNet(ck, info.name, info.mean, info.std, name=f"{fc.recipe} ({load_model_name(ck)})")
 
