@@ -84,7 +84,10 @@ def test_chain_trains_scores_and_resumes(tmp_path, classifier):
 
     info = load_data(r).info
     fnet = FeatureNet(classifier, "digits", info.mean, info.std)
-    ev = evaluate_chain(r, out, fnet, timing=True, log=lambda *a: None)
+    ev0 = evaluate_chain(r, out, fnet, log=lambda *a: None)
+    assert not ev0["timed"] and "s_per_image" not in ev0["rows"][0]
+    ev = evaluate_chain(r, out, fnet, timing=True, log=lambda *a: None)  # timings added to the cached scores
+    assert ev["timed"] and [x["fd"] for x in ev["rows"]] == [x["fd"] for x in ev0["rows"]]
     got = sorted((row["sampler"], row["steps"]) for row in ev["rows"])
     assert got == [("distilled", 1), ("distilled", 2), ("teacher-ddim", 1), ("teacher-ddim", 2), ("teacher-ddim", 4)]
     assert all(row["s_per_image"] > 0 for row in ev["rows"])
