@@ -126,3 +126,22 @@ def test_truncated_snr_weighting_is_max_of_x_and_eps_mse():
     assert float(weighted_mse(xp, xt, ep, et)) == pytest.approx(2.5)
     assert float(weighted_mse(ep, et, xp, xt)) == pytest.approx(2.5)
     assert float(weighted_mse(xp, xt, ep, et, "eps")) == pytest.approx(0.5)
+
+
+def test_v_weighting_is_the_v_mse():
+    # with the v-weighting the objective's per-example loss is ‖v̂ − v‖², v = α·ε − σ·x
+    from kdlab.distill.diffusion import DiffusionObjective
+    from kdlab.train.runtime import Runtime
+
+    sch = LogSNRSchedule(-20.0, 20.0)
+    net = lambda z, lam: torch.zeros_like(z)  # noqa: E731  (v̂ = 0)
+    obj = DiffusionObjective(torch.nn.Linear(1, 1), sch, runtime=Runtime("cpu"), weighting="v")
+    obj.denoiser.net = net
+    x = torch.tensor([[0.5, -0.5]])
+    eps = torch.tensor([[1.0, 2.0]])
+    u = torch.tensor([0.5])  # λ = 0: α = σ = √½
+    a = s = math.sqrt(0.5)
+    v = a * eps - s * x
+    assert float(obj.loss(x, None, u, eps)) == pytest.approx(float(v.pow(2).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="loss weighting must be"):
+        DiffusionObjective(torch.nn.Linear(1, 1), sch, runtime=Runtime("cpu"), weighting="snr")

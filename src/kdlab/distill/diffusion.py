@@ -217,8 +217,9 @@ class DiffusionObjective:
         self.schedule = schedule
         self.runtime = runtime
         self.denoiser = Denoiser(model, schedule, prediction)
+        if weighting not in ("snr_trunc", "x", "eps", "v"):
+            raise ValueError(f"loss weighting must be snr_trunc, x, eps or v, not {weighting!r}")
         self.weighting = weighting
-        weighted_mse(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), weighting)
         self.teacher = teacher
         if teacher is not None:
             self.steps = check_steps(steps, "student steps")

@@ -503,8 +503,3 @@ def real_images(recipe: DiffusionRecipe, split: str = "test") -> torch.Tensor:
 def stats_line(values) -> tuple[float, float]:
     v = np.asarray(list(values), np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
-def describe(recipe: DiffusionRecipe) -> dict[str, Any]:
-    return {"name": recipe.name, "dataset": recipe.data.name, "prediction": recipe.prediction,
-            "weighting": recipe.weighting}
