@@ -176,3 +176,16 @@ def test_diffusers_backend_runs_the_same_chain(tmp_path, classifier):
     assert ck["model_name"] == "diffusers" and type(den.net).__name__ == "DiffusersUNet"
     assert ck["model_kwargs"]["sample_size"] == 8
     assert s["student"]["test_fd"] == s["student"]["test_fd"]
+
+
+def test_cli_trains_a_teacher_recipe(tmp_path, classifier, capsys):
+    t, _ = _recipes(tmp_path, classifier)
+    out = tmp_path / "teacher_run"
+    assert main(["diffusion", "train", str(t), "--out", str(out), "--quiet", "--seed", "3"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["seed"] == 3 and res["steps"] == 4 and res["task"] == "diffusion" and "test_fd" in res
+    assert "test FD" in capsys.readouterr().out
+    # run again: the finished run is reused, not trained again
+    before = (out / "best.pt").stat().st_mtime_ns
+    assert main(["diffusion", "train", str(t), "--out", str(out), "--quiet", "--seed", "3"]) == 0
+    assert (out / "best.pt").stat().st_mtime_ns == before
