@@ -107,9 +107,15 @@ def test_distilled_student_starts_as_its_teacher(tmp_path, classifier):
     t, d = _recipes(tmp_path, classifier)
     tr = load_diffusion_recipe(t)
     train_run(tr, tmp_path / "T", progress=False, log=lambda *a: None)
-    r = load_diffusion_recipe(d, ["train.lr=1e-12"])
+    # the recipe's model section does not change a round's architecture: the student is its teacher
+    r = load_diffusion_recipe(d, ["train.lr=1e-12", "model.channels=8"])
     train_run(r, tmp_path / "S", teacher_checkpoint=tmp_path / "T" / "best.pt", steps=2,
               init_checkpoint=tmp_path / "T" / "best.pt", progress=False, log=lambda *a: None)
+    # a distill recipe with another schedule than its teacher's is refused
+    bad = load_diffusion_recipe(d, ["schedule.logsnr_min=-10"])
+    with pytest.raises(ValueError, match="give the distill recipe the same schedule and prediction"):
+        train_run(bad, tmp_path / "B", teacher_checkpoint=tmp_path / "T" / "best.pt", steps=2,
+                  progress=False, log=lambda *a: None)
     a, _ = load_denoiser(tmp_path / "T" / "best.pt")
     b, _ = load_denoiser(tmp_path / "S" / "best.pt")
     for (n, p), (_, q) in zip(a.net.state_dict().items(), b.net.state_dict().items()):

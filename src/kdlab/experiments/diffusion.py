@@ -452,9 +452,9 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
     check_feature_net(recipe, info.name)
     runtime = Runtime.from_cfg(cfg)
     dev = runtime.device
-    net = build_net(recipe, info.in_channels, info.hw[0]).to(dev)
     teacher = None
     identity = recipe.to_dict()
+    meta = _meta(recipe, info, recipe.sampler.steps)
     if teacher_checkpoint is not None:
         from kdlab.distill.diffusion import check_steps
 
@@ -462,24 +462,33 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
         teacher, tck = load_denoiser(teacher_checkpoint, device=dev)
         for p in teacher.net.parameters():
             p.requires_grad_(False)
+        ti = tck["diffusion"]
+        if (ti["logsnr_min"], ti["logsnr_max"], ti["prediction"]) != (
+                recipe.schedule.logsnr_min, recipe.schedule.logsnr_max, recipe.prediction):
+            raise ValueError(f"the teacher {teacher_checkpoint} was trained with log-SNR range [{ti['logsnr_min']:g}, "
+                             f"{ti['logsnr_max']:g}] and {ti['prediction']}-prediction; give the distill recipe the "
+                             f"same schedule and prediction")
         identity["round"] = {"steps": steps, "teacher_checkpoint": str(teacher_checkpoint),
                              "teacher_sha256": file_hash(teacher_checkpoint),
                              "init_checkpoint": str(init_checkpoint or teacher_checkpoint)}
-        src = load_denoiser(init_checkpoint or teacher_checkpoint)[1]
-        net.load_state_dict(src["model"])  # the student starts as its teacher
+        # the student starts as its teacher: the same architecture (whatever the recipe's model
+        # section says) and the same weights
+        start, src = load_denoiser(init_checkpoint or teacher_checkpoint, device=dev)
+        net = start.net.train()
+        meta = {**_meta(recipe, info, steps), "model_name": src["model_name"], "model_kwargs": src["model_kwargs"]}
         eval_steps = steps
     else:
+        net = build_net(recipe, info.in_channels, info.hw[0]).to(dev)
         eval_steps = recipe.sampler.steps
     objective = DiffusionObjective(net, schedule_of(recipe), runtime=runtime, prediction=recipe.prediction,
-                                   weighting=recipe.weighting, teacher=teacher, steps=steps,
-                                   meta=_meta(recipe, info, eval_steps))
+                                   weighting=recipe.weighting, teacher=teacher, steps=steps, meta=meta)
     xtr = to_model_range(splits.train.x).to(dev)
     train_loader = RandomBatches(xtr, splits.train.y.to(dev), cfg.batch_size, recipe.steps_per_epoch, cfg.seed)
     val_loader = InOrder(to_model_range(splits.val.x).to(dev), splits.val.y.to(dev), cfg.eval_batch_size)
     test_loader = InOrder(to_model_range(splits.test.x).to(dev), splits.test.y.to(dev), cfg.eval_batch_size)
     trainer = Trainer(objective, train_loader, val_loader, test_loader, cfg, run_dir, runtime=runtime,
                       identity=identity, method=method or ("teacher" if teacher is None else f"distill-{steps}"),
-                      progress=progress, info={"model": recipe.model.backend, "dataset": info.name, "sample_unit": "images",
+                      progress=progress, info={"model": meta["model_name"], "dataset": info.name, "sample_unit": "images",
                                                "steps": eval_steps, "task": "diffusion"})
     result = trainer.fit(resume=resume)
     if result.get("interrupted") or "test_fd" in result:
