@@ -10,7 +10,6 @@ See docs/diffusion.md.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 from kdlab.tasks.base import Metric, Task, register_task
