@@ -123,15 +123,16 @@ def test_device_auto_and_recipe_overrides():
 
 def test_commands_are_an_explicit_module_list():
     import kdlab.cli.bench, kdlab.cli.compress, kdlab.cli.explain, kdlab.cli.methods  # noqa: E401
-    import kdlab.cli.lm, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune  # noqa: E401
+    import kdlab.cli.lm, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune, kdlab.cli.diffusion  # noqa: E401
 
     assert set(COMMANDS) == {kdlab.cli.bench, kdlab.cli.compress, kdlab.cli.explain, kdlab.cli.lm,
-                             kdlab.cli.methods, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune}
+                             kdlab.cli.methods, kdlab.cli.robustness, kdlab.cli.run, kdlab.cli.tune,
+                             kdlab.cli.diffusion}
     assert all(callable(m.register) for m in COMMANDS)
     assert {"train-teacher", "distill", "ablate", "demo", "sweep", "evaluate", "recipes", "models",
             "losses", "methods", "compare", "paradigm", "explain", "robustness", "profile",
             "prune", "quantize", "export", "deploy", "bench", "lm", "tune", "explain-study", "findings",
-            "report"} == set(_subparsers())
+            "report", "diffusion"} == set(_subparsers())
 
 
 # ------------------------------------------------------------------ help without torch

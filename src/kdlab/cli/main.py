@@ -12,10 +12,10 @@ import argparse
 import os
 import sys
 
-from kdlab.cli import bench, compress, explain, lm, methods, robustness, run, tune
+from kdlab.cli import bench, compress, diffusion, explain, lm, methods, robustness, run, tune
 
 #: The command modules, in the order their commands are listed by ``kdlab --help``.
-COMMANDS = [run, methods, explain, robustness, compress, bench, lm, tune]
+COMMANDS = [run, methods, explain, robustness, compress, bench, lm, tune, diffusion]
 
 
 class OneLineParser(argparse.ArgumentParser):

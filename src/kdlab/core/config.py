@@ -536,7 +536,8 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def list_recipes() -> list[str]:
-    """Shipped training recipes (``recipes/paradigms/`` and ``recipes/lm/`` hold files of other
-    schemas: paradigm recipes and language-model recipes, `kdlab lm`)."""
+    """Shipped training recipes (``recipes/paradigms/``, ``recipes/lm/`` and ``recipes/diffusion/``
+    hold files of other schemas: paradigm recipes, language-model recipes (`kdlab lm`) and
+    diffusion recipes (`kdlab diffusion`))."""
     names = (str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
-    return sorted(n for n in names if not n.startswith(("paradigms/", "lm/")))
+    return sorted(n for n in names if not n.startswith(("paradigms/", "lm/", "diffusion/")))
