@@ -30,7 +30,6 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdlab.core.config import (RecipeError, TrainCfg, apply_overrides, deep_merge, describe_error,
@@ -189,12 +188,9 @@ def diffusion_recipe_from_dict(raw: dict, where: str = "recipe") -> DiffusionRec
 def _read(path: Path, seen: tuple = ()) -> dict:
     if path.resolve() in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a diffusion recipe must be a mapping (name, data, model, ...)")
+    from kdlab.core.config import read_yaml_mapping
+
+    raw = read_yaml_mapping(path, "a diffusion recipe must be a mapping (name, data, model, ...)")
     base = raw.pop("extends", None)
     d = raw.get("distill")
     if isinstance(d, dict) and isinstance(d.get("teacher"), str):
