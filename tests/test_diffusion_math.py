@@ -130,7 +130,7 @@ def test_truncated_snr_weighting_is_max_of_x_and_eps_mse():
 
 def test_v_weighting_is_the_v_mse():
     # with the v-weighting the objective's per-example loss is ‖v̂ − v‖², v = α·ε − σ·x
-    from kdlab.distill.diffusion import DiffusionObjective
+    from kdlab.tasks.diffusion_runs import DiffusionObjective
     from kdlab.train.runtime import Runtime
 
     sch = LogSNRSchedule(-20.0, 20.0)

@@ -44,8 +44,8 @@ def _recipes(tmp_path, classifier, **distill):
 
 
 def test_chain_trains_scores_and_resumes(tmp_path, classifier):
-    from kdlab.experiments.diffusion import load_denoiser, load_diffusion_recipe
-    from kdlab.experiments.paradigms.progressive import run_chain
+    from kdlab.tasks.diffusion_runs import load_denoiser, load_diffusion_recipe
+    from kdlab.tasks.diffusion_runs import run_chain
 
     torch.set_num_threads(1)
     _, d = _recipes(tmp_path, classifier)
@@ -80,7 +80,7 @@ def test_chain_trains_scores_and_resumes(tmp_path, classifier):
     from kdlab.evaluate.generative import FeatureNet
     from kdlab.experiments.paradigms.progressive import evaluate_chain, write_report
 
-    from kdlab.experiments.diffusion import load_data
+    from kdlab.tasks.diffusion_runs import load_data
 
     info = load_data(r).info
     fnet = FeatureNet(classifier, "digits", info.mean, info.std)
@@ -102,7 +102,7 @@ def test_chain_trains_scores_and_resumes(tmp_path, classifier):
 
 def test_distilled_student_starts_as_its_teacher(tmp_path, classifier):
     # a round of zero learning rate leaves the student equal to its teacher
-    from kdlab.experiments.diffusion import load_denoiser, load_diffusion_recipe, train_run
+    from kdlab.tasks.diffusion_runs import load_denoiser, load_diffusion_recipe, train_run
 
     t, d = _recipes(tmp_path, classifier)
     tr = load_diffusion_recipe(t)
@@ -167,8 +167,8 @@ def test_task_plugin_contract(tmp_path, classifier):
 
 def test_diffusers_backend_runs_the_same_chain(tmp_path, classifier):
     pytest.importorskip("diffusers")
-    from kdlab.experiments.diffusion import load_denoiser, load_diffusion_recipe
-    from kdlab.experiments.paradigms.progressive import run_chain
+    from kdlab.tasks.diffusion_runs import load_denoiser, load_diffusion_recipe
+    from kdlab.tasks.diffusion_runs import run_chain
 
     t, d = _recipes(tmp_path, classifier)
     for p in (t,):

@@ -1,6 +1,7 @@
 """Diffusion in continuous time with a log-SNR schedule, the DDIM sampler and progressive
 distillation (Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models",
-ICLR 2022), as pure functions plus the one :class:`DiffusionObjective` the Trainer runs.
+ICLR 2022), as pure functions (the Trainer's objective is
+:class:`kdlab.tasks.diffusion_runs.DiffusionObjective`).
 
 Notation (time ``u`` in [0, 1], data ``x`` in [−1, 1], noise ``ε ~ N(0, I)``):
 
@@ -28,7 +29,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 
 class LogSNRSchedule:
@@ -57,26 +57,26 @@ class LogSNRSchedule:
         return lam, torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
 
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``v`` ``[B]`` (or a scalar) shaped to broadcast over ``like`` ``[B, ...]``."""
     v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
     return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
 
 
 def x_from_v(z, v, alpha, sigma):
-    return _bc(alpha, z) * z - _bc(sigma, z) * v
+    return per_sample(alpha, z) * z - per_sample(sigma, z) * v
 
 
 def eps_from_v(z, v, alpha, sigma):
-    return _bc(sigma, z) * z + _bc(alpha, z) * v
+    return per_sample(sigma, z) * z + per_sample(alpha, z) * v
 
 
 def eps_from_x(z, x, alpha, sigma):
-    return (z - _bc(alpha, z) * x) / _bc(sigma, z)
+    return (z - per_sample(alpha, z) * x) / per_sample(sigma, z)
 
 
 def v_from_x_eps(x, eps, alpha, sigma):
-    return _bc(alpha, x) * eps - _bc(sigma, x) * x
+    return per_sample(alpha, x) * eps - per_sample(sigma, x) * x
 
 
 def ddim_update(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, eta: float = 0.0,
@@ -86,10 +86,10 @@ def ddim_update(z_t, x_pred, alpha_t, sigma_t, alpha_s, sigma_s, eta: float = 0.
     ``= η·(σ_s/σ_t)·sqrt(1 − α_t²/α_s²)``
     (η = 0: deterministic DDIM; η = 1: the ancestral DDPM step)."""
     eps = eps_from_x(z_t, x_pred, alpha_t, sigma_t)
-    a_s, s_s = _bc(alpha_s, z_t), _bc(sigma_s, z_t)
+    a_s, s_s = per_sample(alpha_s, z_t), per_sample(sigma_s, z_t)
     if eta == 0:
         return a_s * x_pred + s_s * eps
-    a_t, s_t = _bc(alpha_t, z_t), _bc(sigma_t, z_t)
+    a_t, s_t = per_sample(alpha_t, z_t), per_sample(sigma_t, z_t)
     c = eta * s_s * (1 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2).clamp_min(0).sqrt()
     if noise is None:
         noise = torch.randn_like(z_t)
@@ -113,7 +113,7 @@ class Denoiser:
         elif self.prediction == "x":
             x = out
         else:
-            x = (z - _bc(s, z) * out) / _bc(a, z)
+            x = (z - per_sample(s, z) * out) / per_sample(a, z)
         if clip:
             x = x.clamp(-1.0, 1.0)
         if self.prediction == "eps" and not clip:
@@ -171,11 +171,11 @@ def two_step_target(teacher: Denoiser, z_t: torch.Tensor, i: torch.Tensor, steps
     _, a_m, s_m = sch.alpha_sigma(mid)
     _, a_s, s_s = sch.alpha_sigma(s)
     x1, e1 = teacher.x_eps(z_t, t, y=y)
-    z_mid = _bc(a_m, z_t) * x1 + _bc(s_m, z_t) * e1
+    z_mid = per_sample(a_m, z_t) * x1 + per_sample(s_m, z_t) * e1
     x2, e2 = teacher.x_eps(z_mid, mid, y=y)
-    z_s = _bc(a_s, z_t) * x2 + _bc(s_s, z_t) * e2
-    ratio = _bc(s_s / s_t, z_t)
-    x_tilde = (z_s - ratio * z_t) / (_bc(a_s, z_t) - ratio * _bc(a_t, z_t))
+    z_s = per_sample(a_s, z_t) * x2 + per_sample(s_s, z_t) * e2
+    ratio = per_sample(s_s / s_t, z_t)
+    x_tilde = (z_s - ratio * z_t) / (per_sample(a_s, z_t) - ratio * per_sample(a_t, z_t))
     last = (i == 0).reshape(-1, *([1] * (z_t.dim() - 1)))
     return torch.where(last, x2, x_tilde)
 
@@ -195,102 +195,3 @@ def weighted_mse(x_pred, x_tgt, eps_pred, eps_tgt, weighting: str = "snr_trunc")
     if weighting == "v":
         raise ValueError("weighting 'v' needs the v targets; use diffusion_loss")
     raise ValueError(f"loss weighting must be snr_trunc, x, eps or v, not {weighting!r}")
-
-
-class DiffusionObjective:
-    """The Trainer's objective for a diffusion model: DDPM training in continuous time
-    (``teacher=None``: the target is the data ``x`` and its noise ``ε``) or one round of progressive
-    distillation (``teacher`` a frozen :class:`Denoiser`, ``steps`` the student's step count: the
-    target is :func:`two_step_target`). Loss: :func:`weighted_mse` (default truncated SNR).
-
-    Batches are ``(x, y, idx)`` with ``x`` in [−1, 1]. Validation: the same loss on the split with
-    fixed draws (times and noise from ``torch.Generator().manual_seed(eval_seed)``), so epochs are
-    compared on identical problems; ``monitor = ("loss", "min")``.
-    """
-
-    monitor = ("loss", "min")
-
-    def __init__(self, model: nn.Module, schedule: LogSNRSchedule, *, runtime, prediction: str = "v",
-                 weighting: str = "snr_trunc", teacher: Optional[Denoiser] = None, steps: Optional[int] = None,
-                 meta: Optional[dict] = None, conditional: bool = False, eval_seed: int = 0):
-        self.model = model
-        self.schedule = schedule
-        self.runtime = runtime
-        self.denoiser = Denoiser(model, schedule, prediction)
-        if weighting not in ("snr_trunc", "x", "eps", "v"):
-            raise ValueError(f"loss weighting must be snr_trunc, x, eps or v, not {weighting!r}")
-        self.weighting = weighting
-        self.teacher = teacher
-        if teacher is not None:
-            self.steps = check_steps(steps, "student steps")
-        else:
-            self.steps = None
-        self.meta = dict(meta or {})
-        self.conditional = conditional
-        self.eval_seed = int(eval_seed)
-        self.teacher_time_s = 0.0
-
-    def models(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def parameters(self):
-        return list(self.model.parameters())
-
-    def checkpoint_meta(self, name: str) -> dict:
-        return dict(self.meta)
-
-    def loss(self, x: torch.Tensor, y, u_or_i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Per-example losses for draws ``u`` (teacher runs: times in (0, 1]) or ``i`` (step indices)."""
-        import time
-
-        yy = y if self.conditional else None
-        if self.teacher is None:
-            u = u_or_i
-        else:
-            u = (u_or_i.to(x.dtype) + 1) / self.steps
-        _, a, s = self.schedule.alpha_sigma(u)
-        z = _bc(a, x) * x + _bc(s, x) * eps
-        if self.teacher is None:
-            x_tgt, eps_tgt = x, eps
-        else:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                x_tgt = two_step_target(self.teacher, z, u_or_i, self.steps, y=yy)
-            eps_tgt = eps_from_x(z, x_tgt, a, s)
-            self.teacher_time_s += time.perf_counter() - t0
-        with self.runtime.autocast():
-            x_pred, eps_pred = self.denoiser.x_eps(z, u, y=yy)
-        x_pred, eps_pred = x_pred.float(), eps_pred.float()
-        if self.weighting == "v":
-            dims = tuple(range(1, x.dim()))
-            return (v_from_x_eps(x_pred, eps_pred, a, s) - v_from_x_eps(x_tgt, eps_tgt, a, s)).pow(2).mean(dims)
-        return weighted_mse(x_pred, x_tgt, eps_pred, eps_tgt, self.weighting)
-
-    def draw(self, n: int, generator=None, device="cpu") -> torch.Tensor:
-        if self.teacher is None:
-            # u in (0, 1]: 1 − U[0, 1)
-            return 1.0 - torch.rand(n, generator=generator).to(device)
-        return torch.randint(0, self.steps, (n,), generator=generator).to(device)
-
-    def step(self, batch, ctx):
-        x, y, _ = batch
-        draws = self.draw(x.shape[0], device=x.device)
-        eps = torch.randn_like(x)
-        per = self.loss(x, y, draws, eps)
-        loss = per.mean()
-        return loss, {"loss": loss.detach(), "n": x.shape[0]}
-
-    @torch.no_grad()
-    def evaluate(self, name: str, loader) -> dict[str, float]:
-        model = self.models()[name]
-        was = model.training
-        model.eval()
-        g = torch.Generator().manual_seed(self.eval_seed)
-        total, n = 0.0, 0
-        for x, y, _ in loader.epoch(0):
-            draws = self.draw(x.shape[0], generator=g, device=x.device)
-            eps = torch.randn(x.shape, generator=g).to(x.device)
-            total += float(self.loss(x, y, draws, eps).sum())
-            n += x.shape[0]
-        model.train(was)
-        return {"loss": total / max(n, 1), "n": n}

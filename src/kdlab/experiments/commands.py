@@ -113,7 +113,7 @@ def recipes_listing() -> str:
         lines.append(f"  {name:<30} {desc}")
     lines.append("language-model recipes (kdlab ablate / kdlab lm ...):")
     lines += [f"  {name}" for name in list_lm_recipes()]
-    from kdlab.experiments.diffusion import list_diffusion_recipes, load_diffusion_recipe
+    from kdlab.tasks.diffusion_recipe import list_diffusion_recipes, load_diffusion_recipe
 
     lines.append("diffusion recipes (kdlab diffusion train / study):")
     for name in list_diffusion_recipes():

@@ -3,8 +3,8 @@ progressive distillation (Salimans & Ho, ICLR 2022), scored by a Fréchet distan
 of kdlab's own classifier for the data set (:mod:`kdlab.evaluate.generative`).
 
 Pieces: the math and the objective in :mod:`kdlab.distill.diffusion`, the denoiser in
-:mod:`kdlab.models.unet_lite`, recipes and one run in :mod:`kdlab.experiments.diffusion`, the
-chain of rounds and the step-count study in :mod:`kdlab.experiments.paradigms.progressive`.
+:mod:`kdlab.models.unet_lite`, recipes, one run and the chain of rounds in :mod:`kdlab.tasks.diffusion_runs`, the
+step-count study in :mod:`kdlab.experiments.paradigms.progressive`.
 See docs/diffusion.md.
 """
 
@@ -29,7 +29,7 @@ class DiffusionTask(Task):
     sample_unit = "images"
 
     def load_recipe(self, ref, overrides: Optional[list[str]] = None) -> Any:
-        from kdlab.experiments.diffusion import load_diffusion_recipe
+        from kdlab.tasks.diffusion_recipe import load_diffusion_recipe
 
         return load_diffusion_recipe(ref, overrides)
 
@@ -38,7 +38,7 @@ class DiffusionTask(Task):
         DDIM with the chain's final step count ``k``) and ``progressive-<k>`` (the distilled sampler)."""
         if recipe.distill is None:
             return {recipe.name: recipe}
-        from kdlab.experiments.paradigms.progressive import teacher_recipe
+        from kdlab.tasks.diffusion_runs import teacher_recipe
 
         k = recipe.distill.end_steps
         t = teacher_recipe(recipe)
@@ -48,17 +48,17 @@ class DiffusionTask(Task):
     def train(self, recipe, run_dir, *, context: Any = None, method: str = "", progress: bool = True,
               resume: bool = True) -> dict:
         if recipe.distill is None:
-            from kdlab.experiments.diffusion import train_run
+            from kdlab.tasks.diffusion_runs import train_run
 
             return train_run(recipe, run_dir, method=method or "teacher", progress=progress, resume=resume)
-        from kdlab.experiments.paradigms.progressive import run_chain
+        from kdlab.tasks.diffusion_runs import run_chain
 
         summary = run_chain(recipe, run_dir, progress=progress, resume=resume)
         return {**summary["student"], "method": method or summary["student"].get("method"),
                 "chain_train_time_s": summary["train_time_s"]}
 
     def profile(self, recipe) -> dict:
-        from kdlab.experiments.diffusion import build_net, load_data
+        from kdlab.tasks.diffusion_runs import build_net, load_data
 
         info = load_data(recipe).info
         net = build_net(recipe, info.in_channels, info.hw[0])

@@ -28,63 +28,9 @@ from typing import Optional
 import numpy as np
 
 from kdlab.core.io import read_json, write_csv, write_json
-from kdlab.experiments.diffusion import (DiffusionRecipe, check_feature_net, ensure_feature_net, generate, load_data,
-                                         load_denoiser, load_diffusion_recipe, sample_noise, score, stats_line,
-                                         time_sampler, train_run)
-
-
-def teacher_recipe(recipe: DiffusionRecipe) -> DiffusionRecipe:
-    """The distill recipe's teacher recipe, at the distill recipe's seed."""
-    return load_diffusion_recipe(recipe.distill.teacher).with_seed(recipe.train.seed)
-
-
-def check_chain(recipe: DiffusionRecipe) -> None:
-    if recipe.distill is None:
-        raise ValueError(f"{recipe.source or recipe.name} has no distill section; progressive distillation "
-                         f"needs distill: {{teacher: <teacher recipe>, start_steps: 64, end_steps: 1}}")
-    check_feature_net(recipe, recipe.data.name)
-    if recipe.distill.teacher_checkpoint is None:
-        t = teacher_recipe(recipe)
-        if t.data.name != recipe.data.name:
-            raise ValueError(f"the teacher recipe {recipe.distill.teacher} trains on {t.data.name} but this recipe "
-                             f"distils on {recipe.data.name}; give a teacher recipe of the same data set")
-        if t.sampler.steps != recipe.distill.start_steps:
-            raise ValueError(f"the teacher recipe {recipe.distill.teacher} samples with {t.sampler.steps} steps but "
-                             f"distill.start_steps is {recipe.distill.start_steps}; make them equal")
-
-
-def run_chain(recipe: DiffusionRecipe, out_dir, *, progress: bool = True, resume: bool = True, log=print) -> dict:
-    """Train the teacher (when the recipe names a teacher recipe) and every round into ``out_dir``;
-    returns the summary (``student``: the last round's result, ``rounds``, ``teacher``,
-    ``train_time_s``: the whole chain's training time)."""
-    check_chain(recipe)
-    out = Path(out_dir)
-    d = recipe.distill
-    res_t = None
-    if d.teacher_checkpoint:
-        prev = Path(d.teacher_checkpoint)
-        if not prev.is_file():
-            raise FileNotFoundError(f"distill.teacher_checkpoint {prev} not found; train the teacher first "
-                                    f"(`kdlab diffusion train {d.teacher}`) or leave it out")
-    else:
-        tr = teacher_recipe(recipe)
-        res_t = train_run(tr, out / "teacher", method="teacher", progress=progress, resume=resume, log=log)
-        log(f"teacher ({tr.sampler.steps} steps): test FD {res_t['test_fd']:.3f}  [{out / 'teacher'}]")
-        prev = out / "teacher" / "best.pt"
-    teacher_path = prev
-    rounds = []
-    for n in d.rounds():
-        rd = out / f"steps{n:03d}"
-        res = train_run(recipe, rd, teacher_checkpoint=prev, steps=n, init_checkpoint=prev,
-                        method=f"distill-{n}", progress=progress, resume=resume, log=log)
-        log(f"round {2 * n} -> {n} steps: test FD {res['test_fd']:.3f}  [{rd}]")
-        rounds.append({"steps": n, "run_dir": str(rd), "result": res})
-        prev = rd / "best.pt"
-    total = sum(r["result"]["train_time_s"] for r in rounds) + (res_t["train_time_s"] if res_t else 0.0)
-    summary = {"paradigm": "progressive", "seed": recipe.train.seed, "teacher_checkpoint": str(teacher_path),
-               "teacher": res_t, "rounds": rounds, "student": rounds[-1]["result"], "train_time_s": total}
-    write_json(out / "chain.json", summary)
-    return summary
+from kdlab.tasks.diffusion_runs import (DiffusionRecipe, check_chain, ensure_feature_net, generate, load_data,
+                                        load_denoiser, load_diffusion_recipe, run_chain, sample_noise, score,
+                                        stats_line, time_sampler, train_run)
 
 
 def _steps_list(recipe: DiffusionRecipe) -> list[int]:

@@ -1,24 +1,7 @@
-"""Diffusion recipes and runs: a teacher (DDPM training of a UNet-lite denoiser) or one round of
-progressive distillation, each one :class:`kdlab.train.trainer.Trainer` run, scored after training
-by sampling and :mod:`kdlab.evaluate.generative` (FD, class coverage, k-NN precision / recall).
-
-Recipe (YAML, ``task: diffusion``; shipped ones are ``diffusion/<name>``)::
-
-    name: diffusion-digits-teacher
-    task: diffusion
-    data: {name: digits, val_fraction: 0.1}
-    model: {channels: 32, channel_mults: [1, 2], blocks: 1}
-    schedule: {logsnr_min: -20, logsnr_max: 20}       # cosine log-SNR
-    prediction: v                                      # v | x | eps
-    weighting: snr_trunc                               # max(x-MSE, eps-MSE) | x | eps | v
-    train: {epochs: 40, batch_size: 128, optimizer: adamw, lr: 2e-3, schedule: cosine, patience: null}
-    steps_per_epoch: 25                                # batches per epoch (data redrawn every epoch)
-    sampler: {steps: 64, clip_x: true}                 # the teacher's DDIM sampler when scored
-    eval: {samples: 1000, knn_k: 3, features: {recipe: digits/teacher, checkpoint: runs/digits-teacher/best.pt}}
-    distill: null                                      # or the progressive chain:
-    # distill: {teacher: diffusion/digits_teacher, start_steps: 64, end_steps: 1}
-
-A distill recipe's ``train`` section is the training of *each* round.
+"""Diffusion runs: a teacher (DDPM training of a UNet-lite denoiser) or one round of progressive
+distillation, each one :class:`kdlab.train.trainer.Trainer` run with :class:`DiffusionObjective`, scored
+after training by sampling and :mod:`kdlab.evaluate.generative` (FD, class coverage, k-NN precision /
+recall); the chain of rounds (:func:`run_chain`). Recipes: :mod:`kdlab.tasks.diffusion_recipe`.
 """
 
 from __future__ import annotations
@@ -26,200 +9,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
 
-from kdlab.core.config import (RecipeError, TrainCfg, apply_overrides, deep_merge, describe_error,
-                               recipe_ref, resolve_recipe_path)
-
-DEFAULT_TRAIN = {"epochs": 40, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.0,
-                 "schedule": "cosine", "patience": None, "eval_batch_size": 500}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataCfg(_Strict):
-    name: str = "digits"
-    data_dir: Optional[str] = None
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-
-
-class UNetCfg(_Strict):
-    backend: Literal["unet_lite", "diffusers"] = "unet_lite"   # diffusers: its UNet2DModel (optional extra)
-    channels: int = Field(32, ge=4)
-    channel_mults: list[int] = Field([1, 2], min_length=1)
-    blocks: int = Field(1, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    diffusers: dict[str, Any] = {}                             # extra UNet2DModel config keys
-
-
-class ScheduleCfg(_Strict):
-    logsnr_min: float = -20.0
-    logsnr_max: float = 20.0
-
-    @model_validator(mode="after")
-    def _range(self):
-        from kdlab.distill.diffusion import LogSNRSchedule
-
-        try:
-            LogSNRSchedule(self.logsnr_min, self.logsnr_max)
-        except ValueError as e:  # one line when the range is empty (the key path is said by the caller)
-            raise ValueError(str(e).removeprefix("schedule: ")) from None
-        return self
-
-
-class SamplerCfg(_Strict):
-    steps: int = Field(64, ge=1)
-    clip_x: bool = True
-    eta: float = Field(0.0, ge=0.0, le=1.0)
-
-
-class FeaturesCfg(_Strict):
-    recipe: str = "digits/teacher"                  # trains the classifier when the checkpoint is missing
-    checkpoint: str = "runs/digits-teacher/best.pt"
-
-
-class EvalCfg(_Strict):
-    samples: int = Field(1000, ge=10)
-    knn_k: int = Field(3, ge=1)
-    batch: int = Field(500, ge=1)
-    features: FeaturesCfg = FeaturesCfg()
-
-
-def _power_of_two(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
-
-
-class DistillCfg(_Strict):
-    teacher: str                                    # the teacher's diffusion recipe (trained per seed)
-    teacher_checkpoint: Optional[str] = None        # a trained teacher instead (same for every seed)
-    start_steps: int = Field(64, ge=2)              # the teacher's DDIM step count
-    end_steps: int = Field(1, ge=1)                 # the last student's step count
-
-    @field_validator("start_steps", "end_steps")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if not _power_of_two(v):
-            lo = 1 << (v.bit_length() - 1)
-            raise ValueError(f"{v} is not a power of two; progressive distillation halves the step count each "
-                             f"round, so use a power of two such as {lo} or {lo * 2}")
-        return v
-
-    @model_validator(mode="after")
-    def _order(self):
-        if self.end_steps >= self.start_steps:
-            raise ValueError(f"end_steps {self.end_steps} must be below start_steps {self.start_steps} "
-                             f"(each round halves the steps: {self.start_steps} -> {self.start_steps // 2} -> ...)")
-        return self
-
-    def rounds(self) -> list[int]:
-        """The students' step counts, round by round: start/2, start/4, ..., end."""
-        out, n = [], self.start_steps
-        while n > self.end_steps:
-            n //= 2
-            out.append(n)
-        return out
-
-
-class StudyCfg(_Strict):
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
-
-
-class DiffusionRecipe(_Strict):
-    name: str
-    description: str = ""
-    task: Literal["diffusion"] = "diffusion"
-    data: DataCfg = DataCfg()
-    model: UNetCfg = UNetCfg()
-    schedule: ScheduleCfg = ScheduleCfg()
-    prediction: Literal["v", "x", "eps"] = "v"
-    weighting: Literal["snr_trunc", "x", "eps", "v"] = "snr_trunc"
-    train: TrainCfg = TrainCfg(**DEFAULT_TRAIN)
-    steps_per_epoch: int = Field(25, ge=1)
-    sampler: SamplerCfg = SamplerCfg()
-    eval: EvalCfg = EvalCfg()
-    distill: Optional[DistillCfg] = None
-    study: StudyCfg = StudyCfg()
-    source: Optional[str] = Field(None, exclude=True)
-
-    def to_dict(self) -> dict:
-        """The recipe as plain data (run identities); the default backend's keys left out, so runs
-        made before the diffusers backend existed keep their identity."""
-        d = self.model_dump(mode="json", exclude={"source"})
-        if d["model"].get("backend") == "unet_lite" and not d["model"].get("diffusers"):
-            d["model"].pop("backend", None)
-            d["model"].pop("diffusers", None)
-        return d
-
-    def with_seed(self, seed: int) -> "DiffusionRecipe":
-        d = self.to_dict()
-        d["train"]["seed"] = int(seed)
-        r = diffusion_recipe_from_dict(d, self.source or self.name)
-        r.source = self.source
-        return r
-
-    def derive(self, **sections) -> "DiffusionRecipe":
-        d = self.to_dict()
-        for k, v in sections.items():
-            if k not in type(self).model_fields or k == "source":
-                raise RecipeError(f"{self.source or self.name}: {k}: unknown recipe section")
-            d[k] = v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-        r = diffusion_recipe_from_dict(d, self.source or self.name)
-        r.source = self.source
-        return r
-
-
-def diffusion_recipe_from_dict(raw: dict, where: str = "recipe") -> DiffusionRecipe:
-    raw = dict(raw)
-    if isinstance(raw.get("train"), dict):
-        raw["train"] = {**DEFAULT_TRAIN, **raw["train"]}
-    try:
-        return DiffusionRecipe.model_validate(raw)
-    except ValidationError as e:
-        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise RecipeError(f"{where}: {describe_error(e)}{more}") from None
-
-
-def _read(path: Path, seen: tuple = ()) -> dict:
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: 'extends' forms a cycle")
-    from kdlab.core.config import read_yaml_mapping
-
-    raw = read_yaml_mapping(path, "a diffusion recipe must be a mapping (name, data, model, ...)")
-    base = raw.pop("extends", None)
-    d = raw.get("distill")
-    if isinstance(d, dict) and isinstance(d.get("teacher"), str):
-        try:
-            d["teacher"] = recipe_ref(resolve_recipe_path(d["teacher"], path.parent))
-        except (FileNotFoundError, RecipeError) as e:
-            raise RecipeError(f"{path}: distill.teacher: {e}") from None
-    if base:
-        raw = deep_merge(_read(resolve_recipe_path(base, path.parent), seen + (path.resolve(),)), raw)
-    return raw
-
-
-def load_diffusion_recipe(ref, overrides: Optional[list[str]] = None) -> DiffusionRecipe:
-    """A diffusion recipe by path or shipped name (``diffusion/digits_teacher``), with
-    ``key=value`` overrides; bad entries fail with one line naming the key and the fix."""
-    path = resolve_recipe_path(ref)
-    raw = _read(path)
-    apply_overrides(raw, overrides)
-    if raw.get("task", "diffusion") != "diffusion":
-        raise RecipeError(f"{path}: task is {raw.get('task')!r}; a diffusion recipe says task: diffusion")
-    r = diffusion_recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
-    r.source = str(path)
-    return r
-
-
-def list_diffusion_recipes() -> list[str]:
-    from kdlab.core.config import RECIPES_DIR
-
-    return sorted(f"diffusion/{p.stem}" for p in (RECIPES_DIR / "diffusion").glob("*.yaml"))
+from kdlab.core.io import write_json
+from kdlab.distill.diffusion import (Denoiser, LogSNRSchedule, check_steps, eps_from_x, per_sample, two_step_target,
+                                     v_from_x_eps, weighted_mse)
+from kdlab.tasks.diffusion_recipe import DiffusionRecipe, load_diffusion_recipe
+from kdlab.train.objective import Objective
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -437,7 +237,6 @@ def train_run(recipe: DiffusionRecipe, run_dir, *, teacher_checkpoint=None, step
     ``test_coverage``, ``test_precision``, ``test_recall``, ... and the feature network's hash."""
     from kdlab.core.checkpoint import file_hash
     from kdlab.core.io import write_json
-    from kdlab.distill.diffusion import DiffusionObjective
     from kdlab.train.runtime import Runtime
     from kdlab.train.trainer import Trainer
 
@@ -508,3 +307,159 @@ def real_images(recipe: DiffusionRecipe, split: str = "test") -> torch.Tensor:
 def stats_line(values) -> tuple[float, float]:
     v = np.asarray(list(values), np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the chain of progressive-distillation rounds (one run of the task: each round a Trainer run)
+
+def teacher_recipe(recipe: DiffusionRecipe) -> DiffusionRecipe:
+    """The distill recipe's teacher recipe, at the distill recipe's seed."""
+    return load_diffusion_recipe(recipe.distill.teacher).with_seed(recipe.train.seed)
+
+
+def check_chain(recipe: DiffusionRecipe) -> None:
+    if recipe.distill is None:
+        raise ValueError(f"{recipe.source or recipe.name} has no distill section; progressive distillation "
+                         f"needs distill: {{teacher: <teacher recipe>, start_steps: 64, end_steps: 1}}")
+    check_feature_net(recipe, recipe.data.name)
+    if recipe.distill.teacher_checkpoint is None:
+        t = teacher_recipe(recipe)
+        if t.data.name != recipe.data.name:
+            raise ValueError(f"the teacher recipe {recipe.distill.teacher} trains on {t.data.name} but this recipe "
+                             f"distils on {recipe.data.name}; give a teacher recipe of the same data set")
+        if t.sampler.steps != recipe.distill.start_steps:
+            raise ValueError(f"the teacher recipe {recipe.distill.teacher} samples with {t.sampler.steps} steps but "
+                             f"distill.start_steps is {recipe.distill.start_steps}; make them equal")
+
+
+def run_chain(recipe: DiffusionRecipe, out_dir, *, progress: bool = True, resume: bool = True, log=print) -> dict:
+    """Train the teacher (when the recipe names a teacher recipe) and every round into ``out_dir``;
+    returns the summary (``student``: the last round's result, ``rounds``, ``teacher``,
+    ``train_time_s``: the whole chain's training time)."""
+    check_chain(recipe)
+    out = Path(out_dir)
+    d = recipe.distill
+    res_t = None
+    if d.teacher_checkpoint:
+        prev = Path(d.teacher_checkpoint)
+        if not prev.is_file():
+            raise FileNotFoundError(f"distill.teacher_checkpoint {prev} not found; train the teacher first "
+                                    f"(`kdlab diffusion train {d.teacher}`) or leave it out")
+    else:
+        tr = teacher_recipe(recipe)
+        res_t = train_run(tr, out / "teacher", method="teacher", progress=progress, resume=resume, log=log)
+        log(f"teacher ({tr.sampler.steps} steps): test FD {res_t['test_fd']:.3f}  [{out / 'teacher'}]")
+        prev = out / "teacher" / "best.pt"
+    teacher_path = prev
+    rounds = []
+    for n in d.rounds():
+        rd = out / f"steps{n:03d}"
+        res = train_run(recipe, rd, teacher_checkpoint=prev, steps=n, init_checkpoint=prev,
+                        method=f"distill-{n}", progress=progress, resume=resume, log=log)
+        log(f"round {2 * n} -> {n} steps: test FD {res['test_fd']:.3f}  [{rd}]")
+        rounds.append({"steps": n, "run_dir": str(rd), "result": res})
+        prev = rd / "best.pt"
+    total = sum(r["result"]["train_time_s"] for r in rounds) + (res_t["train_time_s"] if res_t else 0.0)
+    summary = {"paradigm": "progressive", "seed": recipe.train.seed, "teacher_checkpoint": str(teacher_path),
+               "teacher": res_t, "rounds": rounds, "student": rounds[-1]["result"], "train_time_s": total}
+    write_json(out / "chain.json", summary)
+    return summary
+
+
+class DiffusionObjective(Objective):
+    """The Trainer's objective for a diffusion model: DDPM training in continuous time
+    (``teacher=None``: the target is the data ``x`` and its noise ``ε``) or one round of progressive
+    distillation (``teacher`` a frozen :class:`Denoiser`, ``steps`` the student's step count: the
+    target is :func:`two_step_target`). Loss: :func:`weighted_mse` (default truncated SNR).
+
+    Batches are ``(x, y, idx)`` with ``x`` in [−1, 1]. Validation: the same loss on the split with
+    fixed draws (times and noise from ``torch.Generator().manual_seed(eval_seed)``), so epochs are
+    compared on identical problems; ``monitor = ("loss", "min")``.
+    """
+
+    monitor = ("loss", "min")
+
+    def __init__(self, model: nn.Module, schedule: LogSNRSchedule, *, runtime, prediction: str = "v",
+                 weighting: str = "snr_trunc", teacher: Optional[Denoiser] = None, steps: Optional[int] = None,
+                 meta: Optional[dict] = None, conditional: bool = False, eval_seed: int = 0):
+        self.model = model
+        self.schedule = schedule
+        self.runtime = runtime
+        self.denoiser = Denoiser(model, schedule, prediction)
+        if weighting not in ("snr_trunc", "x", "eps", "v"):
+            raise ValueError(f"loss weighting must be snr_trunc, x, eps or v, not {weighting!r}")
+        self.weighting = weighting
+        self.teacher = teacher
+        if teacher is not None:
+            self.steps = check_steps(steps, "student steps")
+        else:
+            self.steps = None
+        self.meta = dict(meta or {})
+        self.conditional = conditional
+        self.eval_seed = int(eval_seed)
+        self.teacher_time_s = 0.0
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def checkpoint_meta(self, name: str) -> dict:
+        return dict(self.meta)
+
+    def loss(self, x: torch.Tensor, y, u_or_i: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per-example losses for draws ``u`` (teacher runs: times in (0, 1]) or ``i`` (step indices)."""
+        import time
+
+        yy = y if self.conditional else None
+        if self.teacher is None:
+            u = u_or_i
+        else:
+            u = (u_or_i.to(x.dtype) + 1) / self.steps
+        _, a, s = self.schedule.alpha_sigma(u)
+        z = per_sample(a, x) * x + per_sample(s, x) * eps
+        if self.teacher is None:
+            x_tgt, eps_tgt = x, eps
+        else:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x_tgt = two_step_target(self.teacher, z, u_or_i, self.steps, y=yy)
+            eps_tgt = eps_from_x(z, x_tgt, a, s)
+            self.teacher_time_s += time.perf_counter() - t0
+        with self.runtime.autocast():
+            x_pred, eps_pred = self.denoiser.x_eps(z, u, y=yy)
+        x_pred, eps_pred = x_pred.float(), eps_pred.float()
+        if self.weighting == "v":
+            dims = tuple(range(1, x.dim()))
+            return (v_from_x_eps(x_pred, eps_pred, a, s) - v_from_x_eps(x_tgt, eps_tgt, a, s)).pow(2).mean(dims)
+        return weighted_mse(x_pred, x_tgt, eps_pred, eps_tgt, self.weighting)
+
+    def draw(self, n: int, generator=None, device="cpu") -> torch.Tensor:
+        if self.teacher is None:
+            # u in (0, 1]: 1 − U[0, 1)
+            return 1.0 - torch.rand(n, generator=generator).to(device)
+        return torch.randint(0, self.steps, (n,), generator=generator).to(device)
+
+    def step(self, batch, ctx):
+        x, y, _ = batch
+        draws = self.draw(x.shape[0], device=x.device)
+        eps = torch.randn_like(x)
+        per = self.loss(x, y, draws, eps)
+        loss = per.mean()
+        return loss, {"loss": loss.detach(), "n": x.shape[0]}
+
+    @torch.no_grad()
+    def evaluate(self, name: str, loader) -> dict[str, float]:
+        model = self.models()[name]
+        was = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(self.eval_seed)
+        total, n = 0.0, 0
+        for x, y, _ in loader.epoch(0):
+            draws = self.draw(x.shape[0], generator=g, device=x.device)
+            eps = torch.randn(x.shape, generator=g).to(x.device)
+            total += float(self.loss(x, y, draws, eps).sum())
+            n += x.shape[0]
+        model.train(was)
+        return {"loss": total / max(n, 1), "n": n}
