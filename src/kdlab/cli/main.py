@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from kdlab.cli import bench, compress, explain, lm, methods, robustness, run, tune
@@ -22,7 +23,28 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with usage errors as one line (``kdlab: error: ...``), exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"kdlab: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"kdlab: error: {suggest(message, self.prog)} (see `{self.prog} --help`)\n")
+
+
+_CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<value>[^' ]*)'? \(choose from (?P<choices>.*)\)$")
+
+
+def suggest(message: str, prog: str) -> str:
+    """argparse's "invalid choice" message with the closest valid choice named: a mistyped command
+    (``kdlab losss``) gets ``did you mean `kdlab losses`?`` (a command that exists), other choices
+    ``did you mean 'both'?``; any other message is returned as it is."""
+    import difflib
+
+    m = _CHOICE.match(message.strip())
+    if not m:
+        return message
+    choices = re.findall(r"'([^']*)'", m["choices"]) or [c.strip() for c in m["choices"].split(",")]
+    close = difflib.get_close_matches(m["value"], choices, n=1, cutoff=0.6)
+    if m["arg"] in ("COMMAND", "LM_COMMAND"):
+        hint = f"; did you mean `{prog} {close[0]}`?" if close else ""
+        return f"unknown command '{m['value']}'{hint} (commands: {', '.join(choices)})"
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"argument {m['arg']}: invalid choice '{m['value']}'{hint} (choose from {', '.join(choices)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # a usage error: one line (OneLineParser) and SystemExit(2)
+    args, extra = parser.parse_known_args(argv)  # a usage error: one line (OneLineParser), SystemExit(2)
+    if extra:  # named with the command's own help, not the top-level one
+        prog = " ".join(["kdlab", *(c for c in (getattr(args, "command", None),
+                                                getattr(args, "lm_command", None)) if c)])
+        parser.exit(2, f"kdlab: error: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)\n")
     # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
+        exit_on_next_interrupt()
         return 130
     except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         if os.environ.get("KDLAB_DEBUG"):
@@ -64,6 +91,27 @@ def main(argv: list[str] | None = None) -> int:
               f"(--out, --data-dir, checkpoint paths)", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def exit_on_next_interrupt() -> None:
+    """After a first Ctrl-C: a second one ends the process at once, silently (exit status 130),
+    instead of a traceback from whatever clean-up (``atexit`` handlers, a cache being saved) it
+    interrupts. Every file kdlab writes is replaced atomically, so nothing half-written is left
+    behind; run locks are released by the operating system."""
+    import signal
+
+    def now(signum, frame):
+        os._exit(130)
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        signal.signal(signal.SIGINT, now)
+    except ValueError:  # not the main thread (kdlab.cli.main.main called from a thread)
+        pass
 
 
 def one_line(msg: str) -> str:
