@@ -21,8 +21,20 @@ DEFAULT_KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 
 
 
 def _first_batch_shape(loader) -> tuple:
-    x, _, _ = next(iter(loader.epoch(0)))
+    from kdlab.data.streaming import first_batch
+
+    x, _, _ = first_batch(loader, "train_data")
     return tuple(x.shape[1:])
+
+
+def _size(data) -> Optional[int]:
+    """Samples in ``data`` (a Dataset, DataLoader, TensorSet or ``(x, y)`` pair); None if unknown."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        return int(data[0].shape[0])
+    try:
+        return len(getattr(data, "dataset", data))
+    except TypeError:
+        return None
 
 
 def _model(m, num_classes, in_channels, what: str):
@@ -64,10 +76,10 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
         run_dir: the run folder (checkpoints, metrics, result.json; resumes when re-run).
     """
     from kdlab.core.checkpoint import atomic_save, load_checkpoint
-    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg
+    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg, check_loss_numbers
     from kdlab.core.seeding import derive_seed, seed_everything
     from kdlab.data.augment import AugmentSpec
-    from kdlab.data.streaming import as_loader
+    from kdlab.data.streaming import as_loader, first_batch
     from kdlab.distill.losses import build_terms
     from kdlab.distill.teachers import build_teacher_source
     from kdlab.models.adapters import export_program
@@ -81,6 +93,9 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     aug = AugmentSpec(**augment) if augment else None
     kw = dict(seed=derive_seed(cfg.seed, "data"), mean=mean, std=std, device=runtime.device,
               num_workers=num_workers)
+    for what, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+        if data is not None and _size(data) == 0:
+            raise ValueError(f"kdlab.fit: {what} is empty (0 samples); give at least one sample")
     train_loader = as_loader(train_data, runtime.local_batch(cfg.batch_size), shuffle=True, augment=aug, **kw)
     if runtime.dist:
         train_loader = train_loader.shard(runtime.rank, runtime.world_size)
@@ -98,6 +113,7 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
         t_model, _ = _model(teacher, num_classes, shape[0], "teacher")
         t_model = t_model.to(runtime.device)
     terms_cfg = [TermCfg.model_validate(t) for t in (loss or (DEFAULT_KD if teacher is not None else [{"term": "ce"}]))]
+    check_loss_numbers(terms_cfg, "kdlab.fit")
     terms = build_terms(terms_cfg)
     needs = any(t.needs_teacher for _, _, t in terms)
     if needs and t_model is None:
@@ -123,7 +139,7 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     objective = DistillObjective(s_model, terms, runtime=runtime, teacher=source, meta=meta,
                                  n_data=getattr(train_loader, "dataset_size", 0), channels_last=cfg.channels_last,
                                  compile=cfg.compile)
-    objective.setup(next(iter(train_loader.epoch(0))))
+    objective.setup(first_batch(train_loader, "train_data"))
     runtime.broadcast(s_model, objective.term_modules)
     identity = {"api": "fit", "student": s_spec or type(s_model).__qualname__,
                 "teacher": None if teacher is None else (teacher if isinstance(teacher, str) else type(t_model).__qualname__),

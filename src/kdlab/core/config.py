@@ -414,7 +414,7 @@ def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
             cls(**t.params)
         except (TypeError, ValueError, KeyError) as e:
             raise RecipeError(f"{where}: loss[{i}] ({t.term}): {e}") from None
-    check_numbers(recipe, where)
+    check_loss_numbers(recipe.loss, where)
     terms = [LOSSES.get(t.term)(**t.params) for t in recipe.loss]
     if any(t.needs_teacher for t in terms) and recipe.teacher is None:
         raise RecipeError(f"{where}: loss terms {[t.term for t in recipe.loss]} need a 'teacher' section")
@@ -422,7 +422,7 @@ def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
         raise RecipeError(f"{where}: a masked term needs a 'mask' section (e.g. mask: {{method: grad}})")
 
 
-def check_numbers(recipe: Recipe, where: str = "recipe") -> None:
+def check_loss_numbers(loss: list, where: str = "recipe") -> None:
     """Loss-term numbers that would train nothing or train on NaN: every weight 0 (no gradient at
     all), and a NaN or infinite weight or parameter (``T: .nan``) — refused here, naming the key,
     instead of surfacing later as a non-finite loss blamed on the learning rate."""
@@ -437,12 +437,12 @@ def check_numbers(recipe: Recipe, where: str = "recipe") -> None:
             return any(bad(x) for x in v)
         return False
 
-    for i, t in enumerate(recipe.loss):
+    for i, t in enumerate(loss):
         for k, v in [("weight", t.weight), *t.params.items()]:
             if bad(v):
                 raise RecipeError(f"{where}: loss[{i}].{k}: {v!r} is not a finite number ({t.term}); "
                                   f"give a real value")
-    if recipe.loss and all(t.weight == 0 for t in recipe.loss):
+    if loss and all(t.weight == 0 for t in loss):
         raise RecipeError(f"{where}: loss: every term has weight 0, so nothing would be learned; give at "
                           f"least one term a positive weight (e.g. --set loss[0].weight=1)")
 

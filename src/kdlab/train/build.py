@@ -26,7 +26,7 @@ from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
-from kdlab.data.streaming import as_loader
+from kdlab.data.streaming import as_loader, first_batch
 from kdlab.distill.losses import build_terms
 from kdlab.distill.mask_reuse import build_teacher_source_with_reuse
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
@@ -232,7 +232,7 @@ def build_run(recipe: Recipe, *, splits=None, teacher: Optional[nn.Module] = Non
                                  compile=cfg.compile, partial_labels=partial,
                                  view=make_view(recipe.student.input),
                                  train_labels=getattr(splits.train, "y", None))
-    objective.setup(next(iter(train_loader.epoch(0))))
+    objective.setup(first_batch(train_loader))
     runtime.broadcast(student, objective.term_modules)
     return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)
 
