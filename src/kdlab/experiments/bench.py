@@ -93,6 +93,15 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     from kdlab.train.objective import StepContext
     from kdlab.train.trainer import Trainer
 
+    for flag, v, lo in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--repeats", repeats, 1),
+                        ("--image-size", image_size, 1), ("--channels", channels, 1),
+                        ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
+    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached")
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)

@@ -234,6 +234,17 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
     return run / "best.pt"
 
 
+def check_same_tokenizer(teacher_tok, student_tok, path) -> None:
+    """A teacher whose tokenizer differs from the student's corpus tokenizer (bytes vs BPE, another
+    vocabulary) cannot be distilled token by token: one line naming the checkpoint and the fix."""
+    a, b = teacher_tok.to_dict(), student_tok.to_dict()
+    if a != b:
+        desc = lambda d, t: f"{d.get('kind', d.get('type', type(t).__name__))}, {t.vocab_size} tokens"  # noqa: E731
+        raise ValueError(f"teacher {path} was trained with another tokenizer ({desc(a, teacher_tok)}) than this "
+                         f"recipe's corpus ({desc(b, student_tok)}); set corpus.tokenizer/corpus.vocab_size as "
+                         f"when the teacher was trained, or train a teacher for this corpus (drop teacher.checkpoint)")
+
+
 def on_policy_start_epoch(fraction: float, epochs: int) -> int:
     """The first on-policy epoch (0-based) for ``distill.on_policy_start`` = ``fraction`` of
     ``epochs``: ``floor(fraction · epochs)``; 0.5 of 10 epochs -> epochs 5..9 may sample."""
@@ -273,7 +284,9 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     tok = data.tokenizer
     if teacher is None and (needs_teacher or recipe.teacher is not None):
         if recipe.teacher is not None:
-            teacher, _, _ = load_lm(train_teacher(recipe, out_dir, log=log), dev)
+            t_path = train_teacher(recipe, out_dir, log=log)
+            teacher, t_tok, _ = load_lm(t_path, dev)
+            check_same_tokenizer(t_tok, tok, t_path)
         elif needs_teacher:
             raise ValueError(f"method {method} needs a teacher; add a teacher section to {recipe.name}")
     train = data.train_loader(t, seed)
@@ -329,7 +342,9 @@ def run_ablation(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = None
     t0 = time.time()
     data = CorpusData(recipe, out_dir)
     dev = resolve_device(recipe.train.device)
-    teacher, _, _ = load_lm(train_teacher(recipe, out_dir, log=log), dev)
+    t_path = train_teacher(recipe, out_dir, log=log)
+    teacher, t_tok, _ = load_lm(t_path, dev)
+    check_same_tokenizer(t_tok, data.tokenizer, t_path)
     store: dict = {}
     tobj = LMObjective(teacher, terms=["ce"], token_bytes=data.token_bytes, pad_id=data.tokenizer.pad_id)
     teacher_test = tobj.evaluate("teacher", data.eval_loader("test", recipe.train))
