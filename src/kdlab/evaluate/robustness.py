@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdlab.core.io import read_json
 from kdlab.data.corruptions import (
     SEVERITIES,
     STANDARD_CORRUPTIONS,
@@ -624,7 +625,7 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = json.loads(table_path.read_text())
+    table = read_json(table_path, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
     stats, baseline = table["methods"], table["baseline"]
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})

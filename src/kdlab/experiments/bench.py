@@ -39,6 +39,8 @@ from typing import Optional
 
 import torch
 
+from kdlab.core.io import read_json
+
 
 def _synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: int = 0):
     from kdlab.data.splits import DatasetInfo, Splits, TensorSet
@@ -288,7 +290,7 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
                      log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
         (folder / "study.log").write_text("\n".join(lines) + "\n")
-        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/seed*/result.json"))]
+        runs = [read_json(p, "run result") for p in sorted(folder.glob("*/seed*/result.json"))]
         return wall, runs
 
     blocks = []

@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kdlab.core.io import read_json
+
 __all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"]
 
 #: measure key -> (label, unit scale, unit, higher is better)
@@ -79,11 +81,11 @@ def component_contrasts(methods: Sequence[str], components: Sequence[str],
 def _study_meta(study_dir: Path) -> dict:
     sj = study_dir / "report" / "study.json"
     if sj.is_file():
-        meta = json.loads(sj.read_text())
+        meta = read_json(sj, "study record")
         return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode"),
                 "source": meta.get("source")}
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
-        return {"recipe": json.loads(rj.read_text()).get("recipe") or {}, "seeds": None, "mode": None}
+        return {"recipe": read_json(rj, "run record").get("recipe") or {}, "seeds": None, "mode": None}
     return {"recipe": {}, "seeds": None, "mode": None}
 
 
@@ -107,18 +109,18 @@ def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict
         if by is None:  # a table written before per-seed values were kept: read the runs
             by = {}
             for f in (study_dir / r["method"]).glob("seed*/result.json"):
-                by[int(f.parent.name[4:])] = json.loads(f.read_text())["test_acc"]
+                by[int(f.parent.name[4:])] = read_json(f, "run result", need=("test_acc",))["test_acc"]
         acc[r["method"]] = {int(k): float(v) for k, v in by.items()}
     for f in sorted((study_dir / "report" / "robustness").glob("seed*/robustness.json")):
         seed = int(f.parent.name[4:])
-        res = json.loads(f.read_text())
+        res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         for m, v in res["models"].items():
             for key in ("mCA", "mCE"):
                 if v.get(key) is not None:
                     out.setdefault(key, {}).setdefault(m, {})[seed] = float(v[key])
     ej = study_dir / "report" / "explain_study.json"
     if ej.is_file():
-        for run in json.loads(ej.read_text())["runs"]:
+        for run in read_json(ej, "explanation result", need=("runs",), fix=f"re-run `kdlab explain-study {study_dir}`")["runs"]:
             for key in ("rank_alignment", "topk_fraction", "logit_alignment"):
                 v = run.get(key)
                 if v is not None and math.isfinite(v):
@@ -134,7 +136,7 @@ def study_findings(study_dir) -> dict:
     tj = study_dir / "report" / "table.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
-    table = json.loads(tj.read_text())
+    table = read_json(tj, "study table", need=("methods",), fix=f"rebuild it with `kdlab report {study_dir}`")
     meta = _study_meta(study_dir)
     recipe = meta["recipe"]
     comps = [t["term"] for t in recipe.get("loss", []) if t.get("term") != "ce"]
@@ -165,7 +167,7 @@ def study_findings(study_dir) -> dict:
             "made_by": made_by, "epochs": train.get("epochs"),
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
             "contrasts": contrasts, "results": results,
-            "explain_settings": json.loads(ex.read_text())["settings"] if ex.is_file() else None,
+            "explain_settings": read_json(ex, "explanation result", need=("settings",))["settings"] if ex.is_file() else None,
             "robustness": "mCA" in values, "table_md": (study_dir / "report" / "table.md").read_text()
             if (study_dir / "report" / "table.md").is_file() else ""}
 

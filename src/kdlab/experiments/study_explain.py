@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kdlab.core.io import read_json
+
 __all__ = ["explain_study", "STUDY_METRICS", "default_grid"]
 
 #: metrics reported per method (table order); the figure shows the first five
@@ -55,7 +57,7 @@ def _study_runs(study_dir: Path) -> tuple[dict[str, dict[int, Path]], str]:
     tj = study_dir / "report" / "table.json"
     only: dict[str, set] = {}
     if tj.is_file():  # the table's seeds: runs of other seeds lying in the folder are not the study's
-        table = json.loads(tj.read_text())
+        table = read_json(tj, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
         methods, baseline = [r["method"] for r in table["methods"]], table["baseline"]
         only = {r["method"]: {int(s) for s in r.get("seeds", [])} for r in table["methods"] if r.get("seeds")}
     else:
@@ -83,7 +85,7 @@ def _resolve_teacher(study_dir: Path, runs: dict, teacher) -> Path:
         for best in seeds.values():
             rj = best.parent / "run.json"
             if rj.is_file():
-                recipe = json.loads(rj.read_text()).get("recipe")
+                recipe = read_json(rj, "run record").get("recipe")
                 if recipe and (recipe.get("teacher") or {}).get("checkpoint"):
                     break
         if recipe and (recipe.get("teacher") or {}).get("checkpoint"):
@@ -194,7 +196,7 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     _, s_ck = load_model(first, "cpu")
     recipe = s_ck.get("recipe") or {}
     if not recipe and (first.parent / "run.json").is_file():
-        recipe = json.loads((first.parent / "run.json").read_text()).get("recipe") or {}
+        recipe = read_json(first.parent / "run.json", "run record").get("recipe") or {}
     d = dict(recipe.get("data") or {})
     d.setdefault("name", s_ck.get("dataset"))
     if not d.get("name"):

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from kdlab.core.io import read_json
 from kdlab.core.config import load_recipe
 
 
@@ -144,7 +145,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
         for seed in seeds:
             run = out_dir / "runs" / name / f"seed{seed}"
             model, _ = load_model(run / "best.pt", device)
-            res = json.loads((run / "result.json").read_text())
+            res = read_json(run / "result.json", "run result", need=("test_acc",))
             students_.append((f"{s_model} a={a} s{seed}", model,
                               {"alpha": float(a), "size": s_model, "seed": seed,
                                "test_acc_full": res["test_acc"]}))

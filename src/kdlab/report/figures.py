@@ -26,6 +26,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from kdlab.core.io import read_csv, read_json
+
 __all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "robustness_heatmap",
            "study_robustness_heatmap", "alignment_plot", "study_figures", "study_title",
            "read_metrics_csv"]
@@ -152,8 +154,7 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
 
 def read_metrics_csv(path) -> dict[str, np.ndarray]:
     """Columns of a run's ``metrics.csv`` as float arrays (empty cells -> NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(path)
     if not rows:
         return {}
     out = {}
@@ -305,7 +306,7 @@ def study_robustness_heatmap(study_dir, path=None, *, title: Optional[str] = Non
     per_seed, clean = {}, {}
     sev = None
     for f in files:
-        res = json.loads(f.read_text())
+        res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         s = f.parent.name
         per_seed[s] = {m: v["acc_by_corruption"] for m, v in res["models"].items()}
         clean[s] = {m: v["clean_acc"] for m, v in res["models"].items()}
@@ -363,9 +364,9 @@ def alignment_plot(rows: Sequence[Mapping], path, metrics: Sequence[str], *,
 def _study_recipe(study_dir: Path) -> Optional[dict]:
     sj = study_dir / "report" / "study.json"
     if sj.is_file():
-        return json.loads(sj.read_text()).get("recipe")
+        return read_json(sj, "study record").get("recipe")
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
-        return json.loads(rj.read_text()).get("recipe")
+        return read_json(rj, "run record").get("recipe")
     return None
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from kdlab.core.io import read_json
 from kdlab.report.statistics import (fmt_p,  # noqa: F401  (re-exported)
                                      compare_to_baseline, min_detectable_diff, paired_test,
                                      t_interval, wilcoxon_min_p)
@@ -320,7 +321,7 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     defaults to the existing table's, else ``"baseline"``."""
     study_dir = Path(study_dir)
     out = study_dir / "report"
-    old = json.loads((out / "table.json").read_text()) if (out / "table.json").is_file() else {}
+    old = read_json(out / "table.json", "study table", fix="delete it and run `kdlab report` again") if (out / "table.json").is_file() else {}
     baseline = baseline or old.get("baseline") or "baseline"
     order = [r["method"] for r in old.get("methods", [])]
     found = sorted(p.parent.parent.name for p in study_dir.glob("*/seed*/result.json"))
