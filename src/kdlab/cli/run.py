@@ -29,11 +29,14 @@ def _summary(res: dict) -> str:
 
 def cmd_train_teacher(args) -> int:
     from kdlab.train.build import train
+    from kdlab.train.callbacks import Announce
 
     recipe = _load(args)
     out = Path(args.out or f"runs/{recipe.name}")
-    print(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
-    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method="teacher")
+    header = Announce(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
+    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method="teacher",
+                callbacks=[header])
+    header.say()  # a finished run that was reused
     print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
     return 0
@@ -41,6 +44,7 @@ def cmd_train_teacher(args) -> int:
 
 def cmd_distill(args) -> int:
     from kdlab.train.build import ensure_teachers, train
+    from kdlab.train.callbacks import Announce
 
     recipe = _load(args)
     if args.seed is not None:
@@ -48,10 +52,12 @@ def cmd_distill(args) -> int:
     ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
     teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
-    print(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
-    if (out / "result.json").exists() and not args.restart:
+    header = Announce(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
+    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method=recipe.name,
+                callbacks=[header])
+    if not header.said:  # a finished run: checked, then reused
+        header.say()
         print("  (finished earlier: its checked result is reused; --restart trains it again)")
-    res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method=recipe.name)
     print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
     return 0

@@ -28,6 +28,23 @@ class Callback:
         """After ``result.json`` was written."""
 
 
+class Announce(Callback):
+    """Prints ``text`` once, when training starts: a command's header (``distilling ...``) comes
+    after everything a bad input could fail on (recipe, data, teacher, run folder), so a refused
+    input prints only its one error line. ``said`` tells whether it was printed."""
+
+    def __init__(self, text: str, print_fn: Callable[[str], None] = print):
+        self.text, self.print_fn, self.said = text, print_fn, False
+
+    def on_fit_start(self, trainer) -> None:
+        self.say()
+
+    def say(self) -> None:
+        if not self.said:
+            self.said = True
+            self.print_fn(self.text)
+
+
 class EpochHook(Callback):
     """Calls ``fn(row)`` after every epoch (a quick way to watch or prune a run)."""
 
