@@ -76,7 +76,9 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
         run_dir: the run folder (checkpoints, metrics, result.json; resumes when re-run).
     """
     from kdlab.core.checkpoint import atomic_save, load_checkpoint
-    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg, check_loss_numbers
+    from pydantic import ValidationError
+
+    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg, check_loss_numbers, describe_error
     from kdlab.core.seeding import derive_seed, seed_everything
     from kdlab.data.augment import AugmentSpec
     from kdlab.data.streaming import as_loader, first_batch
@@ -87,7 +89,10 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     from kdlab.train.runtime import Runtime
     from kdlab.train.trainer import Trainer
 
-    cfg = TrainCfg(**(train or {}))
+    try:
+        cfg = TrainCfg(**(train or {}))
+    except ValidationError as e:
+        raise ValueError(f"kdlab.fit: train.{describe_error(e)}") from None
     runtime = Runtime.from_cfg(cfg)
     mean, std = normalize if normalize is not None else (None, None)
     aug = AugmentSpec(**augment) if augment else None

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        parser.exit(2, f"kdlab: error: unknown option {argv[0]} before the command; options go after it "
+                       f"(`kdlab COMMAND --help` lists a command's options)\n")
     args, extra = parser.parse_known_args(argv)  # a usage error: one line (OneLineParser), SystemExit(2)
     if extra:  # named with the command's own help, not the top-level one
         prog = " ".join(["kdlab", *(c for c in (getattr(args, "command", None),

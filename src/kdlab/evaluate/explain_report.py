@@ -61,6 +61,10 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     for opt, vals in (("--alpha", alphas), ("--label", labels)):
         if vals is not None and len(vals) != n_st:
             raise ValueError(f"give {opt} once per --student ({n_st}), got {len(vals)}")
+    if out_dir is not None:  # a folder that cannot be written fails now, not after the attributions
+        from kdlab.core.io import check_out_dir
+
+        check_out_dir(out_dir, "--out folder")
     teacher, t_ck = load_model(teacher_path, device)
     splits = load_dataset(dataset or t_ck.get("dataset") or "digits", data_dir, seed=seed)
     info = splits.info

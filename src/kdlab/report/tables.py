@@ -336,13 +336,14 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     for m in methods:
         files = sorted((study_dir / m).glob("seed*/result.json"), key=lambda p: int(p.parent.name[4:]))
         for f in files:
-            r = json.loads(f.read_text())
+            r = read_json(f, "run result", need=("test_acc",),
+                          fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder")
             r.setdefault("method", m)
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
+    stats = method_stats(runs, baseline)  # before anything is written: a bad run changes no file
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", runs)
-    stats = method_stats(runs, baseline)
     kept = {r["method"]: r for r in old.get("methods", [])}
     for row in stats:
         for k in KEPT_KEYS:
