@@ -594,6 +594,48 @@ def test_suite_is_large_enough():
     assert not missing, f"command families without bad-input cases: {sorted(missing)}"
 
 
+def _commands() -> dict:
+    """``{command: {subcommands}}`` of the kdlab parser."""
+    from kdlab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    out = {}
+    for name, p in sub.choices.items():
+        inner = [a for a in p._actions if a.dest == "lm_command"]
+        out[name] = set(inner[0].choices) if inner else set()
+    return out
+
+
+def _bad_hints(text: str, commands: dict) -> list[str]:
+    import re
+
+    bad = []
+    for m in re.finditer(r"`kdlab ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?", text):
+        cmd, sub = m.group(1), m.group(2)
+        if cmd not in commands or (commands[cmd] and sub and sub not in commands[cmd]):
+            bad.append(m.group(0))
+    return bad
+
+
+def test_every_hint_names_a_command_that_exists():
+    """Messages point to `kdlab X` commands that exist (an unknown loss term once pointed to
+    `kdlab losss`): every such hint in the sources, and the unknown-name errors of the registries."""
+    commands = _commands()
+    src = Path(__file__).resolve().parent.parent / "src" / "kdlab"
+    bad = {str(f.relative_to(src)): b for f in src.rglob("*.py") if (b := _bad_hints(f.read_text(), commands))}
+    assert not bad, bad
+    from kdlab.data import DATASETS
+    from kdlab.data.corruptions.ops import CORRUPTION_REGISTRY
+    from kdlab.distill.losses import LOSSES
+    from kdlab.experiments.paradigms.base import PARADIGMS
+    from kdlab.models import MODELS
+
+    for reg in (DATASETS, CORRUPTION_REGISTRY, LOSSES, PARADIGMS, MODELS):
+        with pytest.raises(KeyError) as e:
+            reg.entry("zzz-no-such-name")
+        assert "zzz-no-such-name" in e.value.args[0] and not _bad_hints(e.value.args[0], commands)
+
+
 def _needs(name: str) -> str:
     """A reason to skip a case whose optional dependency is missing ('' when none)."""
     c = ROWS.get(name)

@@ -31,7 +31,7 @@ _CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<value>[^' 
 
 def suggest(message: str, prog: str) -> str:
     """argparse's "invalid choice" message with the closest valid choice named: a mistyped command
-    (``kdlab losss``) gets ``did you mean `kdlab losses`?`` (a command that exists), other choices
+    (losss for losses) gets ``did you mean `kdlab losses`?`` (a command that exists), other choices
     ``did you mean 'both'?``; any other message is returned as it is."""
     import difflib
 
@@ -90,11 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the user gave that cannot be written or read
         if os.environ.get("KDLAB_DEBUG"):
             raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"kdlab: error: cannot use{where}: {e.strerror or e}; check the path and its permissions "
-              f"(--out, --data-dir, checkpoint paths)", file=sys.stderr)
+        print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def os_error_line(e: OSError) -> str:
+    """What went wrong with a file, the file, and what to do (one line)."""
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device to write{where}; free some space and re-run the same command "
+                f"(the files written before are kept whole)")
+    if e.errno == errno.EROFS:
+        return f"cannot write{where}: the file system is read-only; give an --out folder on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot use{where}: permission denied; give a folder you can write to (--out) or fix its permissions"
+    return (f"cannot use{where}: {e.strerror or e}; check the path and its permissions "
+            f"(--out, --data-dir, checkpoint paths)")
 
 
 def exit_on_next_interrupt() -> None:

@@ -31,11 +31,33 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        named = write_error(e, path)
+        if named is not None:
+            raise named from None
         raise
     return path
+
+
+def write_error(e: BaseException, path: Path) -> "OSError | None":
+    """An ``OSError`` naming ``path`` for a failed write (a full disk, a read-only file system), or
+    None to re-raise ``e`` as it is. ``torch.save`` reports a failed write as a RuntimeError
+    without the path or the reason; a disk with (almost) no space left is taken as the reason."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError):
+        return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
+    if isinstance(e, RuntimeError) and "write" in str(e).lower():
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            return None
+        if free < (4 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

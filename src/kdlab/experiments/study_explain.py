@@ -54,6 +54,10 @@ def _seed_of(p: Path) -> int:
 
 
 def _study_runs(study_dir: Path) -> tuple[dict[str, dict[int, Path]], str]:
+    if not study_dir.is_dir():
+        what = "is a file, not a study folder" if study_dir.exists() else "not found"
+        raise FileNotFoundError(f"study folder {study_dir} {what}; give the --out folder of a finished "
+                                f"`kdlab ablate`")
     tj = study_dir / "report" / "table.json"
     only: dict[str, set] = {}
     if tj.is_file():  # the table's seeds: runs of other seeds lying in the folder are not the study's
