@@ -150,7 +150,7 @@ WRITERS = {
     "distill": "distill {b}/student.yaml --out {ro}/o --quiet",
     "ablate": "ablate {b}/student.yaml --out {ro}/o --seeds 0 --quiet",
     "sweep": "sweep {b}/student.yaml --out {ro}/o --seeds 0 --students cnn_tiny --alphas 0.5 --quiet",
-    "compare": "compare {b}/student.yaml --out {ro}/o --seeds 0 --quiet",
+    "compare": "compare {b}/student.yaml --out {ro}/o --seeds 0 --baseline student --quiet",
     "paradigm": "paradigm ban {b}/student.yaml --out {ro}/o --quiet",
     "explain": "explain --teacher {b}/teacher/best.pt --student {b}/student/best.pt --out {ro}/o --n-images 8",
     "explain-study": "explain-study {ro}/study --n-images 8",
@@ -216,14 +216,12 @@ def test_read_only_folder_is_one_line_and_changes_nothing(command, bases, tmp_pa
     with read_only(tmp_path / "ro", {"study": study}) as ro:
         argv = _argv(WRITERS[command], bases, ro=str(ro))
         before = snapshot(ro)
-        t0 = time.time()
         rc, lines, _ = _in_process(argv, tmp_path)
-        took = time.time() - t0
         after = snapshot(ro)
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("kdlab: error:"), (rc, lines[-3:])
     assert str(ro) in lines[0]
     assert before == after
-    assert took < 60, f"{command} worked {took:.0f}s before finding it could not write"
+    assert not list(tmp_path.glob("runs")), "it trained (a teacher) before finding it could not write"
 
 
 # ------------------------------------------------------------------------------------ disk full

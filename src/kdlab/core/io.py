@@ -48,8 +48,8 @@ def write_error(e: BaseException, path: Path) -> "OSError | None":
     import errno
     import shutil
 
-    if isinstance(e, OSError):
-        return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
+    if isinstance(e, OSError):  # named by the target, not by the temporary file beside it
+        return OSError(e.errno, e.strerror or str(e), str(path))
     if isinstance(e, RuntimeError) and "write" in str(e).lower():
         try:
             free = shutil.disk_usage(path.parent).free

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from kdlab.core.config import Recipe, TermCfg, load_recipe
-from kdlab.core.io import write_json
+from kdlab.core.io import check_out_dir, write_json
 
 
 def _components(full: Recipe) -> tuple[Optional[TermCfg], list[TermCfg]]:
@@ -83,6 +83,7 @@ def run_study(recipes: dict[str, Recipe], out_dir, *, seeds: list[int], data_dir
     ``jobs`` > 1 or ``launcher="submitit"``: run the independent runs in that many processes
     (:mod:`kdlab.experiments.parallel`; ``threads`` intra-op threads each, default cores // jobs;
     ``launcher_options`` for submitit), with the same results and report as the sequential loop."""
+    check_out_dir(out_dir, "study folder")  # before any teacher is trained
     if jobs != 1 or launcher != "local":
         return _run_study_parallel(recipes, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
                                    log=log, baseline=baseline, profile=profile, teacher_cache=teacher_cache,
@@ -180,6 +181,7 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     methods = ablation_methods(full, mode)
     out_dir = Path(out_dir or f"runs/{full.name}")
     base = "baseline" if "baseline" in methods else "full"
+    check_out_dir(out_dir, "study folder")
     log(f"study '{full.name}': {len(methods)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(methods, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
                        log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,

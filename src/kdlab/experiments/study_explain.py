@@ -187,6 +187,10 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     from kdlab.report.tables import fmt_p, markdown_table, write_csv
 
     study_dir = Path(study_dir)
+    from kdlab.core.io import check_out_dir
+
+    _study_runs(study_dir)  # a missing study folder is named as such, not as an unwritable one
+    check_out_dir(study_dir / "report", "study report folder")  # before the attributions
     runs, baseline = _study_runs(study_dir)
     if methods is not None:
         missing = [m for m in methods if m not in runs]

@@ -126,6 +126,9 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
         raise ValueError(f"recipe '{recipe_ref}' has no teacher; the sweep distils from one")
     seeds = list(seeds) if seeds else list(base.study.seeds)
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(out_dir, "sweep folder")
     recipes = sweep_recipes(base, alphas, students, T)
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
     ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)

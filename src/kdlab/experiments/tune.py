@@ -814,6 +814,10 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
                          startup_trials=startup_trials, data_dir=data_dir)
         base = spec.base()
         out = Path(out_dir or f"runs/{base.name}-tune")
+        if not worker:
+            from kdlab.core.io import check_out_dir
+
+            check_out_dir(out, "tune folder")
         store_obj = make_storage(storage, out)
     base = spec.base()
     name = study_name or f"{base.name}-tune"

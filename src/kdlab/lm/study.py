@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from kdlab.core.checkpoint import atomic_save, load_checkpoint
+from kdlab.core.io import check_out_dir
 from kdlab.core.io import atomic_write_text, write_csv, write_json
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.cache import SparseTeacherCache, cache_error_report, state_fingerprint
@@ -208,7 +209,7 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
         if not p.is_file():
             raise FileNotFoundError(f"teacher.checkpoint {p} not found; fix the path or remove it to train one")
         return p
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM folder")
     data = CorpusData(recipe, out_dir)
     t = recipe.teacher.train
     dev = resolve_device(t.device)
@@ -275,7 +276,7 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
                 teacher=None, teacher_eval_store: Optional[dict] = None, progress: bool = False,
                 log=print) -> dict:
     """Train one student of ``recipe`` (its ``distill`` section) for ``seed``; returns the result row."""
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM folder")
     data = data or CorpusData(recipe, out_dir)
     d, t = recipe.distill, recipe.train
     dev = resolve_device(t.device)
@@ -334,7 +335,7 @@ def run_ablation(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = None
     """Every study method x seed (paired), then the table (``table.md``) and the cache report."""
     if not recipe.study.methods:
         raise ValueError(f"recipe {recipe.name} has no study.methods; add e.g. ce: {{loss: [{{term: ce}}]}}")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM study folder")
     seeds = list(seeds if seeds is not None else recipe.study.seeds)
     names = list(methods or recipe.study.methods)
     for m in names:
@@ -543,7 +544,7 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
 
     if recipe.teacher is None:
         raise ValueError(f"recipe {recipe.name} needs a teacher section for the arithmetic study")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM study folder")
     seeds = list(seeds if seeds is not None else recipe.study.seeds)
     tok = ByteTokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)
