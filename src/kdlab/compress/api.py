@@ -44,8 +44,10 @@ def run_name(path: str) -> str:
 
 
 def default_out(out_dir, name: str) -> Path:
-    """``out_dir``, or ``runs/compress/<name>``."""
-    return Path(out_dir) if out_dir else Path("runs") / "compress" / name
+    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any work."""
+    from kdlab.core.io import check_out_dir
+
+    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder")
 
 
 def load_torch(path, device, what: str):

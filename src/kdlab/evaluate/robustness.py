@@ -627,6 +627,9 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
     table = read_json(table_path, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
     stats, baseline = table["methods"], table["baseline"]
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(study_dir / "report" / "robustness", "study report folder")  # before the evaluation
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})
     per = {m: {**{k: [] for k in STUDY_METRICS}, "by_c": [], "clean": [], "skipped": []}

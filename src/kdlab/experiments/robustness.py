@@ -57,6 +57,9 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     if not paths:
         raise ValueError("give checkpoints to evaluate, or --study DIR")
     names = list(names) if names else default_names(paths)
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(out_dir or "runs/robustness", "--out folder")  # before the evaluation
     if len(names) != len(paths):
         raise ValueError(f"give --names once per checkpoint ({len(paths)}), got {len(names)}")
     if len(set(names)) != len(names):
