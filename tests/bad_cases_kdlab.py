@@ -346,6 +346,8 @@ CASES = [
     C("lm", "teacher with another tokenizer (ablate)", f"lm ablate {LMR} --set teacher.checkpoint={{lm}}/bpe/teacher/best.pt --out {{t}}/o {D}", "tokenizer"),  # 23.4
     C("lm", "teacher.checkpoint missing", f"lm distill {LMR} --set teacher.checkpoint={{t}}/none.pt --out {{t}}/o {D}", "none.pt"),
     C("lm", "teacher.checkpoint is an image classifier", f"lm distill {LMR} --set teacher.checkpoint={CK} --set 'distill.loss=[{{{{term: fkl}}}}]' --out {{t}}/o {D}", "language model"),
+    C("lm", "corrupt tokenizer.json in the output folder", f"lm distill {LMR} --out {{t}}/o {D}", "o/tokenizer.json", {"o/tokenizer.json": "{garbage"}),
+    C("lm", "tokenizer.json of another shape", f"lm distill {LMR} --out {{t}}/o {D}", "'kind'", {"o/tokenizer.json": "[1, 2]"}),
     C("lm", "generate --max-new -5", f"lm generate {LMCK} --prompt hi --max-new -5", "--max-new"),  # 23.6
     C("lm", "generate --max-new 0", f"lm generate {LMCK} --prompt hi --max-new 0", "--max-new"),
     C("lm", "generate --temperature -1", f"lm generate {LMCK} --prompt hi --temperature -1", "--temperature"),

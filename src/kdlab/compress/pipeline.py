@@ -20,6 +20,7 @@ executes the same multiply-adds in integer arithmetic, so its row repeats the st
 from __future__ import annotations
 
 from kdlab.core.checkpoint import check_fits
+from kdlab.core.io import atomic_write_text, write_csv, write_json
 
 import csv
 import json
@@ -96,17 +97,13 @@ def write_report(out_dir: str | os.PathLike, stem: str, rows: Sequence[dict],
         for k, v in r.items():
             if k not in keys and not isinstance(v, (dict, list)):
                 keys.append(k)
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    with open(out / f"{stem}.json", "w") as f:
-        json.dump({"rows": list(rows), **(meta or {})}, f, indent=2, default=str)
+    # atomic (kdlab.core.io): a full disk or a kill leaves the previous report whole
+    write_csv(out / f"{stem}.csv", rows, keys)
+    write_json(out / f"{stem}.json", {"rows": list(rows), **(meta or {})})
     md = markdown_table(rows, columns, headers)
     if notes:
         md += "\n\n" + "\n".join(f"- {n}" for n in notes)
-    (out / f"{stem}.md").write_text(md + "\n")
+    atomic_write_text(out / f"{stem}.md", md + "\n")
     return md
 
 

@@ -320,7 +320,15 @@ def make_storage(storage: Optional[str], out_dir):
     if path.exists():
         check_journal(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+    class NamedJournal(JournalFileBackend):  # a failed append (a full disk) names the journal
+        def append_logs(self, logs):
+            try:
+                return super().append_logs(logs)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+
+    return optuna.storages.JournalStorage(NamedJournal(str(path)))
 
 
 #: RDB URL schemes SQLAlchemy can open (with a driver installed): ``scheme[+driver]://...``.

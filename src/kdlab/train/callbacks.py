@@ -88,8 +88,12 @@ class LogFile(Callback):
         if trainer.runtime.is_main:
             import time
 
-            with open(trainer.run_dir / "train.log", "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+            path = trainer.run_dir / "train.log"
+            try:
+                with open(path, "a") as f:
+                    f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+            except OSError as e:  # a full disk: name the file (the run's other files stay whole)
+                raise OSError(e.errno, e.strerror, str(path)) from None
 
     def on_fit_start(self, trainer) -> None:
         self._write(trainer, f"start {trainer.method} seed {trainer.seed}: epoch {trainer.state.epoch} of "
