@@ -325,6 +325,12 @@ def test_two_processes_at_once_leave_valid_files(command, bases, tmp_path):
 KILLED = {
     "report": ("report {out} --no-figures", "table.json"),
     "profile": ("profile {b}/student/best.pt --out {out} --no-latency", "profile.json"),
+    "prune": ("prune {b}/student/best.pt --sparsity 0.5 --out {out} --quiet --warmup 0 --repeats 1", "prune.json"),
+    "robustness": ("robustness {b}/student/best.pt --out {out} --limit 8 --corruptions gaussian_noise "
+                   "--severities 1 --quiet", "robustness.json"),
+    "explain": ("explain --teacher {b}/teacher/best.pt --student {b}/student/best.pt --out {out} --n-images 8 "
+                "--method saliency", "explain.json"),
+    "findings": ("findings {study} --out {out}", "findings.md"),
 }
 
 

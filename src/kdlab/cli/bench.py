@@ -61,8 +61,9 @@ def cmd_bench(args) -> int:
     print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
                              f"threads {torch.get_num_threads()}"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        from kdlab.core.io import write_json
+
+        write_json(args.json, rows)
     return 0
 
 

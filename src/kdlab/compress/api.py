@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kdlab.core.io import atomic_write_text
 from kdlab.compress import input_shape_of, load_compressed, save_compressed
 from kdlab.core.checkpoint import check_fits
 from kdlab.compress.pipeline import make_loaders, markdown_table, measure, write_report
@@ -153,7 +154,7 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
                    "share %": 100.0 * r["flops"] / max(prof["flops"], 1)} for r in prof["per_layer"]]
         write_report(out, "profile_layers", layers)
         md += "\n\n" + markdown_table(layers)
-    (out / "profile.md").write_text(md + "\n")
+    atomic_write_text(out / "profile.md", md + "\n")
     return {"markdown": md, "out_dir": out, "row": row}
 
 

@@ -13,6 +13,7 @@ against alpha per student. :func:`explain_checkpoints` does the same from checkp
 
 from __future__ import annotations
 
+from kdlab.core.io import atomic_write_text
 from kdlab.core.checkpoint import check_fits
 
 import json
@@ -168,8 +169,8 @@ def explain_report(teacher: nn.Module, students, x: torch.Tensor, y: torch.Tenso
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "explain.csv", rows)
     write_csv(out / "per_image.csv", per_image)
-    (out / "explain.md").write_text(markdown(rows, n_images=int(x.shape[0])) + "\n")
-    (out / "explain.json").write_text(json.dumps(
+    atomic_write_text(out / "explain.md", markdown(rows, n_images=int(x.shape[0])) + "\n")
+    atomic_write_text(out / "explain.json", json.dumps(
         {"rows": _jsonable(rows), "settings": _jsonable(settings or {
             "method": method, "target": target, "grid": list(grid), "superpixel": superpixel,
             "k": k, "T": T, "baseline": baseline if isinstance(baseline, str) else "tensor",

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json, write_csv
 from kdlab.data.corruptions import (
     SEVERITIES,
     STANDARD_CORRUPTIONS,
@@ -268,13 +268,10 @@ class RobustnessResults:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {k: out / f"robustness.{k}" for k in ("csv", "json", "md")}
-        with open(paths["csv"], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["model", "corruption", "severity", "acc"])
-            w.writeheader()
-            for r in self.rows():
-                w.writerow({**r, "acc": f"{r['acc']:.6f}"})
-        paths["json"].write_text(json.dumps(_jsonable(self.summary()), indent=2) + "\n")
-        paths["md"].write_text(self.markdown())
+        write_csv(paths["csv"], [{**r, "acc": f"{r['acc']:.6f}"} for r in self.rows()],
+                  ["model", "corruption", "severity", "acc"])
+        atomic_write_text(paths["json"], json.dumps(_jsonable(self.summary()), indent=2) + "\n")
+        atomic_write_text(paths["md"], self.markdown())
         paths["png"] = self.heatmap(out / "robustness_heatmap.png")
         return paths
 
@@ -686,7 +683,7 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
                        title=f"accuracy (%) under corruption: mean over severities, then "
                              f"mean ± sd over {len(seeds)} seeds")
     std, extra = split_standard(corrs)
-    (study_dir / "report" / "robustness.md").write_text(
+    atomic_write_text(study_dir / "report" / "robustness.md", 
         study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
     return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log)
 

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json
 
 
 def _synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: int = 0):
@@ -289,7 +289,7 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
         run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
                      log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
-        (folder / "study.log").write_text("\n".join(lines) + "\n")
+        atomic_write_text(folder / "study.log", "\n".join(lines) + "\n")
         runs = [read_json(p, "run result") for p in sorted(folder.glob("*/seed*/result.json"))]
         return wall, runs
 

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json
 
 __all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"]
 
@@ -306,6 +306,6 @@ def write_findings(study_dirs: Sequence, out="docs/findings.md", *, command: Opt
     md = render_findings(findings, command)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(md)
+    atomic_write_text(out, md)
     log(f"findings: {out}")
     return md

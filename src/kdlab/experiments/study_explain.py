@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json
 
 __all__ = ["explain_study", "STUDY_METRICS", "default_grid"]
 
@@ -309,11 +309,11 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
             f"half-width over seeds {seeds_all}. Δ: paired difference to '{baseline}', p Holm: paired "
             f"t-test Holm-adjusted over the {len(rows) - 1} methods (per metric); * = Holm p < 0.05. "
             f"Spearman ρ in [−1, 1]; top-{k} share in [0, 1] (chance {k / cells:.2f}); KL in nats.")
-    (out / "explain_study.md").write_text(md + "\n\n" + note + "\n")
+    atomic_write_text(out / "explain_study.md", md + "\n\n" + note + "\n")
     write_csv(out / "explain_study.csv", [{k_: v for k_, v in r.items() if not k_.endswith("_seeds")}
                                           for r in rows])
     write_csv(out / "explain_study_runs.csv", per_run)
-    (out / "explain_study.json").write_text(json.dumps(
+    atomic_write_text(out / "explain_study.json", json.dumps(
         {"rows": rows, "runs": per_run, "settings": settings}, indent=2))
     title = study_title(recipe, seeds_all, len(idx))
     paths = {"table": out / "explain_study.md"}

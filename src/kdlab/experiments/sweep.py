@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json
 from kdlab.core.config import load_recipe
 
 
@@ -165,8 +165,8 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
 
     write_csv(out_dir / "explain" / "sweep_table.csv",
               [{k: v for k, v in r.items() if k != "seeds"} for r in table])
-    (out_dir / "explain" / "sweep_table.md").write_text(table_md + "\n")
-    (out_dir / "explain" / "sweep_table.json").write_text(json.dumps(
+    atomic_write_text(out_dir / "explain" / "sweep_table.md", table_md + "\n")
+    atomic_write_text(out_dir / "explain" / "sweep_table.json", json.dumps(
         [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
          for r in table], indent=2) + "\n")
     log("")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from kdlab.core.io import read_json
+from kdlab.core.io import atomic_write_text, read_json
 from kdlab.report.statistics import (fmt_p,  # noqa: F401  (re-exported)
                                      compare_to_baseline, min_detectable_diff, paired_test,
                                      t_interval, wilcoxon_min_p)
@@ -295,10 +295,10 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
     """Write table.md / table.csv / table.json for per-method ``stats`` and print the table."""
     out_dir = Path(out_dir)
     md, note = render_table(stats, baseline, wall_time_s)
-    (out_dir / "table.md").write_text(md + "\n" + note + "\n")
+    atomic_write_text(out_dir / "table.md", md + "\n" + note + "\n")
     write_csv(out_dir / "table.csv", [{k: v for k, v in r.items() if k not in ("seeds", "test_acc_by_seed")}
                                        for r in stats])
-    (out_dir / "table.json").write_text(json.dumps({"methods": stats, "baseline": baseline,
+    atomic_write_text(out_dir / "table.json", json.dumps({"methods": stats, "baseline": baseline,
                                                     "wall_time_s": wall_time_s}, indent=2))
     log("")
     log(md)
