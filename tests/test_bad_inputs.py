@@ -570,10 +570,20 @@ def classify(name: str, tmp: Path, bases: Bases, capsys=None) -> tuple[str, str]
     return "clear", lines[0]
 
 
+_SHARED: list = []
+
+
+def shared_bases(tmp_path_factory) -> Bases:
+    """One set of base folders per test session (this file and tests/test_faults.py share it)."""
+    if not _SHARED:
+        root = tmp_path_factory.mktemp("bad-bases")
+        _SHARED.append(Bases(root, _base(root / "b")))
+    return _SHARED[0]
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-bases")
-    return Bases(root, _base(root / "b"))
+    return shared_bases(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
