@@ -144,7 +144,7 @@ def _(t, b):
     return ["distill", str(b / "student.yaml"), "--out", str(t / "f" / "run"), *D]
 
 
-@case("ablate --out is a file", "paths", 'below the file')
+@case("ablate --out is a file", "paths", "is a file")
 def _(t, b):
     (t / "f").write_text("keep me")
     return ["ablate", str(b / "student.yaml"), "--out", str(t / "f"), "--seeds", "0", *D]
@@ -601,7 +601,8 @@ def test_suite_is_large_enough():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     listings = {"recipes", "models", "losses", "methods"}  # no input to get wrong
     missing = set(sub.choices) - listings - fams
-    assert not missing, f"command families without bad-input cases: {sorted(missing)}"
+    assert not missing, (f"command families without bad-input cases: {sorted(missing)}; add "
+                         f"tests/bad_cases_<family>.py with their CASES (see tests/bad_case.py)")
 
 
 def _commands() -> dict:
