@@ -1,16 +1,23 @@
-"""The bad-input suite (issue 11): every case runs ``kdlab.cli.main.main([...])`` in-process from a
-fresh folder and must exit with code 2, print exactly one line on stderr (``kdlab: error: ...``),
-and leave every file that was present before byte-identical.
+"""The bad-input suite (issues 11 and 23): every case runs ``kdlab.cli.main.main([...])`` in-process
+from a fresh folder and must exit with code 2, print exactly one line on stderr (``kdlab: error:
+...``) that names what the case expects, and leave every file that was present before
+byte-identical. Python-API cases must raise one line (ValueError / KeyError / FileNotFoundError).
 
-``python tests/test_bad_inputs.py`` prints the table of cases with their outcome (clear /
-traceback / data lost / accepted), which is how the before/after counts of the issue were taken.
+Cases: the decorated functions below (issue 11) and the one-line rows of ``tests/bad_cases_*.py``
+(issue 23; ``tests/bad_case.py`` describes a row, and how a new command family adds its file).
+
+``python tests/test_bad_inputs.py [table.md]`` prints every case's outcome (clear / unclear /
+traceback / silent: accepted / lost: a file changed) and the counts per command family.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import shlex
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -137,7 +144,7 @@ def _(t, b):
     return ["distill", str(b / "student.yaml"), "--out", str(t / "f" / "run"), *D]
 
 
-@case("ablate --out is a file", "paths", 'below the file')
+@case("ablate --out is a file", "paths", "is a file")
 def _(t, b):
     (t / "f").write_text("keep me")
     return ["ablate", str(b / "student.yaml"), "--out", str(t / "f"), "--seeds", "0", *D]
@@ -333,46 +340,216 @@ _cleanup: list = []
 
 
 # ------------------------------------------------------------------------------------------ harness
+# issue 11's groups, as command families for the table
+FAMILY = {"recipe": "distill", "override": "distill", "paths": "distill", "teacher": "distill",
+          "run folder": "distill", "evaluate": "evaluate", "usage": "usage"}
+
+
+def load_rows() -> dict:
+    """Every ``tests/bad_cases_*.py`` row, by ``"<family>: <name>"``; and the bases they add."""
+    rows = {}
+    here = Path(__file__).resolve().parent
+    for f in sorted(here.glob("bad_cases_*.py")):
+        mod = importlib.import_module(f.stem)
+        BUILDERS.update(getattr(mod, "BASES", {}))
+        for c in mod.CASES:
+            key = f"{c.family}: {c.name}"
+            assert key not in rows and key not in CASES, f"case named twice: {key}"
+            rows[key] = c
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ bases
 def _base(root: Path) -> Path:
+    """Finished tiny digits runs ``teacher/`` and ``student/``, their recipes, and model files made
+    from them: ``notdict.pt`` (``model`` entry a list), ``five.pt`` (5 classes), ``model.onnx``."""
     from kdlab.cli.main import main
+    from kdlab.core.checkpoint import model_checkpoint
+    from kdlab.models import create_model
 
     write_recipes(root)
     assert main(["distill", str(root / "student.yaml"), "--out", str(root / "student"), "--quiet"]) == 0
+    ck = torch.load(root / "student" / "best.pt", weights_only=False)
+    torch.save({**ck, "model": [1, 2, 3]}, root / "notdict.pt")
+    m = create_model("cnn_tiny", num_classes=5, in_channels=1)
+    torch.save(model_checkpoint(m, model_name="cnn_tiny", model_kwargs={}, num_classes=5, in_channels=1,
+                                dataset="digits"), root / "five.pt")
+    try:
+        from kdlab.compress.export import export_onnx
+        from kdlab.core.checkpoint import load_model
+
+        model, _ = load_model(root / "student" / "best.pt")
+        export_onnx(model, root / "model.onnx", (1, 1, 8, 8))
+    except ImportError:  # no onnx / onnxruntime: the cases that need the file are skipped
+        pass
     return root
 
 
-def classify(name: str, tmp: Path, base: Path, capsys=None) -> tuple[str, str]:
-    """(outcome, detail): ``clear`` (exit 2, one stderr line naming what the case needs, files
-    intact), ``unclear`` (that line lacks it), ``traceback`` (an
-    exception escaped or several lines / another exit code), ``data lost`` (a file present before
-    changed), ``accepted`` (exit 0: the bad input was not refused)."""
+LM_RECIPE = """\
+name: tiny-lm
+corpus: {{name: {corpus}, seq_len: 16, val_tokens: 256, test_tokens: 256}}
+teacher:
+  kwargs: {{d_model: 16, n_layer: 1, n_head: 2, max_len: 48}}
+  train: {{epochs: 1, steps_per_epoch: 2, batch_size: 4, device: cpu}}
+student: {{kwargs: {{d_model: 16, n_layer: 1, n_head: 2, max_len: 48}}}}
+train: {{epochs: 1, steps_per_epoch: 2, batch_size: 4, device: cpu}}
+distill: {{top_k: 4, prompt_len: 6, gen_len: 8, seqkd_pool: 8}}
+study:
+  seeds: [0]
+  methods:
+    ce: {{loss: [{{term: ce}}]}}
+    fkl: {{loss: [{{term: ce, weight: 0.5}}, {{term: fkl, weight: 0.5}}]}}
+"""
+
+
+def _lm_base(root: Path) -> None:
+    """A text corpus, ``lm.yaml`` and two finished LM teachers: ``byte/`` and ``bpe/`` tokens."""
+    from kdlab.cli.main import main
+
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    for i in range(12):
+        (corpus / f"f{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog. " * 4)
+    (root / "lm.yaml").write_text(LM_RECIPE.format(corpus=corpus))
+    assert main(["lm", "train-teacher", str(root / "lm.yaml"), "--out", str(root / "byte"), "--quiet"]) == 0
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return
+    assert main(["lm", "train-teacher", str(root / "lm.yaml"), "--out", str(root / "bpe"), "--quiet",
+                 "--set", "corpus.tokenizer=bpe", "--set", "corpus.vocab_size=300"]) == 0
+
+
+def _study_base(root: Path, bases) -> None:
+    """A finished study: ``baseline`` (CE) and ``kd`` runs of seed 0 and ``report/table.json``."""
+    from kdlab.core.config import load_recipe
+    from kdlab.experiments.study import run_study
+
+    student = Path(bases["b"]) / "student.yaml"
+    recipes = {"baseline": load_recipe(str(student), ["loss=[{term: ce}]", "name=baseline"]),
+               "kd": load_recipe(str(student), ["name=kd"])}
+    run_study(recipes, root, seeds=[0], progress=False, log=lambda *a, **k: None, profile=False)
+
+
+BUILDERS: dict = {"lm": lambda root, bases: _lm_base(root), "study": _study_base}
+
+
+class Bases(dict):
+    """The folders ``{b}``, ``{lm}``, ``{study}``, ... of the rows, built the first time a case
+    names them (``str.format_map`` asks for them one by one)."""
+
+    def __init__(self, root: Path, digits: Path):
+        super().__init__(b=str(digits))
+        self.root = root
+
+    def __missing__(self, key):
+        if key not in BUILDERS:
+            raise KeyError(f"no base folder named {{{key}}}; add it to BASES in a bad_cases_*.py file")
+        folder = self.root / key
+        fn = BUILDERS[key]
+        cwd = os.getcwd()
+        os.chdir(self.root)
+        try:
+            fn(folder, self) if fn.__code__.co_argcount > 1 else fn(folder)
+        finally:
+            os.chdir(cwd)
+        self[key] = str(folder)
+        return self[key]
+
+
+ROWS: dict = {}
+
+
+def all_cases() -> list[str]:
+    if not ROWS:
+        ROWS.update(load_rows())
+    return list(CASES) + list(ROWS)
+
+
+def family_of(name: str) -> str:
+    return ROWS[name].family if name in ROWS else FAMILY.get(CASES[name][0], CASES[name][0])
+
+
+def _prepare(name: str, tmp: Path, bases: Bases):
+    """``(argv or api callable, expect, kind)`` of a case, its files written into ``tmp``."""
+    if name in CASES:
+        group, fn, expect = CASES[name]
+        return fn(tmp, Path(bases["b"])), expect, "cli"
+    c = ROWS[name]
+    for rel, content in c.files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if callable(content):
+            content(path, bases)
+        elif isinstance(content, str):
+            path.write_text(content)
+        else:
+            path.write_bytes(content)
+    if c.kind == "api":
+        return c.argv, c.expect, "api"
+    if callable(c.argv):
+        return c.argv(tmp, bases), c.expect, "cli"
+    return shlex.split(c.argv.format_map(_Fmt(bases, tmp))), c.expect, "cli"
+
+
+class _Fmt(dict):
+    def __init__(self, bases: Bases, tmp: Path):
+        super().__init__()
+        self.bases, self.tmp = bases, tmp
+
+    def __missing__(self, key):
+        return str(self.tmp) if key == "t" else self.bases[key]
+
+
+def _snap(tmp: Path, root: Path) -> dict:
+    """Digests of the case folder and of every base folder built so far."""
+    out = {f"tmp/{k}": v for k, v in snapshot(tmp).items()}
+    for d in root.iterdir():
+        if d.is_dir():
+            out.update({f"{d.name}/{k}": v for k, v in snapshot(d).items()})
+    return out
+
+
+def classify(name: str, tmp: Path, bases: Bases, capsys=None) -> tuple[str, str]:
+    """(outcome, detail): ``clear`` (exit 2, one stderr line ``kdlab: error: ...`` naming what the
+    case needs, files intact), ``unclear`` (that line lacks it), ``traceback`` (an exception
+    escaped, or several lines / another exit code), ``lost`` (a file present before changed),
+    ``silent`` (exit 0: the bad input was accepted)."""
     import contextlib
     import io
 
     from kdlab.cli.main import main
 
-    group, fn, expect = CASES[name]
     tmp.mkdir(parents=True, exist_ok=True)
-    cwd = os.getcwd()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    root = Path(bases["b"]).parent
     os.chdir(tmp)
     try:
-        argv = fn(tmp, base)
-        before = {**{f"tmp/{k}": v for k, v in snapshot(tmp).items()},
-                  **{f"base/{k}": v for k, v in snapshot(base).items()}}
+        argv, expect, kind = _prepare(name, tmp, bases)
+        before = _snap(tmp, root)
         err, out = io.StringIO(), io.StringIO()
         escaped = None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
-                rc = main(argv)
+                if kind == "api":
+                    try:
+                        argv(tmp, bases)
+                        rc = 0
+                    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+                        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                        print(f"kdlab: error: {msg}", file=sys.stderr)
+                        rc = 2
+                else:
+                    rc = main(argv)
             except SystemExit as e:
                 rc = e.code
             except BaseException:  # noqa: BLE001 - a traceback is what we count
                 escaped = traceback.format_exc().strip().splitlines()[-1]
                 rc = None
-        after = {**{f"tmp/{k}": v for k, v in snapshot(tmp).items()},
-                 **{f"base/{k}": v for k, v in snapshot(base).items()}}
+        after = _snap(tmp, root)
     finally:
         os.chdir(cwd)
+        torch.set_num_threads(threads)
         while _cleanup:
             c = _cleanup.pop()
             c.send_signal(signal.SIGKILL)
@@ -380,11 +557,12 @@ def classify(name: str, tmp: Path, base: Path, capsys=None) -> tuple[str, str]:
     lost = changed(before, after)
     lines = [l for l in err.getvalue().splitlines() if l.strip()]
     if lost:
-        return "data lost", f"changed: {lost}"
+        return "lost", f"changed: {lost}"
     if escaped is not None:
         return "traceback", escaped
     if rc == 0:
-        return "accepted", out.getvalue().strip().splitlines()[-1:] and out.getvalue().strip().splitlines()[-1]
+        last = out.getvalue().strip().splitlines()[-1:]
+        return "silent", last[0] if last else ""
     if rc != 2 or len(lines) != 1 or not lines[0].startswith("kdlab: error:"):
         return "traceback", f"rc={rc}, {len(lines)} stderr lines: {lines[-1] if lines else ''}"
     if expect and expect not in lines[0]:
@@ -392,19 +570,128 @@ def classify(name: str, tmp: Path, base: Path, capsys=None) -> tuple[str, str]:
     return "clear", lines[0]
 
 
+_SHARED: list = []
+
+
+def shared_bases(tmp_path_factory) -> Bases:
+    """One set of base folders per test session (this file and tests/test_faults.py share it)."""
+    if not _SHARED:
+        root = tmp_path_factory.mktemp("bad-bases")
+        _SHARED.append(Bases(root, _base(root / "b")))
+    return _SHARED[0]
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return _base(tmp_path_factory.mktemp("bad-base"))
+def bases(tmp_path_factory):
+    return shared_bases(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def base(bases):
+    return Path(bases["b"])
 
 
 def test_suite_is_large_enough():
-    assert len(CASES) >= 60
+    names = all_cases()
+    assert len(names) >= 300
+    fams = {family_of(n) for n in names}
+    # every command family of the CLI has cases
+    from kdlab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    listings = {"recipes", "models", "losses", "methods"}  # no input to get wrong
+    missing = set(sub.choices) - listings - fams
+    assert not missing, (f"command families without bad-input cases: {sorted(missing)}; add "
+                         f"tests/bad_cases_<family>.py with their CASES (see tests/bad_case.py)")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, base, tmp_path):
-    outcome, detail = classify(name, tmp_path / "case", base)
+def _commands() -> dict:
+    """``{command: {subcommands}}`` of the kdlab parser."""
+    from kdlab.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    out = {}
+    for name, p in sub.choices.items():
+        inner = [a for a in p._actions if a.dest == "lm_command"]
+        out[name] = set(inner[0].choices) if inner else set()
+    return out
+
+
+def _bad_hints(text: str, commands: dict) -> list[str]:
+    import re
+
+    bad = []
+    for m in re.finditer(r"`kdlab ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?", text):
+        cmd, sub = m.group(1), m.group(2)
+        if cmd not in commands or (commands[cmd] and sub and sub not in commands[cmd]):
+            bad.append(m.group(0))
+    return bad
+
+
+def test_every_hint_names_a_command_that_exists():
+    """Messages point to `kdlab X` commands that exist (an unknown loss term once pointed to
+    `kdlab losss`): every such hint in the sources, and the unknown-name errors of the registries."""
+    commands = _commands()
+    src = Path(__file__).resolve().parent.parent / "src" / "kdlab"
+    bad = {str(f.relative_to(src)): b for f in src.rglob("*.py") if (b := _bad_hints(f.read_text(), commands))}
+    assert not bad, bad
+    from kdlab.data import DATASETS
+    from kdlab.data.corruptions.ops import CORRUPTION_REGISTRY
+    from kdlab.distill.losses import LOSSES
+    from kdlab.experiments.paradigms.base import PARADIGMS
+    from kdlab.models import MODELS
+
+    for reg in (DATASETS, CORRUPTION_REGISTRY, LOSSES, PARADIGMS, MODELS):
+        with pytest.raises(KeyError) as e:
+            reg.entry("zzz-no-such-name")
+        assert "zzz-no-such-name" in e.value.args[0] and not _bad_hints(e.value.args[0], commands)
+
+
+def _needs(name: str) -> str:
+    """A reason to skip a case whose optional dependency is missing ('' when none)."""
+    c = ROWS.get(name)
+    text = "" if c is None or callable(c.argv) else c.argv
+    if "model.onnx" in text or "onnx" in str(c and c.files):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime not installed"
+    if "tune" == getattr(c, "family", ""):
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            return "optuna not installed"
+    if "{lm}/bpe" in text:
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            return "tokenizers not installed"
+    return ""
+
+
+@pytest.mark.parametrize("name", all_cases())
+def test_bad_input(name, bases, tmp_path):
+    why = _needs(name)
+    if why:
+        pytest.skip(why)
+    outcome, detail = classify(name, tmp_path / "case", bases)
     assert outcome == "clear", f"{name}: {outcome}: {detail}"
+
+
+def table(results: dict) -> str:
+    """Markdown: cases per command family with counts of each outcome."""
+    kinds = ["clear", "unclear", "traceback", "silent", "lost"]
+    fams: dict = {}
+    for name, (outcome, _) in results.items():
+        row = fams.setdefault(family_of(name), dict.fromkeys(kinds, 0))
+        row[outcome] += 1
+    lines = ["| family | cases | " + " | ".join(kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
+    for fam in sorted(fams):
+        r = fams[fam]
+        lines.append(f"| {fam} | {sum(r.values())} | " + " | ".join(str(r[k]) for k in kinds) + " |")
+    tot = {k: sum(r[k] for r in fams.values()) for k in kinds}
+    lines.append(f"| **all** | **{sum(tot.values())}** | " + " | ".join(f"**{tot[k]}**" for k in kinds) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # the table: python tests/test_bad_inputs.py [out.md]
@@ -412,15 +699,23 @@ if __name__ == "__main__":  # the table: python tests/test_bad_inputs.py [out.md
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="kdlab-bad-"))
-    b = _base(root / "base")
-    rows, counts = [], {}
-    for i, name in enumerate(CASES):
-        outcome, detail = classify(name, root / f"c{i}", b)
-        counts[outcome] = counts.get(outcome, 0) + 1
-        rows.append(f"| {CASES[name][0]} | {name} | {outcome} | {str(detail)[:160].replace('|', '/')} |")
+    bs = Bases(root, _base(root / "b"))
+    rows, results = [], {}
+    t_all = time.time()
+    for i, name in enumerate(all_cases()):
+        t0 = time.time()
+        if _needs(name):
+            continue
+        try:
+            outcome, detail = classify(name, root / f"c{i}", bs)
+        except Exception as e:  # noqa: BLE001 - a base that cannot be built on this kdlab
+            outcome, detail = "traceback", f"set-up failed: {type(e).__name__}: {e}"
+        results[name] = (outcome, detail)
+        rows.append(f"| {family_of(name)} | {name} | {outcome} | {time.time() - t0:.1f}s | "
+                    f"{str(detail)[:160].replace('|', '/')} |")
         print(rows[-1], flush=True)
-    summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    print(f"\n{len(CASES)} cases: {summary}")
+    summary = table(results)
+    print("\n" + summary + f"\n\n{len(results)} cases in {time.time() - t_all:.0f}s")
     if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text("| group | case | outcome | detail |\n|---|---|---|---|\n"
-                                     + "\n".join(rows) + f"\n\n{len(CASES)} cases: {summary}\n")
+        Path(sys.argv[1]).write_text("| family | case | outcome | time | detail |\n|---|---|---|---:|---|\n"
+                                     + "\n".join(rows) + "\n\n" + summary + "\n")

@@ -69,7 +69,9 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
             once and served to the later calls).
     """
     from kdlab.core.checkpoint import atomic_save, load_checkpoint
-    from kdlab.core.config import MaskCfg, Recipe, TermCfg, TrainCfg
+    from pydantic import ValidationError
+
+    from kdlab.core.config import MaskCfg, Recipe, TermCfg, TrainCfg, check_loss_numbers, describe_error
     from kdlab.core.seeding import derive_seed, seed_everything
     from kdlab.data.splits import DatasetInfo, Splits, TensorSet
     from kdlab.distill.losses import build_terms
@@ -77,11 +79,17 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     from kdlab.train.build import build_run, trainer_for
     from kdlab.train.runtime import Runtime
 
-    cfg = TrainCfg(**(train or {}))
+    try:
+        cfg = TrainCfg(**(train or {}))
+    except ValidationError as e:
+        raise ValueError(f"kdlab.fit: train.{describe_error(e)}") from None
     runtime = Runtime.from_cfg(cfg)
     mean, std = normalize if normalize is not None else (None, None)
     pair = lambda d: TensorSet(d[0].float(), d[1].long()) if _is_pair(d) else d  # noqa: E731
     train_data, val_data, test_data = pair(train_data), pair(val_data), pair(test_data)
+    for what, data in (("train_data", train_data), ("val_data", val_data), ("test_data", test_data)):
+        if data is not None and _size(data) == 0:
+            raise ValueError(f"kdlab.fit: {what} is empty (0 samples); give at least one sample")
     shape = _input_shape(train_data)
     if num_classes is None:
         ds = getattr(train_data, "dataset", train_data)
@@ -93,6 +101,7 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     if teacher is not None:
         t_model, _ = _model(teacher, num_classes, shape[0], "teacher")
     terms_cfg = [TermCfg.model_validate(t) for t in (loss or (DEFAULT_KD if teacher is not None else [{"term": "ce"}]))]
+    check_loss_numbers(terms_cfg, "kdlab.fit")
     terms = build_terms(terms_cfg)
     if any(t.needs_teacher for _, _, t in terms) and t_model is None:
         raise ValueError("these loss terms need a teacher: pass teacher=... to kdlab.fit")
@@ -141,10 +150,20 @@ def _is_pair(data) -> bool:
 
 def _input_shape(data) -> tuple:
     """``[C, H, W]`` of the samples of any data ``kdlab.fit`` takes (its first batch)."""
-    from kdlab.data.streaming import as_loader
+    from kdlab.data.streaming import as_loader, first_batch
 
-    x, _, _ = next(iter(as_loader(data, 1, shuffle=False, seed=0).epoch(0)))
+    x, _, _ = first_batch(as_loader(data, 1, shuffle=False, seed=0), "train_data")
     return tuple(x.shape[1:])
+
+
+def _size(data) -> Optional[int]:
+    """Samples in ``data`` (a Dataset, DataLoader, TensorSet or ``(x, y)`` pair); None if unknown."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        return int(data[0].shape[0])
+    try:
+        return len(getattr(data, "dataset", data))
+    except TypeError:
+        return None
 
 
 def fit_recipe(recipe, run_dir: Union[str, Path, None] = None, *, overrides: Sequence[str] = (),

@@ -68,6 +68,67 @@ def check_device(spec: str) -> str:
     return str(spec)
 
 
+def whole(lo: int | None = None, hi: int | None = None):
+    """An argparse ``type`` for a whole number in ``[lo, hi]``: a bad value is one usage line that
+    names the flag (``argument --threads: must be a whole number >= 1, got '-1'``)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            v = None
+        if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be a whole number {_span(lo, hi)}, got '{text}'")
+        return v
+    parse.__name__ = "whole number"
+    return parse
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False):
+    """An argparse ``type`` for a finite number in ``[lo, hi]`` (``lo_open``/``hi_open``: the bound
+    itself excluded); NaN and infinity are refused, naming the flag."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(str(text).strip())
+        except ValueError:
+            v = math.nan
+        ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+            (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"must be a number {_span(lo, hi, lo_open, hi_open)}, got '{text}'")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _span(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
+    a = f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else ""
+    b = f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else ""
+    if a and b:
+        return f"{'in (' if lo_open else 'in ['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return a or b or "(any)"
+
+
+def act_bits(text: str):
+    """``--act-bits``: a whole number of bits in [2, 16], or ``none`` (activations stay float)."""
+    if str(text).strip().lower() in ("none", "fp"):
+        return "none"
+    try:
+        return whole(2, 16)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bits in [2, 16] or 'none', got '{text}'") from None
+
+
+#: Common flag types: counts of at least one, counts that may be zero, seeds.
+POSITIVE = whole(1)
+COUNT = whole(0)
+SEED = whole(0)
+FRACTION = number(0.0, 1.0)
+
+
 class _SeedsAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         try:
@@ -138,9 +199,9 @@ def add_seeds(p: argparse.ArgumentParser) -> None:
 def add_parallel(p: argparse.ArgumentParser) -> None:
     """``--jobs N --threads T --launcher local|submitit --launcher-opt KEY=VALUE``: run a study's
     independent runs in parallel (kdlab.experiments.parallel)."""
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=POSITIVE, default=1, metavar="N",
                    help="runs at once: N local processes or N submitit tasks (default 1: one after another)")
-    p.add_argument("--threads", type=int, default=None, metavar="T",
+    p.add_argument("--threads", type=POSITIVE, default=None, metavar="T",
                    help="torch threads per run (default: the cores divided by --jobs)")
     p.add_argument("--launcher", choices=["local", "submitit"], default="local",
                    help="local processes, or submitit (a Slurm job array; cluster=local runs it here)")

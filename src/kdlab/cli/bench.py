@@ -16,20 +16,20 @@ def register(sub) -> None:
                                      "the teacher cache; or where a study's time goes (--study)")
     p.add_argument("--teacher", default="resnet56", help="teacher model name (default %(default)s)")
     p.add_argument("--student", default="resnet20", help="student model name (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant and round (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds (variants take turns); median counts (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images (default %(default)s)")
-    p.add_argument("--channels", type=int, default=3, help="channels of the synthetic images (default %(default)s)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of the synthetic labels (default %(default)s)")
+    p.add_argument("--batch-size", type=A.POSITIVE, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--steps", type=A.POSITIVE, default=5, help="timed steps per variant and round (default %(default)s)")
+    p.add_argument("--repeats", type=A.POSITIVE, default=3, help="rounds (variants take turns); median counts (default %(default)s)")
+    p.add_argument("--image-size", type=A.POSITIVE, default=32, help="side of the synthetic images (default %(default)s)")
+    p.add_argument("--channels", type=A.POSITIVE, default=3, help="channels of the synthetic images (default %(default)s)")
+    p.add_argument("--num-classes", type=A.whole(2), default=10, help="classes of the synthetic labels (default %(default)s)")
     p.add_argument("--layers", default="layer3,layer3", help="student,teacher layer of the masked terms (default %(default)s)")
-    p.add_argument("--mask-steps", type=int, default=16, help="Integrated-Gradients steps (default %(default)s)")
+    p.add_argument("--mask-steps", type=A.POSITIVE, default=16, help="Integrated-Gradients steps (default %(default)s)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (default %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached",
                    help="comma-separated steps to time (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=A.COUNT, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     p.add_argument("--study", metavar="RECIPE",
                    help="instead: run this study (the ablation ladder) and report the seconds in student "
@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--compare-cache", action="store_true",
                    help="--study: also run each study with the teacher cache off; report the speed-up "
                         "and whether the results are identical")
-    p.add_argument("--synthetic-cifar", type=int, metavar="N",
+    p.add_argument("--synthetic-cifar", type=A.whole(10), metavar="N",
                    help="--study: generate N CIFAR-format training images (kdlab.data.cifar_synthetic) "
                         "in <out>/data, read them as the recipe's data and keep the teacher in <out>/teacher")
     p.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE",

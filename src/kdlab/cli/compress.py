@@ -21,23 +21,23 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, latency: bool = Tr
     A.add_out(g, "runs/compress/<name>")
     if device:
         A.add_device(g)
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=A.POSITIVE, default=None,
                    help="torch.set_num_threads (default: as is)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=A.SEED, default=0,
                    help="seed of data order, fine-tuning and calibration draws (default 0)")
     A.add_quiet(g)
     if data:
         g.add_argument("--dataset", default=None,
                        help="digits, cifar10 or cifar100 (default: the checkpoint's dataset)")
         A.add_data_dir(g)
-        g.add_argument("--batch-size", type=int, default=128,
+        g.add_argument("--batch-size", type=A.POSITIVE, default=128,
                        help="batch size of evaluation and fine-tuning (default 128)")
         g.add_argument("--allow-other-dataset", action="store_true",
                        help="use a checkpoint (or --teacher) trained on another data set than --dataset")
     if latency:
-        g.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
-        g.add_argument("--repeats", type=int, default=50, help="timed runs, median and p90 (default 50)")
-        g.add_argument("--latency-batch", type=int, default=32,
+        g.add_argument("--warmup", type=A.COUNT, default=10, help="untimed runs before timing (default 10)")
+        g.add_argument("--repeats", type=A.POSITIVE, default=50, help="timed runs, median and p90 (default 50)")
+        g.add_argument("--latency-batch", type=A.POSITIVE, default=32,
                        help="the larger batch timed besides batch 1 (throughput); default 32 "
                             "(deploy: 256 for images of at most 16 px, else 32)")
 
@@ -55,15 +55,15 @@ def _common_kwargs(args, *, data: bool = True, latency: bool = True) -> dict:
 def _finetune_opts(p, *, epochs_flag="--finetune-epochs", epochs=3, lr=0.01, distill="self"):
     g = p.add_argument_group("fine-tuning")
     g.add_argument(epochs_flag, dest="finetune_epochs" if "finetune" in epochs_flag else "epochs",
-                   type=int, default=epochs, help=f"fine-tuning epochs (default {epochs})")
-    g.add_argument("--lr", type=float, default=lr, help=f"fine-tuning learning rate (default {lr})")
+                   type=A.COUNT, default=epochs, help=f"fine-tuning epochs (default {epochs})")
+    g.add_argument("--lr", type=A.number(0, lo_open=True), default=lr, help=f"fine-tuning learning rate (default {lr})")
     g.add_argument("--distill", choices=["none", "self", "teacher"], default=distill,
                    help="KD target while fine-tuning: none, the uncompressed model itself "
                         f"('self'), or --teacher (default {distill})")
     g.add_argument("--teacher", default=None, help="teacher checkpoint for --distill teacher")
-    g.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term (default 0.9)")
-    g.add_argument("--T", type=float, default=4.0, help="KD temperature (default 4)")
-    g.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--alpha", type=A.FRACTION, default=0.9, help="weight of the KD term (default 0.9)")
+    g.add_argument("--T", type=A.number(0, lo_open=True), default=4.0, help="KD temperature (default 4)")
+    g.add_argument("--max-steps", type=A.POSITIVE, default=None, help=argparse.SUPPRESS)
 
 
 def _print(res: dict) -> None:
@@ -146,10 +146,10 @@ def register(sub) -> None:
     p = sub.add_parser("profile", help="parameters, memory per dtype, file size, FLOPs and "
                                        "latency of a checkpoint, ONNX file or model name")
     p.add_argument("target", help="checkpoint (.pt or .safetensors), ONNX file, or registry model name")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--input-size", type=A.POSITIVE, default=None,
                    help="image side (default: the dataset's, 32 for a model name)")
-    p.add_argument("--num-classes", type=int, default=10, help="for a model name (default 10)")
-    p.add_argument("--in-channels", type=int, default=3, help="for a model name (default 3)")
+    p.add_argument("--num-classes", type=A.POSITIVE, default=10, help="for a model name (default 10)")
+    p.add_argument("--in-channels", type=A.POSITIVE, default=3, help="for a model name (default 3)")
     p.add_argument("--per-layer", action="store_true", help="FLOPs per layer too")
     p.add_argument("--no-latency", action="store_true", help="skip timing")
     _common(p, data=False)
@@ -158,7 +158,7 @@ def register(sub) -> None:
     p = sub.add_parser("prune", help="unstructured or structured (channel) pruning, one-shot or "
                                      "iterative, with (distilled) fine-tuning")
     p.add_argument("checkpoint", help="model checkpoint (.pt or .safetensors)")
-    p.add_argument("--sparsity", type=float, required=True,
+    p.add_argument("--sparsity", type=A.number(0, 1, hi_open=True), required=True,
                    help="fraction of weights (unstructured) or channels (structured) removed")
     p.add_argument("--method", choices=["unstructured", "structured"], default="unstructured",
                    help="zero single weights, or remove whole channels (default unstructured)")
@@ -167,10 +167,10 @@ def register(sub) -> None:
                         "unstructured, local for structured)")
     p.add_argument("--importance", choices=["magnitude", "gradient"], default="magnitude",
                    help="|w|, or |w x grad| accumulated over batches (default magnitude)")
-    p.add_argument("--steps", type=int, default=1, help="iterative: prune/fine-tune stages (default 1)")
+    p.add_argument("--steps", type=A.POSITIVE, default=1, help="iterative: prune/fine-tune stages (default 1)")
     p.add_argument("--schedule", choices=["linear", "cubic"], default="linear",
                    help="sparsity schedule over the stages (default linear)")
-    p.add_argument("--importance-batches", type=int, default=8,
+    p.add_argument("--importance-batches", type=A.POSITIVE, default=8,
                    help="batches for gradient importance (default 8)")
     p.add_argument("--skip-classifier", action="store_true", help="never prune the classifier")
     p.add_argument("--model-out", metavar="FILE", default=None,
@@ -185,15 +185,15 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=["fake", "static", "qat"], default="fake",
                    help="fake (accuracy at b bits), static (int8 ONNX Runtime) or qat "
                         "(quantization-aware fine-tuning); default fake")
-    p.add_argument("--bits", type=int, nargs="+", default=[8],
+    p.add_argument("--bits", type=A.whole(2, 16), nargs="+", default=[8],
                    help="weight bits (fake: a list; default 8)")
-    p.add_argument("--act-bits", default="8", help="activation bits, or 'none' for float (default 8)")
+    p.add_argument("--act-bits", default="8", type=A.act_bits, help="activation bits, or 'none' for float (default 8)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
     p.add_argument("--asymmetric-weights", action="store_true",
                    help="asymmetric (zero-point) weight quantization")
     p.add_argument("--symmetric-activations", action="store_true",
                    help="symmetric activation quantization")
-    p.add_argument("--calib-batches", type=int, default=8,
+    p.add_argument("--calib-batches", type=A.POSITIVE, default=8,
                    help="training batches for calibration (default 8)")
     p.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="static: ONNX Runtime calibration method (default minmax)")
@@ -213,9 +213,9 @@ def register(sub) -> None:
     p.add_argument("--model-out", metavar="FILE", default=None,
                    help="output path (default <out>/model.onnx or <out>/model.safetensors)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the check (default 1e-4)")
-    p.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the check (default 1e-3)")
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--atol", type=A.number(0), default=1e-4, help="absolute tolerance of the check (default 1e-4)")
+    p.add_argument("--rtol", type=A.number(0), default=1e-3, help="relative tolerance of the check (default 1e-3)")
+    p.add_argument("--input-size", type=A.POSITIVE, default=None,
                    help="image side (default: the checkpoint's)")
     _common(p, data=False, latency=False, device=False)
     p.set_defaults(func=cmd_export)
@@ -225,7 +225,7 @@ def register(sub) -> None:
     p.add_argument("--student", required=True, help="student checkpoint, e.g. "
                                                     "runs/<study>/<method>/seed0/best.pt")
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.6],
+    p.add_argument("--sparsities", type=A.number(0, 1, hi_open=True), nargs="+", default=[0.3, 0.6],
                    help="pruning levels (fraction of channels removed; default 0.3 0.6)")
     p.add_argument("--method", choices=["structured", "unstructured"], default="structured",
                    help="pruning method (default structured)")
@@ -233,19 +233,19 @@ def register(sub) -> None:
                    help="pruning importance (default magnitude)")
     p.add_argument("--scope", choices=["local", "global"], default="local",
                    help="pruning scope (default local)")
-    p.add_argument("--steps", type=int, default=1, help="iterative pruning stages (default 1)")
-    p.add_argument("--finetune-epochs", type=int, default=5,
+    p.add_argument("--steps", type=A.POSITIVE, default=1, help="iterative pruning stages (default 1)")
+    p.add_argument("--finetune-epochs", type=A.COUNT, default=5,
                    help="fine-tuning epochs of each pruned student (default 5)")
-    p.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate, cosine (default 0.05)")
+    p.add_argument("--lr", type=A.number(0, lo_open=True), default=0.05, help="fine-tuning learning rate, cosine (default 0.05)")
     p.add_argument("--distill", choices=["student", "teacher", "none"], default="student",
                    help="KD target while fine-tuning pruned students (default: unpruned student)")
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KD term (default 0.9)")
-    p.add_argument("--T", type=float, default=4.0, help="KD temperature (default 4)")
-    p.add_argument("--calib-batches", type=int, default=8,
+    p.add_argument("--alpha", type=A.FRACTION, default=0.9, help="weight of the KD term (default 0.9)")
+    p.add_argument("--T", type=A.number(0, lo_open=True), default=4.0, help="KD temperature (default 4)")
+    p.add_argument("--calib-batches", type=A.POSITIVE, default=8,
                    help="training batches for int8 calibration (default 8)")
     p.add_argument("--format", choices=["qdq", "qoperator"], default="qdq",
                    help="ONNX quantized format (default qdq)")
-    p.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-steps", type=A.POSITIVE, default=None, help=argparse.SUPPRESS)
     _common(p)
     p.set_defaults(func=cmd_deploy, latency_batch=None)
 

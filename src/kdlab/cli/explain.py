@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint (best.pt)")
     p.add_argument("--student", action="append", required=True, metavar="CKPT",
                    help="student checkpoint (repeatable)")
-    p.add_argument("--alpha", action="append", type=float, metavar="A",
+    p.add_argument("--alpha", action="append", type=A.FRACTION, metavar="A",
                    help="hard-label weight of each --student, in the same order (repeatable); "
                         "given for every student, sweep.png is drawn")
     p.add_argument("--label", action="append", metavar="NAME",
@@ -38,19 +38,19 @@ def register(sub) -> None:
     p.add_argument("--baseline", choices=["zeros", "mean"], default="zeros",
                    help="IG baseline: zeros (= dataset-mean colour for normalised inputs) or "
                         "each image's mean colour")
-    p.add_argument("--steps", type=int, default=32, help="IG integration steps")
-    p.add_argument("--internal-batch-size", type=int, help="IG: evaluate the path in chunks")
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
+    p.add_argument("--steps", type=A.POSITIVE, default=32, help="IG integration steps")
+    p.add_argument("--internal-batch-size", type=A.POSITIVE, help="IG: evaluate the path in chunks")
+    p.add_argument("--grid", type=A.POSITIVE, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
                    help="grid of image parts compared (default 4 4)")
-    p.add_argument("--superpixels", type=int, metavar="S",
+    p.add_argument("--superpixels", type=A.whole(2), metavar="S",
                    help="use ~S SLIC superpixels instead of the grid (needs scikit-image)")
-    p.add_argument("--k", type=int, default=5, help="teacher's top-k parts for the focus metric")
-    p.add_argument("--T", type=float, default=1.0, help="temperature of the KL metric")
-    p.add_argument("--n-images", type=int, default=256, help="images drawn from the split (seeded)")
-    p.add_argument("--n-overlay", type=int, default=8, help="images in overlays.png")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward/backward pass (default 64)")
+    p.add_argument("--k", type=A.POSITIVE, default=5, help="teacher's top-k parts for the focus metric")
+    p.add_argument("--T", type=A.number(0, lo_open=True), default=1.0, help="temperature of the KL metric")
+    p.add_argument("--n-images", type=A.POSITIVE, default=256, help="images drawn from the split (seeded)")
+    p.add_argument("--n-overlay", type=A.COUNT, default=8, help="images in overlays.png")
+    p.add_argument("--batch-size", type=A.POSITIVE, default=64, help="images per forward/backward pass (default 64)")
     A.add_out(p, "runs/explain")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image draw and of the splits (default 0)")
+    p.add_argument("--seed", type=A.SEED, default=0, help="seed of the image draw and of the splits (default 0)")
     A.add_device(p)
     p.set_defaults(func=cmd_explain)
 

@@ -76,7 +76,7 @@ def register(sub) -> None:
     q = lsub.add_parser("distill", help="train one student")
     common(q)
     q.add_argument("--method", help="a study method of the recipe (default: the recipe's distill section)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=cargs.SEED, default=0)
     q.set_defaults(func=cmd_distill)
 
     q = lsub.add_parser("ablate", help="paired multi-seed study: CE vs divergences vs seq-level vs on-policy "
@@ -89,9 +89,9 @@ def register(sub) -> None:
     q = lsub.add_parser("generate", help="continue a prompt with a trained LM")
     q.add_argument("checkpoint", help="an LM run's best.pt (OUT/teacher/best.pt or OUT/<method>/seed<k>/best.pt)")
     q.add_argument("--prompt", required=True, help="the text to continue")
-    q.add_argument("--max-new", type=int, default=64, help="tokens to generate (default %(default)s)")
-    q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    q.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
-    q.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    q.add_argument("--max-new", type=cargs.POSITIVE, default=64, help="tokens to generate (default %(default)s)")
+    q.add_argument("--temperature", type=cargs.number(0), default=0.0, help="0 = greedy (default); > 0 samples")
+    q.add_argument("--top-k", type=cargs.POSITIVE, default=None, help="sample among the k most likely tokens (default: all)")
+    q.add_argument("--seed", type=cargs.SEED, default=0, help="sampling seed (default %(default)s)")
     q.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step")
     q.set_defaults(func=cmd_generate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from kdlab.cli import bench, compress, diffusion, explain, lm, methods, robustness, run, tune
@@ -22,7 +23,28 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with usage errors as one line (``kdlab: error: ...``), exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"kdlab: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"kdlab: error: {suggest(message, self.prog)} (see `{self.prog} --help`)\n")
+
+
+_CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<value>[^' ]*)'? \(choose from (?P<choices>.*)\)$")
+
+
+def suggest(message: str, prog: str) -> str:
+    """argparse's "invalid choice" message with the closest valid choice named: a mistyped command
+    (losss for losses) gets ``did you mean `kdlab losses`?`` (a command that exists), other choices
+    ``did you mean 'both'?``; any other message is returned as it is."""
+    import difflib
+
+    m = _CHOICE.match(message.strip())
+    if not m:
+        return message
+    choices = re.findall(r"'([^']*)'", m["choices"]) or [c.strip() for c in m["choices"].split(",")]
+    close = difflib.get_close_matches(m["value"], choices, n=1, cutoff=0.6)
+    if m["arg"] in ("COMMAND", "LM_COMMAND"):
+        hint = f"; did you mean `{prog} {close[0]}`?" if close else ""
+        return f"unknown command '{m['value']}'{hint} (commands: {', '.join(choices)})"
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"argument {m['arg']}: invalid choice '{m['value']}'{hint} (choose from {', '.join(choices)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # a usage error: one line (OneLineParser) and SystemExit(2)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        parser.exit(2, f"kdlab: error: unknown option {argv[0]} before the command; options go after it "
+                       f"(`kdlab COMMAND --help` lists a command's options)\n")
+    args, extra = parser.parse_known_args(argv)  # a usage error: one line (OneLineParser), SystemExit(2)
+    if extra:  # named with the command's own help, not the top-level one
+        prog = " ".join(["kdlab", *(c for c in (getattr(args, "command", None),
+                                                getattr(args, "lm_command", None)) if c)])
+        parser.exit(2, f"kdlab: error: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)\n")
     # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
+        exit_on_next_interrupt()
         return 130
     except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         if os.environ.get("KDLAB_DEBUG"):
@@ -59,11 +90,46 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the user gave that cannot be written or read
         if os.environ.get("KDLAB_DEBUG"):
             raise
-        where = f" {e.filename}" if e.filename else ""
-        print(f"kdlab: error: cannot use{where}: {e.strerror or e}; check the path and its permissions "
-              f"(--out, --data-dir, checkpoint paths)", file=sys.stderr)
+        print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def os_error_line(e: OSError) -> str:
+    """What went wrong with a file, the file, and what to do (one line)."""
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device to write{where}; free some space and re-run the same command "
+                f"(the files written before are kept whole)")
+    if e.errno == errno.EROFS:
+        return f"cannot write{where}: the file system is read-only; give an --out folder on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot use{where}: permission denied; give a folder you can write to (--out) or fix its permissions"
+    return (f"cannot use{where}: {e.strerror or e}; check the path and its permissions "
+            f"(--out, --data-dir, checkpoint paths)")
+
+
+def exit_on_next_interrupt() -> None:
+    """After a first Ctrl-C: a second one ends the process at once, silently (exit status 130),
+    instead of a traceback from whatever clean-up (``atexit`` handlers, a cache being saved) it
+    interrupts. Every file kdlab writes is replaced atomically, so nothing half-written is left
+    behind; run locks are released by the operating system."""
+    import signal
+
+    def now(signum, frame):
+        os._exit(130)
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        signal.signal(signal.SIGINT, now)
+    except ValueError:  # not the main thread (kdlab.cli.main.main called from a thread)
+        pass
 
 
 def one_line(msg: str) -> str:

@@ -60,7 +60,7 @@ def register(sub) -> None:
     p.add_argument("recipe", nargs="?", help="base recipe (data, student, teacher, train settings, "
                    "distillation loss) when the first argument is a paradigm name")
     A.add_out(p, "runs/<recipe name>-<paradigm>/seed<k>")
-    p.add_argument("--seed", type=int, help="override train.seed (default: the recipe's)")
+    p.add_argument("--seed", type=A.SEED, help="override train.seed (default: the recipe's)")
     A.add_data_dir(p)
     A.add_set(p)  # also paradigm settings: --set paradigm.generations=3
     A.add_device(p, recipe=True)

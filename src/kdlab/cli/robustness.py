@@ -26,12 +26,12 @@ def register(sub) -> None:
     A.add_data_dir(p)
     p.add_argument("--corruptions", nargs="+", default=["all"], metavar="C",
                    help="'all' (default), 'standard' (the 15), 'extra' (the 4) or names")
-    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], metavar="S",
+    p.add_argument("--severities", nargs="+", type=A.whole(1, 5), default=[1, 2, 3, 4, 5], metavar="S",
                    help="severities 1-5 (default all five)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corruptions' random draws (default 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--seed", type=A.SEED, default=0, help="seed of the corruptions' random draws (default 0)")
+    p.add_argument("--batch-size", type=A.POSITIVE, default=256, help="images per forward pass (default 256)")
     A.add_device(p)
-    p.add_argument("--limit", type=int, metavar="N",
+    p.add_argument("--limit", type=A.POSITIVE, metavar="N",
                    help="use only the first N test images (quick looks)")
     p.add_argument("--cifar-c", metavar="DIR",
                    help="read the published CIFAR-10-C .npy files from DIR instead of "

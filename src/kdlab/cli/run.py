@@ -126,7 +126,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("distill", help="train one student from a recipe (teacher trained first if missing)")
     _recipe_args(p, "runs/<recipe name>/seed<k>")
-    p.add_argument("--seed", type=int, help="override train.seed (default: the recipe's)")
+    p.add_argument("--seed", type=A.SEED, help="override train.seed (default: the recipe's)")
     p.add_argument("--restart", action="store_true", help="ignore an unfinished run and start over")
     p.set_defaults(func=cmd_distill)
 
@@ -156,13 +156,13 @@ def register(sub) -> None:
     p = sub.add_parser("explain-study", help="where a study's students look: alignment with the teacher per method")
     p.add_argument("study", help="study folder (runs/<name>) of a finished `kdlab ablate`")
     p.add_argument("--teacher", help="teacher checkpoint (default: the one the runs' recipe names)")
-    p.add_argument("--n-images", type=int, default=200, help="test images explained (default 200)")
+    p.add_argument("--n-images", type=A.POSITIVE, default=200, help="test images explained (default 200)")
     p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig",
                    help="attribution method (default ig)")
-    p.add_argument("--grid", type=int, nargs=2, metavar=("ROWS", "COLS"),
+    p.add_argument("--grid", type=A.POSITIVE, nargs=2, metavar=("ROWS", "COLS"),
                    help="grid of image parts (default 4 4 on 8x8 images, 7 7 on 28x28)")
-    p.add_argument("--k", type=int, help="teacher's top-k parts of the focus metric")
-    p.add_argument("--steps", type=int, default=16, help="Integrated-Gradients steps (default 16)")
+    p.add_argument("--k", type=A.POSITIVE, help="teacher's top-k parts of the focus metric")
+    p.add_argument("--steps", type=A.POSITIVE, default=16, help="Integrated-Gradients steps (default 16)")
     A.add_data_dir(p)
     A.add_device(p)
     p.set_defaults(func=cmd_explain_study)
@@ -184,17 +184,17 @@ def register(sub) -> None:
     p.set_defaults(recipe="digits/kd")
     A.add_seeds(p)
     A.add_parallel(p)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 0.9], metavar="A",
+    p.add_argument("--alphas", type=A.FRACTION, nargs="+", default=[0.0, 0.5, 0.9], metavar="A",
                    help="weights of the KD term: (1-alpha)*CE + alpha*KD (0 = no KD; default 0 0.5 0.9)")
     p.add_argument("--students", nargs="+", default=["cnn_tiny", "cnn_small", "cnn_medium"],
                    metavar="MODEL", help="student model names (default cnn_tiny cnn_small cnn_medium)")
-    p.add_argument("--n-images", type=int, default=256, help="test images explained (default 256)")
+    p.add_argument("--n-images", type=A.POSITIVE, default=256, help="test images explained (default 256)")
     p.add_argument("--method", choices=["saliency", "ig", "gradcam"], default="ig",
                    help="attribution method (default ig)")
-    p.add_argument("--grid", type=int, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
+    p.add_argument("--grid", type=A.POSITIVE, nargs=2, default=[4, 4], metavar=("ROWS", "COLS"),
                    help="grid of image parts compared (default 4 4)")
-    p.add_argument("--k", type=int, default=5, help="teacher's top-k parts of the focus metric (default 5)")
-    p.add_argument("--steps", type=int, default=32, help="Integrated-Gradients steps (default 32)")
+    p.add_argument("--k", type=A.POSITIVE, default=5, help="teacher's top-k parts of the focus metric (default 5)")
+    p.add_argument("--steps", type=A.POSITIVE, default=32, help="Integrated-Gradients steps (default 32)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
@@ -202,7 +202,7 @@ def register(sub) -> None:
     p.add_argument("--dataset", help="data set name, imagefolder (with --data-dir DIR --image-size H W), "
                    "or a module:function factory (default: the checkpoint's)")
     A.add_data_dir(p)
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="imagefolder: image size")
+    p.add_argument("--image-size", type=A.POSITIVE, nargs=2, metavar=("H", "W"), help="imagefolder: image size")
     p.add_argument("--split", choices=["train", "val", "test"], default="test",
                    help="which split (default test)")
     p.add_argument("--allow-other-dataset", action="store_true",

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kdlab.core.io import atomic_write_text
 from kdlab.compress import input_shape_of, load_compressed, save_compressed
 from kdlab.core.checkpoint import check_fits
 from kdlab.compress.pipeline import make_loaders, markdown_table, measure, write_report
@@ -44,8 +45,10 @@ def run_name(path: str) -> str:
 
 
 def default_out(out_dir, name: str) -> Path:
-    """``out_dir``, or ``runs/compress/<name>``."""
-    return Path(out_dir) if out_dir else Path("runs") / "compress" / name
+    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any work."""
+    from kdlab.core.io import check_out_dir
+
+    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder")
 
 
 def claims_out(suffix: str):

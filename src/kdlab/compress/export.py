@@ -117,8 +117,15 @@ class OnnxModel:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), so,
-                                            providers=list(providers or ["CPUExecutionProvider"]))
+        try:
+            self.session = ort.InferenceSession(str(self.path), so,
+                                                providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as e:  # onnxruntime's own errors (empty file, bad protobuf, unknown ops)
+            why = str(e).split(":")[-1].strip() or type(e).__name__
+            raise ValueError(f"{self.path} is not a valid ONNX model ({why}); re-create it with "
+                             f"`kdlab export CKPT --model-out {self.path}`") from None
+        if not self.session.get_inputs():
+            raise ValueError(f"{self.path} is an ONNX model without inputs; re-create it with `kdlab export`")
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_inputs()[0].shape
         self.input_shape = [d if isinstance(d, int) else None for d in shape]

@@ -20,6 +20,7 @@ executes the same multiply-adds in integer arithmetic, so its row repeats the st
 from __future__ import annotations
 
 from kdlab.core.checkpoint import check_fits
+from kdlab.core.io import atomic_write_text, write_csv, write_json
 
 import os
 import time

@@ -117,6 +117,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, fix: str = "
     obj = safe_torch_load(path, map_location, fix=fix)
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry; it was not written by kdlab")
+    if not isinstance(obj["model"], dict):
+        raise CheckpointError(f"checkpoint {path}: its 'model' entry is a {type(obj['model']).__name__}, not a "
+                              f"state dict of weights; it was not written by kdlab (re-create it, or save "
+                              f"model.state_dict())")
     return obj
 
 
@@ -175,6 +179,9 @@ def load_model(path: str | os.PathLike, device="cpu"):
     for key in ("model_name", "num_classes", "in_channels"):
         if key not in ck:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
+    if str(ck.get("model_name") or "").startswith("lm:") or "tokenizer" in ck:
+        raise CheckpointError(f"checkpoint {path} holds a language model ({ck.get('model_name')}); this "
+                              f"command takes image classifiers: use `kdlab lm generate {path} --prompt TEXT`")
     if (ck.get("pruned") or {}).get("arch") or ck.get("quantized"):
         kind = "structurally pruned" if (ck.get("pruned") or {}).get("arch") else "quantized"
         raise CheckpointError(f"checkpoint {path} holds a {kind} {ck['model_name']}; read it with "

@@ -34,7 +34,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentCfg(_Strict):
@@ -472,11 +472,37 @@ def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
             cls(**t.params)
         except (TypeError, ValueError, KeyError) as e:
             raise RecipeError(f"{where}: loss[{i}] ({t.term}): {e}") from None
+    check_loss_numbers(recipe.loss, where)
     terms = [LOSSES.get(t.term)(**t.params) for t in recipe.loss]
     if any(t.needs_teacher for t in terms) and recipe.teacher is None:
         raise RecipeError(f"{where}: loss terms {[t.term for t in recipe.loss]} need a 'teacher' section")
     if any(t.needs_masks for t in terms) and recipe.mask is None:
         raise RecipeError(f"{where}: a masked term needs a 'mask' section (e.g. mask: {{method: grad}})")
+
+
+def check_loss_numbers(loss: list, where: str = "recipe") -> None:
+    """Loss-term numbers that would train nothing or train on NaN: every weight 0 (no gradient at
+    all), and a NaN or infinite weight or parameter (``T: .nan``) — refused here, naming the key,
+    instead of surfacing later as a non-finite loss blamed on the learning rate."""
+    import math
+
+    def bad(v) -> bool:
+        if isinstance(v, bool):
+            return False
+        if isinstance(v, (int, float)):
+            return not math.isfinite(v)
+        if isinstance(v, (list, tuple)):
+            return any(bad(x) for x in v)
+        return False
+
+    for i, t in enumerate(loss):
+        for k, v in [("weight", t.weight), *t.params.items()]:
+            if bad(v):
+                raise RecipeError(f"{where}: loss[{i}].{k}: {v!r} is not a finite number ({t.term}); "
+                                  f"give a real value")
+    if loss and all(t.weight == 0 for t in loss):
+        raise RecipeError(f"{where}: loss: every term has weight 0, so nothing would be learned; give at "
+                          f"least one term a positive weight (e.g. --set loss[0].weight=1)")
 
 
 def describe_error(e: ValidationError) -> str:
@@ -501,27 +527,78 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
+def override_keys(ov: str, key: str) -> list:
+    """The steps of an override key: names, and list positions written ``loss[0]`` (or ``loss.0``);
+    ``loss.kd`` names the loss entry whose term is ``kd``."""
+    import re
+
+    steps: list = []
+    for part in key.strip().split("."):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[\s*-?\d+\s*\])*)", part)
+        if not part or not m or (not m.group(1) and not steps):
+            raise RecipeError(f"override '{ov}': the key has an empty part or a malformed one; write it as "
+                              f"section.key=value (e.g. train.epochs=5 or loss[0].weight=0.5)")
+        if m.group(1):
+            steps.append(int(m.group(1)) if m.group(1).isdigit() else m.group(1))
+        steps += [int(i) for i in re.findall(r"\[\s*(-?\d+)\s*\]", m.group(2))]
+    return steps
+
+
 def apply_overrides(raw: dict, overrides) -> dict:
-    """Set ``dotted.key=value`` overrides (values parsed as YAML) in a raw recipe dict, in place."""
+    """Set ``dotted.key=value`` overrides (values parsed as YAML) in a raw recipe dict, in place.
+    List entries are addressed by position, ``loss[0].weight=0.5`` (also ``loss.0.weight``), or,
+    in the loss list, by term name when it is used once: ``loss.kd.T=2``."""
     for ov in overrides or []:
         if "=" not in ov:
             raise RecipeError(f"override '{ov}' must look like key.path=value (e.g. train.epochs=5)")
         key, val = ov.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise RecipeError(f"override '{ov}': the key has an empty part; write it as "
-                              f"section.key=value (e.g. train.epochs=5)")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override '{ov}': '{p}' is not a section")
+        steps = override_keys(ov, key)
         try:
-            node[parts[-1]] = yaml.safe_load(val)
+            value = yaml.safe_load(val)
         except yaml.YAMLError as e:
             raise RecipeError(f"override '{ov}': the value is not valid YAML "
                               f"({str(e).splitlines()[0]}); quote it or fix the brackets") from None
+        node: Any = raw
+        where = ""
+        for i, step in enumerate(steps):
+            last = i == len(steps) - 1
+            if isinstance(node, list):
+                step = _list_position(ov, node, step, where)
+                if last:
+                    node[step] = value
+                else:
+                    node = node[step]
+            elif isinstance(node, dict):
+                if isinstance(step, int) and step not in node:
+                    raise RecipeError(f"override '{ov}': {where or 'the recipe'} is not a list; "
+                                      f"[{step}] addresses list entries (e.g. loss[0].weight=0.5)")
+                if last:
+                    node[step] = value
+                else:
+                    if step not in node and isinstance(steps[i + 1], int):
+                        raise RecipeError(f"override '{ov}': the recipe file sets no list '{step}' to index; "
+                                          f"set the whole list instead, e.g. --set '{step}=[...]'")
+                    node = node.setdefault(step, {})
+            else:
+                raise RecipeError(f"override '{ov}': '{where}' is not a section")
+            where = f"{where}[{step}]" if isinstance(step, int) else (f"{where}.{step}" if where else str(step))
     return raw
+
+
+def _list_position(ov: str, items: list, step, where: str) -> int:
+    """The position in the recipe list ``where`` that the override step ``step`` names."""
+    if isinstance(step, str):
+        found = [i for i, e in enumerate(items) if isinstance(e, dict) and e.get("term") == step]
+        if len(found) == 1:
+            return found[0]
+        terms = [e.get("term") for e in items if isinstance(e, dict)]
+        why = "is listed more than once" if found else "is not in it"
+        raise RecipeError(f"override '{ov}': {where} holds {terms}; '{step}' {why}: address an entry by "
+                          f"position, e.g. {where}[0].weight=0.5")
+    if not -len(items) <= step < len(items):
+        raise RecipeError(f"override '{ov}': {where} has {len(items)} entries; positions run from 0 to "
+                          f"{len(items) - 1}")
+    return step % len(items)
 
 
 def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -31,11 +31,33 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        named = write_error(e, path)
+        if named is not None:
+            raise named from None
         raise
     return path
+
+
+def write_error(e: BaseException, path: Path) -> "OSError | None":
+    """An ``OSError`` naming ``path`` for a failed write (a full disk, a read-only file system), or
+    None to re-raise ``e`` as it is. ``torch.save`` reports a failed write as a RuntimeError
+    without the path or the reason; a disk with (almost) no space left is taken as the reason."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError):  # named by the target, not by the temporary file beside it
+        return OSError(e.errno, e.strerror or str(e), str(path))
+    if isinstance(e, RuntimeError) and "write" in str(e).lower():
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            return None
+        if free < (4 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -48,16 +70,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def read_json(path: str | os.PathLike, what: str = "run file") -> Any:
-    """The JSON content of ``path``; a missing or unreadable file raises one line naming it."""
+def read_json(path: str | os.PathLike, what: str = "run file", need: tuple = (),
+              fix: str = "delete it and re-run the command that wrote it") -> Any:
+    """The JSON content of ``path``; a missing or unreadable file, or (``need``) one that is not an
+    object holding those keys, raises one line naming the file and ``fix``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); delete it and re-run the "
-                           f"command that wrote it") from None
+        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); {fix}") from None
+    if need:
+        missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
+        if missing:
+            raise RunFileError(f"{what} {path} lacks {', '.join(map(repr, missing))}; {fix}")
+    return obj
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] | None = None) -> Path:
@@ -149,4 +177,5 @@ def read_csv(path: str | os.PathLike, what: str = "metrics file") -> list[dict]:
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
     except (csv.Error, UnicodeDecodeError) as e:
-        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); delete it and re-run") from None
+        raise RunFileError(f"{what} {path} is corrupt ({type(e).__name__}); delete it and re-run the "
+                           f"command that wrote it") from None

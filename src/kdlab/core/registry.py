@@ -19,8 +19,11 @@ class Entry:
 class Registry:
     """Maps names to objects. Unknown names fail with the closest known names."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, listing: str | None = None):
+        """``listing``: the kdlab command that lists the entries (``kdlab losses``), named in the
+        error for an unknown name; without one the error lists the names itself."""
         self.kind = kind
+        self.listing = listing
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, description: str = "", reference: str = "", **meta) -> Callable:
@@ -43,9 +46,9 @@ class Registry:
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(
-                f"unknown {self.kind} '{name}'{hint} (see `kdlab {self.kind}s` for the list)"
-            )
+            known = (f"see `{self.listing}` for the list" if self.listing
+                     else f"known: {', '.join(self.names()) or 'none'}")
+            raise KeyError(f"unknown {self.kind} '{name}'{hint} ({known})")
         return self._entries[name]
 
     def __contains__(self, name: str) -> bool:

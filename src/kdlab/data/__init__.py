@@ -79,7 +79,21 @@ def load_dataset(
     if not isinstance(splits, Splits):
         raise TypeError(f"dataset {name!r}: its loader {fn.__qualname__} returned "
                         f"{type(splits).__name__}, not kdlab.data.Splits")
+    check_not_empty(splits, name, val_fraction, label_fraction)
     return splits
+
+
+def check_not_empty(splits: Splits, name: str, val_fraction: float = 0.1, label_fraction: float = 1.0) -> None:
+    """One line naming the setting when a split a run needs has no samples (``data.val_fraction``
+    0.9999 holds out every training image; a folder with too few images per class)."""
+    n = {k: (len(getattr(splits, k)) if getattr(splits, k, None) is not None else None)
+         for k in ("train", "val", "test")}
+    if n["train"] == 0:
+        raise ValueError(f"data set '{name}': no training images are left (train 0, val {n['val']}, test "
+                         f"{n['test']}) with data.val_fraction {val_fraction} and data.label_fraction "
+                         f"{label_fraction}; lower data.val_fraction (e.g. 0.1) or raise data.label_fraction")
+    if n["test"] == 0:
+        raise ValueError(f"data set '{name}': the test split is empty; add test images")
 
 
 __all__ = [

@@ -59,9 +59,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
+        with open_image(self.files[i]) as im:
             a = decode_image(im, self.channels, self.hw)
         x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1).copy())
         return x, self.labels[i]
@@ -71,10 +69,30 @@ class ImageFiles(torch.utils.data.Dataset):
                           self.channels, self.classes)
 
 
+def open_image(path: Path):
+    """``PIL.Image.open(path)``; a file Pillow cannot read (truncated, not an image) or refuses to
+    decode (a decompression bomb: more than ``Image.MAX_IMAGE_PIXELS`` pixels) raises one line
+    naming the file and what to do."""
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely ({e}); shrink or remove it") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"image {path} cannot be read ({e}); replace or remove it") from None
+
+
 def scan(folder: Path, classes: Optional[list[str]] = None) -> tuple[list[Path], list[int], list[str]]:
     """Image files and labels under ``folder/<class>/``, classes sorted by name."""
+    if folder.is_file():
+        raise ValueError(f"image folder {folder} is a file, not a folder; data.root must be the folder "
+                         f"holding one folder per class (or train/ val/ test/)")
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} not found")
+        raise FileNotFoundError(f"image folder {folder} not found (relative paths start at the current "
+                                f"folder {Path.cwd()})")
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     classes = classes or found
     if not classes:
@@ -94,11 +112,9 @@ def scan(folder: Path, classes: Optional[list[str]] = None) -> tuple[list[Path],
 
 
 def _channels(files: Sequence[Path], seed: int) -> int:
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for i in rng.choice(len(files), size=min(32, len(files)), replace=False):
-        with Image.open(files[int(i)]) as im:
+        with open_image(files[int(i)]) as im:
             if im.mode not in ("L", "1", "I", "I;16", "F", "LA"):
                 return 3
     return 1

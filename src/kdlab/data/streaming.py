@@ -71,7 +71,7 @@ class DatasetLoader:
             raise ValueError("DatasetLoader needs a map-style Dataset (with __len__ and __getitem__); "
                              "pass an iterable dataset inside your own DataLoader instead") from None
         if n == 0:
-            raise ValueError("the dataset is empty")
+            raise ValueError("the data set is empty (0 samples); give at least one batch of samples")
         self.dataset = dataset
         self.n = n
         self.batch_size = int(batch_size)
@@ -195,3 +195,12 @@ def as_loader(data, batch_size: int, *, shuffle: bool, seed: int, augment=None, 
                              std=std, device=device, num_workers=num_workers)
     raise ValueError(f"unsupported data of type {type(data).__name__}; give a torch Dataset, a DataLoader, "
                      f"a kdlab TensorSet or an (x, y) pair of tensors")
+
+
+def first_batch(loader, what: str = "training data"):
+    """The first batch of ``loader.epoch(0)``; a loader that yields none (an empty data set or
+    DataLoader) raises one line naming ``what`` instead of a bare ``StopIteration``."""
+    batch = next(iter(loader.epoch(0)), None)
+    if batch is None:
+        raise ValueError(f"the {what} yields no batch (it is empty); give at least one sample")
+    return batch

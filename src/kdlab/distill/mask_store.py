@@ -215,6 +215,20 @@ class MaskStore:
 _SHARED: dict[tuple, MaskStore] = {}
 
 
+def save_at_exit(store: MaskStore) -> None:
+    """The ``atexit`` save of a shared store: a Ctrl-C during it ends quietly (the file is replaced
+    atomically, so the old one stays; lost maps are recomputed), a failed write is one warning line."""
+    try:
+        store.save()
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        import sys
+
+        print(f"kdlab: warning: mask store {store.path} not saved ({e.strerror or e}); its maps are "
+              f"recomputed next time", file=sys.stderr)
+
+
 def shared_store(teacher: nn.Module, cfg, root: Optional[str | os.PathLike] = None) -> MaskStore:
     """The process's one `MaskStore` for (teacher weights, settings, root): every run of a study
     in this process (its methods and seeds) gets the same store, so each image's map is computed
@@ -223,7 +237,7 @@ def shared_store(teacher: nn.Module, cfg, root: Optional[str | os.PathLike] = No
     if key not in _SHARED:
         _SHARED[key] = MaskStore(teacher, cfg, root)
         if root is not None:  # written once, when the process ends (lost maps are recomputed)
-            atexit.register(_SHARED[key].save)
+            atexit.register(save_at_exit, _SHARED[key])
     store = _SHARED[key]
     store.check_teacher(teacher)
     return store

@@ -50,6 +50,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 from torch import nn
 
+from kdlab.core.io import atomic_write_text
 from kdlab.distill.masks import causal_masks
 from kdlab.models.taps import Taps
 
@@ -290,7 +291,7 @@ class TeacherStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         keyfile = p.parent / "key.json"
         if not keyfile.exists():
-            keyfile.write_text(json.dumps(meta, indent=2, default=str))
+            atomic_write_text(keyfile, json.dumps(meta, indent=2, default=str))
         tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # one writer per file name
         torch.save(ent, tmp)
         os.replace(tmp, p)

@@ -96,6 +96,9 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     if ":" in str(name):
         splits = from_factory(str(name))
     else:
+        if str(name) == "imagefolder" and not (data_dir and image_size):
+            raise ValueError(f"--dataset imagefolder needs --data-dir DIR (the folder of class folders) and "
+                             f"--image-size H W (the size {path} was trained at)")
         opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
         splits = load_dataset(name, None if opts else data_dir, **({k: v for k, v in opts.items() if v}))
     from kdlab.data.registry import check_trained_on

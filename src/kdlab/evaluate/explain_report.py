@@ -13,6 +13,7 @@ against alpha per student. :func:`explain_checkpoints` does the same from checkp
 
 from __future__ import annotations
 
+from kdlab.core.io import atomic_write_text
 from kdlab.core.checkpoint import check_fits
 
 import json
@@ -61,6 +62,10 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     for opt, vals in (("--alpha", alphas), ("--label", labels)):
         if vals is not None and len(vals) != n_st:
             raise ValueError(f"give {opt} once per --student ({n_st}), got {len(vals)}")
+    if out_dir is not None:  # a folder that cannot be written fails now, not after the attributions
+        from kdlab.core.io import check_out_dir
+
+        check_out_dir(out_dir, "--out folder")
     teacher, t_ck = load_model(teacher_path, device)
     splits = load_dataset(dataset or t_ck.get("dataset") or "digits", data_dir, seed=seed)
     info = splits.info
@@ -164,8 +169,8 @@ def explain_report(teacher: nn.Module, students, x: torch.Tensor, y: torch.Tenso
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "explain.csv", rows)
     write_csv(out / "per_image.csv", per_image)
-    (out / "explain.md").write_text(markdown(rows, n_images=int(x.shape[0])) + "\n")
-    (out / "explain.json").write_text(json.dumps(
+    atomic_write_text(out / "explain.md", markdown(rows, n_images=int(x.shape[0])) + "\n")
+    atomic_write_text(out / "explain.json", json.dumps(
         {"rows": _jsonable(rows), "settings": _jsonable(settings or {
             "method": method, "target": target, "grid": list(grid), "superpixel": superpixel,
             "k": k, "T": T, "baseline": baseline if isinstance(baseline, str) else "tensor",

@@ -39,6 +39,8 @@ from typing import Optional
 
 import torch
 
+from kdlab.core.io import atomic_write_text, read_json
+
 
 def _synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: int = 0):
     from kdlab.data.splits import DatasetInfo, Splits, TensorSet
@@ -93,6 +95,15 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     from kdlab.train.objective import StepContext
     from kdlab.train.trainer import Trainer
 
+    for flag, v, lo in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--repeats", repeats, 1),
+                        ("--image-size", image_size, 1), ("--channels", channels, 1),
+                        ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
+    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached")
+    unknown = [v for v in variants if v not in known]
+    if unknown or not variants:
+        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
@@ -278,8 +289,8 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
         run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
                      log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
-        (folder / "study.log").write_text("\n".join(lines) + "\n")
-        runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/seed*/result.json"))]
+        atomic_write_text(folder / "study.log", "\n".join(lines) + "\n")
+        runs = [read_json(p, "run result") for p in sorted(folder.glob("*/seed*/result.json"))]
         return wall, runs
 
     blocks = []

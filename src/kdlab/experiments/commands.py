@@ -6,7 +6,6 @@ from Python as well (``tests/test_architecture.py`` holds the CLI to one library
 from __future__ import annotations
 
 import json
-import json as _json
 from pathlib import Path
 from typing import Optional
 
@@ -21,11 +20,14 @@ def train_teacher_command(ref, overrides, *, out=None, progress=True, restart=Fa
     ``runs/<recipe name>``)."""
     from kdlab.core.config import load_recipe
     from kdlab.train.build import train
+    from kdlab.train.callbacks import Announce
 
     recipe = load_recipe(ref, overrides)
     out = Path(out or f"runs/{recipe.name}")
-    log(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
-    res = train(recipe, out, progress=progress, resume=not restart, method="teacher")
+    # the header prints when training starts: a refused input prints only its one error line
+    header = Announce(f"training {recipe.student.model} on {recipe.data.name} -> {out}", log)
+    res = train(recipe, out, progress=progress, resume=not restart, method="teacher", callbacks=[header])
+    header.say()  # a finished run that was reused
     log(_summary(res))
     log(f"checkpoint: {out / 'best.pt'}")
     return res
@@ -37,6 +39,7 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
     ``out`` (default ``runs/<recipe name>/seed<k>``)."""
     from kdlab.core.config import load_recipe
     from kdlab.train.build import ensure_teachers, train
+    from kdlab.train.callbacks import Announce
 
     recipe = load_recipe(ref, overrides)
     if seed is not None:
@@ -44,10 +47,11 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
     ensure_teachers(recipe, data_dir=data_dir, progress=progress)
     out = Path(out or f"runs/{recipe.name}/seed{recipe.train.seed}")
     teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
-    log(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
-    if (out / "result.json").exists() and not restart:
+    header = Announce(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}", log)
+    res = train(recipe, out, progress=progress, resume=not restart, method=recipe.name, callbacks=[header])
+    if not header.said:  # a finished run: checked, then reused
+        header.say()
         log("  (finished earlier: its checked result is reused; --restart trains it again)")
-    res = train(recipe, out, progress=progress, resume=not restart, method=recipe.name)
     log(_summary(res))
     log(f"checkpoint: {out / 'best.pt'}")
     return res
@@ -277,8 +281,9 @@ def bench_command(args, overrides: list) -> int:
     print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
                              f"threads {torch.get_num_threads()}"))
     if args.json:
-        with open(args.json, "w") as f:
-            _json.dump(rows, f, indent=2)
+        from kdlab.core.io import write_json
+
+        write_json(args.json, rows)
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdlab.core.io import atomic_write_text, read_json
+
 
 def method_recipes(dataset: str) -> list[str]:
     """Shipped method recipes of a data set (``methods/<dataset>/*.yaml``), KD first."""
@@ -117,7 +119,7 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
                       log=study_log, baseline=baseline, profile=False)
             for m in recipes:
                 for s in seeds:
-                    rows.append(json.loads((out_dir / m / f"seed{s}" / "result.json").read_text()))
+                    rows.append(read_json(out_dir / m / f"seed{s}" / "result.json", "run result"))
         all_recipes = dict(recipes)
         for m, sp in paradigms.items():
             log(f"paradigm {m} ({sp.name}, {', '.join(f'{k}={v}' for k, v in sp.params.model_dump().items())})")
@@ -131,8 +133,8 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
             f"'{baseline}' (same seed, same data order); wall time is the mean training time per run"
             + (" (a paradigm's: all its generations / links / peers; '-ensemble' rows share their "
                "paradigm's runs)" if paradigms else "") + ".")
-    (out_dir / "report" / "comparison.md").write_text(md + "\n\n" + note + "\n")
-    (out_dir / "report" / "compare.json").write_text(json.dumps(
+    atomic_write_text(out_dir / "report" / "comparison.md", md + "\n\n" + note + "\n")
+    atomic_write_text(out_dir / "report" / "compare.json", json.dumps(
         {"recipes": {**{m: r.source for m, r in recipes.items()},
                      **{m: sp.source for m, sp in paradigms.items()}},
          "paradigms": {m: {"name": sp.name, **sp.params.model_dump()} for m, sp in paradigms.items()},

@@ -22,10 +22,11 @@ that measure. A contrast whose Holm p is not below 0.05 is reported as "no detec
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
+
+from kdlab.core.io import atomic_write_text, read_json
 
 __all__ = ["write_findings", "study_findings", "component_contrasts", "MEASURES"]
 
@@ -97,11 +98,11 @@ def report_dir_of(study_dir: Path) -> Path:
 def _study_meta(study_dir: Path, rdir: Optional[Path] = None) -> dict:
     sj = (rdir or study_dir / "report") / "study.json"
     if sj.is_file():
-        meta = json.loads(sj.read_text())
+        meta = read_json(sj, "study record")
         return {"recipe": meta.get("recipe") or {}, "seeds": meta.get("seeds"), "mode": meta.get("mode"),
                 "source": meta.get("source"), "task": meta.get("task")}
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
-        return {"recipe": json.loads(rj.read_text()).get("recipe") or {}, "seeds": None, "mode": None}
+        return {"recipe": read_json(rj, "run record").get("recipe") or {}, "seeds": None, "mode": None}
     return {"recipe": {}, "seeds": None, "mode": None}
 
 
@@ -143,21 +144,21 @@ def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict
             if by is None and i == 0:  # a table written before per-seed values were kept: read the runs
                 by = {}
                 for f in (study_dir / r["method"]).glob("seed*/result.json"):
-                    by[int(f.parent.name[4:])] = json.loads(f.read_text())[key]
+                    by[int(f.parent.name[4:])] = read_json(f, "run result", need=(key,))[key]
             if by:
                 per[r["method"]] = {int(k): float(v) for k, v in by.items()}
         if per:
             out[key] = per
     for f in sorted((study_dir / "report" / "robustness").glob("seed*/robustness.json")):
         seed = int(f.parent.name[4:])
-        res = json.loads(f.read_text())
+        res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         for m, v in res["models"].items():
             for key in ("mCA", "mCE"):
                 if v.get(key) is not None:
                     out.setdefault(key, {}).setdefault(m, {})[seed] = float(v[key])
     ej = study_dir / "report" / "explain_study.json"
     if ej.is_file():
-        for run in json.loads(ej.read_text())["runs"]:
+        for run in read_json(ej, "explanation result", need=("runs",), fix=f"re-run `kdlab explain-study {study_dir}`")["runs"]:
             for key in ("rank_alignment", "topk_fraction", "logit_alignment"):
                 v = run.get(key)
                 if v is not None and math.isfinite(v):
@@ -178,7 +179,7 @@ def study_findings(study_dir) -> dict:
     tj = rdir / "table.json"
     if not tj.is_file():
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
-    table = json.loads(tj.read_text())
+    table = read_json(tj, "study table", need=("methods",), fix=f"rebuild it with `kdlab report {study_dir}`")
     meta = _study_meta(study_dir, rdir)
     recipe = meta["recipe"]
     task = get_task(table.get("task") or meta.get("task"))
@@ -213,7 +214,7 @@ def study_findings(study_dir) -> dict:
             "setting": task.describe(recipe), "report_dir": str(rdir), "mode": mode,
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
             "contrasts": contrasts, "results": results,
-            "explain_settings": json.loads(ex.read_text())["settings"] if ex.is_file() else None,
+            "explain_settings": read_json(ex, "explanation result", need=("settings",))["settings"] if ex.is_file() else None,
             "robustness": "mCA" in values, "table_md": (rdir / "table.md").read_text()
             if (rdir / "table.md").is_file() else ""}
 
@@ -343,8 +344,6 @@ def write_findings(study_dirs: Sequence, out=None, *, command: Optional[str] = N
 
     Each study needs ``report/table.json`` (``kdlab ablate``); ``report/robustness/seed*/`` and
     ``report/explain_study.json`` add the mCA / mCE and alignment measures when present."""
-    from kdlab.core.io import atomic_write_text
-
     if not study_dirs:
         raise ValueError("give at least one study directory (written by `kdlab ablate --out DIR`)")
     findings = [study_findings(d) for d in study_dirs]

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from kdlab.core.io import read_json
 from kdlab.distill.mask_reuse import EpochViews, map_masks, mask_agreement
 from kdlab.distill.masks import RULES, completeness_table, importance_maps, layer_attribution, to_mask
 
@@ -238,7 +239,6 @@ def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view"
     """Run the recipe's ablation study (with the teacher cache) once per mask mode
     (``mask.reuse``, honoured by :func:`kdlab.distill.teachers.build_teacher_source`): per mode the study's wall
     time, the sum of its runs' training-loop times, and each method's mean training-loop time."""
-    import json
     import statistics
     from pathlib import Path
 
@@ -254,7 +254,7 @@ def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view"
         run_ablation(recipe_name, out_dir=d, seeds=seeds, overrides=[*overrides, f"mask.reuse={mode}"],
                      progress=False, log=lambda *a: None)
         wall = time.perf_counter() - t0
-        runs = [json.loads(p.read_text()) for p in d.glob("*/seed*/result.json")]
+        runs = [read_json(p, "run result") for p in d.glob("*/seed*/result.json")]
         row = {"mode": mode, "wall_s": wall, "sum_train_s": sum(r["train_time_s"] for r in runs),
                "runs": len(runs)}
         for m in sorted({r["method"] for r in runs}):

@@ -5,12 +5,12 @@ and write the tables and the heat map; and the robustness pass over a finished s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from kdlab.core.checkpoint import check_fits
+from kdlab.core.io import atomic_write_text, check_out_dir, read_json
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
@@ -60,6 +60,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     if not paths:
         raise ValueError("give checkpoints to evaluate, or --study DIR")
     names = list(names) if names else default_names(paths)
+    check_out_dir(out_dir or "runs/robustness", "--out folder")  # before the evaluation
     if len(names) != len(paths):
         raise ValueError(f"give --names once per checkpoint ({len(paths)}), got {len(names)}")
     if len(set(names)) != len(names):
@@ -137,8 +138,9 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
-    table = json.loads(table_path.read_text())
+    table = read_json(table_path, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
     stats, baseline = table["methods"], table["baseline"]
+    check_out_dir(study_dir / "report" / "robustness", "study report folder")  # before the evaluation
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})
     per = {m: {**{k: [] for k in STUDY_METRICS}, "by_c": [], "clean": [], "skipped": []}
@@ -200,7 +202,7 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
                        title=f"accuracy (%) under corruption: mean over severities, then "
                              f"mean ± sd over {len(seeds)} seeds")
     std, extra = split_standard(corrs)
-    (study_dir / "report" / "robustness.md").write_text(
+    atomic_write_text(study_dir / "report" / "robustness.md",
         study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
     meta = {k: table[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases",
                                   "extra") if k in table}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.io import inside, write_json
+from kdlab.core.io import check_out_dir, inside, write_json
 from kdlab.tasks import Task, get_task, load_recipe
 
 
@@ -80,6 +80,7 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     (default ``out_dir/report``); ``aliases``: method names recorded as another method's runs.
     ``train_only``: train only these methods; the others join the table when every seed of
     theirs is finished (``kdlab lm ablate --methods``)."""
+    check_out_dir(out_dir, "study folder")  # before any teacher is trained
     task = _task_of(recipes, task)
     out_dir = Path(out_dir)
     report_dir = Path(report_dir or out_dir / "report")
@@ -217,6 +218,7 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     out_dir = Path(out_dir or f"runs/{full.name}")
     rdir = report_folder(out_dir, mode)
     base = t.baseline(distinct)
+    check_out_dir(out_dir, "study folder")
     log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
     report = run_study(distinct, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
                        log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,

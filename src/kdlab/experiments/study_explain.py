@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from kdlab.core.io import atomic_write_text, read_json
+
 __all__ = ["explain_study", "STUDY_METRICS", "default_grid"]
 
 #: metrics reported per method (table order); the figure shows the first five
@@ -52,10 +54,14 @@ def _seed_of(p: Path) -> int:
 
 
 def _study_runs(study_dir: Path) -> tuple[dict[str, dict[int, Path]], str]:
+    if not study_dir.is_dir():
+        what = "is a file, not a study folder" if study_dir.exists() else "not found"
+        raise FileNotFoundError(f"study folder {study_dir} {what}; give the --out folder of a finished "
+                                f"`kdlab ablate`")
     tj = study_dir / "report" / "table.json"
     only: dict[str, set] = {}
     if tj.is_file():  # the table's seeds: runs of other seeds lying in the folder are not the study's
-        table = json.loads(tj.read_text())
+        table = read_json(tj, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
         methods, baseline = [r["method"] for r in table["methods"]], table["baseline"]
         only = {r["method"]: {int(s) for s in r.get("seeds", [])} for r in table["methods"] if r.get("seeds")}
     else:
@@ -83,7 +89,7 @@ def _resolve_teacher(study_dir: Path, runs: dict, teacher) -> Path:
         for best in seeds.values():
             rj = best.parent / "run.json"
             if rj.is_file():
-                recipe = json.loads(rj.read_text()).get("recipe")
+                recipe = read_json(rj, "run record").get("recipe")
                 if recipe and (recipe.get("teacher") or {}).get("checkpoint"):
                     break
         if recipe and (recipe.get("teacher") or {}).get("checkpoint"):
@@ -181,6 +187,10 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     from kdlab.report.tables import fmt_p, markdown_table, write_csv
 
     study_dir = Path(study_dir)
+    from kdlab.core.io import check_out_dir
+
+    _study_runs(study_dir)  # a missing study folder is named as such, not as an unwritable one
+    check_out_dir(study_dir / "report", "study report folder")  # before the attributions
     runs, baseline = _study_runs(study_dir)
     if methods is not None:
         missing = [m for m in methods if m not in runs]
@@ -194,7 +204,7 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     _, s_ck = load_model(first, "cpu")
     recipe = s_ck.get("recipe") or {}
     if not recipe and (first.parent / "run.json").is_file():
-        recipe = json.loads((first.parent / "run.json").read_text()).get("recipe") or {}
+        recipe = read_json(first.parent / "run.json", "run record").get("recipe") or {}
     d = dict(recipe.get("data") or {})
     d.setdefault("name", s_ck.get("dataset"))
     if not d.get("name"):
@@ -299,11 +309,11 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
             f"half-width over seeds {seeds_all}. Δ: paired difference to '{baseline}', p Holm: paired "
             f"t-test Holm-adjusted over the {len(rows) - 1} methods (per metric); * = Holm p < 0.05. "
             f"Spearman ρ in [−1, 1]; top-{k} share in [0, 1] (chance {k / cells:.2f}); KL in nats.")
-    (out / "explain_study.md").write_text(md + "\n\n" + note + "\n")
+    atomic_write_text(out / "explain_study.md", md + "\n\n" + note + "\n")
     write_csv(out / "explain_study.csv", [{k_: v for k_, v in r.items() if not k_.endswith("_seeds")}
                                           for r in rows])
     write_csv(out / "explain_study_runs.csv", per_run)
-    (out / "explain_study.json").write_text(json.dumps(
+    atomic_write_text(out / "explain_study.json", json.dumps(
         {"rows": rows, "runs": per_run, "settings": settings}, indent=2))
     title = study_title(recipe, seeds_all, len(idx))
     paths = {"table": out / "explain_study.md"}

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from kdlab.core.io import atomic_write_text, read_json
 from kdlab.core.config import load_recipe
 
 
@@ -125,6 +126,9 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
         raise ValueError(f"recipe '{recipe_ref}' has no teacher; the sweep distils from one")
     seeds = list(seeds) if seeds else list(base.study.seeds)
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(out_dir, "sweep folder")
     recipes = sweep_recipes(base, alphas, students, T)
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
     ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)
@@ -144,7 +148,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
         for seed in seeds:
             run = out_dir / "runs" / name / f"seed{seed}"
             model, _ = load_model(run / "best.pt", device)
-            res = json.loads((run / "result.json").read_text())
+            res = read_json(run / "result.json", "run result", need=("test_acc",))
             students_.append((f"{s_model} a={a} s{seed}", model,
                               {"alpha": float(a), "size": s_model, "seed": seed,
                                "test_acc_full": res["test_acc"]}))
@@ -161,8 +165,8 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
 
     write_csv(out_dir / "explain" / "sweep_table.csv",
               [{k: v for k, v in r.items() if k != "seeds"} for r in table])
-    (out_dir / "explain" / "sweep_table.md").write_text(table_md + "\n")
-    (out_dir / "explain" / "sweep_table.json").write_text(json.dumps(
+    atomic_write_text(out_dir / "explain" / "sweep_table.md", table_md + "\n")
+    atomic_write_text(out_dir / "explain" / "sweep_table.json", json.dumps(
         [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
          for r in table], indent=2) + "\n")
     log("")

@@ -52,12 +52,9 @@ import math
 import os
 import socket
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from kdlab.core.config import apply_overrides
 from kdlab.core.lock import file_lock
@@ -390,6 +387,10 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
                          startup_trials=startup_trials, data_dir=data_dir)
         base = spec.base()
         out = Path(out_dir or f"runs/{base.name}-tune")
+        if not worker:
+            from kdlab.core.io import check_out_dir
+
+            check_out_dir(out, "tune folder")
         store_obj = make_storage(storage, out)
     base = spec.base()
     name = study_name or f"{base.name}-tune"

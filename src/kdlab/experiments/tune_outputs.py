@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from kdlab.core.io import atomic_write_text
 from kdlab.experiments.tune_space import with_values
 from kdlab.experiments.tune_storage import optuna_module
 
@@ -55,7 +56,7 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
     if not complete:
         raise RuntimeError(f"no trial of study '{study.study_name}' completed; see {out_dir / 'trials.csv'}")
     best = best_recipe(spec, study)
-    (out_dir / "best.yaml").write_text(yaml.safe_dump(best.to_dict(), sort_keys=False))
+    atomic_write_text(out_dir / "best.yaml", yaml.safe_dump(best.to_dict(), sort_keys=False))
     importances = {}
     import matplotlib
 
@@ -90,7 +91,7 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
                "best_trial": study.best_trial.number, "best_value": study.best_value,
                "best_params": study.best_trial.params, "trials": states, "importances": importances,
                "settings": spec.identity()}
-    (out_dir / "tune.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out_dir / "tune.json", json.dumps(summary, indent=2, default=str))
     log(f"best trial {study.best_trial.number}: {spec.metric} {study.best_value:.4f}  "
         f"({', '.join(f'{k}={v}' for k, v in states.items())})")
     log(f"tuned recipe: {out_dir / 'best.yaml'}  (trials.csv, importances.csv, history.png, parallel.png)")

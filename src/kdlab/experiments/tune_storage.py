@@ -5,6 +5,7 @@ lock the workers ask trials under is :func:`kdlab.core.lock.file_lock`."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -31,10 +32,75 @@ def make_storage(storage: Optional[str], out_dir):
     from optuna.storages.journal import JournalFileBackend
 
     if storage and "://" in storage:
-        return optuna.storages.RDBStorage(storage)
+        return _rdb_storage(optuna, storage)
     path = Path(storage) if storage else Path(out_dir) / "study.journal"
+    if storage and not path.parent.is_dir():  # a typo would start a second, separate study
+        raise FileNotFoundError(f"--storage {storage}: the folder {path.parent} does not exist; create it "
+                                f"(every worker must name the same journal file) or fix the path")
+    if path.is_dir():
+        raise ValueError(f"--storage {path} is a folder; give a journal file path (e.g. {path / 'study.journal'})")
+    if path.exists():
+        check_journal(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+    class NamedJournal(JournalFileBackend):  # a failed append (a full disk) names the journal
+        def append_logs(self, logs):
+            try:
+                return super().append_logs(logs)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+
+    return optuna.storages.JournalStorage(NamedJournal(str(path)))
+
+
+#: RDB URL schemes SQLAlchemy can open (with a driver installed): ``scheme[+driver]://...``.
+RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
+
+
+def _rdb_storage(optuna, url: str):
+    """``optuna.storages.RDBStorage(url)``; an unknown scheme, a missing folder of a SQLite file or a
+    database that cannot be opened raise one line naming ``--storage`` and the fix."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in RDB_SCHEMES:
+        raise ValueError(f"--storage {url}: unknown scheme '{scheme}'; give sqlite:///FILE.db, postgresql://..., "
+                         f"mysql://... or a journal file path")
+    if scheme == "sqlite":
+        file = url.split("://", 1)[1][1:]
+        if file and file != ":memory:" and not Path(file).parent.is_dir():
+            raise FileNotFoundError(f"--storage {url}: the folder {Path(file).parent} does not exist; create it "
+                                    f"or fix the path (sqlite:///relative.db, sqlite:////absolute.db)")
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # SQLAlchemy: no driver, server down, bad credentials, not a database
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--storage {url}: cannot open it ({first}); check the URL, the server and that "
+                         f"its driver is installed") from None
+
+
+def check_journal(path: Path, settle_s: float = 0.5) -> None:
+    """Refuse (one line, before anything is written to it) a journal file that is not Optuna's
+    JSON-lines journal: garbage, a line that is not a JSON record, a torn last line. A last line
+    being appended by a live worker is given ``settle_s`` to complete."""
+    for attempt in (0, 1):
+        data = path.read_bytes()
+        if not data or data.endswith(b"\n") or attempt:
+            break
+        time.sleep(settle_s)
+    lines = data.split(b"\n")
+    why = ""
+    if data and not data.endswith(b"\n"):
+        why = f"its last line ({len(lines)}) is cut off"
+    for i, line in enumerate(lines[:-1], 1):
+        try:
+            rec = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            rec = None
+        if not isinstance(rec, dict) or "op_code" not in rec:
+            why = f"line {i} is not an Optuna journal record"
+            break
+    if why:
+        raise ValueError(f"tune journal {path} is damaged ({why}); kdlab did not write to it: restore it from a "
+                         f"copy, or start a new search with another --storage or --out")
 
 
 def make_sampler(spec, seed: Optional[int]):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.io import atomic_write_text, write_csv, write_json
+from kdlab.core.io import atomic_write_text, check_out_dir, write_csv, write_json
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.corpora import token_bytes_tensor
 from kdlab.lm.models import count_params
@@ -78,7 +78,7 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
 
     if recipe.teacher is None:
         raise ValueError(f"recipe {recipe.name} needs a teacher section for the arithmetic study")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM study folder")
     seeds = list(seeds if seeds is not None else recipe.study.seeds)
     tok = ByteTokenizer()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from kdlab.core.checkpoint import atomic_save, load_checkpoint
+from kdlab.core.io import check_out_dir
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.cache import SparseTeacherCache, state_fingerprint
 from kdlab.lm.corpora import EvalLoader, WindowLoader, corpus_streams, stream_fingerprint, token_bytes_tensor
@@ -205,7 +206,7 @@ def train_teacher(recipe: LMRecipe, out_dir, *, progress: bool = False, log=prin
         if not p.is_file():
             raise FileNotFoundError(f"teacher.checkpoint {p} not found; fix the path or remove it to train one")
         return p
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM folder")
     data = CorpusData(recipe, out_dir)
     t = recipe.teacher.train
     dev = resolve_device(t.device)
@@ -258,6 +259,17 @@ def finished_run(run_dir, identity: dict) -> bool:
 
 
 # -- one student --------------------------------------------------------------------------------------
+def check_same_tokenizer(teacher_tok, student_tok, path) -> None:
+    """A teacher whose tokenizer differs from the student's corpus tokenizer (bytes vs BPE, another
+    vocabulary) cannot be distilled token by token: one line naming the checkpoint and the fix."""
+    a, b = teacher_tok.to_dict(), student_tok.to_dict()
+    if a != b:
+        desc = lambda d, t: f"{d.get('kind', d.get('type', type(t).__name__))}, {t.vocab_size} tokens"  # noqa: E731
+        raise ValueError(f"teacher {path} was trained with another tokenizer ({desc(a, teacher_tok)}) than this "
+                         f"recipe's corpus ({desc(b, student_tok)}); set corpus.tokenizer/corpus.vocab_size as "
+                         f"when the teacher was trained, or train a teacher for this corpus (drop teacher.checkpoint)")
+
+
 def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill", data: Optional[CorpusData] = None,
                 teacher=None, teacher_eval_store: Optional[dict] = None, progress: bool = False,
                 log=print, run_dir=None, callbacks=(), with_test: bool = True) -> dict:
@@ -265,7 +277,7 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     (default ``out_dir/<method>/seed<seed>``; the teacher, tokenizer and caches live in
     ``out_dir``); returns the result row. ``callbacks``: Trainer callbacks (the tuner's pruning);
     ``with_test=False``: the test split is not evaluated (a tuning trial)."""
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir, "LM folder")
     data = data or CorpusData(recipe, out_dir)
     d, t = recipe.distill, recipe.train
     dev = resolve_device(t.device)
@@ -274,7 +286,9 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
     tok = data.tokenizer
     if teacher is None and (needs_teacher or recipe.teacher is not None):
         if recipe.teacher is not None:
-            teacher, _, _ = load_lm(train_teacher(recipe, out_dir, log=log), dev)
+            t_path = train_teacher(recipe, out_dir, log=log)
+            teacher, t_tok, _ = load_lm(t_path, dev)
+            check_same_tokenizer(t_tok, tok, t_path)
         elif needs_teacher:
             raise ValueError(f"method {method} needs a teacher; add a teacher section to {recipe.name}")
     train = data.train_loader(t, seed)

@@ -20,6 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
+from kdlab.core.io import read_json
+
 EOS_TEXT = "<|eos|>"
 PAD_TEXT = "<|pad|>"
 
@@ -152,7 +154,7 @@ def load_tokenizer(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} not found; train the teacher first (kdlab lm train-teacher)")
-    return tokenizer_from_dict(json.loads(path.read_text()))
+    return tokenizer_from_dict(read_json(path, "tokenizer file", need=("kind",), fix="delete it; the next `kdlab lm` run of that folder rebuilds it"))
 
 
 def build_tokenizer(spec: str, train_texts: Iterable[str] = (), vocab_size: int = 1024):

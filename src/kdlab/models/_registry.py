@@ -6,7 +6,7 @@ from typing import Callable
 
 from kdlab.core.registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", "kdlab models")
 
 
 def register_model(name: str, description: str = "", **meta) -> Callable:

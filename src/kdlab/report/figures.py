@@ -18,13 +18,13 @@ Sweep plots and attribution overlays live in :mod:`kdlab.report.overlays` and us
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from kdlab.core.io import read_csv, read_json
 
 __all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "annotated_heatmap", "robustness_heatmap",
            "study_robustness_heatmap", "alignment_plot", "study_figures", "study_title",
@@ -191,8 +191,7 @@ def forest_plot(stats: Sequence[Mapping], baseline: str, path, *, title: Optiona
 
 def read_metrics_csv(path) -> dict[str, np.ndarray]:
     """Columns of a run's ``metrics.csv`` as float arrays (empty cells -> NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(path)
     if not rows:
         return {}
     out = {}
@@ -213,7 +212,7 @@ def _run_dirs(study_dir: Path, methods: Optional[Sequence[str]],
     if methods is None:
         tj = study_dir / "report" / "table.json"
         if tj.is_file():
-            methods = [r["method"] for r in json.loads(tj.read_text())["methods"]]
+            methods = [r["method"] for r in read_json(tj, "study table", need=("methods",))["methods"]]
         else:
             methods = sorted(p.name for p in study_dir.iterdir()
                              if p.is_dir() and any(p.glob("seed*/metrics.csv")))
@@ -329,7 +328,7 @@ def study_robustness_heatmap(study_dir, path=None, *, title: Optional[str] = Non
     per_seed, clean = {}, {}
     sev = None
     for f in files:
-        res = json.loads(f.read_text())
+        res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         s = f.parent.name
         per_seed[s] = {m: v["acc_by_corruption"] for m, v in res["models"].items()}
         clean[s] = {m: v["clean_acc"] for m, v in res["models"].items()}
@@ -387,9 +386,9 @@ def alignment_plot(rows: Sequence[Mapping], path, metrics: Sequence[str], *,
 def _study_recipe(study_dir: Path) -> Optional[dict]:
     sj = study_dir / "report" / "study.json"
     if sj.is_file():
-        return json.loads(sj.read_text()).get("recipe")
+        return read_json(sj, "study record").get("recipe")
     for rj in sorted(study_dir.glob("*/seed*/run.json")):
-        return json.loads(rj.read_text()).get("recipe")
+        return read_json(rj, "run record").get("recipe")
     return None
 
 
@@ -404,7 +403,7 @@ def study_figures(study_dir, *, out_dir=None, log=print) -> dict[str, Path]:
     out = Path(out_dir or study_dir / "report")
     if (out / "table.json").is_file():
         tj = out / "table.json"
-    table = json.loads(tj.read_text())
+    table = read_json(tj, "study table", need=("methods",))
     from kdlab.core.metric import metric_from
 
     metric = metric_from(table.get("metric"))

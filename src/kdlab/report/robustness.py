@@ -4,7 +4,6 @@ written to (``robustness.csv`` long form, ``.json``, ``.md``, ``robustness_heatm
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -195,16 +194,13 @@ def study_robustness_markdown(stats: Sequence[Mapping], baseline: str, n_seeds: 
 def write_results(res, out_dir) -> dict[str, Path]:
     """Write a :class:`~kdlab.evaluate.robustness.RobustnessResults` as ``robustness.csv``,
     ``.json``, ``.md`` and ``robustness_heatmap.png`` under ``out_dir``."""
-    from kdlab.core.io import atomic_write_text
+    from kdlab.core.io import atomic_write_text, write_csv
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"robustness.{k}" for k in ("csv", "json", "md")}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "corruption", "severity", "acc"])
-        w.writeheader()
-        for r in res.rows():
-            w.writerow({**r, "acc": f"{r['acc']:.6f}"})
+    write_csv(paths["csv"], [{**r, "acc": f"{r['acc']:.6f}"} for r in res.rows()],
+              ["model", "corruption", "severity", "acc"])
     atomic_write_text(paths["json"], json.dumps(jsonable(res.summary()), indent=2) + "\n")
     atomic_write_text(paths["md"], robustness_markdown(res))
     met = res.metrics

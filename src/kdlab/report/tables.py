@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from kdlab.core.io import atomic_write_text, read_json
 from kdlab.report.statistics import (fmt_p,  # noqa: F401  (re-exported)
                                      compare_to_baseline, min_detectable_diff, paired_test,
                                      t_interval, wilcoxon_min_p)
@@ -76,7 +77,7 @@ def teacher_accuracy(recipes: dict) -> Optional[float]:
     f = Path(next(iter(paths))).parent / "result.json"
     if not f.is_file():  # a lone teacher file: no accuracy recorded, no gap-closed column
         return None
-    from kdlab.core.io import RunFileError, read_json
+    from kdlab.core.io import RunFileError
 
     res = read_json(f, "teacher result")  # truncated or corrupt: one line naming it, not a silent drop
     try:
@@ -377,8 +378,6 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
                  meta: Optional[dict] = None) -> dict:
     """Write table.md / table.csv / table.json for per-method ``stats`` and print the table.
     ``meta``: the task, metrics, teacher value and notes (:func:`study_report`)."""
-    from kdlab.core.io import atomic_write_text
-
     out_dir = Path(out_dir)
     meta = dict(meta or {})
     metric = metric_from(meta.get("metric"))
@@ -428,9 +427,7 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     out = Path(report_dir) if report_dir else study_dir / "report"
     old = {}
     if (out / "table.json").is_file():
-        from kdlab.core.io import read_json
-
-        old = read_json(out / "table.json", "study table")
+        old = read_json(out / "table.json", "study table", fix="delete it and run `kdlab report` again")
     baseline = baseline or old.get("baseline") or "baseline"
     order = [r["method"] for r in old.get("methods", [])]
     found = sorted({p.parent.parent.name for p in study_dir.glob("*/seed*/result.json")})
@@ -451,10 +448,12 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
         for f in files:
             if seeds and int(f.parent.name[4:]) not in seeds:
                 continue  # a seed trained for another study of the same folder
-            r = json.loads(f.read_text())
+            r = read_json(f, "run result",
+                          fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder")
             r.setdefault("method", m)
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
+    stats = method_stats(runs, baseline)  # before anything is written: a bad run changes no file
     out.mkdir(parents=True, exist_ok=True)
     runs = sort_runs(runs, methods)
     write_csv(out / "results.csv", runs)

@@ -91,12 +91,16 @@ class LMTask(Task):
         metrics, shared by every run of the study."""
         from kdlab.lm.models import count_params
         from kdlab.lm.objective import LMObjective
-        from kdlab.lm.runs import CorpusData, load_lm, train_teacher
         from kdlab.core.device import resolve_device
+        from kdlab.core.io import check_out_dir
+        from kdlab.lm.runs import CorpusData, check_same_tokenizer, load_lm, train_teacher
 
+        out_dir = check_out_dir(out_dir, "LM study folder")
         r0 = next(iter(recipes.values()))
         data = CorpusData(r0, out_dir)
-        teacher, _, _ = load_lm(train_teacher(r0, out_dir, log=log), resolve_device(r0.train.device))
+        t_path = train_teacher(r0, out_dir, log=log)
+        teacher, t_tok, _ = load_lm(t_path, resolve_device(r0.train.device))
+        check_same_tokenizer(t_tok, data.tokenizer, t_path)
         tobj = LMObjective(teacher, terms=["ce"], token_bytes=data.token_bytes, pad_id=data.tokenizer.pad_id)
         tt = tobj.evaluate("teacher", data.eval_loader("test", r0.train))
         tres = {"test_bpb": tt["bpb"], "test_kl_to_teacher": 0.0, "test_agreement": 1.0}

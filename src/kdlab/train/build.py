@@ -32,7 +32,7 @@ from kdlab.core.config import Recipe
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
-from kdlab.data.streaming import as_loader
+from kdlab.data.streaming import as_loader, first_batch
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherPlan, TeacherStore, build_teacher_source, teacher_plan
 from kdlab.models.adapters import build_model
@@ -276,7 +276,7 @@ def finish_run(recipe: Recipe, objective: Objective, splits, loaders, runtime: R
     ``setup`` with a first training batch, and rank 0's initial weights on every process."""
     train_loader, val_loader, test_loader = loaders or make_loaders(recipe, splits, runtime, data_seed(recipe, plan))
     if probe:
-        objective.setup(next(iter(train_loader.epoch(0))))
+        objective.setup(first_batch(train_loader))
     runtime.broadcast(*objective.broadcast_modules())
     return Run(objective, train_loader, val_loader, test_loader, runtime, splits, recipe)
 

@@ -28,6 +28,23 @@ class Callback:
         """After ``result.json`` was written."""
 
 
+class Announce(Callback):
+    """Prints ``text`` once, when training starts: a command's header (``distilling ...``) comes
+    after everything a bad input could fail on (recipe, data, teacher, run folder), so a refused
+    input prints only its one error line. ``said`` tells whether it was printed."""
+
+    def __init__(self, text: str, print_fn: Callable[[str], None] = print):
+        self.text, self.print_fn, self.said = text, print_fn, False
+
+    def on_fit_start(self, trainer) -> None:
+        self.say()
+
+    def say(self) -> None:
+        if not self.said:
+            self.said = True
+            self.print_fn(self.text)
+
+
 class EpochHook(Callback):
     """Calls ``fn(row)`` after every epoch (a quick way to watch or prune a run)."""
 
@@ -75,8 +92,12 @@ class LogFile(Callback):
         if trainer.runtime.is_main:
             import time
 
-            with open(trainer.run_dir / "train.log", "a") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+            path = trainer.run_dir / "train.log"
+            try:
+                with open(path, "a") as f:
+                    f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+            except OSError as e:  # a full disk: name the file (the run's other files stay whole)
+                raise OSError(e.errno, e.strerror, str(path)) from None
 
     def on_fit_start(self, trainer) -> None:
         self._write(trainer, f"start {trainer.method} seed {trainer.seed}: epoch {trainer.state.epoch} of "

@@ -105,6 +105,11 @@ class Objective:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (default: nothing to restore)."""
 
+    def nonfinite_cause(self) -> Optional[str]:
+        """Why the loss turned non-finite, when the objective knows (e.g. a teacher cache that
+        overflowed float16), as one line naming the fix; None when it does not."""
+        return None
+
 
 def split_metrics(model: nn.Module, loader, runtime=None) -> dict[str, float]:
     """Top-1 accuracy, mean cross-entropy and count of a classifier over ``loader.epoch(0)``."""

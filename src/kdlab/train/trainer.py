@@ -165,6 +165,24 @@ def _score(metrics: dict, monitor: tuple[str, str]) -> float:
     return v if mode == "max" else -v
 
 
+def nonfinite_inputs(batches) -> str:
+    """Where the first floating-point input tensor holding NaN or inf is, among ``batches``
+    (``(x, y, idx)`` or any tuple/dict whose first floating tensor is the input): ``'batch 3,
+    sample indices [12, 40]'``; '' when every input is finite. Run only after a loss went
+    non-finite, to tell bad data from a too-large learning rate."""
+    for b, batch in enumerate(batches):
+        items = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (tuple, list)) \
+            else [batch]
+        x = next((t for t in items if torch.is_tensor(t) and t.is_floating_point()), None)
+        if x is None or bool(torch.isfinite(x).all()):
+            continue
+        rows = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten()
+        idx = items[2] if len(items) > 2 and torch.is_tensor(items[2]) else None
+        which = (idx[rows] if idx is not None and idx.numel() == x.shape[0] else rows).tolist()[:5]
+        return f"batch {b + 1}, sample {'indices' if idx is not None else 'positions'} {which}"
+    return ""
+
+
 class Trainer:
     """Train ``objective`` into ``run_dir`` (see the module doc).
 
@@ -301,7 +319,13 @@ class Trainer:
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
-            cause = obj.nonfinite_cause() if hasattr(obj, "nonfinite_cause") else None
+            where = nonfinite_inputs(self.train_loader.epoch(epoch))
+            if where:
+                raise TrainingError(
+                    f"the training inputs hold NaN or infinite values ({where}), so the loss "
+                    f"({', '.join(bad)}) became non-finite in epoch {epoch + 1}; fix the data set (the "
+                    f"learning rate is not the cause)")
+            cause = obj.nonfinite_cause()
             raise TrainingError(cause or (
                 f"loss became non-finite ({', '.join(bad)}) in epoch {epoch + 1}; lower train.lr or "
                 f"the term weights and re-run (the last good epoch's checkpoint is kept)"))
@@ -380,6 +404,12 @@ class Trainer:
                 row = {"epoch": epoch + 1, "lr": lr, **row}
                 for n, val in vals.items():
                     bad = [k for k, v in val.items() if isinstance(v, float) and not math.isfinite(v)]
+                    where = nonfinite_inputs(self.val_loader.epoch(0)) if bad else ""
+                    if where:
+                        raise TrainingError(
+                            f"the validation inputs hold NaN or infinite values ({where}), so validation "
+                            f"{', '.join(bad)} became non-finite in epoch {epoch + 1}; fix the data set (the "
+                            f"learning rate is not the cause)")
                     if bad:
                         raise TrainingError(
                             f"validation {', '.join(bad)} became non-finite in epoch {epoch + 1}; lower "

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdlab.core.registry import Registry
 
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", "kdlab losses")
 
 
 def register_loss(name: str, description: str = "", reference: str = ""):

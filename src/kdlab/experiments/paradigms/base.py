@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kdlab.core.registry import Registry
 
-PARADIGMS = Registry("paradigm")
+PARADIGMS = Registry("paradigm", "kdlab methods")
 
 
 class ParadigmParams(BaseModel):

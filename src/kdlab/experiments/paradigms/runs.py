@@ -60,6 +60,9 @@ def rows_of(result: dict) -> list[dict]:
 
 def run_paradigm(spec: ParadigmSpec, run_dir, *, progress: bool = False, log=print, data_dir=None) -> dict:
     """Run ``spec`` (its recipe's seed) into ``run_dir``; returns the paradigm's summary."""
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(run_dir, "paradigm folder")
     from kdlab.train.build import ensure_teachers, with_data_dir
 
     entry = PARADIGMS.entry(spec.name)
