@@ -441,6 +441,9 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
         raise KeyError(f"baseline '{baseline}' has no runs in {study_dir}; pass one of {methods}")
     if not order:
         methods = [baseline] + [m for m in methods if m != baseline]
+    meta = {k: old[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases", "extra")
+            if k in old}
+    metric = metric_from(meta.get("metric"))
     runs = []
     for m in methods:
         files = sorted((study_dir / m).glob("seed*/result.json"), key=lambda p: int(p.parent.name[4:]))
@@ -448,21 +451,18 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
         for f in files:
             if seeds and int(f.parent.name[4:]) not in seeds:
                 continue  # a seed trained for another study of the same folder
-            r = read_json(f, "run result",
+            r = read_json(f, "run result", need=(f"test_{metric.name}",),
                           fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder")
             r.setdefault("method", m)
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
-    stats = method_stats(runs, baseline)  # before anything is written: a bad run changes no file
-    out.mkdir(parents=True, exist_ok=True)
     runs = sort_runs(runs, methods)
-    write_csv(out / "results.csv", runs)
-    meta = {k: old[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases", "extra")
-            if k in old}
-    metric = metric_from(meta.get("metric"))
+    # the statistics before anything is written: a bad run changes no file
     stats = method_stats(runs, baseline, metric=metric, teacher_acc=meta.get("teacher"),
                          secondary=[metric_from(d) for d in meta.get("secondary", [])],
                          sample_unit=meta.get("sample_unit", "images"))
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", runs)
     kept = {r["method"]: r for r in old.get("methods", [])}
     for row in stats:
         for k in KEPT_KEYS:

@@ -208,8 +208,10 @@ def load_diffusion_recipe(ref, overrides: Optional[list[str]] = None) -> Diffusi
     path = resolve_recipe_path(ref)
     raw = _read(path)
     apply_overrides(raw, overrides)
-    if raw.get("task", "diffusion") != "diffusion":
-        raise RecipeError(f"{path}: task is {raw.get('task')!r}; a diffusion recipe says task: diffusion")
+    if raw.get("task") != "diffusion":
+        what = f"a {raw['task']!r} recipe" if raw.get("task") else "a classification recipe (it names no task)"
+        raise RecipeError(f"{path} is {what}; kdlab diffusion takes recipes with task: diffusion "
+                          f"(see `kdlab recipes`)")
     r = diffusion_recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
     r.source = str(path)
     return r
