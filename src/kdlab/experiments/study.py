@@ -95,11 +95,9 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
                                    launcher_options=launcher_options, report_dir=report_dir, aliases=aliases)
     from kdlab.train.runtime import is_main
 
-    if hasattr(task, "with_data_dir"):
-        recipes = {m: task.with_data_dir(r, data_dir) for m, r in recipes.items()}
+    recipes = {m: task.with_data_dir(r, data_dir) for m, r in recipes.items()}
     kw = {"teacher_cache": teacher_cache} if _accepts(task.prepare_study, "teacher_cache") else {}
     ctx = task.prepare_study(recipes, out_dir, data_dir=data_dir, progress=progress, log=log, **kw)
-    metric = task.metric()
     todo = [m for m in recipes if train_only is None or m in train_only]
     pairs = ([(m, s) for m in todo for s in seeds] if task.study_order == "method"
              else [(m, s) for s in seeds for m in todo])
@@ -112,10 +110,7 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
         res = {**res, "method": method, "seed": int(seed)}
         rows.append(res)
         state = "done earlier" if finished else f"{res.get('train_time_s', float('nan')):.1f}s"
-        line = (task.run_line(res) if hasattr(task, "run_line") else
-                f"test {metric.name} {res.get('test_' + metric.name, float('nan')):.4f}  best epoch "
-                f"{res.get('best_epoch', -1):>3}")
-        log(f"  {method:<14} seed {seed}: {line}  ({state})")
+        log(f"  {method:<14} seed {seed}: {task.run_line(res)}  ({state})")
     others = [m for m in recipes if m not in todo
               and all((out_dir / m / f"seed{s}" / "result.json").is_file() for s in seeds)]
     if others:  # a --methods subset: the table still covers the study's other finished methods
@@ -133,8 +128,7 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     log(f"study wall time {wall:.1f}s; teacher outputs and masks {teacher_s:.1f}s (computed once per "
         f"batch and shared when cached); students' own training "
         f"{sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
-    if hasattr(task, "finish_study"):
-        task.finish_study(rows, log=log)
+    task.finish_study(rows, log=log)
     if not is_main():
         return {}
     return _report(task, ctx, rows, recipes, report_dir, baseline=baseline, wall=wall, profile=profile,

@@ -146,8 +146,7 @@ def make_spec(recipe_ref, *, params=(), overrides=None, trials=None, metric=None
 
     recipe, section = load_tune_recipe(recipe_ref, overrides)
     task = get_task(getattr(recipe, "task", None))
-    if hasattr(task, "with_data_dir"):
-        recipe = task.with_data_dir(recipe, data_dir)
+    recipe = task.with_data_dir(recipe, data_dir)
     spaces = {p.path: p for p in (parse_range(k, v) for k, v in (section.get("params") or {}).items())}
     spaces.update({p.path: p for p in map(parse_param, params)})
     if not spaces:
@@ -320,10 +319,7 @@ def work(ctx: Context) -> int:
 def prepare_shared(spec: TuneSpec, out_dir: Path, *, prefill: bool, log=print):
     """What every trial of the search shares, from the task (``prepare_tune``: classification's
     teacher, trained first when missing, and a teacher cache shared through files)."""
-    task = spec.get_task()
-    if not hasattr(task, "prepare_tune"):
-        return None
-    return task.prepare_tune(spec.base(), out_dir, prefill=prefill, log=log)
+    return spec.get_task().prepare_tune(spec.base(), out_dir, prefill=prefill, log=log)
 
 
 def worker_main(spec_dict: dict, source, out_dir: str, storage_url, name: str, seed: int,

@@ -144,6 +144,24 @@ class Task:
         """The method of ``methods`` every other is paired against; default the first."""
         return next(iter(methods))
 
+    def with_data_dir(self, recipe, data_dir) -> Any:
+        """``recipe`` reading its data files from ``data_dir`` (``--data-dir``); default unchanged."""
+        return recipe
+
+    def prepare_tune(self, recipe, out_dir, *, prefill: bool, log: Callable = print) -> Any:
+        """What every trial of a ``kdlab tune`` search shares (passed to :meth:`tune_run` as
+        ``context``); ``prefill``: this is the search's main process. Default: None."""
+        return None
+
+    def run_line(self, result: dict) -> str:
+        """The study log's summary of one finished run; default the primary test metric."""
+        m = self.metric()
+        return (f"test {m.name} {result.get('test_' + m.name, float('nan')):.4f}  best epoch "
+                f"{result.get('best_epoch', -1):>3}")
+
+    def finish_study(self, rows: list[dict], log: Callable = print) -> None:
+        """Called once a study's runs are done (e.g. to warn about mixed thread counts)."""
+
     def run_key(self, recipe) -> Any:
         """What makes two methods of a study the same run (two names of one recipe are trained
         once); default the recipe dict without its name and description."""
