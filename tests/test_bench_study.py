@@ -117,11 +117,14 @@ def test_study_options_need_study(capsys):
     assert main(["bench", "--study", "digits/full", "--mask-reuse", "per-pixel", "--out", "/nonexistent/x"]) == 2
     assert "per-view and/or per-image" in capsys.readouterr().err
     for bad, says in ((["--mask-reuse", "per-view,per-view"], "each once"), (["--mask-reuse", ""], "each once"),
-                      (["--synthetic-cifar", "0"], "at least 10"),
                       (["--synthetic-cifar", "64", "--data-dir", "/nonexistent/d"], "drop --data-dir")):
         assert main(["bench", "--study", "digits/full", "--out", "/nonexistent/x", *bad]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # refused while parsing, naming the flag
+        main(["bench", "--study", "digits/full", "--out", "/nonexistent/x", "--synthetic-cifar", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --synthetic-cifar: must be a whole number >= 10" in err
 
 
 # --------------------------------------------------------------------------- generated CIFAR

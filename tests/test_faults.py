@@ -366,3 +366,22 @@ main({argv!r})
     for f in files:
         if f.suffix == ".json":
             json.loads(f.read_text())
+
+
+# ------------------------------------------------------------------------------- damaged caches
+@pytest.mark.parametrize("garbage", [b"", b"PK\x03\x04 torn zip", "truncate"])
+def test_damaged_lm_cache_file_is_named(tmp_path, garbage):
+    """A damaged epoch file of the LM sparse teacher cache names itself and the fix (torch's own
+    message names neither)."""
+    from kdlab.lm.cache import SparseTeacherCache
+
+    cache = SparseTeacherCache(tmp_path, "t", {"s": 1}, 4, 258)
+    cache.dir.mkdir(parents=True)
+    good = {"idx": torch.zeros(2, 3, 4, dtype=torch.int32), "logp": torch.zeros(2, 3, 4), "log_tail": torch.zeros(2, 3)}
+    torch.save(good, cache.path(0))
+    data = cache.path(0).read_bytes()
+    cache.path(0).write_bytes(data[: len(data) // 2] if garbage == "truncate" else garbage)
+    with pytest.raises(ValueError) as e:
+        cache.get(0, 0)
+    msg = str(e.value)
+    assert str(cache.path(0)) in msg and "delete it" in msg and len(msg.splitlines()) == 1

@@ -88,6 +88,16 @@ def cache_error_report(teacher, loader, k: int) -> dict:
     return {"k": k, "mean_tail_mass": tail / max(n, 1.0), "kl_teacher_to_topk_nats": kl / max(n, 1.0)}
 
 
+def load_cache_file(path: Path) -> dict:
+    """One epoch file of the sparse teacher cache; a damaged one (a killed write, a full disk)
+    raises one line naming it and the fix instead of torch's zip-reader message."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torn zip, truncated file, not a torch file
+        raise ValueError(f"teacher cache file {path} is damaged ({type(e).__name__}); delete it (it is "
+                         f"rebuilt from the teacher on the next run)") from None
+
+
 class SparseTeacherCache:
     """Top-k teacher cache for one (teacher, training loader, k); see module doc."""
 
@@ -144,7 +154,7 @@ class SparseTeacherCache:
             p = self.path(epoch)
             if not p.is_file():
                 raise KeyError(f"teacher cache has no epoch {epoch} at {self.dir}; build it for all epochs")
-            self._mem[epoch] = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+            self._mem[epoch] = load_cache_file(p)
         ent = self._mem[epoch]
         return ent["idx"][step], ent["logp"][step], ent["log_tail"][step]
 
@@ -154,7 +164,7 @@ class SparseTeacherCache:
         sparse = sum(f.stat().st_size for f in files)
         tokens = payload = 0
         for f in files:
-            ent = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            ent = load_cache_file(f)
             tokens += ent["log_tail"].numel()
             payload += sum(t.numel() * t.element_size() for t in ent.values())
         dense = tokens * self.vocab_size * 2

@@ -149,7 +149,11 @@ def seqkd_pool(teacher, stream: torch.Tensor, d, tokenizer, root, device, log=pr
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(root) / f"seqkd-{key}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # a damaged file: named, with the fix
+            raise ValueError(f"sequence-KD pool {path} is damaged ({type(e).__name__}); delete it (it is "
+                             f"regenerated from the teacher on the next run)") from None
     g = torch.Generator().manual_seed(derive_seed("seqkd-prompts", key))
     starts = torch.randint(0, stream.numel() - d.prompt_len, (d.seqkd_pool,), generator=g)
     prompts = stream[starts[:, None] + torch.arange(d.prompt_len)]
