@@ -44,14 +44,17 @@ def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
 def forward_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     """Forward KL, mode covering (Hinton KD, DistilBERT): KL(P‖Q) = Σ_v p_v (log p_v − log q_v).
 
-    With a temperature τ pass ``log_softmax_t(z, τ)`` for both and multiply by τ² (as
-    :func:`kd_loss` does) so gradients keep their scale.
+    With a temperature τ pass ``log_softmax_t(z, τ)`` for both; :func:`kd_loss` and the LM
+    objective then multiply every divergence (not only this one) by :func:`temperature_factor`.
     """
     return _kl(logp_t, logp_s)
 
 
 def reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
-    """Reverse KL, mode seeking (MiniLLM): KL(Q‖P) = Σ_v q_v (log q_v − log p_v)."""
+    """Token-level reverse KL, mode seeking: KL(Q‖P) = Σ_v q_v (log q_v − log p_v) at each position
+    of the given (teacher-forced or sampled) sequence. MiniLLM (Gu et al. 2024) minimises the
+    *sequence-level* reverse KL by policy gradient over student samples; this is the per-token
+    divergence, not that objective."""
     return _kl(logp_s, logp_t)
 
 
@@ -122,12 +125,27 @@ def divergence(name: str, logp_s: torch.Tensor, logp_t: torch.Tensor, **params) 
     raise KeyError(f"unknown divergence '{name}'; choose one of {', '.join(DIVERGENCES)}")
 
 
-def token_mean(values: torch.Tensor, mask: torch.Tensor, denom: Optional[float] = None) -> torch.Tensor:
-    """Σ m·ℓ / N over non-padding tokens; N = Σ m unless ``denom`` (tokens of the accumulation
-    window) is given. An all-padding batch gives 0, not NaN."""
-    m = mask.to(values.dtype)
-    n = m.sum() if denom is None else torch.as_tensor(float(denom), dtype=values.dtype)
-    return (values * m).sum() / n.clamp_min(1.0)
+def token_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               denom: Optional[float] = None) -> torch.Tensor:
+    """Σ_{m=1} ℓ / N over the non-padding tokens; N = Σ m unless ``denom`` (tokens of the accumulation
+    window) is given. ``mask=None``: ``values`` already holds only the real positions (see
+    :func:`real_positions`). An all-padding batch gives 0, not NaN.
+
+    The real positions are *selected* (``values[mask]``), not multiplied by the mask: a NaN or inf
+    at a padded position (a fully masked attention row, say) must not reach the loss (0·NaN = NaN).
+    """
+    if mask is not None:
+        values = values[mask.bool()]
+    n = float(values.numel()) if denom is None else float(denom)
+    return values.sum() / max(n, 1.0)
+
+
+def real_positions(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t[mask]`` for each tensor (``[B, T, ...]`` -> ``[N, ...]``), ``mask`` ``[B, T]``: the
+    divergences are then computed on the real positions only, so padded positions contribute
+    neither a value nor a gradient, even when their logits are not finite."""
+    sel = mask.bool()
+    return tuple(t[sel] for t in tensors)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -135,14 +153,31 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
 
 
+TEMPERATURE_SCALES = ("tau2", "none")
+
+
+def temperature_factor(temperature: float, scale: str = "tau2") -> float:
+    """The factor a divergence at temperature τ is multiplied by: ``tau2`` → τ² (Hinton et al.:
+    the gradient of a temperature-τ divergence w.r.t. the logits shrinks as 1/τ², so τ² keeps the
+    term's weight independent of τ; kdlab's default, for every divergence), ``none`` → 1 (TRL's
+    ``generalized_jsd_loss`` divides the logits by τ and applies no factor). At τ = 1 both are 1."""
+    if scale not in TEMPERATURE_SCALES:
+        raise ValueError(f"temperature_scale must be one of {', '.join(TEMPERATURE_SCALES)} (got {scale!r})")
+    return temperature ** 2 if scale == "tau2" else 1.0
+
+
 def kd_loss(name: str, s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor,
-            temperature: float = 1.0, denom: Optional[float] = None, **params) -> torch.Tensor:
-    """Masked per-token mean of a divergence between dense teacher and student logits; for
-    ``fkl`` with τ ≠ 1: τ²·KL(softmax(z_t/τ)‖softmax(z_s/τ)) (Hinton et al.)."""
+            temperature: float = 1.0, denom: Optional[float] = None, temperature_scale: str = "tau2",
+            **params) -> torch.Tensor:
+    """Per-token mean over the real positions of ``mask`` of a divergence between dense teacher and
+    student logits at temperature τ, times :func:`temperature_factor` (τ² by default, for every
+    divergence: τ²·D(softmax(z_t/τ), softmax(z_s/τ)); ``temperature_scale="none"``: no factor, TRL's
+    convention)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
-    per = divergence(name, log_softmax_t(s_logits, temperature), log_softmax_t(t_logits, temperature), **params)
-    return token_mean(per * temperature ** 2, mask, denom)
+    s, t = real_positions(mask, s_logits, t_logits)
+    per = divergence(name, log_softmax_t(s, temperature), log_softmax_t(t, temperature), **params)
+    return token_mean(per * temperature_factor(temperature, temperature_scale), None, denom)
 
 
 def bucket_logprobs(logp_s: torch.Tensor, top_idx: torch.Tensor, top_logp_t: torch.Tensor,
@@ -155,8 +190,17 @@ def bucket_logprobs(logp_s: torch.Tensor, top_idx: torch.Tensor, top_logp_t: tor
     sparse forward KL under-estimates the dense one by exactly the teacher-tail-weighted KL
     between the renormalised tails (zero when the tail is empty).
     """
-    g = logp_s.gather(-1, top_idx.long())
-    s_head = torch.logsumexp(g, dim=-1, keepdim=True)
-    # log(1 - exp(s_head)) stably; clamp keeps it finite when the head holds all the mass
-    s_tail = torch.log1p(-s_head.clamp(max=-1e-7).exp())
+    idx = top_idx.long()
+    g = logp_s.gather(-1, idx)
+    s_tail = tail_logsumexp(logp_s, idx).unsqueeze(-1)
     return torch.cat([g, s_tail], -1), torch.cat([top_logp_t.float(), log_tail_t.float().unsqueeze(-1)], -1)
+
+
+def tail_logsumexp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v ∉ idx} p_v: the log-mass outside the ids ``idx``, as a log-sum-exp over those ids.
+
+    Exact where ``log(1 − Σ_{i∈idx} p_i)`` is not: when the head holds all but 1e-9 of the mass,
+    1 − Σ p cancels to 0 in float32 (machine ε 1.2e-7) and the tail reads −inf (or a floor). Floored
+    at ``LOG_FLOOR`` only when the tail is truly empty (every other log-probability −inf)."""
+    rest = logp.scatter(-1, idx.long(), float("-inf"))
+    return torch.logsumexp(rest, dim=-1).clamp_min(LOG_FLOOR)

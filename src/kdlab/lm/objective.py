@@ -48,7 +48,8 @@ from torch import nn
 
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
-from kdlab.lm.losses import DIVERGENCES, bucket_logprobs, divergence, log_softmax_t, token_mean, token_nll
+from kdlab.lm.losses import (DIVERGENCES, TEMPERATURE_SCALES, bucket_logprobs, divergence, log_softmax_t,
+                             real_positions, temperature_factor, token_mean, token_nll)
 from kdlab.train.objective import Objective
 
 TERMS = ("ce",) + DIVERGENCES
@@ -65,9 +66,10 @@ class LMTerm:
     def __post_init__(self):
         if self.term not in TERMS:
             raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(TERMS)}")
-        allowed = {"ce": set(), "fkl": {"temperature"}, "rkl": {"temperature"}, "tvd": {"temperature"},
-                   "skl": {"alpha", "temperature"}, "srkl": {"alpha", "temperature"},
-                   "jsd": {"beta", "temperature"}}[self.term]
+        allowed = {"ce": set(), "fkl": set(), "rkl": set(), "tvd": set(),
+                   "skl": {"alpha"}, "srkl": {"alpha"}, "jsd": {"beta"}}[self.term]
+        if self.term != "ce":
+            allowed = allowed | {"temperature", "temperature_scale"}
         bad = set(self.params) - allowed
         if bad:
             raise ValueError(f"LM term '{self.term}' has no parameter(s) {sorted(bad)} "
@@ -75,6 +77,9 @@ class LMTerm:
         t = self.params.get("temperature", 1.0)
         if t <= 0:
             raise ValueError(f"term '{self.term}': temperature must be > 0 (got {t})")
+        if self.params.get("temperature_scale", "tau2") not in TEMPERATURE_SCALES:
+            raise ValueError(f"term '{self.term}': temperature_scale must be one of {', '.join(TEMPERATURE_SCALES)} "
+                             f"(got {self.params['temperature_scale']!r})")
         for k in ("alpha", "beta"):
             if k in self.params and not 0.0 <= self.params[k] <= 1.0:
                 raise ValueError(f"term '{self.term}': {k} must be in [0, 1] (got {self.params[k]})")
@@ -88,8 +93,13 @@ class LMTerm:
         return float(self.params.get("temperature", 1.0))
 
     @property
+    def factor(self) -> float:
+        """τ² (``temperature_scale: tau2``, the default) or 1 (``none``, TRL's convention)."""
+        return temperature_factor(self.temperature, self.params.get("temperature_scale", "tau2"))
+
+    @property
     def div_params(self) -> dict:
-        return {k: v for k, v in self.params.items() if k != "temperature"}
+        return {k: v for k, v in self.params.items() if k not in ("temperature", "temperature_scale")}
 
 
 def parse_terms(spec) -> list[LMTerm]:
@@ -231,15 +241,20 @@ class LMObjective(Objective):
             else:
                 t_logits = self._teacher_logits(x)
                 self.counts["live_teacher"] += 1
+        # every term is computed on the real (non-padding) positions only: a non-finite logit at a
+        # padded position then reaches neither the loss nor the gradient
+        s_sel, y_sel = real_positions(mask, logits, y)
+        t_sel = real_positions(mask, t_logits)[0] if t_logits is not None else None
+        sp_sel = real_positions(mask, *sparse) if sparse is not None else None
         parts = []
         for t in self.terms:
             if t.term == "ce":
-                val = token_mean(token_nll(logits, y), mask, denom)
-            elif sparse is not None:
-                ls, lt_ = bucket_logprobs(torch.log_softmax(logits.float(), -1), *sparse)
-                val = token_mean(divergence(t.term, ls, lt_, **t.div_params), mask, denom)
+                val = token_mean(token_nll(s_sel, y_sel), None, denom)
+            elif sp_sel is not None:
+                ls, lt_ = bucket_logprobs(torch.log_softmax(s_sel.float(), -1), *sp_sel)
+                val = token_mean(divergence(t.term, ls, lt_, **t.div_params), None, denom)
             else:
-                val = self._dense_term(t, logits, t_logits, mask, denom)
+                val = self._dense_term(t, s_sel, t_sel, denom)
             parts.append((t, val))
         return self._weighted(parts, logits, mask, g)
 
@@ -260,12 +275,13 @@ class LMObjective(Objective):
         return total * g, logs
 
     @staticmethod
-    def _dense_term(t, logits, t_logits, mask, denom):
-        """A divergence term against the dense teacher at the term's temperature τ, times τ²,
-        per token over ``mask``."""
+    def _dense_term(t, logits, t_logits, denom):
+        """A divergence term against the dense teacher at the term's temperature τ, times the term's
+        factor (τ² by default, 1 with ``temperature_scale: none``), per token; ``logits`` and
+        ``t_logits`` hold the real positions only (``[N, V]``)."""
         tau = t.temperature
         per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
-        return token_mean(per * tau ** 2, mask, denom)
+        return token_mean(per * t.factor, None, denom)
 
     def _on_policy_step(self, ids, epoch, stepno, denom, g):
         self.counts["on_policy"] += 1
@@ -280,7 +296,8 @@ class LMObjective(Objective):
         mask[:, self.prompt_len - 1:] = gmask  # position t predicts token t+1
         logits, _ = self.student(x)
         t_logits = self._teacher_logits(x)
-        parts = [(t, self._dense_term(t, logits, t_logits, mask, denom)) for t in self.terms if t.term != "ce"]
+        s_sel, t_sel = real_positions(mask, logits, t_logits)
+        parts = [(t, self._dense_term(t, s_sel, t_sel, denom)) for t in self.terms if t.term != "ce"]
         return self._weighted(parts, logits, mask, g)
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -305,15 +322,15 @@ class LMObjective(Objective):
                 ids, mask = b["ids"].to(dev), b["mask"].to(dev)
                 x, y = ids[:, :-1], ids[:, 1:]
                 logits, _ = model(x)
-                m = mask.float()
-                nll += float((token_nll(logits, y) * m).sum())
-                ntok += float(m.sum())
-                nbytes += float((tb[y].float() * m).sum()) if tb is not None else float(m.sum())
+                s_sel, y_sel = real_positions(mask, logits, y)
+                nll += float(token_nll(s_sel, y_sel).sum())
+                ntok += float(y_sel.numel())
+                nbytes += float(tb[y_sel].float().sum()) if tb is not None else float(y_sel.numel())
                 if self.teacher is not None:
-                    lt = self._teacher_eval(loader, b["step"], x)
-                    ls = torch.log_softmax(logits.float(), -1)
-                    kl += float((divergence("fkl", ls, lt) * m).sum())
-                    agree += float(((ls.argmax(-1) == lt.argmax(-1)).float() * m).sum())
+                    lt = real_positions(mask, self._teacher_eval(loader, b["step"], x))[0]
+                    ls = torch.log_softmax(s_sel.float(), -1)
+                    kl += float(divergence("fkl", ls, lt).sum())
+                    agree += float((ls.argmax(-1) == lt.argmax(-1)).float().sum())
         finally:
             model.train(was)
         out = {"bpb": nll / math.log(2) / max(nbytes, 1.0), "nll": nll / max(ntok, 1.0),
