@@ -25,8 +25,35 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kdlab.core.registry import Registry
+
 LOG_FLOOR = -80.0
-DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
+DIVERGENCE_REGISTRY = Registry("divergence")
+
+
+def register_divergence(name: str, description: str = "", reference: str = "", params: Optional[dict] = None):
+    """Register a per-token divergence ``fn(logp_s, logp_t, **params) -> [...]`` (log-probabilities
+    over the last dimension in, one value per position out) under ``name``: the ``term:`` key of an LM
+    recipe's ``distill.loss`` list. ``params``: ``{name: (default, low, high)}`` of its parameters
+    (every divergence also takes ``temperature`` and ``temperature_scale``, handled by the caller).
+    Adding a divergence is this decorator on one function, in any imported file; ``kdlab losses``
+    lists it."""
+
+    def deco(fn):
+        return DIVERGENCE_REGISTRY.register(name, description=description, reference=reference,
+                                            params=dict(params or {}))(fn)
+
+    return deco
+
+
+def divergence_names() -> tuple[str, ...]:
+    """The registered divergences (sorted)."""
+    return tuple(DIVERGENCE_REGISTRY.names())
+
+
+def divergence_params(name: str) -> dict:
+    """``{param: (default, low, high)}`` of a registered divergence."""
+    return dict(DIVERGENCE_REGISTRY.entry(name).meta.get("params", {}))
 
 
 def log_softmax_t(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -41,6 +68,7 @@ def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     return (la.exp() * (la - lb)).sum(-1)
 
 
+@register_divergence("fkl", "forward KL(P‖Q), mode covering", "Hinton et al. 2015; DistilBERT")
 def forward_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     """Forward KL, mode covering (Hinton KD, DistilBERT): KL(P‖Q) = Σ_v p_v (log p_v − log q_v).
 
@@ -50,6 +78,7 @@ def forward_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     return _kl(logp_t, logp_s)
 
 
+@register_divergence("rkl", "token-level reverse KL(Q‖P), mode seeking (not MiniLLM's sequence-level objective)")
 def reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     """Token-level reverse KL, mode seeking: KL(Q‖P) = Σ_v q_v (log q_v − log p_v) at each position
     of the given (teacher-forced or sampled) sequence. MiniLLM (Gu et al. 2024) minimises the
@@ -67,6 +96,8 @@ def _mix(logp_a: torch.Tensor, logp_b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.logaddexp(logp_a + math.log(w), logp_b + math.log1p(-w))
 
 
+@register_divergence("skl", "skew KL: KL(P ‖ αP + (1−α)Q)", "DistiLLM, Ko et al. 2024",
+                     params={"alpha": (0.1, 0.0, 1.0)})
 def skew_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew KL (DistiLLM): KL(P ‖ αP + (1−α)Q); α = 0 is the forward KL, and it stays finite
     where Q has no mass (bounded by log(1/α))."""
@@ -74,12 +105,16 @@ def skew_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float = 0.1) -> t
     return _kl(logp_t, _mix(logp_t, logp_s, alpha))
 
 
+@register_divergence("srkl", "skew reverse KL: KL(Q ‖ αQ + (1−α)P)", "DistiLLM, Ko et al. 2024",
+                     params={"alpha": (0.1, 0.0, 1.0)})
 def skew_reverse_kl(logp_s: torch.Tensor, logp_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """Skew reverse KL (DistiLLM): KL(Q ‖ αQ + (1−α)P); α = 0 is the reverse KL."""
     _check01("alpha", alpha)
     return _kl(logp_s, _mix(logp_s, logp_t, alpha))
 
 
+@register_divergence("jsd", "generalised JSD: β KL(P‖M) + (1−β) KL(Q‖M), M = βP + (1−β)Q",
+                     "GKD, Agarwal et al. 2024", params={"beta": (0.5, 0.0, 1.0)})
 def generalized_jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen–Shannon divergence (GKD, Agarwal et al. 2024):
 
@@ -98,6 +133,7 @@ def generalized_jsd(logp_s: torch.Tensor, logp_t: torch.Tensor, beta: float = 0.
     return beta * _kl(logp_t, m) + (1.0 - beta) * _kl(logp_s, m)
 
 
+@register_divergence("tvd", "total variation ½ Σ|p − q|")
 def total_variation(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
     """Total variation distance: TV(P, Q) = ½ Σ_v |p_v − q_v| (in [0, 1])."""
     return 0.5 * (logp_t.exp() - logp_s.exp()).abs().sum(-1)
@@ -109,20 +145,13 @@ def _check01(name: str, v: float) -> None:
 
 
 def divergence(name: str, logp_s: torch.Tensor, logp_t: torch.Tensor, **params) -> torch.Tensor:
-    """Per-token divergence by name: fkl | rkl | skl (alpha) | srkl (alpha) | jsd (beta) | tvd."""
-    if name == "fkl":
-        return forward_kl(logp_s, logp_t)
-    if name == "rkl":
-        return reverse_kl(logp_s, logp_t)
-    if name == "skl":
-        return skew_kl(logp_s, logp_t, params.get("alpha", 0.1))
-    if name == "srkl":
-        return skew_reverse_kl(logp_s, logp_t, params.get("alpha", 0.1))
-    if name == "jsd":
-        return generalized_jsd(logp_s, logp_t, params.get("beta", 0.5))
-    if name == "tvd":
-        return total_variation(logp_s, logp_t)
-    raise KeyError(f"unknown divergence '{name}'; choose one of {', '.join(DIVERGENCES)}")
+    """Per-token divergence by registered name (``kdlab losses`` lists them), with its parameters
+    (missing ones take the registered defaults)."""
+    e = DIVERGENCE_REGISTRY.entry(name)
+    bad = set(params) - set(e.meta.get("params", {}))
+    if bad:
+        raise ValueError(f"divergence '{name}' has no parameter(s) {sorted(bad)}")
+    return e.obj(logp_s, logp_t, **params)
 
 
 def token_mean(values: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -204,3 +233,21 @@ def tail_logsumexp(logp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     at ``LOG_FLOOR`` only when the tail is truly empty (every other log-probability −inf)."""
     rest = logp.scatter(-1, idx.long(), float("-inf"))
     return torch.logsumexp(rest, dim=-1).clamp_min(LOG_FLOOR)
+
+
+def loss_catalogue() -> str:
+    """The text of ``kdlab losses``: the loss terms of classification recipes (``train.losses``) and
+    the divergences of language-model recipes (``distill.loss``), each with its description."""
+    from kdlab.distill.losses import LOSSES
+
+    lines = ["loss terms (classification recipes: losses: [{term: ...}])"]
+    for e in LOSSES.entries():
+        ref = f"  [{e.reference}]" if e.reference else ""
+        lines.append(f"  {e.name:<10} {e.description}{ref}")
+    lines.append("LM divergences (lm recipes: distill.loss: [{term: ...}]; also ce; all take temperature, "
+                 "temperature_scale: tau2|none)")
+    for e in DIVERGENCE_REGISTRY.entries():
+        ps = ", ".join(f"{k}={d}" for k, (d, _, _) in e.meta.get("params", {}).items())
+        ref = f"  [{e.reference}]" if e.reference else ""
+        lines.append(f"  {e.name:<10} {e.description}{f' ({ps})' if ps else ''}{ref}")
+    return "\n".join(lines)

@@ -13,8 +13,8 @@ A training batch is a dict from :mod:`kdlab.lm.corpora` (``ids [B, T+1]``, ``mas
    terms on the sampled positions (GKD, Agarwal et al. 2024). There is no CE term: the samples
    have no ground truth.
 2. Otherwise **supervised**: the student's next-token logits on the batch, loss
-   ``Σ_terms w · term`` with ``ce`` the masked token NLL and each divergence (``fkl``, ``rkl``, ``skl``,
-   ``srkl``, ``jsd``, ``tvd``; :mod:`kdlab.lm.losses`) against the teacher's distribution: read from
+   ``Σ_terms w · term`` with ``ce`` the masked token NLL and each registered divergence (``fkl``, ``rkl``,
+   ``skl``, ``srkl``, ``jsd``, ``tvd``, or any added with :func:`kdlab.lm.losses.register_divergence`) against the teacher's distribution: read from
    the sparse top-k cache for data batches when one is attached (both sides collapsed onto k+1
    buckets), else the live teacher (dense, with the term's temperature).
    A ``seqkd`` batch holds teacher-generated continuations (Kim & Rush 2016); its mask covers the
@@ -48,11 +48,15 @@ from torch import nn
 
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
-from kdlab.lm.losses import (DIVERGENCES, TEMPERATURE_SCALES, bucket_logprobs, divergence, log_softmax_t,
-                             real_positions, temperature_factor, token_mean, token_nll)
+from kdlab.lm.losses import (TEMPERATURE_SCALES, bucket_logprobs, divergence, divergence_names, divergence_params,
+                             log_softmax_t, real_positions, temperature_factor, token_mean, token_nll)
 from kdlab.train.objective import Objective
 
-TERMS = ("ce",) + DIVERGENCES
+
+
+def lm_terms() -> tuple[str, ...]:
+    """``ce`` and every registered divergence (:func:`kdlab.lm.losses.register_divergence`)."""
+    return ("ce",) + divergence_names()
 
 
 @dataclass
@@ -64,12 +68,10 @@ class LMTerm:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.term not in TERMS:
-            raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(TERMS)}")
-        allowed = {"ce": set(), "fkl": set(), "rkl": set(), "tvd": set(),
-                   "skl": {"alpha"}, "srkl": {"alpha"}, "jsd": {"beta"}}[self.term]
-        if self.term != "ce":
-            allowed = allowed | {"temperature", "temperature_scale"}
+        if self.term not in lm_terms():
+            raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(lm_terms())}")
+        ranges = {} if self.term == "ce" else divergence_params(self.term)
+        allowed = set() if self.term == "ce" else set(ranges) | {"temperature", "temperature_scale"}
         bad = set(self.params) - allowed
         if bad:
             raise ValueError(f"LM term '{self.term}' has no parameter(s) {sorted(bad)} "
@@ -80,9 +82,9 @@ class LMTerm:
         if self.params.get("temperature_scale", "tau2") not in TEMPERATURE_SCALES:
             raise ValueError(f"term '{self.term}': temperature_scale must be one of {', '.join(TEMPERATURE_SCALES)} "
                              f"(got {self.params['temperature_scale']!r})")
-        for k in ("alpha", "beta"):
-            if k in self.params and not 0.0 <= self.params[k] <= 1.0:
-                raise ValueError(f"term '{self.term}': {k} must be in [0, 1] (got {self.params[k]})")
+        for k, (_, lo, hi) in ranges.items():
+            if k in self.params and not lo <= self.params[k] <= hi:
+                raise ValueError(f"term '{self.term}': {k} must be in [{lo}, {hi}] (got {self.params[k]})")
 
     @property
     def needs_teacher(self) -> bool:
