@@ -41,6 +41,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -151,7 +152,7 @@ class LMObjective(Objective):
                  prompt_len: int = 16, gen_len: int = 32,
                  gen_temperature: float = 1.0, gen_top_k: Optional[int] = None, seed: int = 0,
                  meta: Optional[dict] = None, teacher_eval_store: Optional[dict] = None,
-                 name: str = "student"):
+                 name: str = "student", hidden: Optional[nn.Module] = None, hidden_weight: float = 1.0):
         self.terms = parse_terms([{"term": t} if isinstance(t, str) else t for t in terms])
         self.student, self.teacher, self.name = student, teacher, name
         if teacher is None and (any(t.needs_teacher for t in self.terms) or on_policy > 0):
@@ -179,13 +180,24 @@ class LMObjective(Objective):
         self.teacher_eval_store = {} if teacher_eval_store is None else teacher_eval_store
         self.counts = {"on_policy": 0, "supervised": 0, "cache_hits": 0, "live_teacher": 0}
         self.teacher_time_s = 0.0  # seconds in teacher forward passes while training (the loop reads it)
+        # hidden-state distillation (kdlab.lm.hidden.HiddenDistill): needs a live teacher and models
+        # with forward_hidden; its projections train with the student
+        self.hidden, self.hidden_weight = hidden, float(hidden_weight)
+        if hidden is not None:
+            if teacher is None:
+                raise ValueError("hidden-state distillation needs a teacher")
+            for who, m in (("student", student), ("teacher", teacher)):
+                if not hasattr(m, "forward_hidden"):
+                    raise ValueError(f"hidden-state distillation needs hidden states from the {who}; use an "
+                                     f"hf:<folder> model")
 
     # -- protocol --------------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
         return {self.name: self.student}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
+        extra = list(self.hidden.parameters()) if self.hidden is not None else []
+        return [p for p in self.student.parameters() if p.requires_grad] + extra
 
     def checkpoint_meta(self, name: str) -> dict:
         m = dict(self.meta)
@@ -232,10 +244,20 @@ class LMObjective(Objective):
                 return self._on_policy_step(ids, epoch, stepno, denom, g)
         self.counts["supervised"] += 1
         x, y = ids[:, :-1], ids[:, 1:]
-        logits, _ = self.student(x)
+        hs = ht = None
         t_logits = None
+        if self.hidden is not None:
+            logits, hs = self.student.forward_hidden(x)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.teacher.eval()
+                t_logits, ht = self.teacher.forward_hidden(x)
+                t_logits = t_logits.float()
+            self.teacher_time_s += time.perf_counter() - t0
+        else:
+            logits, _ = self.student(x)
         sparse = None
-        if any(t.needs_teacher for t in self.terms):
+        if t_logits is None and any(t.needs_teacher for t in self.terms):
             if self.cache is not None and batch.get("source", "data") == "data":
                 i, lp, lt = self.cache.get(epoch, stepno)
                 sparse = (i.to(dev), lp.to(dev), lt.to(dev))
@@ -258,6 +280,8 @@ class LMObjective(Objective):
             else:
                 val = self._dense_term(t, s_sel, t_sel, denom)
             parts.append((t, val))
+        if self.hidden is not None:
+            parts.append((SimpleNamespace(term="hidden", weight=self.hidden_weight), self.hidden(hs, ht, mask, denom)))
         return self._weighted(parts, logits, mask, g)
 
     @staticmethod
