@@ -140,3 +140,21 @@ def test_different_tokenizers_fail_with_one_clear_line(world, tmp_path):
         check_same_tokenizer(a, b)
     with pytest.raises(ValueError, match="not a Hugging Face model folder"):
         load_hf(tmp_path)
+
+
+def test_cli_hf_distill_with_another_tokenizer_is_one_error_line_and_no_output(world, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, teacher = world
+    train_hf_tokenizer(["completely different words here"] * 5, tmp_path / "tok2", vocab_size=270)
+    init_hf_model(tmp_path / "other", tmp_path / "tok2", "gpt2", n_embd=8, n_layer=1, n_head=2, n_positions=32)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "kdlab", "lm", "hf-distill", f"hf:{tmp_path / 'other'}",
+                        str(root / "chat.jsonl"), "--teacher", f"hf:{teacher['hf_dir']}", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env)
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("kdlab: error:")]
+    assert r.returncode == 2 and len(errs) == 1 and "same tokenizer" in errs[0]
+    assert not (tmp_path / "run").exists()
