@@ -112,7 +112,7 @@ class SparseTeacherCache:
             raise ValueError(f"top_k must be in [1, {vocab_size - 1}] (got {k})")
         self.k, self.vocab_size = k, vocab_size
         self.meta = {"teacher": teacher_fp, "loader": loader_fp, "k": k, "temperature": 1.0,
-                     "vocab_size": vocab_size, "format": 1}
+                     "vocab_size": vocab_size, "format": 2}  # 2: exact tail mass
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / f"topk{k}-{key}"
         self._mem: dict[int, dict] = {}
