@@ -47,5 +47,5 @@ def test_kdlab_losses_lists_the_lm_divergences_and_names_rkl_truthfully():
     out = subprocess.run([sys.executable, "-m", "kdlab", "losses"], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}).stdout
     rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
-    assert {"fkl", "rkl", "skl", "srkl", "jsd", "tvd", "kd", "ce"} <= set(rows)
+    assert {"fkl", "rkl", "skl", "srkl", "jsd", "tvd", "kd", "ce", "cos", "mse"} <= set(rows)
     assert "token-level reverse KL" in rows["rkl"] and "(MiniLLM)" not in out

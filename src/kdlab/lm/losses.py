@@ -250,4 +250,10 @@ def loss_catalogue() -> str:
         ps = ", ".join(f"{k}={d}" for k, (d, _, _) in e.meta.get("params", {}).items())
         ref = f"  [{e.reference}]" if e.reference else ""
         lines.append(f"  {e.name:<10} {e.description}{f' ({ps})' if ps else ''}{ref}")
+    from kdlab.lm.hidden import HIDDEN_LOSSES
+
+    lines.append("LM hidden-state losses (kdlab lm hf-distill --hidden NAME; learned projections, layer map)")
+    for e in HIDDEN_LOSSES.entries():
+        ref = f"  [{e.reference}]" if e.reference else ""
+        lines.append(f"  {e.name:<10} {e.description}{ref}")
     return "\n".join(lines)
