@@ -128,6 +128,17 @@ def test_lora_student_trains_only_the_adapter_and_merges(world):
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(root / "student0")),
                                         str(root / "lora_run" / "adapter")).merge_and_unload().state_dict()
     assert all(torch.allclose(adapted[k], merged[k], atol=1e-6) for k in merged)
+    # the merged folder decodes like kdlab's checkpoint of the same student
+    from kdlab.experiments.commands import lm_generate
+    from kdlab.lm.runs import load_lm
+
+    _, tok, _ = load_lm(res["checkpoint"])
+    prompt = "<|user|>what is 5 plus 1?<|end|><|assistant|>"
+    ids = tok.encode(prompt)
+    hf = AutoModelForCausalLM.from_pretrained(res["hf_dir"]).eval()
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_id)[0, len(ids):]
+    assert lm_generate(res["checkpoint"], prompt, max_new=8) == prompt + tok.decode(new.tolist())
 
 
 def test_different_tokenizers_fail_with_one_clear_line(world, tmp_path):
