@@ -5,6 +5,7 @@
     kdlab lm ablate lm/docs                     # the paired multi-seed study and its table
     kdlab lm ablate lm/arithmetic               # answers vs traces vs teacher traces (exact match)
     kdlab lm generate runs/lm/lm_docs/teacher/best.pt --prompt "The with statement"
+    kdlab lm hf-distill hf:small/ data.jsonl --teacher hf:big/ --term ce:0.5 --term fkl:0.5 --lora-r 8
 """
 
 from __future__ import annotations
@@ -55,11 +56,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _term(spec: str) -> dict:
+    name, _, w = spec.partition(":")
+    try:
+        return {"term": name, "weight": float(w) if w else 1.0}
+    except ValueError:
+        raise ValueError(f"--term {spec!r}: give NAME or NAME:WEIGHT, e.g. fkl:0.5") from None
+
+
+def cmd_hf_distill(args) -> int:
+    from kdlab.lm.hf import hf_train
+
+    hidden = {"loss": args.hidden, "weight": args.hidden_weight} if args.hidden else None
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_targets} if args.lora_r else None
+    res = hf_train(args.student, args.data, args.out, teacher=args.teacher, val_data=args.val_data,
+                   terms=[_term(t) for t in (args.term or (["fkl"] if args.teacher else ["ce"]))], lora=lora,
+                   hidden=hidden, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
+                   lr=args.lr, max_len=args.max_len, seed=args.seed, device=args.device)
+    print(json.dumps({k: res.get(k) for k in ("hf_dir", "checkpoint", "best_epoch", "val_bpb", "val_kl",
+                                               "trainable_params")}, default=str))
+    return 0
+
+
 def register(sub) -> None:
     """Add the ``lm`` command (with its sub-commands) to the kdlab argparse subparsers."""
     p = sub.add_parser("lm", help="language-model distillation (token, sequence, on-policy, traces)",
                        description="Language-model distillation; see docs/lm.md.")
-    lsub = p.add_subparsers(dest="lm_command", metavar="LM_COMMAND", help="train-teacher | distill | ablate | generate")
+    lsub = p.add_subparsers(dest="lm_command", metavar="LM_COMMAND", help="train-teacher | distill | ablate | generate | hf-distill")
     lsub.required = True
 
     def common(q):
@@ -95,3 +118,26 @@ def register(sub) -> None:
     q.add_argument("--seed", type=cargs.SEED, default=0, help="sampling seed (default %(default)s)")
     q.add_argument("--no-kv-cache", action="store_true", help="recompute the whole prefix every step")
     q.set_defaults(func=cmd_generate)
+
+    q = lsub.add_parser("hf-distill", help="distil (or fine-tune) a Hugging Face causal LM from a local folder "
+                                           "on a local jsonl / text / parquet file")
+    q.add_argument("student", help="hf:<folder> written by save_pretrained (its tokenizer is used)")
+    q.add_argument("data", help="local .jsonl/.json (messages, prompt+completion or text), .txt or .parquet")
+    q.add_argument("--teacher", help="hf:<folder> with the same tokenizer (leave out: CE fine-tuning)")
+    q.add_argument("--out", required=True, help="run folder: best.pt, student.pt, hf/ (save_pretrained), adapter/")
+    q.add_argument("--val-data", help="a held-out file that selects the best epoch (default: the data)")
+    q.add_argument("--term", action="append", help="NAME[:WEIGHT], repeatable: ce or a divergence "
+                                                   "(`kdlab losses`); default fkl (ce without a teacher)")
+    q.add_argument("--hidden", choices=["cos", "mse"], help="add hidden-state distillation (uniform layer map)")
+    q.add_argument("--hidden-weight", type=float, default=1.0)
+    q.add_argument("--lora-r", type=int, default=0, help="train a LoRA adapter of this rank (base frozen)")
+    q.add_argument("--lora-alpha", type=int, default=16)
+    q.add_argument("--lora-targets", nargs="+", help="module names for LoRA (default: peft's for the architecture)")
+    q.add_argument("--epochs", type=int, default=1)
+    q.add_argument("--steps", type=int, default=None, help="steps per epoch (default: one pass over the data)")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--max-len", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu")
+    q.set_defaults(func=cmd_hf_distill)

@@ -110,11 +110,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_losses(args) -> int:
-    from kdlab.distill.losses import LOSSES
+    from kdlab.lm.losses import loss_catalogue
 
-    for e in LOSSES.entries():
-        ref = f"  [{e.reference}]" if e.reference else ""
-        print(f"{e.name:<10} {e.description}{ref}")
+    print(loss_catalogue())
     return 0
 
 

@@ -50,8 +50,10 @@ def _arith_pairs(problems, tokenizer, with_trace: bool, width: int = 0):
     return encode_examples([render(a, op, b, with_trace, width) for a, op, b in problems], tokenizer)
 
 
-def _arith_run(model_cfg, pairs, val_pairs, t: LMTrainCfg, run_dir, seed: int, method: str, tokenizer,
-               progress: bool, name: str = "student"):
+def arith_run(model_cfg, pairs, val_pairs, test_pairs, t: LMTrainCfg, run_dir, seed: int, method: str, tokenizer,
+              progress: bool = False, name: str = "student"):
+    """Train one model with CE on ``pairs``; best epoch by ``val_pairs``' bpb, and ``test_bpb`` (etc.)
+    of the best model on ``test_pairs`` (the held-out test problems, never the validation ones)."""
     from kdlab.lm.arithmetic import ProblemLoader
 
     dev = resolve_device(t.device)
@@ -61,7 +63,8 @@ def _arith_run(model_cfg, pairs, val_pairs, t: LMTrainCfg, run_dir, seed: int, m
                       meta=lm_meta(model_cfg.model, model_cfg.kwargs, tokenizer.vocab_size, tokenizer, "arithmetic"))
     train = ProblemLoader(pairs, t.batch_size, tokenizer.pad_id, derive_seed(seed, "lm-data"), steps=t.steps_per_epoch)
     val = ProblemLoader(val_pairs, t.eval_batch_size, tokenizer.pad_id, shuffle=False)
-    res = fit(obj, train, val, val, t, run_dir, seed=seed, method=method, progress=progress,
+    test = ProblemLoader(test_pairs, t.eval_batch_size, tokenizer.pad_id, shuffle=False)
+    res = fit(obj, train, val, test, t, run_dir, seed=seed, method=method, progress=progress,
               identity={"kind": "lm-arithmetic", "method": method, "model": model_cfg.model_dump(mode="json"),
                         "train": t.model_dump(mode="json"), "n_examples": len(pairs)})
     best, _, _ = load_lm(Path(run_dir) / "best.pt", dev)
@@ -87,9 +90,9 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     t0 = time.time()
     tt = recipe.teacher.train
     w = recipe.arithmetic.pad_to
-    teacher, tres = _arith_run(recipe.teacher, _arith_pairs(sets["train"], tok, True, w),
-                               _arith_pairs(sets["val"], tok, True, w), tt, out_dir / "teacher", tt.seed,
-                               "teacher", tok, progress, name="teacher")
+    teacher, tres = arith_run(recipe.teacher, _arith_pairs(sets["train"], tok, True, w),
+                              _arith_pairs(sets["val"], tok, True, w), _arith_pairs(sets["test"], tok, True, w),
+                              tt, out_dir / "teacher", tt.seed, "teacher", tok, progress, name="teacher")
     rows = [{"method": "teacher (traces)", "seed": tt.seed, "params": count_params(teacher),
              "em_test": exact_match(teacher, sets["test"], tok, True, width=w)["em"],
              "em_long": exact_match(teacher, sets["long"], tok, True, width=w)["em"]}]
@@ -99,19 +102,22 @@ def run_arithmetic(recipe: LMRecipe, out_dir, *, seeds: Optional[list[int]] = No
     write_json(out_dir / "rejection_sampling.json", rs)
     from kdlab.lm.arithmetic import encode_examples
 
+    def split(name, tr):
+        return _arith_pairs(sets[name], tok, tr, w)
+
     student_data = {
-        "answers": (_arith_pairs(sets["train"], tok, False, w), _arith_pairs(sets["val"], tok, False, w), False),
-        "traces": (_arith_pairs(sets["train"], tok, True, w), _arith_pairs(sets["val"], tok, True, w), True),
-        "teacher_traces": (encode_examples(kept, tok) if kept else [], _arith_pairs(sets["val"], tok, True, w), True),
+        "answers": (split("train", False), split("val", False), split("test", False), False),
+        "traces": (split("train", True), split("val", True), split("test", True), True),
+        "teacher_traces": (encode_examples(kept, tok) if kept else [], split("val", True), split("test", True), True),
     }
     for seed in seeds:
         for m in recipe.arithmetic.students:
-            pairs, vpairs, tr = student_data[m]
+            pairs, vpairs, tpairs, tr = student_data[m]
             if not pairs:
                 log(f"{m}: no training examples (rejection sampling kept no teacher trace); skipped")
                 continue
-            model, res = _arith_run(recipe.student, pairs, vpairs, recipe.train, out_dir / "runs" / m / f"seed{seed}",
-                                    seed, m, tok, progress)
+            model, res = arith_run(recipe.student, pairs, vpairs, tpairs, recipe.train,
+                                   out_dir / "runs" / m / f"seed{seed}", seed, m, tok, progress)
             r = {"method": m, "seed": seed, "params": count_params(model), "n_train_examples": len(pairs),
                  "em_test": exact_match(model, sets["test"], tok, tr, width=w)["em"],
                  "em_long": exact_match(model, sets["long"], tok, tr, width=w)["em"],

@@ -5,15 +5,16 @@ the teacher's next-token distribution P at each position is stored as
 
 * ``idx``  ``[steps, B, T, k]``: the k most probable ids (int16 when the vocabulary fits, else int32),
 * ``logp`` ``[steps, B, T, k]``: their log-probabilities log p_i (fp16),
-* ``log_tail`` ``[steps, B, T]``: log r, r = 1 − Σ_i p_i the mass of all other ids (fp16, floored
-  at −80),
+* ``log_tail`` ``[steps, B, T]``: log r, r = Σ_{v ∉ top k} p_v the mass of all other ids, computed
+  as a log-sum-exp over those ids (exact even for r ≪ 1e-7; fp16, floored at −80 only when empty),
 
 one file per epoch, ``<root>/<key>/e<epoch>.pt``. The key hashes everything the values depend on:
 the teacher's weights, the token stream, ``seq_len``, batch size, steps per epoch, loader seed,
 ``k`` and the temperature (1). A different key is a different folder, so a stale cache is never used.
 
-Size: ``k·(2 + 2) + 2`` bytes per token against ``V·2`` for dense fp16 logits (V the vocabulary);
-:meth:`SparseTeacherCache.size_report` gives both. Error: the student is trained on the k+1
+Size: ``k·(s + 2) + 2`` bytes per token, s = 2 (int16 ids) when V ≤ 32,767 and s = 4 (int32 ids)
+above, against ``V·2`` for dense fp16 logits (V the vocabulary): :func:`payload_bytes_per_token`;
+:meth:`SparseTeacherCache.size_report` gives both and what is on disk. Error: the student is trained on the k+1
 buckets (:func:`kdlab.lm.losses.bucket_logprobs`); :func:`sparse_kl_error` measures how much of the
 teacher's distribution is lost, KL(P ‖ P̂) with P̂ the top-k plus the tail spread uniformly,
 which is at most r·log(V − k) per token.
@@ -31,7 +32,22 @@ import torch
 
 from kdlab.core.checkpoint import atomic_save
 from kdlab.core.io import write_json
-from kdlab.lm.losses import LOG_FLOOR
+from kdlab.lm.losses import tail_logsumexp
+
+
+INT16_MAX_VOCAB = 32767
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """int16 while every id fits (V ≤ 32,767), else int32."""
+    return torch.int16 if vocab_size <= INT16_MAX_VOCAB else torch.int32
+
+
+def payload_bytes_per_token(k: int, vocab_size: int) -> int:
+    """Bytes the cache stores per token: k ids (2 or 4 bytes, :func:`id_dtype`), k fp16
+    log-probabilities and one fp16 log tail mass: k·(s + 2) + 2."""
+    s = 2 if id_dtype(vocab_size) == torch.int16 else 4
+    return k * (s + 2) + 2
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
@@ -48,9 +64,9 @@ def topk_entry(t_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(ids, log p of the top k, log of the tail mass r = 1 − Σ top-k p) of teacher logits."""
     logp = torch.log_softmax(t_logits.float(), -1)
     top, idx = logp.topk(k, dim=-1)
-    head = torch.logsumexp(top, -1)
-    log_tail = torch.log1p(-head.clamp(max=-1e-12).exp()).clamp_min(LOG_FLOOR)
-    return idx, top, log_tail
+    # exact: a log-sum-exp over the ids outside the top k, not log(1 − Σ top-k p), which cancels
+    # to 0 in float32 once the tail is below ~1e-7 (a confident teacher) and then sat at the floor
+    return idx, top, tail_logsumexp(logp, idx)
 
 
 def reconstruct(idx: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -106,7 +122,7 @@ class SparseTeacherCache:
             raise ValueError(f"top_k must be in [1, {vocab_size - 1}] (got {k})")
         self.k, self.vocab_size = k, vocab_size
         self.meta = {"teacher": teacher_fp, "loader": loader_fp, "k": k, "temperature": 1.0,
-                     "vocab_size": vocab_size, "format": 1}
+                     "vocab_size": vocab_size, "format": 2}  # 2: exact tail mass
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / f"topk{k}-{key}"
         self._mem: dict[int, dict] = {}
@@ -126,7 +142,7 @@ class SparseTeacherCache:
         write_json(self.dir / "key.json", self.meta)
         was = teacher.training
         teacher.eval()
-        itype = torch.int16 if self.vocab_size <= 32767 else torch.int32
+        itype = id_dtype(self.vocab_size)
         todo = [e for e in range(epochs) if not self.path(e).is_file()]
         t0 = time.perf_counter()
         if todo and log:
@@ -172,4 +188,6 @@ class SparseTeacherCache:
                 "payload_bytes": payload, "dense_fp16_bytes": dense,
                 "ratio": sparse / dense if dense else float("nan"),
                 "bytes_per_token_sparse": sparse / max(tokens, 1),
-                "payload_bytes_per_token": payload / max(tokens, 1), "bytes_per_token_dense": 2 * self.vocab_size}
+                "payload_bytes_per_token": payload / max(tokens, 1),
+                "formula_bytes_per_token": payload_bytes_per_token(self.k, self.vocab_size),
+                "bytes_per_token_dense": 2 * self.vocab_size}

@@ -155,6 +155,12 @@ class HFCausalLM(nn.Module):
         out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
         return out.logits[..., : self.vocab_size], out.past_key_values
 
+    def forward_hidden(self, ids) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``(logits, hidden states)``; hidden states ``[B, T, d]`` per layer, index 0 the embeddings
+        and index L the last block's output (``transformers``' ``output_hidden_states``)."""
+        out = self.model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        return out.logits[..., : self.vocab_size], tuple(out.hidden_states)
+
 
 LM_MODELS = {"gpt": GPT, "hf": HFCausalLM}
 

@@ -13,8 +13,8 @@ A training batch is a dict from :mod:`kdlab.lm.corpora` (``ids [B, T+1]``, ``mas
    terms on the sampled positions (GKD, Agarwal et al. 2024). There is no CE term: the samples
    have no ground truth.
 2. Otherwise **supervised**: the student's next-token logits on the batch, loss
-   ``Σ_terms w · term`` with ``ce`` the masked token NLL and each divergence (``fkl``, ``rkl``, ``skl``,
-   ``srkl``, ``jsd``, ``tvd``; :mod:`kdlab.lm.losses`) against the teacher's distribution: read from
+   ``Σ_terms w · term`` with ``ce`` the masked token NLL and each registered divergence (``fkl``, ``rkl``,
+   ``skl``, ``srkl``, ``jsd``, ``tvd``, or any added with :func:`kdlab.lm.losses.register_divergence`) against the teacher's distribution: read from
    the sparse top-k cache for data batches when one is attached (both sides collapsed onto k+1
    buckets), else the live teacher (dense, with the term's temperature).
    A ``seqkd`` batch holds teacher-generated continuations (Kim & Rush 2016); its mask covers the
@@ -41,6 +41,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -48,10 +49,15 @@ from torch import nn
 
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
-from kdlab.lm.losses import DIVERGENCES, bucket_logprobs, divergence, log_softmax_t, token_mean, token_nll
+from kdlab.lm.losses import (TEMPERATURE_SCALES, bucket_logprobs, divergence, divergence_names, divergence_params,
+                             log_softmax_t, real_positions, temperature_factor, token_mean, token_nll)
 from kdlab.train.objective import Objective
 
-TERMS = ("ce",) + DIVERGENCES
+
+
+def lm_terms() -> tuple[str, ...]:
+    """``ce`` and every registered divergence (:func:`kdlab.lm.losses.register_divergence`)."""
+    return ("ce",) + divergence_names()
 
 
 @dataclass
@@ -63,11 +69,10 @@ class LMTerm:
     params: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.term not in TERMS:
-            raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(TERMS)}")
-        allowed = {"ce": set(), "fkl": {"temperature"}, "rkl": {"temperature"}, "tvd": {"temperature"},
-                   "skl": {"alpha", "temperature"}, "srkl": {"alpha", "temperature"},
-                   "jsd": {"beta", "temperature"}}[self.term]
+        if self.term not in lm_terms():
+            raise ValueError(f"unknown LM loss term '{self.term}'; choose one of {', '.join(lm_terms())}")
+        ranges = {} if self.term == "ce" else divergence_params(self.term)
+        allowed = set() if self.term == "ce" else set(ranges) | {"temperature", "temperature_scale"}
         bad = set(self.params) - allowed
         if bad:
             raise ValueError(f"LM term '{self.term}' has no parameter(s) {sorted(bad)} "
@@ -75,9 +80,12 @@ class LMTerm:
         t = self.params.get("temperature", 1.0)
         if t <= 0:
             raise ValueError(f"term '{self.term}': temperature must be > 0 (got {t})")
-        for k in ("alpha", "beta"):
-            if k in self.params and not 0.0 <= self.params[k] <= 1.0:
-                raise ValueError(f"term '{self.term}': {k} must be in [0, 1] (got {self.params[k]})")
+        if self.params.get("temperature_scale", "tau2") not in TEMPERATURE_SCALES:
+            raise ValueError(f"term '{self.term}': temperature_scale must be one of {', '.join(TEMPERATURE_SCALES)} "
+                             f"(got {self.params['temperature_scale']!r})")
+        for k, (_, lo, hi) in ranges.items():
+            if k in self.params and not lo <= self.params[k] <= hi:
+                raise ValueError(f"term '{self.term}': {k} must be in [{lo}, {hi}] (got {self.params[k]})")
 
     @property
     def needs_teacher(self) -> bool:
@@ -88,8 +96,13 @@ class LMTerm:
         return float(self.params.get("temperature", 1.0))
 
     @property
+    def factor(self) -> float:
+        """τ² (``temperature_scale: tau2``, the default) or 1 (``none``, TRL's convention)."""
+        return temperature_factor(self.temperature, self.params.get("temperature_scale", "tau2"))
+
+    @property
     def div_params(self) -> dict:
-        return {k: v for k, v in self.params.items() if k != "temperature"}
+        return {k: v for k, v in self.params.items() if k not in ("temperature", "temperature_scale")}
 
 
 def parse_terms(spec) -> list[LMTerm]:
@@ -139,7 +152,7 @@ class LMObjective(Objective):
                  prompt_len: int = 16, gen_len: int = 32,
                  gen_temperature: float = 1.0, gen_top_k: Optional[int] = None, seed: int = 0,
                  meta: Optional[dict] = None, teacher_eval_store: Optional[dict] = None,
-                 name: str = "student"):
+                 name: str = "student", hidden: Optional[nn.Module] = None, hidden_weight: float = 1.0):
         self.terms = parse_terms([{"term": t} if isinstance(t, str) else t for t in terms])
         self.student, self.teacher, self.name = student, teacher, name
         if teacher is None and (any(t.needs_teacher for t in self.terms) or on_policy > 0):
@@ -167,13 +180,24 @@ class LMObjective(Objective):
         self.teacher_eval_store = {} if teacher_eval_store is None else teacher_eval_store
         self.counts = {"on_policy": 0, "supervised": 0, "cache_hits": 0, "live_teacher": 0}
         self.teacher_time_s = 0.0  # seconds in teacher forward passes while training (the loop reads it)
+        # hidden-state distillation (kdlab.lm.hidden.HiddenDistill): needs a live teacher and models
+        # with forward_hidden; its projections train with the student
+        self.hidden, self.hidden_weight = hidden, float(hidden_weight)
+        if hidden is not None:
+            if teacher is None:
+                raise ValueError("hidden-state distillation needs a teacher")
+            for who, m in (("student", student), ("teacher", teacher)):
+                if not hasattr(m, "forward_hidden"):
+                    raise ValueError(f"hidden-state distillation needs hidden states from the {who}; use an "
+                                     f"hf:<folder> model")
 
     # -- protocol --------------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
         return {self.name: self.student}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student.parameters() if p.requires_grad]
+        extra = list(self.hidden.parameters()) if self.hidden is not None else []
+        return [p for p in self.student.parameters() if p.requires_grad] + extra
 
     def checkpoint_meta(self, name: str) -> dict:
         m = dict(self.meta)
@@ -220,10 +244,20 @@ class LMObjective(Objective):
                 return self._on_policy_step(ids, epoch, stepno, denom, g)
         self.counts["supervised"] += 1
         x, y = ids[:, :-1], ids[:, 1:]
-        logits, _ = self.student(x)
+        hs = ht = None
         t_logits = None
+        if self.hidden is not None:
+            logits, hs = self.student.forward_hidden(x)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                self.teacher.eval()
+                t_logits, ht = self.teacher.forward_hidden(x)
+                t_logits = t_logits.float()
+            self.teacher_time_s += time.perf_counter() - t0
+        else:
+            logits, _ = self.student(x)
         sparse = None
-        if any(t.needs_teacher for t in self.terms):
+        if t_logits is None and any(t.needs_teacher for t in self.terms):
             if self.cache is not None and batch.get("source", "data") == "data":
                 i, lp, lt = self.cache.get(epoch, stepno)
                 sparse = (i.to(dev), lp.to(dev), lt.to(dev))
@@ -231,16 +265,23 @@ class LMObjective(Objective):
             else:
                 t_logits = self._teacher_logits(x)
                 self.counts["live_teacher"] += 1
+        # every term is computed on the real (non-padding) positions only: a non-finite logit at a
+        # padded position then reaches neither the loss nor the gradient
+        s_sel, y_sel = real_positions(mask, logits, y)
+        t_sel = real_positions(mask, t_logits)[0] if t_logits is not None else None
+        sp_sel = real_positions(mask, *sparse) if sparse is not None else None
         parts = []
         for t in self.terms:
             if t.term == "ce":
-                val = token_mean(token_nll(logits, y), mask, denom)
-            elif sparse is not None:
-                ls, lt_ = bucket_logprobs(torch.log_softmax(logits.float(), -1), *sparse)
-                val = token_mean(divergence(t.term, ls, lt_, **t.div_params), mask, denom)
+                val = token_mean(token_nll(s_sel, y_sel), None, denom)
+            elif sp_sel is not None:
+                ls, lt_ = bucket_logprobs(torch.log_softmax(s_sel.float(), -1), *sp_sel)
+                val = token_mean(divergence(t.term, ls, lt_, **t.div_params), None, denom)
             else:
-                val = self._dense_term(t, logits, t_logits, mask, denom)
+                val = self._dense_term(t, s_sel, t_sel, denom)
             parts.append((t, val))
+        if self.hidden is not None:
+            parts.append((SimpleNamespace(term="hidden", weight=self.hidden_weight), self.hidden(hs, ht, mask, denom)))
         return self._weighted(parts, logits, mask, g)
 
     @staticmethod
@@ -260,12 +301,13 @@ class LMObjective(Objective):
         return total * g, logs
 
     @staticmethod
-    def _dense_term(t, logits, t_logits, mask, denom):
-        """A divergence term against the dense teacher at the term's temperature τ, times τ²,
-        per token over ``mask``."""
+    def _dense_term(t, logits, t_logits, denom):
+        """A divergence term against the dense teacher at the term's temperature τ, times the term's
+        factor (τ² by default, 1 with ``temperature_scale: none``), per token; ``logits`` and
+        ``t_logits`` hold the real positions only (``[N, V]``)."""
         tau = t.temperature
         per = divergence(t.term, log_softmax_t(logits, tau), log_softmax_t(t_logits, tau), **t.div_params)
-        return token_mean(per * tau ** 2, mask, denom)
+        return token_mean(per * t.factor, None, denom)
 
     def _on_policy_step(self, ids, epoch, stepno, denom, g):
         self.counts["on_policy"] += 1
@@ -280,7 +322,8 @@ class LMObjective(Objective):
         mask[:, self.prompt_len - 1:] = gmask  # position t predicts token t+1
         logits, _ = self.student(x)
         t_logits = self._teacher_logits(x)
-        parts = [(t, self._dense_term(t, logits, t_logits, mask, denom)) for t in self.terms if t.term != "ce"]
+        s_sel, t_sel = real_positions(mask, logits, t_logits)
+        parts = [(t, self._dense_term(t, s_sel, t_sel, denom)) for t in self.terms if t.term != "ce"]
         return self._weighted(parts, logits, mask, g)
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -305,15 +348,15 @@ class LMObjective(Objective):
                 ids, mask = b["ids"].to(dev), b["mask"].to(dev)
                 x, y = ids[:, :-1], ids[:, 1:]
                 logits, _ = model(x)
-                m = mask.float()
-                nll += float((token_nll(logits, y) * m).sum())
-                ntok += float(m.sum())
-                nbytes += float((tb[y].float() * m).sum()) if tb is not None else float(m.sum())
+                s_sel, y_sel = real_positions(mask, logits, y)
+                nll += float(token_nll(s_sel, y_sel).sum())
+                ntok += float(y_sel.numel())
+                nbytes += float(tb[y_sel].float().sum()) if tb is not None else float(y_sel.numel())
                 if self.teacher is not None:
-                    lt = self._teacher_eval(loader, b["step"], x)
-                    ls = torch.log_softmax(logits.float(), -1)
-                    kl += float((divergence("fkl", ls, lt) * m).sum())
-                    agree += float(((ls.argmax(-1) == lt.argmax(-1)).float() * m).sum())
+                    lt = real_positions(mask, self._teacher_eval(loader, b["step"], x))[0]
+                    ls = torch.log_softmax(s_sel.float(), -1)
+                    kl += float(divergence("fkl", ls, lt).sum())
+                    agree += float((ls.argmax(-1) == lt.argmax(-1)).float().sum())
         finally:
             model.train(was)
         out = {"bpb": nll / math.log(2) / max(nbytes, 1.0), "nll": nll / max(ntok, 1.0),

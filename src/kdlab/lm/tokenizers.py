@@ -140,13 +140,55 @@ class BPETokenizer:
         return atomic_write_text(path, json.dumps(self.to_dict()))
 
 
+class HFTokenizer:
+    """A ``transformers`` tokenizer from a local folder (``AutoTokenizer``, ``local_files_only``),
+    behind kdlab's tokenizer interface; the folder's own special tokens (eos, pad: eos when unset)."""
+
+    kind = "hf"
+
+    def __init__(self, path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError("hf:<folder> tokenizers need transformers: pip install 'kdlab[hf]'") from None
+        self.path = str(path)
+        self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.vocab_size = len(self.hf)
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {self.path} has no eos token; set eos_token in its tokenizer_config.json")
+        self.eos_id = int(self.hf.eos_token_id)
+        self.pad_id = int(self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of each id's text (special tokens count 1)."""
+        special = set(self.hf.all_special_ids)
+        return np.array([1 if i in special else max(1, len(self.hf.decode([i]).encode("utf-8")))
+                         for i in range(self.vocab_size)], dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        return {"kind": "hf", "path": self.path}
+
+    def save(self, path) -> Path:
+        out = Path(path)
+        self.hf.save_pretrained(str(out if out.suffix == "" else out.parent))
+        return out
+
+
 def tokenizer_from_dict(d: dict):
     kind = d.get("kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
         return BPETokenizer.from_str(d["hf"])
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use byte or bpe")
+    if kind == "hf":
+        return HFTokenizer(d["path"])
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use byte, bpe or hf")
 
 
 def load_tokenizer(path):
