@@ -45,8 +45,18 @@ def cmd_distill(args) -> int:
     recipe = _load(args)
     if args.seed is not None:
         recipe.train.seed = args.seed
-    ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
+    if recipe.task != "classification":  # a task plug-in (kdlab.tasks) trains its own recipes
+        from kdlab.tasks.base import get_task
+        from kdlab.train.build import with_data_dir
+
+        recipe = with_data_dir(recipe, args.data_dir)
+        print(f"distilling {recipe.name} (task {recipe.task}): {recipe.student.model} -> {out}")
+        res = get_task(recipe.task).fit_one(recipe, out, progress=A.progress(args), resume=not args.restart)
+        print(_summary(res))
+        print(f"checkpoint: {out / 'best.pt'}")
+        return 0
+    ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
     print(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}")
     if (out / "result.json").exists() and not args.restart:
