@@ -266,7 +266,7 @@ class FacesTask(Task):
         from kdlab.models.adapters import build_model
 
         shape = self.input_shape(recipe)
-        m = build_model(recipe.student.model, 1, shape[0], recipe.student.kwargs, None)
+        m = build_model(recipe.student.model, 2, shape[0], recipe.student.kwargs, None)
         params = sum(p.numel() for p in m.parameters())
         out = {"params": int(params), "size_mb": params * 4 / 1e6,
                "macs": int(count_flops(m, (1, *shape))["macs"])}
@@ -412,4 +412,115 @@ def quantface_table(study_dir, methods=("quantface_w6a6", "quantface_w4a4")) -> 
             fp_done = True
         rows.append(row(f"PTQ w{wb}a{ab}", lambda k, n: ptq[k][f"ptq_test_{n}"], ptq[0]["size_mb_q"], f"w{wb}a{ab}"))
         rows.append(row(f"QuantFace w{wb}a{ab}", lambda k, n: res[k][f"test_{n}"], ptq[0]["size_mb_q"], f"w{wb}a{ab}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- the study (until the generic one)
+def run_faces_study(out_dir, *, recipe: str = "faces/ladder", seeds=(0, 1, 2), overrides=(),
+                    methods: Optional[list] = None, progress: bool = False, log: Callable = print) -> dict:
+    """Train every method of the faces ladder (baseline, embed_kd, adadistill, qud) for each seed
+    into ``<out>/<method>/seed<k>/`` (the teacher first, into ``<out>/teacher/`` unless the
+    overrides name another ``teacher.checkpoint``), then write the paired table and the ROC figure
+    (:func:`faces_study_report`). Finished runs are reused."""
+    out_dir = Path(out_dir)
+    task = FacesTask()
+    ov = [f"teacher.checkpoint={out_dir / 'teacher' / 'best.pt'}", *overrides]
+    base = task.load_recipe(recipe, ov)
+    ladder = task.ablation_methods(base)
+    if methods:
+        ladder = {m: r for m, r in ladder.items() if m in methods}
+    ctx = task.prepare_study(ladder, out_dir, progress=progress, log=log)
+    for k in seeds:
+        for m, r in ladder.items():
+            res = task.train(r.with_seed(k), out_dir / m / f"seed{k}", context=ctx, method=m, progress=progress)
+            log(f"{m} seed {k}: test acc {res['test_acc']:.4f}  EER {res['test_eer']:.4f}  "
+                f"TAR@FAR1e-3 {res['test_tar@far1e-3']:.4f}")
+    return faces_study_report(out_dir, ladder, log=log)
+
+
+def faces_study_report(out_dir, recipes: dict, *, baseline: str = "baseline", log: Callable = print) -> dict:
+    """``<out>/report/table.{md,json}``: per method mean ± sd over seeds of the test verification
+    accuracy, EER and TAR@FAR=1e-3 (and 1e-4), the paired difference to ``baseline`` with its
+    paired t-test p (:func:`kdlab.report.statistics.paired_test`) and Holm-adjusted p over the
+    methods (:func:`kdlab.report.statistics.holm`), the student's params and MACs; and
+    ``report/roc.png``."""
+    from kdlab.core.io import atomic_write_text, read_json, write_json
+    from kdlab.report.statistics import fmt_p, holm, paired_test
+
+    out_dir = Path(out_dir)
+    task = FacesTask()
+    runs = {m: {int(p.parent.name[4:]): read_json(p) for p in (out_dir / m).glob("seed*/result.json")}
+            for m in recipes}
+    runs = {m: v for m, v in runs.items() if v}
+    if baseline not in runs:
+        raise FileNotFoundError(f"{out_dir}/{baseline} has no finished run; run the study first")
+    shown = [m for m in FACE_METRICS if m.name != "tar@far1e-4"] + [task.metric("tar@far1e-4")]
+    rows = []
+    for meth, by_seed in runs.items():
+        prof = task.profile(recipes[meth])
+        row = {"method": meth, "seeds": sorted(by_seed), "params": prof["params"], "macs": prof["macs"]}
+        for met in shown:
+            v = np.asarray([by_seed[k][f"test_{met.name}"] for k in sorted(by_seed)], dtype=float)
+            row[met.name] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            if meth != baseline:
+                pr = paired_test({k: r[f"test_{met.name}"] for k, r in by_seed.items()},
+                                 {k: r[f"test_{met.name}"] for k, r in runs[baseline].items()})
+                row[met.name].update({"delta": float(pr["mean"]), "p": float(pr["p_ttest"])})
+        rows.append(row)
+    for met in shown:  # Holm over the methods compared with the baseline, per metric
+        others = [r for r in rows if r["method"] != baseline]
+        for r, ph in zip(others, holm([r[met.name]["p"] for r in others])):
+            r[met.name]["p_holm"] = float(ph)
+    teacher = task.teacher_result(recipes)
+    write_json(out_dir / "report" / "table.json", {"rows": rows, "teacher": teacher})
+    head = ["method", "n"] + [f"{m.title} (%)" for m in shown] + \
+        [f"Δ {m.title} (pp), Holm p" for m in shown[:3]] + ["params", "MACs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], str(len(r["seeds"]))]
+        cells += [f"{100 * r[m.name]['mean']:.2f} ± {100 * r[m.name]['sd']:.2f}" for m in shown]
+        for m in shown[:3]:
+            d = r[m.name]
+            cells.append("—" if "delta" not in d else f"{100 * d['delta']:+.2f}, {fmt_p(d['p_holm'])}")
+        cells += [f"{r['params']:,}", f"{r['macs'] / 1e6:.2f} M"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if teacher:
+        lines.append("")
+        lines.append(f"teacher (one run): verification accuracy {100 * teacher['test_acc']:.2f}%, EER "
+                     f"{100 * teacher['test_eer']:.2f}%, TAR@FAR=1e-3 {100 * teacher['test_tar@far1e-3']:.2f}%")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "report" / "table.md", text)
+    log(text)
+    roc_of_study(out_dir, list(runs), log=log)
+    return {"rows": rows, "table": text}
+
+
+def run_quantface_study(out_dir, *, recipes=("faces/quantface_w6a6", "faces/quantface_w4a4"), seeds=(0, 1, 2),
+                        overrides=(), progress: bool = False, log: Callable = print) -> list:
+    """QuantFace runs ``<out>/<method>/seed<k>/`` for each recipe and seed, then
+    ``<out>/report/quantface.{md,json}`` (:func:`quantface_table`)."""
+    from kdlab.core.io import atomic_write_text, write_json
+
+    out_dir = Path(out_dir)
+    task = FacesTask()
+    ctx = FacesContext()
+    names = []
+    for ref in recipes:
+        r = task.load_recipe(ref, list(overrides))
+        name = Path(ref).name
+        names.append(name)
+        for k in seeds:
+            res = task.train(r.with_seed(k), out_dir / name / f"seed{k}", context=ctx, method=name, progress=progress)
+            log(f"{name} seed {k}: test acc {res['test_acc']:.4f}")
+    rows = quantface_table(out_dir, names)
+    write_json(out_dir / "report" / "quantface.json", rows)
+    head = ["model", "bits", "size (MB)", "n"] + [f"{m.title} (%)" for m in FACE_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["model"], r["bits"], f"{r['size_mb']:.3f}", str(r["n"])]
+                                       + [f"{100 * r[m.name][0]:.2f} ± {100 * r[m.name][1]:.2f}"
+                                          for m in FACE_METRICS]) + " |")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "report" / "quantface.md", text)
+    log(text)
     return rows
