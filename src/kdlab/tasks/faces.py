@@ -92,6 +92,7 @@ class FacesContext:
 
     splits: dict = field(default_factory=dict)
     store: Any = None
+    synthetic: dict = field(default_factory=dict)  # QuantFace's synthetic images, shared by bit widths
 
     def splits_of(self, recipe):
         from kdlab.train.build import load_splits
@@ -214,7 +215,7 @@ class FacesTask(Task):
     # -- QuantFace -----------------------------------------------------------------------------------
     def train_quantface(self, recipe, run_dir, *, context, method: str, progress: bool, resume: bool) -> dict:
         from kdlab.compress.quantize import calibrate, fake_quant_config, prepare_fake_quant
-        from kdlab.core.checkpoint import atomic_save, load_model
+        from kdlab.core.checkpoint import atomic_save, file_hash, load_model
         from kdlab.core.io import write_json
         from kdlab.data.splits import Splits, TensorSet
         from kdlab.evaluate.verification import evaluate_pairs
@@ -235,11 +236,17 @@ class FacesTask(Task):
                              f"{ck['model_name']} and student.kwargs to {ck.get('model_kwargs') or {}} (the teacher's)")
         run_dir.mkdir(parents=True, exist_ok=True)
         syn_path = run_dir / "synthetic.pt"
+        # one synthetic set per (model, size, iterations, seed): bit widths of a study share it
+        key = (file_hash(fp_path), term.n_synthetic, term.inversion_iters, recipe.train.seed)
         if syn_path.is_file():
             x_syn = torch.load(syn_path, weights_only=True)
+        elif key in context.synthetic:
+            x_syn = context.synthetic[key]
         else:
             x_syn = synthesize_identities(fp, term.n_synthetic, info.input_shape, iters=term.inversion_iters,
                                           seed=recipe.train.seed, mean=info.mean, std=info.std).cpu()
+        context.synthetic[key] = x_syn
+        if not syn_path.is_file():
             atomic_save(x_syn, syn_path)
         syn = Splits(train=TensorSet(x_syn, torch.zeros(len(x_syn), dtype=torch.int64)), val=splits.val,
                      test=splits.test, info=info)
