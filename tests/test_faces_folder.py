@@ -136,3 +136,19 @@ def test_lfw_subset_transfer_set():
     term = LOSSES.get("qud")(queue_size=32, tau=0.1)
     term.setup(rec)
     assert torch.isfinite(term(rec))
+
+
+def test_train_teacher_then_distill_embed_kd(tmp_path, capsys):
+    import json
+
+    root = write_faces(tmp_path / "faces", pairs=PAIRS)
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", str(recipe(tmp_path, root)), "--out", str(teacher), "--quiet"]) == 0
+    assert json.loads((teacher / "result.json").read_text())["method"] == "teacher"
+    extra = (f"  - {{term: embed_kd, weight: 5.0}}\nteacher: {{model: mobilefacenet_small, "
+             f"checkpoint: \"{teacher / 'best.pt'}\"}}\n")
+    out = tmp_path / "student"
+    assert main(["distill", str(recipe(tmp_path, root, extra)), "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    logged = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "embed_kd" in logged and "arcface" in logged and 0.0 <= res["test_acc"] <= 1.0

@@ -33,6 +33,15 @@ def cmd_train_teacher(args) -> int:
     recipe = _load(args)
     out = Path(args.out or f"runs/{recipe.name}")
     print(f"training {recipe.student.model} on {recipe.data.name} -> {out}")
+    if recipe.task != "classification":  # a task plug-in (kdlab.tasks) trains its own recipes
+        from kdlab.tasks.base import get_task
+        from kdlab.train.build import with_data_dir
+
+        res = get_task(recipe.task).train(with_data_dir(recipe, args.data_dir), out, method="teacher",
+                                          progress=A.progress(args), resume=not args.restart)
+        print(_summary(res))
+        print(f"checkpoint: {out / 'best.pt'}")
+        return 0
     res = train(recipe, out, progress=A.progress(args), resume=not args.restart, method="teacher")
     print(_summary(res))
     print(f"checkpoint: {out / 'best.pt'}")
