@@ -237,14 +237,14 @@ class FacesTask(Task):
         run_dir.mkdir(parents=True, exist_ok=True)
         syn_path = run_dir / "synthetic.pt"
         # one synthetic set per (model, size, iterations, seed): bit widths of a study share it
-        key = (file_hash(fp_path), term.n_synthetic, term.inversion_iters, recipe.train.seed)
+        key = (file_hash(fp_path), term.n_synthetic, term.inversion_iters, term.synthetic_seed)
         if syn_path.is_file():
             x_syn = torch.load(syn_path, weights_only=True)
         elif key in context.synthetic:
             x_syn = context.synthetic[key]
         else:
             x_syn = synthesize_identities(fp, term.n_synthetic, info.input_shape, iters=term.inversion_iters,
-                                          seed=recipe.train.seed, mean=info.mean, std=info.std).cpu()
+                                          seed=term.synthetic_seed, mean=info.mean, std=info.std).cpu()
         context.synthetic[key] = x_syn
         if not syn_path.is_file():
             atomic_save(x_syn, syn_path)

@@ -257,13 +257,14 @@ class QUDLoss(LossTerm):
 class QuantFaceLoss(LossTerm):
     """The loss is :func:`embedding_distance` (``mse``); ``weight_bits``/``act_bits`` (2..16),
     ``n_synthetic`` images synthesised from the full-precision model (BN-statistics inversion,
-    ``inversion_iters`` Adam steps) are read by ``task: faces``, which builds the quantised student
-    from the teacher checkpoint and trains it on the synthetic images only."""
+    ``inversion_iters`` Adam steps, drawn from ``synthetic_seed``: one synthetic set for every run
+    seed, which then varies the training order) are read by ``task: faces``, which builds the
+    quantised student from the teacher checkpoint and trains it on the synthetic images only."""
 
     needs_teacher = True
 
     def __init__(self, weight_bits: int = 6, act_bits: int = 6, n_synthetic: int = 1024,
-                 inversion_iters: int = 200, calib_batches: int = 8):
+                 inversion_iters: int = 200, calib_batches: int = 8, synthetic_seed: int = 0):
         super().__init__()
         for name, b in (("weight_bits", weight_bits), ("act_bits", act_bits)):
             if not 2 <= int(b) <= 16:
@@ -273,6 +274,7 @@ class QuantFaceLoss(LossTerm):
         self.weight_bits, self.act_bits = int(weight_bits), int(act_bits)
         self.n_synthetic, self.inversion_iters = int(n_synthetic), int(inversion_iters)
         self.calib_batches = int(calib_batches)
+        self.synthetic_seed = int(synthetic_seed)
 
     def setup(self, probe: BatchRecord) -> None:
         check_same_size(probe.s_logits, probe.t_logits, "quantface")
