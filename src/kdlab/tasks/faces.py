@@ -305,7 +305,11 @@ class FacesTask(Task):
 
     def figures(self, study_dir, rows: list, recipes: dict, log: Callable = print) -> list:
         """``roc.png``: the ROC of each method's lowest-seed run on the test pairs."""
-        return [roc_of_study(study_dir, list(recipes) or None, log=log)]
+        try:
+            return [roc_of_study(study_dir, list(recipes) or None, log=log)]
+        except FileNotFoundError as e:
+            log(f"no ROC figure: {e}")
+            return []
 
     def fit_one(self, recipe, out, *, progress: bool = True, resume: bool = True, log: Callable = print) -> dict:
         """``kdlab distill`` of a faces recipe: its teacher first when missing, then the run."""
@@ -320,9 +324,8 @@ def roc_of_study(study_dir, methods=None, log: Callable = print, out=None) -> Pa
 
     study_dir = Path(study_dir)
     curves = {}
-    for d in sorted(p for p in study_dir.iterdir() if p.is_dir()):
-        if methods is not None and d.name not in methods:
-            continue
+    names = list(methods) if methods is not None else sorted(p.name for p in study_dir.iterdir() if p.is_dir())
+    for d in (study_dir / n for n in names):
         seeds = sorted(d.glob("seed*/test_scores.json"), key=lambda p: int(p.parent.name[4:] or 0))
         if seeds:
             js = read_json(seeds[0])
