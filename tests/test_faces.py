@@ -186,3 +186,16 @@ def test_mnist_identities_protocol():
     assert (digit[imp[:, 0]] == digit[imp[:, 1]]).float().mean().item() == pytest.approx(0.5)
     # the variants differ from each other and from the base image
     assert not torch.equal(a.test.x[0], a.test.x[1])
+
+
+@pytest.mark.parametrize("name", ["iresnet_small", "mobilefacenet_small"])
+def test_embedding_models_return_embeddings(name):
+    from kdlab.models import create_model
+
+    m = create_model(name, num_classes=7, in_channels=1, embedding_size=24).eval()
+    m3 = create_model(name, num_classes=7, in_channels=3, width=0.5).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, 28, 28)).shape == (2, 24)  # num_classes does not shape the output
+        assert m(torch.randn(2, 1, 16, 16)).shape == (2, 24)  # any input size (GDC on a pooled 4x4 grid)
+        assert m3(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert len(m.stage_names) == 3 and m.feature_dim == 24
