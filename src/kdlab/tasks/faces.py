@@ -18,7 +18,6 @@ post-training-quantisation baseline, ``ptq.json``).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -268,7 +267,6 @@ class FacesTask(Task):
 
     # -- reports -------------------------------------------------------------------------------------
     def profile(self, recipe) -> dict:
-        from kdlab.data import load_dataset  # noqa: F401  (registers the data sets)
         from kdlab.evaluate.efficiency import count_flops
         from kdlab.models.adapters import build_model
 
