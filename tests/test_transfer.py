@@ -119,7 +119,11 @@ def test_every_label_term_is_masked(name, monkeypatch):
         return orig(self, rec)
 
     monkeypatch.setattr(type(term), "forward", spy)
-    obj = _objective([(name, term)])
+    # a teacher for the terms that need one (adadistill), and the training labels for margin heads
+    t = torch.randn(5, 3, generator=torch.Generator().manual_seed(2)) if term.needs_teacher else None
+    obj = _objective([(name, term)], t)
+    obj.train_labels = torch.tensor([0, 1, 2])
+    obj.setup(_batch())
     obj.step(_batch(), StepContext(0, 0))
     assert seen and all(bool((s >= 0).all()) for s in seen)
 

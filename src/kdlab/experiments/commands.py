@@ -11,7 +11,11 @@ from typing import Optional
 
 
 def _summary(res: dict) -> str:
-    return json.dumps({k: res[k] for k in ("val_acc", "test_acc", "best_epoch", "epochs_run")})
+    """The one-line JSON summary of a run: its accuracies (or, for another task, every validation
+    and test number), best epoch and epochs run."""
+    keys = ["val_acc", "test_acc"] if "test_acc" in res else [
+        k for k, v in res.items() if k.startswith(("val_", "test_")) and isinstance(v, (int, float))]
+    return json.dumps({k: res[k] for k in [*keys, "best_epoch", "epochs_run"] if k in res})
 
 
 # -- training one recipe -------------------------------------------------------------------------
@@ -24,6 +28,9 @@ def train_teacher_command(ref, overrides, *, out=None, progress=True, restart=Fa
 
     recipe = load_recipe(ref, overrides)
     out = Path(out or f"runs/{recipe.name}")
+    if recipe.task != "classification":  # a task plug-in (kdlab.tasks) trains its own recipes
+        return _task_run(recipe, out, method="teacher", progress=progress, restart=restart, log=log,
+                         header=f"training {recipe.student.model} ({recipe.task}) on {recipe.data.name} -> {out}")
     # the header prints when training starts: a refused input prints only its one error line
     header = Announce(f"training {recipe.student.model} on {recipe.data.name} -> {out}", log)
     res = train(recipe, out, progress=progress, resume=not restart, method="teacher", callbacks=[header])
@@ -44,14 +51,35 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
     recipe = load_recipe(ref, overrides)
     if seed is not None:
         recipe.train.seed = seed
-    ensure_teachers(recipe, data_dir=data_dir, progress=progress)
     out = Path(out or f"runs/{recipe.name}/seed{recipe.train.seed}")
+    if recipe.task != "classification":  # a task plug-in (kdlab.tasks): its teachers, then the run
+        from kdlab.train.build import with_data_dir
+
+        return _task_run(with_data_dir(recipe, data_dir), out, method=recipe.name, progress=progress,
+                         restart=restart, log=log, data_dir=data_dir,
+                         header=f"distilling {recipe.name} (task {recipe.task}): {recipe.student.model} -> {out}")
+    ensure_teachers(recipe, data_dir=data_dir, progress=progress)
     teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"
     header = Announce(f"distilling {recipe.name}: {recipe.student.model} <- {teacher} -> {out}", log)
     res = train(recipe, out, progress=progress, resume=not restart, method=recipe.name, callbacks=[header])
     if not header.said:  # a finished run: checked, then reused
         header.say()
         log("  (finished earlier: its checked result is reused; --restart trains it again)")
+    log(_summary(res))
+    log(f"checkpoint: {out / 'best.pt'}")
+    return res
+
+
+def _task_run(recipe, out: Path, *, method: str, progress: bool, restart: bool, log, header: str,
+              data_dir=None) -> dict:
+    """One run of a recipe whose ``task`` is a plug-in: the task's study preparation (its teachers)
+    for this one recipe, then :meth:`kdlab.tasks.base.Task.train` into ``out``."""
+    from kdlab.tasks import get_task
+
+    task = get_task(recipe.task)
+    ctx = task.prepare_study({method: recipe}, out.parent, data_dir=data_dir, progress=progress, log=log)
+    log(header)
+    res = task.train(recipe, out, context=ctx, method=method, progress=progress, resume=not restart)
     log(_summary(res))
     log(f"checkpoint: {out / 'best.pt'}")
     return res
