@@ -45,6 +45,11 @@ def cmd_distill(args) -> int:
     recipe = _load(args)
     if args.seed is not None:
         recipe.train.seed = args.seed
+    if recipe.task != "classification":  # detection, ...: the task plug-in runs it
+        from kdlab.tasks.runs import run_task_recipe
+
+        run_task_recipe(recipe, args.out, progress=A.progress(args), resume=not args.restart)
+        return 0
     ensure_teachers(recipe, data_dir=args.data_dir, progress=A.progress(args))
     out = Path(args.out or f"runs/{recipe.name}/seed{recipe.train.seed}")
     teacher = recipe.teacher.model if recipe.teacher and recipe.needs_teacher() else "no teacher"

@@ -85,10 +85,14 @@ class DataCfg(_Strict):
     # transfer set (label-free terms see them, label terms do not); docs/transfer.md
     unlabelled: Literal["drop", "transfer"] = "drop"
     transfer: list[TransferSetCfg] = []  # extra transfer sets (folder, factory, munge, deepinv)
+    # options of the data set's own loader (e.g. mnist-canvas: objects, scale, scenes; coco: ann,
+    # max_objects); each key must be a keyword parameter of the registered loader
+    kwargs: dict[str, Any] = {}
 
     def options(self) -> dict:
         """The loader options this section sets beyond the common ones."""
-        return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
+        out = {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
+        return {**out, **self.kwargs}
 
 
 class InputCfg(_Strict):
@@ -234,6 +238,8 @@ class Recipe(_Strict):
         d = self.model_dump(mode="json", exclude={"source"})
         if d.get("task") == "classification":
             del d["task"]
+        if not d.get("data", {}).get("kwargs"):  # runs made before data.kwargs keep their identity
+            d.get("data", {}).pop("kwargs", None)
         return d
 
     def derive(self, **sections) -> "Recipe":

@@ -1,0 +1,1 @@
+"""Pictures of a detection study (filled below)."""
