@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from kdlab.core.checkpoint import load_model
@@ -236,10 +237,45 @@ class DetectionTask(Task):
                     return read_json(p, "teacher result")
         return None
 
-    def figures(self, study_dir, rows: list[dict], recipes: dict, log: Callable = print) -> list:
-        from kdlab.report.detection import study_figures
+    def figures(self, study_dir, rows: list[dict], recipes: dict, log: Callable = print, *, seed: int = 0,
+                n_scenes: int = 6, show: Optional[list] = None) -> list:
+        """``<study>/report/detection_scenes`` (ground truth, teacher and the students of ``show``,
+        default the baseline and the last method, on the first ``n_scenes`` test scenes) and
+        ``<study>/report/pr_curves`` (every method and the teacher), for the runs of ``seed``."""
+        from kdlab.report.detection import pr_curve, pr_figure, scenes_figure
 
-        return study_figures(self, Path(study_dir), recipes, log=log)
+        study_dir = Path(study_dir)
+        names = list(recipes)
+        first = recipes[names[-1]].with_seed(seed)
+        splits = load_splits(first)
+        runtime = Runtime("cpu", "none", None)
+        _, _, test_loader = make_detection_loaders(first, splits, runtime, 0)
+        models = {}
+        ck = first.teacher.checkpoint if first.teacher is not None else None
+        if ck and Path(ck).is_file():
+            models["teacher"] = load_detector(ck)
+        for m in names:
+            p = study_dir / m / f"seed{seed}" / "best.pt"
+            if p.is_file():
+                models[m] = load_detector(p)
+        curves, dets = {}, {}
+        for m, model in models.items():
+            gts, d = predict(model, test_loader)
+            dets[m] = d
+            res = evaluate_detector(model, test_loader, splits.info.num_classes, image_hw=splits.info.hw,
+                                    with_precision=True)
+            curves[m] = (pr_curve(res["precision"]), f"(AP50 {100 * res['map50']:.1f})")
+        out = pr_figure(curves, study_dir / "report" / "pr_curves",
+                        title=f"precision-recall at IoU 0.5, test scenes, seed {seed}")
+        show = show or ["teacher", names[0], names[-1]]
+        panels = {m: dets[m][:n_scenes] for m in show if m in dets}
+        imgs = splits.test.x[:n_scenes].numpy() if isinstance(splits.test, TensorSet) else \
+            np.stack([splits.test[i][0].numpy() for i in range(min(n_scenes, len(splits.test)))])
+        out += scenes_figure(imgs, gts[:n_scenes], panels, study_dir / "report" / "detection_scenes",
+                             classes=splits.info.classes)
+        for p in out:
+            log(f"figure: {p}")
+        return out
 
 
 def load_detector(path, device="cpu"):
