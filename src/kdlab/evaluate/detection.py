@@ -80,6 +80,11 @@ def coco_metrics(gts, dets, num_classes: int, *, image_sizes=None, with_precisio
             areas = [a["area"] for a in anns]
             for k, (lo, hi) in sizes.items():
                 out[k] = 0.0 if any(lo <= a < hi for a in areas) else nan
+            if with_precision:  # COCOeval's layout: 10 IoUs, 101 recalls, K classes, 4 areas, 3 maxDets
+                present = {a["category_id"] - 1 for a in anns}
+                prec = np.zeros((10, 101, int(num_classes), 4, 3))
+                prec[:, :, [k for k in range(int(num_classes)) if k not in present]] = -1.0
+                out["precision"] = prec
             return out
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")

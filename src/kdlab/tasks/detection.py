@@ -191,7 +191,6 @@ class DetectionTask(Task):
             raise FileNotFoundError(f"teacher checkpoint {recipe.teacher.checkpoint} not found and the recipe names "
                                     f"no teacher.recipe to train it; set teacher.recipe")
         t = self.load_recipe(recipe.teacher.recipe)
-        t = t.derive(data=recipe.data)  # the students' data (a user's coco folder, scene counts)
         ck = ck if recipe.teacher.checkpoint else Path(f"runs/{t.name}/best.pt")
         log(f"training teacher {t.student.model} ({t.name}) into {ck.parent.resolve()}, because its "
             f"finished run is not there")
