@@ -254,3 +254,26 @@ def test_mnist_canvas_scenes():
             # tight: ink touches every edge of the box... unless another digit's ink lies there too
             assert region.any()
         assert not (x[0][~inside] > INK).any()  # no ink outside the boxes
+
+
+# ------------------------------------------------------------------------------------- the task
+
+
+def test_detection_task_and_its_study_methods():
+    from kdlab.tasks import get_task
+
+    task = get_task("detection")
+    assert task.monitor() == ("map", "max") and task.primary == "map"
+    full = task.load_recipe("detection/fgd_ld")
+    methods = task.ablation_methods(full)
+    assert list(methods) == ["baseline", "kd", "fgd", "ld", "fgd+ld"]
+    terms = {m: [t.term for t in r.loss] for m, r in methods.items()}
+    assert terms == {"baseline": ["gfl"], "kd": ["gfl", "det_kd"], "fgd": ["gfl", "fgd"], "ld": ["gfl", "ld"],
+                     "fgd+ld": ["gfl", "fgd", "ld"]}
+    assert methods["baseline"].teacher is None
+    ld = [t for t in full.loss if t.term == "ld"][0]
+    assert ld.weight == 0.25 and ld.params["T"] == 10.0  # the paper's defaults
+    loo = task.ablation_methods(full, "loo")
+    assert list(loo) == ["baseline", "fgd+ld", "fgd+ld-fgd", "fgd+ld-ld"]
+    with pytest.raises(Exception, match="task: detection"):
+        task.load_recipe("digits/kd")
