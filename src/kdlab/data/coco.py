@@ -95,10 +95,6 @@ class CocoBoxes(torch.utils.data.Dataset):
             y[k] = torch.tensor([float(label), b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy])
         return x, y
 
-    @property
-    def labels(self):  # one label per image is meaningless here; kept for loaders that ask
-        return [0] * len(self.records)
-
 
 def clean_records(coco, root: Path, where: str):
     """``(records, counts)``: per usable image ``{"file", "boxes": [(label, [x1, y1, x2, y2])]}``
