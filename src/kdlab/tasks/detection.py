@@ -281,8 +281,3 @@ def load_detector(path, device="cpu"):
     """A detector checkpoint (``best.pt``) rebuilt in eval mode."""
     model, _ = load_model(path, device)
     return model
-
-
-def detections_of(model, loader, **post):
-    """Ground truth and detections of ``model`` on ``loader`` (:func:`kdlab.evaluate.detection.predict`)."""
-    return predict(model, loader, **post)
