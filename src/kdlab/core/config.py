@@ -85,10 +85,14 @@ class DataCfg(_Strict):
     # transfer set (label-free terms see them, label terms do not); docs/transfer.md
     unlabelled: Literal["drop", "transfer"] = "drop"
     transfer: list[TransferSetCfg] = []  # extra transfer sets (folder, factory, munge, deepinv)
+    # options of the data set's own loader (e.g. mnist-canvas: objects, scale, scenes; coco: ann,
+    # max_objects); each key must be a keyword parameter of the registered loader
+    kwargs: dict[str, Any] = {}
 
     def options(self) -> dict:
         """The loader options this section sets beyond the common ones."""
-        return {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
+        out = {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
+        return {**out, **self.kwargs}
 
 
 class InputCfg(_Strict):
@@ -245,6 +249,8 @@ class Recipe(_Strict):
             del d["task"]
         if isinstance(d.get("teacher"), dict) and not d["teacher"].get("allow_other_dataset"):
             del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
+        if not d.get("data", {}).get("kwargs"):  # runs made before data.kwargs keep their identity
+            d.get("data", {}).pop("kwargs", None)
         return d
 
     def derive(self, **sections) -> "Recipe":

@@ -22,7 +22,7 @@ from kdlab.data.registry import (
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet
 
 # the built-in loaders register themselves on import (one file per data set)
-from kdlab.data import cifar, digits, identities, imagefolder, mnist5k  # noqa: E402,F401  (registration)
+from kdlab.data import cifar, coco, digits, identities, imagefolder, mnist5k, mnist_canvas  # noqa: E402,F401  (registration)
 
 
 def from_factory(spec: str, *, val_fraction: float = 0.1, label_fraction: float = 1.0, seed: int = 0) -> Splits:
