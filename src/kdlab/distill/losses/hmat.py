@@ -13,7 +13,9 @@ attention for mid- and high-level features. The exact map definitions below are 
   (levels smaller than the map), weighted 1, 1/2, 1/4, 1/8 and normalised by the weight sum
   (the ReviewKD pyramid) — :func:`pyramid_attention_loss`;
 * position attention: the [HW, HW] cosine-similarity matrix of the per-position feature vectors
-  (``f̂_iᵀ f̂_j``), independent of the channel count; MSE between student and teacher;
+  (``f̂_iᵀ f̂_j``), independent of the channel count; MSE between student and teacher. Its cost
+  grows with (HW)², so both maps are first area-pooled to at most ``pos_size`` x ``pos_size``
+  (default 14: a 28x28 stage is compared at 14x14; 8x8 digits maps are unchanged);
 * channel attention: the [C, C] matrix of cosine similarities between channels (each channel's
   map L2-normalised over positions); the student's map first goes through a learnable 1x1 conv to
   the teacher's channel count (built in ``setup``); MSE.
@@ -116,10 +118,14 @@ class HierarchicalAT(_Stages):
 class HMAT(_Stages):
     """``w_pos``, ``w_act``, ``w_ch``: the weights of the three kinds of attention."""
 
-    def __init__(self, layers=None, w_pos: float = 1.0, w_act: float = 1.0, w_ch: float = 1.0, levels=(4, 2, 1)):
+    def __init__(self, layers=None, w_pos: float = 1.0, w_act: float = 1.0, w_ch: float = 1.0, levels=(4, 2, 1),
+                 pos_size: int = 14):
         super().__init__(layers, "hmat", levels)
         if min(w_pos, w_act, w_ch) < 0:
             raise ValueError("hmat: w_pos, w_act and w_ch must be >= 0")
+        if pos_size < 1:
+            raise ValueError("hmat: pos_size (largest side of the position-attention maps) must be >= 1")
+        self.pos_size = int(pos_size)
         self.w_pos, self.w_act, self.w_ch = float(w_pos), float(w_act), float(w_ch)
         self.level_of = hierarchy(len(self.pairs))
         self.adapters = None
@@ -142,6 +148,9 @@ class HMAT(_Stages):
             fs, ft = rec.s_feats[s], rec.t_feats[t]
             if lv == "low":
                 a, b = _common(fs, ft)
+                if max(a.shape[-2:]) > self.pos_size:
+                    size = (min(a.shape[-2], self.pos_size), min(a.shape[-1], self.pos_size))
+                    a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
                 total = total + self.w_pos * (position_attention(a) - position_attention(b)).pow(2).mean()
                 continue
             total = total + self.w_act * pyramid_attention_loss(fs, ft, self.levels)
