@@ -307,3 +307,20 @@ def test_new_method_recipes_load_for_digits_and_mnist5k():
         ls = load_recipe(f"methods/{ds}/kd_ls")
         kd = [t for t in ls.loss if t.term == "kd"][0]
         assert kd.params["logit_stand"] is True and kd.weight == 9.0 and kd.params["T"] == 2.0
+
+
+def test_step_matched_drop_control_has_the_transfer_runs_optimiser_steps():
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import load_splits
+
+    def steps(name):
+        r = load_recipe(name)
+        n = len(load_splits(r).train)
+        return math.ceil(n / r.train.batch_size) * r.train.epochs, r
+
+    s_transfer, rt = steps("transfer/digits_kd_transfer30")
+    s_drop, _ = steps("transfer/digits_kd_drop30")
+    s_matched, rm = steps("transfer/digits_kd_drop_steps")
+    assert s_matched == s_transfer and s_transfer > 9 * s_drop
+    # patience covers the same number of steps as the transfer runs' 20 epochs
+    assert rm.train.patience * math.ceil(120 / 32) == rt.train.patience * math.ceil(1213 / 32)
