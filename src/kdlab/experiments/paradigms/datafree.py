@@ -99,6 +99,7 @@ class GeneratorKDObjective:
                       if self.generator is not None else None)
         self.count = 0       # student steps so far (ZSKT's cycles run across epochs)
         self.z_cycle = None  # ZSKT: the latent batch of the current cycle
+        self.cycle = None    # ZSKT: (x, teacher logits, teacher features) of the current cycle
 
     # -- protocol ---------------------------------------------------------------------------------
     def models(self) -> dict:
@@ -180,11 +181,14 @@ class GeneratorKDObjective:
                 self.g_opt.step()
                 self._clear_student_grads()
                 logs["g_loss"] = g_loss.detach()
-            with torch.no_grad():
-                x = self.generator(self.z_cycle)
-                with Taps(self.teacher, t_layers, detach=True) as tt:
-                    t = self.teacher(x)
-                    t_feats = [tt[n] for n in t_layers]
+            if self.cycle is None or self.count % self.p.n_student == 0:
+                # the cycle's batch and the teacher's outputs on it, once (both fixed in a cycle)
+                with torch.no_grad():
+                    xc = self.generator(self.z_cycle)
+                    with Taps(self.teacher, t_layers, detach=True) as tt:
+                        tc = self.teacher(xc)
+                        self.cycle = (xc, tc, [tt[n] for n in t_layers])
+            x, t, t_feats = self.cycle
             with Taps(self.student, s_layers) as st:
                 s = self.student(x)
                 s_feats = [st[n] for n in s_layers]
