@@ -79,8 +79,6 @@ class GeneratorKDObjective:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, mode: str, runtime, meta: dict, shape: tuple,
                  params, epochs: int, at_pairs: Optional[list] = None):
-        from kdlab.train.objective import split_metrics  # noqa: F401  (evaluate uses it)
-
         self.student, self.teacher, self.mode, self.runtime = student, teacher.eval(), mode, runtime
         for p in self.teacher.parameters():
             p.requires_grad_(False)
