@@ -1,5 +1,5 @@
 """`kdlab methods` (the method library), `kdlab compare` (methods side by side over seeds) and
-`kdlab paradigm dml|ban|ta|self|deepinv` (training schedules)."""
+`kdlab paradigm dml|ban|ta|self|deepinv|dafl|zskt|noise` (training schedules)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("recipes", nargs="*", help="method recipes (paths or shipped names, e.g. methods/digits/dkd) "
                    "and/or paradigm recipes (e.g. paradigms/digits/ban)")
     p.add_argument("--all", metavar="DATASET",
-                   help="every shipped method and paradigm recipe of a data set (digits, cifar10)")
+                   help="every shipped method and paradigm recipe of a data set (digits, mnist5k, cifar10)")
     A.add_seeds(p)
     p.add_argument("--baseline", default="kd", help="method the paired differences are taken to (default kd)")
     A.add_out(p, "runs/compare-<dataset>")
@@ -54,8 +54,8 @@ def register(sub) -> None:
     A.add_quiet(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("paradigm", help="run a distillation paradigm: dml, ban, ta, self, deepinv")
-    p.add_argument("paradigm", help="dml, ban, ta, self or deepinv; or a paradigm recipe "
+    p = sub.add_parser("paradigm", help="run a distillation paradigm: dml, ban, ta, self, deepinv, dafl, zskt, noise")
+    p.add_argument("paradigm", help="dml, ban, ta, self, deepinv, dafl, zskt or noise; or a paradigm recipe "
                    "(e.g. paradigms/digits/ban) holding the paradigm, its settings and its recipe")
     p.add_argument("recipe", nargs="?", help="base recipe (data, student, teacher, train settings, "
                    "distillation loss) when the first argument is a paradigm name")

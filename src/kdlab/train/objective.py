@@ -221,9 +221,26 @@ class DistillObjective(Objective):
                            t_logits=t.logits if t is not None else None,
                            s_feats=s_feats, t_feats=t.feats if t is not None else {},
                            masks=t.masks if t is not None else {}, index=idx, epoch=epoch, step=step,
-                           extra={"n_data": self.n_data, "train_labels": self.train_labels},
+                           extra={"n_data": self.n_data, "train_labels": self.train_labels,
+                                  "forward_student": self.forward_student,
+                                  "forward_teacher": self.forward_teacher},
                            extra_teachers=extra,
                            labelled=(y >= 0) if self.partial_labels else None)
+
+    def forward_student(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits of another view of a batch (normalised inputs; the student's
+        ``view`` applied), with gradients: for terms that need more than the batch's own view
+        (``mlkd``'s strong augmentation)."""
+        xs = x if self.view is None else self.view(x)
+        with self.runtime.autocast():
+            return self.forward_model(xs).float()
+
+    def forward_teacher(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits of another view of a batch (no gradients, never cached)."""
+        if self.teacher is None:
+            raise ValueError("this loss term needs a teacher; give the recipe a teacher section")
+        with torch.no_grad(), self.runtime.autocast():
+            return self.teacher.teacher(x).float()
 
     def losses(self, rec: BatchRecord) -> tuple[torch.Tensor, dict]:
         """The weighted sum of the terms (zero-weight terms skipped) and each unweighted term."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.distill.losses.base import BatchRecord, LossTerm, register_loss
-from kdlab.distill.losses.response import CrossEntropy, kl_terms
+from kdlab.distill.losses.response import CrossEntropy, kl_terms, standardize_logits
 
 
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0,
@@ -50,13 +50,19 @@ def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, al
     return (alpha * tckd + beta * nckd).mean() * (T * T)
 
 
-@register_loss("dkd", "Decoupled KD: (α·TCKD + β·NCKD)·T², α=1, β=8",
-               "Zhao, Cui, Song, Qiu & Liang, Decoupled Knowledge Distillation, CVPR 2022")
+@register_loss("dkd", "Decoupled KD: (α·TCKD + β·NCKD)·T², α=1, β=8; logit_stand: Z-scored logits (Sun et al. 2024)",
+               "Zhao, Cui, Song, Qiu & Liang, Decoupled Knowledge Distillation, CVPR 2022; "
+               "logit_stand: Sun, Ren, Li, Wang & Cao, Logit Standardization in Knowledge Distillation, CVPR 2024")
 class DKD(LossTerm):
+    """``logit_stand: true`` Z-scores both logits per sample before DKD (as the authors' DKD code
+    does with ``LOGIT_STAND``); off (the default) is unchanged."""
+
     needs_teacher = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 0):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: int = 0,
+                 logit_stand: bool = False):
         super().__init__()
+        self.logit_stand = bool(logit_stand)
         if T <= 0:
             raise ValueError("dkd: temperature T must be > 0")
         if alpha < 0 or beta < 0:
@@ -67,8 +73,10 @@ class DKD(LossTerm):
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         ramp = min((rec.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
-        return ramp * dkd_loss(rec.s_logits, rec.teacher_logits(self.name), rec.y,
-                               self.alpha, self.beta, self.T, labelled=rec.labelled)
+        s, t = rec.s_logits, rec.teacher_logits(self.name)
+        if self.logit_stand:
+            s, t = standardize_logits(s), standardize_logits(t)
+        return ramp * dkd_loss(s, t, rec.y, self.alpha, self.beta, self.T, labelled=rec.labelled)
 
 
 def label_smoothing_loss(s_logits: torch.Tensor, y: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
