@@ -13,6 +13,10 @@ A recipe with a ``quantface`` term is a QuantFace run: its student is a fake-qua
 and trained on synthetic images only (:func:`synthesize_identities`: BN-statistics inversion of
 the full-precision model); before training, the calibrated copy is scored on the real pairs (the
 post-training-quantisation baseline, ``ptq.json``).
+
+Size (over 500 lines): the task plug-in, its verification objective and the QuantFace run
+(calibration, synthetic images, fake-quantised student) share the recipe helpers here; the
+QuantFace run is the candidate to move into its own module next.
 """
 
 from __future__ import annotations
