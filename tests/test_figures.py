@@ -42,12 +42,13 @@ def test_robustness_heatmap_fixed_scale_and_spread(tmp_path, captured):
     png = figs.robustness_heatmap(per_seed, tmp_path / "heat.png", clean=clean)
     assert _ok(png)
     cap = captured[-1]
-    assert cap["images"][0] == (0.0, 100.0)  # fixed 0–100 colour scale, whatever the data
+    # colours on the data's range, rounded out to whole %: cells 60.0 (a/noise) .. 94.0 (clean b)
+    assert cap["images"][0] == (60.0, 94.0)
     # cell a/noise: mean 60.0, sd of (50, 70) = 14.1
     assert "60.0\n±14.1" in cap["texts"]
     # mCA row of b: seed means 75 and 65 -> mean 70.0, sd 7.1
     assert "70.0\n±7.1" in cap["texts"]
-    assert "fixed 0–100" in " ".join(cap["ylabels"])
+    assert "colour range 60–94" in " ".join(cap["ylabels"])
 
 
 def test_study_robustness_heatmap_reads_seeds(tmp_path):
