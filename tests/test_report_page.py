@@ -40,10 +40,12 @@ def _study(tmp_path):
 
 
 def test_markdown_and_latex_by_hand():
-    md = "| method | acc % | p |\n|---|---:|---|\n| kd_x | 65.3 ± 1.2 | 0.040* |\n\nA **bold** `c` <b>.\n"
+    md = ("| method | acc % | p |\n|---|---:|---|\n| kd_x | 65.3 ± 1.2 | 0.040* |\n\nA **bold** `c` <b>.\n\n"
+          "- *kd over CE* (kd vs baseline): p 0.040*, 0.1*\n")
     h = markdown_to_html(md)
     assert "<th>acc %</th>" in h and "<td>65.3 ± 1.2</td>" in h
     assert "<strong>bold</strong> <code>c</code> &lt;b&gt;." in h  # raw HTML is escaped
+    assert "<li><em>kd over CE</em> (kd vs baseline): p 0.040*, 0.1*</li>" in h
     tex = markdown_table_to_latex(md, caption="s")
     assert r"\begin{tabular}{lrr}" in tex and r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert r"method & acc \% & p \\" in tex and r"kd\_x & 65.3 $\pm$ 1.2 & 0.040* \\" in tex

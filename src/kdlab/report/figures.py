@@ -99,7 +99,8 @@ def annotated_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[st
         ax.axhline(y, color="white", lw=lw, ls=ls)
     fig.colorbar(im, ax=ax, label=f"{colorbar}; colour range {vmin:g}–{vmax:g}", fraction=0.05)
     if title:
-        ax.set_title(textwrap.fill(title, width=max(28, int(14 * fig.get_size_inches()[0]))), fontsize=9)
+        width = max(28, int(14 * fig.get_size_inches()[0]))
+        ax.set_title("\n".join(textwrap.fill(t, width=width) for t in title.split("\n")), fontsize=9)
     return fig, ax
 
 

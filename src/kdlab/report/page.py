@@ -36,18 +36,20 @@ _CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-wid
 padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.45em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .sub{color:#555;margin-top:0}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+.wide{overflow-x:auto}table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border-bottom:1px solid #ddd;padding:.25em .6em;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}thead th{border-bottom:2px solid #444}
-figure{margin:.8em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+figure{margin:.8em 0}img{max-width:100%;max-height:1100px;height:auto;width:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:.85em}code{background:#f4f4f4;padding:0 .2em}
 .notes p{font-size:.9em}"""
 
 
 def _inline(text: str) -> str:
-    """Escape ``text`` for HTML, then ``**bold**`` and ```code``` markdown."""
+    """Escape ``text`` for HTML, then ``**bold**``, ``*italic*`` and ```code``` markdown (a lone
+    ``*`` as in ``0.040*`` stays as it is)."""
     t = html.escape(text, quote=False)
     t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    t = re.sub(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", t)
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
 
 
@@ -80,10 +82,10 @@ def markdown_to_html(md: str) -> str:
             while i < len(lines) and lines[i].strip().startswith("|"):
                 rows.append(_cells(lines[i]))
                 i += 1
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head)
+            out.append('<div class="wide"><table><thead><tr>' + "".join(f"<th>{_inline(c)}</th>" for c in head)
                        + "</tr></thead><tbody>")
             out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-            out.append("</tbody></table>")
+            out.append("</tbody></table></div>")
             continue
         m = re.match(r"(#{1,6})\s+(.*)", s)
         if m:
@@ -177,10 +179,12 @@ def write_study_page(report_dir, study_dir=None, *, log=print) -> dict[str, Path
               '<p class="sub">LaTeX (booktabs): <a href="table.tex">table.tex</a>; data: '
               '<a href="table.csv">table.csv</a>, <a href="results.csv">results.csv</a>, '
               '<a href="table.json">table.json</a>.</p>']
+    shown = set()
     for stem, heading, caption in PAGE_FIGURES:
         png = _find(f"{stem}.png", out, study_dir)
-        if png is None:
-            continue
+        if png is None or (stem == "robustness_heatmap" and "robustness_heatmap_seeds" in shown):
+            continue  # one robustness heat map: the per-seed one when both exist
+        shown.add(stem)
         rel = Path(os.path.relpath(png, out)).as_posix()
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         pdf = (f' (<a href="{html.escape(Path(rel).with_suffix(".pdf").as_posix())}">PDF</a>)'
