@@ -102,3 +102,32 @@ def test_sweep_and_overlay_labels(tmp_path, captured):
     assert "Integrated Gradients" in cap["suptitle"]
     assert "kd+attn\ncnn_tiny" in cap["titles"]
     assert len(cap["axes"]) == 2 * 3 + 1 and "min–max" in cap["axes"][-1].get_ylabel()  # colour bar
+
+
+def test_heat_range_shows_11_to_22_percent():
+    # the colour range is the data's, rounded out to whole %: 11.3..21.7 -> 11..22 (not 0..100)
+    assert figs.heat_range([[11.3, 21.7], [np.nan, 15.0]]) == (11.0, 22.0)
+    assert figs.heat_range([[50.2, 50.4]]) == (49.0, 52.0)  # at least 2 units wide
+    assert figs.heat_range([[np.nan]]) == (0.0, 100.0)
+
+
+def test_val_curves_twenty_methods_distinct_and_legend_outside(tmp_path, captured):
+    for k in range(20):
+        run = tmp_path / "s" / f"m{k:02d}" / "seed0"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.csv").write_text(f"epoch,val_acc\n1,{0.3 + 0.01 * k}\n2,{0.5 + 0.01 * k}\n")
+    figs.val_curves(tmp_path / "s", tmp_path / "c.png")
+    ax = captured[-1]["axes"][0]
+    styles = {(tuple(ln.get_color()), ln.get_linestyle()) for ln in ax.lines}
+    assert len(ax.lines) == 20 and len(styles) == 20  # 20 distinguishable lines
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # the legend hangs off the right edge of the axes, outside the data
+
+
+def test_overlay_perceptual_and_rows_labelled(tmp_path, captured):
+    from kdlab.report.overlays import overlay_grid
+
+    overlay_grid(torch.rand(2, 1, 8, 8), {"teacher": torch.rand(2, 8, 8)}, tmp_path / "ov.png")
+    cap = captured[-1]
+    assert cap["axes"][1].images[-1].get_cmap().name == "inferno"
+    assert cap["ylabels"][:4:2] == ["image 1", "image 2"]
