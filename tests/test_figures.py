@@ -42,12 +42,13 @@ def test_robustness_heatmap_fixed_scale_and_spread(tmp_path, captured):
     png = figs.robustness_heatmap(per_seed, tmp_path / "heat.png", clean=clean)
     assert _ok(png)
     cap = captured[-1]
-    assert cap["images"][0] == (0.0, 100.0)  # fixed 0–100 colour scale, whatever the data
+    # colours on the data's range, rounded out to whole %: cells 60.0 (a/noise) .. 94.0 (clean b)
+    assert cap["images"][0] == (60.0, 94.0)
     # cell a/noise: mean 60.0, sd of (50, 70) = 14.1
     assert "60.0\n±14.1" in cap["texts"]
     # mCA row of b: seed means 75 and 65 -> mean 70.0, sd 7.1
     assert "70.0\n±7.1" in cap["texts"]
-    assert "fixed 0–100" in " ".join(cap["ylabels"])
+    assert "colour range 60–94" in " ".join(cap["ylabels"])
 
 
 def test_study_robustness_heatmap_reads_seeds(tmp_path):
@@ -101,3 +102,32 @@ def test_sweep_and_overlay_labels(tmp_path, captured):
     assert "Integrated Gradients" in cap["suptitle"]
     assert "kd+attn\ncnn_tiny" in cap["titles"]
     assert len(cap["axes"]) == 2 * 3 + 1 and "min–max" in cap["axes"][-1].get_ylabel()  # colour bar
+
+
+def test_heat_range_shows_11_to_22_percent():
+    # the colour range is the data's, rounded out to whole %: 11.3..21.7 -> 11..22 (not 0..100)
+    assert figs.heat_range([[11.3, 21.7], [np.nan, 15.0]]) == (11.0, 22.0)
+    assert figs.heat_range([[50.2, 50.4]]) == (49.0, 52.0)  # at least 2 units wide
+    assert figs.heat_range([[np.nan]]) == (0.0, 100.0)
+
+
+def test_val_curves_twenty_methods_distinct_and_legend_outside(tmp_path, captured):
+    for k in range(20):
+        run = tmp_path / "s" / f"m{k:02d}" / "seed0"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.csv").write_text(f"epoch,val_acc\n1,{0.3 + 0.01 * k}\n2,{0.5 + 0.01 * k}\n")
+    figs.val_curves(tmp_path / "s", tmp_path / "c.png")
+    ax = captured[-1]["axes"][0]
+    styles = {(tuple(ln.get_color()), ln.get_linestyle()) for ln in ax.lines}
+    assert len(ax.lines) == 20 and len(styles) == 20  # 20 distinguishable lines
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # the legend hangs off the right edge of the axes, outside the data
+
+
+def test_overlay_perceptual_and_rows_labelled(tmp_path, captured):
+    from kdlab.report.overlays import overlay_grid
+
+    overlay_grid(torch.rand(2, 1, 8, 8), {"teacher": torch.rand(2, 8, 8)}, tmp_path / "ov.png")
+    cap = captured[-1]
+    assert cap["axes"][1].images[-1].get_cmap().name == "inferno"
+    assert cap["ylabels"][:4:2] == ["image 1", "image 2"]

@@ -203,12 +203,14 @@ def explain_report(teacher: nn.Module, students, x: torch.Tensor, y: torch.Tenso
                   for i in range(m)]
         from kdlab.report.overlays import overlay_grid
 
-        overlay_grid(xs.cpu(), maps, out / "overlays.png", n=m, titles=titles)
+        overlay_grid(xs.cpu(), maps, out / "overlays.png", n=m, titles=titles, attribution=method)
     if all("alpha" in r for r in rows):
         from kdlab.report.overlays import plot_sweep
 
         sweep_rows = [{**r, "student": r.get("size", r["student"])} for r in rows]
-        plot_sweep(sweep_rows, out / "sweep.png")
+        st = settings or {}
+        plot_sweep(sweep_rows, out / "sweep.png", teacher=st.get("teacher_model") or st.get("teacher"),
+                   dataset=st.get("dataset"))
     return rows
 
 

@@ -352,4 +352,8 @@ def write_findings(study_dirs: Sequence, out=None, *, command: Optional[str] = N
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, md)
     log(f"findings: {out}")
+    if (out.parent / "table.md").is_file() and out.name == "findings.md":  # a study's report folder
+        from kdlab.report.page import write_study_page
+
+        write_study_page(out.parent, log=log)  # the page shows the findings sentences
     return md

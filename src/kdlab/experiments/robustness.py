@@ -206,4 +206,8 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
         study_robustness_markdown(stats, baseline, len(seeds), extra, len(std)))
     meta = {k: table[k] for k in ("task", "metric", "secondary", "sample_unit", "teacher", "notes", "aliases",
                                   "extra") if k in table}
-    return write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log, meta=meta)
+    report = write_tables(study_dir / "report", stats, baseline, table.get("wall_time_s"), log, meta=meta)
+    from kdlab.report.page import write_study_page
+
+    write_study_page(study_dir / "report", study_dir, log=log)  # the page shows the heat map
+    return report

@@ -340,5 +340,9 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     log(note)
     log(f"explain report: {out / 'explain_study.md'}, figures {paths['figure']}, "
         f"{paths.get('overlays', '')} (+ .pdf)")
+    if (out / "table.md").is_file():  # the study page shows where the students look
+        from kdlab.report.page import write_study_page
+
+        write_study_page(out, study_dir, log=log)
     return {"rows": rows, "runs": per_run, "settings": settings,
             "paths": {k_: str(v) for k_, v in paths.items()}}

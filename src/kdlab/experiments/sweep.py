@@ -156,7 +156,8 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     rows = explain_report(teacher, students_, x, y, mean=info.mean, std=info.std,
                           out_dir=out_dir / "explain", method=method, grid=tuple(grid), k=k,
                           steps=steps, device=device,
-                          settings={"recipe": base.source, "alphas": list(alphas),
+                          settings={"recipe": base.source, "teacher_model": base.teacher.model,
+                                    "dataset": d.name, "alphas": list(alphas),
                                     "students": list(students), "seeds": list(seeds),
                                     "image_seed": image_seed, "T": T})
     table = seed_table(rows)

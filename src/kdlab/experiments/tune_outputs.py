@@ -80,6 +80,18 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
         for fname, fn, kw in plots:
             ax = fn(study, **kw)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            name = f"{spec.metric} ({'higher' if spec.direction == 'maximize' else 'lower'} is better)"
+            for a in fig.axes:  # Optuna says "Objective Value": name the tuned metric instead
+                a.set_ylabel(a.get_ylabel().replace("Objective Value", name))
+                a.set_xlabel(a.get_xlabel().replace("Objective Value", name))
+                a.set_title(a.get_title().replace("Objective Value", spec.metric)
+                            + (f": {name}" if "History" in a.get_title() else ""))
+                labels = [t.get_text() for t in a.get_xticklabels()]
+                if any("Objective Value" in t for t in labels):
+                    a.set_xticks(a.get_xticks(), [t.replace("Objective Value", spec.metric) for t in labels])
+                leg = a.get_legend()
+                for t in (leg.get_texts() if leg is not None else []):
+                    t.set_text(t.get_text().replace("Objective Value", f"{spec.metric} of a trial"))
             fig.set_size_inches(9, 5)
             fig.tight_layout()
             fig.savefig(out_dir / fname, dpi=110)

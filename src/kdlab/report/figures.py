@@ -5,7 +5,7 @@ PNG *and* PDF next to each other, ``path.png`` + ``path.pdf``).
   t-interval, the per-seed differences as dots, and the Holm-adjusted p.
 * :func:`val_curves` – validation accuracy against epoch per method: mean over seeds with a
   ±1 sd band, read from every run's ``metrics.csv``.
-* :func:`robustness_heatmap` – corruption x method accuracy on a fixed 0–100 % colour scale, each
+* :func:`robustness_heatmap` – corruption x method accuracy on the data's colour range (printed), each
   cell ``mean`` over seeds with ``± sd`` under it; :func:`study_robustness_heatmap` reads
   ``<study>/report/robustness/seed*/robustness.json`` (written by ``kdlab robustness --study``).
 * :func:`alignment_plot` – explanation-alignment metrics per method with their intervals over
@@ -26,7 +26,7 @@ import numpy as np
 
 from kdlab.core.io import read_csv, read_json
 
-__all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "annotated_heatmap", "robustness_heatmap",
+__all__ = ["save_figure", "METRIC_LABELS", "forest_plot", "val_curves", "annotated_heatmap", "heat_range", "robustness_heatmap",
            "study_robustness_heatmap", "alignment_plot", "study_figures", "study_title",
            "read_metrics_csv"]
 
@@ -53,34 +53,54 @@ def _plt():
     return plt
 
 
+def heat_range(values) -> tuple[float, float]:
+    """The colour range of :func:`annotated_heatmap`: the finite values' minimum and maximum
+    rounded out to whole units (at least 2 units wide; ``(0, 100)`` when nothing is finite), so
+    that a spread of 11 to 22 % uses the whole colour map instead of a tenth of a 0–100 scale."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return 0.0, 100.0
+    lo, hi = math.floor(round(float(v.min()), 6)), math.ceil(round(float(v.max()), 6))
+    if hi - lo < 2:
+        lo, hi = lo - 1, hi + 1
+    return float(lo), float(hi)
+
+
 def annotated_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], *, spread=None,
-                      colorbar: str = "accuracy (%)", rules: Sequence[tuple] = (), title: Optional[str] = None):
-    """The one annotated heat map of kdlab's reports: ``values`` [rows, columns] in % on a fixed
-    0–100 colour scale (viridis), each cell printed with one decimal (``n/a`` when not finite) and,
-    when ``spread`` (same shape) is finite there, ``±sd`` under it; ``rules``: white horizontal
-    lines ``(y, linewidth, linestyle)`` between row groups. Returns ``(fig, ax)``; the caller saves."""
+                      colorbar: str = "accuracy (%)", rules: Sequence[tuple] = (), title: Optional[str] = None,
+                      vrange: Optional[tuple] = None):
+    """The one annotated heat map of kdlab's reports: ``values`` [rows, columns] in % (viridis, a
+    perceptual map) on the data's range (:func:`heat_range`, or ``vrange``; the range is printed
+    in the colour bar's label), each cell printed with one decimal (``n/a`` when not finite) and,
+    when ``spread`` (same shape) is finite there, ``±sd`` under it, in black on light cells and
+    white on dark ones; ``rules``: white horizontal lines ``(y, linewidth, linestyle)`` between
+    row groups. Returns ``(fig, ax)``; the caller saves."""
     import textwrap
 
     mu = np.asarray(values, dtype=np.float64)
     sd = np.full_like(mu, np.nan) if spread is None else np.asarray(spread, dtype=np.float64)
+    vmin, vmax = vrange or heat_range(mu)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(2.0 + 1.15 * max(1, len(col_labels)), 1.2 + 0.42 * len(row_labels)))
-    im = ax.imshow(mu, aspect="auto", cmap="viridis", vmin=0.0, vmax=100.0)
-    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    fig, ax = plt.subplots(figsize=(2.4 + 1.2 * max(1, len(col_labels)), 1.3 + 0.5 * len(row_labels)))
+    im = ax.imshow(mu, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=30, ha="right", fontsize=9)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=9)
     for i in range(mu.shape[0]):
         for j in range(mu.shape[1]):
             if not np.isfinite(mu[i, j]):
-                txt = "n/a"
+                txt, dark = "n/a", True
             else:
                 txt = f"{mu[i, j]:.1f}" + (f"\n±{sd[i, j]:.1f}" if np.isfinite(sd[i, j]) else "")
-            ax.text(j, i, txt, ha="center", va="center", fontsize=6.5, linespacing=0.9,
-                    color="black" if np.isfinite(mu[i, j]) and mu[i, j] > 55 else "white")
+                dark = (mu[i, j] - vmin) / (vmax - vmin) < 0.6  # viridis is dark below ~60 %
+            ax.text(j, i, txt, ha="center", va="center", fontsize=8, linespacing=0.95,
+                    color="white" if dark else "black")
     for y, lw, ls in rules:
         ax.axhline(y, color="white", lw=lw, ls=ls)
-    fig.colorbar(im, ax=ax, label=colorbar, fraction=0.05)
+    fig.colorbar(im, ax=ax, label=f"{colorbar}; colour range {vmin:g}–{vmax:g}", fraction=0.05)
     if title:
-        ax.set_title(textwrap.fill(title, width=max(28, int(14 * fig.get_size_inches()[0]))), fontsize=9)
+        width = max(28, int(14 * fig.get_size_inches()[0]))
+        ax.set_title("\n".join(textwrap.fill(t, width=width) for t in title.split("\n")), fontsize=9)
     return fig, ax
 
 
@@ -238,9 +258,15 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
     if not runs:
         raise FileNotFoundError(f"no <method>/seed*/metrics.csv under {study_dir}; run the study first")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    n = len(runs)
+    # distinct colours for up to 20 methods (tab10, then tab20), a line style per group of 10 beyond
+    # that; the legend sits outside the data, in as many columns as it needs
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    styles = ("-", "--", ":", "-.")
+    ncol = 1 if n <= 12 else 2
+    fig, ax = plt.subplots(figsize=(6.4 + 1.9 * ncol, max(4.0, 0.6 + 0.24 * math.ceil(n / ncol))))
     n_seeds = 0
-    for method, files in runs.items():
+    for k, (method, files) in enumerate(runs.items()):
         curves = []
         for f in files:
             c = read_metrics_csv(f)
@@ -258,15 +284,18 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
             mean.append(mu)
             lo.append(mu - sd)
             hi.append(mu + sd)
-        line, = ax.plot(epochs, mean, lw=1.6, label=f"{method} (n={len(curves)})")
-        ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.18, lw=0)
+        color = cmap(k % cmap.N)
+        ax.plot(epochs, mean, lw=1.6, color=color, ls=styles[(k // cmap.N) % len(styles)],
+                marker="o" if len(epochs) <= 12 else None, ms=3, label=f"{method} (n={len(curves)})")
+        ax.fill_between(epochs, lo, hi, color=color, alpha=0.12 if n > 6 else 0.18, lw=0)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel or METRIC_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8)
+    ax.legend(fontsize=8, title="method (seeds)", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), ncol=ncol, frameon=False, borderaxespad=0.0)
     ax.set_title(title or f"validation accuracy, mean ± 1 sd over {n_seeds} seeds", fontsize=9)
     return save_figure(fig, path)
 
@@ -278,7 +307,8 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
 def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float]]], path, *,
                        clean: Optional[Mapping[object, Mapping[str, float]]] = None,
                        title: Optional[str] = None) -> Path:
-    """Corruption (rows) x method (columns) accuracy heat map on a fixed 0–100 % colour scale.
+    """Corruption (rows) x method (columns) accuracy heat map, colours on the data's range
+    (:func:`heat_range`, printed on the colour bar).
 
     ``per_seed``: ``{seed: {method: {corruption: accuracy in [0, 1]}}}`` (e.g. the mean over
     severities); ``clean``: ``{seed: {method: clean accuracy}}`` for a top row. Each cell shows the
@@ -311,7 +341,7 @@ def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float
     sd = np.asarray([[c[1] for c in r] for r in rows])
     rules = ([(0.5, 1.5, "-")] if clean is not None else []) + [(len(labels) - 1.5, 1.5, "-")]
     fig, _ = annotated_heatmap(mu, labels, methods, spread=sd, rules=rules,
-                               colorbar="accuracy (%), fixed 0–100 scale",
+                               colorbar="accuracy (%)",
                                title=title or f"accuracy under corruption (%), mean ± sd over {len(seeds)} seeds")
     return save_figure(fig, path)
 

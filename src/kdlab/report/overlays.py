@@ -81,7 +81,7 @@ ATTRIBUTION_NAMES = {"ig": "Integrated Gradients |attribution|, summed over chan
 
 def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
                  titles: Sequence[str] | None = None, *, mean=None, std=None,
-                 cmap: str = "jet", alpha: float = 0.5, dpi: int = 100,
+                 cmap: str = "inferno", alpha: float = 0.55, dpi: int = 100,
                  attribution: str | None = None, title: str | None = None) -> Path:
     """Write a PNG (and a PDF beside it) grid: one row per image (the first ``n``), columns
     ``input`` and then each model's attribution overlay (column title = the dict key: name the
@@ -89,7 +89,8 @@ def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
 
     ``images``: ``[N, C, H, W]`` with C in {1, 3} (un-normalised with ``mean``/``std`` when
     given); ``maps_by_model``: ``{name: [N, H, W] maps}`` at the images' resolution.
-    ``titles``: optional per-image row labels (e.g. ``"y=3 t=3 s=5"``). ``attribution``: the
+    ``titles``: optional per-image row labels (e.g. ``"y=3 t=3 s=5"``), under ``image i``; the
+    overlay colours are a perceptual map (``inferno`` by default: brightness rises with the value). ``attribution``: the
     attribution method (``"ig"``, ``"saliency"``, ``"gradcam"`` or free text) for the figure
     title; ``title``: a further title line. Returns the PNG path.
     """
@@ -117,8 +118,7 @@ def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
             ax = axes[i, 0]
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1,
                       interpolation="nearest")
-            if titles is not None:
-                ax.set_ylabel(str(titles[i]), fontsize=7)
+            ax.set_ylabel(f"image {i + 1}" + (f"\n{titles[i]}" if titles is not None else ""), fontsize=7)
             for j, (name, a) in enumerate(maps.items(), start=1):
                 ax = axes[i, j]
                 ax.imshow(_grey(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")

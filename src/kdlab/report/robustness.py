@@ -121,7 +121,7 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     """Heat map, corruptions (rows) x models or methods (columns), of accuracies in [0, 1]
     (e.g. the mean over severities), annotated in %; a ``clean`` row on top and, at the bottom,
     an ``mCA`` row (mean over the standard corruptions) and, when extra corruptions are shown,
-    a ``mean extra`` row. The colour scale is fixed to 0-100%. ``spread`` (same keys, e.g. the
+    a ``mean extra`` row. The colour scale spans the data's range (printed on the colour bar). ``spread`` (same keys, e.g. the
     sd over seeds) is printed under each value. Usable by the study report with method names as
     keys."""
     import matplotlib.pyplot as plt

@@ -364,6 +364,9 @@ def study_report(runs: list[dict], recipes: dict, out_dir, *, baseline: str = "b
                                                                       log=log).items()}
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             log(f"warning: study figures not written ({type(e).__name__}: {e})")
+    from kdlab.report.page import write_study_page
+
+    report["page"] = {k: str(v) for k, v in write_study_page(out_dir, out_dir.parent, log=log).items()}
     return report
 
 
@@ -473,6 +476,9 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
         from kdlab.report.figures import study_figures
 
         report["figures"] = {k: str(v) for k, v in study_figures(study_dir, out_dir=out, log=log).items()}
+    from kdlab.report.page import write_study_page
+
+    report["page"] = {k: str(v) for k, v in write_study_page(out, study_dir, log=log).items()}
     return report
 
 
