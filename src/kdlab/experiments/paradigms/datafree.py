@@ -32,6 +32,7 @@ from kdlab.distill.generators import (dafl_generator, dafl_generator_losses, kl_
 from kdlab.distill.losses.response import kd_loss
 from kdlab.experiments.paradigms.base import ParadigmParams
 from kdlab.models.taps import Taps
+from kdlab.train.objective import Objective
 
 
 class DataFreeParams(ParadigmParams):
@@ -69,7 +70,7 @@ class ClassifierInput:
         self.value = inputs[0]
 
 
-class GeneratorKDObjective:
+class GeneratorKDObjective(Objective):
     """The student, a frozen teacher and (``dafl``/``zskt``) a generator trained alongside.
 
     ``mode``: ``noise`` (Gaussian inputs, KD at ``T``), ``dafl`` or ``zskt`` (see
@@ -105,9 +106,6 @@ class GeneratorKDObjective:
 
     def parameters(self) -> list:
         return list(self.student.parameters())
-
-    def trained_modules(self) -> list:
-        return [self.student]
 
     def checkpoint_meta(self, name: str) -> dict:
         return dict(self.meta)
