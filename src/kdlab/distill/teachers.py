@@ -43,6 +43,7 @@ import json
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Protocol
@@ -83,9 +84,10 @@ class TeacherPlan:
 
 
 def teacher_plan(mode: str) -> TeacherPlan:
-    """Interpret ``train.teacher_mode`` (``cache-fp16 | cache-fp32 | live | consistent``)."""
+    """Interpret ``train.teacher_mode`` (``cache-fp16 | cache-bf16 | cache-fp32 | live | consistent``)."""
     plans = {
         "cache-fp16": TeacherPlan(torch.float16, True, False),
+        "cache-bf16": TeacherPlan(torch.bfloat16, True, False),
         "cache-fp32": TeacherPlan(torch.float32, True, False),
         "live": TeacherPlan(None, False, False),
         "consistent": TeacherPlan(None, False, True),
@@ -114,6 +116,7 @@ class LiveTeacher:
 
     def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
+        t = t.contiguous()  # a channels-last teacher's maps: the layout losses expect
         if self.round_to is None:
             return t.float().clone()
         r = t.to(self.round_to)
@@ -427,9 +430,38 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
     }
 
 
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False) -> nn.Module:
+    """The copy of a frozen teacher that a teacher source runs: BatchNorm folded into the preceding
+    convolutions (:func:`kdlab.models.fold.fold_batchnorm`; layers in ``keep`` -- tapped or masked --
+    keep their own outputs), optionally channels-last. The teacher itself is never edited. One
+    copy per (teacher, layers, layout) is kept while the teacher lives, so a study's runs share it.
+    A model that cannot be traced runs unfolded (one line on stderr says why)."""
+    import sys
+
+    from kdlab.models.fold import fold_batchnorm
+
+    key = (tuple(sorted(set(keep))), bool(channels_last))
+    memo = _FOLDED.setdefault(teacher, {})
+    # in-place updates (an optimizer step, load_state_dict) bump tensors' version counters
+    versions = tuple(t._version for t in list(teacher.parameters()) + list(teacher.buffers()))
+    if key not in memo or memo[key][0] != versions:
+        folded = fold_batchnorm(teacher, keep)
+        if folded.reason:
+            print(f"kdlab: teacher not folded: {folded.reason}; it runs as it is", file=sys.stderr)
+        model = folded.model
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        memo[key] = (versions, model)
+    return memo[key][1]
+
+
 def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), mask_layers=(), mask_cfg=None,
                          store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
-                         checkpoint: Optional[str] = None, device=None) -> TeacherSource:
+                         checkpoint: Optional[str] = None, device=None, fast: bool = True,
+                         channels_last: bool = False) -> TeacherSource:
     """The teacher source of a run (the only constructor of one): live, or served from ``store``
     when ``plan`` (:func:`teacher_plan`, computed once by the caller) caches and a store and the
     training ``loader`` (whose batches it keys) are given.
@@ -437,9 +469,17 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
     ``mask.reuse: per-image`` (``mask_cfg.reuse``, with mask layers and a training loader): the
     source is built without mask layers and its masks come from each image's stored importance
     map mapped to the view (:func:`kdlab.distill.mask_reuse.per_image_source`; maps saved beside
-    the store's files when it has a folder)."""
+    the store's files when it has a folder).
+
+    ``fast`` (``train.fast_teacher``, on by default): the source runs :func:`fast_teacher`'s copy of
+    the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
+    channels-last. Cache keys and per-image masks use the original teacher (same values)."""
     reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
-    live = LiveTeacher(teacher, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to)
+    runner = teacher
+    if fast:
+        keep = list(layers) + list(mask_layers) + list(getattr(store, "expected_layers", []))
+        runner = fast_teacher(teacher, keep, channels_last=channels_last)
+    live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to)
     source = live
     if plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True):
         device = torch.device(device) if device is not None else next(teacher.parameters()).device

@@ -1,0 +1,161 @@
+"""Issue 30: the folded frozen teacher, the compiled step, bf16 teacher cache (see docs/speed.md)."""
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.models import create_model
+from kdlab.models.fold import conv_bn_pairs, fold_batchnorm
+from kdlab.models.taps import Taps
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to fold."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.2)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def _bn_output_by_hand(conv: nn.Conv2d, bn: nn.BatchNorm2d, x):
+    """The BatchNorm formula written out (not through torch's BN module)."""
+    y = conv(x)
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+    return (y - bn.running_mean.view(1, -1, 1, 1)) * s + bn.bias.view(1, -1, 1, 1)
+
+
+def test_fold_single_pair_matches_formula():
+    torch.manual_seed(0)
+    m = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 5, 5)
+    f = fold_batchnorm(m)
+    assert f.pairs == [("0", "1")] and isinstance(f.model[1], nn.Identity)
+    with torch.no_grad():
+        want = _bn_output_by_hand(m[0], m[1], x)
+        assert torch.allclose(f.model(x), want, atol=1e-5, rtol=0)
+    assert isinstance(m[1], nn.BatchNorm2d)  # the original is untouched
+
+
+CASES = [  # (model, kwargs, input shape, tapped layers)
+    ("resnet56", {}, (4, 3, 32, 32), ["layer3", "layer2"]),
+    ("resnet20", {}, (4, 3, 32, 32), ["layer3"]),
+    ("resnet18", {"width": 0.5, "cbam": True}, (4, 1, 8, 8), ["layer2"]),
+    ("cnn_small", {}, (4, 3, 32, 32), ["stage2"]),
+]
+
+
+@pytest.mark.parametrize("name,kw,shape,layers", CASES)
+def test_folded_teacher_logits_and_features_equal(name, kw, shape, layers):
+    torch.manual_seed(1)
+    model = _randomise_bn(create_model(name, num_classes=10, in_channels=shape[1], **kw))
+    before = copy.deepcopy(model.state_dict())
+    f = fold_batchnorm(model, keep=layers)
+    assert f.reason is None
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert len(f.pairs) >= n_bn - 4 and len(f.pairs) > 0  # (nearly) every BN follows a conv
+    assert not any(isinstance(f.model.get_submodule(b), nn.BatchNorm2d) for _, b in f.pairs)
+    x = torch.randn(*shape)
+    with torch.inference_mode(), Taps(model, layers, detach=True) as t0, Taps(f.model, layers, detach=True) as t1:
+        a = model(x)
+        b = f.model(x.contiguous(memory_format=torch.channels_last))
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(a.abs().max()))
+        for layer in layers:
+            fa, fb = t0[layer], t1[layer]
+            assert (fa - fb).abs().max() <= 1e-5 * max(1.0, float(fa.abs().max())), layer
+    for k, v in model.state_dict().items():  # never edited in place
+        assert torch.equal(v, before[k]), k
+    assert model.training is False
+
+
+def test_tapped_conv_is_not_folded():
+    m = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    pairs, reason = conv_bn_pairs(m, keep=["0"])
+    assert reason is None and pairs == [("3", "4")]
+
+
+def test_conv_with_two_users_is_not_folded():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # the raw conv output is used too: folding would change it
+
+    assert conv_bn_pairs(Two().eval())[0] == []
+
+
+def test_untraceable_model_is_not_folded():
+    class Dyn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.bn(self.conv(x))
+            return x
+
+    f = fold_batchnorm(Dyn())
+    assert f.pairs == [] and "cannot be traced" in f.reason
+
+
+def _tiny_recipe(tmp_path, **train):
+    from kdlab.core.config import Recipe
+
+    return Recipe.model_validate({
+        "name": "speed-tiny", "data": {"name": "digits", "val_fraction": 0.1},
+        "teacher": {"model": "cnn_small"}, "student": {"model": "cnn_tiny"},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05, "device": "cpu", **train},
+        "loss": [{"term": "kd", "weight": 1.0, "T": 4.0}],
+    })
+
+
+def test_live_source_runs_a_folded_copy_with_the_same_outputs():
+    from kdlab.distill.teachers import build_teacher_source, teacher_plan
+
+    torch.manual_seed(0)
+    t = _randomise_bn(create_model("resnet20", num_classes=10, in_channels=3))
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    fast = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"], channels_last=True)
+    slow = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"], fast=False)
+    assert slow.teacher is t and fast.teacher is not t
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.teacher.modules())
+    a, b = slow(x, y), fast(x, y)
+    assert (a.logits - b.logits).abs().max() <= 1e-5 * max(1.0, float(a.logits.abs().max()))
+    fa, fb = a.feats["layer3"], b.feats["layer3"]
+    assert fb.is_contiguous() and (fa - fb).abs().max() <= 1e-5 * max(1.0, float(fa.abs().max()))
+    # the same teacher and layers: one shared copy; weights changed in place: a new copy
+    again = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"], channels_last=True)
+    assert again.teacher is fast.teacher
+    with torch.no_grad():
+        t.fc.weight.add_(1.0)
+    changed = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"], channels_last=True)
+    assert changed.teacher is not fast.teacher
+    assert torch.allclose(changed(x, y).logits, slow(x, y).logits, atol=1e-4)
+
+
+def test_bf16_cache_plan_rounds_through_bf16():
+    from kdlab.distill.teachers import build_teacher_source, teacher_plan
+
+    plan = teacher_plan("cache-bf16")
+    assert plan.round_to == torch.bfloat16 and plan.cached
+    lin = nn.Linear(4, 3)
+    src = build_teacher_source(lin, plan=plan)
+    x = torch.randn(5, 4)
+    got = src(x, torch.zeros(5, dtype=torch.long)).logits
+    with torch.no_grad():
+        want = lin(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want.to(torch.bfloat16).float())  # exactly one bf16 rounding
+    assert (got - want).abs().max() <= 2 ** -8 * want.abs().max()
