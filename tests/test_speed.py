@@ -159,3 +159,72 @@ def test_bf16_cache_plan_rounds_through_bf16():
     assert got.dtype == torch.float32
     assert torch.equal(got, want.to(torch.bfloat16).float())  # exactly one bf16 rounding
     assert (got - want).abs().max() <= 2 ** -8 * want.abs().max()
+
+
+def _kd_losses(compile_: bool, epochs: int = 5):
+    """Per-step training losses of a tiny KD run (one step per epoch) on synthetic data."""
+    import tempfile
+    from pathlib import Path
+
+    from kdlab.core.config import recipe_from_dict
+    from kdlab.data.splits import DatasetInfo, Splits, TensorSet
+    from kdlab.train.build import build_run
+    from kdlab.train.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    info = DatasetInfo(name="synthetic", num_classes=3, in_channels=1, image_size=8, mean=(0.5,), std=(0.25,),
+                       classes=("0", "1", "2"))
+    small = TensorSet(x[:4], y[:4])
+    splits = Splits(train=TensorSet(x, y), val=small, test=small, info=info)
+    r = recipe_from_dict({
+        "name": "compile-test", "data": {"name": "cifar10"}, "student": {"model": "cnn_tiny"},
+        "teacher": {"model": "cnn_tiny"},
+        "train": {"epochs": epochs, "batch_size": 16, "device": "cpu", "teacher_mode": "live", "lr": 0.05,
+                  "compile": compile_, "patience": None},
+        "loss": [{"term": "ce", "weight": 0.5}, {"term": "kd", "weight": 0.5, "T": 4.0}],
+    }, "test")
+    torch.manual_seed(0)
+    teacher = create_model("cnn_tiny", num_classes=3, in_channels=1)
+    run = build_run(r, splits=splits, teacher=teacher)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / "r",
+                     runtime=run.runtime, progress=False, method="kd")
+        losses = [tr.train_epoch(e)["loss"] for e in range(epochs)]
+    return losses, run.objective
+
+
+def test_compiled_step_follows_the_eager_trajectory():
+    import shutil
+
+    if not hasattr(torch, "compile") or shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile needs a C++ compiler on the CPU; none here")
+    t0 = time.perf_counter()
+    eager, _ = _kd_losses(False)
+    compiled, obj = _kd_losses(True)
+    from kdlab.models.compiled import Compiled
+
+    assert isinstance(obj.forward_model, Compiled)
+    if obj.forward_model.fallback:
+        pytest.skip(f"torch.compile failed here ({obj.forward_model.fallback}); the run fell back to eager")
+    assert obj.forward_model.compiled is not None and obj.compile_warmup_s > 0
+    assert obj.teacher.runner is not obj.teacher.teacher  # KD taps nothing: the teacher forward compiles too
+    assert len(eager) == 5 and eager[0] != eager[-1]  # the run learns: the trajectory is not flat
+    for a, b in zip(eager, compiled):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (eager, compiled)
+    print(f"compile test: {time.perf_counter() - t0:.1f} s")
+
+
+def test_compile_falls_back_with_one_line(capsys):
+    from kdlab.models.compiled import Compiled
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    c = Compiled(Bad(), "student")
+    c.compiled = lambda x: (_ for _ in ()).throw(torch._dynamo.exc.Unsupported("no"))  # a compile error
+    out = c(torch.zeros(2))
+    assert torch.equal(out, torch.ones(2)) and c.compiled is None and c.fallback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdlab: student not compiled")

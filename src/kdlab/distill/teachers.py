@@ -102,7 +102,7 @@ class LiveTeacher:
     causal masks (which need gradients w.r.t. the teacher's activations only)."""
 
     def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
-                 round_to: Optional[torch.dtype] = None):
+                 round_to: Optional[torch.dtype] = None, compile: bool = False):
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -113,6 +113,13 @@ class LiveTeacher:
         self._overflow: Optional[torch.Tensor] = None  # GPU: did an fp16 rounding overflow?
         self._overflow_what = "outputs"
         self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
+        # train.compile: the logits-only forward is compiled (a tapped forward runs eagerly: its
+        # hooks are attached per call, which a compiled graph would recompile for)
+        self.runner = self.teacher
+        if compile and not self.layers and not self.mask_layers:
+            from kdlab.models.compiled import Compiled
+
+            self.runner = Compiled(self.teacher, "teacher")
 
     def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
@@ -147,7 +154,7 @@ class LiveTeacher:
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
         with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
-            logits = self.teacher(x)
+            logits = self.runner(x) if not layers else self.teacher(x)
             feats = {n: taps[n] for n in layers}
         return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
 
@@ -461,7 +468,7 @@ def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False) -> nn
 def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), mask_layers=(), mask_cfg=None,
                          store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
                          checkpoint: Optional[str] = None, device=None, fast: bool = True,
-                         channels_last: bool = False) -> TeacherSource:
+                         channels_last: bool = False, compile: bool = False) -> TeacherSource:
     """The teacher source of a run (the only constructor of one): live, or served from ``store``
     when ``plan`` (:func:`teacher_plan`, computed once by the caller) caches and a store and the
     training ``loader`` (whose batches it keys) are given.
@@ -473,13 +480,15 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
 
     ``fast`` (``train.fast_teacher``, on by default): the source runs :func:`fast_teacher`'s copy of
     the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
-    channels-last. Cache keys and per-image masks use the original teacher (same values)."""
+    channels-last. Cache keys and per-image masks use the original teacher (same values).
+    ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``."""
     reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
     runner = teacher
     if fast:
         keep = list(layers) + list(mask_layers) + list(getattr(store, "expected_layers", []))
         runner = fast_teacher(teacher, keep, channels_last=channels_last)
-    live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to)
+    live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to,
+                       compile=compile)
     source = live
     if plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True):
         device = torch.device(device) if device is not None else next(teacher.parameters()).device
