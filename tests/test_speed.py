@@ -228,3 +228,46 @@ def test_compile_falls_back_with_one_line(capsys):
     assert torch.equal(out, torch.ones(2)) and c.compiled is None and c.fallback
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kdlab: student not compiled")
+
+
+def test_against_torchdistill_skips_with_one_line_when_missing(capsys):
+    import importlib.util
+
+    from kdlab.experiments.against import bench_against_torchdistill
+
+    if importlib.util.find_spec("torchdistill") and importlib.util.find_spec("torchvision"):
+        pytest.skip("torchdistill is installed here: the comparison would run (bench/speed_issue30.sh)")
+    lines = []
+    assert bench_against_torchdistill(steps=1, repeats=1, log=lines.append) == []
+    assert len(lines) == 1 and "skipped" in lines[0] and "not installed" in lines[0]
+
+
+def test_bench_variants_report_before_after_and_data_wait():
+    from kdlab.experiments.bench import bench_steps
+
+    lines = []
+    rows = bench_steps(teacher="cnn_tiny", student="cnn_tiny", batch_size=8, steps=2, image_size=8,
+                       channels=1, variants=("kd-live-asloaded", "kd-live"), repeats=2, log=lines.append)
+    assert [r["variant"] for r in rows] == ["kd-live-asloaded", "kd-live"]
+    for r in rows:
+        assert len(r["images_per_s_rounds"]) == 2  # every round reported
+        assert 0.0 <= r["data_wait_fraction"] < 1.0
+    assert all("waiting for data" in l for l in lines)
+
+
+def test_bf16_amp_runs_the_teacher_in_bf16():
+    from kdlab.distill.teachers import build_teacher_source, teacher_plan
+
+    torch.manual_seed(0)
+    t = _randomise_bn(create_model("resnet20", num_classes=10, in_channels=3))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    fp32 = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"])(x, y)
+    src = build_teacher_source(t, plan=teacher_plan("live"), layers=["layer3"], amp="bf16")
+    seen = {}
+    h = src.teacher.fc.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))  # returns None
+    bf = src(x, y)
+    h.remove()
+    assert seen["dtype"] == torch.bfloat16 and bf.logits.dtype == torch.float32
+    # bf16 keeps 8 significant bits: the logits agree with fp32 to a few per cent of their scale
+    scale = float(fp32.logits.abs().max())
+    assert 0 < (bf.logits - fp32.logits).abs().max() <= 0.1 * scale

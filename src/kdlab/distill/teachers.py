@@ -102,8 +102,9 @@ class LiveTeacher:
     causal masks (which need gradients w.r.t. the teacher's activations only)."""
 
     def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
-                 round_to: Optional[torch.dtype] = None, compile: bool = False):
+                 round_to: Optional[torch.dtype] = None, compile: bool = False, amp: str = "none"):
         self.teacher = teacher.eval()
+        self.amp = amp  # train.amp: the forward (logits, features) under autocast; masks stay fp32
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.layers = list(layers)
@@ -153,10 +154,17 @@ class LiveTeacher:
 
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
-        with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
+        with torch.inference_mode(), self._autocast(x), Taps(self.teacher, layers, detach=True) as taps:
             logits = self.runner(x) if not layers else self.teacher(x)
             feats = {n: taps[n] for n in layers}
         return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
+
+    def _autocast(self, x):
+        import contextlib
+
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def masks(self, x, y, layers) -> dict:
         """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`), explaining the label, or
@@ -468,7 +476,7 @@ def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False) -> nn
 def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), mask_layers=(), mask_cfg=None,
                          store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
                          checkpoint: Optional[str] = None, device=None, fast: bool = True,
-                         channels_last: bool = False, compile: bool = False) -> TeacherSource:
+                         channels_last: bool = False, compile: bool = False, amp: str = "none") -> TeacherSource:
     """The teacher source of a run (the only constructor of one): live, or served from ``store``
     when ``plan`` (:func:`teacher_plan`, computed once by the caller) caches and a store and the
     training ``loader`` (whose batches it keys) are given.
@@ -481,14 +489,15 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
     ``fast`` (``train.fast_teacher``, on by default): the source runs :func:`fast_teacher`'s copy of
     the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
     channels-last. Cache keys and per-image masks use the original teacher (same values).
-    ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``."""
+    ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``;
+    ``amp`` (``train.amp``): the teacher's forward runs under autocast (bf16 / fp16) like the student's."""
     reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
     runner = teacher
     if fast:
         keep = list(layers) + list(mask_layers) + list(getattr(store, "expected_layers", []))
         runner = fast_teacher(teacher, keep, channels_last=channels_last)
     live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to,
-                       compile=compile)
+                       compile=compile, amp=amp)
     source = live
     if plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True):
         device = torch.device(device) if device is not None else next(teacher.parameters()).device
