@@ -271,3 +271,21 @@ def test_bf16_amp_runs_the_teacher_in_bf16():
     # bf16 keeps 8 significant bits: the logits agree with fp32 to a few per cent of their scale
     scale = float(fp32.logits.abs().max())
     assert 0 < (bf.logits - fp32.logits).abs().max() <= 0.1 * scale
+
+
+def test_streamed_loader_with_workers_gives_the_same_batches_every_epoch():
+    from kdlab.data.streaming import DatasetLoader
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.rand(10, 1, 4, 4, generator=g), torch.arange(10) % 3)
+    plain = DatasetLoader(ds, 4, seed=3, num_workers=0)
+    workers = DatasetLoader(ds, 4, seed=3, num_workers=2)
+    for e in (0, 1, 2):  # the persistent workers serve each epoch's own order
+        a, b = list(plain.epoch(e)), list(workers.epoch(e))
+        assert len(a) == len(b) == 3
+        for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    assert workers.__dict__["_held"][1].persistent_workers
+    x0 = [x for x, _, _ in plain.epoch(0)]
+    x1 = [x for x, _, _ in plain.epoch(1)]
+    assert not all(torch.equal(p, q) for p, q in zip(x0, x1))  # epochs differ (shuffled)
