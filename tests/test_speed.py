@@ -289,3 +289,47 @@ def test_streamed_loader_with_workers_gives_the_same_batches_every_epoch():
     x0 = [x for x, _, _ in plain.epoch(0)]
     x1 = [x for x, _, _ in plain.epoch(1)]
     assert not all(torch.equal(p, q) for p, q in zip(x0, x1))  # epochs differ (shuffled)
+
+
+def test_features_only_forward_stops_after_the_deepest_tapped_layer():
+    from kdlab.distill.teachers import LiveTeacher
+
+    torch.manual_seed(0)
+    t = _randomise_bn(create_model("resnet20", num_classes=10, in_channels=3))
+    live = LiveTeacher(t, ["layer2"], [], None)
+    x = torch.randn(2, 3, 32, 32)
+    ran = []
+    h = t.layer3.register_forward_hook(lambda m, i, o: ran.append(1))
+    first = live.features(x, ["layer2", "layer1"])  # first call: whole forward, calls counted
+    assert len(ran) == 1
+    again = live.features(x, ["layer2", "layer1"])  # then: stops after layer2, layer3 never runs
+    h.remove()
+    assert len(ran) == 1
+    _, full = live.forward(x, ["layer2", "layer1"])
+    for n in ("layer1", "layer2"):
+        assert torch.equal(first[n], full[n]) and torch.equal(again[n], full[n])
+
+
+def test_features_only_forward_runs_whole_when_a_tapped_module_runs_twice():
+    from kdlab.distill.teachers import LiveTeacher
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Conv2d(2, 2, 1)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, x):
+            x = self.block(self.block(x))  # the same module twice: a tap keeps the second output
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = Shared()
+    live = LiveTeacher(m, ["block"], [], None)
+    x = torch.randn(1, 2, 3, 3)
+    for _ in range(2):
+        got = live.features(x, ["block"])["block"]
+        with torch.no_grad():
+            want = m.block(m.block(x))
+        assert torch.allclose(got, want)
+    assert live._single_call[("block",)] is False

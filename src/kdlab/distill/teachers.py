@@ -97,6 +97,10 @@ def teacher_plan(mode: str) -> TeacherPlan:
     return plans[mode]
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a teacher forward after its deepest tapped layer."""
+
+
 class LiveTeacher:
     """Runs the teacher on every batch: logits and tapped features without gradients, and the
     causal masks (which need gradients w.r.t. the teacher's activations only)."""
@@ -105,6 +109,7 @@ class LiveTeacher:
                  round_to: Optional[torch.dtype] = None, compile: bool = False, amp: str = "none"):
         self.teacher = teacher.eval()
         self.amp = amp  # train.amp: the forward (logits, features) under autocast; masks stay fp32
+        self._single_call: dict = {}  # layers -> each ran once in a full forward (see features)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.layers = list(layers)
@@ -158,6 +163,40 @@ class LiveTeacher:
             logits = self.runner(x) if not layers else self.teacher(x)
             feats = {n: taps[n] for n in layers}
         return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
+
+    def features(self, x, layers) -> dict:
+        """The tapped outputs of ``layers`` only (no logits): the forward stops once every tapped
+        layer has produced its output (the layers after the deepest one do not run). Safe where each
+        tapped module runs once per forward: the first call runs the whole model and counts the
+        calls; a model that calls a tapped module twice (weight sharing, recurrence) always runs
+        whole, since its last output is the one a full forward would tap."""
+        layers = list(dict.fromkeys(layers))
+        mods = dict(self.teacher.named_modules())
+        calls = {n: 0 for n in layers}
+        stop = self._single_call.get(tuple(layers), False)
+
+        def hook(name):
+            def fn(_m, _i, _o):
+                calls[name] += 1
+                if stop and all(calls[n] > 0 for n in layers):
+                    raise _StopForward
+            return fn
+
+        handles = []
+        try:
+            with torch.inference_mode(), self._autocast(x), Taps(self.teacher, layers, detach=True) as taps:
+                handles = [mods[n].register_forward_hook(hook(n)) for n in layers]  # after the taps' hooks
+                try:
+                    self.teacher(x)
+                except _StopForward:
+                    pass
+                feats = {n: taps[n] for n in layers}
+        finally:
+            for h in handles:
+                h.remove()
+        if tuple(layers) not in self._single_call:
+            self._single_call[tuple(layers)] = all(c == 1 for c in calls.values())
+        return {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
 
     def _autocast(self, x):
         import contextlib
@@ -412,10 +451,12 @@ class CachedTeacher:
         layers = [n.split(":", 1)[1] for n in names if n.startswith("feat:")]
         mlayers = [n.split(":", 1)[1] for n in names if n.startswith("mask:")]
         out = {}
-        if "logits" in names or layers:
+        if "logits" in names:
             logits, feats = live.forward(x, layers)
             out["logits"] = logits
             out.update({f"feat:{l}": feats[l] for l in layers})
+        elif layers:  # the logits are stored already: the forward stops after the deepest tapped layer
+            out.update({f"feat:{l}": f for l, f in live.features(x, layers).items()})
         if mlayers:
             out.update({f"mask:{l}": m for l, m in live.masks(x, y, mlayers).items()})
         return out
