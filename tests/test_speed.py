@@ -333,3 +333,14 @@ def test_features_only_forward_runs_whole_when_a_tapped_module_runs_twice():
             want = m.block(m.block(x))
         assert torch.allclose(got, want)
     assert live._single_call[("block",)] is False
+
+
+def test_uncopyable_model_is_returned_as_it_is():
+    class NoCopy(nn.Sequential):
+        def __deepcopy__(self, memo):
+            raise TypeError("no copies")
+
+    m = NoCopy(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1))
+    f = fold_batchnorm(m)
+    assert f.model is m and f.pairs == [] and "cannot be copied" in f.reason
+    assert isinstance(m[1], nn.BatchNorm2d)

@@ -11,7 +11,8 @@ order of its children; the module tree and its names are kept (only the two leaf
 so forward hooks on any other module (``Taps``, causal masks) see the same values. A pair is left
 alone when its convolution is a layer the caller taps (its output would change), when either
 module is called more than once, or when the model cannot be traced (dynamic control flow): then
-nothing is folded and ``reason`` says why.
+nothing is folded and ``reason`` says why. A model ``copy.deepcopy`` cannot copy is returned as it
+is (with its ``reason``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 
 class Folded(NamedTuple):
-    model: nn.Module          # the folded copy (eval mode, gradients off)
+    model: nn.Module          # the folded copy (eval mode, gradients off); the model itself if uncopyable
     pairs: list               # [(conv name, bn name)] that were folded
     reason: Optional[str]     # why nothing was folded (None when traced)
 
@@ -79,7 +80,10 @@ def fold_batchnorm(model: nn.Module, keep: Iterable[str] = ()) -> Folded:
         pairs, reason = conv_bn_pairs(model, keep)
     finally:
         model.train(was_training)
-    out = copy.deepcopy(model).eval()
+    try:
+        out = copy.deepcopy(model).eval()
+    except Exception as e:  # noqa: BLE001 - a model that cannot be copied runs as it is
+        return Folded(model, [], f"{type(model).__name__} cannot be copied ({type(e).__name__})")
     for conv_name, bn_name in pairs:
         conv, bn = out.get_submodule(conv_name), out.get_submodule(bn_name)
         _set(out, conv_name, fuse_conv_bn_eval(conv, bn))
