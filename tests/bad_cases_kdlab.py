@@ -328,6 +328,7 @@ CASES = [
     C("bench", "--num-classes 1", "bench --num-classes 1", "--num-classes"),
     C("bench", "--mask-steps 0", "bench --mask-steps 0", "--mask-steps"),
     C("bench", "--threads -1", "bench --threads -1", "--threads"),
+    C("bench", "--against unknown tool", "bench --against foo --steps 1", "--against"),  # issue 30
     C("bench", "unknown --variants", "bench --teacher cnn_tiny --student cnn_tiny --variants kd-fast --steps 1", "--variants"),
     C("bench", "--amp fp8", "bench --amp fp8", "--amp"),
     C("bench", "--seeds without --study", "bench --seeds 1", "--study only"),

@@ -84,8 +84,9 @@ def test_cache_values_equal_rounded_live_and_bound_fp32(tmp_path, splits, teache
     batches = list(tr.train_loader.epoch(3))
     for s, (x, y, idx) in enumerate(batches):  # fill
         tr.objective.teacher(x, y, idx, 3, s)
-    live16 = LiveTeacher(teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask, round_to=torch.float16)
-    live32 = LiveTeacher(teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask)
+    run_teacher = tr.objective.teacher.teacher  # the copy the run's source runs (BatchNorm folded)
+    live16 = LiveTeacher(run_teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask, round_to=torch.float16)
+    live32 = LiveTeacher(run_teacher, ["stage2"], ["stage2"], _recipe(MASKED, 'cache-fp16', 0, mask_kind='soft').mask)
     hits = store.hits
     for s, (x, y, idx) in enumerate(batches):
         c = tr.objective.teacher(x, y, idx, 3, s)

@@ -388,7 +388,8 @@ def test_student_sees_a_resized_view_teacher_the_full_image(teacher):
     shapes = []
     run.objective.student.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape[-2:])))
     t_shapes = []
-    teacher.register_forward_pre_hook(lambda m, a: t_shapes.append(tuple(a[0].shape[-2:])))
+    # the module the teacher source runs (a BatchNorm-folded copy of `teacher`, train.fast_teacher)
+    run.objective.teacher.teacher.register_forward_pre_hook(lambda m, a: t_shapes.append(tuple(a[0].shape[-2:])))
     batch = next(iter(run.train_loader.epoch(0)))
     run.objective.step(batch, StepContext(0, 0))
     assert shapes[-1] == (4, 4) and t_shapes[-1] == (8, 8)

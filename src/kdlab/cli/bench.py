@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached",
                    help="comma-separated steps to time (default %(default)s)")
     p.add_argument("--threads", type=A.COUNT, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--against", metavar="TOOL",
+                   help="instead: time kdlab's live KD step next to TOOL's on the same generated data "
+                        "(torchdistill; needs torchdistill and torchvision installed, else skipped)")
     p.add_argument("--json", metavar="FILE", help="also write the rows to this JSON file")
     p.add_argument("--study", metavar="RECIPE",
                    help="instead: run this study (the ablation ladder) and report the seconds in student "

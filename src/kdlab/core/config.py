@@ -173,7 +173,10 @@ class TrainCfg(_Strict):
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
-    teacher_mode: Literal["cache-fp16", "cache-fp32", "live", "consistent"] = "cache-fp16"
+    teacher_mode: Literal["cache-fp16", "cache-bf16", "cache-fp32", "live", "consistent"] = "cache-fp16"
+    # the frozen teacher runs as an inference copy: BatchNorm folded into its convolutions (exact up
+    # to float rounding), channels-last on GPUs or with channels_last; false runs it as loaded
+    fast_teacher: bool = True
     # same numbers on any machine's CPU thread count: torch.use_deterministic_algorithms and a fixed
     # intra-op thread count (``threads``, 1 unless set); ``threads`` alone fixes only the count
     deterministic: bool = False

@@ -43,6 +43,7 @@ import json
 import os
 import re
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Protocol
@@ -83,9 +84,10 @@ class TeacherPlan:
 
 
 def teacher_plan(mode: str) -> TeacherPlan:
-    """Interpret ``train.teacher_mode`` (``cache-fp16 | cache-fp32 | live | consistent``)."""
+    """Interpret ``train.teacher_mode`` (``cache-fp16 | cache-bf16 | cache-fp32 | live | consistent``)."""
     plans = {
         "cache-fp16": TeacherPlan(torch.float16, True, False),
+        "cache-bf16": TeacherPlan(torch.bfloat16, True, False),
         "cache-fp32": TeacherPlan(torch.float32, True, False),
         "live": TeacherPlan(None, False, False),
         "consistent": TeacherPlan(None, False, True),
@@ -95,13 +97,19 @@ def teacher_plan(mode: str) -> TeacherPlan:
     return plans[mode]
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a teacher forward after its deepest tapped layer."""
+
+
 class LiveTeacher:
     """Runs the teacher on every batch: logits and tapped features without gradients, and the
     causal masks (which need gradients w.r.t. the teacher's activations only)."""
 
     def __init__(self, teacher: nn.Module, layers: list[str], mask_layers: list[str], mask_cfg,
-                 round_to: Optional[torch.dtype] = None):
+                 round_to: Optional[torch.dtype] = None, compile: bool = False, amp: str = "none"):
         self.teacher = teacher.eval()
+        self.amp = amp  # train.amp: the forward (logits, features) under autocast; masks stay fp32
+        self._single_call: dict = {}  # layers -> each ran once in a full forward (see features)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.layers = list(layers)
@@ -111,9 +119,17 @@ class LiveTeacher:
         self._overflow: Optional[torch.Tensor] = None  # GPU: did an fp16 rounding overflow?
         self._overflow_what = "outputs"
         self.mask_time_s = 0.0  # seconds spent in :meth:`masks` (IG / gradient x activation)
+        # train.compile: the logits-only forward is compiled (a tapped forward runs eagerly: its
+        # hooks are attached per call, which a compiled graph would recompile for)
+        self.runner = self.teacher
+        if compile and not self.layers and not self.mask_layers:
+            from kdlab.models.compiled import Compiled
+
+            self.runner = Compiled(self.teacher, "teacher")
 
     def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
         # outside inference mode: a normal fp32 tensor that autograd may save
+        t = t.contiguous()  # a channels-last teacher's maps: the layout losses expect
         if self.round_to is None:
             return t.float().clone()
         r = t.to(self.round_to)
@@ -143,10 +159,51 @@ class LiveTeacher:
 
     def forward(self, x, layers) -> tuple[torch.Tensor, dict]:
         """Logits and the tapped outputs of ``layers`` (rounded like stored values)."""
-        with torch.inference_mode(), Taps(self.teacher, layers, detach=True) as taps:
-            logits = self.teacher(x)
+        with torch.inference_mode(), self._autocast(x), Taps(self.teacher, layers, detach=True) as taps:
+            logits = self.runner(x) if not layers else self.teacher(x)
             feats = {n: taps[n] for n in layers}
         return self._out(logits, "logits"), {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
+
+    def features(self, x, layers) -> dict:
+        """The tapped outputs of ``layers`` only (no logits): the forward stops once every tapped
+        layer has produced its output (the layers after the deepest one do not run). Safe where each
+        tapped module runs once per forward: the first call runs the whole model and counts the
+        calls; a model that calls a tapped module twice (weight sharing, recurrence) always runs
+        whole, since its last output is the one a full forward would tap."""
+        layers = list(dict.fromkeys(layers))
+        mods = dict(self.teacher.named_modules())
+        calls = {n: 0 for n in layers}
+        stop = self._single_call.get(tuple(layers), False)
+
+        def hook(name):
+            def fn(_m, _i, _o):
+                calls[name] += 1
+                if stop and all(calls[n] > 0 for n in layers):
+                    raise _StopForward
+            return fn
+
+        handles = []
+        try:
+            with torch.inference_mode(), self._autocast(x), Taps(self.teacher, layers, detach=True) as taps:
+                handles = [mods[n].register_forward_hook(hook(n)) for n in layers]  # after the taps' hooks
+                try:
+                    self.teacher(x)
+                except _StopForward:
+                    pass
+                feats = {n: taps[n] for n in layers}
+        finally:
+            for h in handles:
+                h.remove()
+        if tuple(layers) not in self._single_call:
+            self._single_call[tuple(layers)] = all(c == 1 for c in calls.values())
+        return {n: self._out(f, f"{n} outputs") for n, f in feats.items()}
+
+    def _autocast(self, x):
+        import contextlib
+
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def masks(self, x, y, layers) -> dict:
         """Causal masks at ``layers`` (see :mod:`kdlab.distill.masks`), explaining the label, or
@@ -394,10 +451,12 @@ class CachedTeacher:
         layers = [n.split(":", 1)[1] for n in names if n.startswith("feat:")]
         mlayers = [n.split(":", 1)[1] for n in names if n.startswith("mask:")]
         out = {}
-        if "logits" in names or layers:
+        if "logits" in names:
             logits, feats = live.forward(x, layers)
             out["logits"] = logits
             out.update({f"feat:{l}": feats[l] for l in layers})
+        elif layers:  # the logits are stored already: the forward stops after the deepest tapped layer
+            out.update({f"feat:{l}": f for l, f in live.features(x, layers).items()})
         if mlayers:
             out.update({f"mask:{l}": m for l, m in live.masks(x, y, mlayers).items()})
         return out
@@ -427,9 +486,38 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
     }
 
 
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False) -> nn.Module:
+    """The copy of a frozen teacher that a teacher source runs: BatchNorm folded into the preceding
+    convolutions (:func:`kdlab.models.fold.fold_batchnorm`; layers in ``keep`` -- tapped or masked --
+    keep their own outputs), optionally channels-last. The teacher itself is never edited. One
+    copy per (teacher, layers, layout) is kept while the teacher lives, so a study's runs share it.
+    A model that cannot be traced runs unfolded (one line on stderr says why)."""
+    import sys
+
+    from kdlab.models.fold import fold_batchnorm
+
+    key = (tuple(sorted(set(keep))), bool(channels_last))
+    memo = _FOLDED.setdefault(teacher, {})
+    # in-place updates (an optimizer step, load_state_dict) bump tensors' version counters
+    versions = tuple(t._version for t in list(teacher.parameters()) + list(teacher.buffers()))
+    if key not in memo or memo[key][0] != versions:
+        folded = fold_batchnorm(teacher, keep)
+        if folded.reason:
+            print(f"kdlab: teacher not folded: {folded.reason}; it runs as it is", file=sys.stderr)
+        model = folded.model
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        memo[key] = (versions, model)
+    return memo[key][1]
+
+
 def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), mask_layers=(), mask_cfg=None,
                          store: Optional[TeacherStore] = None, loader=None, dataset: Optional[dict] = None,
-                         checkpoint: Optional[str] = None, device=None) -> TeacherSource:
+                         checkpoint: Optional[str] = None, device=None, fast: bool = True,
+                         channels_last: bool = False, compile: bool = False, amp: str = "none") -> TeacherSource:
     """The teacher source of a run (the only constructor of one): live, or served from ``store``
     when ``plan`` (:func:`teacher_plan`, computed once by the caller) caches and a store and the
     training ``loader`` (whose batches it keys) are given.
@@ -437,9 +525,20 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
     ``mask.reuse: per-image`` (``mask_cfg.reuse``, with mask layers and a training loader): the
     source is built without mask layers and its masks come from each image's stored importance
     map mapped to the view (:func:`kdlab.distill.mask_reuse.per_image_source`; maps saved beside
-    the store's files when it has a folder)."""
+    the store's files when it has a folder).
+
+    ``fast`` (``train.fast_teacher``, on by default): the source runs :func:`fast_teacher`'s copy of
+    the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
+    channels-last. Cache keys and per-image masks use the original teacher (same values).
+    ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``;
+    ``amp`` (``train.amp``): the teacher's forward runs under autocast (bf16 / fp16) like the student's."""
     reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
-    live = LiveTeacher(teacher, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to)
+    runner = teacher
+    if fast:
+        keep = list(layers) + list(mask_layers) + list(getattr(store, "expected_layers", []))
+        runner = fast_teacher(teacher, keep, channels_last=channels_last)
+    live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to,
+                       compile=compile, amp=amp)
     source = live
     if plan.cached and store is not None and loader is not None and getattr(loader, "indexed", True):
         device = torch.device(device) if device is not None else next(teacher.parameters()).device

@@ -35,7 +35,8 @@ def predict(model, loader, device=None, amp: str = "none", max_batches: Optional
         for i, (x, y, _) in enumerate(loader.epoch(0)):
             if max_batches is not None and i >= max_batches:
                 break
-            with _autocast(dev, amp if is_module else "none"):
+            # no autograd graph: evaluation needs no gradients (the values are the same)
+            with torch.no_grad(), _autocast(dev, amp if is_module else "none"):
                 out = model(x.to(dev) if is_module else x)
             outs.append(torch.as_tensor(out).float().to(dev))
             ys.append(y.to(dev))

@@ -56,7 +56,7 @@ def _synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: 
 
 
 def _recipe(kind: str, *, student, teacher, batch_size, layer_pair, mask_steps, mode, amp,
-            channels_last, compile_):
+            channels_last, compile_, fast_teacher: bool = True):
     from kdlab.core.config import recipe_from_dict
 
     loss = [{"term": "ce", "weight": 1.0 if kind == "baseline" else 0.1}]
@@ -71,10 +71,14 @@ def _recipe(kind: str, *, student, teacher, batch_size, layer_pair, mask_steps, 
         "student": {"model": student}, "teacher": {"model": teacher} if kind != "baseline" else None,
         "train": {"epochs": 1, "batch_size": batch_size, "device": "cpu" if not torch.cuda.is_available() else "auto",
                   "teacher_mode": mode, "amp": amp, "channels_last": channels_last, "compile": compile_,
-                  "patience": None},
+                  "fast_teacher": fast_teacher, "patience": None},
         "loss": loss,
         "mask": {"method": "ig", "steps": mask_steps, "q": 0.3, "kind": "binary"} if kind == "full" else None,
     }, "bench")
+
+
+synthetic_splits = _synthetic_splits  # public names for kdlab.experiments.against
+bench_recipe = _recipe
 
 
 def _sync(dev):
@@ -100,7 +104,8 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                         ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
         if int(v) != v or v < lo:
             raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
-    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached")
+    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached", "kd-live-asloaded",
+             "full-live-asloaded")
     unknown = [v for v in variants if v not in known]
     if unknown or not variants:
         raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
@@ -109,14 +114,16 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
     trainers = {}
     times: dict[str, list] = {v: [] for v in variants}
+    waits: dict[str, list] = {v: [] for v in variants}  # seconds waiting for batches, per round
     stores = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             kind, _, how = v.partition("-")
+            how, _, asloaded = how.partition("-")  # -asloaded: train.fast_teacher off (teacher unfolded)
             mode = "cache-fp16" if how == "cached" else "live"
             r = _recipe(kind, student=student, teacher=teacher, batch_size=batch_size, layer_pair=layers,
                         mask_steps=mask_steps, mode=mode, amp=amp, channels_last=channels_last,
-                        compile_=compile_)
+                        compile_=compile_, fast_teacher=not asloaded)
             store = stores[v] = TeacherStore() if how == "cached" else None
             run = build_run(r, splits=splits, teacher=t_model if kind != "baseline" else None, store=store)
             tr = trainers[v] = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / v,
@@ -134,20 +141,26 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
             for v in variants:
                 tr = trainers[v]
                 _sync(tr.runtime.device)
+                w0 = tr.state.data_wait_s
                 t0 = time.perf_counter()
                 tr.train_epoch(0)
                 _sync(tr.runtime.device)
                 times[v].append(time.perf_counter() - t0)
+                waits[v].append(tr.state.data_wait_s - w0)
     rows = []
     for v in variants:
         dt = sorted(times[v])[len(times[v]) // 2]
         n = len(trainers[v].train_loader)
         ips = batch_size * n / dt
-        out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / n}
+        out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / n,
+               "images_per_s_rounds": [batch_size * n / t for t in times[v]],
+               "data_wait_fraction": sum(waits[v]) / sum(times[v]) if sum(times[v]) > 0 else float("nan")}
         if stores[v] is not None:
             out["cache_hits"] = stores[v].hits
         rows.append(out)
-        log(f"  {v:<12} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step)")
+        log(f"  {v:<18} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step, waiting for data "
+            f"{100 * out['data_wait_fraction']:.1f}% of step time; rounds "
+            f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])})")
     base = next((r["images_per_s"] for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
         r["cost_vs_baseline"] = base / r["images_per_s"] if base else float("nan")
@@ -156,10 +169,10 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
 
 def format_table(rows: list[dict], title: str = "") -> str:
     lines = [title] if title else []
-    lines += ["| step | images/s | ms/step | cost vs baseline |", "|---|---:|---:|---:|"]
+    lines += ["| step | images/s | ms/step | cost vs baseline | waiting for data |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | "
-                     f"{r['cost_vs_baseline']:.2f}x |")
+                     f"{r['cost_vs_baseline']:.2f}x | {100 * r.get('data_wait_fraction', float('nan')):.1f}% |")
     return "\n".join(lines)
 
 

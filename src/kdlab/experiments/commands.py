@@ -296,6 +296,20 @@ def bench_command(args, overrides: list) -> int:
         raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
                          "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
                          "CUDA when available, else on the CPU")
+    if args.against is not None:
+        if args.against != "torchdistill":
+            raise ValueError(f"--against takes torchdistill (got {args.against!r})")
+        from kdlab.experiments.against import bench_against_torchdistill
+
+        print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
+              f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
+        rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
+                                          steps=args.steps, repeats=args.repeats)
+        if args.json and rows:
+            from kdlab.core.io import write_json
+
+            write_json(args.json, rows)
+        return 0
     variants = args.variants.split(",")
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "

@@ -246,7 +246,9 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
     if partial and m_layers and getattr(recipe.mask, "reuse", "per-view") == "per-image":
         raise ValueError("mask.reuse: per-image does not take unlabelled samples yet; use mask.reuse: per-view "
                          "with data.unlabelled: transfer or data.transfer")
-    source_kw = dict(plan=plan, store=store, loader=train_loader, dataset=data_key, device=dev)
+    source_kw = dict(plan=plan, store=store, loader=train_loader, dataset=data_key, device=dev,
+                     fast=cfg.fast_teacher, channels_last=cfg.channels_last or dev.type == "cuda",
+                     compile=cfg.compile, amp=cfg.amp)
     source = None
     if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
         checkpoint = recipe.teacher.checkpoint if recipe.teacher is not None else None

@@ -157,12 +157,23 @@ class DistillObjective(Objective):
         self.channels_last = channels_last
         # under torchrun the runtime wraps the student in DistributedDataParallel (it syncs the
         # student's gradients in backward; the runtime all-reduces the terms' heads itself)
-        self.forward_model = runtime.wrap_ddp(torch.compile(student) if compile else student)
+        self.forward_model = runtime.wrap_ddp(student)
+        if compile:  # falls back to eager with one line where the student cannot be compiled
+            from kdlab.models.compiled import Compiled
+
+            self.forward_model = Compiled(self.forward_model, "student")
         self.teacher_time_s = 0.0  # seconds spent in the teacher sources (outputs and masks)
         self.s_layers = list(dict.fromkeys(l for _, _, t in self.terms for l in t.student_layers()))
         needs = any(t.needs_teacher for _, _, t in self.terms)
         if needs and teacher is None:
             raise ValueError("these loss terms need a teacher; give the recipe a teacher section")
+
+    @property
+    def compile_warmup_s(self) -> float:
+        """Seconds of the first compiled calls (``train.compile``): student and teacher forwards."""
+        parts = [self.forward_model] + [getattr(s, "live", s) for s in [self.teacher, *self.extra_teachers.values()]
+                                        if s is not None]
+        return float(sum(getattr(getattr(p, "runner", p), "warmup_s", 0.0) for p in parts))
 
     @property
     def mask_time_s(self) -> float:

@@ -98,6 +98,7 @@ class RunState:
     step: int = 0  # optimiser steps taken
     teacher_time_s: float = 0.0  # of train_time_s: computing teacher outputs and masks
     mask_time_s: float = 0.0  # of teacher_time_s: computing the causal masks
+    data_wait_s: float = 0.0  # of train_time_s: waiting for the next training batch
     eval_time_s: float = 0.0  # outside train_time_s: validation each epoch and the final evaluation
 
 
@@ -285,6 +286,19 @@ class Trainer:
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------
+    def _timed(self, batches):
+        """``batches``, adding the seconds spent waiting for each to ``state.data_wait_s``."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                b = next(it)
+            except StopIteration:
+                self.state.data_wait_s += time.perf_counter() - t0
+                return
+            self.state.data_wait_s += time.perf_counter() - t0
+            yield b
+
     def train_epoch(self, epoch: int) -> dict:
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch))
         obj, rt, cfg = self.objective, self.runtime, self.cfg
@@ -297,7 +311,7 @@ class Trainer:
         teacher0, mask0 = obj.teacher_time_s, obj.mask_time_s
         steps = len(self.train_loader)
         self.opt.zero_grad(set_to_none=True)
-        for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
+        for step, batch, denom in accumulation_windows(self._timed(self.train_loader.epoch(epoch)), accum, obj):
             ctx = StepContext(epoch=epoch, step=step, runtime=rt,
                               extra={} if denom is None else {"token_denominator": denom, "grad_accum": accum})
             loss, logs = obj.step(batch, ctx)
@@ -486,6 +500,9 @@ class Trainer:
                   # cache, whichever run fills it) and the student's own cost without it
                   "teacher_time_s": st.teacher_time_s,
                   "mask_time_s": st.mask_time_s,  # of teacher_time_s: the causal masks
+                  "data_wait_s": st.data_wait_s,  # of train_time_s: waiting for training batches
+                  # train.compile: the first compiled calls (tracing, code generation), in train_time_s
+                  "compile_warmup_s": float(getattr(self.objective, "compile_warmup_s", 0.0)),
                   "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
                   "student_time_s": st.train_time_s - st.teacher_time_s,
                   f"student_{self.unit}_per_s": (st.samples / (st.train_time_s - st.teacher_time_s)

@@ -1,0 +1,111 @@
+"""`kdlab bench --against torchdistill`: kdlab's live KD step next to torchdistill's, same data.
+
+Both train the same student from the same teacher (CIFAR ResNets, each tool's own model code:
+kdlab's registry and ``torchdistill.models.classification.resnet``) with CE + KD (T = 4, weights
+0.1 / 0.9: torchdistill's ``KDLoss(alpha=0.1)``) and SGD, on the same generated CIFAR-shape
+tensors (``bench._synthetic_splits``: uniform images, random labels; already normalised, no
+augmentation on either side), batch ``batch_size``, ``steps`` batches per epoch. torchdistill runs
+its own ``DistillationBox`` (its training box: teacher forward under ``no_grad``, its hooks, its
+loss registry, its ``post_forward_process`` backward and optimiser step) over a ``DataLoader``
+(0 workers); kdlab runs its ``Trainer.train_epoch`` with the defaults (``teacher_mode: live``,
+the teacher folded). Each side gets one untimed warm-up epoch; then they take turns, ``repeats``
+rounds of one epoch each. Every round is reported, and the median's ratio.
+
+torchdistill and torchvision are optional: without them the comparison is skipped with one line.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+
+def _torchdistill_box(teacher, student, dataset, batch_size: int, lr: float):
+    import torch
+    from torchdistill.core.distillation import get_distillation_box
+
+    train_config = {
+        "num_epochs": 1,
+        "train_data_loader": {"dataset_id": "train", "requires_supp": True,
+                              "sampler": {"class_or_func": torch.utils.data.RandomSampler, "kwargs": {}},
+                              "kwargs": {"batch_size": batch_size, "num_workers": 0, "drop_last": False}},
+        "teacher": {"sequential": [], "requires_grad": False, "forward_proc": "forward_batch_only"},
+        "student": {"sequential": [], "requires_grad": True, "forward_proc": "forward_batch_only"},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": lr, "momentum": 0.9, "weight_decay": 5e-4}},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": {
+                "student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+                "teacher_module_io": "output", "temperature": 4.0, "alpha": 0.1, "reduction": "batchmean"}},
+            "weight": 1.0}}}},
+    }
+    return get_distillation_box(teacher, student, {"train": dataset}, train_config, torch.device("cpu"),
+                                None, False, 1.0)
+
+
+def _td_epoch(box, epoch: int) -> None:
+    box.pre_epoch_process(epoch=epoch)
+    for sample_batch, targets, supp_dict in box.train_data_loader:
+        box.pre_forward_process(sample_batch=sample_batch, targets=targets, supp_dict=supp_dict)
+        loss = box.forward_process(sample_batch, targets, supp_dict)
+        box.post_forward_process(loss=loss)
+
+
+def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "resnet20", batch_size: int = 64,
+                               steps: int = 5, repeats: int = 3, log=print) -> list[dict]:
+    """Images/s of kdlab's and torchdistill's live KD epochs, alternating (see the module doc);
+    ``[]`` (and one line) when torchdistill or torchvision is not installed."""
+    try:
+        import torchvision  # noqa: F401
+        from torchdistill.models.classification import resnet as td_resnet
+    except ImportError as e:
+        log(f"bench: --against torchdistill skipped: {e.name or e} is not installed "
+            f"(pip install torchdistill torchvision, in a separate environment; see docs/speed.md)")
+        return []
+    import torch
+
+    from kdlab.experiments.bench import bench_recipe, synthetic_splits
+    from kdlab.train.build import build_run
+    from kdlab.train.trainer import Trainer
+
+    for name in (teacher, student):
+        if not hasattr(td_resnet, name):
+            raise ValueError(f"--against torchdistill needs a CIFAR ResNet both tools have (resnet20, resnet32, "
+                             f"resnet44, resnet56, resnet110); got {name}")
+    splits = synthetic_splits(batch_size * steps, 3, 32, 10)
+    mean, std = torch.tensor(splits.info.mean).view(1, 3, 1, 1), torch.tensor(splits.info.std).view(1, 3, 1, 1)
+    x = (splits.train.x - mean) / std
+    dataset = torch.utils.data.TensorDataset(x, splits.train.y)
+    torch.manual_seed(0)
+    td_box = _torchdistill_box(getattr(td_resnet, teacher)(num_classes=10).eval(),
+                               getattr(td_resnet, student)(num_classes=10), dataset, batch_size, 0.05)
+    r = bench_recipe("kd", student=student, teacher=teacher, batch_size=batch_size, layer_pair=("layer3", "layer3"),
+                mask_steps=1, mode="live", amp="none", channels_last=False, compile_=False)
+    r = r.model_copy(update={"train": r.train.model_copy(update={"lr": 0.05, "device": "cpu"})})
+    from kdlab.models import create_model
+
+    run = build_run(r, splits=splits, teacher=create_model(teacher, num_classes=10, in_channels=3).eval())
+    times = {"kdlab": [], "torchdistill": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / "kdlab",
+                     runtime=run.runtime, progress=False, method="kd")
+        sides = {"kdlab": lambda e: tr.train_epoch(e), "torchdistill": lambda e: _td_epoch(td_box, e)}
+        for side in sides.values():  # untimed warm-up epoch each
+            side(0)
+        for k in range(repeats):
+            for name, side in sides.items():
+                t0 = time.perf_counter()
+                side(k + 1)
+                times[name].append(time.perf_counter() - t0)
+    n = batch_size * steps
+    rows = []
+    for name, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        rows.append({"tool": name, "images_per_s": n / med, "images_per_s_rounds": [n / t for t in ts]})
+        log(f"  {name:<13} {n / med:9.1f} img/s (median of {len(ts)}; rounds "
+            f"{', '.join(f'{n / t:.1f}' for t in ts)})")
+    ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+    log(f"kdlab/torchdistill: {ratio:.2f}x")
+    for row in rows:
+        row["ratio_kdlab_over_torchdistill"] = ratio
+    return rows
