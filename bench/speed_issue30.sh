@@ -49,7 +49,7 @@ fi
 
 [[ " $PARTS " == *" 3 "* ]] || exit 0
 echo "== 3. study at CIFAR shape: cifar10/full, resnet56 -> resnet20, 1,280 images, 2 epochs, seeds 0 1, per-image masks"
-$PY -m kdlab bench --study cifar10/full --synthetic-cifar 1280 --seeds 0 1 --set train.epochs=2 \
+$PY -m kdlab bench --study cifar10/full --synthetic-cifar 1280 --seeds 0 1 --set train.epochs=2 --set train.fast_teacher=true \
   --set student.model=resnet20 --set teacher.model=resnet56 --set 'teacher.kwargs={}' \
   --teacher-set student.model=resnet56 --teacher-set 'student.kwargs={}' --teacher-set train.epochs=3 \
   --mask-reuse per-image --device cpu --out "$OUT/study"

@@ -175,8 +175,9 @@ class TrainCfg(_Strict):
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
     teacher_mode: Literal["cache-fp16", "cache-bf16", "cache-fp32", "live", "consistent"] = "cache-fp16"
     # the frozen teacher runs as an inference copy: BatchNorm folded into its convolutions (exact up
-    # to float rounding), channels-last on GPUs or with channels_last; false runs it as loaded
-    fast_teacher: bool = True
+    # to float rounding), channels-last on GPUs or with channels_last; false (the default until its
+    # speed-up is measured on an idle machine, docs/speed.md) runs it as loaded
+    fast_teacher: bool = False
     # same numbers on any machine's CPU thread count: torch.use_deterministic_algorithms and a fixed
     # intra-op thread count (``threads``, 1 unless set); ``threads`` alone fixes only the count
     deterministic: bool = False
@@ -258,6 +259,8 @@ class Recipe(_Strict):
             del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
         if not d.get("data", {}).get("kwargs"):  # runs made before data.kwargs keep their identity
             d.get("data", {}).pop("kwargs", None)
+        if isinstance(d.get("train"), dict) and not d["train"].get("fast_teacher"):
+            d["train"].pop("fast_teacher", None)  # likewise: runs made before it existed
         return d
 
     def derive(self, **sections) -> "Recipe":

@@ -527,7 +527,7 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
     map mapped to the view (:func:`kdlab.distill.mask_reuse.per_image_source`; maps saved beside
     the store's files when it has a folder).
 
-    ``fast`` (``train.fast_teacher``, on by default): the source runs :func:`fast_teacher`'s copy of
+    ``fast`` (``train.fast_teacher``, off by default until measured): the source runs :func:`fast_teacher`'s copy of
     the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
     channels-last. Cache keys and per-image masks use the original teacher (same values).
     ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``;
