@@ -122,6 +122,9 @@ class TeacherCfg(ModelCfg):
     ensemble: Literal["logits", "probs"] = "logits"
     # use a teacher whose checkpoint records another data set (deliberate cross-data distillation)
     allow_other_dataset: bool = False
+    # at most this many epochs for the teacher trained on the way (``teacher.recipe``); set by
+    # ``--set train.epochs=N`` (see :func:`bound_teacher`), None: the teacher recipe's own epochs
+    epochs: Optional[int] = Field(None, ge=1)
 
     @field_validator("checkpoints")
     @classmethod
@@ -601,12 +604,37 @@ def _list_position(ov: str, items: list, step, where: str) -> int:
     return step % len(items)
 
 
+def bound_teacher(raw: dict, overrides) -> dict:
+    """Small settings reach the teacher: with ``train.epochs=N`` among the overrides (and no
+    ``teacher.epochs`` / ``teacher.checkpoint`` override), a teacher that is trained on the way
+    (``teacher.recipe`` with more than N epochs) is trained for N epochs into its own folder,
+    ``<checkpoint folder>-e<N>/``, so the full teacher's checkpoint is never replaced by a short one.
+    ``raw`` is changed in place (references already resolved)."""
+    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides or [] if "=" in ov}
+    tc = raw.get("teacher")
+    if ("train.epochs" not in keys or "teacher.epochs" in keys or "teacher.checkpoint" in keys
+            or not isinstance(tc, dict) or not tc.get("recipe") or not tc.get("checkpoint")):
+        return raw
+    n = (raw.get("train") or {}).get("epochs")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return raw  # the recipe's validation names the bad value
+    t_raw = read_recipe_yaml(resolve_recipe_path(tc["recipe"]))
+    t_epochs = (t_raw.get("train") or {}).get("epochs", TrainCfg.model_fields["epochs"].default)
+    if isinstance(t_epochs, int) and t_epochs > n:
+        ck = Path(tc["checkpoint"])
+        tc["epochs"] = n
+        tc["checkpoint"] = str(ck.parent.with_name(f"{ck.parent.name}-e{n}") / ck.name)
+    return raw
+
+
 def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
+    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values);
+    ``train.epochs=N`` also bounds the teacher trained on the way (:func:`bound_teacher`)."""
     path = resolve_recipe_path(ref)
     raw = read_recipe_yaml(path)
     apply_overrides(raw, overrides)
     resolve_refs(raw, None, "--set")  # overridden references: relative to the current folder
+    bound_teacher(raw, overrides)
     recipe = recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
     recipe.source = str(path)
     return recipe

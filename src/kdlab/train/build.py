@@ -409,6 +409,8 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
                                 f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
+    if tc.epochs is not None and t_recipe.train.epochs > tc.epochs:  # bounded by --set train.epochs
+        t_recipe = t_recipe.derive(train={**t_recipe.train.model_dump(mode="json"), "epochs": tc.epochs})
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
     log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) into {ckpt.parent.resolve()}, "
         f"because {_why_train(ckpt)}")

@@ -60,10 +60,17 @@ class Determinism:
     ``torch.use_deterministic_algorithms`` (and deterministic cuDNN); the previous settings are
     restored on exit."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, n_params: Optional[int] = None, recorded: Optional[int] = None):
+        """With neither ``train.threads`` nor ``OMP_NUM_THREADS`` set (and not deterministic), the
+        count is chosen from the model's size ``n_params`` and the machine's load
+        (:func:`kdlab.core.threads.choose_threads`), or is ``recorded`` (a resumed run's count)."""
+        from kdlab.core.threads import choose_threads, explicit_threads
+
         self.on = bool(getattr(cfg, "deterministic", False))
         threads = getattr(cfg, "threads", None)
         self.threads = threads if threads is not None else (1 if self.on else None)
+        if self.threads is None and not explicit_threads() and n_params is not None:
+            self.threads = int(recorded) if recorded else choose_threads(int(n_params))
 
     def __enter__(self):
         self.prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -352,7 +359,9 @@ class Trainer:
         if lock is not None:
             lock.acquire()
         try:
-            with Determinism(self.cfg):
+            n_params = sum(p.numel() for m in self.objective.models().values() for p in m.parameters())
+            recorded = self.folder.recorded_threads() if resume and (self.run_dir / "last.pt").exists() else None
+            with Determinism(self.cfg, n_params=n_params, recorded=recorded):
                 if lock is not None:
                     clean_tmp(self.run_dir)
                 return self._fit(resume, stop_after)

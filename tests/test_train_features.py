@@ -1,0 +1,143 @@
+"""Issue 29 (train-features): small settings reach the teacher and DeepInversion, the thread rule,
+progress lines when piped, and kdlab.fit's visible signature."""
+
+import inspect
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from kdlab.core.progress import PlainLines, Silent, progress_bar
+from kdlab.core.threads import choose_threads
+
+
+# -- small settings reach everything -------------------------------------------------------------
+def test_synthesis_runs_the_given_steps_per_batch():
+    from kdlab.distill.inversion import synthesize
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    teacher.eval()
+    steps = []
+    x, y = synthesize(teacher, 5, (1, 6, 6), 3, iters=3, batch_size=2, steps_done=steps)
+    assert steps == [3, 3, 3]  # ceil(5 / 2) batches of 3 steps each
+    assert x.shape == (5, 1, 6, 6) and y.shape == (5,)
+
+
+def test_train_epochs_bounds_deepinversion_and_its_teacher():
+    from kdlab.experiments.paradigms.deepinv import DeepInvParams, synthesis_steps
+    from kdlab.experiments.paradigms.spec import load_paradigm
+
+    assert synthesis_steps(DeepInvParams(iters=200), 2) == 20  # 10 steps per epoch × 2 epochs
+    assert synthesis_steps(DeepInvParams(iters=200), 30) == 200  # the full setting is unchanged
+    full = load_paradigm("paradigms/digits/deepinv")
+    small = load_paradigm("paradigms/digits/deepinv", ["train.epochs=2"])
+    assert full.recipe.teacher.epochs is None
+    assert small.recipe.teacher.epochs == 2
+    ck_full, ck_small = full.recipe.teacher.checkpoint, small.recipe.teacher.checkpoint
+    from pathlib import Path
+
+    assert Path(ck_small).parent.name == Path(ck_full).parent.name + "-e2"  # never the full teacher's file
+    assert synthesis_steps(small.params, small.recipe.train.epochs) == 20
+
+
+def test_train_epochs_reaches_the_teacher_trained_on_the_way(tmp_path, monkeypatch):
+    from kdlab.core.config import load_recipe
+    from kdlab.train import build
+
+    r = load_recipe("methods/digits/kd", ["train.epochs=1"])
+    assert r.teacher.epochs == 1 and "-e1" in r.teacher.checkpoint
+    ck = tmp_path / "teacher-e1" / "best.pt"
+    r = r.derive(teacher={**r.teacher.model_dump(mode="json"), "checkpoint": str(ck)})
+    trained = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(rec, out, **k):  # record the epochs the teacher would train for, then stop
+        trained.append(rec.train.epochs)
+        raise Stop
+
+    monkeypatch.setattr(build, "train", fake_train)
+    with pytest.raises(Stop):
+        build.ensure_teachers(r, progress=False, log=lambda *a: None)
+    assert trained == [1]  # the teacher recipe's 30 epochs bounded to 1
+
+
+# -- threads --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_params, cpus, load, want", [
+    (60_000, 16, 0.0, 1),        # tiny model: one thread even on an idle 16-core machine
+    (5_000_000, 16, 0.0, 2),     # medium: at most 2
+    (5_000_000, 2, 1.8, 1),      # medium on a busy 2-core machine: round(2 - 1.8) = 0 -> 1
+    (20_000_000, 16, 0.0, 16),   # large on an idle machine: every core
+    (20_000_000, 16, 11.6, 4),   # large, 11.6 runnable: round(4.4) = 4 free cores
+    (20_000_000, 4, 9.0, 1),     # overloaded: still one
+])
+def test_thread_choice_rule(n_params, cpus, load, want):
+    assert choose_threads(n_params, cpus=cpus, load=load) == want
+
+
+def test_explicit_thread_settings_win(monkeypatch):
+    from types import SimpleNamespace
+
+    from kdlab.train.trainer import Determinism
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert Determinism(SimpleNamespace(threads=None), n_params=1000).threads == 1  # chosen
+    assert Determinism(SimpleNamespace(threads=3), n_params=1000).threads == 3  # train.threads
+    assert Determinism(SimpleNamespace(threads=None), n_params=1000, recorded=2).threads == 2  # resumed
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert Determinism(SimpleNamespace(threads=None), n_params=1000).threads is None  # the environment's
+
+
+# -- progress -------------------------------------------------------------------------------------
+def test_piped_progress_is_plain_lines():
+    out = io.StringIO()  # not a terminal
+    bar = progress_bar(8, "DeepInversion batch 3 of 8", "step", stream=out, every_s=0.0)
+    assert isinstance(bar, PlainLines)
+    for _ in range(8):
+        bar.update(1)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 8  # every_s=0: a line per step before the last, and one at the end
+    assert lines[-1].startswith("DeepInversion batch 3 of 8: 8/8 step (100%)")
+
+
+def test_progress_silent_off_rank_zero_and_when_disabled(monkeypatch):
+    out = io.StringIO()
+    assert isinstance(progress_bar(5, "x", stream=out, enabled=False), Silent)
+    monkeypatch.setenv("RANK", "1")
+    assert isinstance(progress_bar(5, "x", stream=out), Silent)
+    monkeypatch.setenv("RANK", "0")
+    assert isinstance(progress_bar(5, "x", stream=out), PlainLines)
+
+
+def test_robustness_progress_piped_has_no_carriage_returns(capsys):
+    from kdlab.data.splits import TensorSet
+    from kdlab.evaluate.robustness import evaluate_robustness
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    ts = TensorSet(torch.rand(6, 3, 8, 8), torch.arange(6) % 10)
+    info = SimpleNamespace(name="t", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=10)
+    evaluate_robustness({"m": model}, ts, info, corruptions=["gaussian_noise"], severities=[1],
+                        batch_size=4, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "robustness: 4/4 batch (100%)" in err  # 2 batches × (clean + 1)
+
+
+# -- kdlab.fit ------------------------------------------------------------------------------------
+def test_fit_shows_its_real_signature():
+    import kdlab
+    import kdlab.api
+
+    for name in ("fit", "fit_recipe"):
+        lazy, real = inspect.signature(getattr(kdlab, name)), inspect.signature(getattr(kdlab.api, name))
+        assert [(p.name, p.kind, p.default) for p in lazy.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in real.parameters.values()]
