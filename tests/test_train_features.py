@@ -141,3 +141,35 @@ def test_fit_shows_its_real_signature():
         lazy, real = inspect.signature(getattr(kdlab, name)), inspect.signature(getattr(kdlab.api, name))
         assert [(p.name, p.kind, p.default) for p in lazy.parameters.values()] == \
             [(p.name, p.kind, p.default) for p in real.parameters.values()]
+
+
+# -- MLflow ---------------------------------------------------------------------------------------
+def test_mlflow_logger_logs_params_steps_epochs_and_test(tmp_path, monkeypatch):
+    """``train.log_to: [mlflow]`` through a stand-in ``mlflow`` module that records the calls."""
+    import sys
+    import types
+
+    from kdlab.api import fit
+
+    calls = []
+    fake = types.ModuleType("mlflow")
+    for name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "log_metrics", "end_run"):
+        setattr(fake, name, (lambda n: lambda *a, **k: calls.append((n, a, k)))(name))
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(24, 1, 4, 4, generator=g), torch.arange(24) % 2
+    fit(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), train_data=(x, y), val_data=(x, y), test_data=(x, y),
+        run_dir=tmp_path / "r", train={"epochs": 2, "batch_size": 8, "log_to": ["csv", "mlflow"]}, progress=False)
+    names = [c[0] for c in calls]
+    assert names[:4] == ["set_tracking_uri", "set_experiment", "start_run", "log_params"] and names[-1] == "end_run"
+    assert calls[0][1][0] == (tmp_path / "r" / "mlruns").resolve().as_uri()
+    assert calls[3][1][0]["epochs"] == 2 and calls[3][1][0]["batch_size"] == 8
+    metric_calls = [c for c in calls if c[0] == "log_metrics"]
+    step_calls = [c for c in metric_calls if "step_loss" in c[1][0]]
+    assert [c[2]["step"] for c in step_calls] == list(range(1, 7))  # 24/8 = 3 batches × 2 epochs
+    epoch_calls = [c for c in metric_calls if "val_acc" in c[1][0]]
+    assert [c[2]["step"] for c in epoch_calls] == [1, 2]
+    assert "test_acc" in metric_calls[-1][1][0]
+    rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3

@@ -164,7 +164,7 @@ class TrainCfg(_Strict):
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
     # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
-    log_to: list[Literal["csv", "tensorboard"]] = ["csv"]
+    log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md

@@ -55,8 +55,10 @@ class Silent:
 class PlainLines(Silent):
     """Periodic plain lines for logs: no ``\\r``, one line per ``every_s`` seconds and at the end."""
 
-    def __init__(self, total: int, desc: str, unit: str, stream, every_s: float, clock=time.monotonic):
+    def __init__(self, total: int, desc: str, unit: str, stream, every_s: float, clock=time.monotonic,
+                 end_line: bool = True):
         self.total, self.desc, self.unit, self.stream, self.every_s = int(total), desc, unit, stream, every_s
+        self.end_line, self.said = end_line, False
         self.clock = clock
         self.n, self.t0 = 0, clock()
         self.last = self.t0
@@ -76,7 +78,7 @@ class PlainLines(Silent):
         self.n += n
         now = self.clock()
         if now - self.last >= self.every_s and self.n < self.total:
-            self.last = now
+            self.last, self.said = now, True
             print(self.line(), file=self.stream, flush=True)
 
     def set_postfix_str(self, s: str) -> None:
@@ -85,12 +87,15 @@ class PlainLines(Silent):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            print(self.line(), file=self.stream, flush=True)
+            if self.end_line or self.said:
+                print(self.line(), file=self.stream, flush=True)
 
 
 def progress_bar(total: int, desc: str, unit: str = "batch", *, enabled: bool = True, stream=None,
-                 every_s: float = 10.0, initial: int = 0):
-    """A progress display for ``total`` steps of ``unit`` (see the module doc)."""
+                 every_s: float = 10.0, initial: int = 0, end_line: bool = True):
+    """A progress display for ``total`` steps of ``unit`` (see the module doc). ``end_line=False``:
+    piped, the closing line is printed only when a periodic one was (e.g. when another line
+    reports the end, as the trainer's epoch lines do)."""
     stream = sys.stderr if stream is None else stream
     if not enabled or not main_rank() or total <= 0:
         return Silent()
@@ -100,7 +105,7 @@ def progress_bar(total: int, desc: str, unit: str = "batch", *, enabled: bool = 
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream, leave=False,
                     dynamic_ncols=True)
-    bar = PlainLines(total, desc, unit, stream, every_s)
+    bar = PlainLines(total, desc, unit, stream, every_s, end_line=end_line)
     bar.n = int(initial)
     return bar
 

@@ -44,7 +44,7 @@ from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, write_csv, write_json
 from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
-from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, StopTraining, TensorBoard
+from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, MLflow, StopTraining, TensorBoard
 from kdlab.train.objective import Objective, StepContext
 from kdlab.train.run_folder import RunFolder, git_commit, mixed_threads, note, run_record, thread_warning  # noqa: F401
 from kdlab.train.runtime import Runtime
@@ -223,6 +223,8 @@ class Trainer:
         self.callbacks = [LogFile()] + list(callbacks)
         if "tensorboard" in getattr(cfg, "log_to", ()):
             self.callbacks.append(TensorBoard())
+        if "mlflow" in getattr(cfg, "log_to", ()):
+            self.callbacks.append(MLflow())
         self.tty = sys.stderr.isatty()
         if progress and not self.tty:  # piped: one plain line per epoch instead of a bar
             self.callbacks.append(ConsoleLines())
@@ -303,6 +305,10 @@ class Trainer:
         t0 = time.perf_counter()
         teacher0, mask0 = obj.teacher_time_s, obj.mask_time_s
         steps = len(self.train_loader)
+        from kdlab.core.progress import progress_bar
+
+        bar = progress_bar(steps, f"{self.method or 'train'} s{self.seed} epoch {epoch + 1}/{cfg.epochs}", "batch",
+                           enabled=self.progress and rt.is_main and steps > 1, end_line=False)
         self.opt.zero_grad(set_to_none=True)
         for step, batch, denom in accumulation_windows(self.train_loader.epoch(epoch), accum, obj):
             ctx = StepContext(epoch=epoch, step=step, runtime=rt,
@@ -319,8 +325,11 @@ class Trainer:
             n_seen += b
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * b
+            self.step_loss = loss.detach()  # for per-step loggers (read on the callbacks' schedule)
             for cb in self.callbacks:
                 cb.on_step_end(self, ctx)
+            bar.update(1)
+        bar.close()
         n_seen, sums = rt.sync_epoch(list(obj.models().values()), n_seen, sums)
         dt = time.perf_counter() - t0
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
