@@ -173,3 +173,73 @@ def test_mlflow_logger_logs_params_steps_epochs_and_test(tmp_path, monkeypatch):
     assert "test_acc" in metric_calls[-1][1][0]
     rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+# -- weight EMA -----------------------------------------------------------------------------------
+def test_ema_update_by_hand():
+    from kdlab.train.trainer import ema_update
+
+    ema = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(0)}
+    ema_update(ema, {"w": torch.tensor([3.0, 0.0]), "n": torch.tensor(5)}, 0.75)
+    assert ema["w"].tolist() == [1.5, 1.5] and int(ema["n"]) == 5  # 0.75·1 + 0.25·3, 0.75·2 + 0
+
+
+class Snap:
+    """A callback keeping the student's weights after every optimiser step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_fit_start(self, t):
+        self.seen.append({k: v.clone() for k, v in t.objective.models()[t.primary].state_dict().items()})
+
+    def on_step_end(self, t, ctx):
+        self.seen.append({k: v.clone() for k, v in t.objective.models()[t.primary].state_dict().items()})
+
+    def on_epoch_end(self, t, row):
+        pass
+
+    def on_fit_end(self, t, res):
+        pass
+
+
+def _ema_fit(run_dir, callbacks=(), epochs=2, **kw):
+    from kdlab.api import fit
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 1, 4, 4, generator=g), torch.arange(16) % 2
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    return fit(student, train_data=(x, y), val_data=(x, y), test_data=(x, y), run_dir=run_dir,
+               train={"epochs": epochs, "batch_size": 8, "lr": 0.5, "ema": 0.5, "patience": None, **kw},
+               progress=False, callbacks=callbacks)
+
+
+def test_ema_weights_are_validated_and_saved(tmp_path):
+    snap = Snap()
+    _ema_fit(tmp_path / "r", callbacks=[snap], epochs=1)
+    w = snap.seen  # initial weights, then after steps 1 and 2 (16 images, batch 8)
+    assert len(w) == 3
+    for k in w[0]:
+        e = 0.5 * (0.5 * w[0][k] + 0.5 * w[1][k]) + 0.5 * w[2][k]  # two EMA steps at decay 0.5
+        best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)["model"][k]
+        assert torch.allclose(best, e, atol=1e-6)
+        assert not torch.allclose(best, w[2][k])  # not the live weights
+
+
+def test_ema_resumes_exactly(tmp_path):
+    from kdlab.train import trainer as trainer_mod
+
+    full = _ema_fit(tmp_path / "full", epochs=3)
+    real_fit = trainer_mod.Trainer.fit
+    trainer_mod.Trainer.fit = lambda self, **kw: real_fit(self, stop_after=1)
+    try:
+        part = _ema_fit(tmp_path / "part", epochs=3)
+    finally:
+        trainer_mod.Trainer.fit = real_fit
+    assert part.get("interrupted")
+    resumed = _ema_fit(tmp_path / "part", epochs=3)
+    assert resumed["val_acc"] == full["val_acc"]
+    a = torch.load(tmp_path / "full" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -163,6 +163,9 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # weight EMA of the student: after every optimiser step e ← ema·e + (1−ema)·w (every floating
+    # state entry, BatchNorm statistics included); validation, best.pt and the test use e
+    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
     # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
     log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
@@ -248,6 +251,10 @@ class Recipe(_Strict):
             del d["task"]
         if isinstance(d.get("teacher"), dict) and not d["teacher"].get("allow_other_dataset"):
             del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
+        if isinstance(d.get("teacher"), dict) and d["teacher"].get("epochs") is None:
+            d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
+        if isinstance(d.get("train"), dict) and d["train"].get("ema") is None:
+            d["train"].pop("ema", None)  # likewise
         return d
 
     def derive(self, **sections) -> "Recipe":

@@ -54,6 +54,36 @@ class TrainingError(RuntimeError):
     pass
 
 
+def ema_update(ema: dict, state: dict, decay: float) -> None:
+    """One EMA step, in place: ``ema[k] ← decay·ema[k] + (1−decay)·state[k]`` for floating
+    entries; other entries (e.g. BatchNorm's ``num_batches_tracked``) are copied."""
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v.detach().to(ema[k].dtype), alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+class EMAWeights:
+    """``with EMAWeights(model, ema):`` the model holds the EMA weights ``ema`` (a state dict) inside
+    the block and its own trained weights again after it (``ema=None``: nothing changes)."""
+
+    def __init__(self, model, ema: Optional[dict]):
+        self.model, self.ema, self.live = model, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.ema)
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.model.load_state_dict(self.live)
+            self.live = None
+
+
 class Determinism:
     """``train.deterministic`` / ``train.threads`` for the duration of a run: fixes the intra-op
     thread count (``threads``, default 1 when deterministic) and turns on
@@ -238,6 +268,8 @@ class Trainer:
         self.opt = build_optimizer(self.params, cfg)
         self.sched = build_scheduler(self.opt, cfg)
         self.state = RunState()
+        self.ema_decay = getattr(cfg, "ema", None)
+        self.ema: Optional[dict] = None  # the primary model's EMA state (train.ema)
         self.should_stop = False
         self.folder = RunFolder(self.run_dir, identity=identity, seed=self.seed, method=method,
                                 primary=self.primary, runtime=self.runtime)
@@ -259,6 +291,9 @@ class Trainer:
         model = self.objective.models()[name]
         ck = model_checkpoint(model, **self.objective.checkpoint_meta(name), epoch=epoch, val=val,
                               **self._extra())
+        if self.ema is not None and name == self.primary:  # train.ema: best.pt holds the EMA weights
+            ck["model"] = {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+            ck["ema"] = float(self.ema_decay)
         self.folder.best_ck[name] = ck
         atomic_save(ck, self.best_path(name))
 
@@ -269,7 +304,7 @@ class Trainer:
             "objective": obj.state_dict(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.runtime.scaler.state_dict(), "state": vars(self.state).copy(),
-            "best": self.best_ck, "model": {}, **self._extra(),
+            "best": self.best_ck, "model": {}, "ema": self.ema, **self._extra(),
         }, self.run_dir / "last.pt")
 
     def try_resume(self) -> bool:
@@ -291,6 +326,12 @@ class Trainer:
             state["samples"] = state.pop("images")
         self.state = RunState(**state)
         self.folder.best_ck = dict(ck.get("best") or {})
+        if self.ema_decay:
+            if ck.get("ema") is None:
+                raise ValueError(f"{path} holds no EMA weights but the recipe sets train.ema; delete it to "
+                                 f"start the run over, or drop train.ema")
+            live = self.objective.models()[self.primary].state_dict()
+            self.ema = {k: v.to(live[k].device) for k, v in ck["ema"].items()}
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------
@@ -322,6 +363,8 @@ class Trainer:
                 rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
                 self.opt.zero_grad(set_to_none=True)
                 self.state.step += 1
+                if self.ema is not None:
+                    ema_update(self.ema, obj.models()[self.primary].state_dict(), float(self.ema_decay))
             n_seen += b
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * b
@@ -356,7 +399,8 @@ class Trainer:
     def validate(self) -> dict[str, dict]:
         if self.val_loader is None:
             return {}
-        return {n: self.objective.evaluate(n, self.val_loader) for n in self.names}
+        with EMAWeights(self.objective.models()[self.primary], self.ema):  # train.ema: validate the EMA
+            return {n: self.objective.evaluate(n, self.val_loader) for n in self.names}
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, *, resume: bool = True, stop_after: Optional[int] = None) -> dict:
@@ -398,6 +442,8 @@ class Trainer:
         self.folder.warn_threads(recorded)
         if rt.is_main:
             self.folder.write_record()
+        if self.ema_decay and self.ema is None:  # a fresh run: the EMA starts at the initial weights
+            self.ema = {k: v.detach().clone() for k, v in self.objective.models()[self.primary].state_dict().items()}
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state
