@@ -243,3 +243,32 @@ def test_ema_resumes_exactly(tmp_path):
     a = torch.load(tmp_path / "full" / "best.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "part" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- kdlab evaluate reads what the pipeline makes ---------------------------------------------------
+def _folder(root, classes=("a", "b"), n=8):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c_i, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            base = 40 + 160 * c_i  # class a dark, class b bright: learnable in a few steps
+            px = (base + torch.randint(0, 30, (8, 8, 3), generator=g)).to(torch.uint8).numpy()
+            Image.fromarray(px).save(root / c / f"{i}.png")
+    return root
+
+
+def test_evaluate_imagefolder_checkpoint_from_its_metadata(tmp_path, capsys):
+    from kdlab.cli.main import main
+
+    root = _folder(tmp_path / "imgs")
+    (tmp_path / "r.yaml").write_text(
+        f"name: imf\ndata: {{name: imagefolder, root: {root}, image_size: [8, 8]}}\n"
+        f"student: {{model: cnn_tiny}}\ntrain: {{epochs: 1, patience: null, batch_size: 8, lr: 0.05, device: cpu}}\n")
+    assert main(["train-teacher", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run" / "best.pt"), "--device", "cpu"]) == 0  # no --dataset, no --data-dir
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["dataset"] == "imagefolder" and res["acc"] == result["test_acc"]
