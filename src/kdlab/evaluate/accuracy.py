@@ -74,7 +74,8 @@ def ensemble_accuracy(models, loader, device=None) -> float:
 
 
 def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test", image_size=None,
-                        device="auto", batch_size: int = 256, allow_other_dataset: bool = False) -> dict:
+                        device="auto", batch_size: int = 256, allow_other_dataset: bool = False,
+                        load=None) -> dict:
     """Accuracy of a checkpoint on a split of ``dataset``: a registered name (default: the
     checkpoint's), ``imagefolder`` (``data_dir`` the folder, ``image_size`` [H, W]) or a
     ``module:function`` factory. The images are normalised as in training: the checkpoint's own
@@ -89,10 +90,12 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     from kdlab.core.device import resolve_device
 
     dev = resolve_device(device)
-    model, ck = load_model(path, dev)
+    model, ck = (load or load_model)(path, dev)  # load: kdlab.compress.load_compressed reads every format
     name = dataset or ck.get("dataset")
     if not name:
         raise ValueError(f"{path} names no data set; pass --dataset NAME (or module:function)")
+    if ck.get("format") == "onnx":
+        dev = torch.device("cpu")  # ONNX Runtime runs on the CPU
     rec_data = (ck.get("recipe") or {}).get("data") if isinstance(ck.get("recipe"), dict) else None
     rec_data = rec_data if isinstance(rec_data, dict) else {}
     same = str(name) == str(rec_data.get("name"))
