@@ -340,3 +340,58 @@ def test_evaluate_fp32_and_int8_onnx(tmp_path, digits_test, capsys):
     # without --dataset: one error line naming the fix
     assert main(["evaluate", str(int8), "--device", "cpu"]) == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+# -- RandAugment-lite -----------------------------------------------------------------------------
+def test_randaugment_ops_by_hand():
+    from kdlab.data.augment import RA_OPS, AugmentParams, AugmentSpec, apply_params
+
+    x = torch.tensor([[0.2, 0.6], [0.8, 0.4]]).view(1, 1, 2, 2)
+    spec = AugmentSpec(randaugment=1, magnitude=0.5)
+
+    def run(op, sign=1.0):
+        p = AugmentParams(ra_op=torch.tensor([[RA_OPS.index(op)]]), ra_sign=torch.tensor([[sign]]))
+        return apply_params(x, spec, p).flatten().tolist()
+
+    assert run("identity") == pytest.approx([0.2, 0.6, 0.8, 0.4])
+    assert run("brightness") == pytest.approx([0.29, 0.87, 1.0, 0.58])  # ×1.45, clamped at 1
+    assert run("brightness", -1.0) == pytest.approx([0.11, 0.33, 0.44, 0.22])  # ×0.55
+    # contrast: μ = 0.5; 0.5 + 1.45·(x − 0.5) = 0.065, 0.645, 0.935, 0.355
+    assert run("contrast") == pytest.approx([0.065, 0.645, 0.935, 0.355])
+    assert run("solarize") == pytest.approx([0.2, 0.4, 0.2, 0.4])  # x ≥ 0.5 → 1 − x
+    # posterize: b = 8 − 2 = 6 bits, floor(x·64)/64
+    assert run("posterize") == pytest.approx([12 / 64, 38 / 64, 51 / 64, 25 / 64])
+    assert run("autocontrast") == pytest.approx([0.0, 4 / 6, 1.0, 2 / 6])  # (x − 0.2) / 0.6
+    two = AugmentSpec(randaugment=2, magnitude=0.5)  # two ops in turn: solarize, then brightness ×0.55
+    p = AugmentParams(ra_op=torch.tensor([[3, 1]]), ra_sign=torch.tensor([[1.0, -1.0]]))
+    assert apply_params(x, two, p).flatten().tolist() == pytest.approx([0.11, 0.22, 0.11, 0.22])
+
+
+def test_randaugment_is_seeded_per_epoch_position():
+    from kdlab.data import BatchLoader, TensorSet
+    from kdlab.data.augment import AugmentSpec
+
+    g = torch.Generator().manual_seed(0)
+    ts = TensorSet(torch.rand(12, 3, 6, 6, generator=g), torch.arange(12) % 3)
+    spec = AugmentSpec(crop_pad=1, flip=True, randaugment=2, magnitude=0.7)
+    a = BatchLoader(ts, 4, shuffle=True, seed=5, augment=spec, mean=(0.5,) * 3, std=(0.25,) * 3)
+    b = BatchLoader(ts, 4, shuffle=True, seed=5, augment=spec, mean=(0.5,) * 3, std=(0.25,) * 3)
+    e1a = [x for x, _, _ in a.epoch(1)]
+    assert all(torch.equal(u, v) for u, v in zip(e1a, [x for x, _, _ in b.epoch(1)]))  # same seed, same epoch
+    assert all(torch.equal(u, v) for u, v in zip(e1a, [x for x, _, _ in a.epoch(1)]))  # re-run the epoch
+    assert not all(torch.equal(u, v) for u, v in zip(e1a, [x for x, _, _ in a.epoch(2)]))  # another epoch
+    plain = BatchLoader(ts, 4, shuffle=True, seed=5, augment=AugmentSpec(crop_pad=1, flip=True), mean=(0.5,) * 3,
+                        std=(0.25,) * 3)
+    assert not all(torch.equal(u, v) for u, v in zip(e1a, [x for x, _, _ in plain.epoch(1)]))  # it changes images
+    assert repr(AugmentSpec(crop_pad=1, flip=True)) == "AugmentSpec(crop_pad=1, flip=True)"  # cache keys kept
+
+
+def test_randaugment_recipe_trains(tmp_path):
+    from kdlab.api import fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 3, 6, 6, generator=g), torch.arange(16) % 2
+    res = fit(nn.Sequential(nn.Flatten(), nn.Linear(108, 2)), train_data=(x, y), val_data=(x, y),
+              test_data=(x, y), run_dir=tmp_path / "r", augment={"randaugment": 2, "magnitude": 0.3},
+              train={"epochs": 1, "batch_size": 8}, progress=False)
+    assert res["epochs_run"] == 1

@@ -40,6 +40,8 @@ class _Strict(BaseModel):
 class AugmentCfg(_Strict):
     crop_pad: int = Field(0, ge=0)
     flip: bool = False
+    randaugment: int = Field(0, ge=0, le=6)  # RandAugment-lite operations per image (kdlab.data.augment)
+    magnitude: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class TransferSetCfg(BaseModel):
@@ -255,6 +257,10 @@ class Recipe(_Strict):
             d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
         if isinstance(d.get("train"), dict) and d["train"].get("ema") is None:
             d["train"].pop("ema", None)  # likewise
+        aug = (d.get("data") or {}).get("augment") if isinstance(d.get("data"), dict) else None
+        if isinstance(aug, dict) and not aug.get("randaugment"):
+            aug.pop("randaugment", None)  # likewise
+            aug.pop("magnitude", None)
         return d
 
     def derive(self, **sections) -> "Recipe":

@@ -160,7 +160,8 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
     """Train (augmented, sharded under torchrun), val and test loaders of a recipe (a split that
     is None has no loader)."""
     d, cfg, info = recipe.data, recipe.train, splits.info
-    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
+    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip, randaugment=d.augment.randaugment,
+                      magnitude=d.augment.magnitude)
     kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
     train_loader = as_loader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True, seed=data_seed,
                              augment=aug, **kw)
