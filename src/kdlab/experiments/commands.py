@@ -80,7 +80,7 @@ def demo(*, out=None, seeds=None, overrides=None, device="auto", robustness: boo
         from kdlab.experiments.study_explain import explain_study
 
         log("\nwhere the students look (attention rank alignment, top-k focus, logit agreement):")
-        explain_study(study, device=dev)
+        explain_study(study, device=dev, progress=progress)
         write_findings([study], out=study / "report" / "findings.md", command="kdlab demo")
     return report
 
