@@ -97,6 +97,7 @@ CASES = [
     C("distill", "train.gamma 2", f"distill {SR} --set train.gamma=2 {D}", "gamma"),
     C("distill", "data.augment.randaugment -1", f"distill {SR} --set data.augment.randaugment=-1 {D}", "randaugment"),
     C("distill", "data.augment.magnitude 0", f"distill {SR} --set data.augment.magnitude=0 {D}", "magnitude"),
+    C("distill", "train.mixup -1", f"distill {SR} --set train.mixup=-1 {D}", "mixup"),
     C("distill", "train.ema 1", f"distill {SR} --set train.ema=1 {D}", "train.ema"),
     C("distill", "teacher.epochs 0", f"distill {SR} --set teacher.epochs=0 {D}", "teacher.epochs"),
     C("distill", "train.eval_batch_size 0", f"distill {SR} --set train.eval_batch_size=0 {D}", "eval_batch_size"),

@@ -395,3 +395,64 @@ def test_randaugment_recipe_trains(tmp_path):
               test_data=(x, y), run_dir=tmp_path / "r", augment={"randaugment": 2, "magnitude": 0.3},
               train={"epochs": 1, "batch_size": 8}, progress=False)
     assert res["epochs_run"] == 1
+
+
+# -- mixup / CutMix -------------------------------------------------------------------------------
+def test_mixup_and_cutmix_by_hand():
+    from kdlab.data.augment import MixParams, apply_mix
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    perm = torch.tensor([1, 0])
+    m = apply_mix(x, MixParams(0.25, perm))
+    assert torch.allclose(m[0], 0.25 * x[0] + 0.75 * x[1]) and torch.allclose(m[1], 0.25 * x[1] + 0.75 * x[0])
+    c = apply_mix(x, MixParams(0.75, perm, (0, 2, 1, 3)))  # a 2×2 box: rows 0-1, columns 1-2
+    assert torch.equal(c[0, 0, 0:2, 1:3], x[1, 0, 0:2, 1:3]) and torch.equal(c[0, 0, 2:, :], x[0, 0, 2:, :])
+    assert torch.equal(c[0, 0, :, 0], x[0, 0, :, 0]) and torch.equal(c[0, 0, :, 3], x[0, 0, :, 3])
+
+
+def test_mix_draws_are_seeded_and_cutmix_lambda_is_the_area_left():
+    from kdlab.data.augment import MixSpec, draw_mix
+
+    spec = MixSpec(mixup=0.4, cutmix=1.0)
+    a = [draw_mix(8, 6, 6, spec, torch.Generator().manual_seed(s)) for s in range(20)]
+    b = [draw_mix(8, 6, 6, spec, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(u.lam == v.lam and torch.equal(u.perm, v.perm) and u.box == v.box for u, v in zip(a, b))
+    cuts = [p for p in a if p.box is not None]
+    assert cuts and len(cuts) < len(a)  # both modes occur over 20 batches
+    for p in cuts:
+        y1, y2, x1, x2 = p.box
+        assert p.lam == pytest.approx(1 - (y2 - y1) * (x2 - x1) / 36)
+
+
+def test_mixup_label_terms_mix_the_losses(tmp_path):
+    """A CE-only step with mixup: the loss is λ·CE(s(x̃), y) + (1−λ)·CE(s(x̃), y[π]), by hand."""
+    import torch.nn.functional as F
+
+    from kdlab.core.seeding import derive_seed
+    from kdlab.data.augment import MixSpec, apply_mix, draw_mix
+    from kdlab.core.config import TermCfg
+    from kdlab.distill.losses import build_terms
+    from kdlab.train.objective import DistillObjective, StepContext
+    from kdlab.train.runtime import Runtime
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).train()
+    rt = Runtime("cpu", "none", dist=None)
+    spec = MixSpec(mixup=0.5)
+    obj = DistillObjective(student, build_terms([TermCfg(term="ce", weight=1.0)]), runtime=rt, mix=spec, mix_seed=7)
+    g = torch.Generator().manual_seed(3)
+    x, y, idx = torch.rand(6, 1, 4, 4, generator=g), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    loss, logs = obj.step((x, y, idx), StepContext(epoch=2, step=5, runtime=rt))
+    p = draw_mix(6, 4, 4, spec, torch.Generator().manual_seed(derive_seed(7, "mix", 2, 5)))
+    out = student(apply_mix(x, p))
+    want = p.lam * F.cross_entropy(out, y) + (1 - p.lam) * F.cross_entropy(out, y[p.perm])
+    assert 0 < p.lam < 1 and float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+
+
+def test_mixup_with_a_cached_teacher_is_refused():
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import build_run
+
+    r = load_recipe("methods/digits/kd", ["train.mixup=0.2"])
+    with pytest.raises(ValueError, match="teacher_mode: live"):
+        build_run(r, teacher=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))

@@ -168,6 +168,9 @@ class TrainCfg(_Strict):
     # weight EMA of the student: after every optimiser step e ← ema·e + (1−ema)·w (every floating
     # state entry, BatchNorm statistics included); validation, best.pt and the test use e
     ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    # mixup / CutMix of every training batch: Beta(α, α) parameters, 0 = off (kdlab.data.augment.MixSpec)
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
     # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
     log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
@@ -257,6 +260,10 @@ class Recipe(_Strict):
             d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
         if isinstance(d.get("train"), dict) and d["train"].get("ema") is None:
             d["train"].pop("ema", None)  # likewise
+        if isinstance(d.get("train"), dict):
+            for k in ("mixup", "cutmix"):
+                if not d["train"].get(k):
+                    d["train"].pop(k, None)  # likewise
         aug = (d.get("data") or {}).get("augment") if isinstance(d.get("data"), dict) else None
         if isinstance(aug, dict) and not aug.get("randaugment"):
             aug.pop("randaugment", None)  # likewise

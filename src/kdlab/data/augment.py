@@ -185,3 +185,63 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
             f"normalize: mean/std have {m.shape[1]}/{s.shape[1]} values but x has {x.shape[1]} channels"
         )
     return (x - m) / s
+
+
+# -- mixup / CutMix (batch-level; drawn per epoch position by the training step) -------------------
+@dataclass(frozen=True)
+class MixSpec:
+    """``mixup`` / ``cutmix``: the Beta(α, α) parameter of each (0 = off). With both on, each batch
+    uses one of them, CutMix with probability ½ (timm's switch). Mixup (Zhang et al., ICLR 2018):
+    ``x̃ = λ·x + (1−λ)·x[π]``; CutMix (Yun et al., ICCV 2019): the box of ``x[π]`` pasted into ``x``,
+    side ``√(1−λ)`` of the image's, centred at a uniform pixel and clipped, and λ set to the share
+    of ``x`` left. Label terms then count ``λ·L(y) + (1−λ)·L(y[π])``."""
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix must be >= 0, got {self.mixup} and {self.cutmix}")
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+@dataclass
+class MixParams:
+    lam: float  # the weight of x (and of y) in the mixed batch
+    perm: torch.Tensor  # [N] partner of each image
+    box: tuple | None = None  # CutMix: (y1, y2, x1, x2), else None
+
+
+def draw_mix(n: int, h: int, w: int, spec: MixSpec, generator: torch.Generator) -> MixParams:
+    """Draw one batch's mixing: mode (``rand() < ½`` → CutMix, only when both are on), λ ~ Beta(α, α)
+    (numpy's, seeded from the generator), the permutation, and CutMix's box centre (``randint``)."""
+    import math
+
+    import numpy as np
+
+    cut = spec.cutmix > 0 and (spec.mixup <= 0 or bool(torch.rand(1, generator=generator) < 0.5))
+    alpha = spec.cutmix if cut else spec.mixup
+    lam = float(np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).beta(alpha, alpha))
+    perm = torch.randperm(n, generator=generator)
+    if not cut:
+        return MixParams(lam, perm)
+    r = math.sqrt(1.0 - lam)
+    ch, cw = int(h * r), int(w * r)
+    cy, cx = int(torch.randint(0, h, (1,), generator=generator)), int(torch.randint(0, w, (1,), generator=generator))
+    y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    return MixParams(1.0 - (y2 - y1) * (x2 - x1) / (h * w), perm, (y1, y2, x1, x2))
+
+
+def apply_mix(x: torch.Tensor, p: MixParams) -> torch.Tensor:
+    """The mixed batch (``x`` is not modified)."""
+    perm = p.perm.to(x.device)
+    if p.box is None:
+        return p.lam * x + (1.0 - p.lam) * x[perm]
+    y1, y2, x1, x2 = p.box
+    out = x.clone()
+    out[:, :, y1:y2, x1:x2] = x[perm][:, :, y1:y2, x1:x2]
+    return out

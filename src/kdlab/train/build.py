@@ -261,13 +261,19 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
         allow = bool(recipe.teacher is not None and recipe.teacher.allow_other_dataset)
         extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher", allow_other_dataset=allow),
                                            checkpoint=path, **source_kw)
+    from kdlab.data.augment import MixSpec
     from kdlab.data.views import make_view
 
+    mix = MixSpec(mixup=cfg.mixup, cutmix=cfg.cutmix)
+    if mix.active and (source is not None or extra) and plan.cached:
+        raise ValueError(f"train.mixup / train.cutmix mix the batches the teacher sees, so its outputs cannot come "
+                         f"from the cache (train.teacher_mode: {cfg.teacher_mode}); set train.teacher_mode: live")
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
                                  meta=meta, n_data=getattr(train_loader, "dataset_size", 0),
                                  channels_last=cfg.channels_last, compile=cfg.compile, partial_labels=partial,
                                  view=make_view(recipe.student.input),
-                                 train_labels=getattr(splits.train, "y", None) if splits is not None else None)
+                                 train_labels=getattr(splits.train, "y", None) if splits is not None else None,
+                                 mix=mix, mix_seed=cfg.seed)
     return finish_run(recipe, objective, splits, (train_loader, val_loader, test_loader), runtime, plan, probe)
 
 
