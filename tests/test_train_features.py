@@ -86,9 +86,13 @@ def test_explicit_thread_settings_win(monkeypatch):
     from kdlab.train.trainer import Determinism
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("KDLAB_THREADS", raising=False)
     assert Determinism(SimpleNamespace(threads=None), n_params=1000).threads == 1  # chosen
     assert Determinism(SimpleNamespace(threads=3), n_params=1000).threads == 3  # train.threads
     assert Determinism(SimpleNamespace(threads=None), n_params=1000, recorded=2).threads == 2  # resumed
+    monkeypatch.setenv("KDLAB_THREADS", "3")  # a command's --threads (pin_threads)
+    assert Determinism(SimpleNamespace(threads=None), n_params=1000).threads is None
+    monkeypatch.delenv("KDLAB_THREADS")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert Determinism(SimpleNamespace(threads=None), n_params=1000).threads is None  # the environment's
 

@@ -51,5 +51,15 @@ def choose_threads(n_params: int, cpus: Optional[int] = None, load: Optional[flo
 
 
 def explicit_threads() -> bool:
-    """True when the user fixed the thread count through the environment (``OMP_NUM_THREADS``)."""
-    return bool(os.environ.get("OMP_NUM_THREADS", "").strip())
+    """True when the user fixed the thread count: ``OMP_NUM_THREADS`` in the environment, or a
+    command's ``--threads`` (:func:`pin_threads`, which sets ``KDLAB_THREADS``)."""
+    return bool(os.environ.get("OMP_NUM_THREADS", "").strip() or os.environ.get("KDLAB_THREADS", "").strip())
+
+
+def pin_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` as an explicit choice that runs keep (and child processes
+    inherit through ``KDLAB_THREADS``)."""
+    import torch
+
+    os.environ["KDLAB_THREADS"] = str(int(threads))
+    torch.set_num_threads(int(threads))

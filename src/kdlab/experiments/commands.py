@@ -233,7 +233,9 @@ def bench_command(args, overrides: list) -> int:
     from kdlab.experiments.bench import bench_steps, bench_study, format_table
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from kdlab.core.threads import pin_threads
+
+        pin_threads(args.threads)
     if args.study:
         out = args.out or "runs/bench-study"
         overrides = list(overrides)

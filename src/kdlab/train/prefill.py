@@ -9,9 +9,9 @@ from typing import Optional
 
 def set_threads(threads: Optional[int]) -> None:
     if threads:
-        import torch
+        from kdlab.core.threads import pin_threads
 
-        torch.set_num_threads(int(threads))
+        pin_threads(int(threads))
 
 
 _TEACHERS: dict = {}  # per worker process: teacher checkpoint -> loaded model
