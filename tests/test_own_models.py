@@ -200,6 +200,11 @@ def test_piped_log_has_one_line_per_epoch_and_tensorboard_files(tmp_path, capsys
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/ce", "val/val_acc", "train/lr", "speed/images_per_s"} <= set(tags)
+    # per step: the batch loss and lr at batch counts 1..N (N = 2 epochs of equal batches)
+    steps = [e.step for e in acc.Scalars("step/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 2 and len(steps) % 2 == 0
+    lr_epoch1 = acc.Scalars("train/lr")[0].value
+    assert [e.value for e in acc.Scalars("step/lr")[:len(steps) // 2]] == pytest.approx([lr_epoch1] * (len(steps) // 2))
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert {"kdlab", "python", "torch", "numpy", "threads", "git_commit"} <= set(run)
 

@@ -61,7 +61,8 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
         train: the recipe's ``train`` section (epochs, batch_size, optimizer, lr, schedule,
             teacher_mode, ...).
         mask: the recipe's ``mask`` section (masked terms).
-        augment: ``{"crop_pad": p, "flip": bool}`` batched augmentation on tensors.
+        augment: ``{"crop_pad": p, "flip": bool, "randaugment": k, "magnitude": m}`` batched
+            augmentation on tensors (:mod:`kdlab.data.augment`).
         normalize: ``(mean, std)`` per channel, applied after augmentation (None: as given).
         run_dir: the run folder (checkpoints, metrics, result.json; resumes when re-run).
         teacher_cache: a :class:`kdlab.distill.teachers.TeacherStore` shared by several calls on the

@@ -169,10 +169,13 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
 
-def add_set(p: argparse.ArgumentParser, what: str = "the recipe") -> None:
-    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``."""
+def add_set(p: argparse.ArgumentParser, what: str = "the recipe", example: str = "") -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``; ``example`` replaces the default
+    example text."""
+    example = example or ("e.g. --set train.epochs=5 (also bounds the epochs of a teacher trained on the "
+                          "way, and DeepInversion's synthesis steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override a value of {what}, e.g. --set train.epochs=5 (repeatable)")
+                   help=f"override a value of {what}, {example} (repeatable)")
 
 
 def add_device(p: argparse.ArgumentParser, recipe: bool = False) -> None:

@@ -88,7 +88,8 @@ def register(sub) -> None:
     def common(q):
         q.add_argument("recipe", help="LM recipe: a YAML path or a shipped name (lm/docs, lm/code, lm/arithmetic)")
         cargs.add_out(q, "runs/lm/<recipe name with / as _>, e.g. runs/lm/lm_docs")
-        cargs.add_set(q, "the LM recipe")
+        cargs.add_set(q, "the LM recipe", "e.g. --set train.epochs=5 (the student's; the teacher trains by "
+                      "teacher.train.*, e.g. --set teacher.train.epochs=2)")
         cargs.add_device(q, recipe=True)
         cargs.add_quiet(q)
 

@@ -85,9 +85,9 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from kdlab.evaluate.accuracy import evaluate_checkpoint
+    from kdlab.compress import evaluate_model_file
 
-    res = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+    res = evaluate_model_file(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                               image_size=args.image_size, device=args.device,
                               allow_other_dataset=args.allow_other_dataset)
     print(json.dumps(res))
@@ -196,7 +196,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
-    p.add_argument("checkpoint", help="model checkpoint (best.pt)")
+    p.add_argument("checkpoint", help="model file: a checkpoint (best.pt, pruned or quantized) or an ONNX "
+                   "model (fp32 or int8; give --dataset)")
     p.add_argument("--dataset", help="data set name, imagefolder (with --data-dir DIR --image-size H W), "
                    "or a module:function factory (default: the checkpoint's)")
     A.add_data_dir(p)

@@ -78,6 +78,15 @@ def load_compressed(path: str | os.PathLike, device="cpu"):
     return model.to(device).eval(), ck
 
 
+def evaluate_model_file(path: str | os.PathLike, **kwargs) -> dict:
+    """:func:`kdlab.evaluate.accuracy.evaluate_checkpoint` of any model file the pipeline makes: a
+    plain, structurally pruned or quantized checkpoint, or an fp32 / int8 ONNX file (ONNX files record
+    no data set: give ``dataset``; the images are normalised with the data set's mean and std)."""
+    from kdlab.evaluate.accuracy import evaluate_checkpoint
+
+    return evaluate_checkpoint(path, load=load_compressed, **kwargs)
+
+
 def save_compressed(model, path: str | os.PathLike, base: dict, **extra) -> Path:
     """Write ``model`` as a kdlab checkpoint with the identity (name, kwargs, classes, dataset)
     of ``base`` (the checkpoint it was derived from); its ``pruned``/``quantized``/``input_shape``

@@ -30,7 +30,9 @@ from kdlab.evaluate import efficiency as eff
 def setup(threads: int | None, seed: int) -> None:
     """``torch.set_num_threads(threads)`` (when given) and ``torch.manual_seed(seed)``."""
     if threads:
-        torch.set_num_threads(threads)
+        from kdlab.core.threads import pin_threads
+
+        pin_threads(threads)
     torch.manual_seed(seed)
 
 

@@ -360,12 +360,12 @@ def prune_iterative(model: nn.Module, target: float, *, steps: int = 3, method: 
     in place after each stage (``masks`` is None for structured) and may return a dict that is
     added to the history. The input model is not modified.
     """
-    from tqdm.auto import tqdm
+    from kdlab.core.progress import progress_bar
 
     model = copy.deepcopy(model)
     history, masks = [], None
     levels = sparsity_schedule(target, steps, schedule)
-    bar = tqdm(range(steps), desc=f"prune {method}", disable=not progress, leave=False)
+    bar = progress_bar(steps, f"prune {method}", "stage", enabled=progress, end_line=False)
     if method == "structured":
         if input_shape is None:
             raise ValueError("structured pruning needs input_shape (C, H, W)")
@@ -379,7 +379,7 @@ def prune_iterative(model: nn.Module, target: float, *, steps: int = 3, method: 
         model.train(was)
     elif method != "unstructured":
         raise ValueError(f"method must be 'unstructured' or 'structured', got {method!r}")
-    for i in bar:
+    for i in range(steps):
         if method == "structured":
             was = model.training
             model.eval()
@@ -397,6 +397,8 @@ def prune_iterative(model: nn.Module, target: float, *, steps: int = 3, method: 
             if isinstance(extra, dict):
                 rec.update(extra)
         history.append(rec)
+        bar.update(1)
+    bar.close()
     return model, masks, history
 
 

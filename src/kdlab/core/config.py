@@ -44,6 +44,8 @@ class _Strict(BaseModel):
 class AugmentCfg(_Strict):
     crop_pad: int = Field(0, ge=0)
     flip: bool = False
+    randaugment: int = Field(0, ge=0, le=6)  # RandAugment-lite operations per image (kdlab.data.augment)
+    magnitude: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class TransferSetCfg(BaseModel):
@@ -130,6 +132,9 @@ class TeacherCfg(ModelCfg):
     ensemble: Literal["logits", "probs"] = "logits"
     # use a teacher whose checkpoint records another data set (deliberate cross-data distillation)
     allow_other_dataset: bool = False
+    # at most this many epochs for the teacher trained on the way (``teacher.recipe``); set by
+    # ``--set train.epochs=N`` (see :func:`bound_teacher`), None: the teacher recipe's own epochs
+    epochs: Optional[int] = Field(None, ge=1)
 
     @field_validator("checkpoints")
     @classmethod
@@ -168,8 +173,14 @@ class TrainCfg(_Strict):
     channels_last: bool = False
     compile: bool = False
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    # weight EMA of the student: after every optimiser step e ← ema·e + (1−ema)·w (every floating
+    # state entry, BatchNorm statistics included); validation, best.pt and the test use e
+    ema: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    # mixup / CutMix of every training batch: Beta(α, α) parameters, 0 = off (kdlab.data.augment.MixSpec)
+    mixup: float = Field(0.0, ge=0.0)
+    cutmix: float = Field(0.0, ge=0.0)
     # where metrics go besides metrics.csv and train.log: tensorboard (event files under <run>/tb)
-    log_to: list[Literal["csv", "tensorboard"]] = ["csv"]
+    log_to: list[Literal["csv", "tensorboard", "mlflow"]] = ["csv"]
     # teacher outputs: "cache-fp16"/"cache-fp32" (paired data; outputs rounded to that precision,
     # reused from a study's teacher cache when one is attached), "live" (fp32, every step) or
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
@@ -261,6 +272,18 @@ class Recipe(_Strict):
             d.get("data", {}).pop("kwargs", None)
         if isinstance(d.get("train"), dict) and not d["train"].get("fast_teacher"):
             d["train"].pop("fast_teacher", None)  # likewise: runs made before it existed
+        if isinstance(d.get("teacher"), dict) and d["teacher"].get("epochs") is None:
+            d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
+        if isinstance(d.get("train"), dict) and d["train"].get("ema") is None:
+            d["train"].pop("ema", None)  # likewise
+        if isinstance(d.get("train"), dict):
+            for k in ("mixup", "cutmix"):
+                if not d["train"].get(k):
+                    d["train"].pop(k, None)  # likewise
+        aug = (d.get("data") or {}).get("augment") if isinstance(d.get("data"), dict) else None
+        if isinstance(aug, dict) and not aug.get("randaugment"):
+            aug.pop("randaugment", None)  # likewise
+            aug.pop("magnitude", None)
         return d
 
     def derive(self, **sections) -> "Recipe":
@@ -617,12 +640,37 @@ def _list_position(ov: str, items: list, step, where: str) -> int:
     return step % len(items)
 
 
+def bound_teacher(raw: dict, overrides) -> dict:
+    """Small settings reach the teacher: with ``train.epochs=N`` among the overrides (and no
+    ``teacher.epochs`` / ``teacher.checkpoint`` override), a teacher that is trained on the way
+    (``teacher.recipe`` with more than N epochs) is trained for N epochs into its own folder,
+    ``<checkpoint folder>-e<N>/``, so the full teacher's checkpoint is never replaced by a short one.
+    ``raw`` is changed in place (references already resolved)."""
+    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides or [] if "=" in ov}
+    tc = raw.get("teacher")
+    if ("train.epochs" not in keys or "teacher.epochs" in keys or "teacher.checkpoint" in keys
+            or not isinstance(tc, dict) or not tc.get("recipe") or not tc.get("checkpoint")):
+        return raw
+    n = (raw.get("train") or {}).get("epochs")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return raw  # the recipe's validation names the bad value
+    t_raw = read_recipe_yaml(resolve_recipe_path(tc["recipe"]))
+    t_epochs = (t_raw.get("train") or {}).get("epochs", TrainCfg.model_fields["epochs"].default)
+    if isinstance(t_epochs, int) and t_epochs > n:
+        ck = Path(tc["checkpoint"])
+        tc["epochs"] = n
+        tc["checkpoint"] = str(ck.parent.with_name(f"{ck.parent.name}-e{n}") / ck.name)
+    return raw
+
+
 def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values)."""
+    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values);
+    ``train.epochs=N`` also bounds the teacher trained on the way (:func:`bound_teacher`)."""
     path = resolve_recipe_path(ref)
     raw = read_recipe_yaml(path)
     apply_overrides(raw, overrides)
     resolve_refs(raw, None, "--set")  # overridden references: relative to the current folder
+    bound_teacher(raw, overrides)
     recipe = recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
     recipe.source = str(path)
     return recipe

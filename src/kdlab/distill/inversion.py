@@ -14,6 +14,8 @@ here instead (one implementation).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,8 +58,13 @@ class BNStatHook:
 
 def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, iters: int = 200,
                lr: float = 0.1, batch_size: int = 64, a_bn: float = 1.0, a_tv: float = 1e-2,
-               a_l2: float = 1e-4, seed: int = 0, log=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` synthetic inputs [n, *shape] (normalised space) and their sampled class targets."""
+               a_l2: float = 1e-4, seed: int = 0, log=None, progress: bool = False,
+               steps_done: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` synthetic inputs [n, *shape] (normalised space) and their sampled class targets.
+    ``progress``: a bar per batch ("DeepInversion batch 3 of 8", see :mod:`kdlab.core.progress`);
+    ``steps_done``: a list that receives the number of Adam steps each batch ran."""
+    from kdlab.core.progress import progress_bar
+
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -65,8 +72,11 @@ def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, it
     g = torch.Generator().manual_seed(derive_seed(seed, "deepinv"))
     hook = BNStatHook(teacher)
     xs, ys = [], []
+    n_batches = -(-n // batch_size)
     try:
         for start in range(0, n, batch_size):
+            k = start // batch_size + 1
+            bar = progress_bar(iters, f"DeepInversion batch {k} of {n_batches}", "step", enabled=progress)
             b = min(batch_size, n - start)
             y = (torch.arange(start, start + b) % num_classes)[torch.randperm(b, generator=g)].to(dev)
             x = torch.randn(b, *shape, generator=g).to(dev).requires_grad_(True)
@@ -78,9 +88,13 @@ def synthesize(teacher: nn.Module, n: int, shape: tuple, num_classes: int, *, it
                     + a_l2 * x.pow(2).mean()
                 loss.backward()
                 opt.step()
+                bar.update(1)
+            bar.close()
+            if steps_done is not None:
+                steps_done.append(it + 1)
             hook.terms = []
             if log:
-                log(f"DeepInversion batch {start // batch_size + 1}: loss {loss.item():.3f}, "
+                log(f"DeepInversion batch {k} of {n_batches}: loss {loss.item():.3f}, "
                     f"teacher agrees with targets {(logits.argmax(1) == y).float().mean().item():.2f}")
             xs.append(x.detach())
             ys.append(y)

@@ -75,7 +75,8 @@ def ensemble_accuracy(models, loader, device=None) -> float:
 
 
 def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test", image_size=None,
-                        device="auto", batch_size: int = 256, allow_other_dataset: bool = False) -> dict:
+                        device="auto", batch_size: int = 256, allow_other_dataset: bool = False,
+                        load=None) -> dict:
     """Accuracy of a checkpoint on a split of ``dataset``: a registered name (default: the
     checkpoint's), ``imagefolder`` (``data_dir`` the folder, ``image_size`` [H, W]) or a
     ``module:function`` factory. The images are normalised as in training: the checkpoint's own
@@ -90,10 +91,18 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     from kdlab.core.device import resolve_device
 
     dev = resolve_device(device)
-    model, ck = load_model(path, dev)
+    model, ck = (load or load_model)(path, dev)  # load: kdlab.compress.load_compressed reads every format
     name = dataset or ck.get("dataset")
     if not name:
         raise ValueError(f"{path} names no data set; pass --dataset NAME (or module:function)")
+    if ck.get("format") == "onnx":
+        dev = torch.device("cpu")  # ONNX Runtime runs on the CPU
+    rec_data = (ck.get("recipe") or {}).get("data") if isinstance(ck.get("recipe"), dict) else None
+    rec_data = rec_data if isinstance(rec_data, dict) else {}
+    same = str(name) == str(rec_data.get("name"))
+    if str(name) == "imagefolder" and same:  # the folder and size the checkpoint was trained on
+        data_dir = data_dir or rec_data.get("root")
+        image_size = image_size or rec_data.get("image_size")
     if ":" in str(name):
         splits = from_factory(str(name))
     else:
@@ -101,7 +110,10 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
             raise ValueError(f"--dataset imagefolder needs --data-dir DIR (the folder of class folders) and "
                              f"--image-size H W (the size {path} was trained at)")
         opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
-        splits = load_dataset(name, None if opts else data_dir, **({k: v for k, v in opts.items() if v}))
+        if same and rec_data.get("val_fraction") is not None:  # the recipe's split (val differs otherwise)
+            opts.update(val_fraction=rec_data["val_fraction"], seed=int(ck.get("seed") or 0))
+        splits = load_dataset(name, None if opts.get("root") else data_dir,
+                              **({k: v for k, v in opts.items() if v is not None}))
     from kdlab.data.registry import check_trained_on
 
     check_trained_on(ck, splits.info, f"checkpoint {path}", allow=allow_other_dataset,

@@ -289,7 +289,7 @@ def evaluate_robustness(
     accuracy and must be the CIFAR-10 test set in its order, or its first images: the same
     number of corrupted images is used).
     """
-    from tqdm.auto import tqdm
+    from kdlab.core.progress import progress_bar
 
     if not models:
         raise ValueError("evaluate_robustness needs at least one model")
@@ -322,8 +322,7 @@ def evaluate_robustness(
 
     n_batches = math.ceil(n / batch_size)
     total = n_batches * (1 + len(corrs) * len(sevs))
-    bar = tqdm(total=total, disable=not progress, desc="robustness", unit="batch",
-               dynamic_ncols=True)
+    bar = progress_bar(total, "robustness", "batch", enabled=progress)
     clean_acc: dict[str, float] = {}
     acc: dict[str, dict[str, dict[int, float]]] = {m: {c: {} for c in corrs} for m in names}
     with torch.inference_mode():

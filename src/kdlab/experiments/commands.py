@@ -108,7 +108,7 @@ def demo(*, out=None, seeds=None, overrides=None, device="auto", robustness: boo
         from kdlab.experiments.study_explain import explain_study
 
         log("\nwhere the students look (attention rank alignment, top-k focus, logit agreement):")
-        explain_study(study, device=dev)
+        explain_study(study, device=dev, progress=progress)
         write_findings([study], out=study / "report" / "findings.md", command="kdlab demo")
     return report
 
@@ -261,7 +261,9 @@ def bench_command(args, overrides: list) -> int:
     from kdlab.experiments.bench import bench_steps, bench_study, format_table
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from kdlab.core.threads import pin_threads
+
+        pin_threads(args.threads)
     if args.study:
         out = args.out or "runs/bench-study"
         overrides = list(overrides)

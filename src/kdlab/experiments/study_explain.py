@@ -165,8 +165,9 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
                   grid: Optional[Sequence[int]] = None, k: Optional[int] = None, steps: int = 16,
                   T: float = 1.0, image_seed: int = 0, batch_size: int = 100, n_overlay: int = 6,
                   overlay_seed: Optional[int] = None, data_dir=None, device: str = "cpu",
-                  methods: Optional[Sequence[str]] = None, log=print) -> dict:
-    """Alignment of every study student with the teacher, per method with intervals over seeds.
+                  methods: Optional[Sequence[str]] = None, log=print, progress: bool = True) -> dict:
+    """Alignment of every study student with the teacher, per method with intervals over seeds
+    (``progress``: a bar over the students, plain lines when piped; :mod:`kdlab.core.progress`).
 
     ``teacher``: a checkpoint path (default: the ``teacher.checkpoint`` the runs recorded,
     resolved against the current directory, the study directory and its parent).
@@ -237,6 +238,9 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     per_run = []
     models_for_overlay = {}
     ov_seed = overlay_seed
+    from kdlab.core.progress import progress_bar
+
+    bar = progress_bar(sum(len(v) for v in runs.values()), "explain", "student", enabled=progress)
     for m, seeds in runs.items():
         for s, path in seeds.items():
             model, _ = load_model(path, dev)
@@ -249,6 +253,7 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
                 row[name + "_n"] = int(v.size)
                 per_seed.setdefault(name, {}).setdefault(m, {})[s] = row[name]
             per_run.append(row)
+            bar.update(1)
             if ov_seed is None:
                 ov_seed = s
             if s == ov_seed:
@@ -257,6 +262,7 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
             f"{np.mean(list(per_seed['rank_alignment'][m].values())):.3f}, top-{k} share "
             f"{np.mean(list(per_seed['topk_fraction'][m].values())):.3f}")
 
+    bar.close()
     rows = []
     for m in runs:
         r = {"method": m, "n_seeds": len(runs[m])}

@@ -305,15 +305,33 @@ def _trial_id(ctx: Context, trial) -> int:
     return ctx.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
 
-def work(ctx: Context) -> int:
-    """Run trials until the study's budget is spent; returns how many this worker ran."""
+def work(ctx: Context, progress: bool = False) -> int:
+    """Run trials until the study's budget is spent; returns how many this worker ran.
+    ``progress``: a bar of the study's finished trials (all workers'), plain lines when piped."""
+    from optuna.trial import TrialState
+
+    from kdlab.core.progress import progress_bar
+
+    def finished() -> int:
+        return len(ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.FAIL)))
+
+    bar = progress_bar(study_budget(ctx.study), "tuning", "trial", enabled=progress, initial=finished())
+    seen = finished() if progress else 0
     n = 0
-    while True:
-        trial = _next_trial(ctx)
-        if trial is None:
-            return n
-        run_trial(ctx, trial)
-        n += 1
+    try:
+        while True:
+            trial = _next_trial(ctx)
+            if trial is None:
+                return n
+            run_trial(ctx, trial)
+            n += 1
+            if progress:
+                now = finished()
+                bar.update(now - seen)
+                seen = now
+    finally:
+        bar.close()
 
 
 def prepare_shared(spec: TuneSpec, out_dir: Path, *, prefill: bool, log=print):
@@ -417,7 +435,7 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
             p.start()
             procs.append(p)
     try:
-        work(ctx)
+        work(ctx, progress=progress)
     finally:
         for p in procs:
             p.join()

@@ -194,7 +194,7 @@ class ClassificationTask(Task):
         root = Path(out_dir) / ".teacher_cache"
         if prefill and uses_cache(recipe):
             log(f"teacher cache: filling {recipe.train.epochs} epochs once -> {root}")
-            prefill_job([recipe], recipe.train.seed, str(root))
+            prefill_job([recipe], recipe.train.seed, str(root), progress=True)
         return {"teacher": shared_teacher(recipe), "store": TeacherStore(root)}
 
     def run_line(self, res: dict) -> str:

@@ -160,7 +160,8 @@ def make_loaders(recipe: Recipe, splits, runtime: Runtime, data_seed: int):
     """Train (augmented, sharded under torchrun), val and test loaders of a recipe (a split that
     is None has no loader)."""
     d, cfg, info = recipe.data, recipe.train, splits.info
-    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip)
+    aug = AugmentSpec(crop_pad=d.augment.crop_pad, flip=d.augment.flip, randaugment=d.augment.randaugment,
+                      magnitude=d.augment.magnitude)
     kw = dict(mean=info.mean, std=info.std, device=runtime.device, num_workers=d.num_workers)
     train_loader = as_loader(splits.train, runtime.local_batch(cfg.batch_size), shuffle=True, seed=data_seed,
                              augment=aug, **kw)
@@ -262,13 +263,19 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
         allow = bool(recipe.teacher is not None and recipe.teacher.allow_other_dataset)
         extra[path] = build_teacher_source(load_checked(path, info, dev, "extra teacher", allow_other_dataset=allow),
                                            checkpoint=path, **source_kw)
+    from kdlab.data.augment import MixSpec
     from kdlab.data.views import make_view
 
+    mix = MixSpec(mixup=cfg.mixup, cutmix=cfg.cutmix)
+    if mix.active and (source is not None or extra) and plan.cached:
+        raise ValueError(f"train.mixup / train.cutmix mix the batches the teacher sees, so its outputs cannot come "
+                         f"from the cache (train.teacher_mode: {cfg.teacher_mode}); set train.teacher_mode: live")
     objective = DistillObjective(student, terms, runtime=runtime, teacher=source, extra_teachers=extra,
                                  meta=meta, n_data=getattr(train_loader, "dataset_size", 0),
                                  channels_last=cfg.channels_last, compile=cfg.compile, partial_labels=partial,
                                  view=make_view(recipe.student.input),
-                                 train_labels=getattr(splits.train, "y", None) if splits is not None else None)
+                                 train_labels=getattr(splits.train, "y", None) if splits is not None else None,
+                                 mix=mix, mix_seed=cfg.seed)
     return finish_run(recipe, objective, splits, (train_loader, val_loader, test_loader), runtime, plan, probe)
 
 
@@ -411,6 +418,8 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
                                 f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
+    if tc.epochs is not None and t_recipe.train.epochs > tc.epochs:  # bounded by --set train.epochs
+        t_recipe = t_recipe.derive(train={**t_recipe.train.model_dump(mode="json"), "epochs": tc.epochs})
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
     log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) into {ckpt.parent.resolve()}, "
         f"because {_why_train(ckpt)}")

@@ -122,12 +122,33 @@ class ConsoleLines(Callback):
                   file=sys.stderr, flush=True)
 
 
+def step_scalars(trainer) -> dict:
+    """The per-step scalars of the step just taken: the training loss of the batch (this process's,
+    as the optimiser saw it) and the learning rate."""
+    out = {"lr": float(trainer.opt.param_groups[0]["lr"])}
+    loss = getattr(trainer, "step_loss", None)
+    if loss is not None:
+        out["loss"] = float(loss)
+    return out
+
+
 class TensorBoard(Callback):
     """Writes every metric of every epoch (loss terms, accuracies, lr, images/s) as TensorBoard
-    scalars under ``<run>/tb`` (needs the ``tensorboard`` package)."""
+    scalars under ``<run>/tb`` (needs the ``tensorboard`` package), and each training batch's loss
+    and learning rate (``step/loss``, ``step/lr``) at the global batch count, every ``every`` batches."""
 
-    def __init__(self):
+    def __init__(self, every: int = 1):
         self.writer = None
+        self.every = max(1, int(every))
+        self.batches = 0
+
+    def on_step_end(self, trainer, ctx) -> None:
+        if self.writer is None:
+            return
+        self.batches += 1
+        if self.batches % self.every == 0:
+            for k, v in step_scalars(trainer).items():
+                self.writer.add_scalar(f"step/{k}", v, self.batches)
 
     def on_fit_start(self, trainer) -> None:
         if not trainer.runtime.is_main:
@@ -156,3 +177,58 @@ class TensorBoard(Callback):
                     self.writer.add_scalar(f"test/{k}", v, 0)
             self.writer.close()
             self.writer = None
+
+
+class MLflow(Callback):
+    """Logs a run to MLflow (``train.log_to: [mlflow]``): parameters (the seed, method, epochs,
+    optimiser settings), each batch's ``step_loss`` / ``step_lr`` at the global batch count, every
+    epoch's metrics at the epoch number, and the test metrics at the end. The tracking store is
+    ``$MLFLOW_TRACKING_URI`` when set, else a local file store ``<run>/mlruns``; the experiment is
+    the method. Needs ``mlflow-skinny`` (``pip install kdlab[mlflow]``)."""
+
+    def __init__(self, every: int = 1):
+        self.ml = None
+        self.every = max(1, int(every))
+        self.batches = 0
+
+    def on_fit_start(self, trainer) -> None:
+        if not trainer.runtime.is_main:
+            return
+        import os
+
+        try:
+            import mlflow
+        except ImportError:
+            raise ImportError("train.log_to includes mlflow but the mlflow package is missing: "
+                              "pip install mlflow-skinny (or kdlab[mlflow])") from None
+        self.ml = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri((trainer.run_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(trainer.method or "kdlab")
+        mlflow.start_run(run_name=f"{trainer.method or 'run'}-s{trainer.seed}")
+        cfg = trainer.cfg
+        params = {"seed": trainer.seed, "method": trainer.method, "run_dir": str(trainer.run_dir)}
+        for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "momentum"):
+            if hasattr(cfg, k):
+                params[k] = getattr(cfg, k)
+        mlflow.log_params(params)
+
+    def on_step_end(self, trainer, ctx) -> None:
+        if self.ml is None:
+            return
+        self.batches += 1
+        if self.batches % self.every == 0:
+            self.ml.log_metrics({f"step_{k}": v for k, v in step_scalars(trainer).items()}, step=self.batches)
+
+    def on_epoch_end(self, trainer, row: dict) -> None:
+        if self.ml is None:
+            return
+        self.ml.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))},
+                            step=int(row["epoch"]))
+
+    def on_fit_end(self, trainer, result: dict) -> None:
+        if self.ml is not None:
+            self.ml.log_metrics({k: float(v) for k, v in result.items()
+                                 if k.startswith("test_") and isinstance(v, (int, float))})
+            self.ml.end_run()
+            self.ml = None

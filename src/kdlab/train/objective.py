@@ -138,7 +138,10 @@ class DistillObjective(Objective):
 
     def __init__(self, student: nn.Module, terms, *, runtime, teacher=None, extra_teachers=None,
                  meta: Optional[dict] = None, n_data: int = 0, channels_last: bool = False,
-                 compile: bool = False, partial_labels: bool = False, view=None, train_labels=None):
+                 compile: bool = False, partial_labels: bool = False, view=None, train_labels=None,
+                 mix=None, mix_seed: int = 0):
+        """``mix``: a :class:`kdlab.data.augment.MixSpec` (mixup / CutMix of each training batch,
+        drawn from ``derive_seed(mix_seed, "mix", epoch, step)``, so per epoch position)."""
         from kdlab.distill.losses import LossTerm
 
         self.student = student
@@ -154,6 +157,11 @@ class DistillObjective(Objective):
         self.partial_labels = bool(partial_labels)
         self.train_labels = train_labels  # labels of the training set by index (crd label positives)
         self.view = view
+        self.mix = mix if (mix is not None and mix.active) else None
+        self.mix_seed = int(mix_seed)
+        if self.mix is not None and self.partial_labels:
+            raise ValueError("mixup / cutmix need every training sample labelled; drop them or set "
+                             "data.unlabelled: drop")
         self.channels_last = channels_last
         # under torchrun the runtime wraps the student in DistributedDataParallel (it syncs the
         # student's gradients in backward; the runtime all-reduces the terms' heads itself)
@@ -215,6 +223,14 @@ class DistillObjective(Objective):
     def record(self, batch, epoch: int, step: int) -> BatchRecord:
         """The batch record of ``batch = (x, y, idx)``: student and teacher outputs."""
         x, y, idx = batch
+        mix = None
+        if self.mix is not None and self.student.training:  # training steps only (not setup's probe)
+            from kdlab.core.seeding import derive_seed
+            from kdlab.data.augment import apply_mix, draw_mix
+
+            g = torch.Generator().manual_seed(derive_seed(self.mix_seed, "mix", epoch, step))
+            mix = draw_mix(x.shape[0], x.shape[-2], x.shape[-1], self.mix, g)
+            x = apply_mix(x, mix)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t, extra = None, {}
@@ -234,7 +250,7 @@ class DistillObjective(Objective):
                            masks=t.masks if t is not None else {}, index=idx, epoch=epoch, step=step,
                            extra={"n_data": self.n_data, "train_labels": self.train_labels,
                                   "forward_student": self.forward_student,
-                                  "forward_teacher": self.forward_teacher},
+                                  "forward_teacher": self.forward_teacher, "mix": mix},
                            extra_teachers=extra,
                            labelled=(y >= 0) if self.partial_labels else None)
 
@@ -262,7 +278,13 @@ class DistillObjective(Objective):
             for name, w, term in self.terms:
                 if w == 0:
                     continue
-                if term.needs_labels and rec.labelled is not None:
+                mix = rec.extra.get("mix") if isinstance(rec.extra, dict) else None
+                if term.needs_labels and mix is not None:  # mixup / CutMix: λ·L(y) + (1−λ)·L(y[π])
+                    from dataclasses import replace
+
+                    other = replace(rec, y=rec.y[mix.perm.to(rec.y.device)])
+                    v = mix.lam * term(rec).float() + (1.0 - mix.lam) * term(other).float()
+                elif term.needs_labels and rec.labelled is not None:
                     if lab_rec is None:
                         lab_rec = rec.only_labelled()
                     # no labelled sample in this batch: a zero that keeps the graph (DDP, optimiser)

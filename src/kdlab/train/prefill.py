@@ -9,9 +9,9 @@ from typing import Optional
 
 def set_threads(threads: Optional[int]) -> None:
     if threads:
-        import torch
+        from kdlab.core.threads import pin_threads
 
-        torch.set_num_threads(int(threads))
+        pin_threads(int(threads))
 
 
 _TEACHERS: dict = {}  # per worker process: teacher checkpoint -> loaded model
@@ -35,11 +35,15 @@ def uses_cache(recipe) -> bool:
     return recipe.needs_teacher() and teacher_plan(recipe.train.teacher_mode).cached
 
 
-def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int] = None) -> dict:
+def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int] = None,
+                progress: bool = False) -> dict:
     """Store every teacher output the runs of ``recipes`` at ``seed`` will ask for under
     ``cache_root`` (all ``train.epochs`` epochs; entries already there are kept). Returns the
-    store's hit / miss counts."""
+    store's hit / miss counts. ``progress``: a bar per recipe over its batches (plain lines when
+    piped)."""
     import torch
+
+    from kdlab.core.progress import progress_bar
 
     from kdlab.distill.teachers import TeacherStore
     from kdlab.train.build import build_run, teacher_layers_of
@@ -54,10 +58,14 @@ def prefill_job(recipes: list, seed: int, cache_root: str, threads: Optional[int
         run = build_run(r, teacher=shared_teacher(r), store=store)
         obj = run.objective
         sources = ([obj.teacher] if obj.teacher is not None else []) + list(obj.extra_teachers.values())
+        bar = progress_bar(r.train.epochs * len(run.train_loader), f"teacher cache {r.name} s{seed}", "batch",
+                           enabled=progress, end_line=False)
         for e in range(r.train.epochs):
             for step, (x, y, idx) in enumerate(run.train_loader.epoch(e)):
                 if r.train.channels_last:  # as DistillObjective.record passes it
                     x = x.contiguous(memory_format=torch.channels_last)
                 for src in sources:
                     src(x, y, idx, e, step)
+                bar.update(1)
+        bar.close()
     return {"hits": store.hits, "misses": store.misses}

@@ -44,7 +44,7 @@ from kdlab.core.checkpoint import atomic_save, load_checkpoint, model_checkpoint
 from kdlab.core.io import RunFileError, check_out_dir, clean_tmp, write_csv, write_json
 from kdlab.core.lock import RunLock
 from kdlab.core.seeding import derive_seed
-from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, StopTraining, TensorBoard
+from kdlab.train.callbacks import Callback, ConsoleLines, LogFile, MLflow, StopTraining, TensorBoard
 from kdlab.train.objective import Objective, StepContext
 from kdlab.train.run_folder import RunFolder, git_commit, mixed_threads, note, run_record, thread_warning  # noqa: F401
 from kdlab.train.runtime import Runtime
@@ -54,16 +54,53 @@ class TrainingError(RuntimeError):
     pass
 
 
+def ema_update(ema: dict, state: dict, decay: float) -> None:
+    """One EMA step, in place: ``ema[k] ← decay·ema[k] + (1−decay)·state[k]`` for floating
+    entries; other entries (e.g. BatchNorm's ``num_batches_tracked``) are copied."""
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.is_floating_point():
+                ema[k].mul_(decay).add_(v.detach().to(ema[k].dtype), alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+class EMAWeights:
+    """``with EMAWeights(model, ema):`` the model holds the EMA weights ``ema`` (a state dict) inside
+    the block and its own trained weights again after it (``ema=None``: nothing changes)."""
+
+    def __init__(self, model, ema: Optional[dict]):
+        self.model, self.ema, self.live = model, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.live = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.ema)
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.model.load_state_dict(self.live)
+            self.live = None
+
+
 class Determinism:
     """``train.deterministic`` / ``train.threads`` for the duration of a run: fixes the intra-op
     thread count (``threads``, default 1 when deterministic) and turns on
     ``torch.use_deterministic_algorithms`` (and deterministic cuDNN); the previous settings are
     restored on exit."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, n_params: Optional[int] = None, recorded: Optional[int] = None):
+        """With neither ``train.threads`` nor ``OMP_NUM_THREADS`` set (and not deterministic), the
+        count is chosen from the model's size ``n_params`` and the machine's load
+        (:func:`kdlab.core.threads.choose_threads`), or is ``recorded`` (a resumed run's count)."""
+        from kdlab.core.threads import choose_threads, explicit_threads
+
         self.on = bool(getattr(cfg, "deterministic", False))
         threads = getattr(cfg, "threads", None)
         self.threads = threads if threads is not None else (1 if self.on else None)
+        if self.threads is None and not explicit_threads() and n_params is not None:
+            self.threads = int(recorded) if recorded else choose_threads(int(n_params))
 
     def __enter__(self):
         self.prev = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -217,6 +254,8 @@ class Trainer:
         self.callbacks = [LogFile()] + list(callbacks)
         if "tensorboard" in getattr(cfg, "log_to", ()):
             self.callbacks.append(TensorBoard())
+        if "mlflow" in getattr(cfg, "log_to", ()):
+            self.callbacks.append(MLflow())
         self.tty = sys.stderr.isatty()
         if progress and not self.tty:  # piped: one plain line per epoch instead of a bar
             self.callbacks.append(ConsoleLines())
@@ -230,6 +269,8 @@ class Trainer:
         self.opt = build_optimizer(self.params, cfg)
         self.sched = build_scheduler(self.opt, cfg)
         self.state = RunState()
+        self.ema_decay = getattr(cfg, "ema", None)
+        self.ema: Optional[dict] = None  # the primary model's EMA state (train.ema)
         self.should_stop = False
         self.folder = RunFolder(self.run_dir, identity=identity, seed=self.seed, method=method,
                                 primary=self.primary, runtime=self.runtime)
@@ -251,6 +292,9 @@ class Trainer:
         model = self.objective.models()[name]
         ck = model_checkpoint(model, **self.objective.checkpoint_meta(name), epoch=epoch, val=val,
                               **self._extra())
+        if self.ema is not None and name == self.primary:  # train.ema: best.pt holds the EMA weights
+            ck["model"] = {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+            ck["ema"] = float(self.ema_decay)
         self.folder.best_ck[name] = ck
         atomic_save(ck, self.best_path(name))
 
@@ -261,7 +305,7 @@ class Trainer:
             "objective": obj.state_dict(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.runtime.scaler.state_dict(), "state": vars(self.state).copy(),
-            "best": self.best_ck, "model": {}, **self._extra(),
+            "best": self.best_ck, "model": {}, "ema": self.ema, **self._extra(),
         }, self.run_dir / "last.pt")
 
     def try_resume(self) -> bool:
@@ -283,6 +327,12 @@ class Trainer:
             state["samples"] = state.pop("images")
         self.state = RunState(**state)
         self.folder.best_ck = dict(ck.get("best") or {})
+        if self.ema_decay:
+            if ck.get("ema") is None:
+                raise ValueError(f"{path} holds no EMA weights but the recipe sets train.ema; delete it to "
+                                 f"start the run over, or drop train.ema")
+            live = self.objective.models()[self.primary].state_dict()
+            self.ema = {k: v.to(live[k].device) for k, v in ck["ema"].items()}
         return True
 
     # -- one epoch ---------------------------------------------------------------------------------
@@ -310,6 +360,10 @@ class Trainer:
         t0 = time.perf_counter()
         teacher0, mask0 = obj.teacher_time_s, obj.mask_time_s
         steps = len(self.train_loader)
+        from kdlab.core.progress import progress_bar
+
+        bar = progress_bar(steps, f"{self.method or 'train'} s{self.seed} epoch {epoch + 1}/{cfg.epochs}", "batch",
+                           enabled=self.progress and rt.is_main and steps > 1, end_line=False)
         self.opt.zero_grad(set_to_none=True)
         for step, batch, denom in accumulation_windows(self._timed(self.train_loader.epoch(epoch)), accum, obj):
             ctx = StepContext(epoch=epoch, step=step, runtime=rt,
@@ -323,11 +377,16 @@ class Trainer:
                 rt.step(self.opt, self.params, grad_clip=cfg.grad_clip, weight=b)
                 self.opt.zero_grad(set_to_none=True)
                 self.state.step += 1
+                if self.ema is not None:
+                    ema_update(self.ema, obj.models()[self.primary].state_dict(), float(self.ema_decay))
             n_seen += b
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * b
+            self.step_loss = loss.detach()  # for per-step loggers (read on the callbacks' schedule)
             for cb in self.callbacks:
                 cb.on_step_end(self, ctx)
+            bar.update(1)
+        bar.close()
         n_seen, sums = rt.sync_epoch(list(obj.models().values()), n_seen, sums)
         dt = time.perf_counter() - t0
         row = {k: (v / max(n_seen, 1)).item() for k, v in sums.items()}
@@ -354,7 +413,8 @@ class Trainer:
     def validate(self) -> dict[str, dict]:
         if self.val_loader is None:
             return {}
-        return {n: self.objective.evaluate(n, self.val_loader) for n in self.names}
+        with EMAWeights(self.objective.models()[self.primary], self.ema):  # train.ema: validate the EMA
+            return {n: self.objective.evaluate(n, self.val_loader) for n in self.names}
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, *, resume: bool = True, stop_after: Optional[int] = None) -> dict:
@@ -366,7 +426,9 @@ class Trainer:
         if lock is not None:
             lock.acquire()
         try:
-            with Determinism(self.cfg):
+            n_params = sum(p.numel() for m in self.objective.models().values() for p in m.parameters())
+            recorded = self.folder.recorded_threads() if resume and (self.run_dir / "last.pt").exists() else None
+            with Determinism(self.cfg, n_params=n_params, recorded=recorded):
                 if lock is not None:
                     clean_tmp(self.run_dir)
                 return self._fit(resume, stop_after)
@@ -394,6 +456,8 @@ class Trainer:
         self.folder.warn_threads(recorded)
         if rt.is_main:
             self.folder.write_record()
+        if self.ema_decay and self.ema is None:  # a fresh run: the EMA starts at the initial weights
+            self.ema = {k: v.detach().clone() for k, v in self.objective.models()[self.primary].state_dict().items()}
         for cb in self.callbacks:
             cb.on_fit_start(self)
         st = self.state

@@ -33,6 +33,14 @@ class DeepInvParams(ParadigmParams):
     a_bn: float = Field(1.0, ge=0)
     a_tv: float = Field(1e-2, ge=0)
     T: float = Field(4.0, gt=0)
+    # small settings reach synthesis: each batch runs min(iters, iters_per_epoch × train.epochs) steps
+    iters_per_epoch: int = Field(10, ge=1)
+
+
+def synthesis_steps(params: DeepInvParams, epochs: int) -> int:
+    """The Adam steps each synthesis batch runs: ``iters``, bounded by ``iters_per_epoch`` per
+    training epoch of the recipe, so ``--set train.epochs=2`` shortens the synthesis too."""
+    return max(1, min(int(params.iters), int(params.iters_per_epoch) * int(epochs)))
 
 
 @register_paradigm("deepinv", "data-free KD: DeepInversion (BN-statistics matching + TV prior + class targets), then KD",
@@ -63,8 +71,9 @@ def run_deepinv(recipe: Recipe, params: DeepInvParams, out_dir, *, progress: boo
     else:
         t0 = time.perf_counter()
         shape = (info.in_channels, info.image_size, info.image_size)
-        x_hat, y_hat = synthesize(teacher, p.n_images, shape, info.num_classes, iters=p.iters, lr=p.lr,
-                                  a_bn=p.a_bn, a_tv=p.a_tv, seed=recipe.train.seed, log=log if progress else None)
+        x_hat, y_hat = synthesize(teacher, p.n_images, shape, info.num_classes,
+                                  iters=synthesis_steps(p, recipe.train.epochs), lr=p.lr, a_bn=p.a_bn, a_tv=p.a_tv,
+                                  seed=recipe.train.seed, log=log if progress else None, progress=progress)
         atomic_save((x_hat.cpu(), y_hat.cpu()), syn_path)
         write_json(syn_time, {"synthesis_time_s": time.perf_counter() - t0})
     with torch.no_grad():
@@ -78,7 +87,8 @@ def run_deepinv(recipe: Recipe, params: DeepInvParams, out_dir, *, progress: boo
     log(f"DeepInversion: {p.n_images} synthetic images (teacher agrees with the targets on {agree:.2f}); "
         f"student test {res['test_acc']:.4f}")
     t_syn = read_json(syn_time)["synthesis_time_s"]
-    summary = {"paradigm": "deepinv", "n_images": p.n_images, "iters": p.iters, "teacher_agreement": agree,
+    summary = {"paradigm": "deepinv", "n_images": p.n_images, "iters": synthesis_steps(p, recipe.train.epochs),
+               "teacher_agreement": agree,
                "synthesis_time_s": t_syn, "student": res, "train_time_s": res["train_time_s"] + t_syn,
                "extra": {"teacher_agreement": agree}}
     write_json(out_dir / "deepinv.json", summary)

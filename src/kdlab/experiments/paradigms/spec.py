@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, describe_error, merge_base,
+from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, bound_teacher, describe_error,
+                               merge_base,
                                read_recipe_yaml, read_yaml_mapping, recipe_from_dict, resolve_recipe_path)
 from kdlab.experiments.paradigms.base import PARADIGMS, ParadigmParams
 
@@ -103,6 +104,7 @@ def load_paradigm(ref, overrides: Optional[list[str]] = None) -> ParadigmSpec:
     else:
         raise RecipeError(f"{where}: recipe: expected a recipe name/path or a mapping, got {rec!r}")
     apply_overrides(rraw, rec_ov)
+    bound_teacher(rraw, rec_ov)
     recipe = recipe_from_dict(rraw, f"{where}: recipe")
     recipe.source = str(path)
     if recipe.teacher is not None and recipe.teacher.recipe:
