@@ -240,6 +240,20 @@ class StudyCfg(_Strict):
     methods: Literal["ladder", "loo", "both"] = "ladder"
 
 
+#: ``train`` keys added after runs existed: at these values they are left out of run identities
+#: (``Recipe.to_dict`` and every task recipe built on ``TrainCfg``), so finished runs keep theirs
+NEW_TRAIN_DEFAULTS = {"fast_teacher": False, "ema": None, "mixup": 0.0, "cutmix": 0.0}
+
+
+def drop_new_train_defaults(train: dict) -> dict:
+    """``train`` (a dumped :class:`TrainCfg`) without the :data:`NEW_TRAIN_DEFAULTS` keys that hold
+    their default; changed in place and returned."""
+    for k, v in NEW_TRAIN_DEFAULTS.items():
+        if k in train and train[k] == v:
+            del train[k]
+    return train
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -270,16 +284,10 @@ class Recipe(_Strict):
             del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
         if not d.get("data", {}).get("kwargs"):  # runs made before data.kwargs keep their identity
             d.get("data", {}).pop("kwargs", None)
-        if isinstance(d.get("train"), dict) and not d["train"].get("fast_teacher"):
-            d["train"].pop("fast_teacher", None)  # likewise: runs made before it existed
+        if isinstance(d.get("train"), dict):
+            drop_new_train_defaults(d["train"])  # likewise: runs made before those keys existed
         if isinstance(d.get("teacher"), dict) and d["teacher"].get("epochs") is None:
             d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
-        if isinstance(d.get("train"), dict) and d["train"].get("ema") is None:
-            d["train"].pop("ema", None)  # likewise
-        if isinstance(d.get("train"), dict):
-            for k in ("mixup", "cutmix"):
-                if not d["train"].get(k):
-                    d["train"].pop(k, None)  # likewise
         aug = (d.get("data") or {}).get("augment") if isinstance(d.get("data"), dict) else None
         if isinstance(aug, dict) and not aug.get("randaugment"):
             aug.pop("randaugment", None)  # likewise

@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdlab.core.config import (RecipeError, TrainCfg, apply_overrides, deep_merge, describe_error,
-                               recipe_ref, resolve_recipe_path)
+                               drop_new_train_defaults, recipe_ref, resolve_recipe_path)
 
 
 DEFAULT_TRAIN = {"epochs": 40, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.0,
@@ -150,6 +150,7 @@ class DiffusionRecipe(_Strict):
         """The recipe as plain data (run identities); the default backend's keys left out, so runs
         made before the diffusers backend existed keep their identity."""
         d = self.model_dump(mode="json", exclude={"source"})
+        drop_new_train_defaults(d["train"])  # TrainCfg keys newer than these runs, at their defaults
         if d["model"].get("backend") == "unet_lite" and not d["model"].get("diffusers"):
             d["model"].pop("backend", None)
             d["model"].pop("diffusers", None)
