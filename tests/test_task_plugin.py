@@ -133,7 +133,7 @@ def test_toy_task_gets_ablate_report_findings_and_tune(tmp_path, monkeypatch):
     assert "squared error (mean ± sd)" in md and "Lower squared error is better" in md
     assert (out / "report" / "forest.png").read_bytes()[:4] == b"\x89PNG"
     # kdlab report: the same files, byte for byte
-    before = {f: (out / "report" / f).read_bytes() for f in ("table.md", "table.csv", "table.json", "results.csv")}
+    before = {f: (out / "report" / f).read_bytes() for f in ("table.md", "table.csv", "table.json", "results.csv", "index.html", "table.tex")}
     assert main(["report", str(out), "--no-figures"]) == 0
     assert {f: (out / "report" / f).read_bytes() for f in before} == before
     # kdlab findings: into the study's report folder, one sentence per contrast

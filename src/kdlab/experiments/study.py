@@ -214,17 +214,16 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     base = t.baseline(distinct)
     check_out_dir(out_dir, "study folder")
     log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
-    report = run_study(distinct, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
-                       log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,
-                       threads=threads, launcher_options=launcher_options, task=t, report_dir=rdir,
-                       aliases=aliases, train_only=[m for m in distinct if m in methods] if methods else None)
     from kdlab.train.runtime import is_main
-    if not is_main():  # a rank > 0 of a distributed study writes nothing
-        return report
-    write_json(rdir / "study.json",
-               {"task": t.name, "recipe": full.to_dict(), "source": full.source, "seeds": seeds,
-                "mode": mode, "methods": list(distinct), "aliases": aliases})
-    return report
+    if is_main():  # what the study is, before its report: the report's page and figure titles read it,
+        # so the first report and `kdlab report` write the same files (a rank > 0 writes nothing)
+        write_json(rdir / "study.json",
+                   {"task": t.name, "recipe": full.to_dict(), "source": full.source, "seeds": seeds,
+                    "mode": mode, "methods": list(distinct), "aliases": aliases})
+    return run_study(distinct, out_dir, seeds=seeds, data_dir=data_dir, progress=progress,
+                     log=log, baseline=base, teacher_cache=teacher_cache, jobs=jobs, launcher=launcher,
+                     threads=threads, launcher_options=launcher_options, task=t, report_dir=rdir,
+                     aliases=aliases, train_only=[m for m in distinct if m in methods] if methods else None)
 
 
 def lm_ablate(recipe_ref, *, out_dir=None, seeds=None, methods=None, overrides=None, progress: bool = False,

@@ -240,7 +240,7 @@ def loss_catalogue() -> str:
     the divergences of language-model recipes (``distill.loss``), each with its description."""
     from kdlab.distill.losses import LOSSES
 
-    lines = ["loss terms (classification recipes: losses: [{term: ...}])"]
+    lines = ["loss terms (classification recipes: loss: [{term: ...}])"]
     for e in LOSSES.entries():
         ref = f"  [{e.reference}]" if e.reference else ""
         lines.append(f"  {e.name:<10} {e.description}{ref}")
