@@ -48,8 +48,12 @@ def _refused(path, err: str) -> str:
 def safe_torch_load(path, map_location="cpu", *, what: str = "checkpoint", fix: str = ""):
     """``torch.load(path, weights_only=True)``; a file holding other Python objects, or a corrupt
     one, raises :class:`CheckpointError` with one line (nothing in the file is run)."""
+    import warnings
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a legacy (non-zip) pickle makes torch warn before it refuses:
+            warnings.simplefilter("ignore")  # the refusal stays one line
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if re.search(r"GLOBAL [\w.]+", str(e)):  # else: garbage the unpickler could not parse
             raise CheckpointError(_refused(path, str(e)).replace("checkpoint", what, 1)) from None
