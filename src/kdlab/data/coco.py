@@ -37,6 +37,7 @@ import torch
 from kdlab.core.seeding import derive_seed
 from kdlab.data.registry import register_dataset
 from kdlab.data.splits import DatasetInfo, Splits
+from kdlab.data.streaming import BatchPositions
 
 
 def _read_coco(ann: Path):
@@ -217,17 +218,6 @@ def _collate(items):
     return torch.stack(xs).float(), torch.stack(ys).float()
 
 
-class _Batches(torch.utils.data.Sampler):
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 class BoxDatasetLoader:
     """Streams a map-style detection dataset (items ``(image, target [M, 5])``) with kdlab's loader
     protocol: ``epoch(e)`` yields ``(x_norm, y, idx)``, a pure function of ``(seed, e)`` (the
@@ -271,7 +261,7 @@ class BoxDatasetLoader:
         G = self.global_batch_size
         batches = [perm[torch.arange(k * G + self.rank, min((k + 1) * G, self.n), self.world_size)].tolist()
                    for k in range(len(self))]
-        dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Batches(batches), collate_fn=_collate,
+        dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=BatchPositions(batches), collate_fn=_collate,
                                          num_workers=self.num_workers)
         for idx, (x, y) in zip(batches, dl):
             x = x.to(self.device)

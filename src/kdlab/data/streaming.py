@@ -39,7 +39,7 @@ def _collate(items):
     return x, y
 
 
-class _Positions(torch.utils.data.Sampler):
+class BatchPositions(torch.utils.data.Sampler):
     """Yields the dataset indices of an epoch's batches (one list per batch)."""
 
     def __init__(self, batches):
@@ -121,11 +121,11 @@ class DatasetLoader:
         come in pinned memory, copied to the device asynchronously."""
         pin = self.device.type == "cuda"
         if self.num_workers == 0:
-            return torch.utils.data.DataLoader(self.dataset, batch_sampler=_Positions(batches),
+            return torch.utils.data.DataLoader(self.dataset, batch_sampler=BatchPositions(batches),
                                                collate_fn=_collate, pin_memory=pin)
         held = self.__dict__.get("_held")
         if held is None:
-            sampler = _Positions(batches)
+            sampler = BatchPositions(batches)
             dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
                                              num_workers=self.num_workers, pin_memory=pin,
                                              persistent_workers=True, prefetch_factor=4)
