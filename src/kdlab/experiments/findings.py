@@ -36,6 +36,8 @@ MEASURES = {
     "test_acc": ("test top-1", 100.0, "pp", True),
     "mCA": ("corruption accuracy mCA", 100.0, "pp", True),
     "mCE": ("mCE", 100.0, "mCE points (baseline = 100)", False),
+    "mPC": ("mAP under corruption mPC", 100.0, "pp", True),
+    "rPC": ("relative performance under corruption rPC", 100.0, "pp", True),
     "rank_alignment": ("attention rank alignment ρ", 1.0, "", True),
     "topk_fraction": ("share in teacher's top-k parts", 1.0, "", True),
     "logit_alignment": ("logit alignment ρ", 1.0, "", True),
@@ -153,7 +155,7 @@ def _per_seed_measures(study_dir: Path, table: dict) -> dict[str, dict[str, dict
         seed = int(f.parent.name[4:])
         res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         for m, v in res["models"].items():
-            for key in ("mCA", "mCE"):
+            for key in ("mCA", "mCE", "mPC", "rPC"):
                 if v.get(key) is not None:
                     out.setdefault(key, {}).setdefault(m, {})[seed] = float(v[key])
     ej = study_dir / "report" / "explain_study.json"
@@ -215,7 +217,7 @@ def study_findings(study_dir) -> dict:
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,
             "contrasts": contrasts, "results": results,
             "explain_settings": read_json(ex, "explanation result", need=("settings",))["settings"] if ex.is_file() else None,
-            "robustness": "mCA" in values, "table_md": (rdir / "table.md").read_text()
+            "robustness": "mCA" in values or "mPC" in values, "table_md": (rdir / "table.md").read_text()
             if (rdir / "table.md").is_file() else ""}
 
 

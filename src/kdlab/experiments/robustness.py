@@ -69,6 +69,17 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     device = str(resolve_device(device))
+    from kdlab.core.checkpoint import load_checkpoint
+    from kdlab.experiments.detection_robustness import checkpoints_detection_robustness, is_detection_checkpoint
+
+    if is_detection_checkpoint(load_checkpoint(paths[0])):  # detectors: mAP under corruption (mPC, rPC, mCE)
+        if cifar_c_dir or dataset:
+            raise ValueError("detection checkpoints are scored on their recipe's own test images, corrupted on "
+                             "the fly; drop --cifar-c / --dataset")
+        return checkpoints_detection_robustness(
+            paths, names, reference=reference, corruptions=corruptions, severities=severities, seed=seed,
+            batch_size=batch_size, device=device, limit=limit, data_dir=data_dir, out_dir=out_dir,
+            progress=progress)
 
     models, cks = {}, []
     for name, path in zip(names, paths):
@@ -141,6 +152,12 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table = read_json(table_path, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
     stats, baseline = table["methods"], table["baseline"]
     check_out_dir(study_dir / "report" / "robustness", "study report folder")  # before the evaluation
+    if table.get("task") == "detection":  # detectors: mAP under corruption, mPC / rPC / mCE
+        from kdlab.experiments.detection_robustness import study_detection_robustness
+
+        return study_detection_robustness(study_dir, table, corruptions=corruptions, severities=severities,
+                                          seed=seed, batch_size=batch_size, device=device, data_dir=data_dir,
+                                          limit=limit, progress=progress, log=log)
     methods = [r["method"] for r in stats]
     seeds = sorted({s for r in stats for s in r["seeds"]})
     per = {m: {**{k: [] for k in STUDY_METRICS}, "by_c": [], "clean": [], "skipped": []}

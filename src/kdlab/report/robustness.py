@@ -117,7 +117,8 @@ def robustness_markdown(res) -> str:
 
 def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], path, *,
                        clean: Mapping[str, float] | None = None, title: str | None = None,
-                       spread: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+                       spread: Mapping[str, Mapping[str, float]] | None = None,
+                       summary: str = "mCA") -> Path:
     """Heat map, corruptions (rows) x models or methods (columns), of accuracies in [0, 1]
     (e.g. the mean over severities), annotated in %; a ``clean`` row on top and, at the bottom,
     an ``mCA`` row (mean over the standard corruptions) and, when extra corruptions are shown,
@@ -140,11 +141,11 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
         rows.append([acc_by_corruption[m][c] for m in models])
         labels.append(c)
         sds.append([spread[m][c] if spread is not None else np.nan for m in models])
-    summary_rows = [("mCA (standard)" if extra else "mean (mCA)", std)] if std else []
+    summary_rows = [(f"{summary} (standard)" if extra else f"mean ({summary})", std)] if std else []
     if extra:
         summary_rows.append(("mean extra", extra))
     if not std and not extra:
-        summary_rows = [("mean (mCA)", [])]
+        summary_rows = [(f"mean ({summary})", [])]
     for label, group in summary_rows:
         rows.append([float(np.mean([acc_by_corruption[m][c] for c in group])) if group
                      else np.nan for m in models])

@@ -233,6 +233,7 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
     key = f"test_{metric.name}"
     fm = metric.fmt
     robust = any("mCA" in r for r in stats)
+    det_robust = any("mPC" in r for r in stats)  # detection: mAP under corruption
     tests = any("p_ttest" in r for r in stats)
     secondary = [m for m in secondary if any(f"test_{m.name}_mean" in r for r in stats)]
     unit = f" {metric.unit}" if metric.unit else ""
@@ -253,6 +254,8 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
     headers += [f"train {short}/s", "train s/run"]
     if robust:
         headers += ["mCA %", "mCE %", "rel. mCE %"]
+    if det_robust:
+        headers += ["mPC %", "rPC %", "mCE %"]
     rows = []
     for r in stats:
         is_base = r["method"] == baseline
@@ -280,6 +283,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
         if robust:
             row += [fmt_pct(r.get("mCA"), r.get("mCA_sd")), fmt_pct(r.get("mCE"), r.get("mCE_sd"), 1),
                     fmt_pct(r.get("rel_mCE"), r.get("rel_mCE_sd"), 1)]
+        if det_robust:
+            row += [fmt_pct(r.get("mPC"), r.get("mPC_sd"), 1), fmt_pct(r.get("rPC"), r.get("rPC_sd"), 1),
+                    fmt_pct(r.get("mCE"), r.get("mCE_sd"), 1)]
         rows.append(row)
     md = markdown_table(headers, rows)
     note = (f"\nTest {metric.title} over seeds; ± is the sample sd; 95% CI is the t interval half-width; "
@@ -307,6 +313,11 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
                  "(report/robustness.md; mCA_extra, mCE_extra, rel_mCE_extra in table.csv/json); "
                  "rel. mCE leaves out corruptions where the reference degrades by < 1 pp "
                  "(named in report/robustness.md).")
+    if det_robust:
+        note += (" mPC: mAP@[.5:.95] under the 15 standard corruptions x severities (mean); rPC = mPC / clean "
+                 f"mAP (Michaelis et al. 2019); mCE: corruption error with error = 1 − mAP, relative to "
+                 f"'{baseline}' (100 = as robust as it); mean ± sd over seeds; paired Δ and Holm p in "
+                 "report/robustness.md.")
     if gap:
         note += (f" Gap closed: (student − {baseline}) / (teacher − {baseline}) per seed, the share of the "
                  "teacher's advantage the student keeps (1 = as good as the teacher; mean ± 95% t interval).")
@@ -406,7 +417,8 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
 #: per-method keys that :func:`rebuild_report` keeps from an existing table.json (measured once:
 #: profiling, robustness)
 KEPT_KEYS = ("params", "size_mb", "mflops", "latency_ms_b1", "mCA", "mCA_sd", "mCE", "mCE_sd", "rel_mCE",
-             "rel_mCE_sd", "mCA_extra", "mCE_extra", "rel_mCE_extra")
+             "rel_mCE_sd", "mCA_extra", "mCE_extra", "rel_mCE_extra", "mPC", "mPC_sd", "rPC", "rPC_sd",
+             "clean_map", "clean_map_sd", "mPC50", "rPC50", "mPC_extra", "rPC_extra", "mCE_extra")
 
 
 def report_dirs(study_dir) -> list[Path]:
