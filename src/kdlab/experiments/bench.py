@@ -247,6 +247,22 @@ def _ensure_teacher(recipe, teacher_overrides, log) -> None:
     from kdlab.train.build import ensure_teachers, teacher_finished, train
 
     tc = recipe.teacher
+    if recipe.task != "classification":  # a task plug-in (detection, ...) trains its teacher itself
+        from kdlab.tasks import get_task
+
+        task = get_task(recipe.task)
+        if teacher_overrides and tc is not None and tc.checkpoint and not teacher_finished(Path(tc.checkpoint)):
+            if not tc.recipe:
+                raise ValueError("--teacher-set needs a recipe with teacher.recipe (the teacher's own recipe)")
+            t_recipe = task.load_recipe(tc.recipe, list(teacher_overrides))
+            ckpt = Path(tc.checkpoint)
+            log(f"training teacher {t_recipe.student.model} into {ckpt.parent} (not timed)")
+            res = task.train(t_recipe, ckpt.parent, method="teacher", progress=False)
+            m = task.metric().name
+            log(f"teacher: val {m} {res[f'val_{m}']:.4f}  test {m} {res[f'test_{m}']:.4f}")
+        elif hasattr(task, "ensure_teacher"):
+            task.ensure_teacher(recipe, progress=False, log=log)
+        return
     if teacher_overrides and tc is not None and tc.checkpoint and not teacher_finished(Path(tc.checkpoint)):
         if not tc.recipe:
             raise ValueError("--teacher-set needs a recipe with teacher.recipe (the teacher's own recipe)")
@@ -279,6 +295,7 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     from kdlab.core.config import load_recipe
     from kdlab.core.io import write_json
     from kdlab.experiments.study import run_ablation
+    from kdlab.tasks import get_task
 
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
@@ -317,7 +334,9 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
                                                                             .read_text())["methods"]))}
         runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
         if compare_cache:
-            key = lambda r: (r["method"], r["seed"], r["val_acc"], r["test_acc"], r["best_epoch"], r["test_loss"])
+            key = lambda r: (r["method"], r["seed"], r["best_epoch"], r.get("test_loss"),  # noqa: E731
+                             sorted((k, v) for k, v in r.items() if k.startswith(("val_", "test_"))
+                                    and isinstance(v, (int, float))))
             live = {"wall_s": lwall, "speedup": lwall / wall,
                     "identical": sorted(map(key, lruns)) == sorted(map(key, runs)),
                     **study_breakdown(lruns, lwall)["total"]}
@@ -329,8 +348,11 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
         block["title"] = (f"study {full.name}: {len(block['methods'])} methods x {len(seeds_run)} seed(s), "
                           f"{full.train.epochs} epoch(s), mask.reuse {block['mask_reuse'] or '-'}, teacher cache on, "
                           f"{block['threads']} thread(s) -> {folder}")
-        block["results"] = [{**{k: r.get(k) for k in ("method", "seed", "val_acc", "test_acc", "best_epoch",
-                                                      "train_time_s", "student_time_s", "mask_time_s")},
+        metric = get_task(full.task).metric().name
+        block["task"], block["metric"] = full.task, metric
+        block["results"] = [{**{k: r.get(k) for k in ("method", "seed", f"val_{metric}", f"test_{metric}", "best_epoch",
+                                                      "train_time_s", "student_time_s", "eval_time_s",
+                                                      "mask_time_s")},
                              "teacher_forward_time_s": r.get("teacher_time_s", 0.0) - r.get("mask_time_s", 0.0)}
                             for r in runs]
         blocks.append(block)
