@@ -25,7 +25,8 @@ import os
 from pathlib import Path
 
 #: Image size of kdlab's data sets (for models loaded without data).
-IMAGE_SIZES = {"digits": 8, "cifar10": 32, "cifar100": 32}
+IMAGE_SIZES = {"digits": 8, "cifar10": 32, "cifar100": 32, "mnist5k": 28, "mnistidentities": 28,
+               "mnistcanvas": 64}
 
 
 def load_compressed(path: str | os.PathLike, device="cpu"):
@@ -104,12 +105,19 @@ def save_compressed(model, path: str | os.PathLike, base: dict, **extra) -> Path
 
 def input_shape_of(ck: dict, image_size: int | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` for a checkpoint: ``image_size`` if given, else its ``input_shape`` key,
-    else its data set's image size (32 when unknown)."""
+    else the image size its recipe trained at (``data.image_size``, e.g. a detection or face
+    recipe's [H, W]), else its data set's image size (32 when unknown)."""
     if image_size is None and ck.get("input_shape"):
         return tuple(int(v) for v in ck["input_shape"])
     c = int(ck.get("in_channels", 3))
     if image_size is None:
-        image_size = IMAGE_SIZES.get(str(ck.get("dataset", "")).lower().replace("-", ""), 32)
+        data = (ck.get("recipe") or {}).get("data") if isinstance(ck.get("recipe"), dict) else None
+        size = (data or {}).get("image_size") or ((data or {}).get("kwargs") or {}).get("image_size")
+        if size:
+            hw = [int(v) for v in (size if isinstance(size, (list, tuple)) else (size, size))]
+            return (c, hw[0], hw[-1])
+        name = str(ck.get("dataset") or (data or {}).get("name") or "")
+        image_size = IMAGE_SIZES.get(name.lower().replace("-", ""), 32)
     return (c, int(image_size), int(image_size))
 
 

@@ -29,6 +29,10 @@ class Metric:
     delta: float = 0.0
     #: shown as a column of the study table (mean ± sd and the paired Δ); the primary metric always is
     table: bool = True
+    #: a stored value that means "undefined" (COCOeval's −1 for an AP size with no object in the split):
+    #: left out of means and differences, shown as ``n/a`` with ``undefined_note`` as the footnote
+    undefined: Optional[float] = None
+    undefined_note: str = ""
 
     def __post_init__(self):
         if self.direction not in ("max", "min"):
@@ -68,6 +72,10 @@ class Metric:
         if pm is not None and isinstance(pm, (int, float)) and math.isfinite(pm):
             s += f" ± {self.scale * pm:.{d}f}"
         return s
+
+    def is_undefined(self, value) -> bool:
+        """Whether a stored ``value`` is this metric's "undefined" marker."""
+        return self.undefined is not None and isinstance(value, (int, float)) and value == self.undefined
 
     def delta_text(self) -> str:
         """The power line's difference as text: ``1 pp``, ``0.01 bits/byte``."""

@@ -175,6 +175,52 @@ def raw_batches(testset, batch_size: int):
             yield torch.stack([a for a, _ in items]), torch.stack([b for _, b in items]), i
 
 
+def is_detection_checkpoint(ck: dict) -> bool:
+    """Whether a loaded checkpoint dict holds a detector trained by the detection task."""
+    rec = ck.get("recipe")
+    return isinstance(rec, dict) and rec.get("task") == "detection"
+
+
+def checkpoint_split(ck: dict, data_dir=None, limit: int | None = None, split: str = "test"):
+    """``(split set, info)`` of the recipe a detection checkpoint was trained with (its data, kwargs
+    and seed): for ``mnist-canvas`` the same scenes as in training, for ``coco`` the annotation
+    files' split; ``limit`` keeps the first N images."""
+    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.build import load_splits
+
+    recipe = recipe_from_dict(ck["recipe"], "the checkpoint's recipe")
+    if data_dir is not None:
+        recipe = recipe.derive(data={**recipe.data.model_dump(), "data_dir": data_dir})
+    splits = load_splits(recipe)
+    part = getattr(splits, split)
+    if limit is not None:
+        if isinstance(part, TensorSet):
+            part = type(part)(part.x[:limit], part.y[:limit])
+        else:
+            part = torch.utils.data.Subset(part, range(min(limit, len(part))))
+    return part, splits.info
+
+
+@torch.no_grad()
+def evaluate_detection_checkpoint(model, ck: dict, *, split: str = "test", data_dir=None, device="cpu",
+                                  batch_size: int = 100) -> dict:
+    """COCO metrics of a detection checkpoint on its recipe's ``split`` (``kdlab evaluate``):
+    ``map``, ``map50``, ``map_s``, ``map_m``, ``map_l`` (NaN where the split has no object of that
+    size: COCOeval's −1), ``n`` images, ``split``, ``dataset``."""
+    part, info = checkpoint_split(ck, data_dir, split=split)
+    mean = torch.tensor(info.mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    model = model.to(device).eval()
+    gts, dets = [], []
+    for x, y, _ in raw_batches(part, batch_size):
+        x = (x.float().to(device) - mean) / std
+        gts += targets_to_lists(y)
+        for b, sc, l in postprocess(model(x).float(), layout_of(model, x)):
+            dets.append((b.cpu().numpy(), sc.cpu().numpy(), l.cpu().numpy()))
+    res = coco_metrics(gts, dets, info.num_classes, image_sizes=[tuple(info.hw)] * len(gts))
+    return {"split": split, "dataset": info.name, **res}
+
+
 @torch.no_grad()
 def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset, info,
                                   corruptions: str | Sequence[str] | None = "standard",
@@ -256,5 +302,6 @@ def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset
     return out
 
 
-__all__ = ["DetectionRobustness", "KEYS", "corruption_errors", "detection_robustness_metrics",
+__all__ = ["DetectionRobustness", "KEYS", "checkpoint_split", "evaluate_detection_checkpoint",
+           "is_detection_checkpoint", "corruption_errors", "detection_robustness_metrics",
            "evaluate_detection_robustness", "mean_performance", "raw_batches"]

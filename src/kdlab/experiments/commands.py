@@ -10,12 +10,28 @@ from pathlib import Path
 from typing import Optional
 
 
-def _summary(res: dict) -> str:
+def _summary(res: dict, metrics=()) -> str:
     """The one-line JSON summary of a run: its accuracies (or, for another task, every validation
-    and test number), best epoch and epochs run."""
+    and test number), best epoch and epochs run. ``metrics``: the task's metrics; a value equal to
+    a metric's ``undefined`` marker (COCOeval's −1 for an AP size with no object) is shown as
+    ``"n/a"``, and a second line gives the footnote."""
     keys = ["val_acc", "test_acc"] if "test_acc" in res else [
         k for k, v in res.items() if k.startswith(("val_", "test_")) and isinstance(v, (int, float))]
-    return json.dumps({k: res[k] for k in [*keys, "best_epoch", "epochs_run"] if k in res})
+    marks = {m.name: m for m in metrics if m.undefined is not None}
+    out, notes = {}, {}
+    for k in [*keys, "best_epoch", "epochs_run"]:
+        if k not in res:
+            continue
+        m = marks.get(k.split("_", 1)[1]) if k.startswith(("val_", "test_")) else None
+        if m is not None and m.is_undefined(res[k]):
+            out[k] = "n/a"
+            notes.setdefault(m.undefined_note or "undefined", []).append(m.title)
+        else:
+            out[k] = res[k]
+    line = json.dumps(out)
+    for note, titles in notes.items():
+        line += f"\nn/a ({', '.join(dict.fromkeys(titles))}): {note}"
+    return line
 
 
 # -- training one recipe -------------------------------------------------------------------------
@@ -80,7 +96,7 @@ def _task_run(recipe, out: Path, *, method: str, progress: bool, restart: bool, 
     ctx = task.prepare_study({method: recipe}, out.parent, data_dir=data_dir, progress=progress, log=log)
     log(header)
     res = task.train(recipe, out, context=ctx, method=method, progress=progress, resume=not restart)
-    log(_summary(res))
+    log(_summary(res, task.metrics))
     log(f"checkpoint: {out / 'best.pt'}")
     return res
 

@@ -12,34 +12,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from kdlab.core.io import atomic_write_text, check_out_dir, read_json
-
-
-def is_detection_checkpoint(ck: dict) -> bool:
-    """Whether a loaded checkpoint dict holds a detector trained by the detection task."""
-    rec = ck.get("recipe")
-    return isinstance(rec, dict) and rec.get("task") == "detection"
-
-
-def detection_test_set(ck: dict, data_dir=None, limit: int | None = None):
-    """``(test set, info)`` of the recipe a detection checkpoint was trained with."""
-    from kdlab.core.config import recipe_from_dict
-    from kdlab.data.splits import TensorSet
-    from kdlab.train.build import load_splits
-
-    recipe = recipe_from_dict(ck["recipe"], "the checkpoint's recipe")
-    if data_dir is not None:
-        recipe = recipe.derive(data={**recipe.data.model_dump(), "data_dir": data_dir})
-    splits = load_splits(recipe)
-    test = splits.test
-    if limit is not None:
-        if isinstance(test, TensorSet):
-            test = type(test)(test.x[:limit], test.y[:limit])
-        else:
-            import torch
-
-            test = torch.utils.data.Subset(test, range(min(limit, len(test))))
-    return test, splits.info
+from kdlab.core.io import atomic_write_text
+from kdlab.evaluate.detection_robustness import checkpoint_split, is_detection_checkpoint
 
 
 def checkpoints_detection_robustness(paths: Sequence[str], names: Sequence[str], *, reference=None,
@@ -64,7 +38,7 @@ def checkpoints_detection_robustness(paths: Sequence[str], names: Sequence[str],
         if d != data[0]:
             raise ValueError(f"{path} was trained on other data than {paths[0]} ({d.get('name')} "
                              f"{d.get('kwargs')}); robustness compares detectors on one test set")
-    test, info = detection_test_set(cks[0], data_dir, limit)
+    test, info = checkpoint_split(cks[0], data_dir, limit)
     reference = reference or ("baseline" if "baseline" in models else names[0])
     if reference not in models:
         raise ValueError(f"--reference {reference!r} is not one of the names: {', '.join(names)}")
@@ -127,7 +101,7 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
             if path.is_file():
                 models[m], ck = load_model(path, device)
                 if test is None:
-                    test, info = detection_test_set(ck, data_dir, limit)
+                    test, info = checkpoint_split(ck, data_dir, limit)
             elif s in next(r["seeds"] for r in stats if r["method"] == m):
                 raise FileNotFoundError(
                     f"{path} is missing (method {m}, seed {s} of the study table); re-run the study command with "
@@ -201,5 +175,5 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
     return report
 
 
-__all__ = ["checkpoints_detection_robustness", "detection_test_set", "is_detection_checkpoint",
+__all__ = ["checkpoints_detection_robustness",
            "study_detection_robustness", "STUDY_KEYS"]

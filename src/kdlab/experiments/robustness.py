@@ -70,7 +70,8 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
         raise ValueError(f"--limit must be >= 1, got {limit}")
     device = str(resolve_device(device))
     from kdlab.core.checkpoint import load_checkpoint
-    from kdlab.experiments.detection_robustness import checkpoints_detection_robustness, is_detection_checkpoint
+    from kdlab.evaluate.detection_robustness import is_detection_checkpoint
+    from kdlab.experiments.detection_robustness import checkpoints_detection_robustness
 
     if is_detection_checkpoint(load_checkpoint(paths[0])):  # detectors: mAP under corruption (mPC, rPC, mCE)
         if cifar_c_dir or dataset:

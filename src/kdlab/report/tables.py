@@ -156,12 +156,16 @@ def method_stats(runs: list[dict], baseline: str, *, metric=None, teacher_acc: O
         }
         for sm in secondary:
             sk = f"test_{sm.name}"
-            vals = {s: r[sk] for s, r in seeds.items() if sk in r}
+            present = {s: r[sk] for s, r in seeds.items() if sk in r}
+            vals = {s: v for s, v in present.items() if not sm.is_undefined(v)}
+            if present and not vals:  # undefined on every seed (e.g. AP large with no large object): n/a
+                row.update({f"{sk}_mean": nan, f"{sk}_sd": nan, f"{sk}_undefined": True})
+                continue
             if not vals:
                 continue
             mu, sdv, _ = mean_sd_ci(vals.values())
             row.update({f"{sk}_mean": mu, f"{sk}_sd": sdv})
-            base = {s: r[sk] for s, r in by_method.get(baseline, {}).items() if sk in r}
+            base = {s: r[sk] for s, r in by_method.get(baseline, {}).items() if sk in r and not sm.is_undefined(r[sk])}
             if method != baseline and base:
                 dm, dci, _ = paired_diff(vals, base)
                 row.update({f"{sm.name}_diff_vs_{baseline}": dm, f"{sm.name}_diff_vs_{baseline}_ci95": dci})
@@ -271,6 +275,9 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
             g, h = r.get("gap_closed_mean", float("nan")), r.get("gap_closed_ci95", float("nan"))
             row += ["—" if not math.isfinite(g) else f"{g:.2f}" + (f" ± {h:.2f}" if math.isfinite(h) else "")]
         for m in secondary:
+            if r.get(f"test_{m.name}_undefined"):
+                row += ["n/a ¹", "n/a ¹"]
+                continue
             row += [m.fmt(r.get(f"test_{m.name}_mean"), r.get(f"test_{m.name}_sd")),
                     "—" if is_base else m.fmt(r.get(f"{m.name}_diff_vs_{baseline}"),
                                               r.get(f"{m.name}_diff_vs_{baseline}_ci95"))]
@@ -327,6 +334,10 @@ def render_table(stats: list[dict], baseline: str, wall_time_s: Optional[float] 
                  f"masks took {teacher_s:.1f}s over the whole study (computed once per batch when cached).")
     for n in notes:
         note += " " + n
+    na = [m for m in secondary if any(r.get(f"test_{m.name}_undefined") for r in stats)]
+    if na:
+        note += (f" ¹ n/a ({', '.join(m.title for m in na)}): "
+                 + "; ".join(dict.fromkeys(m.undefined_note or "undefined on this test set" for m in na)) + ".")
     if wall_time_s is not None:
         note += f" Study wall time {wall_time_s:.1f}s."
     pl = power_line(stats, baseline, metric)

@@ -46,12 +46,17 @@ from kdlab.train.objective import DistillObjective
 from kdlab.train.runtime import Runtime
 
 DISTILL_TERMS = ("det_kd", "det_fitnets", "fgd", "ld")
+#: the footnote of an AP size shown as n/a (result.json stores COCOeval's −1, docs/detection.md)
+UNDEFINED_NOTE = ("the split has no object of that size (COCO: small below 32x32 px, medium below "
+                  "96x96 px, large above), so COCOeval leaves that AP undefined (result.json stores −1)")
 
 
 class DetectionObjective(DistillObjective):
     """A detector trained with weighted loss terms (module doc)."""
 
     monitor = ("map", "max")
+    #: COCOeval's −1 (no object of that size in the split): printed as n/a
+    undefined = {"map_s": -1.0, "map_m": -1.0, "map_l": -1.0}
 
     def __init__(self, student, terms, *, num_classes: int, image_hw, **kw):
         super().__init__(student, terms, **kw)
@@ -164,9 +169,8 @@ def ladder(recipe: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
 class DetectionTask(Task):
     metrics = (Metric("map", "max", "%", 100.0, "mAP@[.5:.95]"),
                Metric("map50", "max", "%", 100.0, "mAP@.5"),
-               Metric("map_s", "max", "%", 100.0, "AP small"),
-               Metric("map_m", "max", "%", 100.0, "AP medium"),
-               Metric("map_l", "max", "%", 100.0, "AP large"))
+               *(Metric(k, "max", "%", 100.0, f"AP {size}", undefined=-1.0, undefined_note=UNDEFINED_NOTE)
+                 for k, size in (("map_s", "small"), ("map_m", "medium"), ("map_l", "large"))))
     select = "map"
     primary = "map"
     sample_unit = "images"
@@ -222,12 +226,23 @@ class DetectionTask(Task):
         return trainer.fit(resume=resume, stop_after=stop_after)
 
     def profile(self, recipe) -> dict:
-        from kdlab.evaluate.efficiency import count_flops, count_params
+        """params, MACs, size (MB), MFLOPs (2 x MACs) and batch-1 latency of the student at the data's
+        image size (one measurement per distinct student and data, cached on this task object)."""
+        import json
 
-        info = load_splits(recipe).info
-        hw, c, k = info.hw, info.in_channels, info.num_classes
-        model = build_model(recipe.student.model, k, c, recipe.student.kwargs, None)
-        return {"params": count_params(model)["total"], "macs": count_flops(model, (1, c, *hw))["macs"]}
+        from kdlab.evaluate.efficiency import profile_model
+
+        cache = self.__dict__.setdefault("_profiles", {})
+        key = (recipe.student.model, json.dumps(recipe.student.kwargs, sort_keys=True),
+               json.dumps(recipe.data.model_dump(), sort_keys=True, default=str))
+        if key not in cache:
+            info = load_splits(recipe).info
+            hw, c, k = info.hw, info.in_channels, info.num_classes
+            model = build_model(recipe.student.model, k, c, recipe.student.kwargs, None).eval()
+            p = profile_model(model, (1, c, *hw), batch_sizes=(1,), repeats=30)
+            cache[key] = {"params": p["params"]["total"], "macs": p["macs"], "size_mb": p["size_mb"],
+                          "mflops": p["flops"] / 1e6, "latency_ms_b1": p["latency"][0]["median_ms"]}
+        return dict(cache[key])
 
     def teacher_result(self, recipes: dict) -> Optional[dict]:
         for r in recipes.values():

@@ -70,15 +70,19 @@ class ReapplyMasks(Callback):
 SHORT_UNITS = {"images": "img", "tokens": "tok"}
 
 
-def format_row(row: dict, epochs: int, unit: str = "images") -> str:
+def format_row(row: dict, epochs: int, unit: str = "images", undefined: dict | None = None) -> str:
     """One readable line for an epoch's metrics row; ``unit`` is what the throughput
-    (``<unit>_per_s``) counts, the objective's ``sample_unit`` (shown as ``img/s``, ``tok/s``)."""
+    (``<unit>_per_s``) counts, the objective's ``sample_unit`` (shown as ``img/s``, ``tok/s``).
+    ``undefined``: metric name -> the value that marks it undefined (the objective's
+    ``undefined``, e.g. COCOeval's −1 for an AP size with no object): shown as ``n/a``."""
     parts = [f"epoch {int(row['epoch'])}/{epochs}"]
     speed = f"{unit}_per_s"
     skip = {"epoch", "train_time_s", speed, "lr"}
+    undefined = undefined or {}
     for k, v in row.items():
         if k not in skip and isinstance(v, (int, float)):
-            parts.append(f"{k} {v:.4g}")
+            mark = undefined.get(k.split("_", 1)[1] if k.startswith(("val_", "test_")) else k)
+            parts.append(f"{k} n/a" if mark is not None and v == mark else f"{k} {v:.4g}")
     parts.append(f"lr {row.get('lr', float('nan')):.3g}")
     parts.append(f"{row.get(speed, float('nan')):.0f} {SHORT_UNITS.get(unit, unit)}/s")
     parts.append(f"{row.get('train_time_s', float('nan')):.1f}s")
@@ -104,7 +108,8 @@ class LogFile(Callback):
                              f"{trainer.cfg.epochs} done; device {trainer.runtime.device}")
 
     def on_epoch_end(self, trainer, row: dict) -> None:
-        self._write(trainer, format_row(row, trainer.cfg.epochs, trainer.unit))
+        self._write(trainer, format_row(row, trainer.cfg.epochs, trainer.unit,
+                                        getattr(trainer.objective, "undefined", None)))
 
     def on_fit_end(self, trainer, result: dict) -> None:
         keys = [k for k in result if k.startswith(("val_", "test_"))] + ["best_epoch", "epochs_run"]
@@ -118,7 +123,8 @@ class ConsoleLines(Callback):
         if trainer.runtime.is_main:
             import sys
 
-            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs, trainer.unit),
+            print(f"[{trainer.method} s{trainer.seed}] " + format_row(row, trainer.cfg.epochs, trainer.unit,
+                                                                     getattr(trainer.objective, "undefined", None)),
                   file=sys.stderr, flush=True)
 
 
