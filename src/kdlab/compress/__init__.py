@@ -85,6 +85,16 @@ def evaluate_model_file(path: str | os.PathLike, **kwargs) -> dict:
     no data set: give ``dataset``; the images are normalised with the data set's mean and std)."""
     from kdlab.evaluate.accuracy import evaluate_checkpoint
 
+    if Path(path).suffix == ".pt" and Path(path).is_file():
+        from kdlab.core.checkpoint import load_checkpoint
+        from kdlab.evaluate.detection_robustness import evaluate_detection_file, is_detection_checkpoint
+
+        if is_detection_checkpoint(load_checkpoint(path)):  # a detector: COCO mAP on its recipe's own split
+            from kdlab.core.device import resolve_device
+
+            return evaluate_detection_file(path, split=kwargs.get("split", "test"), dataset=kwargs.get("dataset"),
+                                           data_dir=kwargs.get("data_dir"),
+                                           device=resolve_device(kwargs.get("device", "auto")))
     return evaluate_checkpoint(path, load=load_compressed, **kwargs)
 
 

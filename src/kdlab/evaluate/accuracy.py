@@ -6,8 +6,6 @@ A *model* is an ``nn.Module`` or any callable returning logits (an ONNX Runtime 
 
 from __future__ import annotations
 
-import math
-
 import contextlib
 from typing import Optional
 
@@ -94,22 +92,6 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
 
     dev = resolve_device(device)
     model, ck = (load or load_model)(path, dev)  # load: kdlab.compress.load_compressed reads every format
-    from kdlab.evaluate.detection_robustness import evaluate_detection_checkpoint, is_detection_checkpoint
-
-    if is_detection_checkpoint(ck):  # a detector: COCO mAP on its recipe's own scenes / annotation split
-        rec_name = ck["recipe"]["data"].get("name")
-        if dataset and str(dataset) != str(rec_name):
-            raise ValueError(f"{path} is a detector trained on {rec_name}; it is evaluated on its recipe's own "
-                             f"{split} split: drop --dataset")
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        res = evaluate_detection_checkpoint(model, ck, split=split, data_dir=data_dir, device=dev)
-        undefined = [k for k in ("map_s", "map_m", "map_l") if not math.isfinite(res[k])]
-        res = {"checkpoint": str(path), **{k: ("n/a" if k in undefined else v) for k, v in res.items()}}
-        if undefined:
-            res["note"] = (f"n/a: the {split} split has no object of that size ({', '.join(undefined)}; COCO: "
-                           f"small below 32x32 px, medium below 96x96 px, large above); result.json stores COCOeval's -1")
-        return res
     name = dataset or ck.get("dataset")
     if not name:
         raise ValueError(f"{path} names no data set; pass --dataset NAME (or module:function)")

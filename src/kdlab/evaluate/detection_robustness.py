@@ -221,6 +221,28 @@ def evaluate_detection_checkpoint(model, ck: dict, *, split: str = "test", data_
     return {"split": split, "dataset": info.name, **res}
 
 
+def evaluate_detection_file(path, *, split: str = "test", dataset=None, data_dir=None, device="cpu") -> dict:
+    """``kdlab evaluate`` of a detection checkpoint: :func:`evaluate_detection_checkpoint` as a
+    printable dict; an AP size the split has no object of is ``"n/a"`` (NaN in the metrics,
+    COCOeval's −1 in ``result.json``), explained in ``note``."""
+    from kdlab.core.checkpoint import load_model
+
+    model, ck = load_model(path, device)
+    rec_name = ck["recipe"]["data"].get("name")
+    if dataset and str(dataset) != str(rec_name):
+        raise ValueError(f"{path} is a detector trained on {rec_name}; it is evaluated on its recipe's own "
+                         f"{split} split: drop --dataset")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    res = evaluate_detection_checkpoint(model, ck, split=split, data_dir=data_dir, device=device)
+    undefined = [k for k in ("map_s", "map_m", "map_l") if not math.isfinite(res[k])]
+    res = {"checkpoint": str(path), **{k: ("n/a" if k in undefined else v) for k, v in res.items()}}
+    if undefined:
+        res["note"] = (f"n/a: the {split} split has no object of that size ({', '.join(undefined)}; COCO: "
+                       f"small below 32x32 px, medium below 96x96 px, large above); result.json stores COCOeval's -1")
+    return res
+
+
 @torch.no_grad()
 def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset, info,
                                   corruptions: str | Sequence[str] | None = "standard",
@@ -302,6 +324,6 @@ def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset
     return out
 
 
-__all__ = ["DetectionRobustness", "KEYS", "checkpoint_split", "evaluate_detection_checkpoint",
+__all__ = ["DetectionRobustness", "KEYS", "checkpoint_split", "evaluate_detection_checkpoint", "evaluate_detection_file",
            "is_detection_checkpoint", "corruption_errors", "detection_robustness_metrics",
            "evaluate_detection_robustness", "mean_performance", "raw_batches"]

@@ -83,7 +83,10 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
     from kdlab.core.checkpoint import load_model
     from kdlab.data.corruptions import split_standard
     from kdlab.evaluate.detection_robustness import evaluate_detection_robustness
-    from kdlab.experiments.robustness import aggregate_over_seeds
+    from kdlab.report.tables import mean_sd_ci
+
+    def aggregate_over_seeds(values):  # (mean, sd, 95% t half-width) of the finite values
+        return mean_sd_ci([v for v in values if v is not None and math.isfinite(v)])
     from kdlab.report.detection_robustness import paired_rows, robustness_heatmap, study_markdown
     from kdlab.report.tables import write_tables
 

@@ -125,9 +125,9 @@ def build_detection_run(recipe: Recipe, *, splits=None, teacher=None, store: Opt
     if needs_teacher:
         layers = list(dict.fromkeys(l for _, _, t in terms for l in t.teacher_layers()))
         source = build_teacher_source(teacher.to(dev), plan=teacher_plan(cfg.teacher_mode), layers=layers,
-                                      store=store, loader=train_loader, dataset=recipe.data.model_dump(),
-                                      checkpoint=recipe.teacher.checkpoint, device=dev, fast=cfg.fast_teacher,
-                                      amp=cfg.amp)
+                                      fast=cfg.fast_teacher, store=store,
+                                      loader=train_loader, dataset=recipe.data.model_dump(),
+                                      checkpoint=recipe.teacher.checkpoint, device=dev)
     objective = DetectionObjective(student, terms, runtime=runtime, teacher=source, meta=student_meta(recipe, info),
                                    n_data=len(splits.train), num_classes=info.num_classes, image_hw=info.hw)
     objective.setup(next(iter(train_loader.epoch(0))))
