@@ -176,3 +176,27 @@ def test_detectors_see_the_corrupted_normalised_images(tmp_path):
         assert (tmp_path / f).is_file()
     assert res.summary()["models"]["spy"]["map"]["contrast"]["2"] == 0.0
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_coco_map_equals_the_full_cocoeval_summary():
+    from kdlab.evaluate.detection import coco_metrics
+    from kdlab.evaluate.detection_robustness import coco_map
+
+    rng = np.random.default_rng(0)
+    gts, dets = [], []
+    for i in range(12):
+        k = int(rng.integers(1, 4))
+        xy = rng.uniform(0, 40, (k, 2))
+        wh = rng.uniform(6, 24, (k, 2))
+        boxes = np.concatenate([xy, xy + wh], 1)
+        labels = rng.integers(0, 4, k)
+        gts.append((boxes, labels))
+        d = int(rng.integers(0, 6))
+        src = boxes[rng.integers(0, k, d)] + rng.normal(0, 3, (d, 4))
+        dets.append((src, rng.uniform(0.05, 1, d), np.where(rng.uniform(size=d) < 0.7, labels[0], rng.integers(0, 4, d))))
+    full = coco_metrics(gts, dets, 4, image_sizes=[(64, 64)] * 12)
+    fast = coco_map(gts, dets, 4, image_sizes=[(64, 64)] * 12)
+    assert 0 < full["map"] < 1 and 0 < full["map50"] < 1
+    assert fast["map"] == pytest.approx(full["map"], abs=1e-12)
+    assert fast["map50"] == pytest.approx(full["map50"], abs=1e-12)
+    assert coco_map(gts, [(np.zeros((0, 4)), np.zeros(0), np.zeros(0))] * 12, 4)["map"] == 0.0

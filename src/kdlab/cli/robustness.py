@@ -9,10 +9,14 @@ from kdlab.cli import args as A
 def register(sub) -> None:
     p = sub.add_parser(
         "robustness",
-        help="accuracy under the 19 CIFAR-10-C corruptions x 5 severities; mCA, mCE, rel. mCE",
+        help="accuracy under the 19 CIFAR-10-C corruptions x 5 severities; mCA, mCE, rel. mCE "
+             "(detectors: mAP, mPC, rPC, mCE)",
         description="Evaluate checkpoints on the test set corrupted on the fly (CIFAR-10-C "
                     "settings, seeded) or on the published CIFAR-10-C files; write "
-                    "robustness.csv/.json/.md and robustness_heatmap.png to --out.")
+                    "robustness.csv/.json/.md and robustness_heatmap.png to --out. Detection "
+                    "checkpoints and studies are scored by COCO mAP on their recipe's test images "
+                    "(boxes unchanged): mPC, rPC = mPC / clean mAP, mCE with error 1 - mAP "
+                    "(docs/detection.md).")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="model checkpoints (best.pt)")
     p.add_argument("--study", metavar="DIR",
                    help="a finished `kdlab ablate` folder: evaluate every method and seed, add "

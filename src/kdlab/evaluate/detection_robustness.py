@@ -93,6 +93,53 @@ def detection_robustness_metrics(clean: Mapping[str, Mapping[str, float]],
     return out
 
 
+def coco_map(gts, dets, num_classes: int, *, image_sizes=None) -> dict:
+    """``{map, map50}`` by pycocotools' COCOeval as :func:`kdlab.evaluate.detection.coco_metrics`
+    computes them (area "all", at most 100 detections per image, 101-point interpolated precision
+    averaged over the classes with ground truth), with the evaluation restricted to that one area
+    range and detection limit: the same two numbers in about a quarter of the time (the
+    robustness pass scores every model under every corruption x severity)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, results = [], [], []
+    for i, (boxes, labels) in enumerate(gts):
+        hw = image_sizes[i] if image_sizes is not None else (1, 1)
+        images.append({"id": i + 1, "height": int(hw[0]), "width": int(hw[1])})
+        for b, c in zip(np.asarray(boxes, dtype=float).reshape(-1, 4), np.asarray(labels).reshape(-1)):
+            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1,
+                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h, "iscrowd": 0})
+    for i, (boxes, scores, labels) in enumerate(dets):
+        for b, sc, c in zip(np.asarray(boxes, dtype=float).reshape(-1, 4), np.asarray(scores).reshape(-1),
+                            np.asarray(labels).reshape(-1)):
+            results.append({"image_id": i + 1, "category_id": int(c) + 1, "score": float(sc),
+                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    if not anns:
+        return {"map": float("nan"), "map50": float("nan")}
+    if not results:
+        return {"map": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns,
+                      "categories": [{"id": k + 1, "name": str(k)} for k in range(int(num_classes))]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0.0, 1e10]], ["all"], [100]
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][:, :, :, 0, 0]  # [IoU, recall, class]
+
+    def mean(p):
+        v = p[p > -1]
+        return float(v.mean()) if v.size else float("nan")
+
+    return {"map": mean(prec), "map50": mean(prec[0])}
+
+
 @dataclass
 class DetectionRobustness:
     """mAP of several detectors on clean and corrupted test images, plus the metrics."""
@@ -308,7 +355,7 @@ def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset
                     dets[m].append((b.cpu().numpy(), sc.cpu().numpy(), l.cpu().numpy()))
             bar.update(1)
         for m in run:
-            res = coco_metrics(gts, dets[m], info.num_classes, image_sizes=[hw] * len(gts))
+            res = coco_map(gts, dets[m], info.num_classes, image_sizes=[hw] * len(gts))
             if s == 0:
                 clean[m] = {k: float(res[k]) for k in KEYS}
             else:
@@ -324,6 +371,6 @@ def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset
     return out
 
 
-__all__ = ["DetectionRobustness", "KEYS", "checkpoint_split", "evaluate_detection_checkpoint", "evaluate_detection_file",
+__all__ = ["DetectionRobustness", "KEYS", "checkpoint_split", "coco_map", "evaluate_detection_checkpoint", "evaluate_detection_file",
            "is_detection_checkpoint", "corruption_errors", "detection_robustness_metrics",
            "evaluate_detection_robustness", "mean_performance", "raw_batches"]

@@ -25,7 +25,7 @@ PAGE_FIGURES = (
     ("val_curves", "Validation curves", "Mean over seeds with a ±1 sd band, per method."),
     ("robustness_heatmap_seeds", "Robustness (seed spread)",
      "Accuracy under corruption, mean ± sd over seeds (colour scale: the data's range, printed on the bar)."),
-    ("robustness_heatmap", "Robustness", "Accuracy under corruption per method."),
+    ("robustness_heatmap", "Robustness", "Accuracy (detection: mAP@[.5:.95]) under corruption per method."),
     ("explain_study", "Where the students look: alignment with the teacher",
      "Explanation-alignment metrics per method, mean and 95% CI over seeds."),
     ("explain_overlays", "Where the students look: attribution overlays",
