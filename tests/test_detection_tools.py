@@ -133,3 +133,12 @@ def test_undefined_ap_is_na_with_a_footnote(study):
     line = format_row({"epoch": 1, "val_map": 0.25, "val_map_m": -1.0, "loss": -1.0}, 3,
                       undefined={"map_m": -1.0})
     assert "val_map_m n/a" in line and "val_map 0.25" in line and "loss -1" in line
+
+
+def test_a_table_of_the_example_script_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "table.json").write_text('{"rows": [], "recipe": "detection/fgd_ld"}')
+    assert main(["robustness", "--study", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdlab: error:") and "kdlab ablate detection/fgd_ld" in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report", "table.json"]

@@ -150,6 +150,11 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
+    raw = read_json(table_path, "study table")
+    if isinstance(raw, dict) and "rows" in raw and "methods" not in raw:  # examples/detection_study.py's own table
+        raise ValueError(f"{table_path} was written by examples/detection_study.py, not by kdlab ablate; run "
+                         f"`kdlab ablate {raw.get('recipe') or 'detection/fgd_ld'} --out {study_dir}` (it reuses the "
+                         f"finished runs whose recipe is unchanged), then kdlab robustness --study again")
     table = read_json(table_path, "study table", need=("methods", "baseline"), fix=f"rebuild it with `kdlab report {study_dir}`")
     stats, baseline = table["methods"], table["baseline"]
     check_out_dir(study_dir / "report" / "robustness", "study report folder")  # before the evaluation
