@@ -70,7 +70,8 @@ def robustness_markdown(res) -> str:
 def robustness_heatmap(map_by_corruption, path, *, clean=None, title=None, spread=None):
     """Corruption x model heat map of mAP (mean over severities), a ``clean`` row on top and the
     ``mPC`` row at the bottom (:func:`kdlab.report.robustness.robustness_heatmap`)."""
-    return _heatmap(map_by_corruption, path, clean=clean, title=title, spread=spread, summary="mPC")
+    return _heatmap(map_by_corruption, path, clean=clean, title=title, spread=spread, summary="mPC",
+                    colorbar="mAP@[.5:.95] (%)")
 
 
 def paired_rows(per_seed: Mapping[str, Mapping[str, Mapping[int, float]]], methods: Sequence[str],

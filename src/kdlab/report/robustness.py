@@ -118,7 +118,7 @@ def robustness_markdown(res) -> str:
 def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], path, *,
                        clean: Mapping[str, float] | None = None, title: str | None = None,
                        spread: Mapping[str, Mapping[str, float]] | None = None,
-                       summary: str = "mCA") -> Path:
+                       summary: str = "mCA", colorbar: str = "accuracy (%)") -> Path:
     """Heat map, corruptions (rows) x models or methods (columns), of accuracies in [0, 1]
     (e.g. the mean over severities), annotated in %; a ``clean`` row on top and, at the bottom,
     an ``mCA`` row (mean over the standard corruptions) and, when extra corruptions are shown,
@@ -156,7 +156,8 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     if std and extra and corrs[:len(std)] == std:  # standard rows first: mark where extras begin
         rules.append(((1 if clean is not None else 0) + len(std) - 0.5, 0.8, "--"))
     fig, _ = annotated_heatmap(100 * np.asarray(rows, dtype=np.float64), labels, models,
-                               spread=100 * np.asarray(sds, dtype=np.float64), rules=rules, title=title)
+                               spread=100 * np.asarray(sds, dtype=np.float64), rules=rules, title=title,
+                               colorbar=colorbar)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
