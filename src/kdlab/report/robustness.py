@@ -124,7 +124,8 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     an ``mCA`` row (mean over the standard corruptions) and, when extra corruptions are shown,
     a ``mean extra`` row. The colour scale spans the data's range (printed on the colour bar). ``spread`` (same keys, e.g. the
     sd over seeds) is printed under each value. Usable by the study report with method names as
-    keys."""
+    keys. ``summary`` names the mean row (``mCA``; detection: ``mPC``), ``colorbar`` the values
+    (detection: mAP)."""
     import matplotlib.pyplot as plt
 
     from kdlab.report.figures import annotated_heatmap
