@@ -162,7 +162,9 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from kdlab.core.io import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # never a torn PNG
     plt.close(fig)
     return path
 
