@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from kdlab.core.io import atomic_write_text
 from kdlab.evaluate.detection_robustness import checkpoint_split, is_detection_checkpoint
 
@@ -131,8 +133,9 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
         corrs = res.corruptions
         met = res.metrics
         for m in models:
-            if m == "teacher":
-                teacher_row = met[m]
+            if m == "teacher":  # one run; its mCE is relative to each seed's baseline: mean over seeds
+                teacher_ce = (teacher_row or {}).get("_ce", []) + [met[m]["mCE"]]
+                teacher_row = {**met[m], "_ce": teacher_ce, "mCE": float(np.mean(teacher_ce))}
                 continue
             for k in STUDY_KEYS:
                 per[m][k][s] = met[m][k]

@@ -131,7 +131,8 @@ def study_markdown(stats: Sequence[Mapping], tests: Mapping[str, Mapping[str, di
             + f" ± is the sd over seeds; each seed's mCE reference is '{baseline}' of the same seed (so its mCE is "
               f"100). Δ: the mean paired difference to '{baseline}' over {n_seeds} seed(s) (pp; mCE in points) "
               f"± its 95% t half-width; Holm p: the paired t-test p, Holm-adjusted over the study's comparisons "
-              f"of each measure; * marks Holm p < 0.05. The teacher is one run, scored on the same corrupted images.")
+              f"of each measure; * marks Holm p < 0.05. The teacher is one run, scored on the same corrupted images "
+              f"(its mCE: the mean over seeds of its mCE against each seed's '{baseline}').")
     return markdown_table(head, rows) + "\n\n" + note + "\n"
 
 
