@@ -36,7 +36,7 @@ from kdlab.core.io import read_json
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data.splits import TensorSet
 from kdlab.distill.losses import build_terms
-from kdlab.distill.teachers import TeacherStore, build_teacher_source
+from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.evaluate.detection import evaluate_detector, predict
 from kdlab.models.adapters import build_model
 from kdlab.models.detection import layout_of
@@ -119,7 +119,8 @@ def build_detection_run(recipe: Recipe, *, splits=None, teacher=None, store: Opt
     source = None
     if needs_teacher:
         layers = list(dict.fromkeys(l for _, _, t in terms for l in t.teacher_layers()))
-        source = build_teacher_source(teacher.to(dev), mode=cfg.teacher_mode, layers=layers, store=store,
+        source = build_teacher_source(teacher.to(dev), plan=teacher_plan(cfg.teacher_mode), layers=layers,
+                                      fast=cfg.fast_teacher, store=store,
                                       loader=train_loader, dataset=recipe.data.model_dump(),
                                       checkpoint=recipe.teacher.checkpoint, device=dev)
     objective = DetectionObjective(student, terms, runtime=runtime, teacher=source, meta=student_meta(recipe, info),
