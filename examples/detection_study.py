@@ -8,8 +8,8 @@ this afterwards on its folder for the compact table and the detection figures):
 Runs go to ``<out>/<method>/seed<k>/result.json`` (``val_<metric>`` / ``test_<metric>``); the
 teacher (the recipes' ``teacher.recipe``) is trained first when its checkpoint is missing; one
 teacher cache is shared by the study's runs. Writes ``<out>/report/detection_table.{md,json}`` (mean
-± sd over seeds, paired Δ to the baseline with the paired t-test and Holm-adjusted p over the four comparisons, params and
-MACs of the student) and the figures (``pr_curves``, ``detection_scenes``).
+± sd over seeds, paired Δ to the baseline with the paired t-test and Holm-adjusted p over the four
+comparisons, params and MACs of the student) and the figures (``pr_curves``, ``detection_scenes``).
 """
 
 from __future__ import annotations
