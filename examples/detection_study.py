@@ -1,14 +1,15 @@
 """The paired detection study (baseline / kd / fgd / ld / fgd+ld over seeds) through the detection
-task's own methods, until `kdlab ablate` drives any task:
+task's own methods (`kdlab ablate detection/fgd_ld` trains the same runs into the same folders; run
+this afterwards on its folder for the compact table and the detection figures):
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python examples/detection_study.py --out runs/detection-study \
         --seeds 0 1 2 [--set train.epochs=12 ...]
 
 Runs go to ``<out>/<method>/seed<k>/result.json`` (``val_<metric>`` / ``test_<metric>``); the
-teacher (``detection/teacher``) is trained first when its checkpoint is missing; one teacher cache
-is shared by the study's runs. Writes ``<out>/report/table.{md,json}`` (mean ± sd over seeds, paired
-Δ to the baseline with the paired t-test and Holm-adjusted p over the four comparisons, params and
-MACs of the student) and the figures (``pr_curves``, ``detection_scenes``).
+teacher (the recipes' ``teacher.recipe``) is trained first when its checkpoint is missing; one
+teacher cache is shared by the study's runs. Writes ``<out>/report/detection_table.{md,json}`` (mean
+± sd over seeds, paired Δ to the baseline with the paired t-test and Holm-adjusted p over the four
+comparisons, params and MACs of the student) and the figures (``pr_curves``, ``detection_scenes``).
 """
 
 from __future__ import annotations
@@ -89,15 +90,15 @@ def main(argv=None):
                  f"{len(comps)} comparisons of each metric; params and MACs of the student (one 64×64 image).")
     table = "\n".join(lines)
     (out / "report").mkdir(parents=True, exist_ok=True)
-    (out / "report" / "table.md").write_text(table + "\n")
-    write_json(out / "report" / "table.json", {"rows": rows, "seeds": a.seeds, "recipe": a.recipe,
+    (out / "report" / "detection_table.md").write_text(table + "\n")
+    write_json(out / "report" / "detection_table.json", {"rows": rows, "seeds": a.seeds, "recipe": a.recipe,
                                                 "overrides": a.overrides,
                                                 "teacher": None if teacher is None else
                                                 {k: teacher[k] for k in teacher if k.startswith(("val_", "test_"))}})
     print(table)
     if not a.no_figures:
         task.figures(out, rows, methods, seed=a.seeds[0])
-    print(json.dumps({"table": str(out / "report" / "table.md")}))
+    print(json.dumps({"table": str(out / "report" / "detection_table.md")}))
 
 
 if __name__ == "__main__":

@@ -277,3 +277,31 @@ def test_detection_task_and_its_study_methods():
     assert list(loo) == ["baseline", "fgd+ld", "fgd+ld-fgd", "fgd+ld-ld"]
     with pytest.raises(Exception, match="task: detection"):
         task.load_recipe("digits/kd")
+
+
+def test_students_distil_from_a_detection_teacher_through_the_shared_cache(tmp_path):
+    """A teacher trained by the task, then two methods of one seed (fgd+ld, ld) through the study's
+    teacher cache: the first computes the teacher's outputs, the second reuses them."""
+    import csv
+
+    from kdlab.tasks import get_task
+
+    task = get_task("detection")
+    tiny = ["data.kwargs.scenes=[16, 8, 8]", "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=8"]
+    t = task.load_recipe("detection/teacher_stage1", tiny + ["student.kwargs={width: 2, fpn_channels: 8, head_convs: 1}"])
+    task.train(t, tmp_path / "teacher", method="teacher", progress=False)
+    full = task.load_recipe("detection/fgd_ld", tiny + [f"teacher.checkpoint={tmp_path / 'teacher' / 'best.pt'}"])
+    methods = task.ablation_methods(full)
+    two = {"fgd+ld": methods["fgd+ld"], "ld": methods["ld"]}
+    ctx = task.prepare_study(two, tmp_path / "study", progress=False)
+    store = ctx["store"]
+    counts = []
+    for m, r in two.items():
+        res = task.train(r, tmp_path / "study" / m / "seed0", context=ctx, method=m, progress=False)
+        assert 0.0 <= res["test_map50"] <= 1.0
+        counts.append((store.misses, store.hits))
+    # 16 scenes / batch 8 = 2 batches, computed by the first method only; the second reads them
+    assert counts[0][0] == 2 and counts[1][0] == 2 and counts[1][1] > counts[0][1]
+    with open(tmp_path / "study" / "fgd+ld" / "seed0" / "metrics.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["fgd"]) > 0 and float(row["ld"]) > 0
