@@ -8,7 +8,9 @@ class); AP by digit size (longer box side, px; detections matching a digit of an
 IoU >= 0.5 are left out of that bin); per ground-truth digit, whether its best-scoring detection
 (score >= 0.3) at IoU >= 0.5 has the right class, a wrong one, or there is none; and, on the
 validation scenes only, three other post-processing settings (NMS IoU 0.5 / 0.7, score 0.01 with
-300 candidates). The scenes are those of `detection/teacher` (the study's test scenes).
+300 candidates); and the mean square of the detector's FPN maps (p3, p4, p5) over the first 200
+training scenes (the scale FGD's summed feature loss grows with). The scenes are those of
+`detection/teacher` (the study's test scenes).
 """
 
 import sys
@@ -70,6 +72,16 @@ def main(ck, split="test"):
             dup += int((dc[match] == c[i]).sum() > 1)
     print(f"{n} digits: best detection (score >= 0.3, IoU >= 0.5) of the right class {right}, of a wrong "
           f"class {wrong}, none {none}; more than one of the right class {dup}")
+    feats = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+             for n in ("p3", "p4", "p5")]
+    mean, std = splits.info.mean[0], splits.info.std[0]
+    with torch.no_grad():
+        model((splits.train.x[:200] - mean) / std)
+    for h in hooks:
+        h.remove()
+    print("FPN mean square (200 training scenes): " + ", ".join(f"{n} {float((f ** 2).mean()):.3f}"
+                                                                 for n, f in feats.items()))
     if split == "val":
         for post in [dict(iou_thr=0.5), dict(iou_thr=0.7), dict(score_thr=0.01, pre_nms=300)]:
             g, d = predict(model, loader, **post)
