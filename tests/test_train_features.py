@@ -460,3 +460,34 @@ def test_mixup_with_a_cached_teacher_is_refused():
     r = load_recipe("methods/digits/kd", ["train.mixup=0.2"])
     with pytest.raises(ValueError, match="teacher_mode: live"):
         build_run(r, teacher=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+
+
+def test_stop_after_epochs_ends_a_longer_schedule_where_it_says(tmp_path):
+    """train.stop_after_epochs: 2 of a 3-epoch cosine schedule trains exactly the first two epochs of
+    the full run (same losses) at the full schedule's learning rates, then finishes from the best."""
+    import csv
+
+    import torch
+
+    import kdlab
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(48, 1, 8, 8, generator=g), torch.arange(48) % 3
+    base = {"epochs": 3, "lr": 0.1, "schedule": "cosine", "warmup_epochs": 0, "patience": None,
+            "batch_size": 16, "threads": 1}
+
+    def run(name, **extra):
+        res = kdlab.fit("cnn_tiny", train_data=(x, y), val_data=(x[:24], y[:24]), num_classes=3,
+                        train={**base, **extra}, run_dir=tmp_path / name, progress=False)
+        with open(tmp_path / name / "metrics.csv") as f:
+            return res, list(csv.DictReader(f))
+
+    full, full_rows = run("full")
+    cut, cut_rows = run("cut", stop_after_epochs=2)
+    assert (full["epochs_run"], full["stopped_early"]) == (3, False)
+    assert (cut["epochs_run"], cut["stopped_early"]) == (2, True)
+    assert len(cut_rows) == 2
+    # epoch 2 runs at the 3-epoch cosine's lr: 0.1 * (1 + cos(pi/3)) / 2 = 0.075 (a 2-epoch schedule: 0.05)
+    assert abs(float(cut_rows[1]["lr"]) - 0.075) < 1e-9
+    for a, b in zip(cut_rows, full_rows[:2]):
+        assert a["loss"] == b["loss"]

@@ -189,6 +189,10 @@ class TrainCfg(_Strict):
     # to float rounding), channels-last on GPUs or with channels_last; false (the default until its
     # speed-up is measured on an idle machine, docs/speed.md) runs it as loaded
     fast_teacher: bool = False
+    # end training after this many epochs of the ``epochs``-long schedule (the learning-rate schedule
+    # still spans ``epochs``); the run then finishes normally from its best epoch so far, with
+    # ``stopped_early: true`` in result.json. None (default): train all ``epochs``
+    stop_after_epochs: Optional[int] = Field(None, ge=1)
     # same numbers on any machine's CPU thread count: torch.use_deterministic_algorithms and a fixed
     # intra-op thread count (``threads``, 1 unless set); ``threads`` alone fixes only the count
     deterministic: bool = False
@@ -242,7 +246,7 @@ class StudyCfg(_Strict):
 
 #: ``train`` keys added after runs existed: at these values they are left out of run identities
 #: (``Recipe.to_dict`` and every task recipe built on ``TrainCfg``), so finished runs keep theirs
-NEW_TRAIN_DEFAULTS = {"fast_teacher": False, "ema": None, "mixup": 0.0, "cutmix": 0.0}
+NEW_TRAIN_DEFAULTS = {"fast_teacher": False, "ema": None, "mixup": 0.0, "cutmix": 0.0, "stop_after_epochs": None}
 
 
 def drop_new_train_defaults(train: dict) -> dict:

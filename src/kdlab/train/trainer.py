@@ -473,6 +473,9 @@ class Trainer:
                 if cfg.patience is not None and st.bad_epochs >= cfg.patience:
                     stopped_early = True
                     break
+                if cfg.stop_after_epochs is not None and st.epoch >= cfg.stop_after_epochs:
+                    stopped_early = True  # the recipe ends the schedule here (train.stop_after_epochs)
+                    break
                 epoch = st.epoch
                 row = self.train_epoch(epoch)
                 t_eval = time.perf_counter()
