@@ -36,7 +36,7 @@ from kdlab.core.io import read_json
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data.splits import TensorSet
 from kdlab.distill.losses import build_terms
-from kdlab.distill.teachers import TeacherStore, build_teacher_source
+from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.evaluate.detection import evaluate_detector, predict
 from kdlab.models.adapters import build_model
 from kdlab.models.detection import layout_of
@@ -109,17 +109,22 @@ def build_detection_run(recipe: Recipe, *, splits=None, teacher=None, store: Opt
     if not hasattr(student, "layout"):
         raise ValueError(f"student {sc.model} is not a detector; detection recipes need a detection model "
                          f"(e.g. student.model: gfl_det)")
+    from kdlab.distill.losses.tv_detection import check_detector_terms
+
     terms = build_terms(recipe.loss)
     for _, _, t in terms:
         t.to(dev)
     needs_teacher = any(t.needs_teacher for _, _, t in terms)
+    check_detector_terms(student, teacher, [n for n, _, _ in terms])  # before a teacher is loaded
     if needs_teacher and teacher is None:
         teacher = load_teacher(recipe, info, dev)
+        check_detector_terms(student, teacher, [n for n, _, _ in terms])
     train_loader, val_loader, test_loader = make_detection_loaders(recipe, splits, runtime, derive_seed(cfg.seed, "data"))
     source = None
     if needs_teacher:
         layers = list(dict.fromkeys(l for _, _, t in terms for l in t.teacher_layers()))
-        source = build_teacher_source(teacher.to(dev), mode=cfg.teacher_mode, layers=layers, store=store,
+        source = build_teacher_source(teacher.to(dev), plan=teacher_plan(cfg.teacher_mode), layers=layers,
+                                      fast=cfg.fast_teacher, store=store,
                                       loader=train_loader, dataset=recipe.data.model_dump(),
                                       checkpoint=recipe.teacher.checkpoint, device=dev)
     objective = DetectionObjective(student, terms, runtime=runtime, teacher=source, meta=student_meta(recipe, info),
@@ -144,7 +149,7 @@ def ladder(recipe: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
     full_name = "+".join(t.term for t in extra) or "baseline"
     out = {"baseline": recipe.derive(loss=base, teacher=None, name=f"{recipe.name}-baseline")}
     if mode in ("ladder", "both"):
-        if not any(t.term == "det_kd" for t in extra):
+        if not any(t.term == "det_kd" for t in extra) and not any(t.term == "tv_det" for t in base):
             from kdlab.core.config import TermCfg
 
             out["kd"] = recipe.derive(loss=base + [TermCfg(term="det_kd", weight=1.0)], name=f"{recipe.name}-kd")
@@ -200,7 +205,10 @@ class DetectionTask(Task):
 
     def prepare_study(self, recipes: dict, out_dir, *, data_dir=None, progress: bool = True,
                       log: Callable = print) -> Any:
-        for r in recipes.values():
+        from kdlab.distill.losses.tv_detection import check_detector_terms
+
+        for r in recipes.values():  # terms the detectors cannot run are refused before a teacher is trained
+            check_detector_terms(r.student.model, r.teacher.model if r.teacher else None, [t.term for t in r.loss])
             self.ensure_teacher(r, progress=progress, log=log)
         store = TeacherStore(root=Path(out_dir) / ".teacher_cache")
         layers = list(dict.fromkeys(l for r in recipes.values() for _, _, t in build_terms(r.loss)
