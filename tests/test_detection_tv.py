@@ -118,6 +118,22 @@ def test_fpn_taps_layout_and_refusals():
     with pytest.raises(ValueError, match="tv_det trains a torchvision detector"):
         check_detector_terms(gfl, None, ["tv_det"])
     check_detector_terms(m, gfl, ["tv_det", "fgd", "det_fitnets"])  # feature terms: fine either way
+    # ... and they run on the maps of a gfl_det teacher and a torchvision student (same strides)
+    from kdlab.distill.losses import BatchRecord
+    from kdlab.distill.losses.detection import FGD, DetFitNets
+
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad(), Taps(gfl.eval(), ["p3", "p4", "p5"], detach=True) as tt:
+        gfl(x)
+        t_feats = {n: tt[n] for n in ("p3", "p4", "p5")}
+    with Taps(m.train(), ["p3", "p4", "p5"]) as st:
+        out = m(x)
+        s_feats = {n: st[n] for n in ("p3", "p4", "p5")}
+    rec = BatchRecord(x=x, y=Y, s_logits=out, s_feats=s_feats, t_feats=t_feats)
+    for term in (FGD(), DetFitNets()):
+        term.setup(rec)
+        v = term(rec)
+        assert math.isfinite(float(v.detach())) and float(v.detach()) > 0
 
 
 RECIPE = """
@@ -199,7 +215,7 @@ def test_fgd_and_fitnets_between_two_torchvision_detectors(tmp_path):
     assert [tuple(rec.s_feats[n].shape) for n in ("p3", "p4", "p5")] == [(B, 8, 8, 8), (B, 8, 4, 4), (B, 8, 2, 2)]
     total, parts = objective.losses(rec)
     assert set(parts) == {"tv_det", "fgd", "det_fitnets"}
-    assert all(math.isfinite(float(v)) for v in parts.values()) and float(parts["det_fitnets"]) > 0
+    assert all(math.isfinite(float(v.detach())) for v in parts.values()) and float(parts["det_fitnets"].detach()) > 0
     total.backward()
     g = objective.student.net.backbone.body["c3"][0][0].weight.grad
     assert g is not None and float(g.abs().sum()) > 0
