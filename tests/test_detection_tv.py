@@ -227,3 +227,48 @@ def test_fgd_and_fitnets_between_two_torchvision_detectors(tmp_path):
     for term in (FGD(), DetFitNets()):
         term.setup(same)
         assert float(term(same).detach()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_tv_retinanet_on_a_coco_folder_with_rgb_images(tmp_path):
+    """``data.name: coco`` (a user's images folder + COCO JSON, 3-channel, 32 px images resized to
+    64x64): a RetinaNet with in_channels 3 trains one epoch through `kdlab distill` and reports mAP."""
+    pytest.importorskip("torchvision")
+    PIL = pytest.importorskip("PIL.Image")
+    from kdlab.cli.main import main
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "images").mkdir()
+    images, anns = [], []
+    for i in range(12):
+        a = torch.zeros(32, 32, 3)
+        x0, y0 = (int(v) for v in torch.randint(0, 14, (2,), generator=g))
+        a[y0:y0 + 10, x0:x0 + 10] = torch.tensor([1.0, 0.5, 0.0])
+        PIL.fromarray((a.numpy() * 255).astype("uint8")).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 32, "height": 32})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [x0, y0, 10, 10], "area": 100,
+                     "iscrowd": 0})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": 7, "name": "square"}, {"id": 9, "name": "unused"}]}))
+    rpath = tmp_path / "coco.yaml"
+    rpath.write_text(f"""
+name: coco-tv
+task: detection
+data:
+  name: coco
+  root: {tmp_path / "images"}
+  image_size: [64, 64]
+  val_fraction: 0.25
+  kwargs: {{ann: {tmp_path / "ann.json"}, max_objects: 2, channels: 3}}
+student:
+  model: tv_retinanet
+  kwargs: {{width: 2, fpn_channels: 8, anchor_scale: 2.0}}
+train: {{epochs: 1, batch_size: 4, eval_batch_size: 8, optimizer: adamw, lr: 0.003, patience: null}}
+loss:
+  - term: tv_det
+""")
+    assert main(["distill", str(rpath), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert all(math.isfinite(res[k]) and 0.0 <= res[k] <= 1.0 for k in ("val_map", "test_map", "test_map50"))
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ck["in_channels"] == 3 and ck["model"]["net.backbone.body.stem.0.weight"].shape[1] == 3
