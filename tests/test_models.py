@@ -183,7 +183,7 @@ def test_small_cnn_size_ladder():
 _HEAVY = {"resnet34", "resnet50", "resnet101", "resnet110", "resnet32x4",
           "wrn_16_8", "wrn_28_10", "wrn_40_4", "wrn_16_4", "wrn_40_2"}
 _EMBEDDING = {"iresnet_small", "mobilefacenet_small"}  # face-embedding networks (no classifier): tests/test_faces.py
-_DETECTORS = {"gfl_det"}  # dense box predictions, not class logits: tests/test_detection.py
+_DETECTORS = {"gfl_det", "tv_fcos", "tv_retinanet"}  # dense box predictions, not class logits: tests/test_detection*.py
 _LIGHT = [n for n, _ in list_models() if n not in _HEAVY and n not in _EMBEDDING and n not in _DETECTORS]
 
 

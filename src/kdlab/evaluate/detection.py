@@ -101,7 +101,10 @@ def coco_metrics(gts, dets, num_classes: int, *, image_sizes=None, with_precisio
 @torch.no_grad()
 def postprocess(out: torch.Tensor, layout, *, score_thr: float = 0.05, pre_nms: int = 100,
                 iou_thr: float = 0.6, max_det: int = 100):
-    """Per image ``(boxes [d, 4], scores [d], labels [d])`` tensors from a detector output."""
+    """Per image ``(boxes [d, 4], scores [d], labels [d])`` tensors from a detector output (a layout
+    with its own ``detections``, a torchvision detector's, post-processes by itself)."""
+    if hasattr(layout, "detections"):
+        return layout.detections(out)
     scores, boxes = layout.decode(out)
     dets = []
     C = scores.shape[-1]

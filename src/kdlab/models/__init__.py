@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ._registry import MODELS, register_model
-from . import cifar_resnet, detection, faces, resnet, small  # noqa: F401  (registers the models)
+from . import cifar_resnet, detection, faces, resnet, small, tv_detection  # noqa: F401  (registers the models)
 
 __all__ = ["MODELS", "create_model", "list_models", "register_model", "model_kwargs"]
 

@@ -114,12 +114,16 @@ def build_detection_run(recipe: Recipe, *, splits=None, teacher=None, store: Opt
     if not hasattr(student, "layout"):
         raise ValueError(f"student {sc.model} is not a detector; detection recipes need a detection model "
                          f"(e.g. student.model: gfl_det)")
+    from kdlab.distill.losses.tv_detection import check_detector_terms
+
     terms = build_terms(recipe.loss)
     for _, _, t in terms:
         t.to(dev)
     needs_teacher = any(t.needs_teacher for _, _, t in terms)
+    check_detector_terms(student, teacher, [n for n, _, _ in terms])  # before a teacher is loaded
     if needs_teacher and teacher is None:
         teacher = load_teacher(recipe, info, dev)
+        check_detector_terms(student, teacher, [n for n, _, _ in terms])
     train_loader, val_loader, test_loader = make_detection_loaders(recipe, splits, runtime, derive_seed(cfg.seed, "data"))
     source = None
     if needs_teacher:
@@ -150,7 +154,7 @@ def ladder(recipe: Recipe, mode: str = "ladder") -> dict[str, Recipe]:
     full_name = "+".join(t.term for t in extra) or "baseline"
     out = {"baseline": recipe.derive(loss=base, teacher=None, name=f"{recipe.name}-baseline")}
     if mode in ("ladder", "both"):
-        if not any(t.term == "det_kd" for t in extra):
+        if not any(t.term == "det_kd" for t in extra) and not any(t.term == "tv_det" for t in base):
             from kdlab.core.config import TermCfg
 
             out["kd"] = recipe.derive(loss=base + [TermCfg(term="det_kd", weight=1.0)], name=f"{recipe.name}-kd")
@@ -205,7 +209,10 @@ class DetectionTask(Task):
 
     def prepare_study(self, recipes: dict, out_dir, *, data_dir=None, progress: bool = True,
                       log: Callable = print) -> Any:
-        for r in recipes.values():
+        from kdlab.distill.losses.tv_detection import check_detector_terms
+
+        for r in recipes.values():  # terms the detectors cannot run are refused before a teacher is trained
+            check_detector_terms(r.student.model, r.teacher.model if r.teacher else None, [t.term for t in r.loss])
             self.ensure_teacher(r, progress=progress, log=log)
         store = TeacherStore(root=Path(out_dir) / ".teacher_cache")
         layers = list(dict.fromkeys(l for r in recipes.values() for _, _, t in build_terms(r.loss)

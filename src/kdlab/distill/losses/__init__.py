@@ -5,7 +5,7 @@ Import order registers the families; a recipe names terms with ``term: <name>``.
 
 from kdlab.distill.losses.base import LOSSES, BatchRecord, LossTerm, layer_pairs, register_loss
 from kdlab.distill.losses import response, attention, dkd, feature, relation, contrastive, faces, detection  # noqa: F401  (registers the terms)
-from kdlab.distill.losses import dist, mlkd, reviewkd, vid, cc, hmat  # noqa: F401  (part two: one file per method)
+from kdlab.distill.losses import dist, mlkd, reviewkd, vid, cc, hmat, tv_detection  # noqa: F401  (part two: one file per method)
 from kdlab.distill.losses.response import kd_loss
 from kdlab.distill.losses.attention import attention_pair, spatial_attention
 
