@@ -7,9 +7,12 @@ tensors (``bench._synthetic_splits``: uniform images, random labels; already nor
 augmentation on either side), batch ``batch_size``, ``steps`` batches per epoch. torchdistill runs
 its own ``DistillationBox`` (its training box: teacher forward under ``no_grad``, its hooks, its
 loss registry, its ``post_forward_process`` backward and optimiser step) over a ``DataLoader``
-(0 workers); kdlab runs its ``Trainer.train_epoch`` with the defaults (``teacher_mode: live``,
-the teacher folded). Each side gets one untimed warm-up epoch; then they take turns, ``repeats``
-rounds of one epoch each. Every round is reported, and the median's ratio.
+(0 workers), always with its own defaults (fp32, contiguous memory, eager); kdlab runs its
+``Trainer.train_epoch`` with ``teacher_mode: live``, the teacher folded (``fast_teacher``) and
+kdlab's speed options as given (``amp``: ``none`` / ``bf16`` / ``fp16``, ``channels_last``,
+``compile``: ``kdlab bench --against torchdistill --amp bf16 --channels-last``). Each side's settings
+are printed and returned (``settings``). Each side gets one untimed warm-up epoch; then they take
+turns, ``repeats`` rounds of one epoch each. Every round is reported, and the median's ratio.
 
 torchdistill and torchvision are optional: without them the comparison is skipped with one line.
 """
@@ -51,10 +54,30 @@ def _td_epoch(box, epoch: int) -> None:
         box.post_forward_process(loss=loss)
 
 
+def side_settings(*, amp: str = "none", channels_last: bool = False, compile_: bool = False,
+                  fast_teacher: bool = True) -> dict:
+    """What each side of the comparison runs with: kdlab's options as given, torchdistill's own
+    defaults (``DistillationBox``: fp32, contiguous, eager, teacher as loaded under ``no_grad``)."""
+    return {"kdlab": {"amp": amp, "channels_last": bool(channels_last), "compile": bool(compile_),
+                      "fast_teacher": bool(fast_teacher), "teacher_mode": "live"},
+            "torchdistill": {"amp": "none", "channels_last": False, "compile": False,
+                             "fast_teacher": False, "teacher_mode": "live (no_grad)"}}
+
+
+def format_settings(s: dict) -> str:
+    """``amp bf16, channels-last, eager, teacher folded`` (one side's settings in words)."""
+    return ", ".join([f"amp {s['amp']}", "channels-last" if s["channels_last"] else "contiguous",
+                      "compiled" if s["compile"] else "eager",
+                      "teacher folded" if s["fast_teacher"] else "teacher as loaded"])
+
+
 def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "resnet20", batch_size: int = 64,
-                               steps: int = 5, repeats: int = 3, log=print) -> list[dict]:
+                               steps: int = 5, repeats: int = 3, amp: str = "none", channels_last: bool = False,
+                               compile_: bool = False, fast_teacher: bool = True, log=print) -> list[dict]:
     """Images/s of kdlab's and torchdistill's live KD epochs, alternating (see the module doc);
-    ``[]`` (and one line) when torchdistill or torchvision is not installed."""
+    ``[]`` (and one line) when torchdistill or torchvision is not installed. ``amp``,
+    ``channels_last``, ``compile_``, ``fast_teacher``: kdlab's side only; each row holds its
+    side's ``settings``."""
     try:
         import torchvision  # noqa: F401
         from torchdistill.models.classification import resnet as td_resnet
@@ -79,8 +102,14 @@ def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "res
     torch.manual_seed(0)
     td_box = _torchdistill_box(getattr(td_resnet, teacher)(num_classes=10).eval(),
                                getattr(td_resnet, student)(num_classes=10), dataset, batch_size, 0.05)
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp takes none, bf16 or fp16 (got {amp!r})")
+    settings = side_settings(amp=amp, channels_last=channels_last, compile_=compile_, fast_teacher=fast_teacher)
+    for name, st in settings.items():
+        log(f"  {name:<13} settings: {format_settings(st)}")
     r = bench_recipe("kd", student=student, teacher=teacher, batch_size=batch_size, layer_pair=("layer3", "layer3"),
-                mask_steps=1, mode="live", amp="none", channels_last=False, compile_=False)
+                     mask_steps=1, mode="live", amp=amp, channels_last=channels_last, compile_=compile_,
+                     fast_teacher=fast_teacher)
     r = r.model_copy(update={"train": r.train.model_copy(update={"lr": 0.05, "device": "cpu"})})
     from kdlab.models import create_model
 
@@ -101,7 +130,8 @@ def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "res
     rows = []
     for name, ts in times.items():
         med = sorted(ts)[len(ts) // 2]
-        rows.append({"tool": name, "images_per_s": n / med, "images_per_s_rounds": [n / t for t in ts]})
+        rows.append({"tool": name, "images_per_s": n / med, "images_per_s_rounds": [n / t for t in ts],
+                     "settings": settings[name]})
         log(f"  {name:<13} {n / med:9.1f} img/s (median of {len(ts)}; rounds "
             f"{', '.join(f'{n / t:.1f}' for t in ts)})")
     ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]

@@ -163,7 +163,7 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
             f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])})")
     base = next((r["images_per_s"] for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
-        r["cost_vs_baseline"] = base / r["images_per_s"] if base else float("nan")
+        r["cost_vs_baseline"] = base / r["images_per_s"] if base else None  # no baseline timed: none
     return rows
 
 
@@ -171,8 +171,10 @@ def format_table(rows: list[dict], title: str = "") -> str:
     lines = [title] if title else []
     lines += ["| step | images/s | ms/step | cost vs baseline | waiting for data |", "|---|---:|---:|---:|---:|"]
     for r in rows:
+        cost = r.get("cost_vs_baseline")
+        cost = "—" if cost is None or cost != cost else f"{cost:.2f}x"  # no baseline among the variants
         lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | "
-                     f"{r['cost_vs_baseline']:.2f}x | {100 * r.get('data_wait_fraction', float('nan')):.1f}% |")
+                     f"{cost} | {100 * r.get('data_wait_fraction', float('nan')):.1f}% |")
     return "\n".join(lines)
 
 

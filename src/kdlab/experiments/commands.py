@@ -306,7 +306,8 @@ def bench_command(args, overrides: list) -> int:
         print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
               f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
-                                          steps=args.steps, repeats=args.repeats)
+                                          steps=args.steps, repeats=args.repeats, amp=args.amp,
+                                          channels_last=args.channels_last, compile_=args.compile)
         if args.json and rows:
             from kdlab.core.io import write_json
 

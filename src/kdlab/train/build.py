@@ -248,7 +248,10 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
         raise ValueError("mask.reuse: per-image does not take unlabelled samples yet; use mask.reuse: per-view "
                          "with data.unlabelled: transfer or data.transfer")
     source_kw = dict(plan=plan, store=store, loader=train_loader, dataset=data_key, device=dev,
-                     fast=cfg.fast_teacher, channels_last=cfg.channels_last or dev.type == "cuda",
+                     fast=cfg.fast_teacher,
+                     # channels-last teacher: asked for, or the folded copy on CUDA (the teacher as
+                     # loaded keeps its layout there, so a default GPU run's numbers stay as they were)
+                     channels_last=cfg.channels_last or (dev.type == "cuda" and cfg.fast_teacher),
                      compile=cfg.compile, amp=cfg.amp)
     source = None
     if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
