@@ -8,7 +8,8 @@ from kdlab.cli import args as A
 def cmd_bench(args) -> int:
     from kdlab.experiments.commands import bench_command
 
-    return bench_command(args, A.recipe_overrides(args) if args.study else [])
+    return bench_command(args, A.recipe_overrides(args, with_data_dir=False) if args.accuracy else
+                         A.recipe_overrides(args) if args.study else [])
 
 
 def register(sub) -> None:
@@ -37,6 +38,12 @@ def register(sub) -> None:
     p.add_argument("--study", metavar="RECIPE",
                    help="instead: run this study (the ablation ladder) and report the seconds in student "
                         "steps, teacher forward passes and masks, ending with 'study/students: <ratio>'")
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead: train live KD --teacher -> --student for --epochs on generated learnable "
+                        "CIFAR-format data (--synthetic-cifar N images, default 2560) with today's defaults "
+                        "and with the fast settings (bf16, channels-last, fast_teacher), --seeds (default "
+                        "0 1 2), and print test accuracy per seed and the paired difference's t-interval")
+    p.add_argument("--epochs", type=A.POSITIVE, default=3, help="--accuracy: training epochs (default %(default)s)")
     p.add_argument("--mask-reuse", metavar="MODES",
                    help="--study: run the study once per mask.reuse mode, e.g. per-view,per-image "
                         "(default: the recipe's own, once)")

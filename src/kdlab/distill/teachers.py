@@ -253,8 +253,27 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def module_fingerprint(model: torch.nn.Module) -> str:
-    return tensor_fingerprint(*[v for _, v in sorted(model.state_dict().items())])
+    """A content hash of the model's state dict. Remembered per model while its tensors are
+    unchanged (the same version counters: an optimiser step or ``load_state_dict`` bumps them),
+    so a study's runs hash their shared teacher once."""
+    state = sorted(model.state_dict().items())
+    versions = tuple((k, v._version, v.data_ptr()) for k, v in state)
+    try:
+        memo = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    digest = tensor_fingerprint(*[v for _, v in state])
+    try:
+        _FINGERPRINTS[model] = (versions, digest)
+    except TypeError:
+        pass
+    return digest
 
 
 class TeacherStore:

@@ -182,34 +182,43 @@ def _quiet(*_a, **_k):
     pass
 
 
-def study_breakdown(results: list[dict], wall_s: float) -> dict:
+_PARTS = ("student_s", "teacher_forward_s", "mask_s", "eval_s", "setup_s", "checkpoint_s")
+
+
+def study_breakdown(results: list[dict], wall_s: float, report_s: float = 0.0) -> dict:
     """Where a study's time went, from its runs' ``result.json`` dicts and its wall time.
 
     Per method (in first-seen order) and in total: ``runs``, ``student_s`` (Σ ``student_time_s``:
-    the students' own steps, forward/backward/optimiser, without teacher and mask time),
-    ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s``: teacher forward passes and cache
-    reads) and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups
-    and mapping), ``eval_s`` (Σ ``eval_time_s``: the students' validation each epoch and final
-    evaluation, which a CE-only study pays too). ``other_s = wall − student − teacher_forward −
-    mask − eval`` (data, model set-up, checkpoints, report) and ``ratio = wall / Σ student_s``
-    (the ``study/students`` line).
+    the students' own steps, forward/backward/optimiser and their batches, without teacher and
+    mask time), ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s`` plus the set-up probe's
+    teacher outputs ``setup_teacher_time_s − setup_mask_time_s``: teacher forward passes and cache
+    reads) and ``mask_s`` (Σ ``mask_time_s + setup_mask_time_s``: IG / gradient × activation,
+    per-image map lookups and mapping), ``eval_s`` (Σ ``eval_time_s``: the students' validation
+    each epoch and final test, which a CE-only study pays too), ``setup_s`` (Σ ``setup_time_s −
+    setup_teacher_time_s``: each run's data, models, teacher source with its cache key, and the
+    objective's probe batch) and ``checkpoint_s`` (Σ ``checkpoint_time_s``: best.pt, last.pt,
+    metrics.csv, run.json written, best.pt read back). ``report_s``: the study's report (tables,
+    statistics, figures, page). ``other_s = wall − all of those`` (loading the teacher, the
+    study's own files, the loop between runs) and ``ratio = wall / Σ student_s`` (the
+    ``study/students`` line).
     """
     methods: dict[str, dict] = {}
     for r in results:
-        m = methods.setdefault(r["method"], {"runs": 0, "student_s": 0.0, "teacher_forward_s": 0.0,
-                                             "mask_s": 0.0, "eval_s": 0.0})
+        m = methods.setdefault(r["method"], {"runs": 0, **{k: 0.0 for k in _PARTS}})
         mask = float(r.get("mask_time_s", 0.0))
         teacher = float(r.get("teacher_time_s", 0.0))
+        s_teacher, s_mask = float(r.get("setup_teacher_time_s", 0.0)), float(r.get("setup_mask_time_s", 0.0))
         m["runs"] += 1
         m["student_s"] += float(r.get("student_time_s", r["train_time_s"] - teacher))
-        m["teacher_forward_s"] += teacher - mask
-        m["mask_s"] += mask
+        m["teacher_forward_s"] += teacher - mask + s_teacher - s_mask
+        m["mask_s"] += mask + s_mask
         m["eval_s"] += float(r.get("eval_time_s", 0.0))
-    total = {k: sum(m[k] for m in methods.values())
-             for k in ("runs", "student_s", "teacher_forward_s", "mask_s", "eval_s")}
+        m["setup_s"] += float(r.get("setup_time_s", 0.0)) - s_teacher
+        m["checkpoint_s"] += float(r.get("checkpoint_time_s", 0.0))
+    total = {k: sum(m[k] for m in methods.values()) for k in ("runs",) + _PARTS}
     total["wall_s"] = float(wall_s)
-    total["other_s"] = (total["wall_s"] - total["student_s"] - total["teacher_forward_s"] - total["mask_s"]
-                        - total["eval_s"])
+    total["report_s"] = float(report_s)
+    total["other_s"] = total["wall_s"] - total["report_s"] - sum(total[k] for k in _PARTS)
     total["ratio"] = total["wall_s"] / total["student_s"] if total["student_s"] > 0 else float("nan")
     return {"methods": methods, "total": total}
 
@@ -230,7 +239,9 @@ def format_breakdown(block: dict) -> str:
                      f"results identical: {v['identical']}")
     lines.append(f"wall {t['wall_s']:.1f} s = students {t['student_s']:.1f} + teacher forward "
                  f"{t['teacher_forward_s']:.1f} + masks {t['mask_s']:.1f} + students' evaluation "
-                 f"{t.get('eval_s', 0.0):.1f} + other {t['other_s']:.1f} (data, set-up, checkpoints, report)")
+                 f"{t.get('eval_s', 0.0):.1f} + runs' set-up {t.get('setup_s', 0.0):.1f} + checkpoints "
+                 f"{t.get('checkpoint_s', 0.0):.1f} + report {t.get('report_s', 0.0):.1f} + other "
+                 f"{t['other_s']:.1f} (teacher loading, study files, the loop between runs)")
     lines.append(f"study/students: {t['ratio']:.2f}")
     return "\n".join(lines)
 
@@ -301,20 +312,20 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     def one(ov, folder, cache):
         t0 = time.perf_counter()
         lines: list[str] = []
-        run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
-                     log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
+        rep = run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
+                           log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
         atomic_write_text(folder / "study.log", "\n".join(lines) + "\n")
         runs = [read_json(p, "run result") for p in sorted(folder.glob("*/seed*/result.json"))]
-        return wall, runs
+        return wall, runs, float((rep or {}).get("report_time_s", 0.0))
 
     blocks = []
     for m, ov, folder in plan:
         full = load_recipe(recipe_ref, ov)
         live = None
         if compare_cache:
-            lwall, lruns = one(ov, folder.with_name(folder.name + "-live"), False)
-        wall, runs = one(ov, folder, True)
+            lwall, lruns, lreport = one(ov, folder.with_name(folder.name + "-live"), False)
+        wall, runs, report_s = one(ov, folder, True)
         order = {name: i for i, name in enumerate(dict.fromkeys(json.loads((folder / "report" / "study.json")
                                                                             .read_text())["methods"]))}
         runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
@@ -322,12 +333,12 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
             key = lambda r: (r["method"], r["seed"], r["val_acc"], r["test_acc"], r["best_epoch"], r["test_loss"])
             live = {"wall_s": lwall, "speedup": lwall / wall,
                     "identical": sorted(map(key, lruns)) == sorted(map(key, runs)),
-                    **study_breakdown(lruns, lwall)["total"]}
+                    **study_breakdown(lruns, lwall, lreport)["total"]}
         seeds_run = sorted({r["seed"] for r in runs})
         block = {"recipe": full.name, "mask_reuse": (full.mask.reuse if full.mask is not None else None),
                  "mask": full.mask.model_dump() if full.mask is not None else None,
                  "folder": str(folder), "seeds": seeds_run, "epochs": full.train.epochs,
-                 "threads": torch.get_num_threads(), **study_breakdown(runs, wall), "vs_live": live}
+                 "threads": torch.get_num_threads(), **study_breakdown(runs, wall, report_s), "vs_live": live}
         block["title"] = (f"study {full.name}: {len(block['methods'])} methods x {len(seeds_run)} seed(s), "
                           f"{full.train.epochs} epoch(s), mask.reuse {block['mask_reuse'] or '-'}, teacher cache on, "
                           f"{block['threads']} thread(s) -> {folder}")

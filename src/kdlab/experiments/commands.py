@@ -264,6 +264,20 @@ def bench_command(args, overrides: list) -> int:
         from kdlab.core.threads import pin_threads
 
         pin_threads(args.threads)
+    if args.epochs != 3 and not args.accuracy:
+        raise ValueError("--epochs applies to --accuracy only (a --study takes --set train.epochs=N)")
+    if args.accuracy:
+        if args.study or args.against or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
+            raise ValueError("--accuracy takes --teacher, --student, --epochs, --synthetic-cifar, --seeds, --out, "
+                             "--set and --device; drop --study, --against, --mask-reuse, --compare-cache, "
+                             "--teacher-set and --data-dir")
+        from kdlab.experiments.bench_accuracy import accuracy_check
+
+        n = args.synthetic_cifar or 2560
+        accuracy_check(args.out or "runs/bench-accuracy", seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
+                       n_train=n, n_test=max(10, n // 5), teacher=args.teacher, student=args.student,
+                       device=args.device if args.device_given else "cpu", extra=overrides)
+        return 0
     if args.study:
         out = args.out or "runs/bench-study"
         overrides = list(overrides)
