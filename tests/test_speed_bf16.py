@@ -193,10 +193,41 @@ def test_bench_table_without_a_baseline_says_dash():
 
 
 def test_against_settings_apply_to_kdlab_only():
-    from kdlab.experiments.against import format_settings, side_settings
+    from kdlab.experiments.against import side_settings
+    from kdlab.experiments.bench import format_settings
 
     s = side_settings(amp="bf16", channels_last=True)
+    assert list(s) == ["kdlab", "torchdistill"]
     assert s["kdlab"]["amp"] == "bf16" and s["kdlab"]["channels_last"] and not s["kdlab"]["compile"]
     assert s["torchdistill"]["amp"] == "none" and not s["torchdistill"]["channels_last"]
     assert format_settings(s["kdlab"]) == "amp bf16, channels-last, eager, teacher folded"
     assert format_settings(s["torchdistill"]) == "amp none, contiguous, eager, teacher as loaded"
+    # several kdlab sides, one torchdistill: today's defaults and the fast settings, whatever the flags
+    s = side_settings(amp="fp16", variants=["kd-live-default", "kd-live-fast"])
+    assert list(s) == ["kdlab kd-live-default", "kdlab kd-live-fast", "torchdistill"]
+    assert format_settings(s["kdlab kd-live-default"]) == "amp none, contiguous, eager, teacher as loaded"
+    assert format_settings(s["kdlab kd-live-fast"]) == "amp bf16, channels-last, eager, teacher folded"
+    with pytest.raises(ValueError, match="live KD"):
+        side_settings(variants=["full-live"])
+
+
+def test_variant_suffixes_set_their_own_settings():
+    from kdlab.experiments.bench import bench_steps, variant_settings
+
+    flags = dict(amp="fp16", channels_last=True, compile_=False)
+    assert variant_settings("kd-live", **flags) == {"kind": "kd", "how": "live", "amp": "fp16", "channels_last": True,
+                                                    "compile": False, "fast_teacher": True}
+    assert variant_settings("kd-cached-asloaded", **flags)["fast_teacher"] is False
+    assert variant_settings("full-live-default", **flags) == {"kind": "full", "how": "live", "amp": "none",
+                                                              "channels_last": False, "compile": False,
+                                                              "fast_teacher": False}
+    assert variant_settings("baseline-fast")["amp"] == "bf16" and variant_settings("baseline-fast")["kind"] == "baseline"
+    for bad in ("kd", "kd-live-slow", "kd-live-fast-fast"):
+        with pytest.raises(ValueError, match="unknown"):
+            variant_settings(bad)
+    lines = []
+    rows = bench_steps(teacher="cnn_tiny", student="cnn_tiny", batch_size=8, steps=1, image_size=8, channels=1,
+                       variants=("kd-live-default", "kd-live-fast"), repeats=1, log=lines.append)
+    assert [r["settings"]["amp"] for r in rows] == ["none", "bf16"]
+    assert [r["settings"]["channels_last"] for r in rows] == [False, True]
+    assert "amp bf16, channels-last" in lines[1]

@@ -28,8 +28,10 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (default %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
-    p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached",
-                   help="comma-separated steps to time (default %(default)s)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated steps to time (default baseline,kd-live,kd-cached,full-live,full-cached; "
+                        "with --against: kd-live); a suffix -asloaded (teacher unfolded), -default (today's "
+                        "defaults) or -fast (bf16, channels-last, teacher folded) sets a variant's own settings")
     p.add_argument("--threads", type=A.COUNT, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--against", metavar="TOOL",
                    help="instead: time kdlab's live KD step next to TOOL's on the same generated data "

@@ -12,6 +12,13 @@ batches:
 * ``full (live)`` / ``full (cached)``: CE + KD + masked alignment + masked attention transfer with
   Integrated-Gradients masks, live or cached.
 
+A variant's suffix changes its settings (:func:`variant_settings`): none runs with the command's
+``--amp`` / ``--channels-last`` / ``--compile`` and the teacher folded; ``-asloaded`` the same with
+``train.fast_teacher`` off (the teacher as loaded); ``-default`` today's recipe defaults (fp32,
+contiguous, eager, teacher as loaded) whatever the flags; ``-fast`` the fast settings (``amp: bf16``,
+``channels_last``, ``fast_teacher``; ``--compile`` as given). ``kd-live-default,kd-live-fast`` thus
+times the defaults against the fast settings, alternating, in one process.
+
 The cached variants are filled by one untimed pass over the same batches first; every variant
 gets one untimed warm-up step. Then the variants take turns, one epoch of ``steps`` batches each,
 for ``repeats`` rounds; the median round is reported.
@@ -81,6 +88,37 @@ synthetic_splits = _synthetic_splits  # public names for kdlab.experiments.again
 bench_recipe = _recipe
 
 
+VARIANT_KINDS = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached")
+VARIANT_SUFFIXES = ("", "-asloaded", "-default", "-fast")
+
+
+def variant_settings(variant: str, *, amp: str = "none", channels_last: bool = False,
+                     compile_: bool = False) -> dict:
+    """``{kind, how, amp, channels_last, compile, fast_teacher}`` of a bench variant name (see the
+    module doc); ValueError naming the known names for another."""
+    base = next((k for k in sorted(VARIANT_KINDS, key=len, reverse=True)
+                 if variant == k or variant.startswith(k + "-")), None)
+    suffix = variant[len(base):] if base else None
+    if base is None or suffix not in VARIANT_SUFFIXES:
+        raise ValueError(f"--variants: unknown {variant!r}; choose from {', '.join(VARIANT_KINDS)}, each "
+                         f"optionally with -asloaded, -default or -fast")
+    kind, _, how = base.partition("-")
+    out = {"kind": kind, "how": how or "live", "amp": amp, "channels_last": bool(channels_last),
+           "compile": bool(compile_), "fast_teacher": suffix != "-asloaded"}
+    if suffix == "-default":
+        out.update(amp="none", channels_last=False, compile=False, fast_teacher=False)
+    elif suffix == "-fast":
+        out.update(amp="bf16", channels_last=True, fast_teacher=True)
+    return out
+
+
+def format_settings(s: dict) -> str:
+    """``amp bf16, channels-last, eager, teacher folded`` (one side's or variant's settings in words)."""
+    return ", ".join([f"amp {s['amp']}", "channels-last" if s["channels_last"] else "contiguous",
+                      "compiled" if s["compile"] else "eager",
+                      "teacher folded" if s["fast_teacher"] else "teacher as loaded"])
+
+
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -104,11 +142,11 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                         ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
         if int(v) != v or v < lo:
             raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
-    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached", "kd-live-asloaded",
-             "full-live-asloaded")
-    unknown = [v for v in variants if v not in known]
-    if unknown or not variants:
-        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+    if not variants:
+        raise ValueError(f"--variants: empty list; choose from {', '.join(VARIANT_KINDS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"--variants: each variant once (got {', '.join(variants)})")
+    settings = {v: variant_settings(v, amp=amp, channels_last=channels_last, compile_=compile_) for v in variants}
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
@@ -118,12 +156,12 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     stores = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
-            kind, _, how = v.partition("-")
-            how, _, asloaded = how.partition("-")  # -asloaded: train.fast_teacher off (teacher unfolded)
+            st = settings[v]
+            kind, how = st["kind"], st["how"]
             mode = "cache-fp16" if how == "cached" else "live"
             r = _recipe(kind, student=student, teacher=teacher, batch_size=batch_size, layer_pair=layers,
-                        mask_steps=mask_steps, mode=mode, amp=amp, channels_last=channels_last,
-                        compile_=compile_, fast_teacher=not asloaded)
+                        mask_steps=mask_steps, mode=mode, amp=st["amp"], channels_last=st["channels_last"],
+                        compile_=st["compile"], fast_teacher=st["fast_teacher"])
             store = stores[v] = TeacherStore() if how == "cached" else None
             run = build_run(r, splits=splits, teacher=t_model if kind != "baseline" else None, store=store)
             tr = trainers[v] = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / v,
@@ -154,13 +192,14 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
         ips = batch_size * n / dt
         out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / n,
                "images_per_s_rounds": [batch_size * n / t for t in times[v]],
-               "data_wait_fraction": sum(waits[v]) / sum(times[v]) if sum(times[v]) > 0 else float("nan")}
+               "data_wait_fraction": sum(waits[v]) / sum(times[v]) if sum(times[v]) > 0 else float("nan"),
+               "settings": {k: settings[v][k] for k in ("amp", "channels_last", "compile", "fast_teacher")}}
         if stores[v] is not None:
             out["cache_hits"] = stores[v].hits
         rows.append(out)
         log(f"  {v:<18} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step, waiting for data "
             f"{100 * out['data_wait_fraction']:.1f}% of step time; rounds "
-            f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])})")
+            f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])}; {format_settings(out['settings'])})")
     base = next((r["images_per_s"] for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
         r["cost_vs_baseline"] = base / r["images_per_s"] if base else None  # no baseline timed: none

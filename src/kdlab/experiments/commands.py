@@ -321,13 +321,14 @@ def bench_command(args, overrides: list) -> int:
               f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
                                           steps=args.steps, repeats=args.repeats, amp=args.amp,
-                                          channels_last=args.channels_last, compile_=args.compile)
+                                          channels_last=args.channels_last, compile_=args.compile,
+                                          variants=(args.variants or "kd-live").split(","))
         if args.json and rows:
             from kdlab.core.io import write_json
 
             write_json(args.json, rows)
         return 0
-    variants = args.variants.split(",")
+    variants = (args.variants or "baseline,kd-live,kd-cached,full-live,full-cached").split(",")
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
           f"torch threads {torch.get_num_threads()}")
