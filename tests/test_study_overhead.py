@@ -116,3 +116,22 @@ def test_fast_teacher_runs_a_channels_last_copy_on_the_cpu():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # folded
     plain = build_run(_recipe(fast=False), teacher=t).objective.teacher.teacher
     assert plain is t
+
+
+def test_last_checkpoint_keeps_the_best_epochs_weights(tmp_path):
+    """last.pt keeps a copy of best.pt (to rebuild it when it is lost): on the CPU too it holds the
+    weights of the best epoch, not the weights training moved on to."""
+    from kdlab.train.build import build_run, trainer_for
+
+    run = build_run(_recipe(epochs=1), teacher=_teacher())
+    tr = trainer_for(run, tmp_path / "r", progress=False)
+    tr.save_best("student", 1, {})
+    saved = {k: v.clone() for k, v in run.objective.student.state_dict().items()}
+    with torch.no_grad():
+        for p in run.objective.student.parameters():
+            p.add_(1.0)  # training moves on
+    tr.save_last()
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=False)["best"]["student"]["model"]
+    assert all(torch.equal(last[k], saved[k]) for k in saved)
+    k = next(k for k, v in saved.items() if v.is_floating_point())
+    assert not torch.equal(last[k], run.objective.student.state_dict()[k])  # the weights did move on
