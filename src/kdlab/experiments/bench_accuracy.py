@@ -2,7 +2,7 @@
 
 Live KD of a CIFAR ResNet student from a CIFAR ResNet teacher (default resnet56 -> resnet20, the
 ``cifar10/kd`` recipe otherwise: batch 64, SGD momentum 0.9, weight decay 5e-4, crop + flip; for a
-short run lr 0.1 with a cosine schedule, which :data:`TRAIN` sets for teacher and students) for
+short run lr 0.05 with a cosine schedule, which :data:`TRAIN` sets for teacher and students) for
 ``epochs`` epochs on *learnable* generated CIFAR-format data (:mod:`kdlab.data.cifar_synthetic`: a class
 grating on a random background at a random place; chance is 10 %), trained twice per seed:
 
@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-TRAIN = ["train.lr=0.1", "train.schedule=cosine", "train.patience=null"]  # both settings and the teacher
+TRAIN = ["train.lr=0.05", "train.schedule=cosine", "train.patience=null"]  # both settings and the teacher
 
 SETTINGS = {
     "default": [],
