@@ -83,16 +83,17 @@ def _digits():
     return load_dataset("digits", val_fraction=0.1, label_fraction=0.1, seed=0)
 
 
-def test_bf16_cached_and_masked_runs_equal_their_uncached_reruns():
-    """bf16 + channels-last with the teacher cache: KD fills the logits, the masked method adds
-    the IG masks; each run's loss history equals the same run without the store, exactly (the
-    live path rounds through fp16 like the store), and the masked run reuses the stored logits."""
+@pytest.mark.parametrize("mode", ["cache-fp16", "cache-bf16"])
+def test_bf16_cached_and_masked_runs_equal_their_uncached_reruns(mode):
+    """bf16 + channels-last with the teacher cache (stored in fp16 or bf16): KD fills the logits, the
+    masked method adds the IG masks; each run's loss history equals the same run without the store,
+    exactly (the live path rounds through the storage precision like the store)."""
     from kdlab.distill.teachers import TeacherStore
 
     splits = _digits()
     torch.manual_seed(123)
     teacher = create_model("cnn_tiny", num_classes=10, in_channels=1).eval()
-    kw = dict(amp="bf16", channels_last=True, mode="cache-fp16", model="cnn_tiny", epochs=2)
+    kw = dict(amp="bf16", channels_last=True, mode=mode, model="cnn_tiny", epochs=2)
     store = TeacherStore()
     kd_c, _ = _losses(_recipe(KD, **kw), splits, teacher, store)
     misses = store.misses
