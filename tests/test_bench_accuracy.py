@@ -22,8 +22,8 @@ def test_paired_t_interval_by_hand():
 
 def test_accuracy_check_pairs_each_seeds_two_runs(tmp_path):
     lines = []
-    res = accuracy_check(tmp_path, seeds=(0, 1), epochs=1, n_train=40, n_test=20, teacher="cnn_tiny",
-                         student="cnn_tiny", teacher_epochs=1, log=lines.append)
+    res = accuracy_check(tmp_path, seeds=(0, 1), epochs=1, data="synthetic", n_train=40, n_test=20,
+                         teacher="cnn_tiny", student="cnn_tiny", teacher_epochs=1, log=lines.append)
     stored = json.loads((tmp_path / "accuracy.json").read_text())
     assert stored["paired"]["diffs"] == pytest.approx(res["paired"]["diffs"])
     want = []
@@ -40,8 +40,8 @@ def test_accuracy_check_pairs_each_seeds_two_runs(tmp_path):
     assert res["paired"]["diffs"] == pytest.approx(want)
     assert any(l.startswith("paired difference fast − default") for l in lines)
     with pytest.raises(ValueError, match="not empty"):  # finished runs would be reused, not trained
-        accuracy_check(tmp_path, seeds=(0,), epochs=1, n_train=40, n_test=20, teacher="cnn_tiny",
-                       student="cnn_tiny", log=lambda *a: None)
+        accuracy_check(tmp_path, seeds=(0,), epochs=1, data="synthetic", n_train=40, n_test=20,
+                       teacher="cnn_tiny", student="cnn_tiny", log=lambda *a: None)
 
 
 def test_accuracy_option_conflicts_are_one_line(capsys):

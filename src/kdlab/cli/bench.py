@@ -41,8 +41,8 @@ def register(sub) -> None:
                    help="instead: run this study (the ablation ladder) and report the seconds in student "
                         "steps, teacher forward passes and masks, ending with 'study/students: <ratio>'")
     p.add_argument("--accuracy", action="store_true",
-                   help="instead: train live KD --teacher -> --student for --epochs on generated learnable "
-                        "CIFAR-format data (--synthetic-cifar N images, default 2560) with today's defaults "
+                   help="instead: train live KD --teacher -> --student for --epochs on mnist5k (or with "
+                        "--synthetic-cifar N on N generated CIFAR-format images) with today's defaults "
                         "and with the fast settings (bf16, channels-last, fast_teacher), --seeds (default "
                         "0 1 2), and print test accuracy per seed and the paired difference's t-interval")
     p.add_argument("--epochs", type=A.POSITIVE, default=3, help="--accuracy: training epochs (default %(default)s)")

@@ -275,6 +275,7 @@ def bench_command(args, overrides: list) -> int:
 
         n = args.synthetic_cifar or 2560
         accuracy_check(args.out or "runs/bench-accuracy", seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
+                       data="synthetic" if args.synthetic_cifar else "mnist5k",
                        n_train=n, n_test=max(10, n // 5), teacher=args.teacher, student=args.student,
                        device=args.device if args.device_given else "cpu", extra=overrides)
         return 0
