@@ -311,8 +311,9 @@ def bench_command(args, overrides: list) -> int:
     if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
             or args.synthetic_cifar or args.teacher_set or args.data_dir):
         raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
-                         "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
-                         "CUDA when available, else on the CPU")
+                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds and "
+                         "--synthetic-cifar also to --accuracy); the step benchmark runs on CUDA when "
+                         "available, else on the CPU")
     if args.against is not None:
         if args.against != "torchdistill":
             raise ValueError(f"--against takes torchdistill (got {args.against!r})")
