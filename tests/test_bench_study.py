@@ -52,11 +52,20 @@ def test_breakdown_by_hand():
     ]
     b = study_breakdown(runs, wall_s=12.0)
     assert b["methods"]["kd+align"] == {"runs": 2, "student_s": 6.0, "teacher_forward_s": 1.5, "mask_s": 2.5,
-                                        "eval_s": 0.5}
+                                        "eval_s": 0.5, "setup_s": 0.0, "checkpoint_s": 0.0}
     t = b["total"]
     assert (t["runs"], t["student_s"], t["teacher_forward_s"], t["mask_s"], t["eval_s"]) == (3, 8.0, 1.5, 2.5, 0.5)
     assert t["other_s"] == pytest.approx(12.0 - 8.0 - 1.5 - 2.5 - 0.5)
     assert t["ratio"] == pytest.approx(12.0 / 8.0)
+    # a run's set-up probe: its teacher outputs join the teacher forward, its masks the masks, the
+    # rest is set-up; checkpoints and the report are named too, "other" is what is left
+    runs.append({"method": "full", "seed": 0, "train_time_s": 3.0, "teacher_time_s": 1.0, "mask_time_s": 0.5,
+                 "student_time_s": 2.0, "eval_time_s": 0.25, "setup_time_s": 1.5, "setup_teacher_time_s": 0.75,
+                 "setup_mask_time_s": 0.5, "checkpoint_time_s": 0.125})
+    t = study_breakdown(runs, wall_s=20.0, report_s=2.0)["total"]
+    assert (t["student_s"], t["teacher_forward_s"], t["mask_s"], t["eval_s"], t["setup_s"], t["checkpoint_s"],
+            t["report_s"]) == (10.0, 1.5 + 0.5 + 0.25, 2.5 + 0.5 + 0.5, 0.75, 0.75, 0.125, 2.0)
+    assert t["other_s"] == pytest.approx(20.0 - 10.0 - 2.25 - 3.5 - 0.75 - 0.75 - 0.125 - 2.0)
 
 
 def test_study_bench_adds_up_and_leaves_results_unchanged(tmp_path, capsys):
@@ -80,6 +89,10 @@ def test_study_bench_adds_up_and_leaves_results_unchanged(tmp_path, capsys):
         for m in list(s["methods"].values()) + [t]:
             assert m["student_s"] > 0 and m["teacher_forward_s"] >= 0 and m["mask_s"] >= 0
         assert t["student_s"] + t["teacher_forward_s"] + t["mask_s"] <= t["wall_s"]
+        # every part named: they and "other" add up to the wall time, none negative but "other"
+        parts = ("student_s", "teacher_forward_s", "mask_s", "eval_s", "setup_s", "checkpoint_s", "report_s")
+        assert all(t[k] >= 0 for k in parts) and t["setup_s"] > 0 and t["checkpoint_s"] > 0 and t["report_s"] > 0
+        assert sum(t[k] for k in parts) + t["other_s"] == pytest.approx(t["wall_s"])
         assert t["ratio"] == pytest.approx(t["wall_s"] / t["student_s"])
         # masks are paid only by masked methods; the baseline runs no teacher at all
         assert all(s["methods"][m]["mask_s"] == 0 for m in ("baseline", "kd"))

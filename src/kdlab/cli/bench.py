@@ -8,7 +8,8 @@ from kdlab.cli import args as A
 def cmd_bench(args) -> int:
     from kdlab.experiments.commands import bench_command
 
-    return bench_command(args, A.recipe_overrides(args) if args.study else [])
+    return bench_command(args, A.recipe_overrides(args, with_data_dir=False) if args.accuracy else
+                         A.recipe_overrides(args) if args.study else [])
 
 
 def register(sub) -> None:
@@ -27,8 +28,10 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (default %(default)s)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
-    p.add_argument("--variants", default="baseline,kd-live,kd-cached,full-live,full-cached",
-                   help="comma-separated steps to time (default %(default)s)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated steps to time (default baseline,kd-live,kd-cached,full-live,full-cached; "
+                        "with --against: kd-live); a suffix -asloaded (teacher unfolded), -default (today's "
+                        "defaults) or -fast (bf16, channels-last, teacher folded) sets a variant's own settings")
     p.add_argument("--threads", type=A.COUNT, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--against", metavar="TOOL",
                    help="instead: time kdlab's live KD step next to TOOL's on the same generated data "
@@ -37,6 +40,12 @@ def register(sub) -> None:
     p.add_argument("--study", metavar="RECIPE",
                    help="instead: run this study (the ablation ladder) and report the seconds in student "
                         "steps, teacher forward passes and masks, ending with 'study/students: <ratio>'")
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead: train live KD --teacher -> --student for --epochs on mnist5k (or with "
+                        "--synthetic-cifar N on N generated CIFAR-format images) with today's defaults "
+                        "and with the fast settings (bf16, channels-last, fast_teacher), --seeds (default "
+                        "0 1 2), and print test accuracy per seed and the paired difference's t-interval")
+    p.add_argument("--epochs", type=A.POSITIVE, default=3, help="--accuracy: training epochs (default %(default)s)")
     p.add_argument("--mask-reuse", metavar="MODES",
                    help="--study: run the study once per mask.reuse mode, e.g. per-view,per-image "
                         "(default: the recipe's own, once)")

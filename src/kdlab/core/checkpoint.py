@@ -136,7 +136,9 @@ def model_checkpoint(model, *, model_name: str, model_kwargs: dict, num_classes:
                      in_channels: int, dataset: str, **extra) -> dict:
     """The dict kdlab saves for a trained model (``best.pt``): enough to rebuild it by name."""
     return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # a copy, also on the CPU (where .cpu() is the same tensor): a kept checkpoint dict (last.pt's
+        # copy of best.pt) must hold the weights of its epoch, not the ones training moves on to
+        "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
         "num_classes": int(num_classes),

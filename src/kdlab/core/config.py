@@ -186,7 +186,7 @@ class TrainCfg(_Strict):
     # "consistent" (fresh augmentation per method, teacher live); see docs/speed.md
     teacher_mode: Literal["cache-fp16", "cache-bf16", "cache-fp32", "live", "consistent"] = "cache-fp16"
     # the frozen teacher runs as an inference copy: BatchNorm folded into its convolutions (exact up
-    # to float rounding), channels-last on GPUs or with channels_last; false (the default until its
+    # to float rounding), in channels-last (CPU and GPU); false (the default until its
     # speed-up is measured on an idle machine, docs/speed.md) runs it as loaded
     fast_teacher: bool = False
     # end training after this many epochs of the ``epochs``-long schedule (the learning-rate schedule

@@ -128,11 +128,11 @@ class LiveTeacher:
             self.runner = Compiled(self.teacher, "teacher")
 
     def _out(self, t: torch.Tensor, what: str = "outputs") -> torch.Tensor:
-        # outside inference mode: a normal fp32 tensor that autograd may save
-        t = t.contiguous()  # a channels-last teacher's maps: the layout losses expect
+        # outside inference mode: a normal fp32 tensor that autograd may save, in the contiguous
+        # layout losses expect (a channels-last teacher's maps), made by one copy (exact)
         if self.round_to is None:
-            return t.float().clone()
-        r = t.to(self.round_to)
+            return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        r = t.to(self.round_to, memory_format=torch.contiguous_format)
         if self.round_to == torch.float16:  # finite values fp16 cannot hold (|v| > 65504) become inf
             over = (torch.isinf(r) & torch.isfinite(t)).any()
             if t.device.type == "cpu":
@@ -253,8 +253,27 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def module_fingerprint(model: torch.nn.Module) -> str:
-    return tensor_fingerprint(*[v for _, v in sorted(model.state_dict().items())])
+    """A content hash of the model's state dict. Remembered per model while its tensors are
+    unchanged (the same version counters: an optimiser step or ``load_state_dict`` bumps them),
+    so a study's runs hash their shared teacher once."""
+    state = sorted(model.state_dict().items())
+    versions = tuple((k, v._version, v.data_ptr()) for k, v in state)
+    try:
+        memo = _FINGERPRINTS.get(model)
+    except TypeError:  # not weak-referenceable
+        memo = None
+    if memo is not None and memo[0] == versions:
+        return memo[1]
+    digest = tensor_fingerprint(*[v for _, v in state])
+    try:
+        _FINGERPRINTS[model] = (versions, digest)
+    except TypeError:
+        pass
+    return digest
 
 
 class TeacherStore:
@@ -489,25 +508,36 @@ def cache_key(loader, teacher: nn.Module, *, dataset: dict, checkpoint: Optional
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False) -> nn.Module:
+def fast_teacher(teacher: nn.Module, keep=(), channels_last: bool = False, fold: bool = True) -> nn.Module:
     """The copy of a frozen teacher that a teacher source runs: BatchNorm folded into the preceding
     convolutions (:func:`kdlab.models.fold.fold_batchnorm`; layers in ``keep`` -- tapped or masked --
     keep their own outputs), optionally channels-last. The teacher itself is never edited. One
     copy per (teacher, layers, layout) is kept while the teacher lives, so a study's runs share it.
-    A model that cannot be traced runs unfolded (one line on stderr says why)."""
+    A model that cannot be traced runs unfolded (one line on stderr says why). ``fold=False``: an
+    unfolded copy (``train.fast_teacher: false`` with ``train.channels_last: true``: the teacher
+    in channels-last, as loaded otherwise)."""
+    import copy
     import sys
 
     from kdlab.models.fold import fold_batchnorm
 
-    key = (tuple(sorted(set(keep))), bool(channels_last))
+    key = (tuple(sorted(set(keep))) if fold else None, bool(channels_last), bool(fold))
     memo = _FOLDED.setdefault(teacher, {})
     # in-place updates (an optimizer step, load_state_dict) bump tensors' version counters
     versions = tuple(t._version for t in list(teacher.parameters()) + list(teacher.buffers()))
     if key not in memo or memo[key][0] != versions:
-        folded = fold_batchnorm(teacher, keep)
-        if folded.reason:
-            print(f"kdlab: teacher not folded: {folded.reason}; it runs as it is", file=sys.stderr)
-        model = folded.model
+        if fold:
+            folded = fold_batchnorm(teacher, keep)
+            if folded.reason:
+                print(f"kdlab: teacher not folded: {folded.reason}; it runs as it is", file=sys.stderr)
+            model = folded.model
+        else:
+            try:
+                model = copy.deepcopy(teacher).eval()
+            except Exception:  # noqa: BLE001 - a model that cannot be copied runs as it is
+                return teacher
+            for p in model.parameters():
+                p.requires_grad_(False)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         memo[key] = (versions, model)
@@ -529,7 +559,7 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
 
     ``fast`` (``train.fast_teacher``, off by default until measured): the source runs :func:`fast_teacher`'s copy of
     the teacher (BatchNorm folded, exact up to float rounding); ``channels_last``: that copy runs in
-    channels-last. Cache keys and per-image masks use the original teacher (same values).
+    channels-last (without ``fast``: an unfolded channels-last copy). Cache keys and per-image masks use the original teacher (same values).
     ``compile`` (``train.compile``): the teacher's logits-only forward runs through ``torch.compile``;
     ``amp`` (``train.amp``): the teacher's forward runs under autocast (bf16 / fp16) like the student's."""
     reuse = getattr(mask_cfg, "reuse", "per-view") == "per-image" and bool(mask_layers) and loader is not None
@@ -537,6 +567,8 @@ def build_teacher_source(teacher: nn.Module, *, plan: TeacherPlan, layers=(), ma
     if fast:
         keep = list(layers) + list(mask_layers) + list(getattr(store, "expected_layers", []))
         runner = fast_teacher(teacher, keep, channels_last=channels_last)
+    elif channels_last:  # the teacher as loaded, in channels-last like the student (a copy)
+        runner = fast_teacher(teacher, channels_last=True, fold=False)
     live = LiveTeacher(runner, list(layers), [] if reuse else list(mask_layers), mask_cfg, round_to=plan.round_to,
                        compile=compile, amp=amp)
     source = live

@@ -12,6 +12,13 @@ batches:
 * ``full (live)`` / ``full (cached)``: CE + KD + masked alignment + masked attention transfer with
   Integrated-Gradients masks, live or cached.
 
+A variant's suffix changes its settings (:func:`variant_settings`): none runs with the command's
+``--amp`` / ``--channels-last`` / ``--compile`` and the teacher folded; ``-asloaded`` the same with
+``train.fast_teacher`` off (the teacher as loaded); ``-default`` today's recipe defaults (fp32,
+contiguous, eager, teacher as loaded) whatever the flags; ``-fast`` the fast settings (``amp: bf16``,
+``channels_last``, ``fast_teacher``; ``--compile`` as given). ``kd-live-default,kd-live-fast`` thus
+times the defaults against the fast settings, alternating, in one process.
+
 The cached variants are filled by one untimed pass over the same batches first; every variant
 gets one untimed warm-up step. Then the variants take turns, one epoch of ``steps`` batches each,
 for ``repeats`` rounds; the median round is reported.
@@ -81,6 +88,37 @@ synthetic_splits = _synthetic_splits  # public names for kdlab.experiments.again
 bench_recipe = _recipe
 
 
+VARIANT_KINDS = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached")
+VARIANT_SUFFIXES = ("", "-asloaded", "-default", "-fast")
+
+
+def variant_settings(variant: str, *, amp: str = "none", channels_last: bool = False,
+                     compile_: bool = False) -> dict:
+    """``{kind, how, amp, channels_last, compile, fast_teacher}`` of a bench variant name (see the
+    module doc); ValueError naming the known names for another."""
+    base = next((k for k in sorted(VARIANT_KINDS, key=len, reverse=True)
+                 if variant == k or variant.startswith(k + "-")), None)
+    suffix = variant[len(base):] if base else None
+    if base is None or suffix not in VARIANT_SUFFIXES:
+        raise ValueError(f"--variants: unknown {variant!r}; choose from {', '.join(VARIANT_KINDS)}, each "
+                         f"optionally with -asloaded, -default or -fast")
+    kind, _, how = base.partition("-")
+    out = {"kind": kind, "how": how or "live", "amp": amp, "channels_last": bool(channels_last),
+           "compile": bool(compile_), "fast_teacher": suffix != "-asloaded"}
+    if suffix == "-default":
+        out.update(amp="none", channels_last=False, compile=False, fast_teacher=False)
+    elif suffix == "-fast":
+        out.update(amp="bf16", channels_last=True, fast_teacher=True)
+    return out
+
+
+def format_settings(s: dict) -> str:
+    """``amp bf16, channels-last, eager, teacher folded`` (one side's or variant's settings in words)."""
+    return ", ".join([f"amp {s['amp']}", "channels-last" if s["channels_last"] else "contiguous",
+                      "compiled" if s["compile"] else "eager",
+                      "teacher folded" if s["fast_teacher"] else "teacher as loaded"])
+
+
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -104,11 +142,11 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
                         ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
         if int(v) != v or v < lo:
             raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
-    known = ("baseline", "kd-live", "kd-cached", "full-live", "full-cached", "kd-live-asloaded",
-             "full-live-asloaded")
-    unknown = [v for v in variants if v not in known]
-    if unknown or not variants:
-        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+    if not variants:
+        raise ValueError(f"--variants: empty list; choose from {', '.join(VARIANT_KINDS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"--variants: each variant once (got {', '.join(variants)})")
+    settings = {v: variant_settings(v, amp=amp, channels_last=channels_last, compile_=compile_) for v in variants}
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
@@ -118,12 +156,12 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     stores = {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
-            kind, _, how = v.partition("-")
-            how, _, asloaded = how.partition("-")  # -asloaded: train.fast_teacher off (teacher unfolded)
+            st = settings[v]
+            kind, how = st["kind"], st["how"]
             mode = "cache-fp16" if how == "cached" else "live"
             r = _recipe(kind, student=student, teacher=teacher, batch_size=batch_size, layer_pair=layers,
-                        mask_steps=mask_steps, mode=mode, amp=amp, channels_last=channels_last,
-                        compile_=compile_, fast_teacher=not asloaded)
+                        mask_steps=mask_steps, mode=mode, amp=st["amp"], channels_last=st["channels_last"],
+                        compile_=st["compile"], fast_teacher=st["fast_teacher"])
             store = stores[v] = TeacherStore() if how == "cached" else None
             run = build_run(r, splits=splits, teacher=t_model if kind != "baseline" else None, store=store)
             tr = trainers[v] = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / v,
@@ -154,16 +192,17 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
         ips = batch_size * n / dt
         out = {"variant": v, "images_per_s": ips, "ms_per_step": 1000 * dt / n,
                "images_per_s_rounds": [batch_size * n / t for t in times[v]],
-               "data_wait_fraction": sum(waits[v]) / sum(times[v]) if sum(times[v]) > 0 else float("nan")}
+               "data_wait_fraction": sum(waits[v]) / sum(times[v]) if sum(times[v]) > 0 else float("nan"),
+               "settings": {k: settings[v][k] for k in ("amp", "channels_last", "compile", "fast_teacher")}}
         if stores[v] is not None:
             out["cache_hits"] = stores[v].hits
         rows.append(out)
         log(f"  {v:<18} {ips:9.1f} img/s  ({out['ms_per_step']:.0f} ms/step, waiting for data "
             f"{100 * out['data_wait_fraction']:.1f}% of step time; rounds "
-            f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])})")
+            f"{', '.join(f'{r:.1f}' for r in out['images_per_s_rounds'])}; {format_settings(out['settings'])})")
     base = next((r["images_per_s"] for r in rows if r["variant"] == "baseline"), None)
     for r in rows:
-        r["cost_vs_baseline"] = base / r["images_per_s"] if base else float("nan")
+        r["cost_vs_baseline"] = base / r["images_per_s"] if base else None  # no baseline timed: none
     return rows
 
 
@@ -171,8 +210,10 @@ def format_table(rows: list[dict], title: str = "") -> str:
     lines = [title] if title else []
     lines += ["| step | images/s | ms/step | cost vs baseline | waiting for data |", "|---|---:|---:|---:|---:|"]
     for r in rows:
+        cost = r.get("cost_vs_baseline")
+        cost = "—" if cost is None or cost != cost else f"{cost:.2f}x"  # no baseline among the variants
         lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.0f} | "
-                     f"{r['cost_vs_baseline']:.2f}x | {100 * r.get('data_wait_fraction', float('nan')):.1f}% |")
+                     f"{cost} | {100 * r.get('data_wait_fraction', float('nan')):.1f}% |")
     return "\n".join(lines)
 
 
@@ -180,34 +221,43 @@ def _quiet(*_a, **_k):
     pass
 
 
-def study_breakdown(results: list[dict], wall_s: float) -> dict:
+_PARTS = ("student_s", "teacher_forward_s", "mask_s", "eval_s", "setup_s", "checkpoint_s")
+
+
+def study_breakdown(results: list[dict], wall_s: float, report_s: float = 0.0) -> dict:
     """Where a study's time went, from its runs' ``result.json`` dicts and its wall time.
 
     Per method (in first-seen order) and in total: ``runs``, ``student_s`` (Σ ``student_time_s``:
-    the students' own steps, forward/backward/optimiser, without teacher and mask time),
-    ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s``: teacher forward passes and cache
-    reads) and ``mask_s`` (Σ ``mask_time_s``: IG / gradient × activation, per-image map lookups
-    and mapping), ``eval_s`` (Σ ``eval_time_s``: the students' validation each epoch and final
-    evaluation, which a CE-only study pays too). ``other_s = wall − student − teacher_forward −
-    mask − eval`` (data, model set-up, checkpoints, report) and ``ratio = wall / Σ student_s``
-    (the ``study/students`` line).
+    the students' own steps, forward/backward/optimiser and their batches, without teacher and
+    mask time), ``teacher_forward_s`` (Σ ``teacher_time_s − mask_time_s`` plus the set-up probe's
+    teacher outputs ``setup_teacher_time_s − setup_mask_time_s``: teacher forward passes and cache
+    reads) and ``mask_s`` (Σ ``mask_time_s + setup_mask_time_s``: IG / gradient × activation,
+    per-image map lookups and mapping), ``eval_s`` (Σ ``eval_time_s``: the students' validation
+    each epoch and final test, which a CE-only study pays too), ``setup_s`` (Σ ``setup_time_s −
+    setup_teacher_time_s``: each run's data, models, teacher source with its cache key, and the
+    objective's probe batch) and ``checkpoint_s`` (Σ ``checkpoint_time_s``: best.pt, last.pt,
+    metrics.csv, run.json written, best.pt read back). ``report_s``: the study's report (tables,
+    statistics, figures, page). ``other_s = wall − all of those`` (loading the teacher, the
+    study's own files, the loop between runs) and ``ratio = wall / Σ student_s`` (the
+    ``study/students`` line).
     """
     methods: dict[str, dict] = {}
     for r in results:
-        m = methods.setdefault(r["method"], {"runs": 0, "student_s": 0.0, "teacher_forward_s": 0.0,
-                                             "mask_s": 0.0, "eval_s": 0.0})
+        m = methods.setdefault(r["method"], {"runs": 0, **{k: 0.0 for k in _PARTS}})
         mask = float(r.get("mask_time_s", 0.0))
         teacher = float(r.get("teacher_time_s", 0.0))
+        s_teacher, s_mask = float(r.get("setup_teacher_time_s", 0.0)), float(r.get("setup_mask_time_s", 0.0))
         m["runs"] += 1
         m["student_s"] += float(r.get("student_time_s", r["train_time_s"] - teacher))
-        m["teacher_forward_s"] += teacher - mask
-        m["mask_s"] += mask
+        m["teacher_forward_s"] += teacher - mask + s_teacher - s_mask
+        m["mask_s"] += mask + s_mask
         m["eval_s"] += float(r.get("eval_time_s", 0.0))
-    total = {k: sum(m[k] for m in methods.values())
-             for k in ("runs", "student_s", "teacher_forward_s", "mask_s", "eval_s")}
+        m["setup_s"] += float(r.get("setup_time_s", 0.0)) - s_teacher
+        m["checkpoint_s"] += float(r.get("checkpoint_time_s", 0.0))
+    total = {k: sum(m[k] for m in methods.values()) for k in ("runs",) + _PARTS}
     total["wall_s"] = float(wall_s)
-    total["other_s"] = (total["wall_s"] - total["student_s"] - total["teacher_forward_s"] - total["mask_s"]
-                        - total["eval_s"])
+    total["report_s"] = float(report_s)
+    total["other_s"] = total["wall_s"] - total["report_s"] - sum(total[k] for k in _PARTS)
     total["ratio"] = total["wall_s"] / total["student_s"] if total["student_s"] > 0 else float("nan")
     return {"methods": methods, "total": total}
 
@@ -228,7 +278,9 @@ def format_breakdown(block: dict) -> str:
                      f"results identical: {v['identical']}")
     lines.append(f"wall {t['wall_s']:.1f} s = students {t['student_s']:.1f} + teacher forward "
                  f"{t['teacher_forward_s']:.1f} + masks {t['mask_s']:.1f} + students' evaluation "
-                 f"{t.get('eval_s', 0.0):.1f} + other {t['other_s']:.1f} (data, set-up, checkpoints, report)")
+                 f"{t.get('eval_s', 0.0):.1f} + runs' set-up {t.get('setup_s', 0.0):.1f} + checkpoints "
+                 f"{t.get('checkpoint_s', 0.0):.1f} + report {t.get('report_s', 0.0):.1f} + other "
+                 f"{t['other_s']:.1f} (teacher loading, study files, the loop between runs)")
     lines.append(f"study/students: {t['ratio']:.2f}")
     return "\n".join(lines)
 
@@ -316,20 +368,20 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     def one(ov, folder, cache):
         t0 = time.perf_counter()
         lines: list[str] = []
-        run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
-                     log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
+        rep = run_ablation(recipe_ref, out_dir=folder, seeds=seeds, mode=mode, overrides=ov, progress=False,
+                           log=lambda *a: lines.append(" ".join(map(str, a))), teacher_cache=cache)
         wall = time.perf_counter() - t0
         atomic_write_text(folder / "study.log", "\n".join(lines) + "\n")
         runs = [read_json(p, "run result") for p in sorted(folder.glob("*/seed*/result.json"))]
-        return wall, runs
+        return wall, runs, float((rep or {}).get("report_time_s", 0.0))
 
     blocks = []
     for m, ov, folder in plan:
         full = load_recipe(recipe_ref, ov)
         live = None
         if compare_cache:
-            lwall, lruns = one(ov, folder.with_name(folder.name + "-live"), False)
-        wall, runs = one(ov, folder, True)
+            lwall, lruns, lreport = one(ov, folder.with_name(folder.name + "-live"), False)
+        wall, runs, report_s = one(ov, folder, True)
         order = {name: i for i, name in enumerate(dict.fromkeys(json.loads((folder / "report" / "study.json")
                                                                             .read_text())["methods"]))}
         runs.sort(key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
@@ -339,12 +391,12 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
                                     and isinstance(v, (int, float))))
             live = {"wall_s": lwall, "speedup": lwall / wall,
                     "identical": sorted(map(key, lruns)) == sorted(map(key, runs)),
-                    **study_breakdown(lruns, lwall)["total"]}
+                    **study_breakdown(lruns, lwall, lreport)["total"]}
         seeds_run = sorted({r["seed"] for r in runs})
         block = {"recipe": full.name, "mask_reuse": (full.mask.reuse if full.mask is not None else None),
                  "mask": full.mask.model_dump() if full.mask is not None else None,
                  "folder": str(folder), "seeds": seeds_run, "epochs": full.train.epochs,
-                 "threads": torch.get_num_threads(), **study_breakdown(runs, wall), "vs_live": live}
+                 "threads": torch.get_num_threads(), **study_breakdown(runs, wall, report_s), "vs_live": live}
         block["title"] = (f"study {full.name}: {len(block['methods'])} methods x {len(seeds_run)} seed(s), "
                           f"{full.train.epochs} epoch(s), mask.reuse {block['mask_reuse'] or '-'}, teacher cache on, "
                           f"{block['threads']} thread(s) -> {folder}")

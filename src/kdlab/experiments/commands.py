@@ -280,6 +280,21 @@ def bench_command(args, overrides: list) -> int:
         from kdlab.core.threads import pin_threads
 
         pin_threads(args.threads)
+    if args.epochs != 3 and not args.accuracy:
+        raise ValueError("--epochs applies to --accuracy only (a --study takes --set train.epochs=N)")
+    if args.accuracy:
+        if args.study or args.against or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
+            raise ValueError("--accuracy takes --teacher, --student, --epochs, --synthetic-cifar, --seeds, --out, "
+                             "--set and --device; drop --study, --against, --mask-reuse, --compare-cache, "
+                             "--teacher-set and --data-dir")
+        from kdlab.experiments.bench_accuracy import accuracy_check
+
+        n = args.synthetic_cifar or 2560
+        accuracy_check(args.out or "runs/bench-accuracy", seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
+                       data="synthetic" if args.synthetic_cifar else "mnist5k",
+                       n_train=n, n_test=max(10, n // 5), teacher=args.teacher, student=args.student,
+                       device=args.device if args.device_given else "cpu", extra=overrides)
+        return 0
     if args.study:
         out = args.out or "runs/bench-study"
         overrides = list(overrides)
@@ -312,8 +327,9 @@ def bench_command(args, overrides: list) -> int:
     if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
             or args.synthetic_cifar or args.teacher_set or args.data_dir):
         raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
-                         "--teacher-set and --data-dir apply to --study only; the step benchmark runs on "
-                         "CUDA when available, else on the CPU")
+                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds and "
+                         "--synthetic-cifar also to --accuracy); the step benchmark runs on CUDA when "
+                         "available, else on the CPU")
     if args.against is not None:
         if args.against != "torchdistill":
             raise ValueError(f"--against takes torchdistill (got {args.against!r})")
@@ -322,13 +338,15 @@ def bench_command(args, overrides: list) -> int:
         print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
               f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
-                                          steps=args.steps, repeats=args.repeats)
+                                          steps=args.steps, repeats=args.repeats, amp=args.amp,
+                                          channels_last=args.channels_last, compile_=args.compile,
+                                          variants=(args.variants or "kd-live").split(","))
         if args.json and rows:
             from kdlab.core.io import write_json
 
             write_json(args.json, rows)
         return 0
-    variants = args.variants.split(",")
+    variants = (args.variants or "baseline,kd-live,kd-cached,full-live,full-cached").split(",")
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
           f"torch threads {torch.get_num_threads()}")

@@ -131,8 +131,11 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     task.finish_study(rows, log=log)
     if not is_main():
         return {}
-    return _report(task, ctx, rows, recipes, report_dir, baseline=baseline, wall=wall, profile=profile,
-                   log=log, aliases=aliases)
+    t_report = time.perf_counter()
+    report = _report(task, ctx, rows, recipes, report_dir, baseline=baseline, wall=wall, profile=profile,
+                     log=log, aliases=aliases)
+    report["report_time_s"] = time.perf_counter() - t_report  # tables, statistics, figures, page (kdlab bench)
+    return report
 
 
 def _report(task: Task, ctx, rows: list, recipes: dict, report_dir: Path, *, baseline: str, wall: float,

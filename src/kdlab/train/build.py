@@ -248,7 +248,10 @@ def build_run(recipe: Recipe, *, splits=None, loaders=None, teacher: Optional[nn
         raise ValueError("mask.reuse: per-image does not take unlabelled samples yet; use mask.reuse: per-view "
                          "with data.unlabelled: transfer or data.transfer")
     source_kw = dict(plan=plan, store=store, loader=train_loader, dataset=data_key, device=dev,
-                     fast=cfg.fast_teacher, channels_last=cfg.channels_last or dev.type == "cuda",
+                     fast=cfg.fast_teacher,
+                     # channels-last teacher: asked for, or the folded inference copy (train.fast_teacher,
+                     # opt-in); the teacher as loaded keeps its layout, so a default run's numbers stay
+                     channels_last=cfg.channels_last or cfg.fast_teacher,
                      compile=cfg.compile, amp=cfg.amp)
     source = None
     if needs_teacher:  # an ensemble has no one checkpoint file: its key is its members' weights
@@ -340,8 +343,17 @@ def train(recipe: Recipe, run_dir, *, teacher=None, splits=None, progress: bool 
           teacher_cache: Optional[TeacherStore] = None, callbacks=()) -> dict:
     """Train ``recipe`` into ``run_dir`` and return its result dict (``result.json``).
     ``teacher_cache``: a :class:`kdlab.distill.teachers.TeacherStore` shared by a study's runs."""
+    import time
+
+    t0 = time.perf_counter()
     trainer = make_trainer(recipe, run_dir, teacher=teacher, splits=splits, store=teacher_cache,
                            progress=progress, method=method, callbacks=callbacks)
+    # the run's set-up (data, models, teacher source, the objective's probe batch): result.json's
+    # setup_time_s, of which the probe's teacher outputs and masks are setup_teacher_time_s and
+    # setup_mask_time_s (kdlab bench --study names each part of a study's wall time)
+    trainer.info.update(setup_time_s=time.perf_counter() - t0,
+                        setup_teacher_time_s=float(getattr(trainer.objective, "setup_teacher_time_s", 0.0)),
+                        setup_mask_time_s=float(getattr(trainer.objective, "setup_mask_time_s", 0.0)))
     return trainer.fit(resume=resume, stop_after=stop_after)
 
 

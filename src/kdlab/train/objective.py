@@ -311,8 +311,12 @@ class DistillObjective(Objective):
     def setup(self, batch) -> None:
         """Give every term a probe record of a real batch (student in eval mode, no gradients)."""
         self.student.eval()
+        teacher0, mask0 = self.teacher_time_s, self.mask_time_s
         with torch.no_grad():
             rec = self.record(batch, 0, 0)
+        # the probe's teacher outputs (in a study: the first batch's cache entries) and masks
+        self.setup_teacher_time_s = self.teacher_time_s - teacher0
+        self.setup_mask_time_s = self.mask_time_s - mask0
         self.student.train()
         for _, _, term in self.terms:
             term.setup(rec)

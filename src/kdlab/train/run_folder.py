@@ -16,6 +16,7 @@ numbers.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,8 +61,11 @@ def _is_number(v) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> Optional[str]:
-    """The git commit of kdlab's source tree, when it is a checkout (else None)."""
+    """The git commit of kdlab's source tree, when it is a checkout (else None). Asked once per
+    process (the code this process runs was imported at its start): a study's runs do not each
+    start a ``git`` process."""
     import subprocess
 
     try:

@@ -185,6 +185,10 @@ class Runtime:
         self.dist = from_env() if dist == "env" else dist
         self.device = resolve_device(device)
         self.amp = amp
+        if amp == "bf16":  # one line per process where the CPU only emulates bf16
+            from kdlab.core.device import note_emulated_bf16
+
+            note_emulated_bf16(self.device)
         self.scaler = torch.amp.GradScaler(enabled=amp == "fp16" and self.device.type == "cuda")
         self.ddp_params: set[int] = set()  # ids of parameters whose gradients DDP averages in backward
 

@@ -137,6 +137,7 @@ class RunState:
     mask_time_s: float = 0.0  # of teacher_time_s: computing the causal masks
     data_wait_s: float = 0.0  # of train_time_s: waiting for the next training batch
     eval_time_s: float = 0.0  # outside train_time_s: validation each epoch and the final evaluation
+    checkpoint_time_s: float = 0.0  # outside train_time_s: best.pt / last.pt / metrics.csv / run.json, best.pt read back
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -275,6 +276,9 @@ class Trainer:
         self.folder = RunFolder(self.run_dir, identity=identity, seed=self.seed, method=method,
                                 primary=self.primary, runtime=self.runtime)
         self.unit = objective.sample_unit
+        # model name -> (epoch, validation metrics) of its best epoch, validated in this process:
+        # the final evaluation reuses them on the CPU instead of validating the same weights again
+        self._val_of_best: dict = {}
 
     @property
     def best_ck(self) -> dict:
@@ -455,7 +459,9 @@ class Trainer:
                 (self.run_dir / f).unlink(missing_ok=True)
         self.folder.warn_threads(recorded)
         if rt.is_main:
+            t_ck = time.perf_counter()
             self.folder.write_record()
+            self.state.checkpoint_time_s += time.perf_counter() - t_ck
         if self.ema_decay and self.ema is None:  # a fresh run: the EMA starts at the initial weights
             self.ema = {k: v.detach().clone() for k, v in self.objective.models()[self.primary].state_dict().items()}
         for cb in self.callbacks:
@@ -507,16 +513,21 @@ class Trainer:
                     prev = st.best.get(n, [-math.inf, 0])[0]
                     if score > prev:
                         st.best[n] = [score, st.epoch]
+                        self._val_of_best[n] = (st.epoch, vals.get(n))  # this process's own validation
                         if rt.is_main:
+                            t_ck = time.perf_counter()
                             self.save_best(n, st.epoch, vals.get(n, {}))
+                            st.checkpoint_time_s += time.perf_counter() - t_ck
                         improved_primary |= n == self.primary
                 if improved_primary:
                     st.best_score, st.best_epoch, st.bad_epochs = st.best[self.primary][0], st.epoch, 0
                 else:
                     st.bad_epochs += 1
                 if rt.is_main:
+                    t_ck = time.perf_counter()
                     self.save_last()
                     write_csv(self.run_dir / "metrics.csv", st.history)
+                    st.checkpoint_time_s += time.perf_counter() - t_ck
                 if bar is not None:
                     bar.update(1)
                     post = {"loss": f"{row['loss']:.3f}"} if "loss" in row else {}
@@ -538,6 +549,18 @@ class Trainer:
             cb.on_fit_end(self, result)
         return result
 
+    def _best_validation(self, name: str) -> Optional[dict]:
+        """The validation metrics of ``name``'s best epoch as this process computed them when it
+        saved ``best.pt`` -- the same weights, loader and arithmetic, so the same numbers -- or None
+        (a resumed run's best epoch from before the interruption; a non-CPU device, where kernels
+        may be chosen anew: evaluated again there)."""
+        got = self._val_of_best.get(name)
+        st = self.state
+        if (got is None or got[1] is None or self.val_loader is None or self.runtime.device.type != "cpu"
+                or got[0] != st.best.get(name, [0, 0])[1]):
+            return None
+        return dict(got[1])
+
     def finish(self, stopped_early: bool) -> dict:
         st, rt, obj = self.state, self.runtime, self.objective
         rt.barrier()  # rank 0 wrote best.pt
@@ -549,11 +572,15 @@ class Trainer:
                                    f"{self.run_dir} and re-run to train it again")
             fix = ("delete it and re-run (it is rebuilt from last.pt)" if n in self.best_ck else
                    f"delete the folder {self.run_dir} and re-run to train it again")
+            t_ck = time.perf_counter()
             best = load_checkpoint(path, fix=fix)
             model.load_state_dict(best["model"])
+            st.checkpoint_time_s += time.perf_counter() - t_ck
             t_eval = time.perf_counter()
             test = obj.evaluate(n, self.test_loader) if self.test_loader is not None else {}
-            val = obj.evaluate(n, self.val_loader) if self.val_loader is not None else {}
+            val = self._best_validation(n)
+            if val is None:
+                val = obj.evaluate(n, self.val_loader) if self.val_loader is not None else {}
             st.eval_time_s += time.perf_counter() - t_eval
             per_model[n] = {**{f"val_{k}": v for k, v in val.items() if k != "n"},
                             **{f"test_{k}": v for k, v in test.items() if k != "n"},
@@ -571,6 +598,7 @@ class Trainer:
                   # train.compile: the first compiled calls (tracing, code generation), in train_time_s
                   "compile_warmup_s": float(getattr(self.objective, "compile_warmup_s", 0.0)),
                   "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
+                  "checkpoint_time_s": st.checkpoint_time_s,  # not in train_time_s: run files written / read
                   "student_time_s": st.train_time_s - st.teacher_time_s,
                   f"student_{self.unit}_per_s": (st.samples / (st.train_time_s - st.teacher_time_s)
                                                  if st.train_time_s > st.teacher_time_s else float("nan")),
