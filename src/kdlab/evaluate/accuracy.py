@@ -112,6 +112,8 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
         opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
         if same and rec_data.get("val_fraction") is not None:  # the recipe's split (val differs otherwise)
             opts.update(val_fraction=rec_data["val_fraction"], seed=int(ck.get("seed") or 0))
+            if rec_data.get("label_fraction") is not None:  # face identities: the fraction sets the classes
+                opts.update(label_fraction=float(rec_data["label_fraction"]))
         splits = load_dataset(name, None if opts.get("root") else data_dir,
                               **({k: v for k, v in opts.items() if v is not None}))
     from kdlab.data.registry import check_trained_on
@@ -133,6 +135,14 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     resize = (ck.get("input") or {}).get("resize")
     if resize:  # a student trained on a resized view (student.input.resize) is evaluated on it too
         model = ResizedInput(model, resize)
+    data = getattr(splits, split)
+    if hasattr(splits.test, "pairs"):  # a verification data set (faces): an embedding model, scored on pairs
+        if not hasattr(data, "pairs"):
+            raise ValueError(f"split {split} of data set '{name}' has no verification pairs; use --split val or test")
+        from kdlab.evaluate.verification import evaluate_pairs
+
+        metrics, _ = evaluate_pairs(model, loader, data.pairs)
+        return {"checkpoint": str(path), "dataset": str(name), "split": split, **metrics}
     res = {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
     if mapped:
         res["classes_mapped"] = True
