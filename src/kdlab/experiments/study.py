@@ -206,13 +206,14 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
         if unknown:
             raise KeyError(f"no study method '{unknown[0]}' in {full.name}; methods: {', '.join(all_methods)}")
     distinct, aliases = distinct_methods(t, all_methods)
-    if aliases:
-        log("same recipe under two names, trained once: "
-            + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     out_dir = Path(out_dir or f"runs/{full.name}")
     rdir = report_folder(out_dir, mode)
     base = t.baseline(distinct)
-    check_out_dir(out_dir, "study folder")
+    check_out_dir(out_dir, "study folder", create=False)  # created once the inputs are checked
+    t.check_study(distinct, data_dir)  # data, teachers: refused before anything is printed or written
+    if aliases:
+        log("same recipe under two names, trained once: "
+            + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
     from kdlab.train.runtime import is_main
     if is_main():  # what the study is, before its report: the report's page and figure titles read it,

@@ -158,9 +158,12 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
                                spread=100 * np.asarray(sds, dtype=np.float64), rules=rules, title=title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from kdlab.core.io import atomic_savefig
+
+    try:
+        atomic_savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 
