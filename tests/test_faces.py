@@ -238,3 +238,15 @@ def test_evaluate_a_label_fraction_checkpoint_scores_its_test_pairs(tmp_path, ca
         best = max(cands, key=lambda t: ((cos[tr] >= t) == same[tr]).mean())
         accs.append(((cos[te] >= best) == same[te]).mean())
     assert out["n"] == 6000 and out["acc"] == pytest.approx(float(np.mean(accs)), abs=1e-9)
+
+
+def test_margin_heads_defaults_and_a_text_margin_is_refused():
+    """The three margin heads share one constructor: the papers' margins by default (ArcFace 0.5,
+    CosFace 0.35, AdaDistill's 0.45), the recipe's ``m`` when given, one line for a text margin."""
+    from kdlab.core.config import RecipeError, load_recipe
+
+    assert [LOSSES.get(n)().m for n in ("arcface", "cosface", "adadistill")] == [0.5, 0.35, 0.45]
+    assert [LOSSES.get(n)().kind for n in ("arcface", "cosface", "adadistill")] == ["arc", "cos", "arc"]
+    assert LOSSES.get("cosface")(s=30.0, m=0.2).m == 0.2 and LOSSES.get("cosface")(s=30.0).s == 30.0
+    with pytest.raises(RecipeError, match=r"loss\[0\].*m needs a number"):
+        load_recipe("faces/baseline", ["loss.0.m=wide"])
