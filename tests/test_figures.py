@@ -186,3 +186,18 @@ def test_a_failing_savefig_leaves_the_old_figure_and_no_partial_file(tmp_path, s
         again()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert {n: (tmp_path / n).read_bytes() for n in names} == before
+
+
+def test_every_figure_is_saved_through_the_atomic_write():
+    """No module draws a figure straight into its target: ``savefig`` is called only by
+    ``kdlab.core.io.atomic_savefig`` (a temporary file beside the target, then ``os.replace``)."""
+    import re
+    from pathlib import Path
+
+    import kdlab
+
+    root = Path(kdlab.__file__).parent
+    direct = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py")) if p != root / "core" / "io.py"
+              for i, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"\.savefig\(|\bimsave\(", line) and not line.lstrip().startswith("#")]
+    assert not direct, f"use kdlab.core.io.atomic_savefig: {direct}"
