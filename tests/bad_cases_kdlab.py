@@ -350,6 +350,8 @@ CASES = [
     C("lm", "ablate --seeds text", f"lm ablate {LMR} --seeds x {D}", "'x' is not a seed"),
     C("lm", "teacher with another tokenizer (distill)", f"lm distill {LMR} --set teacher.checkpoint={{lm}}/bpe/teacher/best.pt --set 'distill.loss=[{{{{term: fkl}}}}]' --out {{t}}/o {D}", "tokenizer"),  # 23.4
     C("lm", "teacher with another tokenizer (ablate)", f"lm ablate {LMR} --set teacher.checkpoint={{lm}}/bpe/teacher/best.pt --out {{t}}/o {D}", "tokenizer"),  # 23.4
+    C("lm", "corpus folder missing (ablate)", f"lm ablate {LMR} --set corpus.name={{t}}/nocorpus --out {{t}}/o {D}", "nocorpus"),
+    C("lm", "corpus folder missing (train-teacher)", f"lm train-teacher {LMR} --set corpus.name={{t}}/nocorpus --out {{t}}/o {D}", "nocorpus"),
     C("lm", "teacher.checkpoint missing", f"lm distill {LMR} --set teacher.checkpoint={{t}}/none.pt --out {{t}}/o {D}", "none.pt"),
     C("lm", "teacher.checkpoint is an image classifier", f"lm distill {LMR} --set teacher.checkpoint={CK} --set 'distill.loss=[{{{{term: fkl}}}}]' --out {{t}}/o {D}", "language model"),
     C("lm", "corrupt tokenizer.json in the output folder", f"lm distill {LMR} --out {{t}}/o {D}", "o/tokenizer.json", {"o/tokenizer.json": "{garbage"}),

@@ -144,7 +144,6 @@ KNOWN_EXCEPTIONS = {
     ("kdlab.core.config", "kdlab.data.registry"): "recipe validation names the registered data sets",
     ("kdlab.core.config", "kdlab.distill.losses"): "recipe validation checks loss terms and their parameters",
     ("kdlab.core.checkpoint", "kdlab.models.adapters"): "load_model rebuilds the model a checkpoint names",
-    ("kdlab.train.objective", "kdlab.evaluate.accuracy"): "the classification objective evaluates with evaluate()",
 }
 
 

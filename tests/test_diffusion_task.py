@@ -195,3 +195,22 @@ def test_cli_trains_a_teacher_recipe(tmp_path, classifier, capsys):
     before = (out / "best.pt").stat().st_mtime_ns
     assert main(["diffusion", "train", str(t), "--out", str(out), "--quiet", "--seed", "3"]) == 0
     assert (out / "best.pt").stat().st_mtime_ns == before
+
+
+def test_set_train_epochs_bounds_the_teacher_trained_on_the_way(tmp_path, classifier, capsys):
+    """As for classification (`kdlab ablate --help`): `--set train.epochs=N` also bounds the epochs of
+    the teacher that a distill recipe trains on the way; without it the teacher recipe's own count."""
+    from kdlab.tasks.diffusion_runs import load_diffusion_recipe, teacher_recipe
+
+    t, d = _recipes(tmp_path, classifier)
+    raw = json.loads(t.read_text())
+    raw["train"] = {**TINY, "epochs": 3}
+    t.write_text(json.dumps(raw))
+    assert teacher_recipe(load_diffusion_recipe(d)).train.epochs == 3
+    assert teacher_recipe(load_diffusion_recipe(d, ["train.epochs=2"])).train.epochs == 2
+    assert teacher_recipe(load_diffusion_recipe(d, ["train.epochs=5"])).train.epochs == 3  # a bound only
+    assert teacher_recipe(load_diffusion_recipe(d, ["train.epochs=2", "distill.teacher_epochs=3"])).train.epochs == 3
+    torch.set_num_threads(1)
+    out = tmp_path / "o"
+    assert main(["diffusion", "train", str(d), "--set", "train.epochs=1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "teacher" / "result.json").read_text())["epochs_run"] == 1

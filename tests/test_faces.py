@@ -199,3 +199,54 @@ def test_embedding_models_return_embeddings(name):
         assert m(torch.randn(2, 1, 16, 16)).shape == (2, 24)  # any input size (GDC on a pooled 4x4 grid)
         assert m3(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     assert len(m.stage_names) == 3 and m.feature_dim == 24
+
+
+def test_evaluate_a_label_fraction_checkpoint_scores_its_test_pairs(tmp_path, capsys):
+    """`kdlab evaluate` of a faces model trained on 25% of the identities: the run's recipe sets the
+    class count (900, not the data set's 3,600), and the model is scored on the verification pairs
+    (the embeddings' cosine, 10-fold accuracy), not by class accuracy."""
+    import json
+
+    from kdlab.cli.main import main
+    from kdlab.core.checkpoint import model_checkpoint
+    from kdlab.data import load_dataset
+    from kdlab.data.streaming import as_loader
+    from kdlab.evaluate.verification import embed
+    from kdlab.models import create_model
+
+    s = load_dataset("mnist-identities", val_fraction=0.1, label_fraction=0.25, seed=1)
+    assert s.info.num_classes == 900
+    torch.manual_seed(0)
+    kw = {"width": 0.25, "embedding_size": 16}
+    m = create_model("mobilefacenet_small", num_classes=900, in_channels=1, **kw).eval()
+    ck = model_checkpoint(m, model_name="mobilefacenet_small", model_kwargs=kw, num_classes=900, in_channels=1,
+                          dataset="mnist-identities", classes=list(s.info.classes), seed=1,
+                          recipe={"data": {"name": "mnist-identities", "val_fraction": 0.1, "label_fraction": 0.25}})
+    torch.save(ck, tmp_path / "best.pt")
+    assert main(["evaluate", str(tmp_path / "best.pt")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # by hand: cosine of each test pair's normalised embeddings; accuracy at the threshold chosen on
+    # the other nine folds, averaged over the folds
+    emb = embed(m, as_loader(s.test, 500, shuffle=False, seed=0, mean=s.info.mean, std=s.info.std))
+    p = s.test.pairs
+    cos = (emb[p[:, 0]] * emb[p[:, 1]]).sum(1).numpy()
+    same, fold = p[:, 2].numpy().astype(bool), p[:, 3].numpy()
+    accs = []
+    for k in range(10):
+        tr, te = fold != k, fold == k
+        cands = np.unique(cos[tr])[::-1]  # ties: the highest threshold
+        best = max(cands, key=lambda t: ((cos[tr] >= t) == same[tr]).mean())
+        accs.append(((cos[te] >= best) == same[te]).mean())
+    assert out["n"] == 6000 and out["acc"] == pytest.approx(float(np.mean(accs)), abs=1e-9)
+
+
+def test_margin_heads_defaults_and_a_text_margin_is_refused():
+    """The three margin heads share one constructor: the papers' margins by default (ArcFace 0.5,
+    CosFace 0.35, AdaDistill's 0.45), the recipe's ``m`` when given, one line for a text margin."""
+    from kdlab.core.config import RecipeError, load_recipe
+
+    assert [LOSSES.get(n)().m for n in ("arcface", "cosface", "adadistill")] == [0.5, 0.35, 0.45]
+    assert [LOSSES.get(n)().kind for n in ("arcface", "cosface", "adadistill")] == ["arc", "cos", "arc"]
+    assert LOSSES.get("cosface")(s=30.0, m=0.2).m == 0.2 and LOSSES.get("cosface")(s=30.0).s == 30.0
+    with pytest.raises(RecipeError, match=r"loss\[0\].*m needs a number"):
+        load_recipe("faces/baseline", ["loss.0.m=wide"])

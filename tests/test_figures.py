@@ -131,3 +131,73 @@ def test_overlay_perceptual_and_rows_labelled(tmp_path, captured):
     cap = captured[-1]
     assert cap["axes"][1].images[-1].get_cmap().name == "inferno"
     assert cap["ylabels"][:4:2] == ["image 1", "image 2"]
+
+
+def _failing_figure(subplots=None):
+    """A figure whose drawing fails part-way (after the PDF backend has opened its file)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = (subplots or plt.subplots)()
+    ax.plot([0, 1], [1, 0])
+    bad = ax.text(0.5, 0.5, "x")
+
+    def boom(*a, **k):
+        raise RuntimeError("drawing failed")
+
+    bad.draw = boom
+    return fig
+
+
+@pytest.mark.parametrize("save", ["save_figure", "roc_figure", "atomic_savefig_svg"])
+def test_a_failing_savefig_leaves_the_old_figure_and_no_partial_file(tmp_path, save, monkeypatch):
+    """Figures are written atomically (a temporary file beside the target, renamed over it): a save
+    that fails part-way keeps the old PNG / PDF / SVG byte for byte and leaves no other file."""
+    import matplotlib.pyplot as plt
+
+    from kdlab.core.io import atomic_savefig
+
+    if save == "save_figure":
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        figs.save_figure(fig, tmp_path / "f.png")
+        names = ["f.png", "f.pdf"]
+        again = lambda: figs.save_figure(_failing_figure(), tmp_path / "f.png")  # noqa: E731
+    elif save == "roc_figure":
+        from kdlab.evaluate import verification
+
+        CURVE = {"a": (np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 0, 1, 1]))}
+
+        verification.roc_figure(CURVE, tmp_path / "roc.pdf")
+        names = ["roc.pdf"]
+        real = plt.subplots
+        monkeypatch.setattr(plt, "subplots", lambda *a, **k: (lambda f: (f, f.axes[0]))(_failing_figure(real)))
+        again = lambda: verification.roc_figure(CURVE,  # noqa: E731
+                                                 tmp_path / "roc.pdf")
+    else:
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        atomic_savefig(fig, tmp_path / "f.svg")
+        plt.close(fig)
+        names = ["f.svg"]
+        again = lambda: atomic_savefig(_failing_figure(), tmp_path / "f.svg")  # noqa: E731
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    assert all(len(b) > 100 for b in before.values())
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        again()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+
+
+def test_every_figure_is_saved_through_the_atomic_write():
+    """No module draws a figure straight into its target: ``savefig`` is called only by
+    ``kdlab.core.io.atomic_savefig`` (a temporary file beside the target, then ``os.replace``)."""
+    import re
+    from pathlib import Path
+
+    import kdlab
+
+    root = Path(kdlab.__file__).parent
+    direct = [f"{p.relative_to(root)}:{i}" for p in sorted(root.rglob("*.py")) if p != root / "core" / "io.py"
+              for i, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"\.savefig\(|\bimsave\(", line) and not line.lstrip().startswith("#")]
+    assert not direct, f"use kdlab.core.io.atomic_savefig: {direct}"

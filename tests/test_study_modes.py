@@ -34,3 +34,21 @@ def test_each_mode_has_its_own_report_folder(tmp_path):
     assert report_folder(tmp_path, "ladder") == Path(tmp_path) / "report"
     assert report_folder(tmp_path, "loo") == Path(tmp_path) / "report-loo"
     assert report_folder(tmp_path, "both") == Path(tmp_path) / "report-both"
+
+
+def test_rerun_study_log_counts_only_the_runs_trained_now(tmp_path):
+    """A re-run study reuses its finished runs: the closing line's teacher and training seconds are
+    those of the runs trained by this call (none here), not the earlier runs' (which exceeded this
+    call's wall time)."""
+    from kdlab.core.config import load_recipe
+    from kdlab.experiments.study import run_study
+
+    r = load_recipe("digits/baseline", ["train.epochs=1"])
+    lines = []
+    run_study({"baseline": r}, tmp_path / "s", seeds=[0], progress=False, log=lines.append, profile=False)
+    first = [l for l in lines if l.startswith("study wall time")][-1]
+    assert "(1 of 1 runs trained now)" in first and not first.endswith("training 0.0s")
+    lines.clear()
+    run_study({"baseline": r}, tmp_path / "s", seeds=[0], progress=False, log=lines.append, profile=False)
+    again = [l for l in lines if l.startswith("study wall time")][-1]
+    assert "(0 of 1 runs trained now)" in again and again.endswith("students' own training 0.0s")

@@ -184,6 +184,12 @@ def load_model(path: str | os.PathLike, device="cpu"):
     if str(ck.get("model_name") or "").startswith("lm:") or "tokenizer" in ck:
         raise CheckpointError(f"checkpoint {path} holds a language model ({ck.get('model_name')}); this "
                               f"command takes image classifiers: use `kdlab lm generate {path} --prompt TEXT`")
+    if isinstance(ck.get("diffusion"), dict):
+        steps = ck["diffusion"].get("steps")
+        what = f"a {steps}-step distilled sampler" if steps else "a diffusion teacher"
+        raise CheckpointError(f"checkpoint {path} holds a diffusion model ({ck.get('model_name')}, {what}); this "
+                              f"command takes image classifiers: its FD is scored by "
+                              f"`kdlab diffusion study RECIPE --seeds SEED --out RUN_FOLDER` (docs/diffusion.md)")
     if (ck.get("pruned") or {}).get("arch") or ck.get("quantized"):
         kind = "structurally pruned" if (ck.get("pruned") or {}).get("arch") else "quantized"
         raise CheckpointError(f"checkpoint {path} holds a {kind} {ck['model_name']}; read it with "

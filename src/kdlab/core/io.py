@@ -1,7 +1,7 @@
 """Run-folder files: atomic writes and reads that name the file and the fix.
 
-Every file kdlab writes into a run folder goes through :func:`write_json`, :func:`write_csv` or
-:func:`kdlab.core.checkpoint.atomic_save`: the content is written to a temporary file in the same
+Every file kdlab writes into a run folder goes through :func:`write_json`, :func:`write_csv`,
+:func:`atomic_savefig` (figures) or :func:`kdlab.core.checkpoint.atomic_save`: the content is written to a temporary file in the same
 folder and renamed over the target, so a crash leaves the old file or the new one, never a torn one.
 """
 
@@ -39,6 +39,15 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
             raise named from None
         raise
     return path
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """``fig.savefig`` (a Matplotlib figure) through :func:`atomic_write`: drawn into a temporary
+    file beside ``path`` and renamed over it, so a failed draw or write leaves the old figure (or
+    none), never a torn one. The format is ``path``'s suffix unless ``format=`` is given."""
+    path = Path(path)
+    fmt = kwargs.pop("format", None) or path.suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
 
 
 def write_error(e: BaseException, path: Path) -> "OSError | None":
@@ -102,9 +111,10 @@ def write_csv(path: str | os.PathLike, rows: Iterable[dict], fields: list[str] |
     return atomic_write_text(path, buf.getvalue())
 
 
-def check_out_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def check_out_dir(path: str | os.PathLike, what: str = "output folder", *, create: bool = True) -> Path:
     """Create ``path`` as a writable folder, or raise one line naming the problem and the fix
-    (a file in the way, a file above it, no permission) instead of an OSError traceback."""
+    (a file in the way, a file above it, no permission) instead of an OSError traceback.
+    ``create=False``: only check that it could be created (nothing is written)."""
     path = Path(path)
     for up in [path, *path.parents]:
         if up.exists() and not up.is_dir():
@@ -112,6 +122,11 @@ def check_out_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
             raise ValueError(f"{what} {path} {where}; give a folder path (e.g. --out runs/NAME)")
         if up.exists():
             break
+    if not create:
+        if not os.access(up, os.W_OK | os.X_OK):
+            raise ValueError(f"{what} {path} cannot be written ({up} is not writable); give a folder you can "
+                             f"write to (--out) or fix its permissions")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -6,56 +6,12 @@ A *model* is an ``nn.Module`` or any callable returning logits (an ONNX Runtime 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-@torch.no_grad()
-def predict(model, loader, device=None, amp: str = "none", max_batches: Optional[int] = None):
-    """Logits (fp32) and labels of a whole split, in loader order, with the model in eval mode."""
-    is_module = isinstance(model, nn.Module)
-    if is_module:
-        was = model.training
-        model.eval()
-        dev = torch.device(device) if device is not None else next(model.parameters()).device
-    else:
-        dev = torch.device("cpu")
-    outs, ys = [], []
-    try:
-        for i, (x, y, _) in enumerate(loader.epoch(0)):
-            if max_batches is not None and i >= max_batches:
-                break
-            # no autograd graph: evaluation needs no gradients (the values are the same)
-            with torch.no_grad(), _autocast(dev, amp if is_module else "none"):
-                out = model(x.to(dev) if is_module else x)
-            outs.append(torch.as_tensor(out).float().to(dev))
-            ys.append(y.to(dev))
-    finally:
-        if is_module:
-            model.train(was)
-    if not outs:
-        raise ValueError("the evaluation split is empty; check the data set and its split fractions")
-    return torch.cat(outs), torch.cat(ys)
-
-
-def evaluate(model, loader, device=None, amp: str = "none", max_batches: Optional[int] = None) -> dict:
-    """``{"acc": top-1, "loss": mean cross-entropy, "n": samples}`` of ``model`` on ``loader``."""
-    logits, y = predict(model, loader, device, amp, max_batches)
-    return {
-        "acc": (logits.argmax(1) == y).float().mean().item(),
-        "loss": F.cross_entropy(logits, y).item(),
-        "n": int(y.numel()),
-    }
+from kdlab.train.evaluation import evaluate, predict  # noqa: F401 - the implementation lives in train
 
 
 def accuracy(model, loader, device=None, max_batches: Optional[int] = None) -> float:
@@ -112,6 +68,8 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
         opts = {"root": data_dir, "image_size": list(image_size)} if str(name) == "imagefolder" else {}
         if same and rec_data.get("val_fraction") is not None:  # the recipe's split (val differs otherwise)
             opts.update(val_fraction=rec_data["val_fraction"], seed=int(ck.get("seed") or 0))
+            if rec_data.get("label_fraction") is not None:  # face identities: the fraction sets the classes
+                opts.update(label_fraction=float(rec_data["label_fraction"]))
         splits = load_dataset(name, None if opts.get("root") else data_dir,
                               **({k: v for k, v in opts.items() if v is not None}))
     from kdlab.data.registry import check_trained_on
@@ -133,6 +91,14 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     resize = (ck.get("input") or {}).get("resize")
     if resize:  # a student trained on a resized view (student.input.resize) is evaluated on it too
         model = ResizedInput(model, resize)
+    data = getattr(splits, split)
+    if hasattr(splits.test, "pairs"):  # a verification data set (faces): an embedding model, scored on pairs
+        if not hasattr(data, "pairs"):
+            raise ValueError(f"split {split} of data set '{name}' has no verification pairs; use --split val or test")
+        from kdlab.evaluate.verification import evaluate_pairs
+
+        metrics, _ = evaluate_pairs(model, loader, data.pairs)
+        return {"checkpoint": str(path), "dataset": str(name), "split": split, **metrics}
     res = {"checkpoint": str(path), "dataset": str(name), "split": split, **evaluate(model, loader, dev)}
     if mapped:
         res["classes_mapped"] = True

@@ -142,7 +142,10 @@ def roc_figure(curves: dict, path, title: str = "ROC (test pairs)") -> Path:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from kdlab.core.io import atomic_savefig
+
+    try:
+        atomic_savefig(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path

@@ -252,6 +252,9 @@ def lm_train_teacher(ref, overrides, *, out=None, progress=False) -> Path:
     r = load_lm_recipe(ref, overrides)
     if r.kind == "arithmetic":
         raise ValueError("the arithmetic teacher is trained by `kdlab lm ablate lm/arithmetic`")
+    from kdlab.tasks import get_task
+
+    get_task("lm").check_study({"teacher": r})  # the corpus, a given checkpoint: before anything is written
     return train_teacher(r, lm_out(r, out), progress=progress)
 
 
@@ -264,6 +267,9 @@ def lm_distill(ref, overrides, *, out=None, method=None, seed=0, progress=False)
     if r.kind == "arithmetic":
         raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
     rr = r.method(method) if method else r
+    from kdlab.tasks import get_task
+
+    get_task("lm").check_study({"distill": rr})  # the corpus, a given checkpoint: before anything is written
     row = distill_run(rr, lm_out(r, out), seed=seed, method=method or "distill", progress=progress)
     return {k: v for k, v in row.items() if k != "counts"}
 

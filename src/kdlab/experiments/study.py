@@ -101,7 +101,7 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     todo = [m for m in recipes if train_only is None or m in train_only]
     pairs = ([(m, s) for m in todo for s in seeds] if task.study_order == "method"
              else [(m, s) for s in seeds for m in todo])
-    rows = []
+    rows, now = [], []  # now: the runs trained by this call (not reused finished ones)
     t_start = time.perf_counter()
     for method, seed in pairs:
         run_dir = inside(out_dir, out_dir / method / f"seed{seed}", f"run folder of method {method!r}")
@@ -109,6 +109,8 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
         res = task.train(recipes[method].with_seed(seed), run_dir, context=ctx, method=method, progress=progress)
         res = {**res, "method": method, "seed": int(seed)}
         rows.append(res)
+        if not finished:
+            now.append(res)
         state = "done earlier" if finished else f"{res.get('train_time_s', float('nan')):.1f}s"
         log(f"  {method:<14} seed {seed}: {task.run_line(res)}  ({state})")
     others = [m for m in recipes if m not in todo
@@ -124,10 +126,10 @@ def run_study(recipes: dict, out_dir, *, seeds: list[int], data_dir=None, progre
     store = getattr(ctx, "store", None)
     if store is not None and getattr(store, "hits", 0) + getattr(store, "misses", 0):
         log(f"teacher cache: {store.hits} batches reused, {store.misses} computed")
-    teacher_s = sum(r.get("teacher_time_s", 0.0) for r in rows)
-    log(f"study wall time {wall:.1f}s; teacher outputs and masks {teacher_s:.1f}s (computed once per "
-        f"batch and shared when cached); students' own training "
-        f"{sum(r.get('train_time_s', 0.0) for r in rows) - teacher_s:.1f}s")
+    teacher_s = sum(r.get("teacher_time_s", 0.0) for r in now)  # of this call's runs: within its wall time
+    log(f"study wall time {wall:.1f}s ({len(now)} of {len(pairs)} runs trained now); teacher outputs and masks "
+        f"{teacher_s:.1f}s (computed once per batch and shared when cached); students' own training "
+        f"{sum(r.get('train_time_s', 0.0) for r in now) - teacher_s:.1f}s")
     task.finish_study(rows, log=log)
     if not is_main():
         return {}
@@ -209,13 +211,14 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
         if unknown:
             raise KeyError(f"no study method '{unknown[0]}' in {full.name}; methods: {', '.join(all_methods)}")
     distinct, aliases = distinct_methods(t, all_methods)
-    if aliases:
-        log("same recipe under two names, trained once: "
-            + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     out_dir = Path(out_dir or f"runs/{full.name}")
     rdir = report_folder(out_dir, mode)
     base = t.baseline(distinct)
-    check_out_dir(out_dir, "study folder")
+    check_out_dir(out_dir, "study folder", create=False)  # created once the inputs are checked
+    t.check_study(distinct, data_dir)  # data, teachers: refused before anything is printed or written
+    if aliases:
+        log("same recipe under two names, trained once: "
+            + ", ".join(f"{a} = {b}" for a, b in aliases.items()))
     log(f"study '{full.name}' ({t.name}): {len(distinct)} methods x {len(seeds)} seeds -> {out_dir}")
     from kdlab.train.runtime import is_main
     if is_main():  # what the study is, before its report: the report's page and figure titles read it,

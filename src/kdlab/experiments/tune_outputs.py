@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from kdlab.core.io import atomic_write_text
+from kdlab.core.io import atomic_savefig, atomic_write_text
 from kdlab.experiments.tune_space import with_values
 from kdlab.experiments.tune_storage import optuna_module
 
@@ -94,8 +94,10 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
                     t.set_text(t.get_text().replace("Objective Value", f"{spec.metric} of a trial"))
             fig.set_size_inches(9, 5)
             fig.tight_layout()
-            fig.savefig(out_dir / fname, dpi=110)
-            plt.close(fig)
+            try:
+                atomic_savefig(fig, out_dir / fname, dpi=110)
+            finally:
+                plt.close(fig)
     states = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdlab.core.io import atomic_savefig
+
 COLOURS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
 
 
@@ -21,7 +23,7 @@ def _save(fig, path: Path) -> list[Path]:
     out = []
     for ext in (".png", ".pdf"):
         p = path.with_suffix(ext)
-        fig.savefig(p, dpi=130, bbox_inches="tight")
+        atomic_savefig(fig, p, dpi=130, bbox_inches="tight")
         out.append(p)
     return out
 

@@ -110,9 +110,11 @@ def save_figure(fig, path, dpi: int = 150) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
+    from kdlab.core.io import atomic_savefig
+
     try:
-        fig.savefig(png, dpi=dpi, bbox_inches="tight")
-        fig.savefig(pdf, bbox_inches="tight")
+        atomic_savefig(fig, png, dpi=dpi, bbox_inches="tight")
+        atomic_savefig(fig, pdf, bbox_inches="tight")
     finally:
         _plt().close(fig)
     return png

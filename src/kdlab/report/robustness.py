@@ -162,10 +162,12 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from kdlab.core.io import atomic_write
+    from kdlab.core.io import atomic_savefig
 
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))  # never a torn PNG
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, path, dpi=120)  # never a torn PNG
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -90,6 +90,10 @@ class Task:
         Returns a context object passed to every :meth:`train` of the study (default: None)."""
         return None
 
+    def check_study(self, recipes: dict, data_dir=None) -> None:
+        """Check what a study's runs need (data present, teachers trainable, ...) before anything
+        is printed or written; raise one line naming the fix. Default: nothing to check."""
+
     def train(self, recipe, run_dir, *, context: Any = None, method: str = "", progress: bool = True,
               resume: bool = True) -> dict:
         """Train one run of ``recipe`` (its seed included) into ``run_dir`` with the one Trainer,

@@ -147,6 +147,22 @@ class ClassificationTask(Task):
             store.expect(teacher_layers_of(recipes.values()))
         return ClassificationContext(store, data_dir, progress, log)
 
+    def check_study(self, recipes: dict, data_dir=None) -> None:
+        """Every method's data present and its teacher there or trainable (a valid teacher recipe
+        whose data are present), before the study prints or writes anything."""
+        from kdlab.train.build import check_teachers, load_splits
+
+        seen = set()
+        for r in recipes.values():
+            r = self.with_data_dir(r, data_dir)
+            key = repr((r.data.model_dump(mode="json"), r.teacher.model_dump(mode="json") if r.teacher else None,
+                        r.needs_teacher(), [t.params for t in r.loss if t.params.get("recipes")]))
+            if key in seen:
+                continue
+            seen.add(key)
+            load_splits(r)
+            check_teachers(r, data_dir)
+
     def _teacher(self, recipe, ctx: Optional[ClassificationContext]):
         from kdlab.train.build import ensure_teachers, load_splits, load_teacher
         from kdlab.core.device import resolve_device

@@ -99,6 +99,7 @@ class DistillCfg(_Strict):
     teacher_checkpoint: Optional[str] = None        # a trained teacher instead (same for every seed)
     start_steps: int = Field(64, ge=2)              # the teacher's DDIM step count
     end_steps: int = Field(1, ge=1)                 # the last student's step count
+    teacher_epochs: Optional[int] = Field(None, ge=1)  # set by --set train.epochs: bounds the teacher's epochs
 
     @field_validator("start_steps", "end_steps")
     @classmethod
@@ -209,6 +210,7 @@ def load_diffusion_recipe(ref, overrides: Optional[list[str]] = None) -> Diffusi
     path = resolve_recipe_path(ref)
     raw = _read(path)
     apply_overrides(raw, overrides)
+    bound_teacher_epochs(raw, overrides)
     if raw.get("task") != "diffusion":
         what = f"a {raw['task']!r} recipe" if raw.get("task") else "a classification recipe (it names no task)"
         raise RecipeError(f"{path} is {what}; kdlab diffusion takes recipes with task: diffusion "
@@ -216,6 +218,22 @@ def load_diffusion_recipe(ref, overrides: Optional[list[str]] = None) -> Diffusi
     r = diffusion_recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
     r.source = str(path)
     return r
+
+
+def bound_teacher_epochs(raw: dict, overrides) -> dict:
+    """Small settings reach the teacher, as in classification: with ``train.epochs=N`` among the
+    overrides (and no ``distill.teacher_epochs`` / ``distill.teacher_checkpoint`` override), the
+    teacher that a distill recipe trains on the way (``distill.teacher``) is trained for at most N
+    epochs (``distill.teacher_epochs``). ``raw`` is changed in place."""
+    keys = {ov.split("=", 1)[0].strip() for ov in overrides or [] if "=" in ov}
+    d = raw.get("distill")
+    if ("train.epochs" not in keys or {"distill.teacher_epochs", "distill.teacher_checkpoint"} & keys
+            or not isinstance(d, dict) or d.get("teacher_checkpoint")):
+        return raw
+    n = (raw.get("train") or {}).get("epochs") if isinstance(raw.get("train"), dict) else None
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 1:  # else the recipe's validation names it
+        d["teacher_epochs"] = n
+    return raw
 
 
 def list_diffusion_recipes() -> list[str]:

@@ -313,8 +313,13 @@ def stats_line(values) -> tuple[float, float]:
 # the chain of progressive-distillation rounds (one run of the task: each round a Trainer run)
 
 def teacher_recipe(recipe: DiffusionRecipe) -> DiffusionRecipe:
-    """The distill recipe's teacher recipe, at the distill recipe's seed."""
-    return load_diffusion_recipe(recipe.distill.teacher).with_seed(recipe.train.seed)
+    """The distill recipe's teacher recipe, at the distill recipe's seed (and at most
+    ``distill.teacher_epochs`` epochs: ``--set train.epochs=N`` bounds the teacher too)."""
+    t = load_diffusion_recipe(recipe.distill.teacher).with_seed(recipe.train.seed)
+    n = recipe.distill.teacher_epochs
+    if n is not None and t.train.epochs > n:
+        t = t.derive(train={**t.train.model_dump(mode="json"), "epochs": n})
+    return t
 
 
 def check_chain(recipe: DiffusionRecipe) -> None:

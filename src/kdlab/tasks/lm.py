@@ -86,6 +86,20 @@ class LMTask(Task):
                 + (f", {tr.get('epochs')} epochs x {tr.get('steps_per_epoch')} steps" if tr.get("epochs") else ""))
 
     # -- runs ----------------------------------------------------------------------------------
+    def check_study(self, recipes: dict, data_dir=None) -> None:
+        """The corpus readable and a given teacher.checkpoint present, before anything is printed
+        or written."""
+        from kdlab.lm.corpora import load_corpus
+
+        r0 = next(iter(recipes.values()))
+        if getattr(r0, "kind", "corpus") != "corpus":
+            return
+        t = r0.teacher
+        if t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
+            raise FileNotFoundError(f"teacher.checkpoint {t.checkpoint} not found; fix the path or remove it to "
+                                    f"train one")
+        load_corpus(r0.corpus.name, r0.corpus.max_bytes)
+
     def prepare_study(self, recipes: dict, out_dir, *, data_dir=None, progress: bool = True, log=print) -> LMContext:
         """Tokenizer and corpus streams, the teacher (trained first when missing) and its test
         metrics, shared by every run of the study."""

@@ -394,6 +394,39 @@ def _checkpoint_path(value, key: str) -> Path:
     return ckpt
 
 
+def check_teachers(recipe: Recipe, data_dir=None) -> None:
+    """What :func:`ensure_teachers` needs, checked before anything is trained or written: teacher
+    checkpoint paths are file paths, an ensemble's members are trained, a missing teacher has a
+    ``teacher.recipe`` to train it (a valid one, its data present); else one line naming the fix."""
+    from kdlab.core.config import load_recipe
+
+    for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
+        p = t.params
+        for ck, rref in zip(p.get("checkpoints") or [], p.get("recipes") or []):
+            if not teacher_finished(_checkpoint_path(ck, "mtkd checkpoint")):
+                load_splits(with_data_dir(load_recipe(rref), data_dir))
+    tc = recipe.teacher
+    if tc is None or not recipe.needs_teacher():
+        return
+    if tc.checkpoints:  # an ensemble: its members are trained by their own recipes, first
+        missing = [ck for ck in tc.checkpoints if not teacher_finished(_checkpoint_path(ck, "teacher.checkpoints"))]
+        if missing:
+            raise FileNotFoundError(f"ensemble teacher checkpoint {missing[0]} not found or unfinished; train "
+                                    f"each member first (`kdlab train-teacher <recipe> --out <folder>`)")
+        return
+    ckpt = _checkpoint_path(tc.checkpoint, "teacher.checkpoint") if tc.checkpoint else None
+    if ckpt is not None and teacher_finished(ckpt):
+        return
+    if not tc.recipe:
+        if ckpt is not None and ckpt.is_file():
+            raise FileNotFoundError(f"teacher checkpoint {ckpt} belongs to an unfinished run and the recipe "
+                                    f"names no teacher.recipe to finish it; set teacher.recipe or finish it "
+                                    f"with `kdlab train-teacher <recipe> --out {ckpt.parent}`")
+        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
+                                f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
+    load_splits(with_data_dir(load_recipe(tc.recipe), data_dir))
+
+
 def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
     """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
     unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
@@ -414,21 +447,13 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
     if tc is None or not recipe.needs_teacher():
         return None
     if tc.checkpoints:  # an ensemble: its members are trained by their own recipes, first
-        missing = [ck for ck in tc.checkpoints if not teacher_finished(_checkpoint_path(ck, "teacher.checkpoints"))]
-        if missing:
-            raise FileNotFoundError(f"ensemble teacher checkpoint {missing[0]} not found or unfinished; train "
-                                    f"each member first (`kdlab train-teacher <recipe> --out <folder>`)")
+        check_teachers(recipe, data_dir)  # (refuses missing members)
         return str(tc.checkpoints[0])
     ckpt = _checkpoint_path(tc.checkpoint, "teacher.checkpoint") if tc.checkpoint else None
     if ckpt is not None and teacher_finished(ckpt):
         return str(ckpt)
     if not tc.recipe:
-        if ckpt is not None and ckpt.is_file():
-            raise FileNotFoundError(f"teacher checkpoint {ckpt} belongs to an unfinished run and the recipe "
-                                    f"names no teacher.recipe to finish it; set teacher.recipe or finish it "
-                                    f"with `kdlab train-teacher <recipe> --out {ckpt.parent}`")
-        raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found and the recipe names no "
-                                f"teacher.recipe to train it; run `kdlab train-teacher <recipe>` first")
+        check_teachers(recipe, data_dir)  # (names the fix)
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
     if tc.epochs is not None and t_recipe.train.epochs > tc.epochs:  # bounded by --set train.epochs
         t_recipe = t_recipe.derive(train={**t_recipe.train.model_dump(mode="json"), "epochs": tc.epochs})

@@ -113,7 +113,7 @@ class Objective:
 
 def split_metrics(model: nn.Module, loader, runtime=None) -> dict[str, float]:
     """Top-1 accuracy, mean cross-entropy and count of a classifier over ``loader.epoch(0)``."""
-    from kdlab.evaluate.accuracy import evaluate
+    from kdlab.train.evaluation import evaluate
 
     return evaluate(model, loader, amp=runtime.amp if runtime is not None else "none")
 

@@ -85,12 +85,6 @@ class _MaskedAttention(LossTerm):
         self.masked = bool(masked)
         self.needs_masks = self.masked
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def mask_layers(self):
         return self.teacher_layers() if self.masked else []
 

@@ -84,10 +84,12 @@ class LossTerm(nn.Module):
     needs_labels: bool = False
 
     def student_layers(self) -> list[str]:
-        return []
+        """Student layers the term reads: those of its ``pairs`` (from :func:`layer_pairs`), if any."""
+        return [s for s, _ in getattr(self, "pairs", ())]
 
     def teacher_layers(self) -> list[str]:
-        return []
+        """Teacher layers the term reads: those of its ``pairs``, if any."""
+        return [t for _, t in getattr(self, "pairs", ())]
 
     def mask_layers(self) -> list[str]:
         """Teacher layers at which causal masks are needed."""

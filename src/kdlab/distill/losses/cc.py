@@ -65,12 +65,6 @@ class CorrelationCongruence(LossTerm):
         self.gamma, self.order = float(gamma), (None if order is None else int(order))
         self.head: Optional[nn.Module] = None
 
-    def student_layers(self):
-        return [self.pairs[0][0]]
-
-    def teacher_layers(self):
-        return [self.pairs[0][1]]
-
     def setup(self, probe: BatchRecord) -> None:
         s, t = self.pairs[0]
         fs, ft = probe.s_feats.get(s), probe.t_feats.get(t)

@@ -82,12 +82,6 @@ class CRD(LossTerm):
         self.embed_s: Optional[nn.Module] = None
         self.embed_t: Optional[nn.Module] = None
 
-    def student_layers(self):
-        return [self.pairs[0][0]]
-
-    def teacher_layers(self):
-        return [self.pairs[0][1]]
-
     def _check(self, batch: int) -> None:
         m = self.n_data
         if batch > m:

@@ -25,6 +25,7 @@ margin ``m``):
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,15 +122,20 @@ def num_identities(rec: BatchRecord) -> int:
 
 # --------------------------------------------------------------------------- terms
 class MarginHead(LossTerm):
-    """Class centres ``W`` [C, d] (normal init, sd 0.01) built from the first batch."""
+    """Class centres ``W`` [C, d] (normal init, sd 0.01) built from the first batch. A head sets
+    ``kind`` (the margin's form) and ``default_m`` (the margin when the recipe gives no ``m``)."""
 
     needs_labels = True
     kind = "arc"
+    default_m = 0.5
 
-    def __init__(self, s: float = 64.0, m: float = 0.5):
+    def __init__(self, s: float = 64.0, m: Optional[float] = None):
         super().__init__()
         if s <= 0:
             raise ValueError(f"s must be positive, got {s}")
+        m = self.default_m if m is None else m
+        if isinstance(m, bool) or not isinstance(m, (int, float)):
+            raise ValueError(f"m needs a number (the margin), got {m!r}")
         self.s, self.m = float(s), float(m)
         self.weight = None
 
@@ -150,19 +156,13 @@ class MarginHead(LossTerm):
 @register_loss("arcface", "ArcFace margin head: CE over s·cos(θ_y + m) / s·cos θ_j (training only)",
                "Deng et al., ArcFace: Additive Angular Margin Loss for Deep Face Recognition, CVPR 2019")
 class ArcFaceLoss(MarginHead):
-    kind = "arc"
-
-    def __init__(self, s: float = 64.0, m: float = 0.5):
-        super().__init__(s, m)
+    kind, default_m = "arc", 0.5
 
 
 @register_loss("cosface", "CosFace margin head: CE over s·(cos θ_y − m) / s·cos θ_j (training only)",
                "Wang et al., CosFace: Large Margin Cosine Loss for Deep Face Recognition, CVPR 2018")
 class CosFaceLoss(MarginHead):
-    kind = "cos"
-
-    def __init__(self, s: float = 64.0, m: float = 0.35):
-        super().__init__(s, m)
+    kind, default_m = "cos", 0.35
 
 
 @register_loss("embed_kd", "embedding KD: 1 − cos(e_s, e_t) or ‖ê_s − ê_t‖² on normalised embeddings",
@@ -194,9 +194,9 @@ class EmbeddingKD(LossTerm):
                "Boutros et al., AdaDistill: Adaptive Knowledge Distillation for Deep Face Recognition, ECCV 2024")
 class AdaDistillLoss(MarginHead):
     needs_teacher = True
-    kind = "arc"
+    kind, default_m = "arc", 0.45
 
-    def __init__(self, s: float = 64.0, m: float = 0.45):
+    def __init__(self, s: float = 64.0, m: Optional[float] = None):
         super().__init__(s, m)
         self.last_alpha = float("nan")
 

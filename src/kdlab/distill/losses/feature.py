@@ -64,12 +64,6 @@ class FitNets(LossTerm):
         self.from_epoch, self.until_epoch = int(from_epoch), until_epoch
         self.regressor: Optional[nn.Module] = None
 
-    def student_layers(self):
-        return [self.pairs[0][0]]
-
-    def teacher_layers(self):
-        return [self.pairs[0][1]]
-
     def setup(self, probe: BatchRecord) -> None:
         s, t = self.pairs[0]
         fs, ft = probe.s_feats.get(s), probe.t_feats.get(t)
@@ -131,12 +125,6 @@ class AttentionTransfer(LossTerm):
             raise ValueError("at: need p > 0 and beta >= 0")
         self.beta, self.p, self.per_position = float(beta), float(p), bool(per_position)
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         return at_loss([(rec.s_feats[s], rec.t_feats[t]) for s, t in self.pairs],
                        self.beta, self.p, self.per_position, self.squared)
@@ -184,12 +172,6 @@ class NST(LossTerm):
         if degree < 1:
             raise ValueError("nst: degree must be >= 1")
         self.kernel, self.degree, self.c = kernel, int(degree), float(c)
-
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
 
     def forward(self, rec: BatchRecord) -> torch.Tensor:
         return sum(nst_loss(rec.s_feats[s], rec.t_feats[t], self.kernel, self.degree, self.c)

@@ -95,12 +95,6 @@ class _Stages(LossTerm):
         self.pairs = layer_pairs(layers, who)
         self.levels = tuple(int(v) for v in levels)
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
 
 @register_loss("hier_at", "hierarchical AT: activation attention at every stage, squared distance averaged over scales (own, 4, 2, 1)",
                "after Gou, Sun, Yu, Wan & Tao, Hierarchical Multi-Attention Transfer for Knowledge Distillation, ACM TOMM 2022; "

@@ -49,12 +49,6 @@ class FSP(LossTerm):
             raise ValueError("fsp needs at least two layer pairs: layers: [[stage1, layer1], [stage2, layer2]]")
         self.adapters = nn.ModuleDict()
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def setup(self, probe: BatchRecord) -> None:
         for s, t in self.pairs:
             fs, ft = probe.s_feats[s], probe.t_feats[t]

@@ -89,12 +89,6 @@ class ReviewKD(LossTerm):
         self.levels = tuple(int(v) for v in levels)
         self.abfs: Optional[nn.ModuleList] = None
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def setup(self, probe: BatchRecord) -> None:
         fs = [probe.s_feats.get(s) for s, _ in self.pairs]
         ft = [probe.t_feats.get(t) for _, t in self.pairs]

@@ -75,12 +75,6 @@ class VID(LossTerm):
         self.init_var, self.eps = float(init_var), float(eps)
         self.heads = None
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def setup(self, probe: BatchRecord) -> None:
         heads = []
         for s, t in self.pairs:

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from kdlab.core.config import Recipe
-from kdlab.core.io import write_json
+from kdlab.core.io import atomic_savefig, write_json
 from kdlab.distill.generators import (dafl_generator, dafl_generator_losses, kl_batchmean, zskt_generator,
                                       zskt_generator_loss, zskt_student_loss)
 from kdlab.distill.losses.response import kd_loss
@@ -231,10 +231,10 @@ def sample_grid(x: torch.Tensor, teacher: nn.Module, mean, std, path, title: str
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     hist = torch.bincount(cls.cpu(), minlength=p.shape[1]).tolist()
     return {"teacher_classes": hist, "teacher_confidence_mean": float(conf.mean())}
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from kdlab.core.io import read_json, write_csv, write_json
+from kdlab.core.io import atomic_savefig, read_json, write_csv, write_json
 from kdlab.tasks.diffusion_runs import (DiffusionRecipe, check_chain, ensure_feature_net, generate, load_data,
                                         load_denoiser, load_diffusion_recipe, run_chain, sample_noise, score,
                                         stats_line, time_sampler, train_run)
@@ -222,8 +222,10 @@ def figures(recipe: DiffusionRecipe, evals: list[dict], table: list[dict], out: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     p = out / "fd_vs_steps.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, p, dpi=120)
+    finally:
+        plt.close(fig)
     paths.append(p)
     return paths
 
@@ -265,8 +267,10 @@ def sample_grid(recipe: DiffusionRecipe, chain_dir, out_path, *, n: int = 16) ->
     axes[0, 1].set_title("progressive distillation", fontsize=9)
     fig.suptitle(f"{recipe.data.name}, seed {recipe.train.seed}: rows = sampling steps", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_savefig(fig, out_path, dpi=120)
+    finally:
+        plt.close(fig)
     return Path(out_path)
 
 
