@@ -12,7 +12,8 @@ from kdlab.distill.losses import LOSSES, BatchRecord
 from kdlab.distill.losses.cc import cc_loss, gaussian_correlation
 from kdlab.distill.losses.dist import dist_loss, dist_relations, inter_class_relation, intra_class_relation
 from kdlab.distill.losses.dkd import dkd_loss
-from kdlab.distill.losses.hmat import channel_attention, hierarchy, position_attention, pyramid_attention_loss
+from kdlab.distill.losses.hmat import (channel_attention, cross_layer_attention_loss, hierarchy, position_attention,
+                                      pyramid_attention_loss)
 from kdlab.distill.losses.mlkd import (batch_correlation_loss, class_correlation_loss, confidence_fractions,
                                        mlkd_loss, strong_view)
 from kdlab.distill.losses.response import kd_loss, standardize_logits
@@ -226,6 +227,32 @@ def test_pyramid_attention_by_hand():
     ft = torch.ones(1, 1, 2, 2)
     assert pyramid_attention_loss(fs, ft).item() == pytest.approx(1 / 1.5, abs=1e-6)
     assert pyramid_attention_loss(ft, 3 * ft).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_hmat_cross_layer_by_hand():
+    # one channel on 1x2 maps (no pooled level is smaller than the map: own scale only); attention
+    # = squared map, L2-normalised: s1 [1,0] -> e1, s2 [1,1] -> u = (1,1)/√2; t1 [1,1] -> u, t2 [0,1] -> e2
+    s1, s2 = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[1.0, 1.0]]]])
+    t1, t2 = torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[0.0, 1.0]]]])
+    # cross pairs (s1, t2): ‖e1 − e2‖² = 2; (s2, t1): ‖u − u‖² = 0; mean 1
+    assert cross_layer_attention_loss([s1, s2], [t1, t2]).item() == pytest.approx(1.0, abs=1e-6)
+    # a deep 1x2 student map meets a shallow 1x4 teacher map at 1x2: [1,1,0,0] area-pools to [½, 0] -> e1
+    assert cross_layer_attention_loss([s1, s1], [torch.tensor([[[[1.0, 1.0, 0.0, 0.0]]]]), s1]).item() \
+        == pytest.approx(0.0, abs=1e-7)
+    # in the term: w_cross adds exactly w_cross x that mean; the default (0) leaves HMAT as it was
+    feats_s, feats_t = {"a": s1, "b": s2}, {"a": t1, "b": t2}
+    rec = BatchRecord(x=torch.zeros(1, 1, 1, 2), y=torch.zeros(1, dtype=torch.long), s_logits=torch.zeros(1, 10),
+                      t_logits=torch.zeros(1, 10), s_feats=feats_s, t_feats=feats_t)
+    torch.manual_seed(0)
+    plain = LOSSES.get("hmat")(layers=[["a", "a"], ["b", "b"]])(rec)
+    torch.manual_seed(0)
+    cross = LOSSES.get("hmat")(layers=[["a", "a"], ["b", "b"]], w_cross=2.5)(rec)
+    # plain by hand: low pair (s1, t1): position attention [[1,0],[0,0]] vs all-ones -> MSE 3/4;
+    # high pair (s2, t2): activation ‖u − e2‖² = 2 − √2, channel attention of one channel = 1 on both -> 0
+    assert plain.item() == pytest.approx(0.75 + 2 - math.sqrt(2), abs=1e-5)
+    assert (cross - plain).item() == pytest.approx(2.5, abs=1e-5)
+    with pytest.raises(ValueError, match="w_cross"):
+        LOSSES.get("hmat")(layers=[["a", "a"]], w_cross=-1)
 
 
 # ------------------------------------------------------------------------------- gradients, recipes

@@ -80,3 +80,32 @@ def test_findings_errors(tmp_path):
         study_findings(tmp_path)
     with pytest.raises(ValueError):
         write_findings([])
+
+
+def test_findings_of_a_compare_study(tmp_path):
+    # a `kdlab compare` study: independent methods, each against the baseline 'kd' — not a ladder
+    # named after whichever run folder comes first (the first run's recipe has the single term 'at')
+    acc = {"kd": [0.88, 0.89, 0.90, 0.87, 0.88, 0.89],
+           "at": [0.83, 0.85, 0.84, 0.82, 0.83, 0.86],
+           "cc": [0.885, 0.89, 0.905, 0.875, 0.89, 0.885]}
+    study = tmp_path / "cmp"
+    runs = [{"method": m, "seed": s, "test_acc": a, "best_epoch": 5, "train_time_s": 1.0,
+             "images_per_s": 10.0, "model": "cnn_tiny"} for m, v in acc.items() for s, a in enumerate(v)]
+    study_report(runs, {}, study / "report", baseline="kd", profile=False, figures=False, log=lambda *a: None)
+    (study / "at" / "seed0").mkdir(parents=True)
+    (study / "at" / "seed0" / "run.json").write_text(json.dumps({"recipe": {
+        "name": "method-at", "data": {"name": "mnist5k"}, "loss": [{"term": "ce"}, {"term": "at"}]}}))
+    (study / "report" / "compare.json").write_text(json.dumps({"recipes": {
+        m: f"/x/src/kdlab/recipes/methods/mnist5k/{m}.yaml" for m in acc}, "seeds": list(range(6)),
+        "baseline": "kd"}))
+    f = study_findings(study)
+    assert [(a, b) for _, a, b in f["contrasts"]] == [("at", "kd"), ("cc", "kd")]
+    res = {r["with"]: r for r in f["results"] if r["measure"] == "test_acc"}
+    assert res["at"]["mean"] == pytest.approx(np.mean(np.subtract(acc["at"], acc["kd"])))
+    p_at, p_cc = stats.ttest_rel(acc["at"], acc["kd"]).pvalue, stats.ttest_rel(acc["cc"], acc["kd"]).pvalue
+    assert p_at < p_cc  # Holm over the two: 2·p_at, then max(2·p_at, p_cc)
+    assert res["at"]["p_holm"] == pytest.approx(2 * p_at)
+    assert res["cc"]["p_holm"] == pytest.approx(max(2 * p_at, p_cc))
+    assert f["name"] == "cmp (kdlab compare)"
+    assert f["made_by"] == ("kdlab compare methods/mnist5k/kd methods/mnist5k/at methods/mnist5k/cc "
+                            f"--seeds 0 1 2 3 4 5 --baseline kd --out {study}")

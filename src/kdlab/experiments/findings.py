@@ -10,6 +10,9 @@ comparisons between two methods of the study that differ by one component (same 
 * ``full`` vs ``kd`` – what all further components add together (three or more components);
 * ``full`` vs ``full-<c>`` – what ``c`` adds given all the others (leave-one-out studies).
 
+A ``kdlab compare`` study (``report/compare.json``) holds independent methods, not a ladder: every
+method is contrasted with the study's baseline (``<m> over <baseline>``).
+
 Measures: the task's declared metrics shown in its study table (classification: test top-1 in pp;
 language models: bpb, KL to the teacher, agreement, exposure NLL), and when their reports exist the mean corruption accuracy mCA (pp) and
 mCE (% of the baseline's corruption error; lower is better), and the explanation alignment with
@@ -185,7 +188,9 @@ def study_findings(study_dir) -> dict:
     meta = _study_meta(study_dir, rdir)
     recipe = meta["recipe"]
     task = get_task(table.get("task") or meta.get("task"))
-    comps = task.components(recipe)
+    cj = rdir / "compare.json"  # a `kdlab compare` study: independent methods, each against its baseline
+    compared = read_json(cj, "comparison record", need=("recipes",)) if cj.is_file() else None
+    comps = [] if compared else task.components(recipe)
     methods = [r["method"] for r in table["methods"]]
     baseline = table.get("baseline", "baseline")
     contrasts = component_contrasts(methods, comps, baseline, table.get("aliases"))
@@ -208,10 +213,14 @@ def study_findings(study_dir) -> dict:
     mode = meta.get("mode")
     train = recipe.get("train") or {}
     made_by = None
-    if ref:
+    if compared:
+        made_by = (f"kdlab compare {' '.join(_recipe_ref(v) or v for v in compared['recipes'].values())} "
+                   f"--seeds {' '.join(map(str, seeds))} --baseline {baseline} --out {study_dir}")
+    elif ref:
         made_by = (f"kdlab ablate {ref} --seeds {' '.join(map(str, seeds))} --out {study_dir}"
                    + (f" --mode {meta['mode']}" if meta.get("mode") not in (None, "ladder") else ""))
-    return {"study": str(study_dir), "name": recipe.get("name", study_dir.name), "recipe": recipe,
+    name = f"{study_dir.name} (kdlab compare)" if compared else recipe.get("name", study_dir.name)
+    return {"study": str(study_dir), "name": name, "recipe": recipe,
             "made_by": made_by, "epochs": train.get("epochs"), "task": task.name, "metrics": metrics,
             "setting": task.describe(recipe), "report_dir": str(rdir), "mode": mode,
             "seeds": seeds, "baseline": baseline, "methods": methods, "components": comps,

@@ -24,6 +24,17 @@ Stage pairs are given shallow to deep and grouped: the first ``max(1, n//3)`` pa
 (position), the last ``max(1, n//3)`` high level (channel + activation), the rest mid level
 (activation); with one pair it is high level. ``hier_at`` is the activation attention alone at
 every stage (the hierarchy of AT maps with the cross-scale pyramid).
+
+Cross-layer alignment (``w_cross`` > 0, off by default; kdlab's reading, the paper's equations
+could not be consulted): the student's activation attention at stage pair i is also aligned with
+the teacher's at every other pair j ≠ i, through the same pyramid after area-resizing the larger
+map to the smaller (so a deep map meets a shallow one at the deep scale):
+``w_cross · mean_{i≠j} pyramid(F_s^i, F_t^j)`` over the n(n−1) ordered pairs.
+
+The pyramid's 1x1 level compares two single-element maps that both normalise to 1, so it is
+always 0: it only adds its weight 1/8 (or 1/2 on a 2x2 map) to the normaliser, i.e. a constant
+rescaling of each stage's term (x0.93 on maps of 7x7 or larger). Kept as it is (the shipped
+studies ran with it); ``levels: [4, 2]`` leaves it out.
 """
 
 from __future__ import annotations
@@ -65,6 +76,16 @@ def pyramid_attention_loss(fs: torch.Tensor, ft: torch.Tensor, levels=(4, 2, 1))
         loss = loss + w * dist(F.adaptive_avg_pool2d(ms, (lv, lv)), F.adaptive_avg_pool2d(mt, (lv, lv)))
         tot += w
     return loss / tot
+
+
+def cross_layer_attention_loss(s_feats, t_feats, levels=(4, 2, 1)) -> torch.Tensor:
+    """Mean over the ordered stage pairs i ≠ j of :func:`pyramid_attention_loss` between the
+    student's stage i and the teacher's stage j (maps area-resized to the smaller of the two)."""
+    n = len(s_feats)
+    if n != len(t_feats) or n < 2:
+        raise ValueError("cross-layer attention needs the same number (>= 2) of student and teacher stages")
+    terms = [pyramid_attention_loss(s_feats[i], t_feats[j], levels) for i in range(n) for j in range(n) if i != j]
+    return sum(terms) / len(terms)
 
 
 def position_attention(f: torch.Tensor) -> torch.Tensor:
@@ -110,13 +131,15 @@ class HierarchicalAT(_Stages):
 @register_loss("hmat", "HMAT: position attention (shallow), activation attention (mid, deep), channel attention (deep)",
                "Gou, Sun, Yu, Wan & Tao, Hierarchical Multi-Attention Transfer for Knowledge Distillation, ACM TOMM 2022 (doi 10.1145/3568679)")
 class HMAT(_Stages):
-    """``w_pos``, ``w_act``, ``w_ch``: the weights of the three kinds of attention."""
+    """``w_pos``, ``w_act``, ``w_ch``: the weights of the three kinds of attention; ``w_cross``: the
+    weight of the cross-layer activation-attention term (0: off, see the module docstring)."""
 
     def __init__(self, layers=None, w_pos: float = 1.0, w_act: float = 1.0, w_ch: float = 1.0, levels=(4, 2, 1),
-                 pos_size: int = 14):
+                 pos_size: int = 14, w_cross: float = 0.0):
         super().__init__(layers, "hmat", levels)
-        if min(w_pos, w_act, w_ch) < 0:
-            raise ValueError("hmat: w_pos, w_act and w_ch must be >= 0")
+        if min(w_pos, w_act, w_ch, w_cross) < 0:
+            raise ValueError("hmat: w_pos, w_act, w_ch and w_cross must be >= 0")
+        self.w_cross = float(w_cross)
         if pos_size < 1:
             raise ValueError("hmat: pos_size (largest side of the position-attention maps) must be >= 1")
         self.pos_size = int(pos_size)
@@ -151,4 +174,7 @@ class HMAT(_Stages):
             if lv == "high":
                 a, b = _common(self.adapters[f"{s}__{t}".replace(".", "_")](fs), ft)
                 total = total + self.w_ch * (channel_attention(a) - channel_attention(b)).pow(2).mean()
+        if self.w_cross > 0 and len(self.pairs) > 1:
+            total = total + self.w_cross * cross_layer_attention_loss(
+                [rec.s_feats[s] for s, _ in self.pairs], [rec.t_feats[t] for _, t in self.pairs], self.levels)
         return total
