@@ -49,9 +49,9 @@ from torch import nn
 
 from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
-from kdlab.lm.minillm import MiniLLMConfig, minillm_loss, mixed_sample
 from kdlab.lm.losses import (TEMPERATURE_SCALES, bucket_logprobs, divergence, divergence_names, divergence_params,
                              log_softmax_t, real_positions, temperature_factor, token_mean, token_nll)
+from kdlab.lm.minillm import MiniLLMConfig, minillm_loss, mixed_sample
 from kdlab.train.objective import Objective
 
 
