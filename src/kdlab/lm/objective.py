@@ -51,6 +51,7 @@ from kdlab.core.seeding import derive_seed
 from kdlab.lm.generate import generate
 from kdlab.lm.losses import (TEMPERATURE_SCALES, bucket_logprobs, divergence, divergence_names, divergence_params,
                              log_softmax_t, real_positions, temperature_factor, token_mean, token_nll)
+from kdlab.lm.minillm import MiniLLMConfig, minillm_loss, mixed_sample
 from kdlab.train.objective import Objective
 
 
@@ -152,12 +153,21 @@ class LMObjective(Objective):
                  prompt_len: int = 16, gen_len: int = 32,
                  gen_temperature: float = 1.0, gen_top_k: Optional[int] = None, seed: int = 0,
                  meta: Optional[dict] = None, teacher_eval_store: Optional[dict] = None,
-                 name: str = "student", hidden: Optional[nn.Module] = None, hidden_weight: float = 1.0):
+                 name: str = "student", hidden: Optional[nn.Module] = None, hidden_weight: float = 1.0,
+                 minillm=None):
         self.terms = parse_terms([{"term": t} if isinstance(t, str) else t for t in terms])
         self.student, self.teacher, self.name = student, teacher, name
-        if teacher is None and (any(t.needs_teacher for t in self.terms) or on_policy > 0):
-            raise ValueError("divergence terms and on_policy need a teacher (set teacher: ...)")
-        if on_policy > 0 and not any(t.needs_teacher for t in self.terms):
+        if isinstance(minillm, dict):
+            minillm = MiniLLMConfig(**minillm)
+        self.minillm: Optional[MiniLLMConfig] = minillm
+        if teacher is None and (any(t.needs_teacher for t in self.terms) or on_policy > 0 or minillm is not None):
+            raise ValueError("divergence terms, on_policy and minillm need a teacher (set teacher: ...)")
+        if minillm is not None and on_policy <= 0:
+            raise ValueError("minillm replaces the on-policy steps: set on_policy > 0 (e.g. on_policy: 1)")
+        if minillm is not None and gen_temperature != 1.0:
+            raise ValueError(f"minillm's estimator needs samples from the student itself (temperature 1); "
+                             f"set gen_temperature: 1 (got {gen_temperature})")
+        if on_policy > 0 and minillm is None and not any(t.needs_teacher for t in self.terms):
             raise ValueError("on_policy > 0 needs a divergence term (e.g. - term: jsd) to score samples")
         if not 0.0 <= on_policy <= 1.0:
             raise ValueError(f"on_policy must be in [0, 1] (got {on_policy})")
@@ -241,6 +251,8 @@ class LMObjective(Objective):
             u = torch.rand((), generator=torch.Generator().manual_seed(
                 derive_seed(self.seed, "on-policy", epoch, stepno))).item()
             if u < self.on_policy:
+                if self.minillm is not None:
+                    return self._minillm_step(ids, mask, epoch, stepno, g)
                 return self._on_policy_step(ids, epoch, stepno, denom, g)
         self.counts["supervised"] += 1
         x, y = ids[:, :-1], ids[:, 1:]
@@ -325,6 +337,37 @@ class LMObjective(Objective):
         s_sel, t_sel = real_positions(mask, logits, t_logits)
         parts = [(t, self._dense_term(t, s_sel, t_sel, denom)) for t in self.terms if t.term != "ce"]
         return self._weighted(parts, logits, mask, g)
+
+    def _minillm_step(self, ids, data_mask, epoch, stepno, g):
+        """MiniLLM (module doc of :mod:`kdlab.lm.minillm`): sample from α·p + (1−α)·q (or the student
+        alone at α = 0), score with the live teacher, single-step + long-term loss on the sampled
+        positions, plus ``pt_weight`` × CE on the data batch."""
+        cfg = self.minillm
+        self.counts["on_policy"] += 1
+        P = self.prompt_len
+        prompts = ids[:, :P]
+        gen = torch.Generator(device=ids.device).manual_seed(derive_seed(self.seed, "sample", epoch, stepno))
+        if cfg.alpha > 0:
+            t0 = time.perf_counter()
+            seq, gmask = mixed_sample(self.student, self.teacher, prompts, self.gen_len, cfg.alpha,
+                                      eos_id=self.eos_id, pad_id=self.pad_id, generator=gen)
+            self.teacher_time_s += time.perf_counter() - t0
+        else:
+            seq, gmask = generate(self.student, prompts, self.gen_len, greedy=False, temperature=1.0,
+                                  eos_id=self.eos_id, pad_id=self.pad_id, generator=gen)
+        seq = seq.detach()
+        x = seq[:, :-1]
+        logits, _ = self.student(x)
+        t_logits = self._teacher_logits(x)
+        loss, st = minillm_loss(logits[:, P - 1:], t_logits[:, P - 1:], seq[:, P:], gmask, cfg)
+        parts = [(SimpleNamespace(term="minillm", weight=1.0), loss)]
+        if cfg.pt_weight > 0:
+            d_logits, _ = self.student(ids[:, :-1])
+            s_sel, y_sel = real_positions(data_mask, d_logits, ids[:, 1:])
+            parts.append((SimpleNamespace(term="pt", weight=cfg.pt_weight), token_mean(token_nll(s_sel, y_sel))))
+        total, logs = self._weighted(parts, logits, gmask, g)
+        logs.update({"minillm_reward": st["reward"], "minillm_w": st["w"]})
+        return total, logs
 
     # -- evaluation --------------------------------------------------------------------------------
     def _teacher_eval(self, loader, step, x):

@@ -65,6 +65,16 @@ class LMTeacherCfg(LMModelCfg):
     train: LMTrainCfg = LMTrainCfg(epochs=6, steps_per_epoch=100)
 
 
+class MiniLLMCfg(_Strict):
+    """MiniLLM's on-policy step (Gu et al. 2024; :mod:`kdlab.lm.minillm`)."""
+    alpha: float = Field(0.2, ge=0.0, lt=1.0)        # teacher mix of the sampling distribution
+    baseline: Literal["whiten", "mean", "none"] = "whiten"
+    length_norm: bool = True
+    single_step: bool = True
+    long_term: bool = True
+    pt_weight: float = Field(1.0, ge=0.0)            # CE on the step's data batch (L_PT)
+
+
 class DistillCfg(_Strict):
     loss: list[dict[str, Any]] = [{"term": "ce"}]
     teacher_source: Literal["sparse", "live"] = "sparse"
@@ -77,6 +87,14 @@ class DistillCfg(_Strict):
     prompt_len: int = Field(16, ge=1)
     gen_len: int = Field(32, ge=1)
     gen_temperature: float = Field(1.0, gt=0.0)
+    minillm: Optional[MiniLLMCfg] = None             # on-policy steps are MiniLLM's (needs on_policy > 0)
+
+    @model_validator(mode="after")
+    def _minillm_needs_on_policy(self):
+        if self.minillm is not None and self.on_policy <= 0:
+            raise ValueError("distill.minillm replaces the on-policy steps; set distill.on_policy > 0 "
+                             "(e.g. on_policy: 1)")
+        return self
 
 
 class LMStudyCfg(_Strict):

@@ -248,6 +248,8 @@ def student_identity(recipe: LMRecipe) -> dict:
     reuses the finished runs of the others."""
     d = {k: v for k, v in recipe.to_dict().items() if k not in ("name", "description", "study")}
     d["task"] = d.pop("kind")  # as recipes wrote it before tasks were plug-ins (same identity)
+    if d.get("distill", {}).get("minillm", 0) is None:  # added later: runs without it keep their identity
+        d["distill"] = {k: v for k, v in d["distill"].items() if k != "minillm"}
     return {"kind": "lm-student", **d}
 
 
@@ -313,7 +315,8 @@ def distill_run(recipe: LMRecipe, out_dir, *, seed: int, method: str = "distill"
                       prompt_len=d.prompt_len,
                       gen_len=d.gen_len, gen_temperature=d.gen_temperature, seed=seed,
                       meta=lm_meta(recipe.student.model, recipe.student.kwargs, tok.vocab_size, tok, recipe.corpus.name),
-                      teacher_eval_store=teacher_eval_store)
+                      teacher_eval_store=teacher_eval_store,
+                      minillm=d.minillm.model_dump() if d.minillm is not None else None)
     run = Path(run_dir) if run_dir is not None else out_dir / method / f"seed{seed}"
     res = fit(obj, loader, data.eval_loader("val", t), data.eval_loader("test", t) if with_test else None, t, run,
               seed=seed, method=method, progress=progress, identity=student_identity(recipe), callbacks=callbacks)
