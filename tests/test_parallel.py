@@ -13,7 +13,8 @@ from kdlab.experiments.study import ablation_methods, run_study
 from kdlab.models import create_model
 
 TIMING = ("train_time_s", "images_per_s", "teacher_time_s", "student_time_s", "student_images_per_s", "mask_time_s",
-          "eval_time_s", "data_wait_s", "compile_warmup_s")
+          "eval_time_s", "data_wait_s", "compile_warmup_s", "setup_time_s", "setup_teacher_time_s",
+          "setup_mask_time_s", "checkpoint_time_s")
 
 
 @pytest.fixture(scope="module")
