@@ -109,7 +109,8 @@ def test_label_terms_never_see_unlabelled_samples_teacher_terms_see_all():
 
 #: detection terms read ground-truth boxes from a detection batch, not class labels: this classification
 #: harness does not apply to them (tests/test_detection.py checks them on detection batches)
-_DETECTION_TERMS = {n for n in LOSSES.names() if LOSSES.get(n).__module__ == "kdlab.distill.losses.detection"}
+_DETECTION_TERMS = {n for n in LOSSES.names()
+                    if LOSSES.get(n).__module__ in ("kdlab.distill.losses.detection", "kdlab.distill.losses.tv_detection")}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in LOSSES.names() if getattr(LOSSES.get(n), "needs_labels", False)
