@@ -64,6 +64,23 @@ def test_study_robustness_heatmap_reads_seeds(tmp_path):
         figs.study_robustness_heatmap(tmp_path / "none")
 
 
+def test_study_robustness_heatmap_of_a_detection_study_shows_map(tmp_path, captured):
+    """A detection study's robustness results hold COCO mAP per corruption (``map_by_corruption``,
+    ``clean_map``), not accuracy: the heat map reads those and says mAP in its title."""
+    study = tmp_path / "s"
+    for s in (0, 1):
+        d = study / "report" / "robustness" / f"seed{s}"
+        d.mkdir(parents=True)
+        d.joinpath("robustness.json").write_text(json.dumps({"task": "detection", "severities": [1], "models": {
+            m: {"map_by_corruption": {"noise": 0.10 + 0.02 * s, "blur": 0.2}, "clean_map": 0.3}
+            for m in ("baseline", "fgd")}}))
+    assert _ok(figs.study_robustness_heatmap(study))
+    cap = captured[-1]
+    # cell noise: seeds 10 % and 12 % -> mean 11.0, sd 1.4
+    assert "11.0\n±1.4" in cap["texts"]
+    assert "mAP@[.5:.95] under corruption" in " ".join([cap["suptitle"], *cap["titles"]])
+
+
 def test_forest_and_curves(tmp_path, captured):
     stats = [{"method": "baseline", "test_acc_by_seed": {"0": 0.5, "1": 0.6}},
              {"method": "kd", "diff_vs_baseline": 0.05, "diff_vs_baseline_ci95": 0.02, "p_holm": 0.01,

@@ -358,16 +358,20 @@ def study_robustness_heatmap(study_dir, path=None, *, title: Optional[str] = Non
         raise FileNotFoundError(f"no report/robustness/seed*/robustness.json under {study_dir}; "
                                 f"run `kdlab robustness --study {study_dir}` first")
     per_seed, clean = {}, {}
-    sev = None
+    sev, what = None, "accuracy"
     for f in files:
         res = read_json(f, "robustness result", need=("models",), fix=f"re-run `kdlab robustness --study {study_dir}`")
         s = f.parent.name
-        per_seed[s] = {m: v["acc_by_corruption"] for m, v in res["models"].items()}
-        clean[s] = {m: v["clean_acc"] for m, v in res["models"].items()}
+        # classification stores accuracy per corruption, detection (task: detection) COCO mAP
+        key, ckey = (("map_by_corruption", "clean_map") if res.get("task") == "detection"
+                     else ("acc_by_corruption", "clean_acc"))
+        what = "mAP@[.5:.95]" if key == "map_by_corruption" else "accuracy"
+        per_seed[s] = {m: v[key] for m, v in res["models"].items()}
+        clean[s] = {m: v[ckey] for m, v in res["models"].items()}
         sev = res.get("severities", sev)
     if title is None:
         rec = _study_recipe(study_dir)
-        title = ("accuracy under corruption (%), mean over severities "
+        title = (f"{what} under corruption (%), mean over severities "
                  + (",".join(map(str, sev)) if sev else "") + f"; mean ± sd over {len(files)} seeds"
                  + (f"\n{study_title(rec)}" if rec else ""))
     return robustness_heatmap(per_seed, path or study_dir / "report" / "robustness_heatmap_seeds.png",
