@@ -79,6 +79,7 @@ def test_study_robustness_heatmap_of_a_detection_study_shows_map(tmp_path, captu
     # cell noise: seeds 10 % and 12 % -> mean 11.0, sd 1.4
     assert "11.0\n±1.4" in cap["texts"]
     assert "mAP@[.5:.95] under corruption" in " ".join([cap["suptitle"], *cap["titles"]])
+    assert any(l.startswith("mAP@[.5:.95] (%)") for l in cap.get("ylabels", []))
 
 
 def test_forest_and_curves(tmp_path, captured):

@@ -127,6 +127,27 @@ def test_rebuild_report_from_runs(tmp_path):
         rebuild_report(tmp_path / "empty", figures=False, log=lambda *a: None)
 
 
+def test_rebuild_report_takes_the_method_from_the_folder(tmp_path):
+    """A run trained by hand into a study folder (`kdlab distill <recipe> --out <study>/baseline/seed0`)
+    records its recipe's name as its method; the rebuilt table files it under its folder, as
+    `kdlab ablate` does, not as an extra one-seed method."""
+    from kdlab.report.tables import rebuild_report
+
+    study = tmp_path / "s"
+    for r in _runs():
+        if r["method"] not in ("baseline", "kd"):
+            continue
+        run = study / r["method"] / f"seed{r['seed']}"
+        run.mkdir(parents=True)
+        if r["method"] == "baseline" and r["seed"] < 2:
+            r = {**r, "method": "detection-fgd-ld-baseline"}
+        (run / "result.json").write_text(json.dumps(r))
+    rep = rebuild_report(study, figures=False, log=lambda *a: None)
+    rows = {r["method"]: r for r in rep["methods"]}
+    assert sorted(rows) == ["baseline", "kd"] and rows["baseline"]["n_seeds"] == 6
+    assert rows["kd"]["p_ttest"] == pytest.approx(stats.ttest_rel(ACC["kd"], ACC["baseline"]).pvalue)
+
+
 def test_one_seed_table_says_what_is_missing():
     runs = [r for r in _runs() if r["seed"] == 0]
     md, note = render_table(method_stats(runs, "baseline"), "baseline")

@@ -308,8 +308,9 @@ def val_curves(study_dir, path, *, methods: Optional[Sequence[str]] = None,
 
 def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float]]], path, *,
                        clean: Optional[Mapping[object, Mapping[str, float]]] = None,
-                       title: Optional[str] = None) -> Path:
-    """Corruption (rows) x method (columns) accuracy heat map, colours on the data's range
+                       title: Optional[str] = None, what: str = "accuracy") -> Path:
+    """Corruption (rows) x method (columns) accuracy heat map (``what``: the value's name, e.g.
+    ``mAP@[.5:.95]`` for a detection study), colours on the data's range
     (:func:`heat_range`, printed on the colour bar).
 
     ``per_seed``: ``{seed: {method: {corruption: accuracy in [0, 1]}}}`` (e.g. the mean over
@@ -343,8 +344,8 @@ def robustness_heatmap(per_seed: Mapping[object, Mapping[str, Mapping[str, float
     sd = np.asarray([[c[1] for c in r] for r in rows])
     rules = ([(0.5, 1.5, "-")] if clean is not None else []) + [(len(labels) - 1.5, 1.5, "-")]
     fig, _ = annotated_heatmap(mu, labels, methods, spread=sd, rules=rules,
-                               colorbar="accuracy (%)",
-                               title=title or f"accuracy under corruption (%), mean ± sd over {len(seeds)} seeds")
+                               colorbar=f"{what} (%)",
+                               title=title or f"{what} under corruption (%), mean ± sd over {len(seeds)} seeds")
     return save_figure(fig, path)
 
 
@@ -375,7 +376,7 @@ def study_robustness_heatmap(study_dir, path=None, *, title: Optional[str] = Non
                  + (",".join(map(str, sev)) if sev else "") + f"; mean ± sd over {len(files)} seeds"
                  + (f"\n{study_title(rec)}" if rec else ""))
     return robustness_heatmap(per_seed, path or study_dir / "report" / "robustness_heatmap_seeds.png",
-                              clean=clean, title=title)
+                              clean=clean, title=title, what=what)
 
 
 # ---------------------------------------------------------------------------------------------

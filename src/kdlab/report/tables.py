@@ -479,7 +479,9 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
                 continue  # a seed trained for another study of the same folder
             r = read_json(f, "run result", need=(f"test_{metric.name}",),
                           fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder")
-            r.setdefault("method", m)
+            # the folder names the study's method, as in `kdlab ablate` (a run trained by hand into the
+            # study, e.g. `kdlab distill ... --out <study>/baseline/seed0`, records its recipe's name)
+            r["method"] = m
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
     runs = sort_runs(runs, methods)
