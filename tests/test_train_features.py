@@ -491,3 +491,13 @@ def test_stop_after_epochs_ends_a_longer_schedule_where_it_says(tmp_path):
     assert abs(float(cut_rows[1]["lr"]) - 0.075) < 1e-9
     for a, b in zip(cut_rows, full_rows[:2]):
         assert a["loss"] == b["loss"]
+
+
+def test_a_bounded_teacher_drops_a_stop_beyond_its_epochs():
+    from kdlab.core.config import load_recipe
+    from kdlab.train.build import bound_epochs
+
+    r = load_recipe("digits/baseline", ["train.epochs=6", "train.stop_after_epochs=4"])
+    assert (bound_epochs(r, 2).train.epochs, bound_epochs(r, 2).train.stop_after_epochs) == (2, None)
+    assert (bound_epochs(r, 5).train.epochs, bound_epochs(r, 5).train.stop_after_epochs) == (5, 4)
+    assert bound_epochs(r, None) is r and bound_epochs(r, 9) is r

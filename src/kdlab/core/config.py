@@ -191,7 +191,8 @@ class TrainCfg(_Strict):
     fast_teacher: bool = False
     # end training after this many epochs of the ``epochs``-long schedule (the learning-rate schedule
     # still spans ``epochs``); the run then finishes normally from its best epoch so far, with
-    # ``stopped_early: true`` in result.json. None (default): train all ``epochs``
+    # ``stopped_early: true`` in result.json. None (default), or a value at or beyond ``epochs`` (e.g.
+    # after ``--set train.epochs=2`` on such a recipe): train all ``epochs``
     stop_after_epochs: Optional[int] = Field(None, ge=1)
     # same numbers on any machine's CPU thread count: torch.use_deterministic_algorithms and a fixed
     # intra-op thread count (``threads``, 1 unless set); ``threads`` alone fixes only the count

@@ -41,7 +41,7 @@ from kdlab.evaluate.detection import evaluate_detector, predict
 from kdlab.models.adapters import build_model
 from kdlab.models.detection import layout_of
 from kdlab.tasks.base import Metric, Task, register_task
-from kdlab.train.build import load_splits, load_teacher, make_loaders, student_meta
+from kdlab.train.build import bound_epochs, load_splits, load_teacher, make_loaders, student_meta
 from kdlab.train.objective import DistillObjective
 from kdlab.train.runtime import Runtime
 
@@ -199,7 +199,7 @@ class DetectionTask(Task):
         if not recipe.teacher.recipe:
             raise FileNotFoundError(f"teacher checkpoint {recipe.teacher.checkpoint} not found and the recipe names "
                                     f"no teacher.recipe to train it; set teacher.recipe")
-        t = self.load_recipe(recipe.teacher.recipe)
+        t = bound_epochs(self.load_recipe(recipe.teacher.recipe), recipe.teacher.epochs)  # --set train.epochs
         ck = ck if recipe.teacher.checkpoint else Path(f"runs/{t.name}/best.pt")
         log(f"training teacher {t.student.model} ({t.name}) into {ck.parent.resolve()}, because its "
             f"finished run is not there")

@@ -427,6 +427,17 @@ def check_teachers(recipe: Recipe, data_dir=None) -> None:
     load_splits(with_data_dir(load_recipe(tc.recipe), data_dir))
 
 
+def bound_epochs(recipe, epochs):
+    """``recipe`` trained for at most ``epochs`` epochs (None: unchanged), the teacher trained on the
+    way under ``--set train.epochs=N``; a ``train.stop_after_epochs`` beyond the bound is dropped."""
+    if epochs is None or recipe.train.epochs <= epochs:
+        return recipe
+    train = {**recipe.train.model_dump(mode="json"), "epochs": epochs}
+    if train.get("stop_after_epochs") is not None and train["stop_after_epochs"] >= epochs:
+        train["stop_after_epochs"] = None
+    return recipe.derive(train=train)
+
+
 def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) -> Optional[str]:
     """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
     unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
@@ -455,8 +466,7 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
     if not tc.recipe:
         check_teachers(recipe, data_dir)  # (names the fix)
     t_recipe = with_data_dir(load_recipe(tc.recipe), data_dir)
-    if tc.epochs is not None and t_recipe.train.epochs > tc.epochs:  # bounded by --set train.epochs
-        t_recipe = t_recipe.derive(train={**t_recipe.train.model_dump(mode="json"), "epochs": tc.epochs})
+    t_recipe = bound_epochs(t_recipe, tc.epochs)  # bounded by --set train.epochs
     ckpt = ckpt or Path(f"runs/{t_recipe.name}/best.pt")
     log(f"training teacher {t_recipe.student.model} ({t_recipe.name}) into {ckpt.parent.resolve()}, "
         f"because {_why_train(ckpt)}")
