@@ -450,3 +450,12 @@ CASES += [
     C("api", "kdlab.fit with an unknown train key", lambda t, b: _fit(train={"lrr": 0.1}, run_dir=t / "r"), "lrr", kind="api"),
     C("api", "kdlab.fit with an unknown loss term", lambda t, b: _fit(loss=[{"term": "kdd"}], run_dir=t / "r"), "see `kdlab losses`", kind="api"),  # 23.5
 ]
+
+# detection canvas options with the wrong type: one line naming the key and its form, not a traceback
+_DB = "distill detection/baseline --set train.epochs=1 --out {t}/o --quiet"
+CASES += [
+    C("distill", "detection scenes not a list", f"{_DB} --set data.kwargs.scenes=abc", "data.kwargs.scenes must be"),
+    C("distill", "detection scenes fractional", f"{_DB} --set data.kwargs.scenes=[16.5,8,8]", "whole numbers"),
+    C("distill", "detection objects fractional", f"{_DB} --set data.kwargs.objects=[1.5,3]", "data.kwargs.objects"),
+    C("distill", "detection scale not a list", f"{_DB} --set data.kwargs.scale=abc", "data.kwargs.scale must be"),
+]

@@ -55,6 +55,27 @@ class BoxSet(TensorSet):
         return BoxSet(self.x.to(device), self.y.to(device))
 
 
+def _seq(v, n: int, key: str, form: str) -> list:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != n:
+        raise ValueError(f"mnist-canvas: {key} must be {form}, got {v!r}")
+    return list(v)
+
+
+def _ints(v, n: int, key: str, form: str) -> tuple:
+    """``v`` as ``n`` whole numbers (a YAML list), else one error naming ``key`` and its form."""
+    items = _seq(v, n, key, form)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ValueError(f"mnist-canvas: {key} must be {form} (whole numbers), got {v!r}")
+    return tuple(items)
+
+
+def _numbers(v, n: int, key: str, form: str) -> tuple:
+    items = _seq(v, n, key, form)
+    if not all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in items):
+        raise ValueError(f"mnist-canvas: {key} must be {form}, got {v!r}")
+    return tuple(float(i) for i in items)
+
+
 def _ink_crop(img: torch.Tensor) -> torch.Tensor:
     """The digit ``[28, 28]`` cropped to its pixels above ``INK``."""
     ys, xs = torch.nonzero(img > INK, as_tuple=True)
@@ -129,11 +150,14 @@ def mnist_canvas(data_dir=None, *, val_fraction: float = 0.1, label_fraction: fl
     if label_fraction < 1.0:
         raise ValueError("mnist-canvas: data.label_fraction < 1 is not supported (scenes hold several "
                          "labelled digits); remove it")
-    size = tuple(image_size) if image_size is not None else (64, 64)
-    if len(size) != 2 or min(size) < 8:
+    size = _ints(image_size if image_size is not None else (64, 64), 2, "data.image_size", "[H, W]")
+    if min(size) < 8:
         raise ValueError(f"mnist-canvas: image_size must be [H, W] with H, W >= 8, got {list(size)}")
-    if len(scenes) != 3 or min(scenes) < 1:
+    scenes = _ints(scenes, 3, "data.kwargs.scenes", "[train, val, test] scene counts, e.g. [1200, 300, 500]")
+    if min(scenes) < 1:
         raise ValueError(f"mnist-canvas: scenes must be [train, val, test] counts >= 1, got {list(scenes)}")
+    objects = _ints(objects, 2, "data.kwargs.objects", "[min, max] digits per scene, e.g. [1, 4]")
+    scale = _numbers(scale, 2, "data.kwargs.scale", "[min, max] pixels, e.g. [12, 28]")
     digits = mnist5k(val_fraction=val_fraction, seed=seed)
     kw = dict(size=size, objects=tuple(objects), scale=tuple(scale), max_overlap=float(max_overlap))
     n_tr, n_va, n_te = (int(v) for v in scenes)
