@@ -459,3 +459,7 @@ CASES += [
     C("distill", "detection objects fractional", f"{_DB} --set data.kwargs.objects=[1.5,3]", "data.kwargs.objects"),
     C("distill", "detection scale not a list", f"{_DB} --set data.kwargs.scale=abc", "data.kwargs.scale must be"),
 ]
+CASES += [
+    C("bench", "against torchdistill with an unknown variant", "bench --against torchdistill --variants kd-live,nonsense",
+      "--variants takes"),
+]

@@ -93,6 +93,10 @@ def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "res
     ``[]`` (and one line) when torchdistill or torchvision is not installed. ``amp``,
     ``channels_last``, ``compile_``, ``fast_teacher``, ``variants`` (:func:`side_settings`): kdlab's
     sides only; each row holds its side's ``settings`` and its ratio over torchdistill."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp takes none, bf16 or fp16 (got {amp!r})")
+    side_settings(amp=amp, channels_last=channels_last, compile_=compile_, fast_teacher=fast_teacher,
+                  variants=variants)  # bad --variants are refused before the optional imports
     try:
         import torchvision  # noqa: F401
         from torchdistill.models.classification import resnet as td_resnet
