@@ -463,3 +463,7 @@ CASES += [
     C("bench", "against torchdistill with an unknown variant", "bench --against torchdistill --variants kd-live,nonsense",
       "--variants takes"),
 ]
+CASES += [
+    C("lm", "an override the study method would ignore", "lm distill lm/docs --method minillm "
+      "--set distill.minillm.alpha=0.9 --out {t}/o --quiet", "study.methods.minillm.minillm.alpha"),
+]

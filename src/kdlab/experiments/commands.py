@@ -263,6 +263,14 @@ def lm_distill(ref, overrides, *, out=None, method=None, seed=0, progress=False)
     from kdlab.lm.recipe import load_lm_recipe
     from kdlab.lm.runs import distill_run
 
+    if method:  # a study method's own keys win over distill.*: refuse an override it would ignore
+        own = load_lm_recipe(ref).study.methods.get(method, {})
+        for ov in overrides or []:
+            key = ov.split("=", 1)[0].strip()
+            top = key.split(".")[1] if key.startswith("distill.") else None
+            if top in own:
+                raise ValueError(f"--set {key}: study method {method!r} sets distill.{top} itself, so the override "
+                                 f"would be ignored; set study.methods.{method}.{key[len('distill.'):]}=... instead")
     r = load_lm_recipe(ref, overrides)
     if r.kind == "arithmetic":
         raise ValueError("arithmetic students are trained by `kdlab lm ablate lm/arithmetic`")
