@@ -74,6 +74,12 @@ class MiniLLMCfg(_Strict):
     long_term: bool = True
     pt_weight: float = Field(1.0, ge=0.0)            # CE on the step's data batch (L_PT)
 
+    @model_validator(mode="after")
+    def _some_term(self):
+        if not (self.single_step or self.long_term):
+            raise ValueError("distill.minillm needs single_step or long_term (or both) true")
+        return self
+
 
 class DistillCfg(_Strict):
     loss: list[dict[str, Any]] = [{"term": "ce"}]
@@ -94,6 +100,9 @@ class DistillCfg(_Strict):
         if self.minillm is not None and self.on_policy <= 0:
             raise ValueError("distill.minillm replaces the on-policy steps; set distill.on_policy > 0 "
                              "(e.g. on_policy: 1)")
+        if self.minillm is not None and self.gen_temperature != 1.0:
+            raise ValueError(f"distill.minillm's estimator needs samples from the student itself (temperature 1); "
+                             f"set distill.gen_temperature: 1 (got {self.gen_temperature})")
         return self
 
 
