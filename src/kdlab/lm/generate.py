@@ -26,6 +26,31 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optiona
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode(step, prompts: torch.Tensor, max_new: int, *, eos_id: Optional[int] = None, pad_id: int = 0):
+    """The decoding loop of :func:`generate` and of MiniLLM's mixed sampler: ``step(step_in, ids)``
+    returns the next token of each row (``step_in``: the tokens fed this step, the prompts first,
+    then the last token; ``ids``: everything so far). A row stops at its first ``eos_id`` (later
+    tokens are ``pad_id``); the loop ends early when every row has. Returns ``(ids [B, P+max_new],
+    mask [B, max_new])``, ``mask`` marking generated tokens up to and including each row's eos."""
+    B = prompts.shape[0]
+    ids, step_in = prompts, prompts
+    done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
+    mask = torch.zeros(B, max_new, dtype=torch.bool, device=prompts.device)
+    for t in range(max_new):
+        nxt = step(step_in, ids)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        mask[:, t] = ~done
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        step_in = nxt[:, None]
+        if eos_id is not None and bool(done.all()):
+            pad = torch.full((B, max_new - t - 1), pad_id, dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([ids, pad], 1)
+            break
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, max_new: int, *, greedy: bool = True,
              temperature: float = 1.0, top_k: Optional[int] = None, eos_id: Optional[int] = None,
@@ -42,29 +67,17 @@ def generate(model, prompts: torch.Tensor, max_new: int, *, greedy: bool = True,
     was = model.training
     model.eval()
     try:
-        B = prompts.shape[0]
-        ids = prompts
-        done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-        mask = torch.zeros(B, max_new, dtype=torch.bool, device=prompts.device)
         past = None
-        step_in = prompts
-        for t in range(max_new):
+
+        def step(step_in, ids):
+            nonlocal past
             if use_cache:
                 logits, past = model(step_in, past)
             else:
                 logits, _ = model(ids)
-            nxt = _pick(logits[:, -1], greedy, temperature, top_k, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            mask[:, t] = ~done
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            step_in = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                pad = torch.full((B, max_new - t - 1), pad_id, dtype=ids.dtype, device=ids.device)
-                ids = torch.cat([ids, pad], 1)
-                break
-        return ids, mask
+            return _pick(logits[:, -1], greedy, temperature, top_k, generator)
+
+        return decode(step, prompts, max_new, eos_id=eos_id, pad_id=pad_id)
     finally:
         model.train(was)
 

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kdlab.lm.generate import decode
 from kdlab.lm.losses import divergence
 
 BASELINES = ("whiten", "mean", "none")
@@ -157,27 +158,16 @@ def mixed_sample(student, teacher, prompts: torch.Tensor, max_new: int, alpha: f
     student.eval()
     teacher.eval()
     try:
-        B = prompts.shape[0]
-        ids, step_in = prompts, prompts
-        done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-        mask = torch.zeros(B, max_new, dtype=torch.bool, device=prompts.device)
         past_s = past_t = None
-        for t in range(max_new):
+
+        def step(step_in, ids):
+            nonlocal past_s, past_t
             zs, past_s = student(step_in, past_s)
             zt, past_t = teacher(step_in, past_t)
             probs = (1.0 - alpha) * torch.softmax(zs[:, -1].float(), -1) + alpha * torch.softmax(zt[:, -1].float(), -1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            mask[:, t] = ~done
-            if eos_id is not None:
-                done = done | (nxt == eos_id)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            step_in = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                pad = torch.full((B, max_new - t - 1), pad_id, dtype=ids.dtype, device=ids.device)
-                ids = torch.cat([ids, pad], 1)
-                break
-        return ids, mask
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+        return decode(step, prompts, max_new, eos_id=eos_id, pad_id=pad_id)
     finally:
         student.train(was_s)
         teacher.train(was_t)
