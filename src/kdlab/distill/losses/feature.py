@@ -16,7 +16,7 @@ from kdlab.distill.losses.attention import attention_pair
 from kdlab.distill.losses.base import BatchRecord, LossTerm, layer_pairs, register_loss
 
 
-def _common_spatial(fs: torch.Tensor, ft: torch.Tensor):
+def common_spatial(fs: torch.Tensor, ft: torch.Tensor):
     """Resize two [B,C,H,W] maps to their common (smaller) spatial size by area averaging."""
     size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
     if tuple(fs.shape[-2:]) != size:
@@ -78,7 +78,7 @@ class FitNets(LossTerm):
         if self.regressor is None:
             self.setup(rec)
         s, t = self.pairs[0]
-        fs, ft = _common_spatial(self.regressor(rec.s_feats[s]), rec.t_feats[t])
+        fs, ft = common_spatial(self.regressor(rec.s_feats[s]), rec.t_feats[t])
         return hint_loss(fs, ft)
 
 
@@ -155,7 +155,7 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernel: str = "poly", degree: int = 2
 def nst_loss(fs: torch.Tensor, ft: torch.Tensor, kernel: str = "poly", degree: int = 2, c: float = 0.0):
     """NST (Huang & Wang 2017): MMD² between the student's and teacher's sets of L2-normalised
     per-channel activation distributions (maps area-resized to the common size), batch mean."""
-    fs, ft = _common_spatial(fs, ft)
+    fs, ft = common_spatial(fs, ft)
     return mmd2(channel_distributions(fs), channel_distributions(ft), kernel, degree, c).mean()
 
 

@@ -45,22 +45,14 @@ from torch import nn
 
 from kdlab.distill.losses.attention import spatial_attention
 from kdlab.distill.losses.base import BatchRecord, LossTerm, layer_pairs, register_loss
-
-
-def _common(fs: torch.Tensor, ft: torch.Tensor):
-    size = (min(fs.shape[-2], ft.shape[-2]), min(fs.shape[-1], ft.shape[-1]))
-    if tuple(fs.shape[-2:]) != size:
-        fs = F.adaptive_avg_pool2d(fs, size)
-    if tuple(ft.shape[-2:]) != size:
-        ft = F.adaptive_avg_pool2d(ft, size)
-    return fs, ft
+from kdlab.distill.losses.feature import common_spatial
 
 
 def pyramid_attention_loss(fs: torch.Tensor, ft: torch.Tensor, levels=(4, 2, 1)) -> torch.Tensor:
     """Weighted mean over scales of the batch-mean ``‖a_s − a_t‖²`` of L2-normalised activation
     attention maps (see the module docstring)."""
     ms, mt = spatial_attention(fs), spatial_attention(ft)
-    ms, mt = _common(ms.unsqueeze(1), mt.unsqueeze(1))
+    ms, mt = common_spatial(ms.unsqueeze(1), mt.unsqueeze(1))
 
     def dist(a, b):
         a = F.normalize(a.flatten(1), dim=1)
@@ -164,7 +156,7 @@ class HMAT(_Stages):
         for (s, t), lv in zip(self.pairs, self.level_of):
             fs, ft = rec.s_feats[s], rec.t_feats[t]
             if lv == "low":
-                a, b = _common(fs, ft)
+                a, b = common_spatial(fs, ft)
                 if max(a.shape[-2:]) > self.pos_size:
                     size = (min(a.shape[-2], self.pos_size), min(a.shape[-1], self.pos_size))
                     a, b = F.adaptive_avg_pool2d(a, size), F.adaptive_avg_pool2d(b, size)
@@ -172,7 +164,7 @@ class HMAT(_Stages):
                 continue
             total = total + self.w_act * pyramid_attention_loss(fs, ft, self.levels)
             if lv == "high":
-                a, b = _common(self.adapters[f"{s}__{t}".replace(".", "_")](fs), ft)
+                a, b = common_spatial(self.adapters[f"{s}__{t}".replace(".", "_")](fs), ft)
                 total = total + self.w_ch * (channel_attention(a) - channel_attention(b)).pow(2).mean()
         if self.w_cross > 0 and len(self.pairs) > 1:
             total = total + self.w_cross * cross_layer_attention_loss(
