@@ -376,7 +376,7 @@ def _base(root: Path) -> Path:
                                 dataset="digits"), root / "five.pt")
     try:
         from kdlab.compress.export import export_onnx
-        from kdlab.core.checkpoint import load_model
+        from kdlab.models.adapters import load_model
 
         model, _ = load_model(root / "student" / "best.pt")
         export_onnx(model, root / "model.onnx", (1, 1, 8, 8))
@@ -422,7 +422,7 @@ def _lm_base(root: Path) -> None:
 
 def _study_base(root: Path, bases) -> None:
     """A finished study: ``baseline`` (CE) and ``kd`` runs of seed 0 and ``report/table.json``."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.study import run_study
 
     student = Path(bases["b"]) / "student.yaml"

@@ -195,7 +195,7 @@ def test_expected_layers_are_tapped_in_the_first_forward_and_change_nothing(tmp_
     """A store that expects layer stage2 lets `kd` (logits only) tap it in its own forward pass:
     the following `kd+fitnets` run (logits + stage2 features) then runs no teacher at all, and
     both runs end with exactly the numbers they get without `expect`."""
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.distill.teachers import TeacherStore
     from kdlab.models import create_model
     from kdlab.train.build import train

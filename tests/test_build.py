@@ -3,7 +3,7 @@
 import json
 
 from kdlab.cli.main import main
-from kdlab.core.config import recipe_from_dict
+from kdlab.train.recipe import recipe_from_dict
 
 TINY = {"epochs": 1, "batch_size": 64, "lr": 0.05, "patience": None, "device": "cpu"}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kdlab.distill.teachers import CachedTeacher, LiveTeacher, TeacherStore
-from kdlab.core.config import recipe_from_dict
 from kdlab.data import load_dataset
 from kdlab.train.build import make_trainer, train
 from kdlab.models import create_model
+from kdlab.train.recipe import recipe_from_dict
 
 KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
 MASKED = KD + [{"term": "attn", "weight": 10.0, "layers": [["stage2", "stage2"]]}]

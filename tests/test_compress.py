@@ -258,7 +258,7 @@ def test_structured_pruning_removes_channels_and_flops(tmp_path):
         assert torch.allclose(back(x), pm.eval()(x), atol=1e-6)
     assert 0.0 <= evaluate_accuracy(back, loader) <= 1.0
     with pytest.raises(Exception):                               # plain loader cannot fit it
-        from kdlab.core.checkpoint import load_model
+        from kdlab.models.adapters import load_model
         load_model(path)
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.core.config import recipe_from_dict
 from kdlab.distill.generators import (dafl_entropy_term, dafl_generator, dafl_generator_losses, kl_batchmean,
                                       zskt_divergence, zskt_generator, zskt_generator_loss, zskt_student_loss)
 from kdlab.experiments.paradigms import PARADIGMS
 from kdlab.experiments.paradigms.dafl import DaflParams, run_dafl
 from kdlab.experiments.paradigms.noisekd import NoiseParams, run_noise
 from kdlab.experiments.paradigms.zskt import ZsktParams, run_zskt
+from kdlab.train.recipe import recipe_from_dict
 
 TINY = {"epochs": 2, "batch_size": 64, "lr": 0.002, "optimizer": "adamw", "weight_decay": 0.0,
         "patience": None, "seed": 0, "device": "cpu"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdlab.core.config import RecipeError, recipe_from_dict
+from kdlab.core.config import RecipeError
 from kdlab.data import (
     DATASETS,
     DatasetInfo,
@@ -17,6 +17,7 @@ from kdlab.data import (
     register_dataset,
 )
 from kdlab.data.splits import train_val_from_pool
+from kdlab.train.recipe import recipe_from_dict
 
 TOY_INFO = DatasetInfo("toy_squares", 2, 1, 4, (0.5,), (0.5,), ("dark", "light"))
 

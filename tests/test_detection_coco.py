@@ -114,7 +114,7 @@ loss:
 
 def test_kdlab_distill_on_a_coco_recipe_trains_resumes_and_reports_map(tmp_path, capsys):
     from kdlab.cli.main import main
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.tasks import get_task
 
     torch.set_num_threads(1)

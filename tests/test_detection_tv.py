@@ -161,7 +161,7 @@ def _recipe(tmp_path, model, name="r.yaml", kwargs=None, extra=""):
 def test_tv_fcos_trains_resumes_and_reports_map_through_kdlab_distill(tmp_path, capsys):
     pytest.importorskip("torchvision")
     from kdlab.cli.main import main
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.tasks import get_task
 
     torch.set_num_threads(1)
@@ -197,7 +197,7 @@ def test_fgd_and_fitnets_between_two_torchvision_detectors(tmp_path):
     expected shapes, every term is finite, and one step's gradient reaches the student's backbone."""
     pytest.importorskip("torchvision")
     from kdlab.cli.main import main
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.tasks.detection import build_detection_run
 
     torch.set_num_threads(1)

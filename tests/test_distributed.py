@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from kdlab.train import runtime as kd_dist
-from kdlab.core.config import recipe_from_dict
+from kdlab.train.recipe import recipe_from_dict
 
 RECIPE = {
     "name": "ddp-test",

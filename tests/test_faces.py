@@ -243,7 +243,8 @@ def test_evaluate_a_label_fraction_checkpoint_scores_its_test_pairs(tmp_path, ca
 def test_margin_heads_defaults_and_a_text_margin_is_refused():
     """The three margin heads share one constructor: the papers' margins by default (ArcFace 0.5,
     CosFace 0.35, AdaDistill's 0.45), the recipe's ``m`` when given, one line for a text margin."""
-    from kdlab.core.config import RecipeError, load_recipe
+    from kdlab.core.config import RecipeError
+    from kdlab.train.recipe import load_recipe
 
     assert [LOSSES.get(n)().m for n in ("arcface", "cosface", "adadistill")] == [0.5, 0.35, 0.45]
     assert [LOSSES.get(n)().kind for n in ("arcface", "cosface", "adadistill")] == ["arc", "cos", "arc"]

@@ -109,7 +109,7 @@ def test_multi_teacher_average_by_hand(tmp_path):
     assert list(term.parameters()) == []  # extra teachers are frozen, not trained
     assert term(rec).item() == pytest.approx(multi_teacher_kd_loss(s, [main_t, t2_logits], 2.0).item(), rel=1e-5)
     # the run builder loads the extra teacher and serves its logits like the main teacher's
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.train.build import build_run
 
     d = {"name": "m", "data": {"name": "digits"}, "student": {"model": "cnn_tiny"},

@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_model
-from kdlab.core.config import RecipeError, load_recipe, recipe_from_dict
+from kdlab.core.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from kdlab.core.config import RecipeError
 from kdlab.distill.masks import layer_attribution, to_mask
+from kdlab.models.adapters import load_model
 from kdlab.models.taps import Taps
+from kdlab.train.recipe import load_recipe, recipe_from_dict
 
 
 class Tiny(nn.Module):

@@ -147,7 +147,7 @@ def test_per_image_source_in_a_built_run(tmp_path):
     """build_run honours mask.reuse (build_teacher_source is the one teacher constructor): a run
     with mask.reuse: per-image serves the mapped masks of the store, with the cache's logits."""
     import kdlab.train.build as build
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.distill.mask_reuse import PerImageSource
     from kdlab.distill.teachers import TeacherStore
     from kdlab.models import create_model

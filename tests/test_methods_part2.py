@@ -323,7 +323,7 @@ def test_methods_lists_new_terms_with_references(capsys):
 
 
 def test_new_method_recipes_load_for_digits_and_mnist5k():
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
 
     for ds in ("digits", "mnist5k"):
         for m in ("dist", "kd_ls", "dkd_ls", "mlkd", "reviewkd", "vid", "cc", "hmat", "hier_at"):
@@ -337,7 +337,7 @@ def test_new_method_recipes_load_for_digits_and_mnist5k():
 
 
 def test_step_matched_drop_control_has_the_transfer_runs_optimiser_steps():
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import load_splits
 
     def steps(name):
@@ -357,7 +357,7 @@ def test_mlkd_runs_through_the_objective_with_a_strong_view(tmp_path):
     """The loop support: DistillObjective hands mlkd the student and the teacher as callables, and
     the term's strong-view forward passes join the student's gradient."""
     from kdlab.core.checkpoint import atomic_save, model_checkpoint
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.train.build import build_run
 
     torch.manual_seed(0)

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from kdlab.cli.main import main
-from kdlab.core.config import TrainCfg, recipe_from_dict
+from kdlab.core.config import TrainCfg
 from kdlab.models.adapters import as_logits
+from kdlab.train.recipe import recipe_from_dict
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -69,7 +70,7 @@ def _digits(student, **train):
 
 
 def test_module_function_spec_with_weights_and_rebuild(tmp_path):
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.train.build import train
 
     spec = f"{__name__}:factory"
@@ -89,7 +90,7 @@ def test_module_function_spec_with_weights_and_rebuild(tmp_path):
 
 def test_hf_image_classifier_from_an_offline_config(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.train.build import train
 
     cfg = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],

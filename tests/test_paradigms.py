@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from kdlab.cli.main import main
-from kdlab.core.config import list_recipes, load_recipe, recipe_from_dict
+from kdlab.core.config import list_recipes
 from kdlab.experiments.paradigms import PARADIGMS, ban, deepinv, dml, selfdistill, ta
 from kdlab.train.objective import mutual_loss
+from kdlab.train.recipe import load_recipe, recipe_from_dict
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 64, "lr": 0.05, "patience": None, "seed": 0, "device": "cpu"}
 
@@ -50,7 +51,7 @@ def test_dml_peer_loss_by_hand():
 
 
 def test_dml_runs_peers_through_the_trainer(tmp_path):
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
 
     res = dml.run_dml(_recipe(), dml.DmlParams(n_peers=2), tmp_path, log=lambda *a: None)
     assert [p["model"] for p in res["peers"]] == ["cnn_tiny", "cnn_tiny"]
@@ -66,7 +67,7 @@ def test_dml_runs_peers_through_the_trainer(tmp_path):
 
 def test_dml_width_peer_checkpoints_load(tmp_path):
     # a resnet18 width 0.25 peer: its checkpoint records the kwargs, so it rebuilds and loads
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.experiments.paradigms.spec import check_params
 
     r = _recipe(student={"model": "resnet18", "kwargs": {"width": 0.25}})

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kdlab.core.checkpoint import atomic_save, model_checkpoint
-from kdlab.core.config import recipe_from_dict
 from kdlab.experiments.parallel import study_jobs, threads_per_job
 from kdlab.experiments.study import ablation_methods, run_study
 from kdlab.models import create_model
+from kdlab.train.recipe import recipe_from_dict
 
 TIMING = ("train_time_s", "images_per_s", "teacher_time_s", "student_time_s", "student_images_per_s", "mask_time_s",
           "eval_time_s", "data_wait_s", "compile_warmup_s", "setup_time_s", "setup_teacher_time_s",

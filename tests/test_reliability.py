@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from kdlab.core.checkpoint import load_checkpoint
-from kdlab.core.config import load_recipe
 from kdlab.core.lock import RunLock, RunLockedError, is_locked
 from kdlab.train.build import train
+from kdlab.train.recipe import load_recipe
 
 from reliab_fixtures import clone, run_cli, snapshot, spawn, wait_line, write_recipes
 

@@ -35,7 +35,7 @@ def test_explain_study_matches_scipy(tmp_path):
     pytest.importorskip("captum")
     from scipy import stats
 
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset, normalize
     from kdlab.experiments.study_explain import explain_study, pick_test_images
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.core.checkpoint import (CheckpointError, convert_trusted, load_checkpoint, load_model,
-                                   read_safetensors)
-from kdlab.models.adapters import check_program, export_program
+from kdlab.core.checkpoint import CheckpointError, convert_trusted, load_checkpoint, read_safetensors
+from kdlab.models.adapters import check_program, export_program, load_model
 
 from reliab_fixtures import python_env, run_cli, snapshot, write_recipes
 
@@ -406,7 +405,7 @@ def test_run_names_cannot_escape_the_output_folder(tmp_path, capsys, monkeypatch
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "recipe name" in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "ok.yaml", "r.yaml"]
 
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.study import run_study
 
     r = load_recipe(str(work / "ok.yaml"))

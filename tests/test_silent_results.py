@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from kdlab.core.checkpoint import load_checkpoint
-from kdlab.core.config import RecipeError, load_recipe
+from kdlab.core.config import RecipeError
+from kdlab.train.recipe import load_recipe
 
 from reliab_fixtures import run_cli, snapshot, write_recipes
 
@@ -244,7 +245,7 @@ def test_teacher_beyond_float16_range_is_named_not_blamed_on_lr(base, tmp_path, 
     ck["model"][fc] = ck["model"][fc] * 1e5  # logits of order 1e5: finite in fp32, inf in fp16
     big = tmp_path / "big_teacher.pt"
     torch.save(ck, big)
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
 
     model, _ = load_model(big)

@@ -111,7 +111,7 @@ def test_untraceable_model_is_not_folded():
 
 
 def _tiny_recipe(tmp_path, **train):
-    from kdlab.core.config import Recipe
+    from kdlab.train.recipe import Recipe
 
     return Recipe.model_validate({
         "name": "speed-tiny", "data": {"name": "digits", "val_fraction": 0.1},
@@ -166,7 +166,7 @@ def _kd_losses(compile_: bool, epochs: int = 5):
     import tempfile
     from pathlib import Path
 
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.data.splits import DatasetInfo, Splits, TensorSet
     from kdlab.train.build import build_run
     from kdlab.train.trainer import Trainer

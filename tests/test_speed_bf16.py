@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.core.config import recipe_from_dict
 from kdlab.data.splits import DatasetInfo, Splits, TensorSet
 from kdlab.models import create_model
+from kdlab.train.recipe import recipe_from_dict
 
 KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
 MASKED = KD + [{"term": "attn", "weight": 10.0, "layers": [["stage2", "stage2"]]}]

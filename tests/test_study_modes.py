@@ -4,10 +4,10 @@ its own folder."""
 
 from pathlib import Path
 
-from kdlab.core.config import load_recipe
 from kdlab.experiments.findings import component_contrasts
 from kdlab.experiments.study import distinct_methods, report_folder
 from kdlab.tasks import get_task
+from kdlab.train.recipe import load_recipe
 
 
 def test_mode_both_trains_each_distinct_recipe_once():
@@ -40,7 +40,7 @@ def test_rerun_study_log_counts_only_the_runs_trained_now(tmp_path):
     """A re-run study reuses its finished runs: the closing line's teacher and training seconds are
     those of the runs trained by this call (none here), not the earlier runs' (which exceeded this
     call's wall time)."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.study import run_study
 
     r = load_recipe("digits/baseline", ["train.epochs=1"])

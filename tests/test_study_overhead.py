@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from kdlab.core.config import recipe_from_dict
 from kdlab.models import create_model
+from kdlab.train.recipe import recipe_from_dict
 
 KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 4.0}]
 

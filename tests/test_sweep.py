@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kdlab.core.config import load_recipe
 from kdlab.experiments.sweep import run_sweep, seed_table, seed_table_markdown, sweep_recipes
+from kdlab.train.recipe import load_recipe
 
 
 def test_sweep_recipes_alpha_is_the_kd_weight():

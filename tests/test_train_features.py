@@ -45,7 +45,7 @@ def test_train_epochs_bounds_deepinversion_and_its_teacher():
 
 
 def test_train_epochs_reaches_the_teacher_trained_on_the_way(tmp_path, monkeypatch):
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train import build
 
     r = load_recipe("methods/digits/kd", ["train.epochs=1"])
@@ -454,7 +454,7 @@ def test_mixup_label_terms_mix_the_losses(tmp_path):
 
 
 def test_mixup_with_a_cached_teacher_is_refused():
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import build_run
 
     r = load_recipe("methods/digits/kd", ["train.mixup=0.2"])
@@ -494,7 +494,7 @@ def test_stop_after_epochs_ends_a_longer_schedule_where_it_says(tmp_path):
 
 
 def test_a_bounded_teacher_drops_a_stop_beyond_its_epochs():
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import bound_epochs
 
     r = load_recipe("digits/baseline", ["train.epochs=6", "train.stop_after_epochs=4"])

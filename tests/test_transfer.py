@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdlab.core.config import RecipeError, recipe_from_dict
+from kdlab.core.config import RecipeError
 from kdlab.data.munge import munge, munge_images, nearest_neighbours
 from kdlab.data.splits import TensorSet
 from kdlab.data.transfer import TransferContext, with_transfer_sets
@@ -23,6 +23,7 @@ from kdlab.distill.teachers import TeacherStore, module_fingerprint
 from kdlab.models import create_model
 from kdlab.report.gap import gap_closed, gap_closed_by_seed
 from kdlab.train.objective import DistillObjective, StepContext
+from kdlab.train.recipe import recipe_from_dict
 from kdlab.train.runtime import Runtime
 
 
@@ -197,7 +198,7 @@ def test_masks_explain_the_teacher_top_class_for_unlabelled(teacher):
 
 
 def test_transfer_labels_exactly_the_samples_drop_keeps():
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import load_splits
 
     for seed in (0, 1):
@@ -286,7 +287,7 @@ def test_munge_images_stay_in_range_and_seeded():
 def test_transfer_sets_join_unlabelled(tmp_path):
     from PIL import Image
 
-    from kdlab.core.config import TransferSetCfg
+    from kdlab.train.recipe import TransferSetCfg
     from kdlab.data.digits import DIGITS_INFO
 
     for i in range(3):
@@ -303,7 +304,7 @@ def test_transfer_sets_join_unlabelled(tmp_path):
 
 
 def test_deepinv_transfer_set_from_the_teacher():
-    from kdlab.core.config import TransferSetCfg
+    from kdlab.train.recipe import TransferSetCfg
     from kdlab.data.digits import DIGITS_INFO
 
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 import kdlab
-from kdlab.core.config import load_recipe
 from kdlab.experiments.tune import (ParamSpec, make_spec, parse_param, set_path, tune,
                                     with_values)
 from kdlab.train.build import train
+from kdlab.train.recipe import load_recipe
 
 RECIPE = """
 name: tune-test

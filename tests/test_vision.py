@@ -79,7 +79,7 @@ def test_timm_and_torchvision_students_distil(tmp_path, spec, layer):
     # named as in named_modules(), then its checkpoint rebuilt by spec
     pytest.importorskip(spec.split(":")[0])
     import kdlab
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(48, 3, 32, 32, generator=g)

@@ -21,7 +21,7 @@ DEFAULT_KD = [{"term": "ce", "weight": 0.1}, {"term": "kd", "weight": 0.9, "T": 
 
 
 def _model(m, num_classes, in_channels, what: str):
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.models.adapters import adapt_outputs, build_model
 
     if isinstance(m, nn.Module):
@@ -72,7 +72,8 @@ def fit(student: Union[nn.Module, str], teacher: Union[nn.Module, str, None] = N
     from kdlab.core.checkpoint import atomic_save, load_checkpoint
     from pydantic import ValidationError
 
-    from kdlab.core.config import MaskCfg, Recipe, TermCfg, TrainCfg, check_loss_numbers, describe_error
+    from kdlab.core.config import MaskCfg, TermCfg, TrainCfg, check_loss_numbers, describe_error
+    from kdlab.train.recipe import Recipe
     from kdlab.core.seeding import derive_seed, seed_everything
     from kdlab.data.splits import DatasetInfo, Splits, TensorSet
     from kdlab.distill.losses import build_terms
@@ -169,9 +170,9 @@ def _size(data) -> Optional[int]:
 
 def fit_recipe(recipe, run_dir: Union[str, Path, None] = None, *, overrides: Sequence[str] = (),
                progress: bool = True, resume: bool = True, callbacks=()) -> dict:
-    """Train a recipe (a path, a shipped name or a :class:`kdlab.core.config.Recipe`) into
+    """Train a recipe (a path, a shipped name or a :class:`kdlab.train.recipe.Recipe`) into
     ``run_dir`` (default ``runs/<name>/seed<k>``), training its missing teachers first."""
-    from kdlab.core.config import Recipe, load_recipe
+    from kdlab.train.recipe import Recipe, load_recipe
     from kdlab.train.build import ensure_teachers, train as train_recipe
 
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, list(overrides))

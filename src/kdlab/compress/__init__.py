@@ -35,7 +35,8 @@ def load_compressed(path: str | os.PathLike, device="cpu"):
     Returns ``(model, checkpoint_dict)``; the model is in eval mode. For ``.onnx`` files the
     model is a :class:`kdlab.compress.export.OnnxModel` and the dict has ``format: "onnx"``.
     """
-    from kdlab.core.checkpoint import CheckpointError, load_checkpoint, load_model
+    from kdlab.core.checkpoint import CheckpointError, load_checkpoint
+    from kdlab.models.adapters import load_model
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":

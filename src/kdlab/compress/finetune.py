@@ -53,7 +53,7 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr: float = 0.01,
     ``meta``: checkpoint metadata of the model (how to rebuild it); ``on_epoch(e, model)`` may add
     metrics to each row.
     """
-    from kdlab.core.config import Recipe
+    from kdlab.train.recipe import Recipe
     from kdlab.train.build import build_run, trainer_for
     from kdlab.train.callbacks import Callback, ReapplyMasks
     from kdlab.train.runtime import Runtime

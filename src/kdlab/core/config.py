@@ -1,5 +1,9 @@
-"""Typed recipe schema. A recipe is a YAML file; unknown keys and bad values fail at load time
-with the dotted path of the offending entry.
+"""Recipe files: the machinery every recipe reader (training, paradigm, LM, diffusion, tune)
+shares, and the typed sections that need no knowledge of data sets or loss terms. A recipe is a
+YAML file; unknown keys and bad values fail at load time with the dotted path of the offending
+entry. The classification recipe itself (``Recipe``, ``load_recipe``: its ``data`` section names
+registered data sets and transfer-set kinds, its ``loss`` registered terms) is
+:mod:`kdlab.train.recipe`, above the packages whose registries it checks.
 
 A recipe may start with ``extends: other.yaml`` (a path relative to the recipe, or a shipped
 recipe name such as ``digits/full``); its own keys are then deep-merged over that base.
@@ -15,15 +19,13 @@ Paths, one rule each:
 * paths of *run outputs and data* (``teacher.checkpoint``, the ``checkpoints`` of ``mtkd``,
   ``data.data_dir``, ``--out``) are relative to the current folder, like the default ``runs/``.
 
-Size (over 500 lines, on purpose): the schema, its one YAML reader (duplicate keys refused), the
-`extends` merge, the override parser and the loss-term checks are one unit that every recipe
-reader (training, paradigm, LM, diffusion, tune) calls; split, each part would import the others.
+Contents: the sections, the one YAML reader (duplicate keys refused), the `extends` merge, the
+path rules, the override parser and the loss-number checks; one unit, as each part uses the others.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -37,71 +39,20 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the key path and the fix."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A recipe section: unknown keys, NaN and infinity refused; assignments validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class AugmentCfg(_Strict):
+class AugmentCfg(Strict):
     crop_pad: int = Field(0, ge=0)
     flip: bool = False
     randaugment: int = Field(0, ge=0, le=6)  # RandAugment-lite operations per image (kdlab.data.augment)
     magnitude: float = Field(0.5, gt=0.0, le=1.0)
 
 
-class TransferSetCfg(BaseModel):
-    """One extra transfer set (unlabelled images that join training): ``kind`` is a registered
-    transfer-set builder (``folder``, ``factory``, ``munge``, ``deepinv``; see
-    :mod:`kdlab.data.transfer`), its other keys the builder's parameters."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: str
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        from kdlab.data.transfer import check_transfer_kind
-
-        return check_transfer_kind(v)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class DataCfg(_Strict):
-    name: str = "digits"  # a registered data set (kdlab.data.DATASETS), checked by _dataset
-
-    @field_validator("name")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        from kdlab.data.registry import check_dataset_name
-
-        return check_dataset_name(v)
-
-    data_dir: Optional[str] = None
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    augment: AugmentCfg = AugmentCfg()
-    # a user's data: an image folder (name: imagefolder) or a factory returning Splits/datasets
-    root: Optional[str] = None
-    image_size: Optional[list[int]] = None  # [H, W] (imagefolder)
-    factory: Optional[str] = None  # "module:function" -> Splits or (train, val, test) datasets
-    num_workers: int = Field(0, ge=0)  # decoding processes for streamed data
-    # label_fraction < 1: the unlabelled training images are dropped, or join training as the
-    # transfer set (label-free terms see them, label terms do not); docs/transfer.md
-    unlabelled: Literal["drop", "transfer"] = "drop"
-    transfer: list[TransferSetCfg] = []  # extra transfer sets (folder, factory, munge, deepinv)
-    # options of the data set's own loader (e.g. mnist-canvas: objects, scale, scenes; coco: ann,
-    # max_objects); each key must be a keyword parameter of the registered loader
-    kwargs: dict[str, Any] = {}
-
-    def options(self) -> dict:
-        """The loader options this section sets beyond the common ones."""
-        out = {k: v for k, v in (("root", self.root), ("image_size", self.image_size)) if v is not None}
-        return {**out, **self.kwargs}
-
-
-class InputCfg(_Strict):
+class InputCfg(Strict):
     """The view of each sample a model sees (privileged information: the teacher sees the full
     image, the student e.g. a lower resolution). ``resize: [H, W]``: area-averaged when shrinking,
     bilinear when enlarging (:func:`kdlab.data.views.resize_view`)."""
@@ -116,7 +67,7 @@ class InputCfg(_Strict):
         return v
 
 
-class ModelCfg(_Strict):
+class ModelCfg(Strict):
     # a registered name, timm:<name>, torchvision:<name>, hf:<local path>, or module:function
     model: str
     kwargs: dict[str, Any] = {}
@@ -133,7 +84,8 @@ class TeacherCfg(ModelCfg):
     # use a teacher whose checkpoint records another data set (deliberate cross-data distillation)
     allow_other_dataset: bool = False
     # at most this many epochs for the teacher trained on the way (``teacher.recipe``); set by
-    # ``--set train.epochs=N`` (see :func:`bound_teacher`), None: the teacher recipe's own epochs
+    # ``--set train.epochs=N`` (see :func:`kdlab.train.recipe.bound_teacher`), None: the teacher
+    # recipe's own epochs
     epochs: Optional[int] = Field(None, ge=1)
 
     @field_validator("checkpoints")
@@ -151,7 +103,7 @@ class TeacherCfg(ModelCfg):
         return v
 
 
-class TrainCfg(_Strict):
+class TrainCfg(Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(512, ge=1)
@@ -219,7 +171,7 @@ class TermCfg(BaseModel):
         return dict(self.model_extra or {})
 
 
-class MaskCfg(_Strict):
+class MaskCfg(Strict):
     """Causal masks (kdlab.distill.masks; docs/masks.md).
 
     ``method``: ``grad`` (gradient x activation) or ``ig`` (Integrated Gradients, ``steps``
@@ -240,13 +192,14 @@ class MaskCfg(_Strict):
     reuse: Literal["per-view", "per-image"] = "per-view"
 
 
-class StudyCfg(_Strict):
+class StudyCfg(Strict):
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     methods: Literal["ladder", "loo", "both"] = "ladder"
 
 
 #: ``train`` keys added after runs existed: at these values they are left out of run identities
-#: (``Recipe.to_dict`` and every task recipe built on ``TrainCfg``), so finished runs keep theirs
+#: (``kdlab.train.recipe.Recipe.to_dict`` and every task recipe built on ``TrainCfg``), so finished
+#: runs keep theirs
 NEW_TRAIN_DEFAULTS = {"fast_teacher": False, "ema": None, "mixup": 0.0, "cutmix": 0.0, "stop_after_epochs": None}
 
 
@@ -257,72 +210,6 @@ def drop_new_train_defaults(train: dict) -> dict:
         if k in train and train[k] == v:
             del train[k]
     return train
-
-
-class Recipe(_Strict):
-    name: str
-    description: str = ""
-    task: str = "classification"  # the kdlab.tasks plug-in that runs this recipe
-    data: DataCfg = DataCfg()
-    student: ModelCfg
-    teacher: Optional[TeacherCfg] = None
-    train: TrainCfg = TrainCfg()
-    loss: list[TermCfg] = [TermCfg(term="ce")]
-    mask: Optional[MaskCfg] = None
-    study: StudyCfg = StudyCfg()
-    source: Optional[str] = Field(None, exclude=True)
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_folder_name(cls, v: str) -> str:
-        from kdlab.core.io import check_path_name
-
-        return check_path_name(v, "recipe name")
-
-    def to_dict(self) -> dict:
-        """The recipe as plain data (run identities); ``task`` only when not the default, so runs
-        made before tasks existed keep their identity."""
-        d = self.model_dump(mode="json", exclude={"source"})
-        if d.get("task") == "classification":
-            del d["task"]
-        if isinstance(d.get("teacher"), dict) and not d["teacher"].get("allow_other_dataset"):
-            del d["teacher"]["allow_other_dataset"]  # likewise: runs made before it existed
-        if not d.get("data", {}).get("kwargs"):  # runs made before data.kwargs keep their identity
-            d.get("data", {}).pop("kwargs", None)
-        if isinstance(d.get("train"), dict):
-            drop_new_train_defaults(d["train"])  # likewise: runs made before those keys existed
-        if isinstance(d.get("teacher"), dict) and d["teacher"].get("epochs") is None:
-            d["teacher"].pop("epochs", None)  # likewise (set only by --set train.epochs)
-        aug = (d.get("data") or {}).get("augment") if isinstance(d.get("data"), dict) else None
-        if isinstance(aug, dict) and not aug.get("randaugment"):
-            aug.pop("randaugment", None)  # likewise
-            aug.pop("magnitude", None)
-        return d
-
-    def derive(self, **sections) -> "Recipe":
-        """A validated copy with whole top-level sections replaced (``loss=[...]``,
-        ``teacher=None``, ``train={...}``; models or plain dicts), keeping ``source``."""
-        d = self.to_dict()
-        for k, v in sections.items():
-            if k not in type(self).model_fields or k == "source":
-                raise RecipeError(f"{self.source or self.name}: {k}: unknown recipe section")
-            if isinstance(v, BaseModel):
-                v = v.model_dump(mode="json")
-            elif isinstance(v, list):
-                v = [t.model_dump(mode="json") if isinstance(t, BaseModel) else t for t in v]
-            d[k] = v
-        r = recipe_from_dict(d, self.source or self.name)
-        r.source = self.source
-        return r
-
-    def with_seed(self, seed: int) -> "Recipe":
-        """The same recipe with ``train.seed = seed``."""
-        return self.derive(train={**self.train.model_dump(mode="json"), "seed": int(seed)})
-
-    def needs_teacher(self) -> bool:
-        from kdlab.distill.losses import build_terms
-
-        return any(term.needs_teacher for _, _, term in build_terms(self.loss))
 
 
 def fmt_loc(loc) -> str:
@@ -476,62 +363,6 @@ def read_recipe_yaml(path: Path, seen: tuple = ()) -> dict:
     return merge_base(raw, path.parent, str(path), seen + (path.resolve(),))
 
 
-def param_type_error(default, value) -> str:
-    """What kind of value a term parameter with this ``default`` needs, when ``value`` is not of
-    that kind ('' when it fits or the default says nothing): numbers for numeric defaults (bools
-    excluded), true/false for boolean ones, text for string ones."""
-    if value is None or default is inspect.Parameter.empty or default is None:
-        return ""
-    if isinstance(default, bool):
-        return "" if isinstance(value, bool) else "true or false"
-    if isinstance(default, int):
-        return "" if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
-    if isinstance(default, float):
-        return "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
-    if isinstance(default, str):
-        return "" if isinstance(value, str) else "a text value"
-    return ""
-
-
-def validate_terms(recipe: Recipe, where: str = "recipe") -> None:
-    """Check every loss term's name and parameters against the term's constructor."""
-    from kdlab.distill.losses import LOSSES
-
-    if not recipe.loss:
-        raise RecipeError(f"{where}: loss: at least one term is needed (e.g. '- term: ce')")
-    for i, t in enumerate(recipe.loss):
-        if t.term not in LOSSES:
-            import difflib
-
-            close = difflib.get_close_matches(t.term, LOSSES.names(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise RecipeError(f"{where}: loss[{i}].term: unknown loss '{t.term}'{hint} "
-                              f"(see `kdlab losses` for the list)")
-        cls = LOSSES.get(t.term)
-        sig = inspect.signature(cls.__init__)
-        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        allowed = [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
-        for k, v in t.params.items():
-            if k not in allowed:
-                raise RecipeError(
-                    f"{where}: loss[{i}].{k}: term '{t.term}' has no parameter '{k}' "
-                    f"(parameters: {', '.join(allowed) or 'none'})"
-                )
-            bad = param_type_error(sig.parameters[k].default, v)
-            if bad:
-                raise RecipeError(f"{where}: loss[{i}].{k}: term '{t.term}' needs {bad}, got {v!r}")
-        try:
-            cls(**t.params)
-        except (TypeError, ValueError, KeyError) as e:
-            raise RecipeError(f"{where}: loss[{i}] ({t.term}): {e}") from None
-    check_loss_numbers(recipe.loss, where)
-    terms = [LOSSES.get(t.term)(**t.params) for t in recipe.loss]
-    if any(t.needs_teacher for t in terms) and recipe.teacher is None:
-        raise RecipeError(f"{where}: loss terms {[t.term for t in recipe.loss]} need a 'teacher' section")
-    if any(t.needs_masks for t in terms) and recipe.mask is None:
-        raise RecipeError(f"{where}: a masked term needs a 'mask' section (e.g. mask: {{method: grad}})")
-
-
 def check_loss_numbers(loss: list, where: str = "recipe") -> None:
     """Loss-term numbers that would train nothing or train on NaN: every weight 0 (no gradient at
     all), and a NaN or infinite weight or parameter (``T: .nan``) — refused here, naming the key,
@@ -567,16 +398,6 @@ def describe_error(e: ValidationError) -> str:
     else:
         msg = f"{err['msg']} (got {err.get('input')!r})"
     return f"{fmt_loc(err['loc'])}: {msg}"
-
-
-def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as e:
-        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise RecipeError(f"{where}: {describe_error(e)}{more}") from None
-    validate_terms(recipe, where)
-    return recipe
 
 
 def override_keys(ov: str, key: str) -> list:
@@ -651,42 +472,6 @@ def _list_position(ov: str, items: list, step, where: str) -> int:
         raise RecipeError(f"override '{ov}': {where} has {len(items)} entries; positions run from 0 to "
                           f"{len(items) - 1}")
     return step % len(items)
-
-
-def bound_teacher(raw: dict, overrides) -> dict:
-    """Small settings reach the teacher: with ``train.epochs=N`` among the overrides (and no
-    ``teacher.epochs`` / ``teacher.checkpoint`` override), a teacher that is trained on the way
-    (``teacher.recipe`` with more than N epochs) is trained for N epochs into its own folder,
-    ``<checkpoint folder>-e<N>/``, so the full teacher's checkpoint is never replaced by a short one.
-    ``raw`` is changed in place (references already resolved)."""
-    keys = {ov.split("=", 1)[0].strip(): ov.split("=", 1)[1] for ov in overrides or [] if "=" in ov}
-    tc = raw.get("teacher")
-    if ("train.epochs" not in keys or "teacher.epochs" in keys or "teacher.checkpoint" in keys
-            or not isinstance(tc, dict) or not tc.get("recipe") or not tc.get("checkpoint")):
-        return raw
-    n = (raw.get("train") or {}).get("epochs")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        return raw  # the recipe's validation names the bad value
-    t_raw = read_recipe_yaml(resolve_recipe_path(tc["recipe"]))
-    t_epochs = (t_raw.get("train") or {}).get("epochs", TrainCfg.model_fields["epochs"].default)
-    if isinstance(t_epochs, int) and t_epochs > n:
-        ck = Path(tc["checkpoint"])
-        tc["epochs"] = n
-        tc["checkpoint"] = str(ck.parent.with_name(f"{ck.parent.name}-e{n}") / ck.name)
-    return raw
-
-
-def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; ``overrides`` are ``dotted.key=value`` strings (YAML values);
-    ``train.epochs=N`` also bounds the teacher trained on the way (:func:`bound_teacher`)."""
-    path = resolve_recipe_path(ref)
-    raw = read_recipe_yaml(path)
-    apply_overrides(raw, overrides)
-    resolve_refs(raw, None, "--set")  # overridden references: relative to the current folder
-    bound_teacher(raw, overrides)
-    recipe = recipe_from_dict(raw, str(path) + (" with the --set overrides" if overrides else ""))
-    recipe.source = str(path)
-    return recipe
 
 
 def list_recipes() -> list[str]:

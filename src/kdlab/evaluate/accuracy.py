@@ -41,7 +41,8 @@ def evaluate_checkpoint(path, *, dataset=None, data_dir=None, split: str = "test
     A checkpoint trained on another registered data set is refused unless ``allow_other_dataset``;
     one whose recorded class names are the data's in another order has its outputs mapped by name
     (``classes_mapped`` in the result); other class names are refused."""
-    from kdlab.core.checkpoint import check_fits, load_model
+    from kdlab.core.checkpoint import check_fits
+    from kdlab.models.adapters import load_model
     from kdlab.data import from_factory, load_dataset
     from kdlab.data.streaming import as_loader
     from kdlab.core.device import resolve_device

@@ -232,7 +232,7 @@ def checkpoint_split(ck: dict, data_dir=None, limit: int | None = None, split: s
     """``(split set, info)`` of the recipe a detection checkpoint was trained with (its data, kwargs
     and seed): for ``mnist-canvas`` the same scenes as in training, for ``coco`` the annotation
     files' split; ``limit`` keeps the first N images."""
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
     from kdlab.train.build import load_splits
 
     recipe = recipe_from_dict(ck["recipe"], "the checkpoint's recipe")
@@ -272,7 +272,7 @@ def evaluate_detection_file(path, *, split: str = "test", dataset=None, data_dir
     """``kdlab evaluate`` of a detection checkpoint: :func:`evaluate_detection_checkpoint` as a
     printable dict; an AP size the split has no object of is ``"n/a"`` (NaN in the metrics,
     COCOeval's −1 in ``result.json``), explained in ``note``."""
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
 
     model, ck = load_model(path, device)
     rec_name = ck["recipe"]["data"].get("name")

@@ -52,7 +52,7 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     ``seed`` (:func:`pick_images`), compare, and write the report to ``out_dir`` (default
     ``runs/explain``). ``kwargs`` go to :func:`explain_report` (method, target, grid, k, ...);
     a ``target`` given as a digit string is a class index. Returns the rows."""
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
     from kdlab.core.device import resolve_device
 

@@ -94,7 +94,8 @@ class FeatureNet:
     is refused with one line."""
 
     def __init__(self, checkpoint, dataset: str, mean, std, *, name: str = "", device="cpu"):
-        from kdlab.core.checkpoint import file_hash, load_model
+        from kdlab.core.checkpoint import file_hash
+        from kdlab.models.adapters import load_model
 
         path = Path(checkpoint)
         if not path.is_file():

@@ -64,7 +64,7 @@ def _synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: 
 
 def _recipe(kind: str, *, student, teacher, batch_size, layer_pair, mask_steps, mode, amp,
             channels_last, compile_, fast_teacher: bool = True):
-    from kdlab.core.config import recipe_from_dict
+    from kdlab.train.recipe import recipe_from_dict
 
     loss = [{"term": "ce", "weight": 1.0 if kind == "baseline" else 0.1}]
     if kind != "baseline":
@@ -295,7 +295,7 @@ def _fresh(folder: Path) -> Path:
 def _ensure_teacher(recipe, teacher_overrides, log) -> None:
     """Train the recipe's teacher when missing: by ``ensure_teachers`` or, with
     ``teacher_overrides``, by its ``teacher.recipe`` with those overrides (never timed)."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import ensure_teachers, teacher_finished, train
 
     tc = recipe.teacher
@@ -344,7 +344,7 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     be reused, not timed). Logs one block per study (:func:`format_breakdown`, the last line of
     each ``study/students: X.XX``) and writes them all to ``out_dir/bench-study.json``.
     """
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.core.io import write_json
     from kdlab.experiments.study import run_ablation
     from kdlab.tasks import get_task

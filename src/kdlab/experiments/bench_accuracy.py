@@ -60,7 +60,7 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     and return per-seed test accuracies, the paired differences and their t-interval (also written
     to ``out/accuracy.json``). ``data``: ``mnist5k`` or ``synthetic`` (``n_train`` / ``n_test``
     generated images); ``extra``: ``--set`` overrides for both settings' recipes."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.core.io import write_json
     from kdlab.data.cifar_synthetic import write_synthetic_cifar
     from kdlab.train.build import teacher_finished, train

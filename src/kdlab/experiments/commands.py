@@ -38,7 +38,7 @@ def _summary(res: dict, metrics=()) -> str:
 def train_teacher_command(ref, overrides, *, out=None, progress=True, restart=False, log=print) -> dict:
     """`kdlab train-teacher`: train ``ref`` with its own loss into ``out`` (default
     ``runs/<recipe name>``)."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import train
     from kdlab.train.callbacks import Announce
 
@@ -60,7 +60,7 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
                     log=print) -> dict:
     """`kdlab distill`: one student of ``ref`` (its teacher trained first when missing) into
     ``out`` (default ``runs/<recipe name>/seed<k>``)."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import ensure_teachers, train
     from kdlab.train.callbacks import Announce
 
@@ -141,7 +141,8 @@ def explain_study_command(study, *, device="auto", **kw) -> dict:
 # -- listings --------------------------------------------------------------------------------------
 def recipes_listing() -> str:
     """`kdlab recipes`: every shipped recipe with its description, by kind."""
-    from kdlab.core.config import list_recipes, load_recipe
+    from kdlab.core.config import list_recipes
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.paradigms.spec import list_paradigm_recipes, load_paradigm
     from kdlab.lm.recipe import list_lm_recipes
 

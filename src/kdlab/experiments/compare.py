@@ -67,7 +67,7 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
     ``report/compare.json`` under ``out_dir``; returns the study report plus ``comparison_md``."""
     refs = compare_refs(refs, dataset)
     out_dir = out_dir or f"runs/compare-{dataset or 'methods'}"
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.paradigms import PARADIGMS
     from kdlab.train.build import ensure_teachers
     from kdlab.experiments.paradigms.runs import run_paradigm_seeds, student_recipe

@@ -24,7 +24,7 @@ def checkpoints_detection_robustness(paths: Sequence[str], names: Sequence[str],
                                      out_dir=None, progress: bool = True):
     """mAP under corruption of detection checkpoints (all trained on the same data: the first
     one's recipe gives the test images); ``(result, written paths)``."""
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.evaluate.detection_robustness import evaluate_detection_robustness
 
     models, cks = {}, []
@@ -82,7 +82,7 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
     ``n_robust_seeds``; ``report/robustness.md`` holds the robustness table with the paired Δ to
     the baseline and Holm p per measure; ``report/robustness_heatmap.png`` the corruption x method
     mAP. Returns the study table (:func:`kdlab.report.tables.write_tables`)."""
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data.corruptions import split_standard
     from kdlab.evaluate.detection_robustness import evaluate_detection_robustness
     from kdlab.report.tables import mean_sd_ci

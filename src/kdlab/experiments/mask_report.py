@@ -32,7 +32,7 @@ class _Cfg:
 
 def load_recipe_teacher(recipe_name: str, overrides=()):
     """(recipe, splits, teacher in eval mode) of a recipe whose teacher checkpoint exists."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.data import load_dataset
     from kdlab.train.build import load_teacher
 
@@ -200,7 +200,7 @@ def paired_rows(recipe_name: str, seeds, out_dir, overrides=(), modes=("per-view
     and training-loop time. The ``per-image`` runs share one `MaskStore` (across seeds)."""
     from pathlib import Path
 
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.train.build import train
 
     rows = []
@@ -242,7 +242,7 @@ def study_rows(recipe_name: str, out_dir, seeds, overrides=(), modes=("per-view"
     import statistics
     from pathlib import Path
 
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
     from kdlab.experiments.study import run_ablation
     from kdlab.train.build import ensure_teachers
 

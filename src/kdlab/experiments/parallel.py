@@ -47,7 +47,7 @@ class Job:
 
     method: str
     seed: int
-    recipe: object  # kdlab.core.config.Recipe
+    recipe: object  # kdlab.train.recipe.Recipe
     run_dir: str
 
 

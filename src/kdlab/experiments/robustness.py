@@ -49,7 +49,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     """
     import torch
 
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
     from kdlab.data.corruptions import parse_corruptions
     from kdlab.data.splits import TensorSet
@@ -139,7 +139,7 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     seeds, with the sd over seeds) and the study table (`kdlab.report.tables.write_tables`),
     whose result it returns.
     """
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
     from kdlab.data.corruptions import split_standard
     from kdlab.evaluate.robustness import evaluate_robustness

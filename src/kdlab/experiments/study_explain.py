@@ -179,7 +179,7 @@ def explain_study(study_dir, *, teacher=None, n_images: int = 200, method: str =
     ``metric_seeds`` and, except for the baseline, ``metric_diff``, ``metric_p_ttest``,
     ``metric_p_wilcoxon``, ``metric_p_holm``, ``metric_d_z``.
     """
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset, normalize
     from kdlab.evaluate.explain import attribute, region_importance
     from kdlab.report.figures import alignment_plot, study_title

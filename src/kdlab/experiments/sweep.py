@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from kdlab.core.io import atomic_write_text, read_json
-from kdlab.core.config import load_recipe
+from kdlab.train.recipe import load_recipe
 
 
 SEED_TABLE_METRICS = ("test_acc_full", "student_acc", "rank_alignment", "topk_focus",
@@ -114,7 +114,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
               seeds=None, out_dir=None, data_dir=None, overrides=None, n_images=256, method="ig",
               grid=(4, 4), k=5, steps=32, T: float = 4.0, image_seed: int = 0, progress=True, log=print,
               **parallel):
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
     from kdlab.evaluate.explain_report import explain_report, markdown, pick_images
     from kdlab.experiments.study import run_study

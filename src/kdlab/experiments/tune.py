@@ -114,7 +114,7 @@ class TuneSpec:
 
 def load_tune_recipe(ref, overrides=None) -> tuple[Any, dict]:
     """A recipe of any task and its ``tune:`` section (removed before validation); ``overrides``
-    as :func:`kdlab.core.config.load_recipe`'s."""
+    as :func:`kdlab.train.recipe.load_recipe`'s."""
     from kdlab.core.config import read_recipe_yaml, resolve_recipe_path
     from kdlab.tasks import get_task, task_of
     from kdlab.tasks.base import resolve_ref

@@ -2,7 +2,8 @@
 
 Shipped LM recipes live in ``kdlab/recipes/lm/`` and are named ``lm/<name>`` (``lm/docs``,
 ``lm/code``, ``lm/arithmetic``). ``extends:`` and ``dotted.key=value`` overrides work as for the
-vision recipes (:mod:`kdlab.core.config`). Unknown keys fail with the dotted path of the entry.
+vision recipes (:mod:`kdlab.core.config`, :mod:`kdlab.train.recipe`). Unknown keys fail with the
+dotted path of the entry.
 """
 
 from __future__ import annotations

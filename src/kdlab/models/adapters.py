@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -284,8 +285,6 @@ def load_program(data: bytes) -> nn.Module:
     """The model of :func:`export_program`'s bytes, as an :class:`ExportedModel`, after
     :func:`check_program`; every ``torch.load`` inside ``torch.export.load`` is forced to
     ``weights_only`` (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``) while it runs."""
-    import os
-
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"the checkpoint's 'program' entry is {type(data).__name__}, not an exported "
                          f"program's bytes; re-save the model")
@@ -300,3 +299,46 @@ def load_program(data: bytes) -> nn.Module:
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
     return ExportedModel(ep.module())
+
+
+def load_model(path: str | os.PathLike, device="cpu"):
+    """Rebuild a model saved with :func:`kdlab.core.checkpoint.model_checkpoint`; returns
+    ``(model in eval mode, checkpoint_dict)``. A model saved with a ``program`` (a user's module
+    given as an object) is rebuilt from its ``torch.export`` program; any other from its spec
+    (``model_name``, a registered name, ``timm:``/``torchvision:``/``hf:`` or ``module:function``)
+    and kwargs."""
+    from kdlab.core.checkpoint import CheckpointError, load_checkpoint
+
+    ck = load_checkpoint(path)
+    for key in ("model_name", "num_classes", "in_channels"):
+        if key not in ck:
+            raise CheckpointError(f"checkpoint {path} lacks '{key}'; it is not a kdlab model file")
+    if str(ck.get("model_name") or "").startswith("lm:") or "tokenizer" in ck:
+        raise CheckpointError(f"checkpoint {path} holds a language model ({ck.get('model_name')}); this "
+                              f"command takes image classifiers: use `kdlab lm generate {path} --prompt TEXT`")
+    if isinstance(ck.get("diffusion"), dict):
+        steps = ck["diffusion"].get("steps")
+        what = f"a {steps}-step distilled sampler" if steps else "a diffusion teacher"
+        raise CheckpointError(f"checkpoint {path} holds a diffusion model ({ck.get('model_name')}, {what}); this "
+                              f"command takes image classifiers: its FD is scored by "
+                              f"`kdlab diffusion study RECIPE --seeds SEED --out RUN_FOLDER` (docs/diffusion.md)")
+    if (ck.get("pruned") or {}).get("arch") or ck.get("quantized"):
+        kind = "structurally pruned" if (ck.get("pruned") or {}).get("arch") else "quantized"
+        raise CheckpointError(f"checkpoint {path} holds a {kind} {ck['model_name']}; read it with "
+                              f"kdlab.compress.load_compressed (this command reads plain checkpoints)")
+    if ck.get("program") is not None:
+        try:
+            program = load_program(ck["program"])
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
+        return program.to(device).eval(), ck
+    if not ck["model_name"]:
+        raise CheckpointError(f"checkpoint {path} records no model spec and no exported program; "
+                              f"load its state dict into your own module (torch.load(path, weights_only=True)['model'])")
+    model = build_model(ck["model_name"], ck["num_classes"], ck["in_channels"], ck.get("model_kwargs", {}))
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit model {ck['model_name']}: {first}") from None
+    return model.to(device).eval(), ck

@@ -1,4 +1,4 @@
-"""Image classification as a task plug-in: the recipes of ``kdlab.core.config``, the distillation
+"""Image classification as a task plug-in: the recipes of ``kdlab.train.recipe``, the distillation
 ladder of their loss terms, one run through :func:`kdlab.train.build.train` (the one Trainer),
 and the metrics ``acc`` (top-1, max, %) and ``loss`` (cross-entropy, min).
 
@@ -101,12 +101,12 @@ class ClassificationTask(Task):
 
     # -- recipes -------------------------------------------------------------------------------
     def load_recipe(self, ref, overrides=None):
-        from kdlab.core.config import load_recipe
+        from kdlab.train.recipe import load_recipe
 
         return load_recipe(ref, overrides)
 
     def from_dict(self, raw: dict, where: str = "recipe"):
-        from kdlab.core.config import recipe_from_dict
+        from kdlab.train.recipe import recipe_from_dict
 
         return recipe_from_dict(raw, where)
 

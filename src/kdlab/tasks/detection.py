@@ -1,7 +1,7 @@
 """The ``detection`` task: one-stage detectors trained and distilled with the one Trainer, scored
 by COCO mAP (pycocotools).
 
-A detection recipe is a core :class:`kdlab.core.config.Recipe` with ``task: detection``: ``data``
+A detection recipe is a core :class:`kdlab.train.recipe.Recipe` with ``task: detection``: ``data``
 names a detection data set (``mnist-canvas`` or ``coco``; their own options under
 ``data.kwargs``), ``student`` / ``teacher`` a detector (``gfl_det``), and ``loss`` the detector's
 ``gfl`` term plus any distillation terms (``det_kd``, ``det_fitnets``, ``fgd``, ``ld``). What differs
@@ -30,19 +30,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from kdlab.core.checkpoint import load_model
-from kdlab.core.config import Recipe, RecipeError, load_recipe
+from kdlab.core.config import RecipeError
 from kdlab.core.io import read_json
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data.splits import TensorSet
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherStore, build_teacher_source, teacher_plan
 from kdlab.evaluate.detection import evaluate_detector, predict
-from kdlab.models.adapters import build_model
+from kdlab.models.adapters import build_model, load_model
 from kdlab.models.detection import layout_of
 from kdlab.tasks.base import Metric, Task, register_task
 from kdlab.train.build import bound_epochs, load_splits, load_teacher, make_loaders, student_meta
 from kdlab.train.objective import DistillObjective
+from kdlab.train.recipe import Recipe, load_recipe
 from kdlab.train.runtime import Runtime
 
 DISTILL_TERMS = ("det_kd", "det_fitnets", "fgd", "ld")

@@ -143,7 +143,7 @@ def ensure_feature_net(recipe: DiffusionRecipe, info, *, progress: bool = False,
     ck = Path(fc.checkpoint)
     unfinished = (ck.parent / "last.pt").is_file() and not (ck.parent / "result.json").is_file()
     if not ck.is_file() or unfinished:
-        from kdlab.core.config import load_recipe
+        from kdlab.train.recipe import load_recipe
         from kdlab.train.build import train
 
         r = load_recipe(fc.recipe)

@@ -125,7 +125,8 @@ class FacesTask(Task):
 
     # -- recipes -----------------------------------------------------------------------------------
     def load_recipe(self, ref, overrides=None):
-        from kdlab.core.config import RecipeError, load_recipe
+        from kdlab.core.config import RecipeError
+        from kdlab.train.recipe import load_recipe
 
         r = load_recipe(ref, overrides)
         if r.task != "faces":
@@ -218,7 +219,8 @@ class FacesTask(Task):
     # -- QuantFace -----------------------------------------------------------------------------------
     def train_quantface(self, recipe, run_dir, *, context, method: str, progress: bool, resume: bool) -> dict:
         from kdlab.compress.quantize import calibrate, fake_quant_config, prepare_fake_quant
-        from kdlab.core.checkpoint import atomic_save, file_hash, load_model
+        from kdlab.core.checkpoint import atomic_save, file_hash
+        from kdlab.models.adapters import load_model
         from kdlab.core.io import write_json
         from kdlab.data.splits import Splits, TensorSet
         from kdlab.evaluate.verification import evaluate_pairs

@@ -1,6 +1,6 @@
 """Recipes become objects here, and only here.
 
-:func:`build_run` turns a validated :class:`kdlab.core.config.Recipe` into a :class:`Run`: the
+:func:`build_run` turns a validated :class:`kdlab.train.recipe.Recipe` into a :class:`Run`: the
 objective (student + loss terms + teacher sources), the train / val / test loaders and the runtime.
 Every caller goes through it: recipe runs and studies, :func:`kdlab.fit` (a recipe made of its
 arguments, with the user's modules and data), post-pruning fine-tuning
@@ -27,16 +27,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from kdlab.core.checkpoint import check_fits, load_model
-from kdlab.core.config import Recipe
+from kdlab.core.checkpoint import check_fits
 from kdlab.core.seeding import derive_seed, seed_everything
 from kdlab.data import load_dataset
 from kdlab.data.augment import AugmentSpec
 from kdlab.data.streaming import as_loader, first_batch
 from kdlab.distill.losses import build_terms
 from kdlab.distill.teachers import TeacherPlan, TeacherStore, build_teacher_source, teacher_plan
-from kdlab.models.adapters import build_model
+from kdlab.models.adapters import build_model, load_model
 from kdlab.train.objective import DistillObjective, Objective
+from kdlab.train.recipe import Recipe
 from kdlab.train.runtime import Runtime
 
 
@@ -398,7 +398,7 @@ def check_teachers(recipe: Recipe, data_dir=None) -> None:
     """What :func:`ensure_teachers` needs, checked before anything is trained or written: teacher
     checkpoint paths are file paths, an ensemble's members are trained, a missing teacher has a
     ``teacher.recipe`` to train it (a valid one, its data present); else one line naming the fix."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params
@@ -443,7 +443,7 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
     unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
     which teacher is trained, where, and why. Returns the teacher checkpoint, or None when the
     recipe's loss needs no teacher (a CE-only recipe trains none)."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field
 
-from kdlab.core.config import Recipe
 from kdlab.core.io import write_json
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
 from kdlab.experiments.paradigms.common import ce_only, derive, distill_loss, student_section, teacher_from, train_link
+from kdlab.train.recipe import Recipe
 
 
 class BanParams(ParadigmParams):
@@ -18,7 +18,7 @@ class BanParams(ParadigmParams):
 
 def ensemble_accuracy(checkpoints: list, recipe: Recipe, split: str = "test") -> float:
     """Top-1 of the ensemble that averages the softmax outputs of the checkpoints' models."""
-    from kdlab.core.checkpoint import load_model
+    from kdlab.models.adapters import load_model
     from kdlab.data import BatchLoader
     from kdlab.evaluate.accuracy import ensemble_accuracy as ens
     from kdlab.train.build import load_splits

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe
+from kdlab.train.recipe import Recipe
 
 
 def derive(recipe: Recipe, *, student: Optional[dict] = None, teacher: Optional[dict] = "keep",

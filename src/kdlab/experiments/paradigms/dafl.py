@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from kdlab.core.config import Recipe
 from kdlab.experiments.paradigms.base import register_paradigm
 from kdlab.experiments.paradigms.datafree import DataFreeParams, run_generator_kd
+from kdlab.train.recipe import Recipe
 
 
 class DaflParams(DataFreeParams):

@@ -25,7 +25,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdlab.core.config import Recipe
 from kdlab.core.io import atomic_savefig, write_json
 from kdlab.distill.generators import (dafl_generator, dafl_generator_losses, kl_batchmean, zskt_generator,
                                       zskt_generator_loss, zskt_student_loss)
@@ -33,6 +32,7 @@ from kdlab.distill.losses.response import kd_loss
 from kdlab.experiments.paradigms.base import ParadigmParams
 from kdlab.models.taps import Taps
 from kdlab.train.objective import Objective
+from kdlab.train.recipe import Recipe
 
 
 class DataFreeParams(ParadigmParams):

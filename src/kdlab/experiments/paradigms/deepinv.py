@@ -20,10 +20,10 @@ import torch
 from pydantic import Field
 
 from kdlab.core.checkpoint import atomic_save
-from kdlab.core.config import Recipe
 from kdlab.core.io import read_json, write_json
 from kdlab.distill.inversion import BNStatHook, synthesize, tv_prior  # noqa: F401  (the one implementation)
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
+from kdlab.train.recipe import Recipe
 
 
 class DeepInvParams(ParadigmParams):

@@ -3,7 +3,7 @@
 The peers are the models of one :class:`kdlab.train.objective.PeerObjective` trained by the one
 :class:`kdlab.train.trainer.Trainer` (resume, patience, checkpoints and metrics like every run):
 ``<out>/peers/best.pt`` is peer 0's, ``<out>/peers/peer<k>/best.pt`` the others'; each records its own model name and
-keyword arguments, so every peer checkpoint loads with :func:`kdlab.core.checkpoint.load_model`.
+keyword arguments, so every peer checkpoint loads with :func:`kdlab.models.adapters.load_model`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Optional, Union
 
 from pydantic import Field
 
-from kdlab.core.config import Recipe
 from kdlab.core.io import write_json
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
 from kdlab.train.objective import mutual_loss  # noqa: F401  (the loss, documented there)
+from kdlab.train.recipe import Recipe
 
 
 class DmlParams(ParadigmParams):

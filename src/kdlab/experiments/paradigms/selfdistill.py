@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe
 from kdlab.core.io import write_json
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
 from kdlab.experiments.paradigms.common import ce_only, derive, distill_loss, teacher_from, train_link
+from kdlab.train.recipe import Recipe
 
 
 class SelfParams(ParadigmParams):

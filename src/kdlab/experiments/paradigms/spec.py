@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from kdlab.core.config import (RECIPES_DIR, Recipe, RecipeError, apply_overrides, bound_teacher, describe_error,
-                               merge_base,
-                               read_recipe_yaml, read_yaml_mapping, recipe_from_dict, resolve_recipe_path)
+from kdlab.core.config import (RECIPES_DIR, RecipeError, apply_overrides, describe_error, merge_base,
+                               read_recipe_yaml, read_yaml_mapping, resolve_recipe_path)
 from kdlab.experiments.paradigms.base import PARADIGMS, ParadigmParams
+from kdlab.train.recipe import Recipe, bound_teacher, recipe_from_dict
 
 TOP_KEYS = ("paradigm", "recipe", "description")
 PARADIGMS_DIR = RECIPES_DIR / "paradigms"
@@ -125,7 +125,7 @@ def paradigm_spec(first: str, ref: Optional[str] = None, overrides: Optional[lis
                   seed: Optional[int] = None) -> ParadigmSpec:
     """The spec of ``kdlab paradigm NAME RECIPE`` (a normal recipe plus ``--set paradigm.X=v``
     settings) or ``kdlab paradigm PARADIGM_RECIPE``; ``seed`` overrides ``train.seed``."""
-    from kdlab.core.config import load_recipe
+    from kdlab.train.recipe import load_recipe
 
     ov = list(overrides or [])
     if first not in PARADIGMS:  # the first argument is a paradigm recipe

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from kdlab.core.config import Recipe
 from kdlab.core.io import write_json
 from kdlab.experiments.paradigms.base import ParadigmParams, register_paradigm
 from kdlab.experiments.paradigms.common import derive, distill_loss, teacher_from, train_link
+from kdlab.train.recipe import Recipe
 
 
 class TaParams(ParadigmParams):

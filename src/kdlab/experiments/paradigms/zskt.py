@@ -9,9 +9,9 @@ from typing import Optional
 
 from pydantic import Field
 
-from kdlab.core.config import Recipe
 from kdlab.experiments.paradigms.base import register_paradigm
 from kdlab.experiments.paradigms.datafree import DataFreeParams, run_generator_kd
+from kdlab.train.recipe import Recipe
 
 
 class ZsktParams(DataFreeParams):
