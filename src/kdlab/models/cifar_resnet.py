@@ -18,8 +18,7 @@ import re
 import torch
 from torch import nn
 
-from ._registry import register_model
-from .resnet import add_resnet_head
+from ._registry import add_classifier_head, register_model
 
 
 class BasicBlock(nn.Module):
@@ -65,7 +64,7 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(cin, cout, stride if j == 0 else 1))
                 cin = cout
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        add_resnet_head(self, cin, num_classes, ("layer1", "layer2", "layer3"), filters[1:])
+        add_classifier_head(self, cin, num_classes, ("layer1", "layer2", "layer3"), filters[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -149,7 +148,7 @@ class WideResNet(nn.Module):
             setattr(self, f"block{i + 1}", nn.Sequential(*blocks))
         self.bn_final = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU()
-        add_resnet_head(self, cin, num_classes, ("block1", "block2", "block3"), ch[1:])
+        add_classifier_head(self, cin, num_classes, ("block1", "block2", "block3"), ch[1:])
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

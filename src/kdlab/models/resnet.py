@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import check_width, register_model, scaled
+from ._registry import add_classifier_head, check_width, register_model, scaled
 from .cbam import CBAM
 
 
@@ -75,20 +75,6 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def add_resnet_head(model: nn.Module, cin: int, num_classes: int, stage_names, stage_channels) -> None:
-    """Finish a ResNet's ``__init__`` after its stages: a global average pool and a linear
-    classifier ``fc`` on ``cin`` features, the stage metadata (``stage_names``,
-    ``stage_channels``, ``feature_dim``) and He (fan-out) initialisation of every conv."""
-    model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.fc = nn.Linear(cin, num_classes)
-    model.stage_names = tuple(stage_names)
-    model.stage_channels = tuple(stage_channels)
-    model.feature_dim = cin
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
 class ResNet(nn.Module):
     """CIFAR ResNet. ``stage_names = ("layer1", ..., "layer4")``, classifier ``fc``."""
 
@@ -112,7 +98,7 @@ class ResNet(nn.Module):
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             channels.append(cin)
-        add_resnet_head(self, cin, num_classes, ("layer1", "layer2", "layer3", "layer4"), channels)
+        add_classifier_head(self, cin, num_classes, ("layer1", "layer2", "layer3", "layer4"), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
