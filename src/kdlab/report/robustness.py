@@ -162,13 +162,9 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from kdlab.core.io import atomic_savefig
+    from kdlab.core.io import save_and_close
 
-    try:
-        atomic_savefig(fig, path, dpi=120)  # never a torn PNG
-    finally:
-        plt.close(fig)
-    return path
+    return save_and_close(fig, path, dpi=120)  # never a torn PNG
 
 
 def study_robustness_markdown(stats: Sequence[Mapping], baseline: str, n_seeds: int,
