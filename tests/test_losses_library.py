@@ -14,7 +14,8 @@ from kdlab.distill.losses.dkd import dkd_loss, label_smoothing_loss, multi_teach
 from kdlab.distill.losses.feature import at_distance, at_loss, mmd2, channel_distributions, nst_loss
 from kdlab.distill.losses.relation import fsp_loss, fsp_matrix, rkd_angle_loss, rkd_distance_loss
 from kdlab.models import create_model
-from kdlab.models.taps import Taps
+
+from loss_fixtures import distill_step
 
 L = math.log
 
@@ -291,24 +292,8 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradient_flow(name):
-    torch.manual_seed(0)
-    student = create_model("cnn_tiny", num_classes=10, in_channels=1)
-    teacher = create_model("cnn_small", num_classes=10, in_channels=1).eval()
-    term = LOSSES.get(name)(**CASES[name])
-    x = torch.randn(8, 1, 8, 8)
-    y = torch.arange(8) % 10
-    with torch.no_grad(), Taps(teacher, term.teacher_layers(), detach=True) as tt:
-        t_logits = teacher(x)
-        t_feats = {n: tt[n] for n in term.teacher_layers()}
-    with Taps(student, term.student_layers()) as st:
-        s_logits = student(x)
-        s_feats = {n: st[n] for n in term.student_layers()}
-    rec = BatchRecord(x=x, y=y, s_logits=s_logits, t_logits=t_logits, s_feats=s_feats,
-                      t_feats=t_feats, index=torch.arange(8))
-    term.setup(rec)
-    loss = term(rec)
+    term, student, teacher, loss = distill_step(name, CASES[name])
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
-    loss.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     for p in term.parameters():  # learnable heads are trained too

@@ -20,7 +20,8 @@ from kdlab.distill.losses.response import kd_loss, standardize_logits
 from kdlab.distill.losses.reviewkd import hcl_stage
 from kdlab.distill.losses.vid import VIDHead, vid_nll
 from kdlab.models import create_model
-from kdlab.models.taps import Taps
+
+from loss_fixtures import distill_step
 
 NEW = ["dist", "mlkd", "reviewkd", "vid", "cc", "hmat", "hier_at"]
 
@@ -270,27 +271,8 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradient_flow(name):
-    torch.manual_seed(0)
-    student = create_model("cnn_tiny", num_classes=10, in_channels=1)
-    teacher = create_model("cnn_small", num_classes=10, in_channels=1).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    term = LOSSES.get(name)(**CASES[name])
-    x = torch.randn(8, 1, 8, 8)
-    y = torch.arange(8) % 10
-    with torch.no_grad(), Taps(teacher, term.teacher_layers(), detach=True) as tt:
-        t_logits = teacher(x)
-        t_feats = {n: tt[n] for n in term.teacher_layers()}
-    with Taps(student, term.student_layers()) as st:
-        s_logits = student(x)
-        s_feats = {n: st[n] for n in term.student_layers()}
-    rec = BatchRecord(x=x, y=y, s_logits=s_logits, t_logits=t_logits, s_feats=s_feats, t_feats=t_feats,
-                      index=torch.arange(8), extra={"forward_student": student,
-                                                    "forward_teacher": lambda v: teacher(v).detach()})
-    term.setup(rec)
-    loss = term(rec)
+    term, student, teacher, loss = distill_step(name, CASES[name], forwards=True)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
-    loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     for p in term.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()

@@ -115,6 +115,22 @@ def data_for(ck: dict, dataset, data_dir, *, batch_size: int, seed: int, device,
     return info, tr, va, te
 
 
+def open_checkpoint(checkpoint: str, what: str, *, dataset, data_dir, batch_size: int, out_dir, device,
+                    threads: int | None, seed: int, allow_other_dataset: bool = False):
+    """What a command that changes a PyTorch checkpoint (``what``: prune, quantize) starts from:
+    :func:`setup`, then ``(device, model, checkpoint, info, train, val, test, input shape (C, H, W),
+    output folder)``: the resolved device, :func:`load_torch`, :func:`data_for` and
+    ``default_out(out_dir, <run name>-<what>)``, in that order."""
+    setup(threads, seed)
+    dev = eff.resolve_device(device)
+    model, ck = load_torch(checkpoint, dev, what)
+    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev,
+                                allow_other_dataset=allow_other_dataset)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    out = default_out(out_dir, f"{run_name(checkpoint)}-{what}")
+    return dev, model, ck, info, tr, va, te, shape, out
+
+
 def kd_target(distill: str, model, teacher, device, info=None, allow_other_dataset: bool = False):
     """The KD target while fine-tuning: None (``"none"``), the uncompressed ``model`` itself
     (``"self"``) or the ``teacher`` checkpoint (``"teacher"``), checked against the data ``info``
@@ -221,14 +237,9 @@ def prune_checkpoint(checkpoint: str, sparsity: float, *, method: str = "unstruc
     from kdlab.compress.finetune import evaluate_accuracy, finetune
     from kdlab.compress.prune import layer_specs, prune_iterative, sparsity_report
 
-    setup(threads, seed)
-    dev = eff.resolve_device(device)
-    model, ck = load_torch(checkpoint, dev, "prune")
-    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev,
-                                allow_other_dataset=allow_other_dataset)
-    shape = (info.in_channels, info.image_size, info.image_size)
-    name = run_name(checkpoint)
-    out = default_out(out_dir, f"{name}-prune")
+    dev, model, ck, info, tr, va, te, shape, out = open_checkpoint(
+        checkpoint, "prune", dataset=dataset, data_dir=data_dir, batch_size=batch_size, out_dir=out_dir,
+        device=device, threads=threads, seed=seed, allow_other_dataset=allow_other_dataset)
     kd = kd_target(distill, model, teacher, dev, info, allow_other_dataset)
     if scope is None:
         scope = "local" if method == "structured" else "global"
@@ -316,13 +327,9 @@ def quantize_checkpoint(checkpoint: str, *, mode: str = "fake", bits: Sequence[i
 
     if mode not in ("fake", "static", "qat"):
         raise ValueError(f"mode must be fake, static or qat, got {mode!r}")
-    setup(threads, seed)
-    dev = eff.resolve_device(device)
-    model, ck = load_torch(checkpoint, dev, "quantize")
-    info, tr, va, te = data_for(ck, dataset, data_dir, batch_size=batch_size, seed=seed, device=dev,
-                                allow_other_dataset=allow_other_dataset)
-    shape = (info.in_channels, info.image_size, info.image_size)
-    out = default_out(out_dir, f"{run_name(checkpoint)}-quantize")
+    dev, model, ck, info, tr, va, te, shape, out = open_checkpoint(
+        checkpoint, "quantize", dataset=dataset, data_dir=data_dir, batch_size=batch_size, out_dir=out_dir,
+        device=device, threads=threads, seed=seed, allow_other_dataset=allow_other_dataset)
     act_bits = None if act_bits is None or str(act_bits) in ("none", "fp", "0") else int(act_bits)
     calib = lambda: [(x, y) for _, (x, y, _) in zip(range(calib_batches), tr.epoch(0))]
     fq_opts = dict(per_channel=per_channel, weight_symmetric=weight_symmetric,

@@ -50,6 +50,18 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
 
 
+def save_and_close(fig, path: str | os.PathLike, **kwargs) -> Path:
+    """:func:`atomic_savefig` of a Matplotlib figure, then ``fig`` closed (also when the write
+    fails); returns ``Path(path)``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_savefig(fig, path, **kwargs)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def write_error(e: BaseException, path: Path) -> "OSError | None":
     """An ``OSError`` naming ``path`` for a failed write (a full disk, a read-only file system), or
     None to re-raise ``e`` as it is. ``torch.save`` reports a failed write as a RuntimeError

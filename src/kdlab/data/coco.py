@@ -29,7 +29,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch
 from kdlab.core.seeding import derive_seed
 from kdlab.data.registry import register_dataset
 from kdlab.data.splits import DatasetInfo, Splits
-from kdlab.data.streaming import BatchPositions
+from kdlab.data.streaming import DatasetLoader
 
 
 def _read_coco(ann: Path):
@@ -218,56 +217,20 @@ def _collate(items):
     return torch.stack(xs).float(), torch.stack(ys).float()
 
 
-class BoxDatasetLoader:
+class BoxDatasetLoader(DatasetLoader):
     """Streams a map-style detection dataset (items ``(image, target [M, 5])``) with kdlab's loader
     protocol: ``epoch(e)`` yields ``(x_norm, y, idx)``, a pure function of ``(seed, e)`` (the
     permutation is drawn as :class:`kdlab.data.BatchLoader` draws it); no augmentation (boxes would
-    have to move with it)."""
+    have to move with it). Batching, sharding and workers are :class:`~kdlab.data.streaming.DatasetLoader`'s."""
 
-    indexed = True
+    collate = staticmethod(_collate)
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, mean=None, std=None,
                  device="cpu", num_workers: int = 0):
-        self.dataset, self.n = dataset, len(dataset)
-        if self.n == 0:
+        if len(dataset) == 0:
             raise ValueError("the detection dataset is empty")
-        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
-        self.device, self.num_workers = torch.device(device), int(num_workers)
-        self.rank, self.world_size, self.drop_last, self.augment = 0, 1, False, None
-        self.mean = None if mean is None else torch.tensor(mean).reshape(1, -1, 1, 1).to(self.device)
-        self.std = None if std is None else torch.tensor(std).reshape(1, -1, 1, 1).to(self.device)
-
-    @property
-    def dataset_size(self) -> int:
-        return self.n
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.global_batch_size)
-
-    def shard(self, rank: int, world_size: int) -> "BoxDatasetLoader":
-        new = object.__new__(BoxDatasetLoader)
-        new.__dict__.update(self.__dict__)
-        new.rank, new.world_size = int(rank), int(world_size)
-        return new
-
-    def epoch(self, e: int) -> Iterator:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(derive_seed(self.seed, "loader", e))
-        perm = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        G = self.global_batch_size
-        batches = [perm[torch.arange(k * G + self.rank, min((k + 1) * G, self.n), self.world_size)].tolist()
-                   for k in range(len(self))]
-        dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=BatchPositions(batches), collate_fn=_collate,
-                                         num_workers=self.num_workers)
-        for idx, (x, y) in zip(batches, dl):
-            x = x.to(self.device)
-            if self.mean is not None:
-                x = (x - self.mean) / self.std
-            yield x, y.to(self.device), torch.as_tensor(idx, device=self.device)
+        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, mean=mean, std=std, device=device,
+                         num_workers=num_workers)
 
     def fingerprint(self) -> str:
         """What the teacher cache keys the data by: size and the first and last items."""

@@ -56,9 +56,12 @@ class DatasetLoader:
     """Batches ``(x_norm, y, idx)`` streamed from a map-style ``dataset``; see the module doc.
 
     Args mirror :class:`kdlab.data.BatchLoader`, plus ``num_workers`` (decoding processes).
+    ``collate`` turns a batch's items into ``(x, y)``; a subclass whose items are not
+    ``(image, label)`` replaces it (e.g. :class:`kdlab.data.coco.BoxDatasetLoader`).
     """
 
     indexed = True
+    collate = staticmethod(_collate)
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  augment: Optional[AugmentSpec] = None, mean=None, std=None, drop_last: bool = False,
@@ -101,7 +104,7 @@ class DatasetLoader:
         """Rank ``rank``'s interleaved slice of every global batch (see the module doc)."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"shard needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        new = object.__new__(DatasetLoader)
+        new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_held"})
         new.rank, new.world_size = int(rank), int(world_size)
         return new
@@ -122,11 +125,11 @@ class DatasetLoader:
         pin = self.device.type == "cuda"
         if self.num_workers == 0:
             return torch.utils.data.DataLoader(self.dataset, batch_sampler=BatchPositions(batches),
-                                               collate_fn=_collate, pin_memory=pin)
+                                               collate_fn=self.collate, pin_memory=pin)
         held = self.__dict__.get("_held")
         if held is None:
             sampler = BatchPositions(batches)
-            dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
+            dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
                                              num_workers=self.num_workers, pin_memory=pin,
                                              persistent_workers=True, prefetch_factor=4)
             held = self.__dict__["_held"] = (sampler, dl)
@@ -158,7 +161,7 @@ class DatasetLoader:
         return h.hexdigest()[:20]
 
     def __repr__(self) -> str:
-        return (f"DatasetLoader(n={self.n}, batch_size={self.batch_size}, batches={len(self)}, "
+        return (f"{type(self).__name__}(n={self.n}, batch_size={self.batch_size}, batches={len(self)}, "
                 f"shuffle={self.shuffle}, augment={self.augment}, workers={self.num_workers})")
 
 

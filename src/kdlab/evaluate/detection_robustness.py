@@ -23,7 +23,6 @@ detector on it; :class:`DetectionRobustness` holds the numbers and writes them
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from kdlab.data.corruptions import SEVERITIES, check_severity, corrupt, parse_corruptions, split_standard
+from kdlab.data.corruptions import SEVERITIES, corrupt, split_standard
 from kdlab.data.splits import TensorSet
 from kdlab.evaluate.detection import coco_metrics, postprocess, targets_to_lists
+from kdlab.evaluate.robustness import check_robustness_inputs
 from kdlab.models.detection import layout_of
 
 #: the two mAPs scored under every corruption
@@ -188,24 +188,12 @@ class DetectionRobustness:
 
     def write(self, out_dir) -> dict[str, Path]:
         """``robustness.csv``, ``.json``, ``.md`` and ``robustness_heatmap.png`` under ``out_dir``
-        (each written atomically)."""
-        from kdlab.core.io import atomic_write_text, write_csv
+        (each written atomically; :func:`kdlab.report.robustness.write_robustness_files`)."""
         from kdlab.report.detection_robustness import robustness_heatmap
-        from kdlab.report.robustness import jsonable
+        from kdlab.report.robustness import write_robustness_files
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {k: out / f"robustness.{k}" for k in ("csv", "json", "md")}
-        write_csv(paths["csv"], [{**r, **{k: f"{r[k]:.6f}" for k in KEYS}} for r in self.rows()],
-                  ["model", "corruption", "severity", *KEYS])
-        atomic_write_text(paths["json"], json.dumps(jsonable(self.summary()), indent=2) + "\n")
-        atomic_write_text(paths["md"], self.markdown())
-        met = self.metrics
-        paths["png"] = robustness_heatmap(
-            {m: met[m]["map_by_corruption"] for m in self.models}, out / "robustness_heatmap.png",
-            clean={m: met[m]["clean_map"] for m in self.models},
-            title=f"mAP@[.5:.95] (%) under corruption, mean over severities {','.join(map(str, self.severities))}")
-        return paths
+        return write_robustness_files(self, out_dir, KEYS, self.markdown(), by_corruption="map_by_corruption",
+                                      clean="clean_map", label="mAP@[.5:.95]", heatmap=robustness_heatmap)
 
 
 def raw_batches(testset, batch_size: int):
@@ -305,21 +293,8 @@ def evaluate_detection_robustness(models: Mapping[str, torch.nn.Module], testset
     postprocess` options. Writes the result to ``out_dir`` when given."""
     from kdlab.core.progress import progress_bar
 
-    if not models:
-        raise ValueError("evaluate_detection_robustness needs at least one model")
-    names = list(models)
-    reference = names[0] if reference is None else reference
-    if reference not in models:
-        raise KeyError(f"reference {reference!r} is not one of the models ({', '.join(names)})")
-    corrs = parse_corruptions(corruptions)
-    sevs = [check_severity(s) for s in severities]
-    if not corrs or not sevs:
-        raise ValueError("give at least one corruption and one severity")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(testset)
-    if n == 0:
-        raise ValueError("the test set is empty")
+    names, reference, corrs, sevs, n = check_robustness_inputs(
+        "evaluate_detection_robustness", models, testset, corruptions, severities, batch_size, reference)
     known = dict(known or {})
     run = [m for m in names if m not in known]
     for m in run:

@@ -263,6 +263,32 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
+def check_robustness_inputs(who: str, models: Mapping, testset, corruptions, severities, batch_size: int,
+                            reference: str | None):
+    """The checked inputs of a robustness evaluation (``who`` names it in the errors):
+    ``(model names, reference, corruptions, severities, test-set size)``. ``reference`` defaults to
+    the first model; corruptions go through :func:`~kdlab.data.corruptions.parse_corruptions`,
+    severities through :func:`~kdlab.data.corruptions.check_severity`. No model, an unknown
+    reference, no corruption or severity, ``batch_size < 1`` or an empty test set raise."""
+    if not models:
+        raise ValueError(f"{who} needs at least one model")
+    names = list(models)
+    reference = names[0] if reference is None else reference
+    if reference not in models:
+        raise KeyError(f"reference {reference!r} is not one of the models ({', '.join(names)}); "
+                       f"pass one of them")
+    corrs = parse_corruptions(corruptions)
+    sevs = [check_severity(s) for s in severities]
+    if not corrs or not sevs:
+        raise ValueError("give at least one corruption and one severity")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(testset)
+    if n == 0:
+        raise ValueError("the test set is empty")
+    return names, reference, corrs, sevs, n
+
+
 def evaluate_robustness(
     models: Mapping[str, nn.Module],
     testset,
@@ -291,22 +317,8 @@ def evaluate_robustness(
     """
     from kdlab.core.progress import progress_bar
 
-    if not models:
-        raise ValueError("evaluate_robustness needs at least one model")
-    names = list(models)
-    reference = names[0] if reference is None else reference
-    if reference not in models:
-        raise KeyError(f"reference {reference!r} is not one of the models ({', '.join(names)}); "
-                       f"pass one of them")
-    corrs = parse_corruptions(corruptions)
-    sevs = [check_severity(s) for s in severities]
-    if not corrs or not sevs:
-        raise ValueError("give at least one corruption and one severity")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(testset)
-    if n == 0:
-        raise ValueError("the test set is empty")
+    names, reference, corrs, sevs, n = check_robustness_inputs(
+        "evaluate_robustness", models, testset, corruptions, severities, batch_size, reference)
     if testset.x.shape[1] != len(info.mean):
         raise ValueError(f"test images have {testset.x.shape[1]} channels but {info.name}'s "
                          f"mean has {len(info.mean)} values; pass the matching dataset info")
@@ -371,7 +383,8 @@ def evaluate_robustness(
 
 
 __all__ = [
-    "REL_MCE_MIN_DEGRADATION", "RobustnessResults", "corruption_errors", "evaluate_robustness",
+    "REL_MCE_MIN_DEGRADATION", "RobustnessResults", "check_robustness_inputs", "corruption_errors",
+    "evaluate_robustness",
     "mean_corruption_accuracy", "mean_corruption_error", "metrics_footer",
     "reference_degradation", "relative_corruption_errors", "relative_mce_skipped",
     "relative_mean_corruption_error", "robustness_heatmap", "robustness_markdown",

@@ -141,11 +141,6 @@ def roc_figure(curves: dict, path, title: str = "ROC (test pairs)") -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    from kdlab.core.io import atomic_savefig
+    from kdlab.core.io import save_and_close
 
-    try:
-        atomic_savefig(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
-    return path
+    return save_and_close(fig, path, dpi=120)

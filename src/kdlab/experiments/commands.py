@@ -139,6 +139,20 @@ def explain_study_command(study, *, device="auto", **kw) -> dict:
 
 
 # -- listings --------------------------------------------------------------------------------------
+def recipe_lines(names, load) -> list[str]:
+    """``"  <name>  <description>"`` for each recipe name, its description read by ``load(name)``;
+    a recipe that fails to load reads ``INVALID: <error>`` (a broken shipped recipe should be
+    visible, not hidden)."""
+    lines = []
+    for name in names:
+        try:
+            desc = load(name).description
+        except Exception as e:
+            desc = f"INVALID: {e}"
+        lines.append(f"  {name:<30} {desc}")
+    return lines
+
+
 def recipes_listing() -> str:
     """`kdlab recipes`: every shipped recipe with its description, by kind."""
     from kdlab.core.config import list_recipes
@@ -147,30 +161,15 @@ def recipes_listing() -> str:
     from kdlab.lm.recipe import list_lm_recipes
 
     lines = ["training recipes (kdlab train-teacher / distill / ablate / compare):"]
-    for name in list_recipes():
-        try:
-            desc = load_recipe(name).description
-        except Exception as e:  # a broken shipped recipe should be visible, not hidden
-            desc = f"INVALID: {e}"
-        lines.append(f"  {name:<30} {desc}")
+    lines += recipe_lines(list_recipes(), load_recipe)
     lines.append("paradigm recipes (kdlab paradigm / compare):")
-    for name in list_paradigm_recipes():
-        try:
-            desc = load_paradigm(name).description
-        except Exception as e:
-            desc = f"INVALID: {e}"
-        lines.append(f"  {name:<30} {desc}")
+    lines += recipe_lines(list_paradigm_recipes(), load_paradigm)
     lines.append("language-model recipes (kdlab ablate / kdlab lm ...):")
     lines += [f"  {name}" for name in list_lm_recipes()]
     from kdlab.tasks.diffusion_recipe import list_diffusion_recipes, load_diffusion_recipe
 
     lines.append("diffusion recipes (kdlab diffusion train / study):")
-    for name in list_diffusion_recipes():
-        try:
-            desc = load_diffusion_recipe(name).description
-        except Exception as e:
-            desc = f"INVALID: {e}"
-        lines.append(f"  {name:<30} {desc}")
+    lines += recipe_lines(list_diffusion_recipes(), load_diffusion_recipe)
     return "\n".join(lines)
 
 

@@ -85,6 +85,7 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
     from kdlab.models.adapters import load_model
     from kdlab.data.corruptions import split_standard
     from kdlab.evaluate.detection_robustness import evaluate_detection_robustness
+    from kdlab.experiments.study import load_seed_models
     from kdlab.report.tables import mean_sd_ci
 
     def aggregate_over_seeds(values):  # (mean, sd, 95% t half-width) of the finite values
@@ -100,20 +101,11 @@ def study_detection_robustness(study_dir, table: dict, *, corruptions="all", sev
     per = {m: {**{k: {} for k in STUDY_KEYS}, "by_c": []} for m in methods}
     teacher_res, teacher_row, test, info, corrs = None, None, None, None, []
     for s in seeds:
-        models = {}
-        for m in methods:
-            path = study_dir / m / f"seed{s}" / "best.pt"
-            if path.is_file():
-                models[m], ck = load_model(path, device)
-                if test is None:
-                    test, info = checkpoint_split(ck, data_dir, limit)
-            elif s in next(r["seeds"] for r in stats if r["method"] == m):
-                raise FileNotFoundError(
-                    f"{path} is missing (method {m}, seed {s} of the study table); re-run the study command with "
-                    f"--out {study_dir} (it rebuilds best.pt from last.pt, or retrains the run), then kdlab "
-                    f"robustness --study again")
+        models, cks = load_seed_models(study_dir, stats, s, device)
         if not models:
             continue
+        if test is None:
+            test, info = checkpoint_split(next(iter(cks.values())), data_dir, limit)
         known = {}
         if teacher_ck is not None:
             if teacher_res is None:

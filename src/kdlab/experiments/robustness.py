@@ -139,10 +139,10 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     seeds, with the sd over seeds) and the study table (`kdlab.report.tables.write_tables`),
     whose result it returns.
     """
-    from kdlab.models.adapters import load_model
     from kdlab.data import load_dataset
     from kdlab.data.corruptions import split_standard
     from kdlab.evaluate.robustness import evaluate_robustness
+    from kdlab.experiments.study import load_seed_models
     from kdlab.report.robustness import robustness_heatmap, study_robustness_markdown
     from kdlab.report.tables import write_tables
 
@@ -171,20 +171,11 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     splits = None
     corrs: list[str] = []
     for s in seeds:
-        models = {}
-        for m in methods:
-            path = study_dir / m / f"seed{s}" / "best.pt"
-            if path.is_file():
-                models[m], ck = load_model(path, device)
-            elif s in next(r["seeds"] for r in stats if r["method"] == m):  # the table has this run
-                raise FileNotFoundError(
-                    f"{path} is missing (method {m}, seed {s} of the study table); re-run the study "
-                    f"command with --out {study_dir} (it rebuilds best.pt from last.pt, or retrains the "
-                    f"run), then kdlab robustness --study again")
+        models, cks = load_seed_models(study_dir, stats, s, device)
         if not models:
             continue
         if splits is None:
-            d = ck["recipe"]["data"]
+            d = next(reversed(cks.values()))["recipe"]["data"]
             splits = load_dataset(d["name"], data_dir or d.get("data_dir"),
                                   val_fraction=d["val_fraction"])
         test = splits.test if limit is None else type(splits.test)(splits.test.x[:limit],

@@ -51,6 +51,26 @@ def report_folder(out_dir, mode: Optional[str]) -> Path:
     return Path(out_dir) / ("report" if mode in (None, "ladder") else f"report-{mode}")
 
 
+def load_seed_models(study_dir: Path, stats, seed: int, device) -> tuple[dict, dict]:
+    """The trained models of one study seed: ``({method: model}, {method: checkpoint dict})`` from
+    ``<study_dir>/<method>/seed<seed>/best.pt`` for each method of the study table's rows
+    ``stats`` (dicts with ``method`` and ``seeds``), in their order; a method without that file is
+    left out, unless the table lists the seed for it: then FileNotFoundError says how to rebuild it."""
+    from kdlab.models.adapters import load_model
+
+    models, cks = {}, {}
+    for m in [r["method"] for r in stats]:
+        path = Path(study_dir) / m / f"seed{seed}" / "best.pt"
+        if path.is_file():
+            models[m], cks[m] = load_model(path, device)
+        elif seed in next(r["seeds"] for r in stats if r["method"] == m):  # the table has this run
+            raise FileNotFoundError(
+                f"{path} is missing (method {m}, seed {seed} of the study table); re-run the study "
+                f"command with --out {study_dir} (it rebuilds best.pt from last.pt, or retrains the "
+                f"run), then kdlab robustness --study again")
+    return models, cks
+
+
 def _task_of(recipes: dict, task) -> Task:
     if isinstance(task, Task):
         return task

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from kdlab.core.io import atomic_savefig, atomic_write_text
+from kdlab.core.io import atomic_write_text, save_and_close
 from kdlab.experiments.tune_space import with_values
 from kdlab.experiments.tune_storage import optuna_module
 
@@ -61,7 +61,6 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     with warnings.catch_warnings():
@@ -94,10 +93,7 @@ def write_outputs(spec, study, out_dir: Path, log=print) -> dict:
                     t.set_text(t.get_text().replace("Objective Value", f"{spec.metric} of a trial"))
             fig.set_size_inches(9, 5)
             fig.tight_layout()
-            try:
-                atomic_savefig(fig, out_dir / fname, dpi=110)
-            finally:
-                plt.close(fig)
+            save_and_close(fig, out_dir / fname, dpi=110)
     states = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1

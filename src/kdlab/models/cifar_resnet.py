@@ -18,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from ._registry import register_model
+from ._registry import add_classifier_head, register_model
 
 
 class BasicBlock(nn.Module):
@@ -64,14 +64,7 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(cin, cout, stride if j == 0 else 1))
                 cin = cout
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        self.stage_names = ("layer1", "layer2", "layer3")
-        self.stage_channels = tuple(filters[1:])
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        add_classifier_head(self, cin, num_classes, ("layer1", "layer2", "layer3"), filters[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -155,14 +148,7 @@ class WideResNet(nn.Module):
             setattr(self, f"block{i + 1}", nn.Sequential(*blocks))
         self.bn_final = nn.BatchNorm2d(cin)
         self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        self.stage_names = ("block1", "block2", "block3")
-        self.stage_channels = tuple(ch[1:])
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        add_classifier_head(self, cin, num_classes, ("block1", "block2", "block3"), ch[1:])
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import check_width, register_model, scaled
+from ._registry import add_classifier_head, check_width, register_model, scaled
 from .cbam import CBAM
 
 
@@ -98,14 +98,7 @@ class ResNet(nn.Module):
                 cin = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             channels.append(cin)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-        self.stage_names = ("layer1", "layer2", "layer3", "layer4")
-        self.stage_channels = tuple(channels)
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        add_classifier_head(self, cin, num_classes, ("layer1", "layer2", "layer3", "layer4"), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

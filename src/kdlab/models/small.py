@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import check_width, register_model, scaled
+from ._registry import add_classifier_head, check_width, register_model, scaled
 
 
 class ConvBNReLU(nn.Sequential):
@@ -55,15 +55,8 @@ class SmallCNN(nn.Module):
             setattr(self, f"stage{i + 1}", nn.Sequential(*units))
             names.append(f"stage{i + 1}")
             chans.append(cout)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(cin, num_classes)
-        self.stage_names = tuple(names)
-        self.stage_channels = tuple(chans)
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        add_classifier_head(self, cin, num_classes, names, chans,
+                            dropout=nn.Dropout(dropout) if dropout > 0 else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.stage_names:

@@ -147,9 +147,7 @@ def overlay_grid(images, maps_by_model: Mapping[str, object], path, n: int = 8,
         raise
     from kdlab.report.figures import save_figure
 
-    path = Path(path)
-    save_figure(fig, path, dpi=dpi)
-    return path.with_suffix(".png")
+    return save_figure(fig, path, dpi=dpi)
 
 
 SWEEP_METRICS = ("student_acc", "rank_alignment", "topk_focus", "logit_alignment",
@@ -243,6 +241,4 @@ def plot_sweep(rows: Sequence[Mapping], path, metrics: Sequence[str] = SWEEP_MET
     except BaseException:
         plt.close(fig)
         raise
-    path = Path(path)
-    save_figure(fig, path, dpi=dpi)
-    return path.with_suffix(".png")
+    return save_figure(fig, path, dpi=dpi)

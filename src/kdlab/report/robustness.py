@@ -162,13 +162,9 @@ def robustness_heatmap(acc_by_corruption: Mapping[str, Mapping[str, float]], pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from kdlab.core.io import atomic_savefig
+    from kdlab.core.io import save_and_close
 
-    try:
-        atomic_savefig(fig, path, dpi=120)  # never a torn PNG
-    finally:
-        plt.close(fig)
-    return path
+    return save_and_close(fig, path, dpi=120)  # never a torn PNG
 
 
 def study_robustness_markdown(stats: Sequence[Mapping], baseline: str, n_seeds: int,
@@ -198,21 +194,33 @@ def study_robustness_markdown(stats: Sequence[Mapping], baseline: str, n_seeds: 
 
 
 
-def write_results(res, out_dir) -> dict[str, Path]:
-    """Write a :class:`~kdlab.evaluate.robustness.RobustnessResults` as ``robustness.csv``,
-    ``.json``, ``.md`` and ``robustness_heatmap.png`` under ``out_dir``."""
+def write_robustness_files(res, out_dir, values: Sequence[str], markdown: str, *, by_corruption: str, clean: str,
+                           label: str, heatmap=robustness_heatmap) -> dict[str, Path]:
+    """Write a robustness result ``res`` (``rows()``, ``summary()``, ``metrics``, ``models``,
+    ``severities``) under ``out_dir``, each file atomically: ``robustness.csv`` (its rows, the
+    ``values`` columns with 6 decimals), ``.json`` (the summary), ``.md`` (``markdown``) and
+    ``robustness_heatmap.png`` (``heatmap`` of each model's ``metrics[by_corruption]`` with the
+    ``metrics[clean]`` row, titled "``label`` (%) under corruption")."""
     from kdlab.core.io import atomic_write_text, write_csv
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"robustness.{k}" for k in ("csv", "json", "md")}
-    write_csv(paths["csv"], [{**r, "acc": f"{r['acc']:.6f}"} for r in res.rows()],
-              ["model", "corruption", "severity", "acc"])
+    write_csv(paths["csv"], [{**r, **{k: f"{r[k]:.6f}" for k in values}} for r in res.rows()],
+              ["model", "corruption", "severity", *values])
     atomic_write_text(paths["json"], json.dumps(jsonable(res.summary()), indent=2) + "\n")
-    atomic_write_text(paths["md"], robustness_markdown(res))
+    atomic_write_text(paths["md"], markdown)
     met = res.metrics
-    paths["png"] = robustness_heatmap(
-        {m: met[m]["acc_by_corruption"] for m in res.models}, out / "robustness_heatmap.png",
-        clean={m: met[m]["clean_acc"] for m in res.models},
-        title=f"accuracy (%) under corruption, mean over severities {','.join(map(str, res.severities))}")
+    paths["png"] = heatmap(
+        {m: met[m][by_corruption] for m in res.models}, out / "robustness_heatmap.png",
+        clean={m: met[m][clean] for m in res.models},
+        title=f"{label} (%) under corruption, mean over severities {','.join(map(str, res.severities))}")
     return paths
+
+
+def write_results(res, out_dir) -> dict[str, Path]:
+    """Write a :class:`~kdlab.evaluate.robustness.RobustnessResults` as ``robustness.csv``,
+    ``.json``, ``.md`` and ``robustness_heatmap.png`` under ``out_dir``
+    (:func:`write_robustness_files`)."""
+    return write_robustness_files(res, out_dir, ("acc",), robustness_markdown(res),
+                                  by_corruption="acc_by_corruption", clean="clean_acc", label="accuracy")

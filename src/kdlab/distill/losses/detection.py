@@ -250,12 +250,6 @@ class DetFitNets(LossTerm):
         self.pairs = _fpn_pairs(layers, "det_fitnets")
         self.adapters = nn.ModuleDict()
 
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
-
     def setup(self, probe: BatchRecord) -> None:
         for i, (s, t) in enumerate(self.pairs):
             fs, ft = probe.s_feats[s], probe.t_feats[t]
@@ -376,12 +370,6 @@ class FGD(LossTerm):
         self.adapters = nn.ModuleDict()
         self.gc_s = nn.ModuleDict()
         self.gc_t = nn.ModuleDict()
-
-    def student_layers(self):
-        return [s for s, _ in self.pairs]
-
-    def teacher_layers(self):
-        return [t for _, t in self.pairs]
 
     def setup(self, probe: BatchRecord) -> None:
         for i, (s, t) in enumerate(self.pairs):

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from kdlab.core.io import atomic_savefig, write_json
+from kdlab.core.io import save_and_close, write_json
 from kdlab.distill.generators import (dafl_generator, dafl_generator_losses, kl_batchmean, zskt_generator,
                                       zskt_generator_loss, zskt_student_loss)
 from kdlab.distill.losses.response import kd_loss
@@ -230,11 +230,7 @@ def sample_grid(x: torch.Tensor, teacher: nn.Module, mean, std, path, title: str
         ax.set_title(f"{int(cls[k])} ({conf[k]:.2f})", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_and_close(fig, path, dpi=110)
     hist = torch.bincount(cls.cpu(), minlength=p.shape[1]).tolist()
     return {"teacher_classes": hist, "teacher_confidence_mean": float(conf.mean())}
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from kdlab.core.io import atomic_savefig, read_json, write_csv, write_json
+from kdlab.core.io import read_json, save_and_close, write_csv, write_json
 from kdlab.tasks.diffusion_runs import (DiffusionRecipe, check_chain, ensure_feature_net, generate, load_data,
                                         load_denoiser, load_diffusion_recipe, run_chain, sample_noise, score,
                                         stats_line, time_sampler, train_run)
@@ -63,22 +63,19 @@ def evaluate_chain(recipe: DiffusionRecipe, chain_dir, fnet, *, timing: bool = F
     den_t, _ = load_denoiser(teacher_ck)
     rows = []
     shape = tuple(real.shape[1:])
-    for n in _steps_list(recipe):
-        s = score(den_t, n, recipe, fnet, real, seed=seed, real_feats=real_feats)
-        row = {"sampler": "teacher-ddim", "steps": n, **{k: s[k] for k in ("fd", "coverage", "precision", "recall")}}
-        if timing:
-            row["s_per_image"] = time_sampler(den_t, n, shape)
-        rows.append(row)
-        log(f"seed {seed}: teacher DDIM {n:>3} steps  FD {s['fd']:.3f}")
-    for r in summary["rounds"]:
-        n = r["steps"]
-        den, _ = load_denoiser(Path(r["run_dir"]) / "best.pt")
+
+    def add_row(sampler: str, label: str, den, n: int) -> None:
         s = score(den, n, recipe, fnet, real, seed=seed, real_feats=real_feats)
-        row = {"sampler": "distilled", "steps": n, **{k: s[k] for k in ("fd", "coverage", "precision", "recall")}}
+        row = {"sampler": sampler, "steps": n, **{k: s[k] for k in ("fd", "coverage", "precision", "recall")}}
         if timing:
             row["s_per_image"] = time_sampler(den, n, shape)
         rows.append(row)
-        log(f"seed {seed}: distilled   {n:>3} steps  FD {s['fd']:.3f}")
+        log(f"seed {seed}: {label} {n:>3} steps  FD {s['fd']:.3f}")
+
+    for n in _steps_list(recipe):
+        add_row("teacher-ddim", "teacher DDIM", den_t, n)
+    for r in summary["rounds"]:
+        add_row("distilled", "distilled  ", load_denoiser(Path(r["run_dir"]) / "best.pt")[0], r["steps"])
     # the floor: real training images against the test images, same sample count
     splits = load_data(recipe)
     ntr = min(recipe.eval.samples, splits.train.x.shape[0])
@@ -221,12 +218,7 @@ def figures(recipe: DiffusionRecipe, evals: list[dict], table: list[dict], out: 
     ax.set_title(f"{recipe.data.name}: FD vs steps ({len(evals)} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out / "fd_vs_steps.png"
-    try:
-        atomic_savefig(fig, p, dpi=120)
-    finally:
-        plt.close(fig)
-    paths.append(p)
+    paths.append(save_and_close(fig, out / "fd_vs_steps.png", dpi=120))
     return paths
 
 
@@ -267,11 +259,7 @@ def sample_grid(recipe: DiffusionRecipe, chain_dir, out_path, *, n: int = 16) ->
     axes[0, 1].set_title("progressive distillation", fontsize=9)
     fig.suptitle(f"{recipe.data.name}, seed {recipe.train.seed}: rows = sampling steps", fontsize=9)
     fig.tight_layout()
-    try:
-        atomic_savefig(fig, out_path, dpi=120)
-    finally:
-        plt.close(fig)
-    return Path(out_path)
+    return save_and_close(fig, out_path, dpi=120)
 
 
 def run_progressive_study(recipe: DiffusionRecipe, out_dir, *, seeds: Optional[list[int]] = None,
