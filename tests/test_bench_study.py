@@ -57,6 +57,7 @@ def test_breakdown_by_hand():
     assert (t["runs"], t["student_s"], t["teacher_forward_s"], t["mask_s"], t["eval_s"]) == (3, 8.0, 1.5, 2.5, 0.5)
     assert t["other_s"] == pytest.approx(12.0 - 8.0 - 1.5 - 2.5 - 0.5)
     assert t["ratio"] == pytest.approx(12.0 / 8.0)
+    assert t["floor"] == pytest.approx((8.0 + 1.5 + 2.5 + 0.5) / 8.0)  # 1.5625: wall's parts less set-up etc.
     # a run's set-up probe: its teacher outputs join the teacher forward, its masks the masks, the
     # rest is set-up; checkpoints and the report are named too, "other" is what is left
     runs.append({"method": "full", "seed": 0, "train_time_s": 3.0, "teacher_time_s": 1.0, "mask_time_s": 0.5,
@@ -66,6 +67,7 @@ def test_breakdown_by_hand():
     assert (t["student_s"], t["teacher_forward_s"], t["mask_s"], t["eval_s"], t["setup_s"], t["checkpoint_s"],
             t["report_s"]) == (10.0, 1.5 + 0.5 + 0.25, 2.5 + 0.5 + 0.5, 0.75, 0.75, 0.125, 2.0)
     assert t["other_s"] == pytest.approx(20.0 - 10.0 - 2.25 - 3.5 - 0.75 - 0.75 - 0.125 - 2.0)
+    assert t["floor"] == pytest.approx(16.5 / 10.0)  # set-up, checkpoints and the report left out
 
 
 def test_study_bench_adds_up_and_leaves_results_unchanged(tmp_path, capsys):
@@ -94,6 +96,7 @@ def test_study_bench_adds_up_and_leaves_results_unchanged(tmp_path, capsys):
         assert all(t[k] >= 0 for k in parts) and t["setup_s"] > 0 and t["checkpoint_s"] > 0 and t["report_s"] > 0
         assert sum(t[k] for k in parts) + t["other_s"] == pytest.approx(t["wall_s"])
         assert t["ratio"] == pytest.approx(t["wall_s"] / t["student_s"])
+        assert 1 < t["floor"] < t["ratio"]
         # masks are paid only by masked methods; the baseline runs no teacher at all
         assert all(s["methods"][m]["mask_s"] == 0 for m in ("baseline", "kd"))
         assert sum(s["methods"][m]["mask_s"] for m in MASKED) > 0
@@ -103,6 +106,7 @@ def test_study_bench_adds_up_and_leaves_results_unchanged(tmp_path, capsys):
             assert r["student_time_s"] + r["teacher_forward_time_s"] + r["mask_time_s"] == \
                 pytest.approx(r["train_time_s"])
     assert lines[-1] == f"study/students: {studies[-1]['total']['ratio']:.2f}"
+    assert lines[-2].startswith(f"floor {studies[-1]['total']['floor']:.2f}: ")
 
     # the bench only times: the same study run as `kdlab ablate` runs it gives the same numbers
     # (per-image: the mode with the most timed machinery; per-view goes through the same code)
