@@ -340,6 +340,18 @@ CASES = [
     C("deploy", "--alpha -1", f"deploy --student {CK} --teacher {TCK} --alpha -1", "--alpha"),
     C("deploy", "--lr 0", f"deploy --student {CK} --teacher {TCK} --lr 0", "--lr"),
     C("deploy", "teacher missing", f"deploy --student {CK} --teacher {{t}}/none.pt --out {{t}}/o", "none.pt"),
+    # a refused checkpoint leaves no empty output folder behind (quiet)
+    C("deploy", "corrupt student: no --out folder made", f"deploy --student {{t}}/s.pt --teacher {TCK} --out {{t}}/o", "s.pt",
+      {"s.pt": bytes(range(256)) * 8}, quiet=True),
+    C("deploy", "5-class teacher: no --out folder made", f"deploy --student {CK} --teacher {{b}}/five.pt --out {{t}}/o", "5 classes", quiet=True),
+    C("export", "corrupt checkpoint: no runs/compress folder made", "export {t}/s.pt", "s.pt", {"s.pt": bytes(range(256)) * 8}, quiet=True),
+    C("export", "--opset 0: no --out folder made", f"export {CK} --opset 0 --out {{t}}/o/x", "--opset 0", quiet=True),
+    C("prune", "pickled list: no --out folder made", f"prune {{t}}/s.pt --sparsity 0.5 --out {{t}}/o/x", "no 'model' entry",
+      {"s.pt": torch_file(lambda b: [1, 2, 3])}, quiet=True),
+    C("quantize", "corrupt teacher: no --out folder made", f"quantize {CK} --mode qat --distill teacher --teacher {{t}}/t.pt --out {{t}}/o",
+      "t.pt", {"t.pt": bytes(range(256)) * 8}, quiet=True),
+    C("robustness", "corrupt checkpoint: no runs/robustness folder made", "robustness {t}/s.pt", "s.pt",
+      {"s.pt": bytes(range(256)) * 8}, quiet=True),
     C("deploy", "language-model student", f"deploy --student {LMCK} --teacher {TCK} --out {{t}}/o", "language model"),
     # -------------------------------------------------------------------------------------------- bench
     C("bench", "--steps 0", "bench --steps 0 --teacher cnn_tiny --student cnn_tiny", "--steps"),  # 23.4

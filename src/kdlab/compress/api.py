@@ -46,11 +46,13 @@ def run_name(path: str) -> str:
     return p.name
 
 
-def default_out(out_dir, name: str) -> Path:
-    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any work."""
+def default_out(out_dir, name: str, create: bool = True) -> Path:
+    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any
+    work; ``create=False``: only checked, not made."""
     from kdlab.core.io import check_out_dir
 
-    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder")
+    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder",
+                         create=create)
 
 
 def claims_out(suffix: str):
@@ -67,7 +69,7 @@ def claims_out(suffix: str):
             from kdlab.core.io import TMP_GLOB, check_out_dir, clean_tmp
             from kdlab.core.lock import RunLock
 
-            out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}")
+            out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}", create=False)
             top = next((p for p in [out, *out.parents] if p.exists()), None)
             made = [p for p in [out, *out.parents] if top is None or p not in (top, *top.parents)]
             check_out_dir(out)
