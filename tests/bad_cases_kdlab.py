@@ -157,6 +157,7 @@ CASES = [
     C("demo", "--device tpu", f"demo --device tpu {D}", "--device"),
     C("demo", "--set a list entry out of range", f"demo --set loss[7].weight=1 --out {{t}}/o {D}", "loss has"),
     # ------------------------------------------------------------------------------------------- sweep
+    C("sweep", "--students unknown model", f"sweep {SR} --students nosuch", "--students: unknown model 'nosuch'", quiet=True),
     C("sweep", "--alphas 2", f"sweep {SR} --alphas 2 {D}", "--alphas"),
     C("sweep", "--alphas nan", f"sweep {SR} --alphas nan {D}", "--alphas"),
     C("sweep", "--grid 0 4", f"sweep {SR} --grid 0 4 {D}", "--grid"),
