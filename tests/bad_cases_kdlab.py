@@ -426,6 +426,8 @@ CASES = [
     C("lm", "misspelt subcommand", "lm generat x", "did you mean `kdlab lm generate`"),
     C("lm", "generate --seed -1", f"lm generate {LMCK} --prompt hi --seed -1", "--seed"),
     # --------------------------------------------------------------------------------------------- tune
+    C("tune", "--param on a section the recipe lacks", f"tune {SR} --param nosuch.x=0.1:1 --trials 1 --out {{t}}/o", "search path nosuch.x", quiet=True),
+    C("tune", "--param on an unknown train key", f"tune {SR} --param train.foo=0.1:1 --trials 1 --out {{t}}/o", "train.foo: unknown key 'foo'", quiet=True),
     C("tune", "--storage unknown scheme", f"tune {SR} --param train.lr=0.01:0.1 --trials 1 --storage foo://x --out {{t}}/o {D}", "unknown scheme"),  # 23.4
     C("tune", "--storage sqlite in a missing folder", f"tune {SR} --param train.lr=0.01:0.1 --trials 1 --storage sqlite:///{{t}}/none/x.db --out {{t}}/o {D}", "does not exist"),  # 23.4
     C("tune", "--storage journal in a missing folder", f"tune {SR} --param train.lr=0.01:0.1 --trials 1 --storage {{t}}/none/x.journal --out {{t}}/o {D}", "does not exist"),  # 23.4
