@@ -342,6 +342,8 @@ CASES = [
     C("deploy", "--lr 0", f"deploy --student {CK} --teacher {TCK} --lr 0", "--lr"),
     C("deploy", "teacher missing", f"deploy --student {CK} --teacher {{t}}/none.pt --out {{t}}/o", "none.pt"),
     # a refused checkpoint leaves no empty output folder behind (quiet)
+    C("profile", "--num-classes with a checkpoint", f"profile {CK} --num-classes 3 --out {{t}}/o", "apply to a model name", quiet=True),
+    C("profile", "--num-classes 1 with a model name", "profile cnn_tiny --num-classes 1 --out {t}/o", "--num-classes", quiet=True),
     C("deploy", "corrupt student: no --out folder made", f"deploy --student {{t}}/s.pt --teacher {TCK} --out {{t}}/o", "s.pt",
       {"s.pt": bytes(range(256)) * 8}, quiet=True),
     C("deploy", "5-class teacher: no --out folder made", f"deploy --student {CK} --teacher {{b}}/five.pt --out {{t}}/o", "5 classes", quiet=True),

@@ -140,12 +140,12 @@ def kd_target(distill: str, model, teacher, device, info=None, allow_other_datas
 
 # --------------------------------------------------------------------------- profile
 def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
-                   num_classes: int = 10, in_channels: int = 3, per_layer: bool = False,
+                   num_classes: int | None = None, in_channels: int | None = None, per_layer: bool = False,
                    latency: bool = True, device="auto", threads: int | None = None, seed: int = 0,
                    warmup: int = 10, repeats: int = 50, latency_batch: int = 32) -> dict:
     """Parameters, memory per dtype, file size, FLOPs and latency of a checkpoint, an ONNX file
-    or a registry model name (built with ``num_classes``/``in_channels`` at ``input_size``,
-    default 32). Writes ``profile.{csv,json,md}`` (and ``profile_layers.*`` with ``per_layer``)."""
+    or a registry model name (built with ``num_classes``/``in_channels``, default 10 and 3, at
+    ``input_size``, default 32; a file has its own, so they are refused for one). Writes ``profile.{csv,json,md}`` (and ``profile_layers.*`` with ``per_layer``)."""
     from kdlab.compress.export import OnnxModel
 
     setup(threads, seed)
@@ -153,6 +153,9 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     path = Path(target)
     file = None
     if path.suffix in (".pt", ".onnx", ".safetensors") or path.exists():
+        if num_classes is not None or in_channels is not None:
+            raise ValueError(f"--num-classes and --in-channels apply to a model name; the file {target} "
+                             f"has its own (drop them)")
         model, ck = load_compressed(target, dev)
         file = path
         shape = (tuple(ck["input_shape"]) if ck.get("format") == "onnx" and input_size is None
@@ -161,6 +164,7 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     else:
         from kdlab.models import create_model
 
+        num_classes, in_channels = num_classes or 10, in_channels or 3
         model = create_model(target, num_classes=num_classes, in_channels=in_channels)
         shape = (in_channels, input_size or 32, input_size or 32)
         name = target
