@@ -16,7 +16,8 @@ like a shell (``shlex``):
 Only the bases a case names are built (once per test session). ``files`` maps paths below ``{t}``
 to their content (bytes, text, or ``fn(path, bases)`` that writes it) before the case runs.
 ``expect``: a fragment the one error line must contain (the file, flag or key it must name, or the
-fix); without it the line only has to be one ``kdlab: error:`` line.
+fix); without it the line only has to be one ``kdlab: error:`` line. ``quiet=True``: stdout must
+stay empty and no new file or folder may appear either (else the outcome is ``noisy``).
 
 A new command family adds its cases in a file ``tests/bad_cases_<family>.py`` defining ``CASES``
 (a list of :class:`C`) and, when it needs finished runs of its own, ``BASES`` (name ->
@@ -41,3 +42,6 @@ class C:
     #: Python API; it must raise ``ValueError``/``FileNotFoundError``/``KeyError`` with one line).
     kind: str = "cli"
     extra: Any = None
+    #: also require that nothing is printed on stdout and no file or folder is created (a case of a
+    #: command that prints a header or writes data before its slow part: all its checks come first)
+    quiet: bool = False

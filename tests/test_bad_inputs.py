@@ -514,7 +514,8 @@ def classify(name: str, tmp: Path, bases: Bases, capsys=None) -> tuple[str, str]
     """(outcome, detail): ``clear`` (exit 2, one stderr line ``kdlab: error: ...`` naming what the
     case needs, files intact), ``unclear`` (that line lacks it), ``traceback`` (an exception
     escaped, or several lines / another exit code), ``lost`` (a file present before changed),
-    ``silent`` (exit 0: the bad input was accepted)."""
+    ``silent`` (exit 0: the bad input was accepted), ``noisy`` (a ``quiet`` case printed on stdout
+    or created a file or folder)."""
     import contextlib
     import io
 
@@ -527,6 +528,7 @@ def classify(name: str, tmp: Path, bases: Bases, capsys=None) -> tuple[str, str]
     try:
         argv, expect, kind = _prepare(name, tmp, bases)
         before = _snap(tmp, root)
+        dirs = {p for p in tmp.rglob("*") if p.is_dir()}
         err, out = io.StringIO(), io.StringIO()
         escaped = None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -558,6 +560,13 @@ def classify(name: str, tmp: Path, bases: Bases, capsys=None) -> tuple[str, str]
     lines = [l for l in err.getvalue().splitlines() if l.strip()]
     if lost:
         return "lost", f"changed: {lost}"
+    quiet = getattr(ROWS.get(name), "quiet", False)
+    if quiet and escaped is None and rc != 0:
+        printed = out.getvalue().strip().splitlines()
+        new = sorted(set(after) - set(before)) + sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                                                          if p.is_dir() and p not in dirs)
+        if printed or new:
+            return "noisy", f"stdout: {printed[:1]}, new: {new[:3]}"
     if escaped is not None:
         return "traceback", escaped
     if rc == 0:
@@ -680,7 +689,7 @@ def test_bad_input(name, bases, tmp_path):
 
 def table(results: dict) -> str:
     """Markdown: cases per command family with counts of each outcome."""
-    kinds = ["clear", "unclear", "traceback", "silent", "lost"]
+    kinds = ["clear", "unclear", "traceback", "silent", "lost", "noisy"]
     fams: dict = {}
     for name, (outcome, _) in results.items():
         row = fams.setdefault(family_of(name), dict.fromkeys(kinds, 0))

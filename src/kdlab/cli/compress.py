@@ -148,8 +148,8 @@ def register(sub) -> None:
     p.add_argument("target", help="checkpoint (.pt or .safetensors), ONNX file, or registry model name")
     p.add_argument("--input-size", type=A.POSITIVE, default=None,
                    help="image side (default: the dataset's, 32 for a model name)")
-    p.add_argument("--num-classes", type=A.POSITIVE, default=10, help="for a model name (default 10)")
-    p.add_argument("--in-channels", type=A.POSITIVE, default=3, help="for a model name (default 3)")
+    p.add_argument("--num-classes", type=A.whole(2), help="for a model name (default 10)")
+    p.add_argument("--in-channels", type=A.POSITIVE, help="for a model name (default 3)")
     p.add_argument("--per-layer", action="store_true", help="FLOPs per layer too")
     p.add_argument("--no-latency", action="store_true", help="skip timing")
     _common(p, data=False)

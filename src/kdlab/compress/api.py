@@ -46,11 +46,13 @@ def run_name(path: str) -> str:
     return p.name
 
 
-def default_out(out_dir, name: str) -> Path:
-    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any work."""
+def default_out(out_dir, name: str, create: bool = True) -> Path:
+    """``out_dir``, or ``runs/compress/<name>``, checked (a folder that can be written) before any
+    work; ``create=False``: only checked, not made."""
     from kdlab.core.io import check_out_dir
 
-    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder")
+    return check_out_dir(Path(out_dir) if out_dir else Path("runs") / "compress" / name, "--out folder",
+                         create=create)
 
 
 def claims_out(suffix: str):
@@ -67,7 +69,7 @@ def claims_out(suffix: str):
             from kdlab.core.io import TMP_GLOB, check_out_dir, clean_tmp
             from kdlab.core.lock import RunLock
 
-            out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}")
+            out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}", create=False)
             top = next((p for p in [out, *out.parents] if p.exists()), None)
             made = [p for p in [out, *out.parents] if top is None or p not in (top, *top.parents)]
             check_out_dir(out)
@@ -154,12 +156,12 @@ def kd_target(distill: str, model, teacher, device, info=None, allow_other_datas
 
 # --------------------------------------------------------------------------- profile
 def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
-                   num_classes: int = 10, in_channels: int = 3, per_layer: bool = False,
+                   num_classes: int | None = None, in_channels: int | None = None, per_layer: bool = False,
                    latency: bool = True, device="auto", threads: int | None = None, seed: int = 0,
                    warmup: int = 10, repeats: int = 50, latency_batch: int = 32) -> dict:
     """Parameters, memory per dtype, file size, FLOPs and latency of a checkpoint, an ONNX file
-    or a registry model name (built with ``num_classes``/``in_channels`` at ``input_size``,
-    default 32). Writes ``profile.{csv,json,md}`` (and ``profile_layers.*`` with ``per_layer``)."""
+    or a registry model name (built with ``num_classes``/``in_channels``, default 10 and 3, at
+    ``input_size``, default 32; a file has its own, so they are refused for one). Writes ``profile.{csv,json,md}`` (and ``profile_layers.*`` with ``per_layer``)."""
     from kdlab.compress.export import OnnxModel
 
     setup(threads, seed)
@@ -167,6 +169,9 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     path = Path(target)
     file = None
     if path.suffix in (".pt", ".onnx", ".safetensors") or path.exists():
+        if num_classes is not None or in_channels is not None:
+            raise ValueError(f"--num-classes and --in-channels apply to a model name; the file {target} "
+                             f"has its own (drop them)")
         model, ck = load_compressed(target, dev)
         file = path
         shape = (tuple(ck["input_shape"]) if ck.get("format") == "onnx" and input_size is None
@@ -175,6 +180,7 @@ def profile_target(target: str, *, out_dir=None, input_size: int | None = None,
     else:
         from kdlab.models import create_model
 
+        num_classes, in_channels = num_classes or 10, in_channels or 3
         model = create_model(target, num_classes=num_classes, in_channels=in_channels)
         shape = (in_channels, input_size or 32, input_size or 32)
         name = target

@@ -165,7 +165,6 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
     dev = eff.resolve_device(device)
     out = Path(out_dir)
     mdir = out / "models"
-    mdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     student, s_ck = load_compressed(student_path, dev)
@@ -192,6 +191,7 @@ def deploy(student_path, teacher_path, *, dataset: str | None = None, data_dir=N
     rows, meta = [], {"student": str(student_path), "teacher": str(teacher_path),
                       "dataset": info.name, "input_shape": list(shape)}
 
+    mdir.mkdir(parents=True, exist_ok=True)  # once the models and the data are checked
     # 1. teacher and student as they are
     t_file = save_compressed(teacher, mdir / "teacher.pt", t_ck, input_shape=list(shape))
     s_file = save_compressed(student, mdir / "student.pt", s_ck, input_shape=list(shape))

@@ -150,6 +150,16 @@ def check_out_dir(path: str | os.PathLike, what: str = "output folder", *, creat
     return path
 
 
+def check_out_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check that the file ``path`` could be written (nothing is written): not a folder, and its
+    folder could be created (:func:`check_out_dir`); else one ValueError line naming the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file path (e.g. {path / 'out.json'})")
+    check_out_dir(path.parent, f"{what}'s folder", create=False)
+    return path
+
+
 def check_path_name(name: str, what: str = "name") -> str:
     """A name from a recipe that becomes part of a path under ``--out`` (a recipe or method name):
     relative, without ``..`` parts, backslashes or control characters; else one ValueError line."""

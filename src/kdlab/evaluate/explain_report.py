@@ -65,7 +65,11 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     if out_dir is not None:  # a folder that cannot be written fails now, not after the attributions
         from kdlab.core.io import check_out_dir
 
-        check_out_dir(out_dir, "--out folder")
+        check_out_dir(out_dir, "--out folder", create=False)  # created when the report is written
+    method = kwargs.get("method", "ig")
+    for flag, key in (("--layer-teacher", "layer_teacher"), ("--layer-student", "layer_student")):
+        if kwargs.get(key) is not None and method != "gradcam":
+            raise ValueError(f"{flag} sets the Grad-CAM layer; it applies to --method gradcam only (got --method {method})")
     teacher, t_ck = load_model(teacher_path, device)
     splits = load_dataset(dataset or t_ck.get("dataset") or "digits", data_dir, seed=seed)
     info = splits.info
@@ -88,6 +92,20 @@ def explain_checkpoints(teacher_path, student_paths, *, alphas=None, labels=None
     target = kwargs.pop("target", "label")
     if isinstance(target, str) and target.lstrip("-").isdigit():
         target = int(target)
+    if target not in ("label", "teacher", "pred") and not (
+            isinstance(target, int) and 0 <= target < info.num_classes):
+        raise ValueError(f"--target {target}: give label, teacher, pred or a class index of {info.name} "
+                         f"(0 to {info.num_classes - 1})")
+    if method == "gradcam":  # a layer the models lack fails now, naming its flag
+        from kdlab.evaluate.explain import resolve_layer
+
+        for flag, layer, models in (("--layer-teacher", kwargs.get("layer_teacher"), [teacher]),
+                                    ("--layer-student", kwargs.get("layer_student"), [m for m, _ in loaded])):
+            for model in models:
+                try:
+                    resolve_layer(model, layer)
+                except KeyError as e:
+                    raise ValueError(f"{flag}: {e.args[0]}") from None
     settings = {"teacher": str(teacher_path), "students": [str(p) for p in student_paths],
                 "alphas": alphas, "labels": labels, "dataset": info.name, "data_dir": data_dir,
                 "split": split, "n_images": n_images, "seed": seed, "device": str(device),

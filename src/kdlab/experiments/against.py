@@ -85,6 +85,23 @@ def side_settings(*, amp: str = "none", channels_last: bool = False, compile_: b
     return out
 
 
+#: The CIFAR ResNets both kdlab's registry and ``torchdistill.models.classification.resnet`` have.
+SHARED_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+
+def check_against(*, teacher: str = "resnet56", student: str = "resnet20", amp: str = "none",
+                  variants=("kd-live",)) -> None:
+    """Refuse bad arguments of :func:`bench_against_torchdistill` with one line, before anything
+    is printed and whether or not torchdistill is installed."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp takes none, bf16 or fp16 (got {amp!r})")
+    side_settings(amp=amp, variants=variants)
+    for flag, name in (("--teacher", teacher), ("--student", student)):
+        if name not in SHARED_RESNETS:
+            raise ValueError(f"--against torchdistill needs a CIFAR ResNet both tools have ({', '.join(SHARED_RESNETS)}); "
+                             f"got {flag} {name}")
+
+
 def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "resnet20", batch_size: int = 64,
                                steps: int = 5, repeats: int = 3, amp: str = "none", channels_last: bool = False,
                                compile_: bool = False, fast_teacher: bool = True, variants=("kd-live",),
@@ -93,10 +110,7 @@ def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "res
     ``[]`` (and one line) when torchdistill or torchvision is not installed. ``amp``,
     ``channels_last``, ``compile_``, ``fast_teacher``, ``variants`` (:func:`side_settings`): kdlab's
     sides only; each row holds its side's ``settings`` and its ratio over torchdistill."""
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp takes none, bf16 or fp16 (got {amp!r})")
-    side_settings(amp=amp, channels_last=channels_last, compile_=compile_, fast_teacher=fast_teacher,
-                  variants=variants)  # bad --variants are refused before the optional imports
+    check_against(teacher=teacher, student=student, amp=amp, variants=variants)  # before the optional imports
     try:
         import torchvision  # noqa: F401
         from torchdistill.models.classification import resnet as td_resnet
@@ -111,14 +125,8 @@ def bench_against_torchdistill(*, teacher: str = "resnet56", student: str = "res
     from kdlab.train.build import build_run
     from kdlab.train.trainer import Trainer
 
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp takes none, bf16 or fp16 (got {amp!r})")
     settings = side_settings(amp=amp, channels_last=channels_last, compile_=compile_, fast_teacher=fast_teacher,
                              variants=variants)
-    for name in (teacher, student):
-        if not hasattr(td_resnet, name):
-            raise ValueError(f"--against torchdistill needs a CIFAR ResNet both tools have (resnet20, resnet32, "
-                             f"resnet44, resnet56, resnet110); got {name}")
     splits = synthetic_splits(batch_size * steps, 3, 32, 10)
     mean, std = torch.tensor(splits.info.mean).view(1, 3, 1, 1), torch.tensor(splits.info.std).view(1, 3, 1, 1)
     x = (splits.train.x - mean) / std

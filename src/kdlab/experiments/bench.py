@@ -124,6 +124,51 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+def check_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_size: int = 64,
+                steps: int = 5, image_size: int = 32, channels: int = 3, num_classes: int = 10,
+                layers=("layer3", "layer3"), mask_steps: int = 16, amp: str = "none",
+                channels_last: bool = False, compile_: bool = False,
+                variants=("baseline", "kd-live", "kd-cached", "full-live", "full-cached"),
+                repeats: int = 3) -> dict:
+    """Refuse bad :func:`bench_steps` arguments with one line naming the option (before anything
+    is printed or timed); returns each variant's settings (:func:`variant_settings`)."""
+    from kdlab.models import create_model
+    from kdlab.models.taps import Taps
+
+    for flag, v, lo in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--repeats", repeats, 1),
+                        ("--image-size", image_size, 1), ("--channels", channels, 1),
+                        ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
+    variants = list(variants)
+    if not variants or not all(variants):
+        raise ValueError(f"--variants: an empty name in {','.join(variants)!r}; give comma-separated names "
+                         f"from {', '.join(VARIANT_KINDS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"--variants: each variant once (got {', '.join(variants)})")
+    settings = {v: variant_settings(v, amp=amp, channels_last=channels_last, compile_=compile_) for v in variants}
+    full = any(st["kind"] == "full" for st in settings.values())
+    layers = tuple(layers)
+    if full and (len(layers) != 2 or not all(layers)):
+        raise ValueError(f"--layers takes the student's and the teacher's layer, comma-separated, e.g. "
+                         f"layer3,layer3 (got {','.join(layers)!r})")
+    models = [("--student", student, layers[0] if full else None)]
+    if any(st["kind"] != "baseline" for st in settings.values()):
+        models.append(("--teacher", teacher, layers[1] if full else None))
+    with torch.random.fork_rng(devices=[]):  # the models only tell their names and layers here
+        for flag, name, layer in models:
+            try:
+                model = create_model(name, num_classes=num_classes, in_channels=channels)
+            except KeyError as e:
+                raise ValueError(f"{flag}: {e.args[0]}") from None
+            try:
+                if layer is not None:
+                    Taps(model, [layer])
+            except KeyError as e:
+                raise ValueError(f"--layers: {e.args[0]}") from None
+    return settings
+
+
 def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_size: int = 64,
                 steps: int = 5, image_size: int = 32, channels: int = 3, num_classes: int = 10,
                 layers=("layer3", "layer3"), mask_steps: int = 16, amp: str = "none",
@@ -137,16 +182,10 @@ def bench_steps(*, teacher: str = "resnet56", student: str = "resnet20", batch_s
     from kdlab.train.objective import StepContext
     from kdlab.train.trainer import Trainer
 
-    for flag, v, lo in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--repeats", repeats, 1),
-                        ("--image-size", image_size, 1), ("--channels", channels, 1),
-                        ("--num-classes", num_classes, 2), ("--mask-steps", mask_steps, 1)):
-        if int(v) != v or v < lo:
-            raise ValueError(f"{flag} must be a whole number >= {lo}, got {v}")
-    if not variants:
-        raise ValueError(f"--variants: empty list; choose from {', '.join(VARIANT_KINDS)}")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"--variants: each variant once (got {', '.join(variants)})")
-    settings = {v: variant_settings(v, amp=amp, channels_last=channels_last, compile_=compile_) for v in variants}
+    settings = check_steps(teacher=teacher, student=student, batch_size=batch_size, steps=steps,
+                           image_size=image_size, channels=channels, num_classes=num_classes, layers=layers,
+                           mask_steps=mask_steps, amp=amp, channels_last=channels_last, compile_=compile_,
+                           variants=variants, repeats=repeats)
     splits = _synthetic_splits(batch_size * steps, channels, image_size, num_classes)
     torch.manual_seed(0)
     t_model = create_model(teacher, num_classes=num_classes, in_channels=channels)
@@ -339,7 +378,7 @@ def _ensure_teacher(recipe, teacher_overrides, log) -> None:
 
 def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: Optional[str] = None,
                 mask_reuse=None, compare_cache: bool = False, teacher_overrides=None,
-                log=print) -> dict:
+                synthetic_cifar: Optional[int] = None, log=print) -> dict:
     """Where a study's time goes: run the study (``kdlab ablate``'s ``run_ablation``) and report,
     per method and in total, the seconds in student steps, teacher forward passes and mask
     computation (:func:`study_breakdown`), and ``study/students = wall / Σ students' own time``.
@@ -348,22 +387,33 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
     ``mask.reuse`` modes (``per-view``, ``per-image``) runs the study once per mode, each into
     ``out_dir/<mode>`` (its own teacher cache and mask store). ``compare_cache``: each study is
     also run with the teacher cache off (``<folder>-live``), reporting the speed-up and whether
-    the results are identical. The teacher is trained first when missing (not timed; with
-    ``teacher_overrides`` applied to its recipe). Every folder must be new (finished runs would
-    be reused, not timed). Logs one block per study (:func:`format_breakdown`, the last line of
-    each ``study/students: X.XX``) and writes them all to ``out_dir/bench-study.json``.
+    the results are identical. ``synthetic_cifar``: N generated CIFAR-format training images
+    (:mod:`kdlab.data.cifar_synthetic`, written to ``out_dir/data`` unless already there) are the
+    recipe's data, and its teacher lives in ``out_dir/teacher``. The teacher is trained first when
+    missing (not timed; with ``teacher_overrides`` applied to its recipe). Every folder must be new
+    (finished runs would be reused, not timed). Every input is checked before anything is logged
+    or written. Logs one block per study (:func:`format_breakdown`, the last line of each
+    ``study/students: X.XX``) and writes them all to ``out_dir/bench-study.json``.
     """
+    from kdlab.core.io import check_out_dir, write_json
     from kdlab.train.recipe import load_recipe
-    from kdlab.core.io import write_json
     from kdlab.experiments.study import run_ablation
     from kdlab.tasks import get_task
 
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
+    teacher_overrides = list(teacher_overrides or [])
     modes = list(mask_reuse) if mask_reuse else [None]
     bad = [m for m in modes if m not in (None, "per-view", "per-image")]
-    if bad:
-        raise ValueError(f"--mask-reuse takes per-view and/or per-image, got '{bad[0]}'")
+    if bad or len(set(modes)) != len(modes):
+        raise ValueError(f"--mask-reuse takes per-view and/or per-image, each once (got "
+                         f"'{','.join(m or '' for m in modes)}')")
+    if synthetic_cifar is not None and (int(synthetic_cifar) != synthetic_cifar or synthetic_cifar < 10):
+        raise ValueError(f"--synthetic-cifar needs at least 10 training images (got {synthetic_cifar})")
+    check_out_dir(out_dir, "--out folder", create=False)
+    data = out_dir / "data"
+    if synthetic_cifar:  # the generated data's teacher lives in the bench folder, never at the recipe's own path
+        overrides = [f"data.data_dir={data}", f"teacher.checkpoint={out_dir / 'teacher' / 'best.pt'}", *overrides]
     plan = []
     for m in modes:
         ov = overrides + ([f"mask.reuse={m}"] if m else [])
@@ -372,7 +422,26 @@ def bench_study(recipe_ref: str, out_dir, *, seeds=None, overrides=None, mode: O
         _fresh(folder)
         if compare_cache:
             _fresh(folder.with_name(folder.name + "-live"))
-    _ensure_teacher(load_recipe(recipe_ref, overrides), teacher_overrides, log)  # not timed
+    recipe = load_recipe(recipe_ref, overrides)
+    task = get_task(recipe.task)
+    for _, ov, _ in plan:  # each study's recipe and methods, refused before anything is written
+        full = load_recipe(recipe_ref, ov)
+        methods = getattr(getattr(full, "study", None), "methods", None)
+        task.ablation_methods(full, mode or (methods if isinstance(methods, str) else "ladder"))
+    tc = recipe.teacher
+    if teacher_overrides:
+        if tc is None or not tc.recipe:
+            raise ValueError("--teacher-set needs a recipe with teacher.recipe (the teacher's own recipe)")
+        (task.load_recipe if recipe.task != "classification" else load_recipe)(tc.recipe, teacher_overrides)
+    if synthetic_cifar:
+        from kdlab.data.cifar_synthetic import write_synthetic_cifar
+
+        if not (data / "cifar-10-batches-py" / "test_batch").is_file():
+            write_synthetic_cifar(data, synthetic_cifar, max(10, synthetic_cifar // 5))
+            log(f"bench: generated CIFAR-format data ({synthetic_cifar} training images) in {data}")
+        else:
+            log(f"bench: using the generated CIFAR-format data already in {data}")
+    _ensure_teacher(recipe, teacher_overrides, log)  # not timed
 
     def one(ov, folder, cache):
         t0 = time.perf_counter()

@@ -60,9 +60,10 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     and return per-seed test accuracies, the paired differences and their t-interval (also written
     to ``out/accuracy.json``). ``data``: ``mnist5k`` or ``synthetic`` (``n_train`` / ``n_test``
     generated images); ``extra``: ``--set`` overrides for both settings' recipes."""
+    from kdlab.core.io import check_out_dir, write_json
     from kdlab.train.recipe import load_recipe
-    from kdlab.core.io import write_json
     from kdlab.data.cifar_synthetic import write_synthetic_cifar
+    from kdlab.models import model_kwargs
     from kdlab.train.build import teacher_finished, train
 
     out = Path(out)
@@ -71,15 +72,13 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
         raise ValueError(f"--seeds: give distinct seeds (got {seeds})")
     if int(epochs) != epochs or epochs < 1 or int(teacher_epochs) != teacher_epochs or teacher_epochs < 1:
         raise ValueError("--epochs must be a whole number >= 1")
+    check_out_dir(out, "--out folder", create=False)
     runs = out / "runs"
     if runs.exists() and any(runs.iterdir()):
         raise ValueError(f"{runs} is not empty (finished runs there would be reused, not trained); give "
                          f"--out a new folder or delete {runs} (the data and teacher in {out} are kept)")
     if data == "synthetic":
         folder = out / "data"
-        if not (folder / "cifar-10-batches-py" / "test_batch").is_file():
-            write_synthetic_cifar(folder, n_train, n_test)
-            log(f"accuracy check: generated CIFAR-format data ({n_train} training, {n_test} test images) in {folder}")
         data_ov = [f"data.data_dir={folder}"]
         what = f"{n_train} generated CIFAR-format images, test {n_test}"
     elif data == "mnist5k":
@@ -87,24 +86,34 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
         what = "mnist5k (3,600 training digits, test 1,000)"
     else:
         raise ValueError(f"the accuracy check's data is mnist5k or synthetic (got {data!r})")
+    for flag, name in (("--teacher", teacher), ("--student", student)):
+        try:
+            model_kwargs(name)
+        except KeyError as e:
+            raise ValueError(f"{flag}: {e.args[0]}") from None
     ckpt = out / "teacher" / "best.pt"
     common = [*data_ov, f"train.device={device}", *TRAIN]
+    t_recipe = load_recipe("cifar10/teacher", common + [f"student.model={teacher}", "student.kwargs={}",
+                                                       f"train.epochs={teacher_epochs}"])
+    base = common + [f"student.model={student}", "student.kwargs={}", f"teacher.model={teacher}",
+                     "teacher.kwargs={}", f"teacher.checkpoint={ckpt}", f"train.epochs={epochs}",
+                     "train.teacher_mode=live", *(extra or [])]
+    # every run's recipe is read (and refused) before any data, teacher or run is written
+    recipes = {(seed, name): load_recipe("cifar10/kd", base + ov + [f"train.seed={seed}"])
+               for seed in seeds for name, ov in SETTINGS.items()}
+    if data == "synthetic" and not (folder / "cifar-10-batches-py" / "test_batch").is_file():
+        write_synthetic_cifar(folder, n_train, n_test)
+        log(f"accuracy check: generated CIFAR-format data ({n_train} training, {n_test} test images) in {folder}")
     if not teacher_finished(ckpt):
-        t_recipe = load_recipe("cifar10/teacher", common + [f"student.model={teacher}", "student.kwargs={}",
-                                                           f"train.epochs={teacher_epochs}"])
         log(f"accuracy check: training teacher {teacher} ({teacher_epochs} epochs) into {ckpt.parent}")
         res = train(t_recipe, ckpt.parent, progress=False, method="teacher")
         log(f"  teacher test accuracy {res['test_acc']:.4f} (chance 0.1000)")
     t_res = _read_result(ckpt.parent)
-    base = common + [f"student.model={student}", "student.kwargs={}", f"teacher.model={teacher}",
-                     "teacher.kwargs={}", f"teacher.checkpoint={ckpt}", f"train.epochs={epochs}",
-                     "train.teacher_mode=live", *(extra or [])]
     acc: dict = {name: {} for name in SETTINGS}
     rows = []
     for seed in seeds:
         for name, ov in SETTINGS.items():  # alternating: default then fast, seed by seed
-            r = load_recipe("cifar10/kd", base + ov + [f"train.seed={seed}"])
-            res = train(r, runs / name / f"seed{seed}", progress=False, method=f"kd-{name}")
+            res = train(recipes[seed, name], runs / name / f"seed{seed}", progress=False, method=f"kd-{name}")
             acc[name][seed] = float(res["test_acc"])
             rows.append({"setting": name, "seed": seed, "test_acc": res["test_acc"], "val_acc": res["val_acc"],
                          "test_loss": res["test_loss"], "train_time_s": res["train_time_s"],

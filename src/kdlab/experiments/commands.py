@@ -288,7 +288,8 @@ def bench_command(args, overrides: list) -> int:
     the command's options, ``overrides``: its ``--set`` values."""
     import torch
 
-    from kdlab.experiments.bench import bench_steps, bench_study, format_table
+    from kdlab.core.io import check_out_file, write_json
+    from kdlab.experiments.bench import bench_steps, bench_study, check_steps, format_table
 
     if args.threads:
         from kdlab.core.threads import pin_threads
@@ -310,33 +311,13 @@ def bench_command(args, overrides: list) -> int:
                        device=args.device if args.device_given else "cpu", extra=overrides)
         return 0
     if args.study:
-        out = args.out or "runs/bench-study"
-        overrides = list(overrides)
-        teacher_set = list(args.teacher_set or [])
-        if args.synthetic_cifar is not None and args.synthetic_cifar < 10:
-            raise ValueError(f"--synthetic-cifar needs at least 10 training images (got {args.synthetic_cifar})")
         if args.synthetic_cifar is not None and args.data_dir:
             raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
                              "--synthetic-cifar to use the data in --data-dir)")
-        reuse = args.mask_reuse.split(",") if args.mask_reuse is not None else None
-        if reuse is not None and (len(set(reuse)) != len(reuse) or not all(reuse)):
-            raise ValueError(f"--mask-reuse takes per-view and/or per-image, each once (got {args.mask_reuse!r})")
-        if args.synthetic_cifar:
-            from pathlib import Path
-
-            from kdlab.data.cifar_synthetic import write_synthetic_cifar
-
-            data = Path(out) / "data"
-            if not (data / "cifar-10-batches-py" / "test_batch").is_file():
-                write_synthetic_cifar(data, args.synthetic_cifar, max(10, args.synthetic_cifar // 5))
-                print(f"bench: generated CIFAR-format data ({args.synthetic_cifar} training images) in {data}")
-            else:
-                print(f"bench: using the generated CIFAR-format data already in {data}")
-            # the generated data's teacher lives in the bench folder, never at the recipe's own path
-            overrides = [f"data.data_dir={data}", f"teacher.checkpoint={Path(out) / 'teacher' / 'best.pt'}",
-                         *overrides]
-        bench_study(args.study, out, seeds=args.seeds, overrides=overrides, mode=args.mode,
-                    mask_reuse=reuse, compare_cache=args.compare_cache, teacher_overrides=teacher_set)
+        bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds, overrides=list(overrides),
+                    mode=args.mode, mask_reuse=args.mask_reuse.split(",") if args.mask_reuse is not None else None,
+                    compare_cache=args.compare_cache, teacher_overrides=list(args.teacher_set or []),
+                    synthetic_cifar=args.synthetic_cifar)
         return 0
     if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
             or args.synthetic_cifar or args.teacher_set or args.data_dir):
@@ -344,37 +325,39 @@ def bench_command(args, overrides: list) -> int:
                          "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds and "
                          "--synthetic-cifar also to --accuracy); the step benchmark runs on CUDA when "
                          "available, else on the CPU")
+    if args.json:
+        check_out_file(args.json, "--json file")
     if args.against is not None:
         if args.against != "torchdistill":
             raise ValueError(f"--against takes torchdistill (got {args.against!r})")
-        from kdlab.experiments.against import bench_against_torchdistill
+        from kdlab.experiments.against import bench_against_torchdistill, check_against
 
+        variants = (args.variants if args.variants is not None else "kd-live").split(",")
+        check_against(teacher=args.teacher, student=args.student, amp=args.amp, variants=variants)
         print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
               f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
                                           steps=args.steps, repeats=args.repeats, amp=args.amp,
                                           channels_last=args.channels_last, compile_=args.compile,
-                                          variants=(args.variants or "kd-live").split(","))
+                                          variants=variants)
         if args.json and rows:
-            from kdlab.core.io import write_json
-
             write_json(args.json, rows)
         return 0
-    variants = (args.variants or "baseline,kd-live,kd-cached,full-live,full-cached").split(",")
+    variants = (args.variants if args.variants is not None
+                else "baseline,kd-live,kd-cached,full-live,full-cached").split(",")
+    step_args = dict(teacher=args.teacher, student=args.student, batch_size=args.batch_size, steps=args.steps,
+                     image_size=args.image_size, channels=args.channels, num_classes=args.num_classes,
+                     layers=tuple(args.layers.split(",")), mask_steps=args.mask_steps, amp=args.amp,
+                     channels_last=args.channels_last, compile_=args.compile, variants=variants,
+                     repeats=args.repeats)
+    check_steps(**step_args)  # refused before the header is printed
     print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
           f"torch threads {torch.get_num_threads()}")
-    rows = bench_steps(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
-                       steps=args.steps, image_size=args.image_size, channels=args.channels,
-                       num_classes=args.num_classes, layers=tuple(args.layers.split(",")),
-                       mask_steps=args.mask_steps, amp=args.amp, channels_last=args.channels_last,
-                       compile_=args.compile, variants=variants,
-                       repeats=args.repeats)
+    rows = bench_steps(**step_args)
     print(format_table(rows, f"{args.teacher} -> {args.student}, batch {args.batch_size}, "
                              f"threads {torch.get_num_threads()}"))
     if args.json:
-        from kdlab.core.io import write_json
-
         write_json(args.json, rows)
     return 0
 

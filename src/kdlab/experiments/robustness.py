@@ -60,7 +60,7 @@ def checkpoints_robustness(paths: Sequence[str], *, names: Sequence[str] | None 
     if not paths:
         raise ValueError("give checkpoints to evaluate, or --study DIR")
     names = list(names) if names else default_names(paths)
-    check_out_dir(out_dir or "runs/robustness", "--out folder")  # before the evaluation
+    check_out_dir(out_dir or "runs/robustness", "--out folder", create=False)  # before the evaluation; made when written
     if len(names) != len(paths):
         raise ValueError(f"give --names once per checkpoint ({len(paths)}), got {len(names)}")
     if len(set(names)) != len(names):

@@ -95,8 +95,14 @@ def seed_table_markdown(table: Sequence[dict], metrics: Sequence[str] = SEED_TAB
 
 def sweep_recipes(base, alphas, students, T: float = 4.0) -> dict:
     """name -> recipe for each (student model, α)."""
+    from kdlab.models import model_kwargs
+
     out = {}
     for s in students:
+        try:
+            model_kwargs(s)  # an unknown name fails before anything is trained or written
+        except KeyError as e:
+            raise ValueError(f"--students: {e.args[0]}") from None
         for a in alphas:
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"alpha {a} is outside [0, 1] (it is the weight of the KD term; 0 = no KD)")
@@ -128,8 +134,8 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     out_dir = Path(out_dir or f"runs/{base.name}-sweep")
     from kdlab.core.io import check_out_dir
 
-    check_out_dir(out_dir, "sweep folder")
     recipes = sweep_recipes(base, alphas, students, T)
+    check_out_dir(out_dir, "sweep folder", create=False)  # made by the study
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
     ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)
     first = next(iter(recipes))

@@ -153,8 +153,13 @@ def make_spec(recipe_ref, *, params=(), overrides=None, trials=None, metric=None
         raise ValueError("nothing to search: give --param path=range (e.g. --param loss.kd.T=2:8) "
                          "or a tune.params section in the recipe")
     raw = recipe.to_dict()
-    for p in spaces.values():
-        set_path(copy.deepcopy(raw), p.path, p.choices[0] if p.choices else p.low)  # the path exists
+    for p in spaces.values():  # every searched path is a key of the recipe: refused before anything is written
+        value = get_path(raw, p.path)
+        try:
+            with_values(recipe, {p.path: value if value is not None else p.choices[0] if p.choices else p.low})
+        except (ValueError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise ValueError(f"search path {p.path}: {msg}") from None
     pick = lambda k, v, d: v if v is not None else section.get(k, d)  # noqa: E731
     chosen = pick("metric", metric, f"val_{task.select}")
     declared = {f"val_{m.name}": m for m in task.metrics}

@@ -73,14 +73,22 @@ def lm_meta(model_name: str, kwargs: dict, vocab_size: int, tokenizer, corpus: s
             "in_channels": 0, "dataset": f"lm:{corpus}", "tokenizer": tokenizer.to_dict()}
 
 
-def load_lm(path, device="cpu"):
-    """Rebuild an LM saved by a kdlab LM run; returns ``(model, tokenizer, checkpoint dict)``."""
-    from kdlab.lm.tokenizers import tokenizer_from_dict
-
+def read_lm_checkpoint(path) -> dict:
+    """The checkpoint dict of an LM saved by a kdlab LM run (safely loaded); one line naming the
+    file when it is corrupt, not a checkpoint or not a language model's."""
     ck = load_checkpoint(path)
     name = str(ck.get("model_name", ""))
     if not name.startswith("lm:"):
         raise ValueError(f"{path} is not a kdlab language model (model_name {name!r}); give an LM run's best.pt")
+    return ck
+
+
+def load_lm(path, device="cpu"):
+    """Rebuild an LM saved by a kdlab LM run; returns ``(model, tokenizer, checkpoint dict)``."""
+    from kdlab.lm.tokenizers import tokenizer_from_dict
+
+    ck = read_lm_checkpoint(path)
+    name = str(ck.get("model_name", ""))
     model = create_lm(name[3:], ck["num_classes"], **ck.get("model_kwargs", {}))
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), tokenizer_from_dict(ck["tokenizer"]), ck

@@ -507,8 +507,57 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     return report
 
 
+def _one_run_advice(run: Path) -> str:
+    """What reports on the one run in folder ``run``: its result file and the command that
+    measures (image classifier) or samples (language model) its ``best.pt``."""
+    say = f"its numbers are in {run / 'result.json'}"
+    try:
+        recipe = json.loads((run / "run.json").read_text()).get("recipe") or {}
+    except (OSError, ValueError, AttributeError):
+        recipe = {}
+    recipe = recipe if isinstance(recipe, dict) else {}
+    if str(recipe.get("kind", "")).startswith("lm") or recipe.get("task") in ("lm", "corpus", "arithmetic"):
+        return f"{say}; `kdlab lm generate {run / 'best.pt'} --prompt TEXT` samples from it"
+    if recipe.get("task", "classification") == "classification":
+        return f"{say}; `kdlab evaluate {run / 'best.pt'}` measures it again"
+    return say
+
+
+def check_study_folder(study_dir, baseline: Optional[str] = None) -> Path:
+    """``study_dir`` if it can be a study (``<method>/seed<k>/result.json``), else one line naming
+    what it is instead: a missing path, a file, one run (``kdlab distill`` / ``kdlab lm distill``
+    output) or one method's seeds, and the command that reports on that."""
+    study_dir = Path(study_dir)
+    study = "give a study folder (the --out of `kdlab ablate`)"
+    if not study_dir.exists():
+        raise FileNotFoundError(f"{study_dir} does not exist; {study}")
+    if not study_dir.is_dir():
+        raise ValueError(f"{study_dir} is a file; {study}")
+    if (study_dir / "result.json").is_file() or (study_dir / "run.json").is_file():
+        raise ValueError(f"{study_dir} is one run, not a study, so it has no table to rebuild; "
+                         f"{_one_run_advice(study_dir)}")
+    seeds = sorted(p.parent.name for p in study_dir.glob("seed*/result.json"))
+    if seeds and not any(study_dir.glob("*/seed*/result.json")):
+        raise ValueError(f"{study_dir} holds one method's runs ({', '.join(seeds)}), not a study; give the "
+                         f"study folder above it: `kdlab report {study_dir.parent}`")
+    runs = sorted(p.parent for p in study_dir.glob("*/seed*/result.json"))
+    methods = {r.parent.name for r in runs}
+    recorded = any(study_dir.glob("report*/table.json")) or any(study_dir.glob("report*/study.json"))
+    if len(methods) == 1 and not recorded and (baseline or "baseline") not in methods:
+        # e.g. `kdlab lm distill --out DIR`: DIR/<method>/seed<k>, with no study record
+        if len(runs) == 1:
+            raise ValueError(f"{study_dir} holds one run ({runs[0].relative_to(study_dir)}), not a study, so it has "
+                             f"no table to rebuild; {_one_run_advice(runs[0])}")
+        raise ValueError(f"{study_dir} holds the runs of one method ({', '.join(str(r.relative_to(study_dir)) for r in runs)}), "
+                         f"not a study, so there is nothing to compare; their numbers are in each run's result.json "
+                         f"(a study with a baseline: `kdlab ablate`)")
+    return study_dir
+
+
 def rebuild_reports(study_dir, *, baseline: Optional[str] = None, figures: bool = True, log=print) -> list[dict]:
     """``kdlab report``: :func:`rebuild_report` for every report folder of the study
-    (:func:`report_dirs`; ``report`` alone when none holds a table yet)."""
+    (:func:`report_dirs`; ``report`` alone when none holds a table yet), after
+    :func:`check_study_folder`."""
+    check_study_folder(study_dir, baseline)
     dirs = report_dirs(study_dir) or [Path(study_dir) / "report"]
     return [rebuild_report(study_dir, baseline=baseline, figures=figures, log=log, report_dir=d) for d in dirs]

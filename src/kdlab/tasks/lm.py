@@ -95,9 +95,16 @@ class LMTask(Task):
         if getattr(r0, "kind", "corpus") != "corpus":
             return
         t = r0.teacher
+        if t is not None and t.checkpoint and Path(t.checkpoint).is_dir():
+            raise ValueError(f"teacher.checkpoint {t.checkpoint} is a folder; give the file "
+                             f"(e.g. {Path(t.checkpoint) / 'best.pt'})")
         if t is not None and t.checkpoint and not Path(t.checkpoint).is_file():
             raise FileNotFoundError(f"teacher.checkpoint {t.checkpoint} not found; fix the path or remove it to "
                                     f"train one")
+        if t is not None and t.checkpoint:  # corrupt, or not a language model's: refused now
+            from kdlab.lm.runs import read_lm_checkpoint
+
+            read_lm_checkpoint(t.checkpoint)
         load_corpus(r0.corpus.name, r0.corpus.max_bytes)
 
     def prepare_study(self, recipes: dict, out_dir, *, data_dir=None, progress: bool = True, log=print) -> LMContext:
