@@ -187,11 +187,12 @@ def _kd_losses(compile_: bool, epochs: int = 5):
     torch.manual_seed(0)
     teacher = create_model("cnn_tiny", num_classes=3, in_channels=1)
     run = build_run(r, splits=splits, teacher=teacher)
+    warmup_at_setup = run.objective.compile_warmup_s if compile_ else 0.0  # after the probe batch
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / "r",
                      runtime=run.runtime, progress=False, method="kd")
         losses = [tr.train_epoch(e)["loss"] for e in range(epochs)]
-    return losses, run.objective
+    return losses, run.objective, warmup_at_setup
 
 
 def test_compiled_step_follows_the_eager_trajectory():
@@ -200,14 +201,17 @@ def test_compiled_step_follows_the_eager_trajectory():
     if not hasattr(torch, "compile") or shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("torch.compile needs a C++ compiler on the CPU; none here")
     t0 = time.perf_counter()
-    eager, _ = _kd_losses(False)
-    compiled, obj = _kd_losses(True)
+    eager, _, _ = _kd_losses(False)
+    compiled, obj, warmup_at_setup = _kd_losses(True)
     from kdlab.models.compiled import Compiled
 
     assert isinstance(obj.forward_model, Compiled)
     if obj.forward_model.fallback:
         pytest.skip(f"torch.compile failed here ({obj.forward_model.fallback}); the run fell back to eager")
     assert obj.forward_model.compiled is not None and obj.compile_warmup_s > 0
+    # the first compiled calls are the set-up's probe batch (docs/speed.md): training adds nothing
+    assert obj.forward_model.warmup_s > 0 and obj.teacher.runner.warmup_s > 0
+    assert obj.compile_warmup_s == warmup_at_setup
     assert obj.teacher.runner is not obj.teacher.teacher  # KD taps nothing: the teacher forward compiles too
     assert len(eager) == 5 and eager[0] != eager[-1]  # the run learns: the trajectory is not flat
     for a, b in zip(eager, compiled):

@@ -19,9 +19,25 @@ class RunFileError(ValueError):
     """A run file that cannot be read; the message names the file and what to do."""
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``/proc/self/status``);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``:
-    a crash at any point leaves the old file or the new one, never a torn one."""
+    a crash at any point leaves the old file or the new one, never a torn one. The file gets the
+    mode ``open()`` gives a new file (``0o666`` less the umask, e.g. 0644), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -30,6 +46,7 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give open()'s mode for a new file
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):

@@ -178,7 +178,10 @@ class DistillObjective(Objective):
 
     @property
     def compile_warmup_s(self) -> float:
-        """Seconds of the first compiled calls (``train.compile``): student and teacher forwards."""
+        """Seconds of each compiled model's first call (``train.compile``): student and teacher
+        forwards. With a probe batch (:meth:`setup`) that call is the probe's, in the run's set-up;
+        the student's recompilation for training mode and gradients (its first training step) is
+        not counted here."""
         parts = [self.forward_model] + [getattr(s, "live", s) for s in [self.teacher, *self.extra_teachers.values()]
                                         if s is not None]
         return float(sum(getattr(getattr(p, "runner", p), "warmup_s", 0.0) for p in parts))

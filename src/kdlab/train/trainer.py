@@ -595,7 +595,9 @@ class Trainer:
                   "teacher_time_s": st.teacher_time_s,
                   "mask_time_s": st.mask_time_s,  # of teacher_time_s: the causal masks
                   "data_wait_s": st.data_wait_s,  # of train_time_s: waiting for training batches
-                  # train.compile: the first compiled calls (tracing, code generation), in train_time_s
+                  # train.compile: each compiled model's first call (tracing, code generation), made by
+                  # the set-up's probe batch, so in setup_time_s; the student's recompilation for
+                  # training (train mode, gradients, backward) is in the first epoch's train_time_s
                   "compile_warmup_s": float(getattr(self.objective, "compile_warmup_s", 0.0)),
                   "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
                   "checkpoint_time_s": st.checkpoint_time_s,  # not in train_time_s: run files written / read
