@@ -192,7 +192,10 @@ def _kd_losses(compile_: bool, epochs: int = 5):
         tr = Trainer(run.objective, run.train_loader, None, None, r.train, Path(tmp) / "r",
                      runtime=run.runtime, progress=False, method="kd")
         losses = [tr.train_epoch(e)["loss"] for e in range(epochs)]
-    return losses, run.objective, warmup_at_setup
+        assert len(tr.first_steps_s) == (2 if compile_ else 0)
+        assert tr.compile_train_warmup_s == (max(0.0, tr.first_steps_s[0] - tr.first_steps_s[1]) if compile_ else 0.0)
+        train_warmup = tr.compile_train_warmup_s
+    return losses, run.objective, warmup_at_setup, train_warmup
 
 
 def test_compiled_step_follows_the_eager_trajectory():
@@ -201,8 +204,8 @@ def test_compiled_step_follows_the_eager_trajectory():
     if not hasattr(torch, "compile") or shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("torch.compile needs a C++ compiler on the CPU; none here")
     t0 = time.perf_counter()
-    eager, _, _ = _kd_losses(False)
-    compiled, obj, warmup_at_setup = _kd_losses(True)
+    eager, _, _, _ = _kd_losses(False)
+    compiled, obj, warmup_at_setup, train_warmup = _kd_losses(True)
     from kdlab.models.compiled import Compiled
 
     assert isinstance(obj.forward_model, Compiled)
@@ -212,6 +215,8 @@ def test_compiled_step_follows_the_eager_trajectory():
     # the first compiled calls are the set-up's probe batch (docs/speed.md): training adds nothing
     assert obj.forward_model.warmup_s > 0 and obj.teacher.runner.warmup_s > 0
     assert obj.compile_warmup_s == warmup_at_setup
+    # the first training step compiles again (train mode, the backward graph): measured apart
+    assert train_warmup > 0.05
     assert obj.teacher.runner is not obj.teacher.teacher  # KD taps nothing: the teacher forward compiles too
     assert len(eager) == 5 and eager[0] != eager[-1]  # the run learns: the trajectory is not flat
     for a, b in zip(eager, compiled):

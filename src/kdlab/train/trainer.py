@@ -270,6 +270,7 @@ class Trainer:
         self.opt = build_optimizer(self.params, cfg)
         self.sched = build_scheduler(self.opt, cfg)
         self.state = RunState()
+        self.first_steps_s: list[float] = []  # train.compile: the first two training steps' seconds
         self.ema_decay = getattr(cfg, "ema", None)
         self.ema: Optional[dict] = None  # the primary model's EMA state (train.ema)
         self.should_stop = False
@@ -353,6 +354,14 @@ class Trainer:
             self.state.data_wait_s += time.perf_counter() - t0
             yield b
 
+    @property
+    def compile_train_warmup_s(self) -> float:
+        """``train.compile``: the first training step's seconds beyond the second's -- the
+        recompilation for training (train mode, gradients, the backward graph), which the set-up's
+        probe batch does not do; 0 without compile or before two steps ran in this process."""
+        fs = self.first_steps_s
+        return max(0.0, fs[0] - fs[1]) if len(fs) == 2 else 0.0
+
     def train_epoch(self, epoch: int) -> dict:
         torch.manual_seed(derive_seed(self.seed, "epoch", epoch))
         obj, rt, cfg = self.objective, self.runtime, self.cfg
@@ -370,6 +379,7 @@ class Trainer:
                            enabled=self.progress and rt.is_main and steps > 1, end_line=False)
         self.opt.zero_grad(set_to_none=True)
         for step, batch, denom in accumulation_windows(self._timed(self.train_loader.epoch(epoch)), accum, obj):
+            t_step = time.perf_counter()
             ctx = StepContext(epoch=epoch, step=step, runtime=rt,
                               extra={} if denom is None else {"token_denominator": denom, "grad_accum": accum})
             loss, logs = obj.step(batch, ctx)
@@ -387,6 +397,8 @@ class Trainer:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * b
             self.step_loss = loss.detach()  # for per-step loggers (read on the callbacks' schedule)
+            if cfg.compile and len(self.first_steps_s) < 2:  # the backward is compiled in the first step
+                self.first_steps_s.append(time.perf_counter() - t_step)
             for cb in self.callbacks:
                 cb.on_step_end(self, ctx)
             bar.update(1)
@@ -597,8 +609,10 @@ class Trainer:
                   "data_wait_s": st.data_wait_s,  # of train_time_s: waiting for training batches
                   # train.compile: each compiled model's first call (tracing, code generation), made by
                   # the set-up's probe batch, so in setup_time_s; the student's recompilation for
-                  # training (train mode, gradients, backward) is in the first epoch's train_time_s
+                  # training (train mode, gradients, backward) is in the first epoch's train_time_s,
+                  # measured apart as compile_train_warmup_s
                   "compile_warmup_s": float(getattr(self.objective, "compile_warmup_s", 0.0)),
+                  "compile_train_warmup_s": self.compile_train_warmup_s,
                   "eval_time_s": st.eval_time_s,  # not in train_time_s: validation and the final test
                   "checkpoint_time_s": st.checkpoint_time_s,  # not in train_time_s: run files written / read
                   "student_time_s": st.train_time_s - st.teacher_time_s,
