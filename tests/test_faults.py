@@ -112,6 +112,22 @@ def test_profile_of_an_empty_onnx_file_in_a_real_process(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", [["recipes"], ["models"]])
+def test_closed_stdout_pipe_stops_quietly(tmp_path, command):
+    """`kdlab recipes | head -3`: the reader closes the pipe; kdlab stops without an error line
+    (before: 'kdlab: error: cannot use: Broken pipe', exit 2) and with exit status 141 (128 +
+    SIGPIPE, as a shell reports a command stopped by a closed pipe)."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before kdlab writes a byte: its first flush meets EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "kdlab", *command], cwd=tmp_path, env=python_env(),
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 141
+
+
 # ------------------------------------------------------------------------------ read-only folders
 @contextlib.contextmanager
 def read_only(folder: Path, content: dict | None = None):

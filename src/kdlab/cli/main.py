@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     # set KDLAB_DEBUG=1 to see the full traceback of an error
     try:
         rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`kdlab recipes | head -3`) shows here, not at exit
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
         exit_on_next_interrupt()
@@ -93,6 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (``kdlab recipes | head -3``): stop quietly, the way the Python
+    documentation shows (its "Note on SIGPIPE"): stdout is pointed at devnull so that the flush at
+    interpreter exit does not fail a second time; exit status 141 (128 + SIGPIPE), what a shell
+    reports for a command a closed pipe stopped."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (called in-process)
+        pass
+    return 141
 
 
 def os_error_line(e: OSError) -> str:
