@@ -535,3 +535,8 @@ CASES += [
     C("lm", "an override the study method would ignore", "lm distill lm/docs --method minillm "
       "--set distill.minillm.alpha=0.9 --out {t}/o --quiet", "study.methods.minillm.minillm.alpha"),
 ]
+# new-user review: memory, flags ignored by a mode, output folders and devices checked before a teacher trains
+CASES += [
+    C("bench", "--batch-size too large for memory", "bench --batch-size 100000000 --variants baseline",
+      "memory ran out"),
+]

@@ -87,8 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
         if os.environ.get("KDLAB_DEBUG"):
             raise
+        if isinstance(e, RuntimeError) and out_of_memory(e):
+            print(f"kdlab: error: {out_of_memory(e)}", file=sys.stderr)
+            return 2
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"kdlab: error: {one_line(msg)}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        if os.environ.get("KDLAB_DEBUG"):
+            raise
+        print(f"kdlab: error: {out_of_memory(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the user gave that cannot be written or read
         if os.environ.get("KDLAB_DEBUG"):
@@ -109,6 +117,22 @@ def stdout_closed() -> int:
     except (OSError, ValueError, AttributeError):  # stdout is no real file (called in-process)
         pass
     return 141
+
+
+_OOM = ("can't allocate memory", "out of memory", "failed to allocate memory")
+
+
+def out_of_memory(e: BaseException) -> str:
+    """The one line for an exhausted memory (torch's CPU allocator, ``torch.OutOfMemoryError``, a
+    ``MemoryError``), naming the fix; ``""`` when ``e`` is another error."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or any(k in text.lower() for k in _OOM)):
+        return ""
+    where = "GPU" if "cuda" in text.lower() or "gpu" in text.lower() else "CPU"
+    first = (text.splitlines() or [type(e).__name__])[0].strip()
+    return (f"{where} memory ran out ({first[:160]}); lower --batch-size (or the recipe's train.batch_size, "
+            f"--set train.batch_size=N)")
 
 
 def os_error_line(e: OSError) -> str:
