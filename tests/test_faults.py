@@ -83,6 +83,47 @@ sys.exit(main(['train-teacher', {str(t)!r}, '--out', {str(tmp_path / 'run')!r}, 
     assert [l for l in err.splitlines() if l.strip()] == ["kdlab: interrupted; re-run the same command to resume"]
 
 
+@pytest.mark.parametrize("made_of_it", [RuntimeError, OSError, ValueError])
+def test_an_error_made_of_a_ctrl_c_is_reported_as_the_interrupt(monkeypatch, capsys, made_of_it):
+    """Ctrl-C inside torch's checkpoint writer comes out as 'RuntimeError: [enforce fail at
+    inline_container.cc:672] ...' (the KeyboardInterrupt raised in the writer): after a SIGINT, any
+    error is the interrupt (status 130, the one interrupt line), not 'kdlab: error: ...' status 2."""
+    from kdlab.cli import methods
+    from kdlab.cli.main import main
+
+    def writer_hit_by_ctrl_c(args):
+        try:
+            signal.raise_signal(signal.SIGINT)  # Python's handler runs before raise_signal returns
+        except KeyboardInterrupt:
+            raise made_of_it("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from None
+        raise AssertionError("SIGINT did not raise KeyboardInterrupt")
+
+    monkeypatch.setattr(methods, "cmd_methods", writer_hit_by_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(["methods"])
+    finally:
+        signal.signal(signal.SIGINT, before)  # the interrupt armed 'a second Ctrl-C exits at once'
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert [l for l in err.splitlines() if l.strip()] == ["kdlab: interrupted; re-run the same command to resume"]
+
+
+def test_errors_without_a_ctrl_c_stay_errors(monkeypatch, capsys):
+    """The same error with no SIGINT before it is an error line (status 2), and the SIGINT handler
+    is Python's default again after the command."""
+    from kdlab.cli import methods
+    from kdlab.cli.main import main
+
+    def fails(args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(methods, "cmd_methods", fails)
+    assert main(["methods"]) == 2
+    assert capsys.readouterr().err.startswith("kdlab: error: [enforce fail")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ------------------------------------------------------------------------- real processes
 def test_header_is_not_printed_before_a_refused_input(tmp_path):
     """An input refused after the recipe loaded (no training images left) prints only its one
