@@ -109,6 +109,33 @@ def test_an_error_made_of_a_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
     assert [l for l in err.splitlines() if l.strip()] == ["kdlab: interrupted; re-run the same command to resume"]
 
 
+@pytest.mark.parametrize("mode,slow,advice", [
+    (["--study", "digits/kd"], "bench_study", "a timed study does not resume: delete {o} or give a new --out"),
+    (["--accuracy", "--synthetic-cifar", "10"], "accuracy_check",
+     "the accuracy check does not resume: delete {o}/runs or give a new --out"),
+])
+def test_interrupted_bench_says_what_a_rerun_needs(monkeypatch, capsys, tmp_path, mode, slow, advice):
+    """`kdlab bench --study/--accuracy` never resumes (a re-run refuses the folder its runs are in):
+    the interrupt line says to delete the folder or give a new --out, not 're-run the same command'."""
+    import importlib
+
+    from kdlab.cli.main import main
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    module = "kdlab.experiments.bench" if slow == "bench_study" else "kdlab.experiments.bench_accuracy"
+    monkeypatch.setattr(importlib.import_module(module), slow, ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(["bench", *mode, "--out", str(tmp_path / "o")])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert rc == 130
+    assert err == [f"kdlab: interrupted; {advice.format(o=tmp_path / 'o')}"]
+
+
 def test_errors_without_a_ctrl_c_stay_errors(monkeypatch, capsys):
     """The same error with no SIGINT before it is an error line (status 2), and the SIGINT handler
     is Python's default again after the command."""

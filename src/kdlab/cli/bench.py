@@ -12,6 +12,13 @@ def cmd_bench(args) -> int:
                          A.recipe_overrides(args) if args.study else [])
 
 
+def on_interrupt(args) -> str:
+    """What to do after a Ctrl-C (timings never resume: a finished run would be reused, not timed)."""
+    from kdlab.experiments.commands import bench_interrupted
+
+    return bench_interrupted(args)
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="images/s of baseline, KD and full-method steps with and without "
                                      "the teacher cache; or where a study's time goes (--study)")
@@ -65,4 +72,4 @@ def register(sub) -> None:
                    help="--study: which methods (default: the recipe's study.methods)")
     A.add_set(p, "the --study recipe")
     A.add_device(p, recipe=True)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, on_interrupt=on_interrupt)

@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return stdout_closed()
     except KeyboardInterrupt:
-        return interrupted()
+        return interrupted(args)
     except Exception as e:
         if INTERRUPTS["received"]:  # Ctrl-C inside a library that turned it into its own error
-            return interrupted()  # (torch.save: "RuntimeError: [enforce fail at inline_container.cc]")
+            return interrupted(args)  # (torch.save: "RuntimeError: [enforce fail at inline_container.cc]")
         if os.environ.get("KDLAB_DEBUG") or not isinstance(e, (ValueError, KeyError, FileNotFoundError,
                                                                ImportError, RuntimeError, MemoryError, OSError)):
             raise
@@ -148,9 +148,12 @@ def stop_watching(previous) -> None:
         pass
 
 
-def interrupted() -> int:
-    """The interrupt line (status 130); a second Ctrl-C then ends the process at once."""
-    print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
+def interrupted(args) -> int:
+    """The interrupt line (status 130): what to do next, by the command's ``on_interrupt(args)``
+    (set by commands that do not resume: a benchmark's timings), else re-running it resumes. A
+    second Ctrl-C then ends the process at once."""
+    hint = getattr(args, "on_interrupt", None)
+    print(f"kdlab: interrupted; {hint(args) if hint else 're-run the same command to resume'}", file=sys.stderr)
     exit_on_next_interrupt()
     return 130
 

@@ -283,6 +283,23 @@ def lm_distill(ref, overrides, *, out=None, method=None, seed=0, progress=False)
 
 
 # -- the step benchmark --------------------------------------------------------------------------------
+def bench_out(args) -> str:
+    """`kdlab bench`'s output folder: ``--out``, else ``runs/bench-accuracy`` (``--accuracy``) or
+    ``runs/bench-study`` (``--study``)."""
+    return args.out or ("runs/bench-accuracy" if args.accuracy else "runs/bench-study")
+
+
+def bench_interrupted(args) -> str:
+    """What to do after `kdlab bench` was interrupted: its timings do not resume (a re-run refuses
+    the folder that now holds runs), so a new --out or the old one deleted; the step benchmark
+    writes nothing before it ends."""
+    if args.accuracy:
+        return f"the accuracy check does not resume: delete {Path(bench_out(args)) / 'runs'} or give a new --out"
+    if args.study:
+        return f"a timed study does not resume: delete {bench_out(args)} or give a new --out"
+    return "nothing was written; re-run the same command to time it again"
+
+
 def bench_command(args, overrides: list) -> int:
     """`kdlab bench`: the step benchmark, or where a study's time goes (``args.study``); ``args``:
     the command's options, ``overrides``: its ``--set`` values."""
@@ -305,7 +322,7 @@ def bench_command(args, overrides: list) -> int:
         from kdlab.experiments.bench_accuracy import accuracy_check
 
         n = args.synthetic_cifar or 2560
-        accuracy_check(args.out or "runs/bench-accuracy", seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
+        accuracy_check(bench_out(args), seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
                        data="synthetic" if args.synthetic_cifar else "mnist5k",
                        n_train=n, n_test=max(10, n // 5), teacher=args.teacher, student=args.student,
                        device=args.device if args.device_given else "cpu", extra=overrides)
@@ -314,7 +331,7 @@ def bench_command(args, overrides: list) -> int:
         if args.synthetic_cifar is not None and args.data_dir:
             raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
                              "--synthetic-cifar to use the data in --data-dir)")
-        bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds, overrides=list(overrides),
+        bench_study(args.study, bench_out(args), seeds=args.seeds, overrides=list(overrides),
                     mode=args.mode, mask_reuse=args.mask_reuse.split(",") if args.mask_reuse is not None else None,
                     compare_cache=args.compare_cache, teacher_overrides=list(args.teacher_set or []),
                     synthetic_cifar=args.synthetic_cifar)
