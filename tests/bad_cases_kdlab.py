@@ -540,3 +540,19 @@ CASES += [
     C("bench", "--batch-size too large for memory", "bench --batch-size 100000000 --variants baseline",
       "memory ran out"),
 ]
+# a step-benchmark option with --study / --accuracy (ignored before), an empty --out or --study
+CASES += [
+    C("bench", "--study with --against", "bench --study digits/full --against torchdistill", "--against applies to the step benchmark only", quiet=True),
+    C("bench", "--study with --variants", "bench --study digits/full --variants kd-live", "--variants applies", quiet=True),
+    C("bench", "--study with --teacher and --steps", "bench --study digits/full --teacher resnet8 --steps 2",
+      "--teacher, --steps apply to the step benchmark only", quiet=True),
+    C("bench", "--study with --channels-last", "bench --study digits/full --channels-last", "--channels-last", quiet=True),
+    C("bench", "--study with --json", "bench --study digits/full --json {t}/x.json", "--json", quiet=True),
+    C("bench", "--accuracy with --batch-size", "bench --accuracy --batch-size 8 --synthetic-cifar 10", "--batch-size", quiet=True),
+    C("bench", "--accuracy with --repeats", "bench --accuracy --repeats 2 --synthetic-cifar 10", "--repeats", quiet=True),
+    C("bench", "--accuracy with --mode", "bench --accuracy --mode loo --synthetic-cifar 10", "--mode", quiet=True),
+    C("bench", "--against with --image-size", "bench --against torchdistill --image-size 16", "--image-size", quiet=True),
+    C("bench", "step benchmark with --out", "bench --out {t}/o --variants baseline", "--out", quiet=True),
+    C("bench", "--study --out empty", "bench --study digits/full --out=", "--out: give a folder path", quiet=True),
+    C("bench", "--accuracy --out empty", "bench --accuracy --out= --synthetic-cifar 10", "--out: give a folder path", quiet=True),
+]

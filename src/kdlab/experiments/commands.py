@@ -289,6 +289,49 @@ def bench_out(args) -> str:
     return args.out or ("runs/bench-accuracy" if args.accuracy else "runs/bench-study")
 
 
+#: the step benchmark's options (dest -> flag): refused with --study or --accuracy, which ignore them
+#: (--accuracy takes --teacher and --student); given when not None (False for a switch)
+STEP_FLAGS = {"teacher": "--teacher", "student": "--student", "batch_size": "--batch-size", "steps": "--steps",
+              "repeats": "--repeats", "image_size": "--image-size", "channels": "--channels",
+              "num_classes": "--num-classes", "layers": "--layers", "mask_steps": "--mask-steps", "amp": "--amp",
+              "channels_last": "--channels-last", "compile": "--compile", "variants": "--variants",
+              "against": "--against", "json": "--json"}
+#: what --against ignores of them (it times its own 32x32 CIFAR-shaped data, KD only)
+NOT_AGAINST = ("image_size", "channels", "num_classes", "layers", "mask_steps")
+
+
+def check_bench_modes(args) -> None:
+    """Refuse, in one line naming them, the options the chosen `kdlab bench` mode would ignore, an
+    empty --out or --study; then fill the step options not given with :func:`check_steps`'s
+    defaults."""
+    import inspect
+
+    from kdlab.experiments.bench import check_steps
+
+    if args.study is not None and not args.study.strip():
+        raise ValueError("--study: give a study recipe (a shipped name such as digits/full, or a path); got ''")
+    if args.out is not None and not str(args.out).strip():
+        raise ValueError("--out: give a folder path (got an empty one), or leave --out out for the default")
+    given = [dest for dest in STEP_FLAGS if getattr(args, dest, None) not in (None, False)]
+    mode, ignored = None, []
+    if args.study is not None:
+        mode, ignored = "--study", given
+    elif args.accuracy:
+        mode, ignored = "--accuracy", [d for d in given if d not in ("teacher", "student")]
+    elif args.against is not None:
+        mode, ignored = "--against", [d for d in given if d in NOT_AGAINST]
+    if ignored:
+        flags = [STEP_FLAGS[d] for d in ignored]
+        raise ValueError(f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} to the step benchmark "
+                         f"only; {mode} would ignore {'it' if len(flags) == 1 else 'them'}: drop "
+                         f"{'it' if len(flags) == 1 else 'them'} (see `kdlab bench --help`)")
+    defaults = {k: v.default for k, v in inspect.signature(check_steps).parameters.items()}
+    for dest in STEP_FLAGS:
+        if getattr(args, dest, None) is None and dest in defaults and dest != "variants":  # (its own default)
+            value = defaults[dest]
+            setattr(args, dest, ",".join(value) if dest == "layers" else value)
+
+
 def bench_interrupted(args) -> str:
     """What to do after `kdlab bench` was interrupted: its timings do not resume (a re-run refuses
     the folder that now holds runs), so a new --out or the old one deleted; the step benchmark
@@ -308,6 +351,7 @@ def bench_command(args, overrides: list) -> int:
     from kdlab.core.io import check_out_file, write_json
     from kdlab.experiments.bench import bench_steps, bench_study, check_steps, format_table
 
+    check_bench_modes(args)
     if args.threads:
         from kdlab.core.threads import pin_threads
 
@@ -315,9 +359,9 @@ def bench_command(args, overrides: list) -> int:
     if args.epochs != 3 and not args.accuracy:
         raise ValueError("--epochs applies to --accuracy only (a --study takes --set train.epochs=N)")
     if args.accuracy:
-        if args.study or args.against or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
+        if args.study or args.mode or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
             raise ValueError("--accuracy takes --teacher, --student, --epochs, --synthetic-cifar, --seeds, --out, "
-                             "--set and --device; drop --study, --against, --mask-reuse, --compare-cache, "
+                             "--set and --device; drop --study, --mode, --mask-reuse, --compare-cache, "
                              "--teacher-set and --data-dir")
         from kdlab.experiments.bench_accuracy import accuracy_check
 
@@ -337,9 +381,9 @@ def bench_command(args, overrides: list) -> int:
                     synthetic_cifar=args.synthetic_cifar)
         return 0
     if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
-            or args.synthetic_cifar or args.teacher_set or args.data_dir):
-        raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
-                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds and "
+            or args.synthetic_cifar or args.teacher_set or args.data_dir or args.out is not None):
+        raise ValueError("--device, --set, --seeds, --out, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
+                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds, --out and "
                          "--synthetic-cifar also to --accuracy); the step benchmark runs on CUDA when "
                          "available, else on the CPU")
     if args.json:
