@@ -556,3 +556,8 @@ CASES += [
     C("bench", "--study --out empty", "bench --study digits/full --out=", "--out: give a folder path", quiet=True),
     C("bench", "--accuracy --out empty", "bench --accuracy --out= --synthetic-cifar 10", "--out: give a folder path", quiet=True),
 ]
+CASES += [
+    C("bench", "--study empty", "bench --study=", "--study: give a study recipe", quiet=True),
+    C("bench", "--against --variants of empty names", "bench --against torchdistill --variants ,",
+      "--variants: an empty name", quiet=True),
+]

@@ -396,7 +396,7 @@ def bench_command(args, overrides: list) -> int:
         variants = (args.variants if args.variants is not None else "kd-live").split(",")
         check_against(teacher=args.teacher, student=args.student, amp=args.amp, variants=variants)
         print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
-              f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
+              f"{args.steps} step{'s' if args.steps != 1 else ''}, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
                                           steps=args.steps, repeats=args.repeats, amp=args.amp,
                                           channels_last=args.channels_last, compile_=args.compile,
@@ -412,7 +412,8 @@ def bench_command(args, overrides: list) -> int:
                      channels_last=args.channels_last, compile_=args.compile, variants=variants,
                      repeats=args.repeats)
     check_steps(**step_args)  # refused before the header is printed
-    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
+    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, "
+          f"{args.steps} step{'s' if args.steps != 1 else ''}, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
           f"torch threads {torch.get_num_threads()}")
     rows = bench_steps(**step_args)
