@@ -561,3 +561,27 @@ CASES += [
     C("bench", "--against --variants of empty names", "bench --against torchdistill --variants ,",
       "--variants: an empty name", quiet=True),
 ]
+# --out and --device are refused before a missing teacher is trained ({t}/tt must not appear)
+_NEWT = f"--set teacher.checkpoint={{t}}/tt/best.pt --set teacher.recipe={TR} --set train.epochs=1 {D}"
+CASES += [
+    C("distill", "--out a file, teacher missing", f"distill {SR} {_NEWT} --out {{t}}/f", "run folder", {"f": "keep"}, quiet=True),
+    C("distill", "--device cuda without one, teacher missing", f"distill {SR} {_NEWT} --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("ablate", "--device cuda without one, teacher missing", f"ablate {SR} {_NEWT} --device cuda --seeds 0 --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("compare", "--out a file, teacher missing", f"compare {SR} --baseline student {_NEWT} --seeds 0 --out {{t}}/f",
+      "compare folder", {"f": "keep"}, quiet=True),
+    C("compare", "--device cuda without one, teacher missing", f"compare {SR} --baseline student {_NEWT} --seeds 0 "
+      f"--device cuda --out {{t}}/o", "no CUDA device", quiet=True),
+    C("sweep", "--device cuda without one, teacher missing", f"sweep {SR} {_NEWT} --seeds 0 --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("tune", "--device cuda without one, teacher missing", f"tune {SR} {_NEWT} --param loss.kd.T=2:8 --device cuda "
+      f"--out {{t}}/o", "no CUDA device", quiet=True),
+    C("paradigm", "--device cuda without one, teacher missing", f"paradigm dml {SR} {_NEWT} --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("bench", "--study --device cuda without one, teacher missing", f"bench --study {SR} --set teacher.checkpoint={{t}}/tt/best.pt "
+      f"--set teacher.recipe={TR} --set train.epochs=1 --device cuda --seeds 0 --out {{t}}/o", "no CUDA device", quiet=True),
+    C("bench", "--accuracy --device cuda without one", "bench --accuracy --synthetic-cifar 10 --device cuda --out {t}/o",
+      "no CUDA device", quiet=True),
+    C("lm", "distill --device cuda without one", f"lm distill {LMR} --device cuda --out {{t}}/o {D}", "no CUDA device", quiet=True),
+]

@@ -65,6 +65,7 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     and return per-seed test accuracies, the paired differences and their t-interval (also written
     to ``out/accuracy.json``). ``data``: ``mnist5k`` or ``synthetic`` (``n_train`` / ``n_test``
     generated images); ``extra``: ``--set`` overrides for both settings' recipes."""
+    from kdlab.core.device import resolve_device
     from kdlab.core.io import check_out_dir, write_json
     from kdlab.train.recipe import load_recipe
     from kdlab.data.cifar_synthetic import write_synthetic_cifar
@@ -78,6 +79,7 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     if int(epochs) != epochs or epochs < 1 or int(teacher_epochs) != teacher_epochs or teacher_epochs < 1:
         raise ValueError("--epochs must be a whole number >= 1")
     check_out_dir(out, "--out folder", create=False)
+    resolve_device(device)  # before any data, teacher or run is written
     runs = out / "runs"
     if runs.exists() and any(runs.iterdir()):
         raise ValueError(f"{runs} is not empty (finished runs there would be reused, not trained); give "

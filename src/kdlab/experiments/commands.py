@@ -61,13 +61,14 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
     """`kdlab distill`: one student of ``ref`` (its teacher trained first when missing) into
     ``out`` (default ``runs/<recipe name>/seed<k>``)."""
     from kdlab.train.recipe import load_recipe
-    from kdlab.train.build import ensure_teachers, train
+    from kdlab.train.build import check_can_train, ensure_teachers, train
     from kdlab.train.callbacks import Announce
 
     recipe = load_recipe(ref, overrides)
     if seed is not None:
         recipe.train.seed = seed
     out = Path(out or f"runs/{recipe.name}/seed{recipe.train.seed}")
+    check_can_train(recipe, out)  # the device and --out, before a teacher is trained
     if recipe.task != "classification":  # a task plug-in (kdlab.tasks): its teachers, then the run
         from kdlab.train.build import with_data_dir
 
