@@ -535,3 +535,53 @@ CASES += [
     C("lm", "an override the study method would ignore", "lm distill lm/docs --method minillm "
       "--set distill.minillm.alpha=0.9 --out {t}/o --quiet", "study.methods.minillm.minillm.alpha"),
 ]
+# new-user review: memory, flags ignored by a mode, output folders and devices checked before a teacher trains
+CASES += [
+    C("bench", "--batch-size too large for memory", "bench --batch-size 100000000 --variants baseline",
+      "memory ran out"),
+]
+# a step-benchmark option with --study / --accuracy (ignored before), an empty --out or --study
+CASES += [
+    C("bench", "--study with --against", "bench --study digits/full --against torchdistill", "--against applies to the step benchmark only", quiet=True),
+    C("bench", "--study with --variants", "bench --study digits/full --variants kd-live", "--variants applies", quiet=True),
+    C("bench", "--study with --teacher and --steps", "bench --study digits/full --teacher resnet8 --steps 2",
+      "--teacher, --steps apply to the step benchmark only", quiet=True),
+    C("bench", "--study with --channels-last", "bench --study digits/full --channels-last", "--channels-last", quiet=True),
+    C("bench", "--study with --json", "bench --study digits/full --json {t}/x.json", "--json", quiet=True),
+    C("bench", "--accuracy with --batch-size", "bench --accuracy --batch-size 8 --synthetic-cifar 10", "--batch-size", quiet=True),
+    C("bench", "--accuracy with --repeats", "bench --accuracy --repeats 2 --synthetic-cifar 10", "--repeats", quiet=True),
+    C("bench", "--accuracy with --mode", "bench --accuracy --mode loo --synthetic-cifar 10", "--mode", quiet=True),
+    C("bench", "--against with --image-size", "bench --against torchdistill --image-size 16", "--image-size", quiet=True),
+    C("bench", "step benchmark with --out", "bench --out {t}/o --variants baseline", "--out", quiet=True),
+    C("bench", "--study --out empty", "bench --study digits/full --out=", "--out: give a folder path", quiet=True),
+    C("bench", "--accuracy --out empty", "bench --accuracy --out= --synthetic-cifar 10", "--out: give a folder path", quiet=True),
+]
+CASES += [
+    C("bench", "--study empty", "bench --study=", "--study: give a study recipe", quiet=True),
+    C("bench", "--against --variants of empty names", "bench --against torchdistill --variants ,",
+      "--variants: an empty name", quiet=True),
+]
+# --out and --device are refused before a missing teacher is trained ({t}/tt must not appear)
+_NEWT = f"--set teacher.checkpoint={{t}}/tt/best.pt --set teacher.recipe={TR} --set train.epochs=1 {D}"
+CASES += [
+    C("distill", "--out a file, teacher missing", f"distill {SR} {_NEWT} --out {{t}}/f", "run folder", {"f": "keep"}, quiet=True),
+    C("distill", "--device cuda without one, teacher missing", f"distill {SR} {_NEWT} --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("ablate", "--device cuda without one, teacher missing", f"ablate {SR} {_NEWT} --device cuda --seeds 0 --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("compare", "--out a file, teacher missing", f"compare {SR} --baseline student {_NEWT} --seeds 0 --out {{t}}/f",
+      "compare folder", {"f": "keep"}, quiet=True),
+    C("compare", "--device cuda without one, teacher missing", f"compare {SR} --baseline student {_NEWT} --seeds 0 "
+      f"--device cuda --out {{t}}/o", "no CUDA device", quiet=True),
+    C("sweep", "--device cuda without one, teacher missing", f"sweep {SR} {_NEWT} --seeds 0 --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("tune", "--device cuda without one, teacher missing", f"tune {SR} {_NEWT} --param loss.kd.T=2:8 --device cuda "
+      f"--out {{t}}/o", "no CUDA device", quiet=True),
+    C("paradigm", "--device cuda without one, teacher missing", f"paradigm dml {SR} {_NEWT} --device cuda --out {{t}}/o",
+      "no CUDA device", quiet=True),
+    C("bench", "--study --device cuda without one, teacher missing", f"bench --study {SR} --set teacher.checkpoint={{t}}/tt/best.pt "
+      f"--set teacher.recipe={TR} --set train.epochs=1 --device cuda --seeds 0 --out {{t}}/o", "no CUDA device", quiet=True),
+    C("bench", "--accuracy --device cuda without one", "bench --accuracy --synthetic-cifar 10 --device cuda --out {t}/o",
+      "no CUDA device", quiet=True),
+    C("lm", "distill --device cuda without one", f"lm distill {LMR} --device cuda --out {{t}}/o {D}", "no CUDA device", quiet=True),
+]

@@ -670,6 +670,8 @@ def _needs(name: str) -> str:
             import optuna  # noqa: F401
         except ImportError:
             return "optuna not installed"
+    if "--device cuda" in text and torch.cuda.is_available():
+        return "a CUDA device is visible (the case needs a machine without one)"
     if "{lm}/bpe" in text:
         try:
             import tokenizers  # noqa: F401

@@ -50,3 +50,28 @@ def test_accuracy_option_conflicts_are_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("kdlab: error:") and "--accuracy" in err[0]
     assert main(["bench", "--epochs", "4"]) == 2
     assert "--epochs applies to --accuracy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_train,n_test,warned", [(10, 10, True), (499, 99, True), (500, 100, False)])
+def test_few_synthetic_test_images_warn_in_one_line(tmp_path, capsys, monkeypatch, n_train, n_test, warned):
+    """`--accuracy --synthetic-cifar 10` tests on 10 images (one image = 10 points of accuracy): one
+    warning line on stderr, after the inputs are checked and before the data is generated."""
+    import kdlab.data.cifar_synthetic as cs
+
+    class Generated(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Generated
+
+    monkeypatch.setattr(cs, "write_synthetic_cifar", stop)
+    with pytest.raises(Generated):
+        accuracy_check(tmp_path, seeds=(0,), epochs=1, data="synthetic", n_train=n_train, n_test=n_test,
+                       teacher="cnn_tiny", student="cnn_tiny", log=lambda *a: None)
+    err = capsys.readouterr().err.splitlines()
+    if warned:
+        assert err == [f"kdlab: warning: only {n_test} test images (from --synthetic-cifar {n_train}): one image "
+                       f"moves a test accuracy by {100 / n_test:.1f} points, so the interval says little; give "
+                       f"--synthetic-cifar 500 or more"]
+    else:
+        assert err == []

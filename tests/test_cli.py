@@ -176,3 +176,14 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "--study" in capsys.readouterr().err
     assert main(["bench", "--seeds", "0"]) == 2
     assert "--study only" in capsys.readouterr().err
+
+
+def test_bench_says_1_step_and_out_serves_accuracy_too(capsys, tmp_path, monkeypatch):
+    """The header counts '1 step' (not '1 steps'); `bench --help` says --out serves --accuracy too."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--steps", "1", "--repeats", "1", "--variants", "baseline", "--teacher", "cnn_tiny",
+                 "--student", "cnn_tiny", "--batch-size", "2", "--image-size", "8"]) == 0
+    assert capsys.readouterr().out.startswith("bench: cnn_tiny -> cnn_tiny, batch 2, 1 step, synthetic 3x8x8")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--study and --accuracy only" in " ".join(capsys.readouterr().out.split())

@@ -83,6 +83,74 @@ sys.exit(main(['train-teacher', {str(t)!r}, '--out', {str(tmp_path / 'run')!r}, 
     assert [l for l in err.splitlines() if l.strip()] == ["kdlab: interrupted; re-run the same command to resume"]
 
 
+@pytest.mark.parametrize("made_of_it", [RuntimeError, OSError, ValueError])
+def test_an_error_made_of_a_ctrl_c_is_reported_as_the_interrupt(monkeypatch, capsys, made_of_it):
+    """Ctrl-C inside torch's checkpoint writer comes out as 'RuntimeError: [enforce fail at
+    inline_container.cc:672] ...' (the KeyboardInterrupt raised in the writer): after a SIGINT, any
+    error is the interrupt (status 130, the one interrupt line), not 'kdlab: error: ...' status 2."""
+    from kdlab.cli import methods
+    from kdlab.cli.main import main
+
+    def writer_hit_by_ctrl_c(args):
+        try:
+            signal.raise_signal(signal.SIGINT)  # Python's handler runs before raise_signal returns
+        except KeyboardInterrupt:
+            raise made_of_it("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from None
+        raise AssertionError("SIGINT did not raise KeyboardInterrupt")
+
+    monkeypatch.setattr(methods, "cmd_methods", writer_hit_by_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(["methods"])
+    finally:
+        signal.signal(signal.SIGINT, before)  # the interrupt armed 'a second Ctrl-C exits at once'
+    err = capsys.readouterr().err
+    assert rc == 130
+    assert [l for l in err.splitlines() if l.strip()] == ["kdlab: interrupted; re-run the same command to resume"]
+
+
+@pytest.mark.parametrize("mode,slow,advice", [
+    (["--study", "digits/kd"], "bench_study", "a timed study does not resume: delete {o} or give a new --out"),
+    (["--accuracy", "--synthetic-cifar", "10"], "accuracy_check",
+     "the accuracy check does not resume: delete {o}/runs or give a new --out"),
+])
+def test_interrupted_bench_says_what_a_rerun_needs(monkeypatch, capsys, tmp_path, mode, slow, advice):
+    """`kdlab bench --study/--accuracy` never resumes (a re-run refuses the folder its runs are in):
+    the interrupt line says to delete the folder or give a new --out, not 're-run the same command'."""
+    import importlib
+
+    from kdlab.cli.main import main
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    module = "kdlab.experiments.bench" if slow == "bench_study" else "kdlab.experiments.bench_accuracy"
+    monkeypatch.setattr(importlib.import_module(module), slow, ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        rc = main(["bench", *mode, "--out", str(tmp_path / "o")])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert rc == 130
+    assert err == [f"kdlab: interrupted; {advice.format(o=tmp_path / 'o')}"]
+
+
+def test_errors_without_a_ctrl_c_stay_errors(monkeypatch, capsys):
+    """The same error with no SIGINT before it is an error line (status 2), and the SIGINT handler
+    is Python's default again after the command."""
+    from kdlab.cli import methods
+    from kdlab.cli.main import main
+
+    def fails(args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(methods, "cmd_methods", fails)
+    assert main(["methods"]) == 2
+    assert capsys.readouterr().err.startswith("kdlab: error: [enforce fail")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ------------------------------------------------------------------------- real processes
 def test_header_is_not_printed_before_a_refused_input(tmp_path):
     """An input refused after the recipe loaded (no training images left) prints only its one
@@ -110,6 +178,22 @@ def test_profile_of_an_empty_onnx_file_in_a_real_process(tmp_path):
     p = kdlab("profile", tmp_path / "m.onnx", "--out", tmp_path / "o", cwd=tmp_path)
     assert "m.onnx is not a valid ONNX model" in one_line(p)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [["recipes"], ["models"]])
+def test_closed_stdout_pipe_stops_quietly(tmp_path, command):
+    """`kdlab recipes | head -3`: the reader closes the pipe; kdlab stops without an error line
+    (before: 'kdlab: error: cannot use: Broken pipe', exit 2) and with exit status 141 (128 +
+    SIGPIPE, as a shell reports a command stopped by a closed pipe)."""
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before kdlab writes a byte: its first flush meets EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "kdlab", *command], cwd=tmp_path, env=python_env(),
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 141
 
 
 # ------------------------------------------------------------------------------ read-only folders

@@ -205,3 +205,43 @@ def test_rebuilt_report_is_byte_identical_with_gap_closed(tmp_path):
     assert table["methods"][1]["gap_closed_mean"] == pytest.approx(np.mean(kd))
     rebuild_reports(study, figures=False, log=lambda *a: None)
     assert {f: (study / "report" / f).read_bytes() for f in files} == before
+
+
+def test_rebuild_report_of_an_interrupted_study_names_its_unfinished_runs(tmp_path, capsys):
+    """`kdlab report` on an interrupted study: one stderr line names the runs of the recorded plan
+    (report/study.json: methods x seeds) that have no result, table.md says it too, and the table
+    uses only the finished runs (kd's unfinished seed 3, holding only a last.pt, is not used)."""
+    from kdlab.report.tables import rebuild_report
+
+    study = tmp_path / "s"
+    for r in _runs():
+        if r["method"] not in ("baseline", "kd") or (r["method"] == "kd" and r["seed"] >= 3):
+            continue
+        run = study / r["method"] / f"seed{r['seed']}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(r))
+    (study / "kd" / "seed3").mkdir()
+    (study / "kd" / "seed3" / "last.pt").write_bytes(b"x")
+    (study / "report").mkdir()
+    (study / "report" / "study.json").write_text(json.dumps(
+        {"task": "classification", "seeds": [0, 1, 2, 3, 4, 5], "methods": ["baseline", "kd", "full"], "aliases": {}}))
+    rep = rebuild_report(study, figures=False, log=lambda *a: None)
+    rows = {r["method"]: r for r in rep["methods"]}
+    assert sorted(rows) == ["baseline", "kd"] and rows["kd"]["n_seeds"] == 3
+    # kd over seeds 0-2 only: paired with the baseline's seeds 0-2
+    assert rows["kd"]["p_ttest"] == pytest.approx(stats.ttest_rel(ACC["kd"][:3], ACC["baseline"][:3]).pvalue)
+    gaps = ("9 run(s) of the study have no result: kd/seed3 (unfinished), kd/seed4 (missing), kd/seed5 (missing), "
+            "full/seed0 (missing), full/seed1 (missing), full/seed2 (missing), full/seed3 (missing), "
+            "full/seed4 (missing) and 1 more; the table uses only the finished runs")
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert err == [f"kdlab: warning: {gaps} (re-run the study's `kdlab ablate ... --out {study}` to finish them)"]
+    assert f"**Unfinished study:** {gaps}." in (study / "report" / "table.md").read_text()
+    # once every run of the plan is there, nothing is said
+    for m, seeds in (("kd", (3, 4, 5)), ("full", range(6))):
+        for r in _runs():
+            if r["method"] == m and r["seed"] in seeds:
+                (study / m / f"seed{r['seed']}").mkdir(parents=True, exist_ok=True)
+                (study / m / f"seed{r['seed']}" / "result.json").write_text(json.dumps(r))
+    rebuild_report(study, figures=False, log=lambda *a: None)
+    assert capsys.readouterr().err == ""
+    assert "Unfinished" not in (study / "report" / "table.md").read_text()

@@ -12,20 +12,27 @@ def cmd_bench(args) -> int:
                          A.recipe_overrides(args) if args.study else [])
 
 
+def on_interrupt(args) -> str:
+    """What to do after a Ctrl-C (timings never resume: a finished run would be reused, not timed)."""
+    from kdlab.experiments.commands import bench_interrupted
+
+    return bench_interrupted(args)
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="images/s of baseline, KD and full-method steps with and without "
                                      "the teacher cache; or where a study's time goes (--study)")
-    p.add_argument("--teacher", default="resnet56", help="teacher model name (default %(default)s)")
-    p.add_argument("--student", default="resnet20", help="student model name (default %(default)s)")
-    p.add_argument("--batch-size", type=A.POSITIVE, default=64, help="images per step (default %(default)s)")
-    p.add_argument("--steps", type=A.POSITIVE, default=5, help="timed steps per variant and round (default %(default)s)")
-    p.add_argument("--repeats", type=A.POSITIVE, default=3, help="rounds (variants take turns); median counts (default %(default)s)")
-    p.add_argument("--image-size", type=A.POSITIVE, default=32, help="side of the synthetic images (default %(default)s)")
-    p.add_argument("--channels", type=A.POSITIVE, default=3, help="channels of the synthetic images (default %(default)s)")
-    p.add_argument("--num-classes", type=A.whole(2), default=10, help="classes of the synthetic labels (default %(default)s)")
-    p.add_argument("--layers", default="layer3,layer3", help="student,teacher layer of the masked terms (default %(default)s)")
-    p.add_argument("--mask-steps", type=A.POSITIVE, default=16, help="Integrated-Gradients steps (default %(default)s)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (default %(default)s)")
+    p.add_argument("--teacher", help="teacher model name (default resnet56)")
+    p.add_argument("--student", help="student model name (default resnet20)")
+    p.add_argument("--batch-size", type=A.POSITIVE, help="images per step (default 64)")
+    p.add_argument("--steps", type=A.POSITIVE, help="timed steps per variant and round (default 5)")
+    p.add_argument("--repeats", type=A.POSITIVE, help="rounds (variants take turns); median counts (default 3)")
+    p.add_argument("--image-size", type=A.POSITIVE, help="side of the synthetic images (default 32)")
+    p.add_argument("--channels", type=A.POSITIVE, help="channels of the synthetic images (default 3)")
+    p.add_argument("--num-classes", type=A.whole(2), help="classes of the synthetic labels (default 10)")
+    p.add_argument("--layers", help="student,teacher layer of the masked terms (default layer3,layer3)")
+    p.add_argument("--mask-steps", type=A.POSITIVE, help="Integrated-Gradients steps (default 16)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (default none)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--variants", default=None,
@@ -59,10 +66,10 @@ def register(sub) -> None:
                    help="--study: override a value of the teacher's recipe when the teacher is trained "
                         "first, e.g. --teacher-set student.model=resnet56 (repeatable)")
     A.add_data_dir(p)
-    A.add_out(p, "runs/bench-study; --study only")
+    A.add_out(p, "runs/bench-study, with --accuracy runs/bench-accuracy; --study and --accuracy only")
     A.add_seeds(p)
     p.add_argument("--mode", choices=["ladder", "loo", "both"],
                    help="--study: which methods (default: the recipe's study.methods)")
     A.add_set(p, "the --study recipe")
     A.add_device(p, recipe=True)
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, on_interrupt=on_interrupt)

@@ -75,24 +75,116 @@ def main(argv: list[str] | None = None) -> int:
                                                 getattr(args, "lm_command", None)) if c)])
         parser.exit(2, f"kdlab: error: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)\n")
     # set KDLAB_DEBUG=1 to see the full traceback of an error
+    previous = watch_interrupts()
     try:
         rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe (`kdlab recipes | head -3`) shows here, not at exit
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
-        print("kdlab: interrupted; re-run the same command to resume", file=sys.stderr)
-        exit_on_next_interrupt()
-        return 130
-    except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError) as e:
-        if os.environ.get("KDLAB_DEBUG"):
+        return interrupted(args)
+    except Exception as e:
+        if INTERRUPTS["received"]:  # Ctrl-C inside a library that turned it into its own error
+            return interrupted(args)  # (torch.save: "RuntimeError: [enforce fail at inline_container.cc]")
+        if os.environ.get("KDLAB_DEBUG") or not isinstance(e, (ValueError, KeyError, FileNotFoundError,
+                                                               ImportError, RuntimeError, MemoryError, OSError)):
             raise
+        return error(e)
+    finally:
+        stop_watching(previous)
+    return int(rc or 0)
+
+
+def error(e: Exception) -> int:
+    """Print ``e`` as the one ``kdlab: error:`` line; exit status 2."""
+    if isinstance(e, (RuntimeError, MemoryError)) and out_of_memory(e):
+        print(f"kdlab: error: {out_of_memory(e)}", file=sys.stderr)
+    elif isinstance(e, OSError):  # a path the user gave that cannot be written or read
+        print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)
+    else:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"kdlab: error: {one_line(msg)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path the user gave that cannot be written or read
-        if os.environ.get("KDLAB_DEBUG"):
-            raise
-        print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    return int(rc or 0)
+    return 2
+
+
+#: ``received``: a SIGINT arrived while a command ran; ``handler``: the one recording it
+#: (:func:`watch_interrupts`)
+INTERRUPTS: dict = {"received": False, "handler": None}
+
+
+def watch_interrupts():
+    """While a command runs, SIGINT is recorded before it raises ``KeyboardInterrupt`` (as Python's
+    default handler does), so that an error a library makes of the interrupt (torch's checkpoint
+    writer turns it into a ``RuntimeError``) is still reported as the interrupt. Returns the
+    handler to restore (None when not on the main thread or SIGINT is not Python's default)."""
+    import signal
+
+    INTERRUPTS["received"] = False
+
+    def record(signum, frame):
+        INTERRUPTS["received"] = True
+        raise KeyboardInterrupt
+
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return None  # ignored (nohup) or a handler of the caller's: left alone
+        INTERRUPTS["handler"] = record
+        return signal.signal(signal.SIGINT, record)
+    except ValueError:  # not the main thread (kdlab.cli.main.main called from a thread)
+        return None
+
+
+def stop_watching(previous) -> None:
+    """Restore the SIGINT handler :func:`watch_interrupts` replaced, unless the interrupt already
+    installed :func:`exit_on_next_interrupt`'s."""
+    import signal
+
+    if previous is None:
+        return
+    try:
+        if signal.getsignal(signal.SIGINT) is INTERRUPTS.get("handler"):
+            signal.signal(signal.SIGINT, previous)
+    except ValueError:
+        pass
+
+
+def interrupted(args) -> int:
+    """The interrupt line (status 130): what to do next, by the command's ``on_interrupt(args)``
+    (set by commands that do not resume: a benchmark's timings), else re-running it resumes. A
+    second Ctrl-C then ends the process at once."""
+    hint = getattr(args, "on_interrupt", None)
+    print(f"kdlab: interrupted; {hint(args) if hint else 're-run the same command to resume'}", file=sys.stderr)
+    exit_on_next_interrupt()
+    return 130
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (``kdlab recipes | head -3``): stop quietly, the way the Python
+    documentation shows (its "Note on SIGPIPE"): stdout is pointed at devnull so that the flush at
+    interpreter exit does not fail a second time; exit status 141 (128 + SIGPIPE), what a shell
+    reports for a command a closed pipe stopped."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (called in-process)
+        pass
+    return 141
+
+
+_OOM = ("can't allocate memory", "out of memory", "failed to allocate memory")
+
+
+def out_of_memory(e: BaseException) -> str:
+    """The one line for an exhausted memory (torch's CPU allocator, ``torch.OutOfMemoryError``, a
+    ``MemoryError``), naming the fix; ``""`` when ``e`` is another error."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or any(k in text.lower() for k in _OOM)):
+        return ""
+    where = "GPU" if "cuda" in text.lower() or "gpu" in text.lower() else "CPU"
+    first = (text.splitlines() or [type(e).__name__])[0].strip()
+    return (f"{where} memory ran out ({first[:160]}); lower --batch-size (or the recipe's train.batch_size, "
+            f"--set train.batch_size=N)")
 
 
 def os_error_line(e: OSError) -> str:

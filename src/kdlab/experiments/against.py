@@ -70,6 +70,9 @@ def side_settings(*, amp: str = "none", channels_last: bool = False, compile_: b
     from kdlab.experiments.bench import variant_settings
 
     variants = list(variants)
+    if variants and not all(variants):
+        raise ValueError(f"--variants: an empty name in {','.join(variants)!r}; give comma-separated names "
+                         f"from {', '.join(KD_VARIANTS)}")
     bad = [v for v in variants if v not in KD_VARIANTS]
     if bad or not variants or len(set(variants)) != len(variants):
         raise ValueError(f"--against torchdistill times live KD: --variants takes distinct {', '.join(KD_VARIANTS)} "

@@ -23,6 +23,7 @@ degrees of freedom) say whether the fast settings move accuracy beyond seed nois
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +54,10 @@ def paired_t_interval(a, b, level: float = 0.95) -> dict:
     return {"n": n, "diffs": d, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "level": level}
 
 
+#: fewer synthetic test images than this make the accuracy check warn (one image moves accuracy > 1 point)
+FEW_TEST_IMAGES = 100
+
+
 def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5k", n_train: int = 2560,
                    n_test: int = 512, teacher: str = "resnet56", student: str = "resnet20", teacher_epochs: int = 3,
                    device: str = "cpu", extra: Optional[list] = None, log=print) -> dict:
@@ -60,6 +65,7 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     and return per-seed test accuracies, the paired differences and their t-interval (also written
     to ``out/accuracy.json``). ``data``: ``mnist5k`` or ``synthetic`` (``n_train`` / ``n_test``
     generated images); ``extra``: ``--set`` overrides for both settings' recipes."""
+    from kdlab.core.device import resolve_device
     from kdlab.core.io import check_out_dir, write_json
     from kdlab.train.recipe import load_recipe
     from kdlab.data.cifar_synthetic import write_synthetic_cifar
@@ -73,6 +79,7 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     if int(epochs) != epochs or epochs < 1 or int(teacher_epochs) != teacher_epochs or teacher_epochs < 1:
         raise ValueError("--epochs must be a whole number >= 1")
     check_out_dir(out, "--out folder", create=False)
+    resolve_device(device)  # before any data, teacher or run is written
     runs = out / "runs"
     if runs.exists() and any(runs.iterdir()):
         raise ValueError(f"{runs} is not empty (finished runs there would be reused, not trained); give "
@@ -101,6 +108,10 @@ def accuracy_check(out, *, seeds=(0, 1, 2), epochs: int = 3, data: str = "mnist5
     # every run's recipe is read (and refused) before any data, teacher or run is written
     recipes = {(seed, name): load_recipe("cifar10/kd", base + ov + [f"train.seed={seed}"])
                for seed in seeds for name, ov in SETTINGS.items()}
+    if data == "synthetic" and n_test < FEW_TEST_IMAGES:  # after every refusal: a refused input prints one line
+        print(f"kdlab: warning: only {n_test} test images (from --synthetic-cifar {n_train}): one "
+              f"image moves a test accuracy by {100 / n_test:.1f} points, so the interval says little; give "
+              f"--synthetic-cifar {5 * FEW_TEST_IMAGES} or more", file=sys.stderr)
     if data == "synthetic" and not (folder / "cifar-10-batches-py" / "test_batch").is_file():
         write_synthetic_cifar(folder, n_train, n_test)
         log(f"accuracy check: generated CIFAR-format data ({n_train} training, {n_test} test images) in {folder}")

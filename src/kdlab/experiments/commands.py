@@ -61,13 +61,14 @@ def distill_command(ref, overrides, *, out=None, seed=None, data_dir=None, progr
     """`kdlab distill`: one student of ``ref`` (its teacher trained first when missing) into
     ``out`` (default ``runs/<recipe name>/seed<k>``)."""
     from kdlab.train.recipe import load_recipe
-    from kdlab.train.build import ensure_teachers, train
+    from kdlab.train.build import check_can_train, ensure_teachers, train
     from kdlab.train.callbacks import Announce
 
     recipe = load_recipe(ref, overrides)
     if seed is not None:
         recipe.train.seed = seed
     out = Path(out or f"runs/{recipe.name}/seed{recipe.train.seed}")
+    check_can_train(recipe, out)  # the device and --out, before a teacher is trained
     if recipe.task != "classification":  # a task plug-in (kdlab.tasks): its teachers, then the run
         from kdlab.train.build import with_data_dir
 
@@ -283,6 +284,66 @@ def lm_distill(ref, overrides, *, out=None, method=None, seed=0, progress=False)
 
 
 # -- the step benchmark --------------------------------------------------------------------------------
+def bench_out(args) -> str:
+    """`kdlab bench`'s output folder: ``--out``, else ``runs/bench-accuracy`` (``--accuracy``) or
+    ``runs/bench-study`` (``--study``)."""
+    return args.out or ("runs/bench-accuracy" if args.accuracy else "runs/bench-study")
+
+
+#: the step benchmark's options (dest -> flag): refused with --study or --accuracy, which ignore them
+#: (--accuracy takes --teacher and --student); given when not None (False for a switch)
+STEP_FLAGS = {"teacher": "--teacher", "student": "--student", "batch_size": "--batch-size", "steps": "--steps",
+              "repeats": "--repeats", "image_size": "--image-size", "channels": "--channels",
+              "num_classes": "--num-classes", "layers": "--layers", "mask_steps": "--mask-steps", "amp": "--amp",
+              "channels_last": "--channels-last", "compile": "--compile", "variants": "--variants",
+              "against": "--against", "json": "--json"}
+#: what --against ignores of them (it times its own 32x32 CIFAR-shaped data, KD only)
+NOT_AGAINST = ("image_size", "channels", "num_classes", "layers", "mask_steps")
+
+
+def check_bench_modes(args) -> None:
+    """Refuse, in one line naming them, the options the chosen `kdlab bench` mode would ignore, an
+    empty --out or --study; then fill the step options not given with :func:`check_steps`'s
+    defaults."""
+    import inspect
+
+    from kdlab.experiments.bench import check_steps
+
+    if args.study is not None and not args.study.strip():
+        raise ValueError("--study: give a study recipe (a shipped name such as digits/full, or a path); got ''")
+    if args.out is not None and not str(args.out).strip():
+        raise ValueError("--out: give a folder path (got an empty one), or leave --out out for the default")
+    given = [dest for dest in STEP_FLAGS if getattr(args, dest, None) not in (None, False)]
+    mode, ignored = None, []
+    if args.study is not None:
+        mode, ignored = "--study", given
+    elif args.accuracy:
+        mode, ignored = "--accuracy", [d for d in given if d not in ("teacher", "student")]
+    elif args.against is not None:
+        mode, ignored = "--against", [d for d in given if d in NOT_AGAINST]
+    if ignored:
+        flags = [STEP_FLAGS[d] for d in ignored]
+        raise ValueError(f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} to the step benchmark "
+                         f"only; {mode} would ignore {'it' if len(flags) == 1 else 'them'}: drop "
+                         f"{'it' if len(flags) == 1 else 'them'} (see `kdlab bench --help`)")
+    defaults = {k: v.default for k, v in inspect.signature(check_steps).parameters.items()}
+    for dest in STEP_FLAGS:
+        if getattr(args, dest, None) is None and dest in defaults and dest != "variants":  # (its own default)
+            value = defaults[dest]
+            setattr(args, dest, ",".join(value) if dest == "layers" else value)
+
+
+def bench_interrupted(args) -> str:
+    """What to do after `kdlab bench` was interrupted: its timings do not resume (a re-run refuses
+    the folder that now holds runs), so a new --out or the old one deleted; the step benchmark
+    writes nothing before it ends."""
+    if args.accuracy:
+        return f"the accuracy check does not resume: delete {Path(bench_out(args)) / 'runs'} or give a new --out"
+    if args.study:
+        return f"a timed study does not resume: delete {bench_out(args)} or give a new --out"
+    return "nothing was written; re-run the same command to time it again"
+
+
 def bench_command(args, overrides: list) -> int:
     """`kdlab bench`: the step benchmark, or where a study's time goes (``args.study``); ``args``:
     the command's options, ``overrides``: its ``--set`` values."""
@@ -291,6 +352,7 @@ def bench_command(args, overrides: list) -> int:
     from kdlab.core.io import check_out_file, write_json
     from kdlab.experiments.bench import bench_steps, bench_study, check_steps, format_table
 
+    check_bench_modes(args)
     if args.threads:
         from kdlab.core.threads import pin_threads
 
@@ -298,14 +360,14 @@ def bench_command(args, overrides: list) -> int:
     if args.epochs != 3 and not args.accuracy:
         raise ValueError("--epochs applies to --accuracy only (a --study takes --set train.epochs=N)")
     if args.accuracy:
-        if args.study or args.against or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
+        if args.study or args.mode or args.mask_reuse or args.compare_cache or args.teacher_set or args.data_dir:
             raise ValueError("--accuracy takes --teacher, --student, --epochs, --synthetic-cifar, --seeds, --out, "
-                             "--set and --device; drop --study, --against, --mask-reuse, --compare-cache, "
+                             "--set and --device; drop --study, --mode, --mask-reuse, --compare-cache, "
                              "--teacher-set and --data-dir")
         from kdlab.experiments.bench_accuracy import accuracy_check
 
         n = args.synthetic_cifar or 2560
-        accuracy_check(args.out or "runs/bench-accuracy", seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
+        accuracy_check(bench_out(args), seeds=args.seeds or (0, 1, 2), epochs=args.epochs,
                        data="synthetic" if args.synthetic_cifar else "mnist5k",
                        n_train=n, n_test=max(10, n // 5), teacher=args.teacher, student=args.student,
                        device=args.device if args.device_given else "cpu", extra=overrides)
@@ -314,15 +376,15 @@ def bench_command(args, overrides: list) -> int:
         if args.synthetic_cifar is not None and args.data_dir:
             raise ValueError("--synthetic-cifar writes its own data to <out>/data; drop --data-dir (or "
                              "--synthetic-cifar to use the data in --data-dir)")
-        bench_study(args.study, args.out or "runs/bench-study", seeds=args.seeds, overrides=list(overrides),
+        bench_study(args.study, bench_out(args), seeds=args.seeds, overrides=list(overrides),
                     mode=args.mode, mask_reuse=args.mask_reuse.split(",") if args.mask_reuse is not None else None,
                     compare_cache=args.compare_cache, teacher_overrides=list(args.teacher_set or []),
                     synthetic_cifar=args.synthetic_cifar)
         return 0
     if (args.device_given or args.overrides or args.seeds or args.mode or args.mask_reuse or args.compare_cache
-            or args.synthetic_cifar or args.teacher_set or args.data_dir):
-        raise ValueError("--device, --set, --seeds, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
-                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds and "
+            or args.synthetic_cifar or args.teacher_set or args.data_dir or args.out is not None):
+        raise ValueError("--device, --set, --seeds, --out, --mode, --mask-reuse, --compare-cache, --synthetic-cifar, "
+                         "--teacher-set and --data-dir apply to --study only (--device, --set, --seeds, --out and "
                          "--synthetic-cifar also to --accuracy); the step benchmark runs on CUDA when "
                          "available, else on the CPU")
     if args.json:
@@ -335,7 +397,7 @@ def bench_command(args, overrides: list) -> int:
         variants = (args.variants if args.variants is not None else "kd-live").split(",")
         check_against(teacher=args.teacher, student=args.student, amp=args.amp, variants=variants)
         print(f"bench: kdlab vs torchdistill, live KD {args.teacher} -> {args.student}, batch {args.batch_size}, "
-              f"{args.steps} steps, torch {torch.__version__}, threads {torch.get_num_threads()}")
+              f"{args.steps} step{'s' if args.steps != 1 else ''}, torch {torch.__version__}, threads {torch.get_num_threads()}")
         rows = bench_against_torchdistill(teacher=args.teacher, student=args.student, batch_size=args.batch_size,
                                           steps=args.steps, repeats=args.repeats, amp=args.amp,
                                           channels_last=args.channels_last, compile_=args.compile,
@@ -351,7 +413,8 @@ def bench_command(args, overrides: list) -> int:
                      channels_last=args.channels_last, compile_=args.compile, variants=variants,
                      repeats=args.repeats)
     check_steps(**step_args)  # refused before the header is printed
-    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps, "
+    print(f"bench: {args.teacher} -> {args.student}, batch {args.batch_size}, "
+          f"{args.steps} step{'s' if args.steps != 1 else ''}, "
           f"synthetic {args.channels}x{args.image_size}x{args.image_size} data, IG steps {args.mask_steps}, "
           f"torch threads {torch.get_num_threads()}")
     rows = bench_steps(**step_args)

@@ -69,7 +69,7 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
     out_dir = out_dir or f"runs/compare-{dataset or 'methods'}"
     from kdlab.train.recipe import load_recipe
     from kdlab.experiments.paradigms import PARADIGMS
-    from kdlab.train.build import ensure_teachers
+    from kdlab.train.build import check_can_train, ensure_teachers
     from kdlab.experiments.paradigms.runs import run_paradigm_seeds, student_recipe
     from kdlab.experiments.paradigms.spec import is_paradigm_file, load_paradigm, paradigm_kind
     from kdlab.experiments.study import run_study
@@ -92,6 +92,11 @@ def run_compare(refs: list[str], out_dir=None, *, dataset: str | None = None, se
     if baseline not in names:
         raise ValueError(f"baseline '{baseline}' is not among the compared methods ({', '.join(names)}); "
                          f"add its recipe or pass --baseline <method>")
+    from kdlab.core.io import check_out_dir
+
+    check_out_dir(out_dir, "compare folder", create=False)  # before a teacher is trained
+    for r in recipes.values():
+        check_can_train(r)
     for r in recipes.values():
         ensure_teachers(r, data_dir=data_dir, progress=progress, log=log)
     if seeds is None:  # the first recipe's study.seeds

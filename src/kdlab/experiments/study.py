@@ -235,6 +235,10 @@ def run_ablation(recipe_ref, *, out_dir=None, seeds=None, mode=None, data_dir=No
     rdir = report_folder(out_dir, mode)
     base = t.baseline(distinct)
     check_out_dir(out_dir, "study folder", create=False)  # created once the inputs are checked
+    from kdlab.train.build import check_can_train
+
+    for r in distinct.values():  # every task's device, before a teacher trains or the header prints
+        check_can_train(r)
     t.check_study(distinct, data_dir)  # data, teachers: refused before anything is printed or written
     if aliases:
         log("same recipe under two names, trained once: "

@@ -124,7 +124,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
     from kdlab.data import load_dataset
     from kdlab.evaluate.explain_report import explain_report, markdown, pick_images
     from kdlab.experiments.study import run_study
-    from kdlab.train.build import ensure_teachers, load_teacher, with_data_dir
+    from kdlab.train.build import check_can_train, ensure_teachers, load_teacher, with_data_dir
     from kdlab.core.device import resolve_device
 
     base = with_data_dir(load_recipe(recipe_ref, overrides), data_dir)
@@ -136,6 +136,7 @@ def run_sweep(recipe_ref="digits/kd", *, alphas=(0.0, 0.5, 0.9), students=("cnn_
 
     recipes = sweep_recipes(base, alphas, students, T)
     check_out_dir(out_dir, "sweep folder", create=False)  # made by the study
+    check_can_train(base)  # the device, before the header prints or the teacher trains
     log(f"sweep: {len(students)} students x alphas {list(alphas)} x seeds {list(seeds)} -> {out_dir}")
     ensure_teachers(base, data_dir=data_dir, progress=progress, log=log)
     first = next(iter(recipes))

@@ -406,6 +406,9 @@ def tune(recipe_ref=None, *, params=(), overrides=None, trials=None, metric=None
                          startup_trials=startup_trials, data_dir=data_dir)
         base = spec.base()
         out = Path(out_dir or f"runs/{base.name}-tune")
+        from kdlab.train.build import check_can_train
+
+        check_can_train(base)  # the device, before the journal is made or the teacher trains
         if not worker:
             from kdlab.core.io import check_out_dir
 

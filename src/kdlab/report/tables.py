@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -409,6 +410,8 @@ def write_tables(out_dir, stats: list[dict], baseline: str, wall_time_s=None, lo
     secondary = [metric_from(d) for d in meta.get("secondary", [])]
     md, note = render_table(stats, baseline, wall_time_s, metric=metric, secondary=secondary,
                             sample_unit=meta.get("sample_unit", "images"), notes=meta.get("notes", ()))
+    if meta.get("unfinished"):
+        note += "\n\n**Unfinished study:** " + unfinished_line(meta["unfinished"]) + "."
     aliases = meta.get("aliases") or {}
     if aliases:
         note += "\n\nSame recipe under two names (trained once, listed once): " + "; ".join(
@@ -485,6 +488,11 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
             r.setdefault("seed", int(f.parent.name[4:]))
             runs.append(r)
     runs = sort_runs(runs, methods)
+    gaps = runs_not_finished(study_dir, out)
+    if gaps:  # an interrupted study: said on stderr and under the table; its unfinished runs are never used
+        meta["unfinished"] = gaps
+        print(f"kdlab: warning: {unfinished_line(gaps)} (re-run the study's `kdlab ablate ... --out {study_dir}` "
+              f"to finish them)", file=sys.stderr)
     # the statistics before anything is written: a bad run changes no file
     stats = method_stats(runs, baseline, metric=metric, teacher_acc=meta.get("teacher"),
                          secondary=[metric_from(d) for d in meta.get("secondary", [])],
@@ -505,6 +513,29 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
 
     report["page"] = {k: str(v) for k, v in write_study_page(out, study_dir, log=log).items()}
     return report
+
+
+def runs_not_finished(study_dir, report_dir) -> list[str]:
+    """The runs of the study's recorded plan (``<report>/study.json``, written by ``kdlab ablate``:
+    its methods and seeds) that have no ``result.json``: ``"<method>/seed<k> (unfinished)"`` when
+    the run folder exists, ``"... (missing)"`` when not. Empty without a recorded plan."""
+    plan_file = Path(report_dir) / "study.json"
+    if not plan_file.is_file():
+        return []
+    plan = read_json(plan_file, "study record", fix="delete it and run `kdlab report` again")
+    gaps = []
+    for m in plan.get("methods") or []:
+        for s in plan.get("seeds") or []:
+            run = Path(study_dir) / str(m) / f"seed{s}"
+            if not (run / "result.json").is_file():
+                gaps.append(f"{m}/seed{s} ({'unfinished' if run.exists() else 'missing'})")
+    return gaps
+
+
+def unfinished_line(gaps: list) -> str:
+    """One line naming the study's runs without a result (:func:`runs_not_finished`)."""
+    shown = ", ".join(gaps[:8]) + (f" and {len(gaps) - 8} more" if len(gaps) > 8 else "")
+    return f"{len(gaps)} run(s) of the study have no result: {shown}; the table uses only the finished runs"
 
 
 def _one_run_advice(run: Path) -> str:

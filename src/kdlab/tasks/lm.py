@@ -87,10 +87,13 @@ class LMTask(Task):
 
     # -- runs ----------------------------------------------------------------------------------
     def check_study(self, recipes: dict, data_dir=None) -> None:
-        """The corpus readable and a given teacher.checkpoint present, before anything is printed
-        or written."""
+        """The device there, the corpus readable and a given teacher.checkpoint present, before
+        anything is printed or written."""
         from kdlab.lm.corpora import load_corpus
+        from kdlab.train.build import check_can_train
 
+        for r in recipes.values():
+            check_can_train(r)
         r0 = next(iter(recipes.values()))
         if getattr(r0, "kind", "corpus") != "corpus":
             return

@@ -394,11 +394,26 @@ def _checkpoint_path(value, key: str) -> Path:
     return ckpt
 
 
+def check_can_train(recipe, out=None, what: str = "run folder") -> None:
+    """Checked before a teacher is trained or anything is printed: the recipe's ``train.device`` is
+    there (``cuda`` without a GPU is one line) and ``out`` (when given) could be created."""
+    from kdlab.core.device import resolve_device
+    from kdlab.core.io import check_out_dir
+
+    train_cfg = getattr(recipe, "train", None)
+    resolve_device(getattr(train_cfg, "device", "auto"))
+    if out is not None:
+        check_out_dir(out, what, create=False)
+
+
 def check_teachers(recipe: Recipe, data_dir=None) -> None:
-    """What :func:`ensure_teachers` needs, checked before anything is trained or written: teacher
-    checkpoint paths are file paths, an ensemble's members are trained, a missing teacher has a
-    ``teacher.recipe`` to train it (a valid one, its data present); else one line naming the fix."""
+    """What :func:`ensure_teachers` needs, checked before anything is trained or written: the
+    recipe's device (:func:`check_can_train`), teacher checkpoint paths are file paths, an
+    ensemble's members are trained, a missing teacher has a ``teacher.recipe`` to train it (a valid
+    one, its data present); else one line naming the fix."""
     from kdlab.train.recipe import load_recipe
+
+    check_can_train(recipe)
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params
@@ -442,8 +457,11 @@ def ensure_teachers(recipe: Recipe, *, data_dir=None, progress=True, log=print) 
     """Train the recipe's teacher (``teacher.recipe``) when its checkpoint is missing or its run is
     unfinished (resuming it), and the extra teachers of ``mtkd`` terms likewise, saying in one line
     which teacher is trained, where, and why. Returns the teacher checkpoint, or None when the
-    recipe's loss needs no teacher (a CE-only recipe trains none)."""
+    recipe's loss needs no teacher (a CE-only recipe trains none). The recipe's device is checked
+    first (:func:`check_can_train`): a student that cannot run is refused before its teacher trains."""
     from kdlab.train.recipe import load_recipe
+
+    check_can_train(recipe)
 
     for t in recipe.loss:  # extra teachers (mtkd: checkpoints + recipes)
         p = t.params

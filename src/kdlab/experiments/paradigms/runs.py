@@ -61,9 +61,10 @@ def rows_of(result: dict) -> list[dict]:
 def run_paradigm(spec: ParadigmSpec, run_dir, *, progress: bool = False, log=print, data_dir=None) -> dict:
     """Run ``spec`` (its recipe's seed) into ``run_dir``; returns the paradigm's summary."""
     from kdlab.core.io import check_out_dir
+    from kdlab.train.build import check_can_train, ensure_teachers, with_data_dir
 
+    check_can_train(spec.recipe)  # the device, before the folder is made or a teacher trains
     check_out_dir(run_dir, "paradigm folder")
-    from kdlab.train.build import ensure_teachers, with_data_dir
 
     entry = PARADIGMS.entry(spec.name)
     recipe = with_data_dir(spec.recipe, data_dir)
