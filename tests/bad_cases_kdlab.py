@@ -332,6 +332,12 @@ CASES = [
     C("export", "model entry not a dict", "export {b}/notdict.pt --out {t}/o", "not a state dict"),
     C("export", "--model-out below a file", f"export {CK} --model-out {{t}}/f/m.onnx --out {{t}}/o", "f", {"f": "keep"}),
     C("export", "garbage checkpoint", "export {t}/g.pt --out {t}/o", "g.pt", {"g.pt": b"garbage" * 10}),
+    # --model-out the input checkpoint once replaced it with an ONNX file (exit 0): refused, the file kept
+    C("export", "--model-out is the input checkpoint", "export {t}/c.pt --model-out {t}/c.pt --out {t}/o",
+      "input checkpoint", {"c.pt": copy_of(CK)}),
+    C("export", "--model-out not .onnx", f"export {CK} --model-out {{t}}/m.pt --out {{t}}/o", ".onnx"),
+    C("prune", "--model-out is the input checkpoint", "prune {t}/c.pt --sparsity 0.5 --model-out {t}/c.pt --out {t}/o",
+      "input checkpoint", {"c.pt": copy_of(CK)}),
     # ------------------------------------------------------------------------------------------- deploy
     C("deploy", "no --student", f"deploy --teacher {TCK}", "--student"),
     C("deploy", "--sparsities 1.5", f"deploy --student {CK} --teacher {TCK} --sparsities 1.5", "--sparsities"),

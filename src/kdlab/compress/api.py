@@ -69,6 +69,9 @@ def claims_out(suffix: str):
             from kdlab.core.io import TMP_GLOB, check_out_dir, clean_tmp
             from kdlab.core.lock import RunLock
 
+            if kwargs.get("model_out") and Path(kwargs["model_out"]).resolve() == Path(checkpoint).resolve():
+                raise ValueError(f"--model-out {kwargs['model_out']} is the input checkpoint; writing there would "
+                                 f"replace it: give another file")
             out = default_out(kwargs.get("out_dir"), f"{run_name(checkpoint)}-{suffix}", create=False)
             top = next((p for p in [out, *out.parents] if p.exists()), None)
             made = [p for p in [out, *out.parents] if top is None or p not in (top, *top.parents)]
@@ -453,6 +456,9 @@ def export_checkpoint(checkpoint: str, *, out_dir=None, model_out=None, opset: i
                      "(run kdlab quantize --mode static for a real int8 model)")
     shape = input_shape_of(ck, input_size)
     path = Path(model_out) if model_out else out / "model.onnx"
+    if path.suffix != ".onnx":
+        raise ValueError(f"--model-out {path} must end in .onnx (an ONNX model; kdlab and ONNX Runtime read the "
+                         f"format by its suffix)")
     export_onnx(model, path, shape, opset=opset)
     chk = check_onnx(model, path, shape, atol=atol, rtol=rtol)
     row = {"onnx": str(path), "size_mb": eff.file_size_mb(path), "max_abs_diff": chk["max_abs_diff"],
