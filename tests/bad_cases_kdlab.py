@@ -74,6 +74,8 @@ IMGF = imagefolder_set()
 
 CASES = [
     # -------------------------------------------------------------------------------- distill / recipe
+    C("distill", "--out empty (it fell back to the default folder)", f"distill {SR} --out ''", "--out"),
+    C("ablate", "--out empty", f"ablate {SR} --out ''", "--out"),
     C("distill", "--set loss[0].weight (list entry) out of range", f"distill {SR} --set loss[9].weight=1 {D}", "loss has 2 entries"),
     C("distill", "--set loss.<term> not in the recipe", f"distill {SR} --set loss.nosuch.weight=1 {D}", "'nosuch' is not in it"),
     C("distill", "--set loss[0] on a section", f"distill {SR} --set train[0]=1 {D}", "train is not a list"),

@@ -157,9 +157,18 @@ class _DeviceAction(argparse.Action):
 
 
 # --------------------------------------------------------------------------- the groups
+def folder(text: str) -> str:
+    """An argparse ``type`` for a folder path: an empty one (``--out ''``) is refused instead of
+    falling back to the default folder."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("give a folder path (got an empty one), or leave the option out for "
+                                         "the default")
+    return str(text)
+
+
 def add_out(p: argparse.ArgumentParser, default_help: str) -> None:
     """``--out DIR``; ``default_help`` says where output goes without it."""
-    p.add_argument("--out", metavar="DIR", default=None,
+    p.add_argument("--out", metavar="DIR", default=None, type=folder,
                    help=f"output folder (default: {default_help})")
 
 

@@ -125,7 +125,7 @@ def register(sub) -> None:
     q.add_argument("student", help="hf:<folder> written by save_pretrained (its tokenizer is used)")
     q.add_argument("data", help="local .jsonl/.json (messages, prompt+completion or text), .txt or .parquet")
     q.add_argument("--teacher", help="hf:<folder> with the same tokenizer (leave out: CE fine-tuning)")
-    q.add_argument("--out", required=True, help="run folder: best.pt, student.pt, hf/ (save_pretrained), adapter/")
+    q.add_argument("--out", required=True, type=cargs.folder, help="run folder: best.pt, student.pt, hf/ (save_pretrained), adapter/")
     q.add_argument("--val-data", help="a held-out file that selects the best epoch (default: the data)")
     q.add_argument("--term", action="append", help="NAME[:WEIGHT], repeatable: ce or a divergence "
                                                    "(`kdlab losses`); default fkl (ce without a teacher)")
