@@ -127,7 +127,10 @@ def load_teacher(recipe: Recipe, info, device) -> nn.Module:
     if tc is None or not tc.checkpoint:
         raise ValueError("this recipe needs a teacher: set teacher.checkpoint (train one with `kdlab train-teacher`)")
     if not Path(tc.checkpoint).is_file():
-        hint = f"`kdlab train-teacher {tc.recipe}`" if tc.recipe else "`kdlab train-teacher <teacher recipe>`"
+        out = Path(tc.checkpoint).parent
+        hint = (f"`kdlab train-teacher {tc.recipe} --out {out}`, or in Python "
+                f"`kdlab.train.build.ensure_teachers(recipe)` (what every kdlab command does first)" if tc.recipe
+                else f"`kdlab train-teacher <teacher recipe> --out {out}`")
         raise FileNotFoundError(f"teacher checkpoint {tc.checkpoint} not found; train it first with {hint}")
     return load_checked(tc.checkpoint, info, device, "teacher", allow_other_dataset=tc.allow_other_dataset)
 
