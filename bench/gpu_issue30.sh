@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 30's GPU part, for a lent device machine: one call, about 6 minutes on an H100 (budget 9).
-# Not yet run on a GPU (no device was lent to the sessions that wrote it); `DEVICE=cpu QUICK=1 bash
-# bench/gpu_issue30.sh /tmp/g30` runs the same commands on the CPU at toy sizes to check the script.
+# The time is an estimate: the script has not yet run on a GPU (no device was lent to the sessions
+# that wrote it). `DEVICE=cpu QUICK=1 PY=.venv/bin/python bash bench/gpu_issue30.sh /tmp/g30` runs the
+# same commands on the CPU at toy sizes to check the script (PY: a python with kdlab's dependencies).
 #
-# The device image has torch, torchvision, scipy, matplotlib, scikit-learn and pyyaml (KINDS.md's
-# package list) but not pydantic; carry it (and torchdistill, optional, for part 1b) as wheels. Once,
+# The device image (Python 3.12; the device tool's KINDS.md lists its packages) has torch, torchvision,
+# scipy, matplotlib, scikit-learn and pyyaml but not pydantic; carry it (and torchdistill, optional, for part 1b) as wheels. Once,
 # here, in the repo root (pip matches a platform tag exactly, hence the list):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,7 +31,7 @@ set -uo pipefail
 OUT=${1:-${OUT:-/tmp/kdlab-gpu30}}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac   # parts 2a run in $WORK: a relative path would break there
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac   # part 2a runs in $WORK: a relative path would break there
 if [ -n "${WORK:-}" ]; then
   if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK" 2>/dev/null)" ]; then
     echo "gpu_issue30.sh: WORK=$WORK is not empty; give a new folder (old results would be mixed in)" >&2; exit 2
