@@ -5,8 +5,9 @@
 # same commands on the CPU at toy sizes to check the script (PY: a python with kdlab's dependencies).
 #
 # The device image (Python 3.12; the device tool's KINDS.md lists its packages) has torch, torchvision,
-# scipy, matplotlib, scikit-learn and pyyaml but not pydantic; carry it (and torchdistill, optional, for part 1b) as wheels. Once,
-# here, in the repo root (pip matches a platform tag exactly, hence the list):
+# scipy, matplotlib, scikit-learn and pyyaml but not pydantic; carry it (and torchdistill, optional,
+# for part 1b) as wheels. Once, here, in the repo root (pip matches a platform tag exactly, hence
+# the list):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
