@@ -256,6 +256,8 @@ CASES = [
       {"s": copy_of("{study}"), "s/kd/seed0/result.json": b'{"method": "kd", "se'}),
     C("report", "a run's result.json without test_acc", "report {t}/s --no-figures", "test_acc",
       {"s": copy_of("{study}"), "s/kd/seed0/result.json": b'{"method": "kd", "seed": 0}'}),
+    C("report", "a run's test_acc not a number", "report {t}/s --no-figures", "test_acc is 'high', not a number",
+      {"s": copy_of("{study}"), "s/kd/seed0/result.json": b'{"method": "kd", "seed": 0, "test_acc": "high"}'}),
     C("report", "--baseline not in the study", "report {study} --baseline nosuch --no-figures", "nosuch"),
     # -------------------------------------------------------------------------------------- robustness
     C("robustness", "no checkpoint and no study", "robustness", "--study"),

@@ -109,9 +109,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike, what: str = "run file", need: tuple = (),
-              fix: str = "delete it and re-run the command that wrote it") -> Any:
-    """The JSON content of ``path``; a missing or unreadable file, or (``need``) one that is not an
-    object holding those keys, raises one line naming the file and ``fix``."""
+              fix: str = "delete it and re-run the command that wrote it", numbers: tuple = ()) -> Any:
+    """The JSON content of ``path``; a missing or unreadable file, one that is not an object
+    holding the ``need`` keys, or one whose ``numbers`` keys (where present and not null) are not
+    numbers, raises one line naming the file and ``fix``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
@@ -123,6 +124,11 @@ def read_json(path: str | os.PathLike, what: str = "run file", need: tuple = (),
         missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
         if missing:
             raise RunFileError(f"{what} {path} lacks {', '.join(map(repr, missing))}; {fix}")
+    if numbers and isinstance(obj, dict):
+        bad = [k for k in numbers if obj.get(k) is not None
+               and (isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)))]
+        if bad:
+            raise RunFileError(f"{what} {path}: {bad[0]} is {obj[bad[0]]!r}, not a number; {fix}")
     return obj
 
 

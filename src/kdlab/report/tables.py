@@ -481,7 +481,9 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
             if seeds and int(f.parent.name[4:]) not in seeds:
                 continue  # a seed trained for another study of the same folder
             r = read_json(f, "run result", need=(f"test_{metric.name}",),
-                          fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder")
+                          fix=f"re-run that run (`kdlab ablate` on {study_dir} resumes it) or delete its folder",
+                          numbers=(f"test_{metric.name}", f"val_{metric.name}", "test_loss", "val_loss",
+                                   "best_epoch", "train_time_s"))
             # the folder names the study's method, as in `kdlab ablate` (a run trained by hand into the
             # study, e.g. `kdlab distill ... --out <study>/baseline/seed0`, records its recipe's name)
             r["method"] = m
