@@ -244,6 +244,8 @@ CASES = [
     C("findings", "--out is a file", "findings {study} --out {t}/f", "f", {"f": "keep"}),
     # ------------------------------------------------------------------------------------------ report
     C("report", "study folder missing", "report {t}/none", "none does not exist"),
+    C("report", "the folder above the study (bench --study's --out)", "report {t}/b", "a study in",
+      {"b/study": copy_of("{study}")}),
     C("report", "a file for the study folder", f"report {SR}", "student.yaml is a file"),
     C("report", "one `kdlab distill` run folder", "report {b}/student", "student/result.json; `kdlab evaluate "),
     C("report", "one LM teacher run folder", "report {lm}/byte/teacher", "teacher/result.json; `kdlab lm generate "),

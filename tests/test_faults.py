@@ -110,7 +110,7 @@ def test_an_error_made_of_a_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
 
 
 @pytest.mark.parametrize("mode,slow,advice", [
-    (["--study", "digits/kd"], "bench_study", "a timed study does not resume: delete {o} or give a new --out"),
+    (["--study", "digits/kd"], "bench_study", "a timed study does not resume: give a new --out (or delete {o} if it was made)"),
     (["--accuracy", "--synthetic-cifar", "10"], "accuracy_check",
      "the accuracy check does not resume: delete {o}/runs or give a new --out"),
 ])

@@ -13,7 +13,7 @@ def resolve_device(spec="auto") -> torch.device:
     if isinstance(spec, torch.device):
         spec = str(spec)
     if str(spec).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device is '{spec}' but no CUDA device is visible; use device: cpu or auto")
+        raise ValueError(f"device is '{spec}' but no CUDA device is visible; use --device cpu or auto (in a recipe, train.device: cpu)")
     return torch.device(spec)
 
 

@@ -340,7 +340,7 @@ def bench_interrupted(args) -> str:
     if args.accuracy:
         return f"the accuracy check does not resume: delete {Path(bench_out(args)) / 'runs'} or give a new --out"
     if args.study:
-        return f"a timed study does not resume: delete {bench_out(args)} or give a new --out"
+        return f"a timed study does not resume: give a new --out (or delete {bench_out(args)} if it was made)"
     return "nothing was written; re-run the same command to time it again"
 
 

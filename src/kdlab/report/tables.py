@@ -465,6 +465,10 @@ def rebuild_report(study_dir, *, baseline: Optional[str] = None, figures: bool =
     if not order:
         methods = [m for m in found if m not in aliases]
     if not methods:
+        inner = sorted({p.parent.parent.parent for p in study_dir.glob("*/*/seed*/result.json")})
+        if inner:  # e.g. `kdlab bench --study`'s --out, whose study is in <out>/study
+            raise FileNotFoundError(f"no <method>/seed<k>/result.json under {study_dir}, but a study in "
+                                    f"{inner[0]}: `kdlab report {inner[0]}`")
         raise FileNotFoundError(f"no <method>/seed<k>/result.json under {study_dir}; run the study first")
     if baseline not in methods:
         raise KeyError(f"baseline '{baseline}' has no runs in {study_dir}; pass one of {methods}")
