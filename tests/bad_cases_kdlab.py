@@ -238,6 +238,7 @@ CASES = [
     C("explain-study", "study table truncated", "explain-study {t}/s", "table.json", {"s": copy_of("{study}"), "s/report/table.json": b'{"methods": ['}),
     # ---------------------------------------------------------------------------------------- findings
     C("findings", "study folder missing", f"findings {{t}}/none --out {{t}}/o", "none"),
+    C("findings", "one `kdlab distill` run folder", "findings {b}/student --out {t}/o", "is one run, not a study"),
     C("findings", "study without a table", f"findings {{t}}/s --out {{t}}/o", "table.json", {"s/x.txt": "x"}),
     C("findings", "study table truncated", "findings {t}/s --out {t}/o", "table.json", {"s": copy_of("{study}"), "s/report/table.json": b'{"meth'}),
     C("findings", "study table of another shape", "findings {t}/s --out {t}/o", "methods", {"s": copy_of("{study}"), "s/report/table.json": b'[1, 2]'}),
@@ -263,6 +264,7 @@ CASES = [
     C("report", "--baseline not in the study", "report {study} --baseline nosuch --no-figures", "nosuch"),
     # -------------------------------------------------------------------------------------- robustness
     C("robustness", "no checkpoint and no study", "robustness", "--study"),
+    C("robustness", "--study on one `kdlab distill` run folder", "robustness --study {b}/student", "without --study"),
     C("robustness", "--study with checkpoints", f"robustness {CK} --study {{study}}", "--study"),
     C("robustness", "--severities 0", f"robustness {CK} --severities 0", "--severities"),
     C("robustness", "--severities 6", f"robustness {CK} --severities 6", "--severities"),

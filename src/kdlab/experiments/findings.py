@@ -183,6 +183,10 @@ def study_findings(study_dir) -> dict:
         study_dir = rdir.parent
     tj = rdir / "table.json"
     if not tj.is_file():
+        from kdlab.report.tables import one_run_line
+
+        if one_run_line(study_dir):  # `kdlab distill` output: nothing to contrast
+            raise ValueError(f"{one_run_line(study_dir)}; findings contrast the methods of a study (`kdlab ablate`)")
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
     table = read_json(tj, "study table", need=("methods",), fix=f"rebuild it with `kdlab report {study_dir}`")
     meta = _study_meta(study_dir, rdir)

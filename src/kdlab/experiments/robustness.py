@@ -149,6 +149,11 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     study_dir = Path(study_dir)
     table_path = study_dir / "report" / "table.json"
     if not table_path.is_file():
+        from kdlab.report.tables import one_run_line
+
+        if one_run_line(study_dir):  # `kdlab distill` output: its checkpoint is evaluated without --study
+            raise ValueError(f"{one_run_line(study_dir)}; `kdlab robustness {study_dir / 'best.pt'}` (without "
+                             f"--study) evaluates its checkpoint under corruptions")
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
     raw = read_json(table_path, "study table")
     if isinstance(raw, dict) and "rows" in raw and "methods" not in raw:  # examples/detection_study.py's own table

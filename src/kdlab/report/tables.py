@@ -560,6 +560,15 @@ def _one_run_advice(run: Path) -> str:
     return say
 
 
+def one_run_line(folder) -> Optional[str]:
+    """``"<folder> is one run, not a study; <what reports on it>"`` when ``folder`` is one run's
+    folder (``result.json`` or ``run.json`` in it: ``kdlab distill`` output), else None."""
+    folder = Path(folder)
+    if (folder / "result.json").is_file() or (folder / "run.json").is_file():
+        return f"{folder} is one run, not a study; {_one_run_advice(folder)}"
+    return None
+
+
 def check_study_folder(study_dir, baseline: Optional[str] = None) -> Path:
     """``study_dir`` if it can be a study (``<method>/seed<k>/result.json``), else one line naming
     what it is instead: a missing path, a file, one run (``kdlab distill`` / ``kdlab lm distill``
