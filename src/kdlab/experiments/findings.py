@@ -185,8 +185,9 @@ def study_findings(study_dir) -> dict:
     if not tj.is_file():
         from kdlab.report.tables import one_run_line
 
-        if one_run_line(study_dir):  # `kdlab distill` output: nothing to contrast
-            raise ValueError(f"{one_run_line(study_dir)}; findings contrast the methods of a study (`kdlab ablate`)")
+        one_run = one_run_line(study_dir)
+        if one_run:  # `kdlab distill` output: nothing to contrast
+            raise ValueError(f"{one_run}; findings contrast the methods of a study (`kdlab ablate`)")
         raise FileNotFoundError(f"{tj} not found; run `kdlab ablate <recipe> --out {study_dir}` first")
     table = read_json(tj, "study table", need=("methods",), fix=f"rebuild it with `kdlab report {study_dir}`")
     meta = _study_meta(study_dir, rdir)

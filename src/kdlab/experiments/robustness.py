@@ -151,8 +151,9 @@ def study_robustness(study_dir, *, corruptions="all", severities=(1, 2, 3, 4, 5)
     if not table_path.is_file():
         from kdlab.report.tables import one_run_line
 
-        if one_run_line(study_dir):  # `kdlab distill` output: its checkpoint is evaluated without --study
-            raise ValueError(f"{one_run_line(study_dir)}; `kdlab robustness {study_dir / 'best.pt'}` (without "
+        one_run = one_run_line(study_dir)
+        if one_run:  # `kdlab distill` output: its checkpoint is evaluated without --study
+            raise ValueError(f"{one_run}; `kdlab robustness {study_dir / 'best.pt'}` (without "
                              f"--study) evaluates its checkpoint under corruptions")
         raise FileNotFoundError(f"{table_path} not found; run `kdlab ablate` for this study first")
     raw = read_json(table_path, "study table")

@@ -560,12 +560,12 @@ def _one_run_advice(run: Path) -> str:
     return say
 
 
-def one_run_line(folder) -> Optional[str]:
-    """``"<folder> is one run, not a study; <what reports on it>"`` when ``folder`` is one run's
-    folder (``result.json`` or ``run.json`` in it: ``kdlab distill`` output), else None."""
+def one_run_line(folder, why: str = "") -> Optional[str]:
+    """``"<folder> is one run, not a study<why>; <what reports on it>"`` when ``folder`` is one
+    run's folder (``result.json`` or ``run.json`` in it: ``kdlab distill`` output), else None."""
     folder = Path(folder)
     if (folder / "result.json").is_file() or (folder / "run.json").is_file():
-        return f"{folder} is one run, not a study; {_one_run_advice(folder)}"
+        return f"{folder} is one run, not a study{why}; {_one_run_advice(folder)}"
     return None
 
 
@@ -579,9 +579,9 @@ def check_study_folder(study_dir, baseline: Optional[str] = None) -> Path:
         raise FileNotFoundError(f"{study_dir} does not exist; {study}")
     if not study_dir.is_dir():
         raise ValueError(f"{study_dir} is a file; {study}")
-    if (study_dir / "result.json").is_file() or (study_dir / "run.json").is_file():
-        raise ValueError(f"{study_dir} is one run, not a study, so it has no table to rebuild; "
-                         f"{_one_run_advice(study_dir)}")
+    one_run = one_run_line(study_dir, ", so it has no table to rebuild")
+    if one_run:
+        raise ValueError(one_run)
     seeds = sorted(p.parent.name for p in study_dir.glob("seed*/result.json"))
     if seeds and not any(study_dir.glob("*/seed*/result.json")):
         raise ValueError(f"{study_dir} holds one method's runs ({', '.join(seeds)}), not a study; give the "
