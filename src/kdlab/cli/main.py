@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def error(e: Exception) -> int:
     """Print ``e`` as the one ``kdlab: error:`` line; exit status 2."""
-    if isinstance(e, (RuntimeError, MemoryError)) and out_of_memory(e):
-        print(f"kdlab: error: {out_of_memory(e)}", file=sys.stderr)
+    oom = out_of_memory(e) if isinstance(e, (RuntimeError, MemoryError)) else ""
+    if oom:
+        print(f"kdlab: error: {oom}", file=sys.stderr)
     elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError):  # a path that cannot be written
         # or read (a missing file's own message already names it and the fix)
         print(f"kdlab: error: {os_error_line(e)}", file=sys.stderr)

@@ -303,7 +303,8 @@ NOT_AGAINST = ("image_size", "channels", "num_classes", "layers", "mask_steps")
 
 def check_bench_modes(args) -> None:
     """Refuse, in one line naming them, the options the chosen `kdlab bench` mode would ignore, an
-    empty --out or --study; then fill the step options not given with :func:`check_steps`'s
+    empty --study (an empty --out is refused by its argparse type, ``kdlab.cli.args.folder``);
+    then fill the step options not given with :func:`check_steps`'s
     defaults."""
     import inspect
 
@@ -311,8 +312,6 @@ def check_bench_modes(args) -> None:
 
     if args.study is not None and not args.study.strip():
         raise ValueError("--study: give a study recipe (a shipped name such as digits/full, or a path); got ''")
-    if args.out is not None and not str(args.out).strip():
-        raise ValueError("--out: give a folder path (got an empty one), or leave --out out for the default")
     given = [dest for dest in STEP_FLAGS if getattr(args, dest, None) not in (None, False)]
     mode, ignored = None, []
     if args.study is not None:
